@@ -1,4 +1,29 @@
-"""imaml_jax: implicit model-agnostic meta-learning (iMAML) in JAX."""
+"""imaml_jax: implicit model-agnostic meta-learning (iMAML) in JAX.
+
+The public API; see the README for a tour.
+"""
+from imaml_jax._src.adapt import adapt
+from imaml_jax._src.algorithms import MetaAlgorithm
+from imaml_jax._src.algorithms import fomaml
+from imaml_jax._src.algorithms import imaml
+from imaml_jax._src.algorithms import maml
+from imaml_jax._src.algorithms import reptile
+from imaml_jax._src.hvp import hvp
+from imaml_jax._src.hvp import proximal_system_operator
+from imaml_jax._src.inner import InnerSolver
+from imaml_jax._src.inner import gd
+from imaml_jax._src.inner import hessian_free
+from imaml_jax._src.inner import nesterov
+from imaml_jax._src.inner import proximal_objective
+from imaml_jax._src.linear_solve import LinearSolver
+from imaml_jax._src.linear_solve import SolveInfo
+from imaml_jax._src.linear_solve import cg
+from imaml_jax._src.linear_solve import dense
+from imaml_jax._src.linear_solve import neumann
+from imaml_jax._src.linear_solve import relative_residual
+from imaml_jax._src.meta_step import MetaState
+from imaml_jax._src.meta_step import make_eval_step
+from imaml_jax._src.meta_step import make_meta_step
 from imaml_jax._src.types import Task
 
 __version__ = "0.1.0"
