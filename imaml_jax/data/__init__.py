@@ -1,0 +1,34 @@
+"""Data for meta-learning: Omniglot, Mini-ImageNet, synthetic task families.
+
+Omniglot and Mini-ImageNet are held as ``uint8[n_classes, n_per_class, H, W,
+C]`` class arrays; :func:`sample_tasks` draws N-way K-shot episodes from such
+an array on device. The synthetic families return :class:`~imaml_jax.Task`
+batches directly.
+"""
+from imaml_jax.data import synthetic
+from imaml_jax.data._download import OMNIGLOT_MD5
+from imaml_jax.data._download import OMNIGLOT_URL
+from imaml_jax.data._download import download_omniglot
+from imaml_jax.data._download import file_checksum
+from imaml_jax.data._mini_imagenet import MINI_IMAGENET_CLASSES
+from imaml_jax.data._mini_imagenet import load_mini_imagenet_csv
+from imaml_jax.data._mini_imagenet import load_mini_imagenet_pickle
+from imaml_jax.data._omniglot import OMNIGLOT_ARCHIVES
+from imaml_jax.data._omniglot import OmniglotData
+from imaml_jax.data._omniglot import Splits
+from imaml_jax.data._omniglot import default_cache_dir
+from imaml_jax.data._omniglot import load_omniglot
+from imaml_jax.data._omniglot import load_omniglot_tfds
+from imaml_jax.data._omniglot import omniglot_from_tfds_examples
+from imaml_jax.data._omniglot import omniglot_split_indices
+from imaml_jax.data._omniglot import omniglot_splits
+from imaml_jax.data._omniglot import rotate_classes
+from imaml_jax.data._sampler import evaluation_task_chunks
+from imaml_jax.data._sampler import evaluation_tasks
+from imaml_jax.data._sampler import sample_tasks
+from imaml_jax.data._sampler import sample_tasks_from_keys
+from imaml_jax.data.synthetic import linear_regression_exact_meta_gradient
+from imaml_jax.data.synthetic import linear_regression_inner_solution
+from imaml_jax.data.synthetic import linear_regression_loss
+from imaml_jax.data.synthetic import linear_regression_tasks
+from imaml_jax.data.synthetic import sinusoid_tasks

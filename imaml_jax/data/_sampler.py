@@ -1,0 +1,204 @@
+"""On-device sampling of N-way K-shot classification episodes."""
+from __future__ import annotations
+
+import functools
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imaml_jax._src.types import Task
+
+
+def _check_counts(images_shape, n_way, k_shot, q_query, n_tasks=1) -> None:
+  """Validates the static episode sizes against ``images_shape``."""
+  counts = {"n_way": n_way, "k_shot": k_shot, "q_query": q_query,
+            "n_tasks": n_tasks}
+  for name, value in counts.items():
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+      raise ValueError(f"{name} must be a Python int, got {value!r}")
+    if value <= 0:
+      raise ValueError(f"{name} must be positive, got {name}={value}")
+  if len(images_shape) < 3:
+    raise ValueError("images must be [n_classes, n_per_class, ...], got shape "
+                     f"{tuple(images_shape)}")
+  n_classes, n_per_class = images_shape[:2]
+  if n_way > n_classes:
+    raise ValueError(f"n_way={n_way} is larger than the number of classes "
+                     f"n_classes={n_classes}")
+  if k_shot + q_query > n_per_class:
+    raise ValueError(
+        f"k_shot + q_query = {k_shot} + {q_query} = {k_shot + q_query} is "
+        f"larger than the number of images per class n_per_class="
+        f"{n_per_class}")
+
+
+def _sample_one(key, images, n_way, k_shot, q_query):
+  """One episode: ``((xs, ys), (xq, yq))`` for a single key."""
+  n_classes, n_per_class = images.shape[:2]
+  image_shape = images.shape[2:]
+  key_classes, key_images, key_labels = jax.random.split(key, 3)
+  classes = jax.random.choice(key_classes, n_classes, (n_way,), replace=False)
+  n_draw = k_shot + q_query
+  draws = jax.vmap(
+      lambda k: jax.random.permutation(k, n_per_class)[:n_draw])(
+          jax.random.split(key_images, n_way))           # [n_way, k + q]
+  labels = jax.random.permutation(key_labels, n_way).astype(jnp.int32)
+  x = images[classes[:, None], draws].astype(jnp.float32) / 255.0
+  y = jnp.broadcast_to(labels[:, None], (n_way, n_draw))
+  support = (x[:, :k_shot].reshape((n_way * k_shot,) + image_shape),
+             y[:, :k_shot].reshape(n_way * k_shot))
+  query = (x[:, k_shot:].reshape((n_way * q_query,) + image_shape),
+           y[:, k_shot:].reshape(n_way * q_query))
+  return support, query
+
+
+@functools.partial(jax.jit, static_argnames=("n_way", "k_shot", "q_query"))
+def sample_tasks_from_keys(keys, images, n_way: int, k_shot: int,
+                           q_query: int) -> Task:
+  """Like :func:`sample_tasks`, with one PRNG key per task given explicitly.
+
+  Args:
+    keys: ``[n_tasks]`` PRNG keys (typed or raw ``uint32[n_tasks, 2]``).
+    images: ``[n_classes, n_per_class, H, W, C]`` pixel values in 0..255.
+    n_way: classes per task.
+    k_shot: support images per class.
+    q_query: query images per class.
+
+  Returns:
+    A batched :class:`~imaml_jax.Task`, one task per key.
+  """
+  n_tasks = keys.shape[0]
+  _check_counts(images.shape, n_way, k_shot, q_query, n_tasks)
+  support, query = jax.vmap(
+      lambda k: _sample_one(k, images, n_way, k_shot, q_query))(keys)
+  return Task(support=support, query=query)
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("n_way", "k_shot", "q_query", "n_tasks"))
+def sample_tasks(key, images, n_way: int, k_shot: int, q_query: int,
+                 n_tasks: int) -> Task:
+  """Samples a batch of N-way K-shot classification tasks on device.
+
+  For each task (its own key from ``jax.random.split(key, n_tasks)``):
+
+  1. ``n_way`` distinct classes are drawn without replacement;
+  2. for each class, ``k_shot + q_query`` distinct images are drawn without
+     replacement; the first ``k_shot`` go to the support set and the rest to
+     the query set, so support and query never share an image;
+  3. the classes get the labels ``0 .. n_way - 1`` in a random order;
+  4. pixels become ``float32`` in ``[0, 1]`` (divided by 255).
+
+  Within a set the examples are grouped by class (``k_shot`` consecutive
+  examples share a label); the label order itself is random per task.
+
+  The sampler applies no augmentation. For Omniglot the four rotations are
+  already separate classes in ``images`` (see :func:`rotate_classes`), as in
+  the paper.
+
+  The function is pure and jitted (the counts are static); it also works
+  inside an enclosing ``jax.jit`` or ``jax.vmap``.
+
+  Args:
+    key: a PRNG key.
+    images: ``[n_classes, n_per_class, H, W, C]`` pixel values in 0..255,
+      typically ``uint8`` already on device.
+    n_way: classes per task.
+    k_shot: support images per class.
+    q_query: query images per class.
+    n_tasks: tasks in the batch.
+
+  Returns:
+    ``Task(support=(x, y), query=(x, y))`` with
+    ``support[0]: float32[n_tasks, n_way * k_shot, H, W, C]``,
+    ``support[1]: int32[n_tasks, n_way * k_shot]`` and likewise for the query
+    set with ``q_query``.
+
+  Raises:
+    ValueError: a count is not positive, ``n_way > n_classes`` or
+      ``k_shot + q_query > n_per_class``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> images = jnp.zeros((10, 20, 28, 28, 1), jnp.uint8)
+    >>> task = sample_tasks(jax.random.key(0), images, 5, 1, 15, 32)
+    >>> task.support[0].shape, task.query[1].shape
+    ((32, 5, 28, 28, 1), (32, 75))
+  """
+  _check_counts(images.shape, n_way, k_shot, q_query, n_tasks)
+  keys = jax.random.split(key, n_tasks)
+  return sample_tasks_from_keys(keys, images, n_way, k_shot, q_query)
+
+
+def _evaluation_keys(n_tasks: int, seed: int):
+  # A fixed key implementation, so the tasks do not depend on the
+  # ``jax_default_prng_impl`` setting.
+  return jax.random.split(
+      jax.random.key(seed, impl="threefry2x32"), n_tasks)
+
+
+def evaluation_tasks(images, n_way: int, k_shot: int, q_query: int,
+                     n_tasks: int = 600, seed: int = 0) -> Task:
+  """A fixed set of evaluation tasks, identical across runs and machines.
+
+  The tasks are :func:`sample_tasks_from_keys` with the keys
+  ``jax.random.split(jax.random.key(seed, impl="threefry2x32"), n_tasks)``.
+  The paper reports accuracy over 600 test tasks with a 95% interval of
+  ``1.96 * std / sqrt(600)``. For many or large tasks use
+  :func:`evaluation_task_chunks`, which yields the same tasks in pieces.
+
+  Args:
+    images: ``[n_classes, n_per_class, H, W, C]`` pixel values in 0..255.
+    n_way: classes per task.
+    k_shot: support images per class.
+    q_query: query images per class.
+    n_tasks: number of tasks.
+    seed: seed of the fixed key.
+
+  Returns:
+    A batched :class:`~imaml_jax.Task` of ``n_tasks`` tasks.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> images = jnp.zeros((10, 20, 28, 28, 1), jnp.uint8)
+    >>> evaluation_tasks(images, 5, 1, 15, n_tasks=8).support[0].shape
+    (8, 5, 28, 28, 1)
+  """
+  images = jnp.asarray(images)
+  _check_counts(images.shape, n_way, k_shot, q_query, n_tasks)
+  return sample_tasks_from_keys(_evaluation_keys(n_tasks, seed), images,
+                                n_way, k_shot, q_query)
+
+
+def evaluation_task_chunks(images, n_way: int, k_shot: int, q_query: int,
+                           n_tasks: int = 600, seed: int = 0,
+                           chunk_size: int = 100) -> Iterator[Task]:
+  """Yields :func:`evaluation_tasks` in chunks of at most ``chunk_size``.
+
+  Concatenating the chunks along the task axis gives exactly
+  ``evaluation_tasks(images, n_way, k_shot, q_query, n_tasks, seed)``, while
+  only one chunk is in memory at a time.
+
+  Args:
+    images: ``[n_classes, n_per_class, H, W, C]`` pixel values in 0..255.
+    n_way: classes per task.
+    k_shot: support images per class.
+    q_query: query images per class.
+    n_tasks: total number of tasks.
+    seed: seed of the fixed key.
+    chunk_size: tasks per chunk (the last chunk may be smaller).
+
+  Returns:
+    An iterator of batched :class:`~imaml_jax.Task` chunks. The arguments
+    are checked when this function is called, before any task is drawn.
+  """
+  images = jnp.asarray(images)
+  _check_counts(images.shape, n_way, k_shot, q_query, n_tasks)
+  if chunk_size <= 0:
+    raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+  keys = _evaluation_keys(n_tasks, seed)
+  return (sample_tasks_from_keys(keys[start:start + chunk_size], images,
+                                 n_way, k_shot, q_query)
+          for start in range(0, n_tasks, chunk_size))
