@@ -245,28 +245,36 @@ def _to_array(image: Image.Image, image_size: int, resample: str,
   return np.asarray(small, dtype=np.uint8)
 
 
-def _decode_archive(path: Path, top: str, image_size: int, resample: str):
-  """Decodes one archive to images and metadata (in sorted order)."""
+def _open_archive(path: Path, top: str):
+  """Opens one archive and indexes it (central directory only)."""
   try:
     zf = zipfile.ZipFile(path)
   except (zipfile.BadZipFile, OSError, EOFError) as e:
     raise ValueError(f"{path} is not a readable zip archive "
                      f"(corrupt or truncated?): {e}") from e
-  with zf:
-    index = _index_archive(zf, path, top)
-    images = np.empty(
-        (len(index), OMNIGLOT_IMAGES_PER_CHARACTER, image_size, image_size, 1),
-        dtype=np.uint8)
-    for i, (_, _, members) in enumerate(index):
-      for j, member in enumerate(members):
-        try:
-          with Image.open(io.BytesIO(zf.read(member))) as image:
-            images[i, j, :, :, 0] = _to_array(image, image_size, resample)
-        except (zipfile.BadZipFile, zlib.error, OSError, EOFError,
-                ValueError) as e:
-          raise ValueError(
-              f"{path}: cannot decode member {member!r} "
-              f"(corrupt or truncated archive?): {e}") from e
+  try:
+    return zf, _index_archive(zf, path, top)
+  except BaseException:
+    zf.close()
+    raise
+
+
+def _decode_archive(zf: zipfile.ZipFile, index, path: Path, top: str,
+                    image_size: int, resample: str):
+  """Decodes an indexed archive to images and metadata (in sorted order)."""
+  images = np.empty(
+      (len(index), OMNIGLOT_IMAGES_PER_CHARACTER, image_size, image_size, 1),
+      dtype=np.uint8)
+  for i, (_, _, members) in enumerate(index):
+    for j, member in enumerate(members):
+      try:
+        with Image.open(io.BytesIO(zf.read(member))) as image:
+          images[i, j, :, :, 0] = _to_array(image, image_size, resample)
+      except (zipfile.BadZipFile, zlib.error, OSError, EOFError,
+              ValueError) as e:
+        raise ValueError(
+            f"{path}: cannot decode member {member!r} "
+            f"(corrupt or truncated archive?): {e}") from e
   alphabets = np.array([a for a, _, _ in index], dtype=str)
   characters = np.array([c for _, c, _ in index], dtype=str)
   archives = np.array([top] * len(index), dtype=str)
@@ -333,8 +341,16 @@ def load_omniglot(
     cached = _load_cache(cache_path, key)
     if cached is not None:
       return cached
-  parts = [_decode_archive(p, top, image_size, resample)
-           for p, top in zip(paths, OMNIGLOT_ARCHIVES)]
+  # Open and check the layout of both archives before decoding any image.
+  opened = []
+  try:
+    for p, top in zip(paths, OMNIGLOT_ARCHIVES):
+      opened.append(_open_archive(p, top))
+    parts = [_decode_archive(zf, index, p, top, image_size, resample)
+             for (zf, index), p, top in zip(opened, paths, OMNIGLOT_ARCHIVES)]
+  finally:
+    for zf, _ in opened:
+      zf.close()
   data = OmniglotData(*(np.concatenate(field) for field in zip(*parts)))
   if cache_path is not None:
     try:
