@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.parse
@@ -54,20 +55,28 @@ def _fetch(url: str, dest: Path, checksum: str | None, timeout: float) -> None:
       out.flush()
       os.fsync(out.fileno())
     if expected_length is not None and received != int(expected_length):
-      raise OSError(f"download of {url} is truncated: received {received} of "
-                    f"{expected_length} bytes")
+      raise OSError(f"download of {dest.name} from {url} is truncated: "
+                    f"received {received} of {expected_length} bytes; the "
+                    "download was deleted")
     if digest is not None and digest.hexdigest() != checksum.lower():
       raise ValueError(
           f"checksum mismatch for {dest.name} (from {url}): expected "
           f"{_algorithm(checksum)} {checksum.lower()}, got "
           f"{digest.hexdigest()}; the download was deleted")
     os.replace(tmp, dest)
+  except http.client.HTTPException as e:
+    _remove(tmp)
+    raise OSError(f"download of {dest.name} from {url} failed: {e!r}") from e
   except BaseException:
-    try:
-      os.unlink(tmp)
-    except FileNotFoundError:
-      pass
+    _remove(tmp)
     raise
+
+
+def _remove(path: str) -> None:
+  try:
+    os.unlink(path)
+  except FileNotFoundError:
+    pass
 
 
 def download_omniglot(
