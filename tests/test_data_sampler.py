@@ -1,0 +1,162 @@
+"""Tests of the on-device episode sampler."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imaml_jax import Task
+from imaml_jax import data as imdata
+
+N_CLASSES, N_PER_CLASS = 12, 20
+
+
+def id_images(n_classes=N_CLASSES, n_per_class=N_PER_CLASS):
+  """``uint8[n_classes, n_per_class, 2, 2, 1]``; pixels encode class and id.
+
+  Pixel (0, 0) holds the class, pixel (0, 1) the image number within the
+  class, so ``class * n_per_class + number`` is a unique image id.
+  """
+  images = np.zeros((n_classes, n_per_class, 2, 2, 1), np.uint8)
+  images[:, :, 0, 0, 0] = np.arange(n_classes)[:, None]
+  images[:, :, 0, 1, 0] = np.arange(n_per_class)[None, :]
+  images[:, :, 1, 1, 0] = 255
+  return jnp.asarray(images)
+
+
+def decode(x):
+  pixels = np.rint(np.asarray(x) * 255).astype(np.int64)
+  cls = pixels[..., 0, 0, 0]
+  return cls, cls * N_PER_CLASS + pixels[..., 0, 1, 0]
+
+
+@pytest.mark.parametrize("n_way,k_shot,q_query", [(5, 1, 15), (3, 5, 5),
+                                                  (12, 2, 18)])
+def test_episodes(n_way, k_shot, q_query):
+  n_tasks = 16
+  task = imdata.sample_tasks(jax.random.key(0), id_images(), n_way, k_shot,
+                             q_query, n_tasks)
+  assert isinstance(task, Task)
+  (xs, ys), (xq, yq) = task.support, task.query
+  assert xs.shape == (n_tasks, n_way * k_shot, 2, 2, 1)
+  assert xq.shape == (n_tasks, n_way * q_query, 2, 2, 1)
+  assert ys.shape == (n_tasks, n_way * k_shot)
+  assert yq.shape == (n_tasks, n_way * q_query)
+  assert xs.dtype == xq.dtype == jnp.float32
+  assert ys.dtype == yq.dtype == jnp.int32
+  assert float(xs.min()) >= 0.0 and float(xs.max()) == 1.0
+  cs, ids_s = decode(xs)
+  cq, ids_q = decode(xq)
+  ys, yq = np.asarray(ys), np.asarray(yq)
+  for t in range(n_tasks):
+    # Labels: each of 0..n_way-1 exactly k_shot (q_query) times.
+    np.testing.assert_array_equal(np.bincount(ys[t], minlength=n_way),
+                                  [k_shot] * n_way)
+    np.testing.assert_array_equal(np.bincount(yq[t], minlength=n_way),
+                                  [q_query] * n_way)
+    # One class per label, the same in support and query, all distinct.
+    label_to_class = {}
+    for c, y in list(zip(cs[t], ys[t])) + list(zip(cq[t], yq[t])):
+      assert label_to_class.setdefault(int(y), int(c)) == int(c)
+    assert len(set(label_to_class.values())) == n_way
+    # No image repeated, within or across the support and query sets.
+    all_ids = np.concatenate([ids_s[t], ids_q[t]])
+    assert len(set(all_ids.tolist())) == len(all_ids)
+
+
+def test_label_order_and_classes_vary():
+  task = imdata.sample_tasks(jax.random.key(1), id_images(), 5, 1, 1, 200)
+  cs, _ = decode(task.support[0])
+  ys = np.asarray(task.support[1])
+  assert set(cs.ravel().tolist()) == set(range(N_CLASSES))
+  # The smallest class of a task does not always get label 0.
+  first = ys[np.arange(200), cs.argmin(axis=1)]
+  assert len(set(first.tolist())) == 5
+
+
+def test_deterministic_and_key_dependent():
+  images = id_images()
+  a = imdata.sample_tasks(jax.random.key(3), images, 5, 1, 5, 8)
+  b = imdata.sample_tasks(jax.random.key(3), images, 5, 1, 5, 8)
+  c = imdata.sample_tasks(jax.random.key(4), images, 5, 1, 5, 8)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert not np.array_equal(a.query[0], c.query[0])
+  # Tasks within a batch differ.
+  assert not np.array_equal(a.support[0][0], a.support[0][1])
+
+
+def test_runs_inside_jit_and_vmap():
+  images = id_images()
+
+  @jax.jit
+  def step(key, images):
+    task = imdata.sample_tasks(key, images, 4, 2, 3, 6)
+    return jnp.sum(task.support[0]) + jnp.sum(task.query[1])
+
+  eager = imdata.sample_tasks(jax.random.key(0), images, 4, 2, 3, 6)
+  assert np.isclose(step(jax.random.key(0), images),
+                    jnp.sum(eager.support[0]) + jnp.sum(eager.query[1]))
+  keys = jax.random.split(jax.random.key(0), 3)
+  batched = jax.vmap(
+      lambda k: imdata.sample_tasks(k, images, 4, 2, 3, 6))(keys)
+  assert batched.support[0].shape == (3, 6, 8, 2, 2, 1)
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.tree.map(lambda a: a[1], batched),
+               imdata.sample_tasks(keys[1], images, 4, 2, 3, 6))
+
+
+def test_sample_from_keys_matches_sample_tasks():
+  images = id_images()
+  key = jax.random.key(9)
+  a = imdata.sample_tasks(key, images, 5, 1, 2, 4)
+  b = imdata.sample_tasks_from_keys(jax.random.split(key, 4), images, 5, 1, 2)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_evaluation_tasks_are_fixed():
+  images = id_images()
+  a = imdata.evaluation_tasks(images, 5, 1, 3, n_tasks=30, seed=0)
+  b = imdata.evaluation_tasks(np.asarray(images), 5, 1, 3, n_tasks=30, seed=0)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  c = imdata.evaluation_tasks(images, 5, 1, 3, n_tasks=30, seed=1)
+  assert not np.array_equal(a.support[0], c.support[0])
+  chunks = list(imdata.evaluation_task_chunks(images, 5, 1, 3, n_tasks=30,
+                                              seed=0, chunk_size=8))
+  assert [ch.support[0].shape[0] for ch in chunks] == [8, 8, 8, 6]
+  joined = jax.tree.map(lambda *xs: jnp.concatenate(xs), *chunks)
+  jax.tree.map(np.testing.assert_array_equal, a, joined)
+
+
+def test_evaluation_tasks_ignore_default_prng_impl():
+  images = id_images()
+  a = imdata.evaluation_tasks(images, 3, 1, 1, n_tasks=4)
+  with jax.default_prng_impl("rbg"):
+    b = imdata.evaluation_tasks(images, 3, 1, 1, n_tasks=4)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_edge_sizes_use_everything():
+  images = id_images(n_classes=3, n_per_class=4)
+  task = imdata.sample_tasks(jax.random.key(0), images, 3, 1, 3, 2)
+  assert task.query[0].shape == (2, 9, 2, 2, 1)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((13, 1, 1, 2), "n_way=13 .* n_classes=12"),
+    ((5, 10, 11, 2), r"k_shot \+ q_query = 10 \+ 11 = 21 .* n_per_class=20"),
+    ((0, 1, 1, 2), "n_way must be positive"),
+    ((5, -1, 1, 2), "k_shot must be positive"),
+    ((5, 1, 0, 2), "q_query must be positive"),
+    ((5, 1, 1, 0), "n_tasks must be positive"),
+])
+def test_bad_counts(args, match):
+  with pytest.raises(ValueError, match=match):
+    imdata.sample_tasks(jax.random.key(0), id_images(), *args)
+
+
+def test_bad_counts_in_evaluation_helpers():
+  with pytest.raises(ValueError, match="n_way=20 .* n_classes=12"):
+    imdata.evaluation_tasks(id_images(), 20, 1, 1)
+  with pytest.raises(ValueError, match="n_way=20"):
+    imdata.evaluation_task_chunks(id_images(), 20, 1, 1)
+  with pytest.raises(ValueError, match="chunk_size"):
+    imdata.evaluation_task_chunks(id_images(), 5, 1, 1, chunk_size=0)
