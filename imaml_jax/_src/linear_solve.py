@@ -51,11 +51,21 @@ def relative_residual(matvec: MatVec, x: PyTree, b: PyTree) -> jax.Array:
                    r_norm)
 
 
-def _info(matvec, x, b, report_residual: bool) -> SolveInfo:
+def _finish(matvec, x, b, report_residual: bool):
+  """Returns ``(x, SolveInfo)``, poisoning ``x`` with NaN on non-finite input.
+
+  ``jax.scipy.sparse.linalg.cg`` stops at once when the residual norm is NaN
+  and returns its initial guess, zero: without this check a NaN right-hand
+  side would become a silently finite, wrong solution.
+  """
   if report_residual:
-    return SolveInfo(residual=relative_residual(matvec, x, b))
-  dtype = tu._result_dtype(b)
-  return SolveInfo(residual=jnp.full((), jnp.nan, dtype))
+    residual = relative_residual(matvec, x, b)
+    ok = jnp.isfinite(residual)
+  else:
+    residual = jnp.full((), jnp.nan, tu._result_dtype(b))
+    ok = tu.tree_all_finite(b)
+  x = jax.tree.map(lambda v: jnp.where(ok, v, jnp.nan), x)
+  return x, SolveInfo(residual=residual)
 
 
 def cg(maxiter: int = 5, tol: float = 1e-10, *, atol: float = 0.0,
@@ -95,7 +105,7 @@ def cg(maxiter: int = 5, tol: float = 1e-10, *, atol: float = 0.0,
   def solve(matvec: MatVec, b: PyTree):
     x, _ = jax.scipy.sparse.linalg.cg(matvec, b, tol=tol, atol=atol,
                                       maxiter=maxiter)
-    return x, _info(matvec, x, b, report_residual)
+    return _finish(matvec, x, b, report_residual)
 
   return LinearSolver(solve=solve, name=f"cg({maxiter})")
 
@@ -128,7 +138,7 @@ def neumann(terms: int = 10, step: float = 1.0, *,
       return tu.tree_axpy(step, tu.tree_sub(b, matvec(x)), x), None
 
     x, _ = jax.lax.scan(body, tu.tree_zeros_like(b), None, length=terms)
-    return x, _info(matvec, x, b, report_residual)
+    return _finish(matvec, x, b, report_residual)
 
   return LinearSolver(solve=solve, name=f"neumann({terms})")
 
@@ -149,6 +159,6 @@ def dense(*, report_residual: bool = True) -> LinearSolver:
     basis = jnp.eye(b_flat.size, dtype=b_flat.dtype)
     matrix = jax.vmap(flat_matvec)(basis).T  # column j is A e_j
     x = unravel(jnp.linalg.solve(matrix, b_flat))
-    return x, _info(matvec, x, b, report_residual)
+    return _finish(matvec, x, b, report_residual)
 
   return LinearSolver(solve=solve, name="dense")

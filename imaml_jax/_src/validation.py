@@ -5,6 +5,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_positive_int(name: str, value) -> int:
@@ -29,13 +30,13 @@ def check_positive_scalar(name: str, value, *, allow_zero: bool = False):
   if isinstance(value, jax.core.Tracer):
     return value
   try:
-    arr = jnp.asarray(value)
-  except TypeError as e:
+    arr = np.asarray(value)  # NumPy: never staged into an enclosing trace
+  except (TypeError, ValueError) as e:
     raise TypeError(f"{name} must be a number, got {value!r}.") from e
   if arr.ndim != 0:
     raise ValueError(f"{name} must be a scalar, got shape {arr.shape}.")
-  if not (jnp.issubdtype(arr.dtype, jnp.floating)
-          or jnp.issubdtype(arr.dtype, jnp.integer)):
+  if not (np.issubdtype(arr.dtype, np.floating)
+          or np.issubdtype(arr.dtype, np.integer)):
     raise TypeError(f"{name} must be a real number, got dtype {arr.dtype}.")
   v = float(arr)
   if not v == v:  # NaN

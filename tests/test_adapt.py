@@ -1,0 +1,172 @@
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxopt.implicit_diff import custom_root
+from jaxopt.linear_solve import solve_cg
+
+import imaml_jax as im
+from problems import (linreg_exact, linreg_loss, linreg_task, mlp_init,
+                      mlp_loss, mlp_task, rel_err)
+
+CONVERGED_GD = im.gd(steps=300, lr=0.2)
+
+
+def imaml_grad_via_adapt(theta, support, query, lam, solver, inner=CONVERGED_GD,
+                         loss=linreg_loss):
+  def meta_loss(t):
+    return loss(im.adapt(loss, t, support, lam=lam, inner=inner,
+                         solver=solver), query)
+  return jax.jit(jax.grad(meta_loss))(theta)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("solver", [im.dense(), im.cg(maxiter=100, tol=1e-15)],
+                         ids=["dense", "cg"])
+def test_linear_regression_meta_gradient_matches_closed_form(x64, seed, solver):
+  support, query = linreg_task(seed)
+  lam = 2.0
+  theta = np.random.default_rng(seed + 7).normal(size=5)
+  _, exact = linreg_exact(theta, support, query, lam)
+  g = imaml_grad_via_adapt(jnp.asarray(theta), support, query, lam, solver)
+  assert rel_err(g, exact) < 1e-10
+
+
+def test_meta_gradient_error_shrinks_with_cg_steps(x64):
+  support, query = linreg_task(3, dim=12, n_support=15)
+  lam = 0.5  # small lam: I + H/lam is ill-conditioned, so CG needs steps
+  theta = jnp.zeros(12)
+  _, exact = linreg_exact(theta, support, query, lam)
+  inner = im.gd(steps=2000, lr=0.1)
+  errors = [rel_err(imaml_grad_via_adapt(theta, support, query, lam,
+                                         im.cg(k, tol=0.0), inner), exact)
+            for k in (1, 2, 4, 8, 16)]
+  assert all(b < a for a, b in zip(errors, errors[1:])), errors
+  assert errors[0] > 1e-2 and errors[-1] < 1e-10, errors
+
+
+def test_mlp_implicit_gradient_matches_jaxopt_custom_root(x64):
+  lam = 1.5
+  params = mlp_init(jax.random.PRNGKey(0))
+  support, query = mlp_task(jax.random.PRNGKey(1))
+  inner = im.gd(steps=3000, lr=0.1)
+
+  def optimality(phi, theta):
+    g = jax.grad(mlp_loss)(phi, support)
+    return jax.tree.map(lambda a, p, t: a + lam * (p - t), g, phi, theta)
+
+  @custom_root(optimality, solve=lambda mv, b: solve_cg(mv, b, tol=1e-15,
+                                                             maxiter=500))
+  def jaxopt_adapt(init, theta):
+    del init
+    objective = im.proximal_objective(mlp_loss, theta, support, lam)
+    return inner.run(objective, theta)
+
+  ours = jax.grad(lambda t: mlp_loss(
+      im.adapt(mlp_loss, t, support, lam=lam, inner=inner, solver=im.dense()),
+      query))(params)
+  oracle = jax.grad(lambda t: mlp_loss(jaxopt_adapt(None, t), query))(params)
+  assert rel_err(ours, oracle) < 1e-10
+
+
+@pytest.mark.slow
+def test_mlp_implicit_gradient_matches_unrolled_differentiation(x64):
+  lam = 2.0
+  params = mlp_init(jax.random.PRNGKey(2))
+  support, query = mlp_task(jax.random.PRNGKey(3))
+  inner = im.gd(steps=1500, lr=0.2)
+
+  def unrolled(t):
+    objective = im.proximal_objective(mlp_loss, t, support, lam)
+    return mlp_loss(inner.run(objective, t), query)
+
+  def implicit(t):
+    return mlp_loss(im.adapt(mlp_loss, t, support, lam=lam, inner=inner,
+                             solver=im.cg(200, tol=1e-14)), query)
+
+  assert rel_err(jax.jit(jax.grad(implicit))(params),
+                 jax.jit(jax.grad(unrolled))(params)) < 1e-9
+
+
+def test_support_and_lam_cotangents_match_unrolled_differentiation(x64):
+  params = mlp_init(jax.random.PRNGKey(4))
+  support, query = mlp_task(jax.random.PRNGKey(5))
+  inner = im.gd(steps=800, lr=0.2)
+
+  def unrolled(xs, lam):
+    objective = im.proximal_objective(mlp_loss, params, (xs, support[1]), lam)
+    return mlp_loss(inner.run(objective, params), query)
+
+  def implicit(xs, lam):
+    phi = im.adapt(mlp_loss, params, (xs, support[1]), lam=lam, inner=inner,
+                   solver=im.dense())
+    return mlp_loss(phi, query)
+
+  grad = lambda f: jax.jit(jax.grad(f, argnums=(0, 1)))(support[0], 2.0)
+  (gx, glam), (ux, ulam) = grad(implicit), grad(unrolled)
+  assert rel_err(gx, ux) < 1e-8
+  assert abs(float(glam) - float(ulam)) < 1e-8 * abs(float(ulam))
+
+
+def test_integer_labels_in_support_are_allowed():
+  x = jnp.ones((4, 3))
+  labels = jnp.array([0, 1, 0, 1])
+  def loss(w, batch):
+    x, y = batch
+    logits = x @ w
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), y])
+  g = jax.grad(lambda w: loss(im.adapt(loss, w, (x, labels), lam=1.0,
+                                       inner=im.gd(3, 0.1)), (x, labels)))(
+      jnp.zeros((3, 2)))
+  assert g.shape == (3, 2) and bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_composes_with_vmap_jit_and_grad_over_tasks(x64):
+  tasks = [linreg_task(s) for s in range(4)]
+  stack = lambda i: jax.tree.map(lambda *a: jnp.stack(a),
+                                 *[t[i] for t in tasks])
+  support, query = stack(0), stack(1)
+  theta = jnp.full(5, 0.3)
+  solver = im.cg(50, tol=1e-14)
+  per_task = jax.vmap(lambda s, q: imaml_grad_via_adapt(
+      theta, s, q, 2.0, solver))(support, query)
+  for i, (s, q) in enumerate(tasks):
+    _, exact = linreg_exact(theta, s, q, 2.0)
+    assert rel_err(per_task[i], exact) < 1e-10
+
+
+def test_float32_pytree_params_give_accurate_gradient():
+  params = mlp_init(jax.random.PRNGKey(6), dtype=jnp.float32)
+  support, query = mlp_task(jax.random.PRNGKey(7), dtype=jnp.float32)
+  grad = lambda solver, inner: jax.jit(jax.grad(lambda t: mlp_loss(
+      im.adapt(mlp_loss, t, support, lam=2.0, inner=inner, solver=solver),
+      query)))(params)
+  g32 = grad(im.cg(30), im.gd(400, 0.2))
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(g32))
+  with jax.enable_x64(True):
+    p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    s64, q64 = jax.tree.map(lambda a: a.astype(jnp.float64), (support, query))
+    g64 = jax.grad(lambda t: mlp_loss(im.adapt(
+        mlp_loss, t, s64, lam=2.0, inner=im.gd(400, 0.2), solver=im.dense()),
+        q64))(p64)
+    assert rel_err(g32, g64) < 1e-4
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"lam": 0.0}, ValueError, "lam"),
+    ({"lam": -2.0}, ValueError, "lam"),
+    ({"lam": jnp.ones(2)}, ValueError, "lam"),
+    ({"lam": 2.0, "inner": "gd"}, TypeError, "inner"),
+    ({"lam": 2.0, "solver": "cg"}, TypeError, "solver"),
+])
+def test_bad_adapt_arguments_raise_named_errors(kwargs, error, message):
+  kwargs = {"inner": im.gd(2, 0.1), **kwargs}
+  with pytest.raises(error, match=message):
+    im.adapt(linreg_loss, jnp.zeros(5), linreg_task(0)[0], **kwargs)
+
+
+def test_integer_params_are_rejected():
+  with pytest.raises(TypeError, match=r"params\['w'\].*floating"):
+    im.adapt(linreg_loss, {"w": jnp.zeros(5, jnp.int32)}, linreg_task(0)[0],
+             lam=1.0, inner=im.gd(2, 0.1))

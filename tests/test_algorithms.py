@@ -1,0 +1,123 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import imaml_jax as im
+from problems import (linreg_exact, linreg_loss, linreg_task, mlp_init,
+                      mlp_loss, mlp_task, rel_err)
+
+
+def aux(loss):
+  return lambda p, b: (loss(p, b), {})
+
+
+def quadratic_task(dim=4, seed=0):
+  """L_s(w) = 1/2 (w-a)^T A (w-a) with batch (A, a); L_q(w) = 1/2 ||w-b||^2."""
+  rng = np.random.default_rng(seed)
+  m = rng.normal(size=(dim, dim))
+  a_mat = jnp.asarray(m @ m.T / dim + 0.5 * np.eye(dim))
+  a, b = jnp.asarray(rng.normal(size=dim)), jnp.asarray(rng.normal(size=dim))
+  theta = jnp.asarray(rng.normal(size=dim))
+  loss = lambda w, batch: 0.5 * (w - batch[1]) @ batch[0] @ (w - batch[1])
+  return loss, im.Task((a_mat, a), (jnp.eye(dim), b)), theta, a_mat, a, b
+
+
+def test_maml_matches_grad_through_explicit_python_unroll(x64):
+  params = mlp_init(jax.random.PRNGKey(0))
+  support, query = mlp_task(jax.random.PRNGKey(1))
+  steps, lr = 5, 0.3
+
+  def unrolled(p):
+    for _ in range(steps):
+      p = jax.tree.map(lambda w, g: w - lr * g, p,
+                       jax.grad(mlp_loss)(p, support))
+    return mlp_loss(p, query)
+
+  expected = jax.grad(unrolled)(params)
+  for remat in (False, True):
+    alg = im.maml(im.gd(steps, lr), remat=remat)
+    g, metrics = jax.jit(lambda p: alg.task_gradient(
+        aux(mlp_loss), p, im.Task(support, query)))(params)
+    assert rel_err(g, expected) < 1e-12
+    np.testing.assert_allclose(metrics["loss_after"], unrolled(params),
+                               rtol=1e-12)
+
+
+def test_fomaml_maml_and_reptile_match_hand_derived_updates_on_quadratic(x64):
+  loss, task, theta, a_mat, a, b = quadratic_task()
+  steps, lr = 7, 0.2
+  contraction = np.linalg.matrix_power(np.eye(4) - lr * np.asarray(a_mat),
+                                       steps)
+  phi = a + contraction @ (theta - a)  # closed form of 7 GD steps
+  run = lambda alg: alg.task_gradient(aux(loss), theta, task)[0]
+  np.testing.assert_allclose(run(im.fomaml(im.gd(steps, lr))), phi - b,
+                             rtol=1e-12)
+  np.testing.assert_allclose(run(im.maml(im.gd(steps, lr))),
+                             contraction.T @ (phi - b), rtol=1e-12)
+  np.testing.assert_allclose(run(im.reptile(im.gd(steps, lr))), theta - phi,
+                             rtol=1e-12)
+
+
+def test_imaml_on_quadratic_matches_closed_form(x64):
+  loss, task, theta, a_mat, a, b = quadratic_task(seed=1)
+  lam = 2.0
+  # phi* solves A (phi - a) + lam (phi - theta) = 0.
+  phi = np.linalg.solve(a_mat + lam * np.eye(4), a_mat @ a + lam * theta)
+  expected = np.linalg.solve(np.eye(4) + a_mat / lam, phi - b)
+  alg = im.imaml(lam, im.gd(400, 0.2), im.cg(20, tol=1e-15))
+  g, metrics = alg.task_gradient(aux(loss), theta, task)
+  np.testing.assert_allclose(g, expected, rtol=1e-10)
+  assert float(metrics["residual"]) < 1e-12
+
+
+def test_imaml_task_gradient_equals_grad_through_adapt(x64):
+  params = mlp_init(jax.random.PRNGKey(2))
+  support, query = mlp_task(jax.random.PRNGKey(3))
+  inner, solver = im.gd(20, 0.1), im.cg(5)
+  alg = im.imaml(2.0, inner, solver)
+  g, _ = alg.task_gradient(aux(mlp_loss), params, im.Task(support, query))
+  via_adapt = jax.grad(lambda p: mlp_loss(
+      im.adapt(mlp_loss, p, support, lam=2.0, inner=inner, solver=solver),
+      query))(params)
+  assert rel_err(g, via_adapt) < 1e-12
+
+
+def test_imaml_linearized_products_give_the_same_gradient(x64):
+  support, query = linreg_task(5)
+  theta = jnp.ones(5)
+  task = im.Task(support, query)
+  g1, _ = im.imaml(2.0, im.gd(200, 0.2), im.cg(30)).task_gradient(
+      aux(linreg_loss), theta, task)
+  g2, _ = im.imaml(2.0, im.gd(200, 0.2), im.cg(30),
+                   linearize=True).task_gradient(aux(linreg_loss), theta, task)
+  _, exact = linreg_exact(theta, support, query, 2.0)
+  assert rel_err(g1, exact) < 1e-10 and rel_err(g2, exact) < 1e-10
+
+
+@pytest.mark.parametrize("make", [
+    lambda: im.imaml(2.0, im.hessian_free(3, 5), im.cg(20)),
+    lambda: im.imaml(2.0, im.nesterov(60, 0.2, 0.5), im.neumann(60, 0.5)),
+])
+def test_other_inner_and_linear_solvers_reach_the_exact_meta_gradient(x64,
+                                                                      make):
+  support, query = linreg_task(6)
+  theta = jnp.zeros(5)
+  g, metrics = make().task_gradient(aux(linreg_loss), theta,
+                                    im.Task(support, query))
+  _, exact = linreg_exact(theta, support, query, 2.0)
+  assert rel_err(g, exact) < 1e-8
+  assert float(metrics["residual"]) < 1e-8
+
+
+def test_maml_differentiates_through_hessian_free_inner_loop(x64):
+  loss, task, theta, *_ = quadratic_task(seed=2)
+  g, _ = im.maml(im.hessian_free(2, 4)).task_gradient(aux(loss), theta, task)
+  assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_imaml_rejects_bad_hyperparameters():
+  with pytest.raises(ValueError, match="lam"):
+    im.imaml(lam=0.0)
+  with pytest.raises(TypeError, match="solver"):
+    im.imaml(2.0, im.gd(5, 0.1), solver=5)
