@@ -8,6 +8,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg as jsl
 
 from imaml_jax._src.types import Task
 
@@ -58,13 +59,16 @@ def sinusoid_tasks(
     (4, 10, 1)
   """
   _check_positive(n_tasks=n_tasks, k_shot=k_shot, q_query=q_query)
-  k_amp, k_phase, k_x = jax.random.split(key, 3)
-  amplitude = jax.random.uniform(
-      k_amp, (n_tasks, 1, 1), jnp.float32, *amplitude_range)
-  phase = jax.random.uniform(
-      k_phase, (n_tasks, 1, 1), jnp.float32, *phase_range)
-  x = jax.random.uniform(
-      k_x, (n_tasks, k_shot + q_query, 1), jnp.float32, *input_range)
+  # One draw of U[0, 1) numbers for amplitude, phase and inputs.
+  u = jax.random.uniform(key, (n_tasks, 2 + k_shot + q_query, 1), jnp.float32)
+
+  def scale(v, bounds):
+    low, high = bounds
+    return low + (high - low) * v
+
+  amplitude = scale(u[:, :1], amplitude_range)
+  phase = scale(u[:, 1:2], phase_range)
+  x = scale(u[:, 2:], input_range)
   y = amplitude * jnp.sin(x - phase)
   return Task(support=(x[:, :k_shot], y[:, :k_shot]),
               query=(x[:, k_shot:], y[:, k_shot:]))
@@ -113,14 +117,20 @@ def linear_regression_tasks(
                   dim=dim)
   if dtype is None:
     dtype = jnp.zeros(()).dtype  # the default float under the current config
-  k_w, k_x, k_eps = jax.random.split(key, 3)
   n = n_support + n_query
-  w = jax.random.normal(k_w, (n_tasks, dim), dtype)
-  x = jax.random.normal(k_x, (n_tasks, n, dim), dtype)
-  eps = jax.random.normal(k_eps, (n_tasks, n), dtype)
-  y = jnp.einsum("tnd,td->tn", x, w) + jnp.asarray(noise, dtype) * eps
+  # One draw for weights, inputs and noise (a single PRNG call compiles fast).
+  z = jax.random.normal(key, (n_tasks, dim + n * dim + n), dtype)
+  w = z[:, :dim]
+  x = z[:, dim:dim + n * dim].reshape(n_tasks, n, dim)
+  eps = z[:, dim + n * dim:]
+  y = jnp.sum(x * w[:, None, :], axis=-1) + jnp.asarray(noise, dtype) * eps
   return Task(support=(x[:, :n_support], y[:, :n_support]),
               query=(x[:, n_support:], y[:, n_support:]))
+
+
+def _spd_solve(a, b):
+  """Solves ``a x = b`` for symmetric positive definite ``a`` (Cholesky)."""
+  return jsl.cho_solve(jsl.cho_factor(a), b)
 
 
 def linear_regression_loss(w, data):
@@ -159,8 +169,7 @@ def linear_regression_inner_solution(theta, support, lam):
   n, dim = x.shape
   h = x.T @ x / n
   b = x.T @ y / n
-  return jnp.linalg.solve(h + lam * jnp.eye(dim, dtype=h.dtype),
-                          b + lam * theta)
+  return _spd_solve(h + lam * jnp.eye(dim, dtype=h.dtype), b + lam * theta)
 
 
 def linear_regression_exact_meta_gradient(theta, task: Task, lam):
@@ -200,4 +209,4 @@ def linear_regression_exact_meta_gradient(theta, task: Task, lam):
   n_s, dim = x_s.shape
   h = x_s.T @ x_s / n_s
   grad_query = x_q.T @ (x_q @ phi - y_q) / x_q.shape[0]
-  return jnp.linalg.solve(jnp.eye(dim, dtype=h.dtype) + h / lam, grad_query)
+  return _spd_solve(jnp.eye(dim, dtype=h.dtype) + h / lam, grad_query)
