@@ -53,7 +53,7 @@ def _read_csv(path: Path, images_per_class: int) -> list[tuple[str, list[str]]]:
     if len(row) != 2:
       raise ValueError(f"{path}, line {line}: expected 2 fields, got {row}")
     groups.setdefault(row[1].strip(), []).append(row[0].strip())
-  for label, files in groups.items():
+  for label, files in sorted(groups.items()):
     if len(files) != images_per_class:
       raise ValueError(f"{path}: class {label} has {len(files)} images, "
                        f"expected images_per_class={images_per_class}")
@@ -135,7 +135,9 @@ def load_mini_imagenet_csv(
 class _NumpyOnlyUnpickler(pickle.Unpickler):
   """Unpickler that only rebuilds numpy arrays, dtypes and builtin containers.
 
-  Any other global (e.g. ``os.system``) raises ``pickle.UnpicklingError``, so
+  Allowed globals: numpy's array/dtype reconstructors, builtin container and
+  scalar types, and ``_codecs.encode`` (how old protocols store bytes). Any
+  other global (e.g. ``os.system``) raises ``pickle.UnpicklingError``, so
   a tampered file cannot run code through ``find_class``.
   """
 
@@ -149,6 +151,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
       ("numpy.core.numeric", "_frombuffer"),
       ("numpy._core.numeric", "_frombuffer"),
   }
+  # Protocol 0-2 pickles write ``bytes`` as ``_codecs.encode(text, "latin1")``.
+  _CODECS = {("_codecs", "encode")}
   _BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "int", "float",
                "str", "bytes", "bytearray", "bool", "complex"}
 
@@ -156,6 +160,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     if (module, name) in self._NUMPY:
       if module.startswith("numpy.core.") and hasattr(np, "_core"):
         module = "numpy._core." + module[len("numpy.core."):]
+      return super().find_class(module, name)
+    if (module, name) in self._CODECS:
       return super().find_class(module, name)
     if module in ("builtins", "__builtin__") and name in self._BUILTINS:
       return super().find_class("builtins", name)
