@@ -37,24 +37,26 @@ def _check_counts(images_shape, n_way, k_shot, q_query, n_tasks=1) -> None:
 def _sample_one(key, images, n_way, k_shot, q_query):
   """One episode: ``((xs, ys), (xq, yq))`` for a single key.
 
-  All random choices come from one draw of 32-bit random keys (one threefry
-  call, which keeps compilation fast): the ``n_way`` classes with the largest
-  keys, the ``k_shot + q_query`` images with the smallest keys per class, and
-  the label order from sorting ``n_way`` keys. Apart from ties between 32-bit
-  keys (probability about ``n^2 / 2^33`` per draw, and harmless unless they
-  fall exactly on the selection boundary) these are uniform draws without
-  replacement.
+  All random choices come from one draw of random keys (one threefry call,
+  which keeps compilation fast): the ``n_way`` classes with the largest keys,
+  the ``k_shot + q_query`` images with the smallest keys per class, and the
+  label order from sorting ``n_way`` keys. The keys are the top 24 random
+  bits as exact ``float32`` integers (``lax.top_k`` on floats is far faster
+  on CPU than on integers). Apart from ties between keys (a tie at a
+  selection boundary has probability about ``n / 2^24`` per draw; it then
+  favours the lower index) these are uniform draws without replacement.
   """
   n_classes, n_per_class = images.shape[:2]
   image_shape = images.shape[2:]
   n_draw = k_shot + q_query
   n_image_bits = n_way * n_per_class
   bits = jax.random.bits(key, (n_classes + n_image_bits + n_way,), jnp.uint32)
-  classes = jax.lax.top_k(bits[:n_classes], n_way)[1]
-  image_bits = bits[n_classes:n_classes + n_image_bits]
-  draws = jnp.argsort(image_bits.reshape(n_way, n_per_class),
+  rand = (bits >> 8).astype(jnp.float32)  # exact integers in [0, 2^24)
+  classes = jax.lax.top_k(rand[:n_classes], n_way)[1]
+  image_rand = rand[n_classes:n_classes + n_image_bits]
+  draws = jnp.argsort(image_rand.reshape(n_way, n_per_class),
                       axis=-1)[:, :n_draw]                 # [n_way, k + q]
-  labels = jnp.argsort(bits[n_classes + n_image_bits:]).astype(jnp.int32)
+  labels = jnp.argsort(rand[n_classes + n_image_bits:]).astype(jnp.int32)
   x = images[classes[:, None], draws].astype(jnp.float32) / 255.0
   y = jnp.broadcast_to(labels[:, None], (n_way, n_draw))
   support = (x[:, :k_shot].reshape((n_way * k_shot,) + image_shape),
