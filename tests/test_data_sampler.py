@@ -107,8 +107,8 @@ def test_runs_inside_jit_and_vmap():
 def test_sample_from_keys_matches_sample_tasks():
   images = id_images()
   key = jax.random.key(9)
-  a = imdata.sample_tasks(key, images, 5, 1, 2, 4)
-  b = imdata.sample_tasks_from_keys(jax.random.split(key, 4), images, 5, 1, 2)
+  a = imdata.sample_tasks(key, images, 5, 1, 5, 8)
+  b = imdata.sample_tasks_from_keys(jax.random.split(key, 8), images, 5, 1, 5)
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
@@ -128,9 +128,9 @@ def test_evaluation_tasks_are_fixed():
 
 def test_evaluation_tasks_ignore_default_prng_impl():
   images = id_images()
-  a = imdata.evaluation_tasks(images, 3, 1, 1, n_tasks=4)
+  a = imdata.evaluation_tasks(images, 5, 1, 3, n_tasks=30)
   with jax.default_prng_impl("rbg"):
-    b = imdata.evaluation_tasks(images, 3, 1, 1, n_tasks=4)
+    b = imdata.evaluation_tasks(images, 5, 1, 3, n_tasks=30)
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 

@@ -154,7 +154,8 @@ def _save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     raise
 
 
-def _load_cache(path: Path, key: str) -> OmniglotData | None:
+def _load_cache(path: Path, key: str,
+                image_size: int) -> OmniglotData | None:
   """Reads a cache file; returns ``None`` if it is absent, stale or corrupt."""
   if not path.exists():
     return None
@@ -169,7 +170,8 @@ def _load_cache(path: Path, key: str) -> OmniglotData | None:
           archives=f["archives"],
       )
     n = data.images.shape[0]
-    if (data.images.dtype != np.uint8 or data.images.ndim != 5
+    expected = (n, OMNIGLOT_IMAGES_PER_CHARACTER, image_size, image_size, 1)
+    if (data.images.dtype != np.uint8 or data.images.shape != expected
         or any(a.shape != (n,) for a in data[1:])):
       raise ValueError("unexpected array shapes")
     return data
@@ -338,7 +340,7 @@ def load_omniglot(
   if use_cache:
     key = _cache_key(paths, image_size, resample)
     cache_path = default_cache_dir(cache_dir) / f"omniglot-{key[:24]}.npz"
-    cached = _load_cache(cache_path, key)
+    cached = _load_cache(cache_path, key, image_size)
     if cached is not None:
       return cached
   # Open and check the layout of both archives before decoding any image.
