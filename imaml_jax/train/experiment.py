@@ -1,0 +1,244 @@
+"""From a :class:`~imaml_jax.train.config.Config` to the pieces of a run.
+
+Pure builders: the network and its loss, the meta-algorithm (for training and,
+with ``eval_inner_steps``, for evaluation), the outer optimizer, the data
+(checked and loaded from a directory given by the caller or an environment
+variable; nothing is hard-coded), the jittable training-task sampler and the
+fixed evaluation task sets.
+
+Example:
+  >>> import jax
+  >>> from imaml_jax.train import config as config_lib, experiment
+  >>> cfg = config_lib.get_config("sinusoid")
+  >>> exp = experiment.build(cfg, data=None)
+  >>> tasks = exp.sample(jax.random.key(0), exp.data.train)
+  >>> tasks.support[0].shape
+  (25, 10, 1)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import imaml_jax as im
+from imaml_jax import data as data_lib
+from imaml_jax import models
+from imaml_jax.train import config as config_lib
+
+OMNIGLOT_ENV = "IMAML_OMNIGLOT_DIR"
+MINI_IMAGENET_ENV = "IMAML_MINI_IMAGENET_DIR"
+_ENV = {"omniglot": OMNIGLOT_ENV, "miniimagenet": MINI_IMAGENET_ENV}
+_MINI_PICKLES = tuple(f"mini-imagenet-cache-{s}.pkl"
+                      for s in ("train", "val", "test"))
+_MINI_CSVS = ("train.csv", "val.csv", "test.csv")
+
+
+class DataError(ValueError):
+  """The data directory is missing, incomplete or unreadable."""
+
+
+class Data(NamedTuple):
+  """Class arrays of the three splits (``None`` leaves for sinusoid)."""
+
+  train: Any
+  val: Any
+  test: Any
+
+
+class Experiment(NamedTuple):
+  """The pieces of a run.
+
+  Attributes:
+    config: the config.
+    loss: ``loss(params, batch) -> (loss, aux)``.
+    init_params: ``key -> params``.
+    optimizer: the outer optax optimizer.
+    algorithm: the meta-algorithm used for training.
+    eval_algorithm: the same algorithm with ``eval_inner_steps`` inner steps.
+    data: the splits (device arrays), or ``Data(None, None, None)``.
+    sample: ``(key, train_data) -> Task`` batch of ``meta_batch`` training
+      tasks; jittable, the data is an argument.
+  """
+
+  config: config_lib.Config
+  loss: Callable
+  init_params: Callable
+  optimizer: optax.GradientTransformation
+  algorithm: im.MetaAlgorithm
+  eval_algorithm: im.MetaAlgorithm
+  data: Data
+  sample: Callable
+
+
+def network(config: config_lib.Config):
+  """``(module, example_input)`` for the config's dataset."""
+  if config.dataset == "omniglot":
+    return (models.omniglot_convnet(config.n_way, conv=config.conv),
+            jnp.zeros((config.n_way * config.k_shot, 28, 28, 1)))
+  if config.dataset == "miniimagenet":
+    return (models.miniimagenet_convnet(config.n_way, conv=config.conv),
+            jnp.zeros((config.n_way * config.k_shot, 84, 84, 3)))
+  return models.sinusoid_mlp(), jnp.zeros((config.k_shot, 1))
+
+
+def inner_solver(config: config_lib.Config, steps: int) -> im.InnerSolver:
+  """The inner solver named by ``config.inner`` with ``steps`` steps."""
+  if config.inner == "gd":
+    return im.gd(steps, config.inner_lr)
+  if config.inner == "nesterov":
+    return im.nesterov(steps, config.inner_lr, config.inner_momentum)
+  return im.hessian_free(steps, config.hf_cg_steps)
+
+
+def algorithm(config: config_lib.Config, *,
+              evaluation: bool = False) -> im.MetaAlgorithm:
+  """The meta-algorithm; ``evaluation`` uses ``eval_inner_steps`` if set."""
+  steps = config.inner_steps
+  if evaluation and config.eval_inner_steps:
+    steps = config.eval_inner_steps
+  inner = inner_solver(config, steps)
+  if config.algorithm == "imaml":
+    return im.imaml(config.lam, inner, im.cg(config.cg_steps))
+  if config.algorithm == "maml":
+    return im.maml(inner, remat=config.maml_remat)
+  if config.algorithm == "fomaml":
+    return im.fomaml(inner)
+  return im.reptile(inner)
+
+
+def optimizer(config: config_lib.Config) -> optax.GradientTransformation:
+  """The outer optimizer, with a constant or linearly decaying rate."""
+  lr = config.meta_lr
+  if config.lr_schedule == "linear":
+    lr = optax.linear_schedule(config.meta_lr, 0.0, config.meta_steps)
+  if config.optimizer == "adam":
+    return optax.adam(lr)
+  return optax.sgd(lr)
+
+
+# ----------------------------------------------------------------------------
+# Data.
+
+
+def resolve_data_dir(config: config_lib.Config,
+                     data_dir: str | os.PathLike | None) -> Path | None:
+  """Finds and checks the data directory, reading nothing but file names.
+
+  Args:
+    config: the config (its ``dataset`` decides what is needed).
+    data_dir: an explicit directory, or ``None`` to use the environment
+      variable ``IMAML_OMNIGLOT_DIR`` (Omniglot) or
+      ``IMAML_MINI_IMAGENET_DIR`` (mini-ImageNet).
+
+  Returns:
+    The directory, or ``None`` for sinusoid (no data needed).
+
+  Raises:
+    DataError: no directory given, it does not exist, or it lacks the files.
+  """
+  if config.dataset == "sinusoid":
+    return None
+  env = _ENV[config.dataset]
+  if data_dir is None or str(data_dir) == "":
+    data_dir = os.environ.get(env)
+    if not data_dir:
+      raise DataError(f"no {config.dataset} data directory: pass --data-dir "
+                      f"or set the environment variable {env}.")
+  path = Path(data_dir).expanduser()
+  if not path.is_dir():
+    raise DataError(f"data directory {path} does not exist.")
+  if config.dataset == "omniglot":
+    wanted = [f"{name}.zip" for name in data_lib.OMNIGLOT_ARCHIVES]
+    missing = [w for w in wanted if not (path / w).is_file()]
+    if missing:
+      raise DataError(
+          f"{path} lacks the Omniglot archive(s) {', '.join(missing)}; "
+          "imaml_jax.data.download_omniglot(dir) fetches them.")
+    return path
+  if all((path / f).is_file() for f in _MINI_PICKLES):
+    return path
+  if all((path / f).is_file() for f in _MINI_CSVS) and (path / "images").is_dir():
+    return path
+  raise DataError(
+      f"{path} holds neither the mini-ImageNet pickles ({', '.join(_MINI_PICKLES)}) "
+      f"nor the CSV splits ({', '.join(_MINI_CSVS)}) with an images/ folder.")
+
+
+def load_data(config: config_lib.Config, data_dir: Path | None) -> Data:
+  """Loads the three splits as host ``uint8`` arrays (``None`` for sinusoid).
+
+  Omniglot: :func:`imaml_jax.data.omniglot_splits` (1100 / 100 / 423
+  characters for meta-train / validation / test, each rotation a class, test
+  characters unseen). Mini-ImageNet: the Ravi & Larochelle splits, from the
+  pickles if present, else from the CSV files.
+
+  Raises:
+    DataError: the files cannot be read.
+  """
+  if config.dataset == "sinusoid":
+    return Data(None, None, None)
+  try:
+    if config.dataset == "omniglot":
+      splits = data_lib.omniglot_splits(data_dir, seed=config.split_seed)
+    elif all((data_dir / f).is_file() for f in _MINI_PICKLES):
+      splits = data_lib.load_mini_imagenet_pickle(data_dir)
+    else:
+      splits = data_lib.load_mini_imagenet_csv(data_dir)
+  except (OSError, ValueError) as e:
+    raise DataError(f"cannot load {config.dataset} from {data_dir}: {e}") from e
+  return Data(splits.train, splits.val, splits.test)
+
+
+def sampler(config: config_lib.Config) -> Callable:
+  """``sample(key, train_data) -> Task``: a jittable batch of training tasks."""
+  if config.dataset == "sinusoid":
+    return lambda key, _: data_lib.sinusoid_tasks(
+        key, config.meta_batch, config.k_shot, config.q_query)
+  return lambda key, images: data_lib.sample_tasks(
+      key, images, config.n_way, config.k_shot, config.q_query,
+      config.meta_batch)
+
+
+def evaluation_chunks(config: config_lib.Config, images, n_tasks: int,
+                      seed: int) -> Iterator[im.Task]:
+  """A fixed set of ``n_tasks`` evaluation tasks, in ``eval_chunk`` pieces.
+
+  The same ``(n_tasks, seed)`` gives the same tasks on every run: for images,
+  :func:`imaml_jax.data.evaluation_task_chunks` on the given split; for
+  sinusoid, :func:`imaml_jax.data.sinusoid_tasks` from the fixed key
+  ``jax.random.key(seed, impl="threefry2x32")``.
+  """
+  if config.dataset != "sinusoid":
+    yield from data_lib.evaluation_task_chunks(
+        images, config.n_way, config.k_shot, config.q_query, n_tasks=n_tasks,
+        seed=seed, chunk_size=config.eval_chunk)
+    return
+  tasks = data_lib.sinusoid_tasks(jax.random.key(seed, impl="threefry2x32"),
+                                  n_tasks, config.k_shot, config.q_query)
+  for start in range(0, n_tasks, config.eval_chunk):
+    yield jax.tree.map(lambda x, s=start: x[s:s + config.eval_chunk], tasks)
+
+
+def build(config: config_lib.Config, data: Data | None) -> Experiment:
+  """Builds every piece of a run; ``data`` goes to the default device."""
+  net, example_x = network(config)
+  if data is None:
+    data = Data(None, None, None)
+  data = Data(*(None if d is None else jax.device_put(np.asarray(d))
+                for d in data))
+  return Experiment(
+      config=config,
+      loss=(models.regression_loss(net) if config.dataset == "sinusoid"
+            else models.classification_loss(net)),
+      init_params=lambda key: models.init_params(net, key, example_x),
+      optimizer=optimizer(config),
+      algorithm=algorithm(config),
+      eval_algorithm=algorithm(config, evaluation=True),
+      data=data,
+      sample=sampler(config))

@@ -1,0 +1,566 @@
+"""Meta-training with periodic validation, checkpoints and a final test.
+
+:func:`train_and_evaluate` runs a config in a work directory::
+
+  DIR/config.json        the resolved config (a resumed run must match it)
+  DIR/metrics.jsonl      one JSON object per line: training windows and
+                         validations, keyed by "step" and "split"
+  DIR/checkpoints/       the newest ``keep_checkpoints`` checkpoints
+  DIR/results.json       test results, best validation, budget
+  DIR/curves.png         learning curves
+
+The training step (task sampling with the key
+``jax.random.fold_in(base_key, step)``, the meta-step, and a running sum of
+the metrics) is one jitted function whose data arrays are arguments, compiled
+ahead of time so its compile time is reported apart from the step time. The
+host reads the running sums only every ``log_every`` steps.
+
+Model selection: every ``val_every`` steps the meta-parameters are evaluated
+on a fixed set of ``val_tasks`` tasks from the validation split; the
+parameters with the best validation score (highest accuracy, or lowest query
+loss where the loss has no accuracy, e.g. the sinusoid MSE) are kept. The test
+reported first (``results["test"]``) uses these best-validation parameters;
+the test of the last parameters is reported too (``results["test_last"]``).
+
+Test statistics: mean over tasks and the 95% interval half-width
+``1.96 * std / sqrt(n)`` with the population standard deviation
+(``ddof=0``), as ``numpy.std`` in the authors' evaluation script.
+
+Example:
+  >>> from imaml_jax.train import config as config_lib, train
+  >>> cfg = config_lib.apply_overrides(config_lib.get_config("sinusoid"),
+  ...                                  ["meta_steps=20"])
+  >>> results = train.train_and_evaluate(cfg, "/tmp/run")  # doctest: +SKIP
+  >>> results["test"]["loss_after"]["mean"]  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+import imaml_jax as im
+from imaml_jax.train import checkpoint as ckpt_lib
+from imaml_jax.train import config as config_lib
+from imaml_jax.train import experiment as exp_lib
+from imaml_jax.train import metrics_log
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+CURVES_FILE = "curves.png"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class WorkdirError(ValueError):
+  """The work directory holds a run that does not fit the request."""
+
+
+class TrainingDiverged(RuntimeError):
+  """Too many consecutive meta-steps were skipped (non-finite gradients)."""
+
+
+# ----------------------------------------------------------------------------
+# Pure pieces: the jitted step, metric sums, statistics.
+
+
+def init_sums(metric_shapes: dict) -> dict:
+  """Zeroed running sums for the scalar metrics of a meta-step.
+
+  ``sums`` adds each metric over the steps that were not skipped, ``count``
+  counts those steps, ``skipped`` counts skipped steps in the window and
+  ``consecutive`` the current run of consecutive skipped steps.
+  """
+  return {"sums": {k: jnp.zeros((), jnp.float32) for k in metric_shapes
+                   if k != "skipped"},
+          "count": jnp.zeros((), jnp.int32),
+          "skipped": jnp.zeros((), jnp.int32),
+          "consecutive": jnp.zeros((), jnp.int32)}
+
+
+def add_to_sums(sums: dict, metrics: dict) -> dict:
+  """Adds one step's metrics to the running sums (jittable)."""
+  skipped = metrics["skipped"].astype(jnp.int32)
+  ok = skipped == 0
+  return {
+      "sums": {k: v + jnp.where(ok, metrics[k].astype(jnp.float32), 0.0)
+               for k, v in sums["sums"].items()},
+      "count": sums["count"] + ok.astype(jnp.int32),
+      "skipped": sums["skipped"] + skipped,
+      "consecutive": jnp.where(ok, 0, sums["consecutive"] + 1),
+  }
+
+
+def reset_window(sums: dict) -> dict:
+  """Zeroes the window sums, keeping the consecutive-skip count."""
+  out = jax.tree.map(jnp.zeros_like, sums)
+  out["consecutive"] = sums["consecutive"]
+  return out
+
+
+def make_train_step(exp: exp_lib.Experiment) -> Callable:
+  """``train_step(state, sums, train_data, base_key) -> (state, sums)``.
+
+  Samples the task batch on device from ``fold_in(base_key, state.step)``,
+  takes one meta-step and adds its metrics to ``sums``. Pure; jit it with
+  the data as an argument (not a closed-over constant).
+  """
+  _, meta_step = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
+                                   has_aux=True)
+
+  def train_step(state, sums, train_data, base_key):
+    tasks = exp.sample(jax.random.fold_in(base_key, state.step), train_data)
+    state, metrics = meta_step(state, tasks)
+    return state, add_to_sums(sums, metrics)
+
+  return train_step
+
+
+def summarize(per_task: dict[str, np.ndarray]) -> dict[str, dict]:
+  """Mean, population std (ddof=0) and 95% half-width per metric.
+
+  Example:
+    >>> summarize({"accuracy_after": np.array([1.0, 0.0])})["accuracy_after"]
+    {'mean': 0.5, 'std': 0.5, 'ci95': 0.692964645562816, 'n': 2}
+  """
+  out = {}
+  for key, values in per_task.items():
+    values = np.asarray(values, np.float64)
+    n = values.size
+    std = float(np.std(values))
+    out[key] = {"mean": float(np.mean(values)), "std": std,
+                "ci95": 1.96 * std / math.sqrt(n), "n": int(n)}
+  return out
+
+
+def score_key(metric_names: Iterable[str]) -> tuple[str, bool]:
+  """``(metric, higher_is_better)`` used for model selection."""
+  names = set(metric_names)
+  if "accuracy_after" in names:
+    return "accuracy_after", True
+  return "loss_after", False
+
+
+class Evaluator:
+  """Evaluates parameters on fixed task sets; compiles once per chunk shape."""
+
+  def __init__(self, exp: exp_lib.Experiment):
+    self._exp = exp
+    self._fn = jax.jit(im.make_eval_step(exp.loss, exp.eval_algorithm,
+                                         has_aux=True))
+    self._compiled = {}
+    self.compile_time_s = 0.0
+
+  def __call__(self, params, images, n_tasks: int, seed: int) -> dict:
+    """Per-task metrics (numpy arrays of length ``n_tasks``)."""
+    parts = []
+    for chunk in exp_lib.evaluation_chunks(self._exp.config, images, n_tasks,
+                                           seed):
+      shape = jax.tree.map(lambda x: x.shape, chunk)
+      key = jax.tree_util.tree_structure(chunk), tuple(jax.tree.leaves(shape))
+      if key not in self._compiled:
+        start = time.perf_counter()
+        self._compiled[key] = self._fn.lower(params, chunk).compile()
+        self.compile_time_s += time.perf_counter() - start
+      parts.append(self._compiled[key](params, chunk))
+    parts = jax.device_get(parts)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+# ----------------------------------------------------------------------------
+# Work directory and checkpoints.
+
+
+def _read_json(path: Path) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f"cannot read {path}: {e}") from e
+
+
+def check_workdir(config: config_lib.Config, workdir: Path) -> Path | None:
+  """Checks that ``workdir`` is new or holds a run of the same config.
+
+  Returns:
+    The latest checkpoint to resume from, or ``None``.
+
+  Raises:
+    WorkdirError: the stored config differs (listing the fields) or the
+      directory cannot be used.
+    CheckpointError: the latest checkpoint is corrupt.
+  """
+  if workdir.exists() and not workdir.is_dir():
+    raise WorkdirError(f"workdir {workdir} exists and is not a directory.")
+  stored_path = workdir / CONFIG_FILE
+  if stored_path.exists():
+    try:
+      stored = config_lib.from_dict(_read_json(stored_path))
+    except config_lib.ConfigError as e:
+      raise WorkdirError(f"{stored_path}: {e}") from e
+    diff = config_lib.differences(stored, config)
+    if diff:
+      lines = "; ".join(f"{k}: stored {a!r}, requested {b!r}"
+                        for k, (a, b) in diff.items())
+      raise WorkdirError(
+          f"workdir {workdir} holds a run of config {stored.name!r} with "
+          f"different settings ({lines}). Use another --workdir, or repeat "
+          "the stored config and overrides to resume.")
+  latest = ckpt_lib.latest_checkpoint(workdir / CHECKPOINT_DIR)
+  if latest is not None and not stored_path.exists():
+    raise WorkdirError(f"workdir {workdir} has checkpoints but no "
+                       f"{CONFIG_FILE}; refusing to guess its config.")
+  return latest
+
+
+def _checkpoint_tree(state, sums, best, base_key, config, elapsed_s) -> dict:
+  return {"state": state, "sums": sums, "best": best,
+          "base_key": jax.random.key_data(base_key),
+          "config": json.dumps(config_lib.to_dict(config), sort_keys=True),
+          "elapsed_s": np.float64(elapsed_s)}
+
+
+def restore(path: Path, config: config_lib.Config, state, sums, best):
+  """Loads checkpoint ``path`` into templates shaped like this run's.
+
+  Returns:
+    ``(step, state, sums, best, base_key, elapsed_s)``.
+
+  Raises:
+    CheckpointError: corrupt file, other config, or other shapes.
+  """
+  step, tree = ckpt_lib.load(path)
+  try:
+    stored = config_lib.from_dict(json.loads(tree["config"]))
+  except (KeyError, TypeError, ValueError) as e:
+    raise ckpt_lib.CheckpointError(f"{path}: no readable config: {e}") from e
+  diff = config_lib.differences(stored, config)
+  if diff:
+    raise ckpt_lib.CheckpointError(
+        f"{path} was written by a run with a different config "
+        f"({', '.join(diff)} differ).")
+  try:
+    state = ckpt_lib.restore_into(state, tree["state"], what=f"{path} state")
+    sums = ckpt_lib.restore_into(sums, tree["sums"], what=f"{path} sums")
+    best = ckpt_lib.restore_into(best, tree["best"], what=f"{path} best")
+    base_key = jax.random.wrap_key_data(np.asarray(tree["base_key"]))
+    elapsed = float(tree["elapsed_s"])
+  except (KeyError, TypeError, ValueError) as e:
+    if isinstance(e, ckpt_lib.CheckpointError):
+      raise
+    raise ckpt_lib.CheckpointError(f"{path} is incompatible: {e}") from e
+  if int(state.step) != step:
+    raise ckpt_lib.CheckpointError(
+        f"{path}: header step {step} != state step {int(state.step)}.")
+  return step, state, sums, best, base_key, elapsed
+
+
+# ----------------------------------------------------------------------------
+# The run.
+
+
+def _host(tree) -> Any:
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _window_record(step: int, sums: dict) -> dict:
+  count = max(int(sums["count"]), 1)
+  record = {"step": step, "split": "train"}
+  record.update({k: float(v) / count for k, v in sums["sums"].items()})
+  record["skipped"] = int(sums["skipped"])
+  record["consecutive_skips"] = int(sums["consecutive"])
+  return record
+
+
+def _postfix(record: dict, skipped_total: int) -> dict:
+  out = {"loss": f"{record.get('loss_after', float('nan')):.4g}"}
+  if "accuracy_after" in record:
+    out["acc"] = f"{100 * record['accuracy_after']:.2f}%"
+  out["skipped"] = skipped_total
+  return out
+
+
+def _device_name() -> str:
+  device = jax.devices()[0]
+  return f"{device.platform}:{getattr(device, 'device_kind', '')}"
+
+
+def prepare(config: config_lib.Config, workdir: str | os.PathLike,
+            data_dir: str | os.PathLike | None = None):
+  """Checks the request without writing anything.
+
+  Returns:
+    ``(workdir, data_dir, latest_checkpoint)``.
+
+  Raises:
+    ConfigError, DataError, WorkdirError, CheckpointError: with a message.
+  """
+  config_lib.validate(config)
+  data_dir = exp_lib.resolve_data_dir(config, data_dir)
+  workdir = Path(workdir).expanduser()
+  latest = check_workdir(config, workdir)
+  if latest is not None:
+    ckpt_lib.load(latest)   # Fails early on a corrupt file.
+  return workdir, data_dir, latest
+
+
+def train_and_evaluate(config: config_lib.Config,
+                       workdir: str | os.PathLike,
+                       data_dir: str | os.PathLike | None = None, *,
+                       progress: bool = True,
+                       log: Callable[[str], None] | None = None) -> dict:
+  """Meta-trains ``config`` in ``workdir`` (resuming if possible) and tests.
+
+  Args:
+    config: the run's config.
+    workdir: the work directory (created; an existing run of the same
+      config resumes from its latest checkpoint).
+    data_dir: dataset directory; ``None`` uses ``IMAML_OMNIGLOT_DIR`` /
+      ``IMAML_MINI_IMAGENET_DIR`` (unused for sinusoid).
+    progress: show a tqdm progress bar.
+    log: where status lines go (default: ``tqdm.write``).
+
+  Returns:
+    The results dict also written to ``workdir/results.json``.
+
+  Raises:
+    ConfigError, DataError, WorkdirError, CheckpointError: bad request,
+      raised before anything is written.
+    TrainingDiverged: ``max_consecutive_skips`` consecutive meta-steps were
+      skipped for a non-finite meta-gradient.
+  """
+  log = log or tqdm.tqdm.write
+  wall_start = time.perf_counter()
+  workdir, data_dir, latest = prepare(config, workdir, data_dir)
+  exp = exp_lib.build(config, exp_lib.load_data(config, data_dir))
+
+  init, _ = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
+                              has_aux=True)
+  init_key, base_key = jax.random.split(jax.random.key(config.seed))
+  state = init(exp.init_params(init_key))
+  train_step = make_train_step(exp)
+  metric_shapes = jax.eval_shape(
+      lambda s, d, k: im.make_meta_step(exp.loss, exp.optimizer,
+                                        exp.algorithm, has_aux=True)[1](
+                                            s, exp.sample(k, d))[1],
+      state, exp.data.train, base_key)
+  sums = init_sums(metric_shapes)
+  select_key, higher_better = score_key(metric_shapes)
+  # A host copy: the device buffers of ``state`` are donated to each step.
+  best = {"params": _host(state.params), "score": np.float64(np.nan),
+          "step": np.int64(-1)}
+  elapsed_before = 0.0
+  start_step = 0
+  if latest is not None:
+    start_step, state, sums, best, base_key, elapsed_before = restore(
+        latest, config, state, sums, best)
+    log(f"Resuming from {latest} (step {start_step}).")
+
+  # Everything is checked; from here on the work directory is written.
+  ckpt_dir = workdir / CHECKPOINT_DIR
+  ckpt_dir.mkdir(parents=True, exist_ok=True)
+  ckpt_lib.remove_stale_temporaries(ckpt_dir)
+  ckpt_lib.write_atomic(workdir / CONFIG_FILE, json.dumps(
+      config_lib.to_dict(config), indent=2, sort_keys=True).encode())
+  metrics = metrics_log.MetricsLog(workdir / METRICS_FILE)
+  metrics.truncate(start_step)
+
+  state, sums, best = jax.device_put((state, sums, best))
+  compile_start = time.perf_counter()
+  step_fn = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+      state, sums, exp.data.train, base_key).compile()
+  compile_time = time.perf_counter() - compile_start
+  log(f"{config.name}: {exp.algorithm.name}; train step compiled in "
+      f"{compile_time:.1f} s.")
+  evaluator = Evaluator(exp)
+
+  def validate(step: int, params) -> None:
+    nonlocal best
+    summary = summarize(evaluator(params, exp.data.val, config.val_tasks,
+                                  config.val_seed))
+    score = summary[select_key]["mean"]
+    old = float(best["score"])
+    improved = math.isnan(old) or (score > old if higher_better
+                                   else score < old)
+    if improved and math.isfinite(score):
+      best = {"params": jax.tree.map(jnp.copy, params),
+              "score": np.float64(score), "step": np.int64(step)}
+    record = {"step": step, "split": "val"}
+    record.update({k: v["mean"] for k, v in summary.items()})
+    record["best"] = bool(improved)
+    metrics.write(record)
+    log(f"step {step}: validation {select_key} = {score:.4f}"
+        f"{' (best)' if improved else ''}")
+
+  def save(step: int, elapsed: float) -> None:
+    metrics.flush()
+    ckpt_lib.save(ckpt_dir, step, _host(_checkpoint_tree(
+        state, sums, best, base_key, config, elapsed)),
+                  keep=config.keep_checkpoints)
+
+  segment_start = time.perf_counter()
+  aside = 0.0   # Time spent validating and checkpointing.
+  skipped_total = int(state.skipped)
+  bar = tqdm.tqdm(total=config.meta_steps, initial=start_step, unit="step",
+                  disable=not progress, dynamic_ncols=True, smoothing=0.1)
+  step = start_step
+  last_logged = start_step
+  try:
+    while step < config.meta_steps:
+      state, sums = step_fn(state, sums, exp.data.train, base_key)
+      step += 1
+      if step % config.log_every == 0 or step == config.meta_steps:
+        host_sums = _host(sums)
+        record = _window_record(step, host_sums)
+        skipped_total += record["skipped"]
+        record["skipped_total"] = skipped_total
+        metrics.write(record)
+        bar.update(step - last_logged)
+        last_logged = step
+        bar.set_postfix(_postfix(record, skipped_total), refresh=False)
+        sums = jax.device_put(reset_window(host_sums))
+        if record["consecutive_skips"] >= config.max_consecutive_skips:
+          metrics.flush()
+          raise TrainingDiverged(
+              f"stopped at step {step}: the last "
+              f"{record['consecutive_skips']} meta-steps were skipped for "
+              "non-finite meta-gradients (max_consecutive_skips="
+              f"{config.max_consecutive_skips}). Lower inner_lr or meta_lr.")
+      aside_start = time.perf_counter()
+      if config.val_every and (step % config.val_every == 0
+                               or step == config.meta_steps):
+        validate(step, state.params)
+      if ((config.checkpoint_every and step % config.checkpoint_every == 0)
+          or step == config.meta_steps):
+        save(step, elapsed_before + time.perf_counter() - wall_start)
+      aside += time.perf_counter() - aside_start
+  finally:
+    bar.close()
+    metrics.flush()
+  jax.block_until_ready(state)
+  train_time = time.perf_counter() - segment_start - aside
+  steps_done = step - start_step
+
+  final_params = state.params
+  best_params = final_params if int(best["step"]) < 0 else best["params"]
+  test = summarize(evaluator(best_params, exp.data.test, config.test_tasks,
+                             config.test_seed))
+  test_last = summarize(evaluator(final_params, exp.data.test,
+                                  config.test_tasks, config.test_seed))
+  wall = elapsed_before + time.perf_counter() - wall_start
+  results = {
+      "config": config_lib.to_dict(config),
+      "algorithm": exp.algorithm.name,
+      "test": test,
+      "test_last": test_last,
+      "test_params": ("best_validation" if int(best["step"]) >= 0
+                      else "last"),
+      "best_validation": {"step": int(best["step"]),
+                          "metric": select_key,
+                          "score": float(best["score"])},
+      "statistics": "mean over tasks; ci95 = 1.96 * std / sqrt(n), "
+                    "population std (ddof=0)",
+      "budget": {
+          "meta_steps": int(state.step),
+          "meta_steps_this_run": steps_done,
+          "skipped_steps": int(state.skipped),
+          "wall_time_s": wall,
+          "train_time_s_this_run": train_time,
+          "compile_time_s": compile_time,
+          "eval_compile_time_s": evaluator.compile_time_s,
+          "steps_per_s": steps_done / train_time if train_time > 0 else None,
+          "device": _device_name(),
+          "resumed_from_step": start_step if latest is not None else None,
+      },
+  }
+  ckpt_lib.write_atomic(workdir / RESULTS_FILE,
+                        json.dumps(results, indent=2).encode())
+  from imaml_jax.train import plots  # pylint: disable=import-outside-toplevel
+  plots.plot_curves(workdir / METRICS_FILE, workdir / CURVES_FILE,
+                    title=config.name)
+  log(format_test(results))
+  return results
+
+
+def format_test(results: dict) -> str:
+  """One line per test metric: mean +- 95% half-width."""
+  lines = [f"test on {results['test_params']} parameters:"]
+  for name, stats in results["test"].items():
+    scale = 100 if name.startswith("accuracy") else 1
+    unit = "%" if scale == 100 else ""
+    lines.append(f"  {name}: {scale * stats['mean']:.3f}{unit} +- "
+                 f"{scale * stats['ci95']:.3f}{unit} (n={stats['n']})")
+  return "\n".join(lines)
+
+
+def load_run(workdir: str | os.PathLike):
+  """Config and latest checkpoint of a finished or interrupted run.
+
+  Returns:
+    ``(config, checkpoint_path)``.
+
+  Raises:
+    WorkdirError: no run in ``workdir``.
+  """
+  workdir = Path(workdir).expanduser()
+  path = workdir / CONFIG_FILE
+  if not path.is_file():
+    raise WorkdirError(f"{workdir} holds no run ({CONFIG_FILE} not found).")
+  try:
+    config = config_lib.from_dict(_read_json(path))
+  except config_lib.ConfigError as e:
+    raise WorkdirError(f"{path}: {e}") from e
+  latest = ckpt_lib.latest_checkpoint(workdir / CHECKPOINT_DIR)
+  if latest is None:
+    raise WorkdirError(f"{workdir} has no checkpoint yet.")
+  return config, latest
+
+
+def evaluate_workdir(workdir: str | os.PathLike,
+                     data_dir: str | os.PathLike | None = None, *,
+                     n_tasks: int | None = None,
+                     log: Callable[[str], None] = print) -> dict:
+  """Tests the best-validation and last parameters of a run's checkpoint.
+
+  Writes ``workdir/eval.json`` and returns the same dict.
+  """
+  config, latest = load_run(workdir)
+  data_dir = exp_lib.resolve_data_dir(config, data_dir)
+  exp = exp_lib.build(config, exp_lib.load_data(config, data_dir))
+  init, _ = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
+                              has_aux=True)
+  state = init(exp.init_params(jax.random.key(0)))
+  metric_shapes = jax.eval_shape(
+      lambda s, d, k: im.make_meta_step(exp.loss, exp.optimizer,
+                                        exp.algorithm, has_aux=True)[1](
+                                            s, exp.sample(k, d))[1],
+      state, exp.data.train, jax.random.key(0))
+  best = {"params": state.params, "score": np.float64(np.nan),
+          "step": np.int64(-1)}
+  step, state, _, best, _, _ = restore(latest, config, state,
+                                       init_sums(metric_shapes), best)
+  n_tasks = n_tasks or config.test_tasks
+  evaluator = Evaluator(exp)
+  has_best = int(best["step"]) >= 0
+  results = {
+      "checkpoint": str(latest), "step": step,
+      "test_params": "best_validation" if has_best else "last",
+      "best_validation": {"step": int(best["step"]),
+                          "score": float(best["score"])},
+      "test": summarize(evaluator(best["params"] if has_best
+                                  else state.params, exp.data.test,
+                                  n_tasks, config.test_seed)),
+      "test_last": summarize(evaluator(state.params, exp.data.test, n_tasks,
+                                       config.test_seed)),
+  }
+  ckpt_lib.write_atomic(Path(workdir).expanduser() / "eval.json",
+                        json.dumps(results, indent=2).encode())
+  log(format_test(results))
+  return results

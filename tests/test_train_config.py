@@ -1,0 +1,96 @@
+"""Named configs, overrides and their parsing (no training here)."""
+import dataclasses
+
+import pytest
+
+from imaml_jax import models
+from imaml_jax.train import config as config_lib
+
+
+def test_one_config_per_table_cell():
+  names = set(config_lib.config_names())
+  for setting in ("5w1s", "5w5s", "20w1s", "20w5s"):
+    for algo in ("imaml_gd", "imaml_hf", "maml", "fomaml", "reptile"):
+      assert f"omniglot_{setting}_{algo}" in names
+  for algo in ("imaml_gd", "imaml_hf", "maml", "fomaml", "reptile"):
+    assert f"miniimagenet_5w1s_{algo}" in names
+  assert "sinusoid" in names
+
+
+@pytest.mark.parametrize("name,n_way,k_shot,steps", [
+    ("omniglot_5w1s_imaml_gd", 5, 1, 16),
+    ("omniglot_5w5s_imaml_gd", 5, 5, 16),
+    ("omniglot_20w1s_imaml_gd", 20, 1, 25),
+    ("omniglot_20w5s_imaml_gd", 20, 5, 25),
+])
+def test_paper_settings_for_imaml_gd(name, n_way, k_shot, steps):
+  cfg = config_lib.get_config(name)
+  assert (cfg.n_way, cfg.k_shot, cfg.inner_steps) == (n_way, k_shot, steps)
+  assert (cfg.algorithm, cfg.inner, cfg.lam, cfg.cg_steps) == (
+      "imaml", "gd", 2.0, 5)
+  assert (cfg.optimizer, cfg.meta_lr, cfg.meta_batch) == ("adam", 1e-3, 32)
+  assert cfg.inner_lr == 0.1 and cfg.q_query == 15
+  assert cfg.meta_steps >= 20_000 and cfg.test_tasks == 600
+  assert cfg.conv == models.DEFAULT_CONV
+
+
+def test_baseline_settings():
+  maml5 = config_lib.get_config("omniglot_5w1s_maml")
+  assert (maml5.inner_steps, maml5.inner_lr, maml5.eval_inner_steps) == (
+      1, 0.4, 3)
+  maml20 = config_lib.get_config("omniglot_20w5s_fomaml")
+  assert (maml20.algorithm, maml20.inner_steps, maml20.inner_lr,
+          maml20.meta_batch) == ("fomaml", 5, 0.1, 16)
+  hf = config_lib.get_config("omniglot_5w1s_imaml_hf")
+  assert (hf.inner, hf.inner_steps, hf.hf_cg_steps) == ("hessian_free", 5, 5)
+  rep = config_lib.get_config("miniimagenet_5w1s_reptile")
+  assert (rep.optimizer, rep.lr_schedule, rep.eval_inner_steps) == (
+      "sgd", "linear", 50)
+
+
+def test_config_is_frozen():
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    config_lib.get_config("sinusoid").meta_steps = 3
+
+
+def test_overrides_are_parsed_by_field_type():
+  cfg = config_lib.apply_overrides(
+      config_lib.get_config("sinusoid"),
+      ["meta_steps=1_000", "meta_lr=3e-4", "maml_remat=TRUE", "conv=taps",
+       "val_every=0"])
+  assert cfg.meta_steps == 1000 and cfg.meta_lr == 3e-4
+  assert cfg.maml_remat is True and cfg.conv == "taps" and cfg.val_every == 0
+  assert config_lib.parse_value("maml_remat", "0") is False
+
+
+@pytest.mark.parametrize("override,message", [
+    ("meta_stepz=5", "Did you mean 'meta_steps'"),
+    ("meta_steps=abc", "meta_steps expects int"),
+    ("meta_steps=2.5", "meta_steps expects int"),
+    ("meta_lr=fast", "meta_lr expects float"),
+    ("maml_remat=yes", "true/false/1/0"),
+    ("meta_batch=0", "meta_batch must be >= 1"),
+    ("algorithm=mamll", "algorithm must be one of"),
+    ("conv=fft", "conv must be one of"),
+    ("meta_steps", "key=value"),
+    ("name=other", "name cannot be overridden"),
+])
+def test_bad_overrides(override, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.apply_overrides(config_lib.get_config("sinusoid"), [override])
+
+
+def test_unknown_config_lists_valid_names():
+  with pytest.raises(config_lib.ConfigError) as info:
+    config_lib.get_config("omniglot_5w1s_imaml")
+  assert "omniglot_5w1s_imaml_gd" in str(info.value)
+  assert "sinusoid" in str(info.value)
+
+
+def test_dict_round_trip_and_differences():
+  cfg = config_lib.get_config("omniglot_20w1s_reptile")
+  assert config_lib.from_dict(config_lib.to_dict(cfg)) == cfg
+  other = dataclasses.replace(cfg, meta_batch=2)
+  assert config_lib.differences(cfg, other) == {"meta_batch": (5, 2)}
+  with pytest.raises(config_lib.ConfigError, match="unknown fields"):
+    config_lib.from_dict({**config_lib.to_dict(cfg), "extra": 1})
