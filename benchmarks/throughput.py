@@ -1,0 +1,200 @@
+"""Throughput of the jit-compiled Omniglot meta-step (tasks per second).
+
+For each Table 2 setting (5-way 1-shot, 5-way 5-shot, 20-way 1-shot, 20-way
+5-shot) this compiles the meta-step of the chosen algorithm (default iMAML-GD
+with the paper's settings: lam 2, 16 inner steps at 5-way and 25 at 20-way,
+inner lr 0.1, 5 CG steps; 15 query images per class; Adam) at the chosen
+meta-batch, then times it and reports
+
+  * compile time, apart from step time;
+  * seconds per meta-step (median of the timed repeats) and tasks per second;
+  * the step's FLOP count from XLA's cost analysis, the achieved FLOP rate,
+    and that rate divided by the FLOP rate of a large float32 matrix product
+    measured in the same run ("efficiency").
+
+With ``--single-task`` it also runs the same step with one task at a time to
+report how much vmapping the task batch gains per task.
+
+Results go to ``benchmarks/results/throughput_<device>.{csv,json}``.
+
+    python benchmarks/throughput.py                         # all four settings
+    python benchmarks/throughput.py --quick                 # small, for tests
+    python benchmarks/throughput.py --settings 5w1s --single-task
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import imaml_jax as im
+from imaml_jax import data, models
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# name: (n_way, k_shot, inner steps of iMAML-GD)
+SETTINGS = {
+    "5w1s": (5, 1, 16),
+    "5w5s": (5, 5, 16),
+    "20w1s": (20, 1, 25),
+    "20w5s": (20, 5, 25),
+}
+
+
+def device_name() -> str:
+  d = jax.devices()[0]
+  kind = getattr(d, "device_kind", d.platform)
+  if d.platform == "cpu":
+    return f"cpu ({platform.processor() or platform.machine()}, " \
+           f"{os.cpu_count()} cores)"
+  return f"{d.platform} ({kind})"
+
+
+def flops_of(compiled) -> float:
+  """Total FLOPs of a compiled executable from XLA's cost analysis."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get("flops", float("nan")))
+
+
+def time_compiled(fn, args, repeats: int) -> list[float]:
+  jax.block_until_ready(fn(*args))  # warm-up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def matmul_flop_rate(n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of an n x n float32 matrix product on the default device."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(jnp.matmul).lower(a, b).compile()
+  return 2.0 * n ** 3 / statistics.median(time_compiled(f, (a, b), repeats))
+
+
+def make_algorithm(name: str, inner_steps: int):
+  inner = im.gd(steps=inner_steps, lr=0.1)
+  if name == "imaml_gd":
+    return im.imaml(lam=2.0, inner=inner, solver=im.cg(maxiter=5))
+  if name == "maml":
+    return im.maml(inner)
+  if name == "fomaml":
+    return im.fomaml(inner)
+  raise ValueError(f"unknown algorithm {name!r}")
+
+
+def random_tasks(n_way, k_shot, q_query, n_tasks, seed=0):
+  """Episodes sampled on device from random 28x28 'characters'."""
+  rng = np.random.default_rng(seed)
+  images = jnp.asarray(rng.integers(0, 256, (max(n_way, 50), 20, 28, 28, 1),
+                                    dtype=np.uint8))
+  return data.sample_tasks(jax.random.key(seed), images, n_way, k_shot,
+                           q_query, n_tasks)
+
+
+def benchmark_setting(setting: str, meta_batch: int, algorithm: str, conv: str,
+                      q_query: int, repeats: int, inner_steps=None,
+                      pre_adaptation_metrics: bool = False):
+  n_way, k_shot, default_steps = SETTINGS[setting]
+  steps = inner_steps or default_steps
+  net = models.omniglot_convnet(n_way, conv=conv)
+  loss_fn = models.classification_loss(net)
+  params = models.init_params(net, jax.random.key(0),
+                              jnp.zeros((n_way * k_shot, 28, 28, 1)))
+  init, step = im.make_meta_step(
+      loss_fn, optax.adam(1e-3), make_algorithm(algorithm, steps),
+      has_aux=True, pre_adaptation_metrics=pre_adaptation_metrics)
+  state = init(params)
+  tasks = random_tasks(n_way, k_shot, q_query, meta_batch)
+  t0 = time.perf_counter()
+  compiled = jax.jit(step).lower(state, tasks).compile()
+  compile_s = time.perf_counter() - t0
+  times = time_compiled(compiled, (state, tasks), repeats)
+  step_s = statistics.median(times)
+  flops = flops_of(compiled)
+  return {
+      "setting": setting, "algorithm": algorithm, "conv": conv,
+      "inner_steps": steps, "meta_batch": meta_batch, "q_query": q_query,
+      "compile_s": round(compile_s, 2), "step_s": step_s,
+      "step_s_min": min(times), "tasks_per_s": meta_batch / step_s,
+      "gflop_per_step": flops / 1e9, "gflop_per_s": flops / step_s / 1e9,
+  }
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--settings", nargs="+", default=list(SETTINGS),
+                      choices=list(SETTINGS))
+  parser.add_argument("--meta-batch", type=int, default=32)
+  parser.add_argument("--algorithm", default="imaml_gd",
+                      choices=["imaml_gd", "maml", "fomaml"])
+  parser.add_argument("--conv", default=models.DEFAULT_CONV,
+                      choices=list(models.CONV_FORMULATIONS))
+  parser.add_argument("--q-query", type=int, default=15,
+                      help="query images per class (default 15)")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--single-task", action="store_true",
+                      help="also time meta-batch 1 to measure the vmap gain")
+  parser.add_argument("--quick", action="store_true",
+                      help="5-way 1-shot only, meta-batch 4, 2 inner steps")
+  parser.add_argument("--out", default=RESULTS)
+  parser.add_argument("--tag", default="", help="suffix of the output files")
+  args = parser.parse_args(argv)
+
+  settings, inner_steps = args.settings, None
+  if args.quick:
+    settings, args.meta_batch, args.repeats, inner_steps = ["5w1s"], 4, 1, 2
+  device = device_name()
+  matmul = matmul_flop_rate(512 if args.quick else 2048)
+  print(f"device: {device}; jax {jax.__version__}; "
+        f"fp32 matmul: {matmul / 1e9:.1f} GFLOP/s")
+  rows = []
+  for setting in settings:
+    batches = [args.meta_batch] + ([1] if args.single_task else [])
+    for mb in batches:
+      row = benchmark_setting(setting, mb, args.algorithm, args.conv,
+                              args.q_query, args.repeats, inner_steps)
+      row["efficiency"] = row["gflop_per_s"] * 1e9 / matmul
+      rows.append(row)
+      print(f"{setting:6s} {args.algorithm:9s} conv={args.conv:8s} "
+            f"batch={mb:3d} compile {row['compile_s']:6.1f}s  "
+            f"step {row['step_s']:8.3f}s  {row['tasks_per_s']:7.2f} tasks/s  "
+            f"{row['gflop_per_s']:7.1f} GFLOP/s  "
+            f"eff {100 * row['efficiency']:5.1f}%", flush=True)
+    if args.single_task:
+      many, one = rows[-2], rows[-1]
+      gain = many["tasks_per_s"] / one["tasks_per_s"]
+      many["vmap_gain_per_task"] = gain
+      print(f"{setting}: vmapping {many['meta_batch']} tasks is {gain:.2f}x "
+            "faster per task than one task at a time")
+  os.makedirs(args.out, exist_ok=True)
+  platform_tag = jax.devices()[0].platform
+  stem = f"throughput_{platform_tag}{'_quick' if args.quick else ''}{args.tag}"
+  meta = {"device": device, "jax": jax.__version__,
+          "matmul_gflop_per_s": matmul / 1e9, "rows": rows}
+  with open(os.path.join(args.out, stem + ".json"), "w") as f:
+    json.dump(meta, f, indent=2)
+  with open(os.path.join(args.out, stem + ".csv"), "w", newline="") as f:
+    fields = sorted({k for r in rows for k in r})
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+  print(f"wrote {os.path.join(args.out, stem)}.{{json,csv}}")
+  return meta
+
+
+if __name__ == "__main__":
+  main()
