@@ -26,4 +26,8 @@ from imaml_jax._src.meta_step import make_eval_step
 from imaml_jax._src.meta_step import make_meta_step
 from imaml_jax._src.types import Task
 
+# Subpackages: few-shot data and the paper's networks.
+from imaml_jax import data  # noqa: E402
+from imaml_jax import models  # noqa: E402
+
 __version__ = "0.1.0"
