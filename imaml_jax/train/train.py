@@ -267,7 +267,8 @@ def restore(path: Path, config: config_lib.Config, state, sums, best):
 
 
 def _host(tree) -> Any:
-  return jax.tree.map(np.asarray, jax.device_get(tree))
+  return jax.tree.map(lambda x: x if isinstance(x, str) else np.asarray(x),
+                      jax.device_get(tree))
 
 
 def _window_record(step: int, sums: dict) -> dict:
@@ -372,7 +373,8 @@ def train_and_evaluate(config: config_lib.Config,
   metrics = metrics_log.MetricsLog(workdir / METRICS_FILE)
   metrics.truncate(start_step)
 
-  state, sums, best = jax.device_put((state, sums, best))
+  state, sums = jax.device_put((state, sums))
+  best = dict(best, params=jax.device_put(best["params"]))
   compile_start = time.perf_counter()
   step_fn = jax.jit(train_step, donate_argnums=(0, 1)).lower(
       state, sums, exp.data.train, base_key).compile()

@@ -1,0 +1,192 @@
+"""Training runs on the sinusoid config: determinism, SIGKILL and resume,
+NaN safety, corrupt checkpoints, evaluation; one slow Omniglot run.
+
+The runs share one small variant of the sinusoid config and a persistent
+compilation cache, so the step is compiled once for the whole module.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from imaml_jax import data as data_lib
+from imaml_jax.train import checkpoint as ckpt_lib
+from imaml_jax.train import cli
+from imaml_jax.train import metrics_log
+
+SMALL = ["meta_steps=300", "meta_batch=4", "inner_steps=4", "log_every=10",
+         "val_every=100", "val_tasks=20", "test_tasks=20", "eval_chunk=20",
+         "checkpoint_every=10", "keep_checkpoints=3"]
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  """A persistent compilation cache for this module (and its subprocesses)."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  old = (jax.config.jax_compilation_cache_dir,
+         jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  cc.reset_cache()
+  yield path
+  jax.config.update("jax_compilation_cache_dir", old[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+  cc.reset_cache()
+
+
+def _train(workdir, *overrides, config="sinusoid"):
+  return cli.train_main([config, "--workdir", str(workdir), "--no-progress",
+                         "--set", *SMALL, *overrides])
+
+
+def _final_params(workdir):
+  _, tree = ckpt_lib.load(ckpt_lib.latest_checkpoint(Path(workdir) /
+                                                     "checkpoints"))
+  return tree["state"]["params"]
+
+
+def _assert_same_params(a, b):
+  leaves_a = jax.tree_util.tree_flatten_with_path(a)[0]
+  leaves_b = jax.tree_util.tree_flatten_with_path(b)[0]
+  assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+  for (path, x), (_, y) in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def reference_run(compile_cache, tmp_path_factory):
+  """An uninterrupted run of the small sinusoid config."""
+  workdir = tmp_path_factory.mktemp("reference") / "run"
+  assert _train(workdir) == 0
+  return workdir
+
+
+def test_run_outputs(reference_run):
+  results = json.loads((reference_run / "results.json").read_text())
+  assert results["budget"]["meta_steps"] == 300
+  assert results["budget"]["compile_time_s"] > 0
+  assert results["budget"]["steps_per_s"] > 0
+  assert results["test_params"] == "best_validation"
+  assert results["best_validation"]["step"] in (100, 200, 300)
+  for key in ("test", "test_last"):
+    stats = results[key]["loss_after"]
+    assert stats["n"] == 20 and np.isfinite(stats["mean"])
+    assert stats["ci95"] == pytest.approx(1.96 * stats["std"] / np.sqrt(20))
+  assert (reference_run / "curves.png").stat().st_size > 0
+  records = metrics_log.read_records(reference_run / "metrics.jsonl")
+  train_steps = [r["step"] for r in records if r["split"] == "train"]
+  assert train_steps == list(range(10, 301, 10))
+  assert [r["step"] for r in records if r["split"] == "val"] == [100, 200, 300]
+  assert len(ckpt_lib.list_checkpoints(reference_run / "checkpoints")) == 3
+
+
+def test_same_seed_same_params(reference_run, tmp_path):
+  assert _train(tmp_path / "again") == 0
+  _assert_same_params(_final_params(reference_run),
+                      _final_params(tmp_path / "again"))
+  strip = lambda rs: [{k: v for k, v in r.items()} for r in rs]
+  assert strip(metrics_log.read_records(tmp_path / "again/metrics.jsonl")) == (
+      strip(metrics_log.read_records(reference_run / "metrics.jsonl")))
+
+
+def test_sigkill_then_resume_matches_uninterrupted(reference_run, tmp_path,
+                                                   compile_cache):
+  workdir = tmp_path / "killed"
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compile_cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "imaml_jax", "train", "sinusoid", "--workdir",
+       str(workdir), "--no-progress", "--set", *SMALL],
+      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 120
+  try:
+    while time.time() < deadline and proc.poll() is None:
+      found = ckpt_lib.list_checkpoints(workdir / "checkpoints")
+      if found and found[-1][0] >= 30:
+        break
+      time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+  finally:
+    proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  killed_at = ckpt_lib.list_checkpoints(workdir / "checkpoints")[-1][0]
+  assert killed_at < 300 and not (workdir / "results.json").exists()
+
+  assert _train(workdir) == 0
+  _assert_same_params(_final_params(reference_run), _final_params(workdir))
+  records = metrics_log.read_records(workdir / "metrics.jsonl")
+  keys = [(r["split"], r["step"]) for r in records]
+  assert len(keys) == len(set(keys)), "a step was logged twice"
+  assert records == metrics_log.read_records(reference_run / "metrics.jsonl")
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["budget"]["resumed_from_step"] == killed_at
+
+
+def test_corrupt_checkpoint_is_reported_not_overwritten(reference_run,
+                                                        tmp_path, capsys):
+  workdir = tmp_path / "corrupt"
+  shutil.copytree(reference_run, workdir)
+  latest = ckpt_lib.latest_checkpoint(workdir / "checkpoints")
+  data = latest.read_bytes()
+  latest.write_bytes(data[:len(data) // 2])
+  with pytest.raises(SystemExit) as info:
+    _train(workdir)
+  assert info.value.code == 2
+  assert "truncated" in capsys.readouterr().err
+  assert latest.read_bytes() == data[:len(data) // 2]
+
+
+def test_finished_run_is_not_retrained_and_eval_matches(reference_run,
+                                                        tmp_path, capsys):
+  workdir = tmp_path / "done"
+  shutil.copytree(reference_run, workdir)
+  assert cli.eval_main(["--workdir", str(workdir)]) == 0
+  evaluated = json.loads((workdir / "eval.json").read_text())
+  results = json.loads((workdir / "results.json").read_text())
+  assert evaluated["test"] == results["test"]
+  assert evaluated["test_last"] == results["test_last"]
+  assert "loss_after" in capsys.readouterr().out
+
+
+def test_nonfinite_meta_gradients_stop_the_run(compile_cache, tmp_path,
+                                               capsys):
+  workdir = tmp_path / "nan"
+  with pytest.raises(SystemExit) as info:
+    _train(workdir, "algorithm=fomaml", "inner_steps=1", "inner_lr=1e30",
+           "log_every=5", "max_consecutive_skips=5")
+  assert info.value.code == 3
+  assert "non-finite" in capsys.readouterr().err
+  records = metrics_log.read_records(workdir / "metrics.jsonl")
+  assert records[-1]["skipped_total"] == 5
+  assert records[-1]["consecutive_skips"] == 5
+
+
+@pytest.mark.slow
+def test_omniglot_end_to_end(tmp_path):
+  data_dir = os.environ.get("IMAML_OMNIGLOT_DIR")
+  if not data_dir:
+    pytest.skip("IMAML_OMNIGLOT_DIR is not set")
+  for name in data_lib.OMNIGLOT_ARCHIVES:
+    assert (Path(data_dir) / f"{name}.zip").is_file(), (
+        f"IMAML_OMNIGLOT_DIR={data_dir} lacks {name}.zip")
+  workdir = tmp_path / "omniglot"
+  assert cli.train_main([
+      "omniglot_5w1s_imaml_gd", "--workdir", str(workdir), "--no-progress",
+      "--set", "meta_batch=2", "meta_steps=4", "log_every=2", "val_every=4",
+      "val_tasks=4", "test_tasks=10", "eval_chunk=10",
+      "checkpoint_every=2"]) == 0
+  results = json.loads((workdir / "results.json").read_text())
+  accuracy = results["test"]["accuracy_after"]
+  assert accuracy["n"] == 10 and 0.0 <= accuracy["mean"] <= 1.0
+  assert results["budget"]["meta_steps"] == 4
+  assert (workdir / "curves.png").exists()
