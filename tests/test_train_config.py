@@ -94,3 +94,34 @@ def test_dict_round_trip_and_differences():
   assert config_lib.differences(cfg, other) == {"meta_batch": (5, 2)}
   with pytest.raises(config_lib.ConfigError, match="unknown fields"):
     config_lib.from_dict({**config_lib.to_dict(cfg), "extra": 1})
+
+
+_slow = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", [
+    "omniglot_5w1s_reptile", "sinusoid_maml",
+    pytest.param("omniglot_5w1s_imaml_gd", marks=_slow),
+    pytest.param("omniglot_5w1s_imaml_hf", marks=_slow),
+    pytest.param("omniglot_20w5s_maml", marks=_slow),
+    pytest.param("omniglot_5w1s_fomaml", marks=_slow),
+    pytest.param("miniimagenet_5w1s_imaml_gd", marks=_slow)])
+def test_configs_build_and_trace(name):
+  import jax
+  import numpy as np
+  import imaml_jax as im
+  from imaml_jax.train import experiment, train
+  cfg = config_lib.apply_overrides(config_lib.get_config(name),
+                                   ["meta_batch=2"])
+  size, channels = (84, 3) if cfg.dataset == "miniimagenet" else (28, 1)
+  images = None if cfg.dataset == "sinusoid" else np.zeros(
+      (cfg.n_way + 1, 20, size, size, channels), np.uint8)
+  exp = experiment.build(cfg, experiment.Data(images, images, images))
+  init, _ = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
+                              has_aux=True)
+  key = jax.random.key(0)
+  state = jax.eval_shape(lambda k: init(exp.init_params(k)), key)
+  sums = train.init_sums(train._metric_shapes(exp, state, key))
+  new_state, _ = jax.eval_shape(train.make_train_step(exp), state, sums,
+                                exp.data.train, key)
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)

@@ -90,7 +90,6 @@ def train_main(argv: Sequence[str] | None = None,
   try:
     config = config_lib.apply_overrides(config_lib.get_config(args.config),
                                         args.overrides)
-    train_lib.prepare(config, args.workdir, args.data_dir)
     train_lib.train_and_evaluate(config, args.workdir, args.data_dir,
                                  progress=not args.no_progress)
   except _INPUT_ERRORS as e:

@@ -103,7 +103,8 @@ class Config:
     checkpoint_every: meta-steps between checkpoints (0: only at the end).
     keep_checkpoints: checkpoints kept on disk (the newest ones).
     max_consecutive_skips: stop after this many consecutive meta-steps
-      skipped for a non-finite meta-gradient.
+      skipped for a non-finite meta-gradient (checked whenever the metrics
+      are read, i.e. every ``log_every`` steps).
   """
 
   name: str = "default"

@@ -129,7 +129,7 @@ def summarize(per_task: dict[str, np.ndarray]) -> dict[str, dict]:
 
   Example:
     >>> summarize({"accuracy_after": np.array([1.0, 0.0])})["accuracy_after"]
-    {'mean': 0.5, 'std': 0.5, 'ci95': 0.692964645562816, 'n': 2}
+    {'mean': 0.5, 'std': 0.5, 'ci95': 0.6929646455628166, 'n': 2}
   """
   out = {}
   for key, values in per_task.items():
@@ -288,6 +288,14 @@ def _postfix(record: dict, skipped_total: int) -> dict:
   return out
 
 
+def _metric_shapes(exp: exp_lib.Experiment, state, key) -> dict:
+  """The metrics dict of one meta-step, as shapes (nothing is computed)."""
+  _, meta_step = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
+                                   has_aux=True)
+  return jax.eval_shape(lambda s, d, k: meta_step(s, exp.sample(k, d))[1],
+                        state, exp.data.train, key)
+
+
 def _device_name() -> str:
   device = jax.devices()[0]
   return f"{device.platform}:{getattr(device, 'device_kind', '')}"
@@ -347,11 +355,7 @@ def train_and_evaluate(config: config_lib.Config,
   init_key, base_key = jax.random.split(jax.random.key(config.seed))
   state = init(exp.init_params(init_key))
   train_step = make_train_step(exp)
-  metric_shapes = jax.eval_shape(
-      lambda s, d, k: im.make_meta_step(exp.loss, exp.optimizer,
-                                        exp.algorithm, has_aux=True)[1](
-                                            s, exp.sample(k, d))[1],
-      state, exp.data.train, base_key)
+  metric_shapes = _metric_shapes(exp, state, base_key)
   sums = init_sums(metric_shapes)
   select_key, higher_better = score_key(metric_shapes)
   # A host copy: the device buffers of ``state`` are donated to each step.
@@ -409,7 +413,8 @@ def train_and_evaluate(config: config_lib.Config,
 
   segment_start = time.perf_counter()
   aside = 0.0   # Time spent validating and checkpointing.
-  skipped_total = int(state.skipped)
+  # Skipped steps already logged (the restored window's are logged later).
+  skipped_total = int(state.skipped) - int(sums["skipped"])
   bar = tqdm.tqdm(total=config.meta_steps, initial=start_step, unit="step",
                   disable=not progress, dynamic_ncols=True, smoothing=0.1)
   step = start_step
@@ -451,11 +456,13 @@ def train_and_evaluate(config: config_lib.Config,
   steps_done = step - start_step
 
   final_params = state.params
-  best_params = final_params if int(best["step"]) < 0 else best["params"]
-  test = summarize(evaluator(best_params, exp.data.test, config.test_tasks,
-                             config.test_seed))
+  has_best = 0 <= int(best["step"]) < step
   test_last = summarize(evaluator(final_params, exp.data.test,
                                   config.test_tasks, config.test_seed))
+  test = test_last
+  if has_best:   # The best validation came before the last step.
+    test = summarize(evaluator(best["params"], exp.data.test,
+                               config.test_tasks, config.test_seed))
   wall = elapsed_before + time.perf_counter() - wall_start
   results = {
       "config": config_lib.to_dict(config),
@@ -464,6 +471,9 @@ def train_and_evaluate(config: config_lib.Config,
       "test_last": test_last,
       "test_params": ("best_validation" if int(best["step"]) >= 0
                       else "last"),
+      "test_note": ("the best validation was at the last step: test and "
+                    "test_last are the same parameters"
+                    if int(best["step"]) == step else None),
       "best_validation": {"step": int(best["step"]),
                           "metric": select_key,
                           "score": float(best["score"])},
@@ -539,28 +549,27 @@ def evaluate_workdir(workdir: str | os.PathLike,
   init, _ = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
                               has_aux=True)
   state = init(exp.init_params(jax.random.key(0)))
-  metric_shapes = jax.eval_shape(
-      lambda s, d, k: im.make_meta_step(exp.loss, exp.optimizer,
-                                        exp.algorithm, has_aux=True)[1](
-                                            s, exp.sample(k, d))[1],
-      state, exp.data.train, jax.random.key(0))
+  metric_shapes = _metric_shapes(exp, state, jax.random.key(0))
   best = {"params": state.params, "score": np.float64(np.nan),
           "step": np.int64(-1)}
   step, state, _, best, _, _ = restore(latest, config, state,
                                        init_sums(metric_shapes), best)
   n_tasks = n_tasks or config.test_tasks
   evaluator = Evaluator(exp)
-  has_best = int(best["step"]) >= 0
+  test_last = summarize(evaluator(state.params, exp.data.test, n_tasks,
+                                  config.test_seed))
+  test = test_last
+  if 0 <= int(best["step"]) < step:
+    test = summarize(evaluator(best["params"], exp.data.test, n_tasks,
+                               config.test_seed))
   results = {
       "checkpoint": str(latest), "step": step,
-      "test_params": "best_validation" if has_best else "last",
+      "test_params": ("best_validation" if int(best["step"]) >= 0
+                      else "last"),
       "best_validation": {"step": int(best["step"]),
                           "score": float(best["score"])},
-      "test": summarize(evaluator(best["params"] if has_best
-                                  else state.params, exp.data.test,
-                                  n_tasks, config.test_seed)),
-      "test_last": summarize(evaluator(state.params, exp.data.test, n_tasks,
-                                       config.test_seed)),
+      "test": test,
+      "test_last": test_last,
   }
   ckpt_lib.write_atomic(Path(workdir).expanduser() / "eval.json",
                         json.dumps(results, indent=2).encode())
