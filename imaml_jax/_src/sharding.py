@@ -1,0 +1,449 @@
+r"""Data-parallel meta-training over tasks with JAX's sharding.
+
+The meta-step of :func:`~imaml_jax.make_meta_step` averages independent
+per-task meta-gradients,
+
+.. math::
+
+  g = \frac{1}{n} \sum_{i=1}^{n} g_i,
+  \qquad g_i = (I + H_i/\lambda)^{-1} \nabla L^{query}_i(\phi_i),
+
+so it parallelises over tasks without any change to the algorithm. With a
+1-D :class:`jax.sharding.Mesh` of ``D`` devices whose axis is named
+``"tasks"``, the task batch is split along its leading axis (``n / D`` tasks
+per device, ``PartitionSpec("tasks")``) while the meta-parameters and the
+optimizer state are replicated (``PartitionSpec()``). ``jax.jit`` with these
+shardings compiles the unchanged step into an SPMD program: every device
+adapts its own tasks and computes their ``g_i``; the mean over the task axis
+becomes a partial sum on every device followed by one all-reduce, after which
+every device applies the same optax update to its replica. The result equals
+the single-device step up to the order of the floating-point summation.
+
+Tasks can be placed on the devices from the host (:func:`shard_tasks`,
+:func:`tasks_from_process_local_data`) or, better, sampled on the devices
+themselves (:func:`make_sharded_sampler`, :func:`constrain_tasks`): every
+device then draws only its own tasks from a replicated copy of the image
+array, and no task data moves between devices or through the host.
+
+Several hosts: call :func:`initialize_distributed` first on every process
+(same program, same arguments apart from ``process_id``); ``jax.devices()``
+then lists the devices of all processes and :func:`task_mesh` spans them.
+Two ways of feeding tasks are supported:
+
+* on-device sampling (recommended): every process loads the same image
+  array, :func:`replicate` places it on every device, and the jitted step
+  samples from a key that is identical on all processes;
+  :func:`make_sharded_sampler` makes each device draw its own slice of tasks.
+* host-side batches: each process builds only its own slice of the batch
+  (``n_tasks / jax.process_count()`` tasks, in process order) and
+  :func:`tasks_from_process_local_data` assembles the global array with
+  ``jax.make_array_from_process_local_data``.
+
+Everything here is thin glue over ``jax.sharding``; there is no custom
+communication and no ``pmap``.
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax
+  >>> import imaml_jax as im
+  >>> loss = lambda w, b: jnp.mean((b[0] @ w - b[1]) ** 2)
+  >>> init, step = im.make_meta_step(loss, optax.adam(1e-2),
+  ...                                im.imaml(2.0, im.gd(5, 0.1), im.cg(3)))
+  >>> mesh = im.task_mesh()          # all devices, axis "tasks"
+  >>> sharded_step = im.shard_meta_step(step, mesh)
+  >>> state = im.replicate(init(jnp.zeros(3)), mesh)
+  >>> n = 2 * mesh.size
+  >>> tasks = im.Task((jnp.ones((n, 6, 3)), jnp.ones((n, 6))),
+  ...                 (jnp.ones((n, 6, 3)), jnp.ones((n, 6))))
+  >>> state, metrics = sharded_step(state, im.shard_tasks(tasks, mesh))
+  >>> int(state.step)
+  1
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from imaml_jax._src import validation
+from imaml_jax._src.types import PyTree, Task
+
+TASK_AXIS = "tasks"
+
+
+def task_mesh(devices: int | Sequence[jax.Device] | None = None, *,
+              axis: str = TASK_AXIS) -> Mesh:
+  """A 1-D device mesh whose single axis carries the task batch.
+
+  Args:
+    devices: ``None`` for every device of every process (``jax.devices()``),
+      an int ``N`` for the first ``N`` of them, or an explicit sequence of
+      devices.
+    axis: the mesh axis name.
+
+  Returns:
+    ``jax.sharding.Mesh`` of shape ``{axis: number of devices}``.
+
+  Raises:
+    ValueError: ``N`` is not between 1 and ``len(jax.devices())``, or the
+      sequence is empty.
+
+  Example:
+    >>> import jax
+    >>> mesh = task_mesh(1)
+    >>> mesh.shape["tasks"], mesh.devices.tolist() == jax.devices()[:1]
+    (1, True)
+  """
+  available = jax.devices()
+  if devices is None:
+    devices = available
+  elif isinstance(devices, (int, np.integer)) and not isinstance(devices,
+                                                                  bool):
+    if not 1 <= devices <= len(available):
+      raise ValueError(
+          f"asked for {devices} devices but {len(available)} are available "
+          f"({available[0].platform}); the count must be between 1 and "
+          f"{len(available)}.")
+    devices = available[:devices]
+  devices = list(devices)
+  if not devices:
+    raise ValueError("task_mesh needs at least one device, got none.")
+  return Mesh(np.array(devices, dtype=object), (axis,))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+  """``NamedSharding(mesh, PartitionSpec())``: a full copy on every device."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def task_sharding(mesh: Mesh, axis: str = TASK_AXIS) -> NamedSharding:
+  """``NamedSharding(mesh, PartitionSpec(axis))``: leading axis split."""
+  _check_axis(mesh, axis)
+  return NamedSharding(mesh, PartitionSpec(axis))
+
+
+def _check_axis(mesh: Mesh, axis: str) -> None:
+  if axis not in mesh.shape:
+    raise ValueError(f"mesh has no axis named {axis!r}; its axes are "
+                     f"{tuple(mesh.axis_names)}.")
+
+
+def check_divisible(n_tasks: int, mesh: Mesh, axis: str = TASK_AXIS) -> None:
+  """Raises ``ValueError`` unless ``n_tasks`` splits evenly over ``axis``.
+
+  Uneven batches are not padded: a padded task would change the mean
+  meta-gradient, so the meta-batch size must be a multiple of the number of
+  devices along the task axis.
+  """
+  _check_axis(mesh, axis)
+  n_devices = mesh.shape[axis]
+  if n_tasks % n_devices:
+    raise ValueError(
+        f"the meta-batch of {n_tasks} tasks does not divide evenly over "
+        f"{n_devices} devices (mesh axis {axis!r}); use a meta-batch that is "
+        f"a multiple of {n_devices} or a mesh whose size divides {n_tasks}.")
+
+
+def _put(x, sharding: NamedSharding):
+  """``device_put`` that also builds global arrays from host values.
+
+  With one process (or an array that is already global) this is
+  ``jax.device_put``. With several processes a host value must be the same
+  on every process; each process then places the pieces its own devices hold.
+  """
+  if sharding.is_fully_addressable or (
+      isinstance(x, jax.Array) and not x.is_fully_addressable):
+    return jax.device_put(x, sharding)
+  if jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key):
+    data = _put(jax.random.key_data(x), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding,
+                                      lambda index: host[index])
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+  """Places a full copy of every leaf of ``tree`` on every device of ``mesh``.
+
+  Use it for the meta-state (``MetaState``: parameters, optimizer state,
+  counters), the image array sampled on device and PRNG keys. With several
+  processes every process must pass the same values.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> x = replicate({"w": jnp.ones(3)}, task_mesh())
+    >>> x["w"].sharding.is_fully_replicated
+    True
+  """
+  sharding = replicated_sharding(mesh)
+  return jax.tree.map(lambda x: _put(x, sharding), tree)
+
+
+def shard_tasks(tasks: Task, mesh: Mesh, *, axis: str = TASK_AXIS) -> Task:
+  """Splits a global task batch over ``mesh`` along its leading axis.
+
+  Device ``d`` of the ``D`` devices on ``axis`` receives tasks
+  ``d * n/D .. (d + 1) * n/D - 1``. With several processes every process
+  passes the same full batch (see :func:`tasks_from_process_local_data` to
+  pass only the local slice instead).
+
+  Args:
+    tasks: a batched :class:`~imaml_jax.Task` (leading task axis on every
+      leaf).
+    mesh: the device mesh.
+    axis: the mesh axis to split the tasks over.
+
+  Returns:
+    The same tasks as global ``jax.Array`` s sharded on the leading axis.
+
+  Raises:
+    ValueError: the number of tasks is not a multiple of the device count.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import imaml_jax as im
+    >>> mesh = task_mesh()
+    >>> n = 2 * mesh.size
+    >>> t = shard_tasks(im.Task(jnp.zeros((n, 5)), jnp.zeros((n, 7))), mesh)
+    >>> t.support.sharding.spec
+    PartitionSpec('tasks',)
+  """
+  check_divisible(validation.check_task_batch(tasks), mesh, axis)
+  sharding = task_sharding(mesh, axis)
+  return jax.tree.map(lambda x: _put(x, sharding), tasks)
+
+
+def tasks_from_process_local_data(tasks: Task, mesh: Mesh, *,
+                                  axis: str = TASK_AXIS) -> Task:
+  """Assembles a global task batch from every process's own slice.
+
+  For multi-host input pipelines: process ``p`` of ``P`` passes its
+  ``n / P`` tasks and the global batch of ``n`` tasks (process 0's slice
+  first) is built with ``jax.make_array_from_process_local_data``, without
+  copying data between hosts. With one process this equals
+  :func:`shard_tasks`.
+
+  Args:
+    tasks: this process's tasks, a batched :class:`~imaml_jax.Task`.
+    mesh: a mesh over the devices of all processes (:func:`task_mesh`).
+    axis: the mesh axis to split the tasks over.
+
+  Returns:
+    Global tasks sharded on the leading axis.
+
+  Raises:
+    ValueError: the global number of tasks is not a multiple of the device
+      count.
+  """
+  n_global = validation.check_task_batch(tasks) * jax.process_count()
+  check_divisible(n_global, mesh, axis)
+  sharding = task_sharding(mesh, axis)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(
+          sharding, np.asarray(x), (n_global,) + np.shape(x)[1:]), tasks)
+
+
+def constrain_tasks(tasks: Task, mesh: Mesh, *, axis: str = TASK_AXIS) -> Task:
+  """Inside ``jax.jit``: declares that the task batch is split over ``axis``.
+
+  ``jax.lax.with_sharding_constraint`` on every leaf. Applied to tasks
+  sampled inside a jitted step by any sampler (e.g. the synthetic task
+  families), it lets the compiler partition the sampling itself, so every
+  device produces its own tasks. How well it partitions depends on the
+  sampler's operations (``lax.top_k`` in the episode sampler, for example, is
+  computed after gathering its small key array); for N-way K-shot episodes
+  :func:`make_sharded_sampler` guarantees purely local sampling.
+
+  Raises:
+    ValueError: the number of tasks is not a multiple of the device count.
+  """
+  check_divisible(validation.check_task_batch(tasks), mesh, axis)
+  sharding = task_sharding(mesh, axis)
+  return jax.tree.map(
+      lambda x: jax.lax.with_sharding_constraint(x, sharding), tasks)
+
+
+def make_sharded_sampler(mesh: Mesh, n_way: int, k_shot: int, q_query: int,
+                         n_tasks: int, *, axis: str = TASK_AXIS) -> Callable:
+  """An N-way K-shot episode sampler whose tasks are drawn on their devices.
+
+  ``sample(key, images)`` returns exactly the tasks of
+  ``imaml_jax.data.sample_tasks(key, images, n_way, k_shot, q_query,
+  n_tasks)``: the per-task keys ``jax.random.split(key, n_tasks)`` are
+  sharded over ``axis`` and, under ``jax.shard_map``, each device runs
+  :func:`~imaml_jax.data.sample_tasks_from_keys` on its own ``n_tasks / D``
+  keys, gathering its episodes from its replica of ``images`` (place it with
+  :func:`replicate`). The sampling program has no cross-device
+  communication: nothing is gathered to one device or to the host.
+
+  The sampler is jitted and may also be called inside a jitted step (e.g.
+  the function given to :func:`shard_meta_step`'s caller, or a training step
+  jitted with :func:`replicated_sharding` inputs).
+
+  Args:
+    mesh: the device mesh.
+    n_way: classes per task.
+    k_shot: support images per class.
+    q_query: query images per class.
+    n_tasks: tasks per batch; a multiple of the devices on ``axis``.
+    axis: the mesh axis to split the tasks over.
+
+  Returns:
+    ``sample(key, images) -> Task``, sharded on the leading task axis.
+
+  Raises:
+    ValueError: ``n_tasks`` is not a multiple of the device count.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> mesh = task_mesh()
+    >>> sample = make_sharded_sampler(mesh, 5, 1, 15, n_tasks=4 * mesh.size)
+    >>> images = replicate(jnp.zeros((10, 20, 28, 28, 1), jnp.uint8), mesh)
+    >>> tasks = sample(jax.random.key(0), images)
+    >>> tasks.query[0].shape[1:], tasks.query[0].sharding.spec
+    ((75, 28, 28, 1), PartitionSpec('tasks',))
+  """
+  # Imported here: the data package imports the core, not the reverse.
+  from imaml_jax.data import _sampler  # pylint: disable=g-import-not-at-top
+  validation.check_positive_int("n_tasks", n_tasks)
+  check_divisible(n_tasks, mesh, axis)
+  keys_sharding = task_sharding(mesh, axis)
+  local_sample = jax.shard_map(
+      lambda keys, images: _sampler.sample_tasks_from_keys(
+          keys, images, n_way, k_shot, q_query),
+      mesh=mesh, in_specs=(PartitionSpec(axis), PartitionSpec()),
+      out_specs=PartitionSpec(axis))
+
+  @jax.jit
+  def sample(key, images) -> Task:
+    keys = jax.random.split(key, n_tasks)
+    keys = jax.lax.with_sharding_constraint(keys, keys_sharding)
+    return local_sample(keys, images)
+
+  return sample
+
+
+def shard_meta_step(step: Callable, mesh: Mesh, *, axis: str = TASK_AXIS,
+                    donate_state: bool = False) -> Callable:
+  r"""Jits a meta-step to run data-parallel over tasks on ``mesh``.
+
+  ``step`` is the ``step(state, tasks) -> (state, metrics)`` of
+  :func:`~imaml_jax.make_meta_step`, unchanged. The returned function is
+  ``jax.jit(step, in_shardings=(replicated, tasks split on axis),
+  out_shardings=replicated)``: each of the ``D`` devices computes the
+  meta-gradients of its ``n / D`` tasks, their sum is all-reduced, and every
+  device applies the same update, so the new state is replicated and equal
+  (to float rounding of the summation order) to ``jax.jit(step)`` on one
+  device. Metrics come back replicated as well (``per_task`` metrics are
+  gathered).
+
+  Inputs that are not yet placed this way are moved by ``jit`` (single
+  process only); place them once with :func:`replicate` and
+  :func:`shard_tasks` (or sample on device) to avoid transfers per step.
+
+  Args:
+    step: a meta-step, ``step(state, tasks) -> (state, metrics)``.
+    mesh: the device mesh, e.g. :func:`task_mesh`.
+    axis: the mesh axis that splits the task batch.
+    donate_state: donate the input state's buffers to the output.
+
+  Returns:
+    ``sharded_step(state, tasks) -> (state, metrics)``; it also has
+    ``lower(state, tasks)`` for ahead-of-time compilation.
+
+  Raises:
+    ValueError (when called): the number of tasks is not a multiple of the
+      number of devices on ``axis``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import imaml_jax as im
+    >>> loss = lambda w, b: jnp.mean((b[0] @ w - b[1]) ** 2)
+    >>> init, step = im.make_meta_step(loss, optax.sgd(0.1),
+    ...                                im.imaml(1.0, im.gd(3, 0.1), im.cg(2)))
+    >>> mesh = im.task_mesh()
+    >>> n = mesh.size
+    >>> x = jnp.ones((n, 4, 2)); y = jnp.ones((n, 4))
+    >>> state, _ = im.shard_meta_step(step, mesh)(init(jnp.zeros(2)),
+    ...                                           im.Task((x, y), (x, y)))
+    >>> state.params.sharding.is_fully_replicated
+    True
+  """
+  replicated = replicated_sharding(mesh)
+  jitted = jax.jit(step, in_shardings=(replicated, task_sharding(mesh, axis)),
+                   out_shardings=replicated,
+                   donate_argnums=(0,) if donate_state else ())
+
+  def check(tasks):
+    if not isinstance(tasks, Task):
+      raise TypeError(f"tasks must be an im.Task, got {type(tasks).__name__}.")
+    check_divisible(validation.check_task_batch(tasks), mesh, axis)
+
+  @functools.wraps(step)
+  def sharded_step(state, tasks):
+    check(tasks)
+    return jitted(state, tasks)
+
+  def lower(state, tasks):
+    check(tasks)
+    return jitted.lower(state, tasks)
+
+  sharded_step.lower = lower
+  return sharded_step
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None,
+                           **kwargs: Any) -> None:
+  """Joins this process to a multi-host JAX job (``jax.distributed``).
+
+  A thin wrapper of ``jax.distributed.initialize``: call it once per process,
+  before any other JAX call, with the same ``coordinator_address``
+  (``"host:port"`` of process 0) and ``num_processes`` on every process and
+  this process's ``process_id`` in ``0 .. num_processes - 1``. On managed
+  clusters (SLURM, Cloud TPU, Kubernetes with the right environment) all three
+  may be left ``None`` and are detected. Afterwards ``jax.devices()`` lists
+  the devices of all processes, ``jax.local_devices()`` this process's own,
+  and :func:`task_mesh` spans all of them. ``num_processes=1`` is a
+  single-process run: nothing is initialised. On CPU-only machines the
+  cross-process collectives need ``jax.config.update("jax_cpu_collectives_implementation",
+  "gloo")`` before this call.
+
+  Args:
+    coordinator_address: ``"host:port"`` of process 0's coordinator.
+    num_processes: number of processes in the job.
+    process_id: this process's index.
+    **kwargs: passed to ``jax.distributed.initialize`` (e.g.
+      ``local_device_ids``, ``initialization_timeout``).
+
+  Raises:
+    ValueError: only some of the three arguments are given, or
+      ``process_id`` is outside ``0 .. num_processes - 1``; with none given,
+      ``jax.distributed.initialize`` raises if it detects no cluster.
+
+  Example:
+    >>> # On host i of 2 (same script everywhere):
+    >>> initialize_distributed("10.0.0.1:1234", 2, i)  # doctest: +SKIP
+  """
+  given = [v is not None for v in (coordinator_address, num_processes,
+                                    process_id)]
+  if any(given) and not all(given):
+    raise ValueError(
+        "give all of coordinator_address, num_processes and process_id, or "
+        f"none of them to detect a cluster; got coordinator_address="
+        f"{coordinator_address!r}, num_processes={num_processes!r}, "
+        f"process_id={process_id!r}.")
+  if all(given):
+    validation.check_positive_int("num_processes", num_processes)
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"process_id must be in 0..{num_processes - 1}, got "
+                       f"{process_id}.")
+    if num_processes == 1:
+      return
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes,
+                             process_id=process_id, **kwargs)

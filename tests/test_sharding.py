@@ -1,0 +1,296 @@
+"""Tests of data-parallel meta-steps over a device mesh.
+
+The multi-device tests run in a subprocess with 8 forced host CPU devices
+(``XLA_FLAGS`` must be set before jax is imported, and this process already
+imported it). The subprocess writes its results to an ``.npz`` file that the
+tests compare.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import imaml_jax as im
+from imaml_jax import data
+from imaml_jax._src import sharding as sh
+
+N_DEVICES = 8
+
+# iMAML meta-steps (sinusoid regression, the MLP of imaml_jax.models, Adam)
+# on 1, 2, 4 and 8 devices and unsharded; a checkpoint written
+# from the 8-device run after STEPS steps resumes on 8, 2 and 1 devices.
+_SCRIPT = textwrap.dedent("""
+  import os, sys
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  import jax, jax.numpy as jnp, numpy as np, optax
+  import imaml_jax as im
+  from imaml_jax import data, models
+  from imaml_jax._src import sharding as sh
+  from imaml_jax.train import checkpoint as ckpt
+
+  out_dir = sys.argv[1]
+  assert jax.device_count() == 8, jax.devices()
+  STEPS, N_TASKS = 3, 8
+  net = models.MLP(hidden=(16, 16), out=1)
+  loss = models.regression_loss(net)
+  init, step = im.make_meta_step(
+      loss, optax.adam(1e-2), im.imaml(2.0, im.gd(3, 0.05), im.cg(3)),
+      has_aux=True)
+  params = models.init_params(net, jax.random.key(0), jnp.zeros((5, 1)))
+  keys = jax.random.split(jax.random.key(2), 2 * STEPS)
+  batches = [data.sinusoid_tasks(k, N_TASKS, 5, 5) for k in keys]
+  results = {}
+
+  def run(fn, state, tasks_list, place):
+    for tasks in tasks_list:
+      state, metrics = fn(state, place(tasks))
+    return state, metrics
+
+  def record(name, state, metrics):
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
+    for path, leaf in flat:
+      results[name + "/state" + jax.tree_util.keystr(path)] = np.asarray(leaf)
+    results[name + "/loss_after"] = np.asarray(metrics["loss_after"])
+
+  state, metrics = run(jax.jit(step), init(params), batches[:STEPS],
+                       lambda t: t)
+  record("unsharded", state, metrics)
+  state, metrics = run(jax.jit(step), state, batches[STEPS:], lambda t: t)
+  record("unsharded_resumed", state, metrics)
+
+  steps = {}
+  for n in (1, 2, 4, 8):
+    mesh = sh.task_mesh(n)
+    steps[n] = (mesh, sh.shard_meta_step(step, mesh))
+    state, metrics = run(steps[n][1], sh.replicate(init(params), mesh),
+                         batches[:STEPS], lambda t: sh.shard_tasks(t, mesh))
+    assert state.params["dense2"]["kernel"].sharding.is_fully_replicated
+    assert len(state.params["dense2"]["kernel"].sharding.device_set) == n
+    record(f"devices_{n}", state, metrics)
+    if n == 8:
+      path = ckpt.save(out_dir, STEPS, {"state": state})
+
+  _, restored = ckpt.load(path)
+  template = {"state": jax.device_get(init(params))}
+  for n in (8, 2, 1):
+    mesh, fn = steps[n]
+    state = sh.replicate(ckpt.restore_into(template, restored)["state"], mesh)
+    state, metrics = run(fn, state, batches[STEPS:],
+                         lambda t: sh.shard_tasks(t, mesh))
+    record(f"resumed_on_{n}", state, metrics)
+
+  # The sharded sampler draws the same tasks, with no collectives.
+  mesh8 = steps[8][0]
+  images = jax.random.randint(jax.random.key(1), (12, 4, 6, 6, 1), 0, 256
+                              ).astype(jnp.uint8)
+  sample = sh.make_sharded_sampler(mesh8, 3, 1, 2, N_TASKS)
+  on_device = sample(keys[0], sh.replicate(images, mesh8))
+  episodes = data.sample_tasks(keys[0], images, 3, 1, 2, N_TASKS)
+  for a, b in zip(jax.tree.leaves(on_device), jax.tree.leaves(episodes)):
+    np.testing.assert_array_equal(a, b)
+    assert a.sharding.spec == jax.sharding.PartitionSpec("tasks")
+    assert len(a.addressable_shards) == 8
+    assert a.addressable_shards[0].data.shape[0] == 1
+  hlo = sample.lower(keys[0], sh.replicate(images, mesh8)).compile().as_text()
+  results["sampler_collectives"] = np.array(sum(
+      hlo.count(op) for op in ("all-gather", "all-reduce", "all-to-all",
+                               "collective-permute")))
+  lowered = steps[8][1].lower(sh.replicate(init(params), mesh8),
+                              sh.shard_tasks(batches[0], mesh8))
+  hlo = lowered.compile().as_text()
+  results["step_all_gathers"] = np.array(hlo.count("all-gather"))
+
+  # A meta-batch that does not divide the device count.
+  try:
+    steps[8][1](state, jax.tree.map(lambda x: x[:6], batches[0]))
+  except ValueError as e:
+    results["uneven_error"] = np.array(str(e))
+  np.savez(os.path.join(out_dir, "results.npz"), **results)
+""")
+
+
+@pytest.fixture(scope="module")
+def multi_device(tmp_path_factory):
+  """Runs the 8-device script once; returns its results as a dict."""
+  out_dir = tmp_path_factory.mktemp("sharding")
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(out_dir)],
+                        capture_output=True, text=True, env=env, timeout=600,
+                        check=False)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  with np.load(out_dir / "results.npz") as f:
+    return dict(f)
+
+
+def _state(results, name):
+  prefix = name + "/state"
+  return {k[len(prefix):]: v for k, v in results.items()
+          if k.startswith(prefix)}
+
+
+def _assert_same_state(results, name, reference):
+  got, want = _state(results, name), _state(results, reference)
+  assert got.keys() == want.keys() and got
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6,
+                               err_msg=f"{name} vs {reference}: {key}")
+  np.testing.assert_allclose(results[name + "/loss_after"],
+                             results[reference + "/loss_after"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_devices", [1, 2, 4, 8])
+def test_sharded_step_matches_unsharded_step(multi_device, n_devices):
+  _assert_same_state(multi_device, f"devices_{n_devices}", "unsharded")
+  assert int(multi_device[f"devices_{n_devices}/state.step"]) == 3
+
+
+@pytest.mark.parametrize("n_devices", [8, 2, 1])
+def test_checkpoint_from_8_devices_resumes_on_other_counts(multi_device,
+                                                           n_devices):
+  _assert_same_state(multi_device, f"resumed_on_{n_devices}",
+                     "unsharded_resumed")
+  _assert_same_state(multi_device, f"resumed_on_{n_devices}", "resumed_on_8")
+  assert int(multi_device[f"resumed_on_{n_devices}/state.step"]) == 6
+
+
+def test_sharded_sampler_and_step_move_no_task_data(multi_device):
+  assert int(multi_device["sampler_collectives"]) == 0
+  assert int(multi_device["step_all_gathers"]) == 0
+
+
+def test_uneven_meta_batch_names_both_numbers(multi_device):
+  message = str(multi_device["uneven_error"])
+  assert "6 tasks" in message and "8 devices" in message
+
+
+# Single-device tests in this process.
+
+
+def _regression_step():
+  loss = lambda w, b: jnp.mean((b[0] @ w - b[1]) ** 2)
+  return im.make_meta_step(loss, optax.adam(1e-2),
+                           im.imaml(2.0, im.gd(5, 0.1), im.cg(3)))
+
+
+def _regression_tasks(n, seed=0):
+  kx, ky = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(kx, (n, 6, 3))
+  y = jax.random.normal(ky, (n, 6))
+  return im.Task((x, y), (x, y))
+
+
+def test_one_device_mesh_matches_jit():
+  init, step = _regression_step()
+  mesh = sh.task_mesh(1)
+  tasks = _regression_tasks(4)
+  want, want_metrics = jax.jit(step)(init(jnp.ones(3)), tasks)
+  got, got_metrics = sh.shard_meta_step(step, mesh)(
+      sh.replicate(init(jnp.ones(3)), mesh), sh.shard_tasks(tasks, mesh))
+  np.testing.assert_allclose(got.params, want.params, rtol=1e-6)
+  np.testing.assert_allclose(got_metrics["loss_after"],
+                             want_metrics["loss_after"], rtol=1e-6)
+  assert got.params.sharding == sh.replicated_sharding(mesh)
+
+
+def test_lower_compiles_ahead_of_time():
+  init, step = _regression_step()
+  mesh = sh.task_mesh()
+  sharded = sh.shard_meta_step(step, mesh, donate_state=True)
+  state = sh.replicate(init(jnp.ones(3)), mesh)
+  tasks = sh.shard_tasks(_regression_tasks(mesh.size), mesh)
+  compiled = sharded.lower(state, tasks).compile()
+  new_state, _ = compiled(state, tasks)
+  assert int(new_state.step) == 1
+
+
+def test_task_mesh_arguments():
+  assert sh.task_mesh().shape == {"tasks": jax.device_count()}
+  assert sh.task_mesh(1, axis="batch").axis_names == ("batch",)
+  assert sh.task_mesh(jax.devices()[:1]).size == 1
+  with pytest.raises(ValueError, match="asked for 1000 devices"):
+    sh.task_mesh(1000)
+  with pytest.raises(ValueError, match="asked for 0 devices"):
+    sh.task_mesh(0)
+  with pytest.raises(ValueError, match="at least one device"):
+    sh.task_mesh([])
+
+
+def test_unknown_axis_is_named():
+  with pytest.raises(ValueError, match="no axis named 'batch'"):
+    sh.task_sharding(sh.task_mesh(), "batch")
+
+
+def test_check_divisible_message():
+  sh.check_divisible(5, sh.task_mesh(1))
+  mesh = jax.sharding.AbstractMesh((4,), ("tasks",))
+  sh.check_divisible(12, mesh)
+  with pytest.raises(ValueError, match="10 tasks .* over 4 devices"):
+    sh.check_divisible(10, mesh)
+
+
+def test_shard_meta_step_rejects_non_tasks():
+  _, step = _regression_step()
+  with pytest.raises(TypeError, match="im.Task"):
+    sh.shard_meta_step(step, sh.task_mesh())(None, (1, 2))
+
+
+def test_sharded_sampler_equals_sample_tasks_on_one_device():
+  mesh = sh.task_mesh(1)
+  images = jax.random.randint(jax.random.key(1), (10, 5, 4, 4, 1), 0, 256
+                              ).astype(jnp.uint8)
+  sample = sh.make_sharded_sampler(mesh, 3, 2, 1, 4)
+  got = sample(jax.random.key(7), sh.replicate(images, mesh))
+  want = data.sample_tasks(jax.random.key(7), images, 3, 2, 1, 4)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sampler_rejects_bad_counts():
+  with pytest.raises(ValueError, match="n_tasks must be >= 1"):
+    sh.make_sharded_sampler(sh.task_mesh(), 5, 1, 1, 0)
+
+
+def test_replicate_keeps_prng_keys_and_structure():
+  mesh = sh.task_mesh()
+  tree = {"key": jax.random.key(3), "w": np.arange(3.0)}
+  out = sh.replicate(tree, mesh)
+  assert jax.random.key_impl(out["key"]) == jax.random.key_impl(tree["key"])
+  np.testing.assert_array_equal(jax.random.key_data(out["key"]),
+                                jax.random.key_data(tree["key"]))
+  assert out["w"].sharding.is_fully_replicated
+
+
+def test_tasks_from_process_local_data_single_process():
+  mesh = sh.task_mesh()
+  tasks = _regression_tasks(mesh.size)
+  got = sh.tasks_from_process_local_data(tasks, mesh)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(tasks)):
+    np.testing.assert_array_equal(a, b)
+    assert a.sharding.spec == jax.sharding.PartitionSpec("tasks")
+
+
+def test_constrain_tasks_inside_jit():
+  mesh = sh.task_mesh()
+  fn = jax.jit(lambda t: sh.constrain_tasks(t, mesh))
+  tasks = _regression_tasks(mesh.size)
+  out = fn(tasks)
+  assert out.support[0].sharding.is_equivalent_to(sh.task_sharding(mesh), 3)
+  np.testing.assert_array_equal(out.support[0], tasks.support[0])
+
+
+def test_initialize_distributed_validates_arguments():
+  with pytest.raises(ValueError, match="give all of"):
+    sh.initialize_distributed("localhost:1234")
+  with pytest.raises(ValueError, match="process_id must be in 0..1"):
+    sh.initialize_distributed("localhost:1234", 2, 2)
+  # One process: nothing to join, nothing initialised.
+  sh.initialize_distributed("localhost:1234", 1, 0)
+  assert jax.process_count() == 1
