@@ -17,7 +17,7 @@ Array = jax.Array
 Precision = Any  # None, a string such as "highest", or a `jax.lax.Precision`.
 
 # Names accepted by `conv3x3(..., formulation=...)`, the default first.
-CONV_FORMULATIONS = ("patches", "taps", "lax")
+CONV_FORMULATIONS = ("patches", "lax")
 DEFAULT_CONV = "patches"
 
 _PAD = 1  # Every convolution here is 3x3 with one pixel of zero padding.
@@ -85,8 +85,6 @@ def conv3x3(
     reshaped to `[9 * Cin, Cout]` in a single matrix product. Under `jax.vmap`
     with per-task kernels this stays one batched matrix product, which the
     CPU backend runs far faster than a grouped convolution.
-  * ``"taps"``: the sum over the nine taps of `view_{dy,dx} @ k[dy, dx]`: nine
-    smaller matrix products, no `9 * Cin` patch tensor.
   * ``"lax"``: `jax.lax.conv_general_dilated`, what `flax.linen.Conv` uses.
     Under `vmap` over per-task kernels it becomes a grouped convolution.
 
@@ -127,17 +125,10 @@ def conv3x3(
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         precision=precision)
 
-  views = _shifted_views(x, stride)
-  if formulation == "patches":
-    patches = jnp.concatenate(views, axis=-1).reshape(b * ho * wo, 9 * cin)
-    out = jnp.dot(patches, kernel.reshape(9 * cin, cout), precision=precision)
-    return out.reshape(b, ho, wo, cout)
-
-  # formulation == "taps"
-  taps = kernel.reshape(9, cin, cout)
-  out = sum(
-      jnp.dot(v.reshape(b * ho * wo, cin), taps[t], precision=precision)
-      for t, v in enumerate(views))
+  # formulation == "patches"
+  patches = jnp.concatenate(_shifted_views(x, stride), axis=-1)
+  patches = patches.reshape(b * ho * wo, 9 * cin)
+  out = jnp.dot(patches, kernel.reshape(9 * cin, cout), precision=precision)
   return out.reshape(b, ho, wo, cout)
 
 

@@ -1,0 +1,217 @@
+"""Times the convolution formulations of the Omniglot network under `vmap` over tasks.
+
+For each setting (5-way 1-shot: support 5, query 75; 20-way 5-shot: support
+100, query 100) and each formulation in `imaml_jax.models.CONV_FORMULATIONS`,
+with 8 tasks, each with its own parameters, under `jax.vmap`:
+
+  (a) ``grad``: loss and gradient on the query set (`jax.value_and_grad`);
+  (b) ``scan16``: 16 gradient-descent steps on the support set in `lax.scan`;
+  (c) ``hvp5``: 5 chained Hessian-vector products of the support loss
+      (forward-over-reverse, `jax.jvp` of `jax.grad`) in `lax.scan`, the
+      pattern of conjugate gradient.
+
+Times are medians over repeats after compilation, with `block_until_ready`.
+FLOPs come from XLA's cost analysis of the compiled single step (one gradient,
+one HVP), multiplied by the number of steps, since the analysis of a loop may
+count its body once. The FLOP rate of a 2048 x 2048 float32 matrix product
+measured in the same run gives the scale of what the machine can do.
+
+Usage:
+  python benchmarks/conv_formulations.py            # full run
+  python benchmarks/conv_formulations.py --quick    # 5-way 1-shot, fewer repeats
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from imaml_jax import models
+
+N_TASKS = 8
+INNER_STEPS = 16
+HVP_STEPS = 5
+INNER_LR = 0.1
+SETTINGS = {
+    # name: (n_way, support size, query size)
+    "5way1shot": (5, 5, 75),
+    "20way5shot": (20, 100, 100),
+}
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _median_time(fn, args, repeats):
+  """Median wall time of `fn(*args)` over `repeats` calls, after one warm-up."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _flops(jitted, args):
+  """FLOPs of a jitted function by XLA cost analysis (dict or list of dicts)."""
+  cost = jitted.lower(*args).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def matmul_flop_rate(n=2048, repeats=5):
+  """FLOP/s of an `n x n` float32 matrix product on the default device."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(jnp.dot)
+  return 2.0 * n ** 3 / _median_time(f, (a, b), repeats)
+
+
+def make_fns(loss_fn):
+  """The three per-task workloads, vmapped over tasks and jitted."""
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def value_and_grad(params, batch):
+    return jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+
+  def sgd_step(params, batch):
+    g, _ = grad_fn(params, batch)
+    return jax.tree.map(lambda p, d: p - INNER_LR * d, params, g)
+
+  def inner_scan(params, batch):
+    def body(p, _):
+      return sgd_step(p, batch), None
+    return lax.scan(body, params, None, length=INNER_STEPS)[0]
+
+  def hvp(params, v, batch):
+    return jax.jvp(lambda p: grad_fn(p, batch)[0], (params,), (v,))[1]
+
+  def hvp_chain(params, v, batch):
+    def body(u, _):
+      hu = hvp(params, u, batch)
+      norm = jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree.leaves(hu)))
+      return jax.tree.map(lambda x: x / (norm + 1e-12), hu), None
+    return lax.scan(body, v, None, length=HVP_STEPS)[0]
+
+  v = jax.vmap
+  return {
+      "grad": (jax.jit(v(value_and_grad)), jax.jit(v(value_and_grad)), 1),
+      "scan16": (jax.jit(v(inner_scan)), jax.jit(v(sgd_step)), INNER_STEPS),
+      "hvp5": (jax.jit(v(hvp_chain)), jax.jit(v(hvp)), HVP_STEPS),
+  }
+
+
+def make_data(n_way, n_support, n_query, key):
+  """Per-task random images and labels: `[N_TASKS, n, 28, 28, 1]`."""
+  ks, kq, kl = jax.random.split(key, 3)
+  xs = jax.random.normal(ks, (N_TASKS, n_support, 28, 28, 1))
+  xq = jax.random.normal(kq, (N_TASKS, n_query, 28, 28, 1))
+  ys = jnp.tile(jnp.arange(n_support) % n_way, (N_TASKS, 1))
+  yq = jnp.tile(jnp.arange(n_query) % n_way, (N_TASKS, 1))
+  del kl
+  return (xs, ys), (xq, yq)
+
+
+def run(settings, formulations, repeats):
+  rows = []
+  for setting in settings:
+    n_way, n_support, n_query = SETTINGS[setting]
+    support, query = make_data(n_way, n_support, n_query, jax.random.key(0))
+    for conv in formulations:
+      net = models.omniglot_convnet(n_way, conv=conv)
+      keys = jax.random.split(jax.random.key(1), N_TASKS)
+      params = jax.vmap(lambda k: models.init_params(net, k, support[0][0]))(keys)
+      tangent = jax.tree.map(jnp.ones_like, params)
+      fns = make_fns(models.classification_loss(net))
+      args = {
+          "grad": ((params, query), (params, query)),
+          "scan16": ((params, support), (params, support)),
+          "hvp5": ((params, tangent, support), (params, tangent, support)),
+      }
+      for workload, (fn, step_fn, n_steps) in fns.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args[workload][0]))
+        compile_s = time.perf_counter() - t0
+        seconds = _median_time(fn, args[workload][0], repeats)
+        flops = n_steps * _flops(step_fn, args[workload][1])
+        row = dict(setting=setting, conv=conv, workload=workload,
+                   seconds=seconds, first_call_s=compile_s, flops=flops,
+                   gflops_per_s=flops / seconds / 1e9)
+        rows.append(row)
+        print(f"{setting:11s} {conv:8s} {workload:7s} {seconds * 1e3:9.1f} ms "
+              f"(first call {compile_s:5.1f} s) {row['gflops_per_s']:7.2f} "
+              "GFLOP/s", flush=True)
+  return rows
+
+
+def print_table(rows, matmul_gflops):
+  settings = sorted({r["setting"] for r in rows}, key=list(SETTINGS).index)
+  workloads = ["grad", "scan16", "hvp5"]
+  convs = list(dict.fromkeys(r["conv"] for r in rows))
+  print(f"\nMedian time in ms (GFLOP/s by XLA's count); "
+        f"2048^2 matmul: {matmul_gflops:.1f} GFLOP/s")
+  header = f"{'setting':11s} {'conv':8s} " + " ".join(
+      f"{w:>20s}" for w in workloads)
+  print(header)
+  for s in settings:
+    for c in convs:
+      cells = []
+      for w in workloads:
+        r = next(r for r in rows
+                 if (r["setting"], r["conv"], r["workload"]) == (s, c, w))
+        cells.append(f"{r['seconds'] * 1e3:10.1f} ({r['gflops_per_s']:6.1f})")
+      print(f"{s:11s} {c:8s} " + " ".join(f"{x:>20s}" for x in cells))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="5-way 1-shot only, 2 repeats")
+  parser.add_argument("--repeats", type=int, default=None,
+                      help="timed repeats per measurement (default 5, quick 2)")
+  parser.add_argument("--conv", nargs="+", default=list(models.CONV_FORMULATIONS),
+                      choices=list(models.CONV_FORMULATIONS),
+                      help="formulations to time")
+  parser.add_argument("--out", default=None,
+                      help="output stem (default results/conv_formulations_<platform>)")
+  args = parser.parse_args()
+
+  settings = ["5way1shot"] if args.quick else list(SETTINGS)
+  repeats = args.repeats or (2 if args.quick else 5)
+  device = jax.devices()[0]
+  print(f"device: {device.device_kind} ({device.platform}), "
+        f"{os.cpu_count()} CPUs visible, jax {jax.__version__}", flush=True)
+  matmul = matmul_flop_rate()
+  print(f"2048 x 2048 float32 matmul: {matmul / 1e9:.1f} GFLOP/s", flush=True)
+  rows = run(settings, args.conv, repeats)
+  print_table(rows, matmul / 1e9)
+
+  stem = args.out or os.path.join(RESULTS_DIR,
+                                  f"conv_formulations_{device.platform}")
+  os.makedirs(os.path.dirname(stem), exist_ok=True)
+  meta = dict(device=str(device.device_kind), platform=device.platform,
+              cpu_count=os.cpu_count(), machine=platform.machine(),
+              jax=jax.__version__, quick=args.quick, repeats=repeats,
+              n_tasks=N_TASKS, inner_steps=INNER_STEPS, hvp_steps=HVP_STEPS,
+              matmul_2048_gflops_per_s=matmul / 1e9)
+  with open(stem + ".json", "w") as f:
+    json.dump(dict(meta=meta, rows=rows), f, indent=2)
+  with open(stem + ".csv", "w", newline="") as f:
+    fields = ["device", "quick"] + list(rows[0])
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    for r in rows:
+      writer.writerow(dict(device=meta["device"], quick=args.quick, **r))
+  print(f"wrote {stem}.json and {stem}.csv")
+
+
+if __name__ == "__main__":
+  main()
