@@ -54,12 +54,13 @@ def test_config_is_frozen():
 
 
 def test_overrides_are_parsed_by_field_type():
+  conv = models.CONV_FORMULATIONS[-1]
   cfg = config_lib.apply_overrides(
       config_lib.get_config("sinusoid"),
-      ["meta_steps=1_000", "meta_lr=3e-4", "maml_remat=TRUE", "conv=taps",
+      ["meta_steps=1_000", "meta_lr=3e-4", "maml_remat=TRUE", f"conv={conv}",
        "val_every=0"])
   assert cfg.meta_steps == 1000 and cfg.meta_lr == 3e-4
-  assert cfg.maml_remat is True and cfg.conv == "taps" and cfg.val_every == 0
+  assert cfg.maml_remat is True and cfg.conv == conv and cfg.val_every == 0
   assert config_lib.parse_value("maml_remat", "0") is False
 
 

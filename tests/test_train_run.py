@@ -156,6 +156,11 @@ def test_finished_run_is_not_retrained_and_eval_matches(reference_run,
   assert evaluated["test"] == results["test"]
   assert evaluated["test_last"] == results["test_last"]
   assert "loss_after" in capsys.readouterr().out
+  assert _train(workdir) == 0     # Nothing left to train: only the test.
+  again = json.loads((workdir / "results.json").read_text())
+  assert again["budget"]["meta_steps_this_run"] == 0
+  assert again["budget"]["compile_time_s"] == 0.0
+  assert again["test"] == results["test"]
 
 
 def test_nonfinite_meta_gradients_stop_the_run(compile_cache, tmp_path,

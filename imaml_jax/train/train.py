@@ -379,12 +379,14 @@ def train_and_evaluate(config: config_lib.Config,
 
   state, sums = jax.device_put((state, sums))
   best = dict(best, params=jax.device_put(best["params"]))
-  compile_start = time.perf_counter()
-  step_fn = jax.jit(train_step, donate_argnums=(0, 1)).lower(
-      state, sums, exp.data.train, base_key).compile()
-  compile_time = time.perf_counter() - compile_start
-  log(f"{config.name}: {exp.algorithm.name}; train step compiled in "
-      f"{compile_time:.1f} s.")
+  compile_time = 0.0
+  if start_step < config.meta_steps:
+    compile_start = time.perf_counter()
+    step_fn = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+        state, sums, exp.data.train, base_key).compile()
+    compile_time = time.perf_counter() - compile_start
+    log(f"{config.name}: {exp.algorithm.name}; train step compiled in "
+        f"{compile_time:.1f} s.")
   evaluator = Evaluator(exp)
 
   def validate(step: int, params) -> None:
