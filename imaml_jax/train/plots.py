@@ -24,11 +24,12 @@ def curves(records: list[dict], split: str, key: str) -> tuple[list, list]:
 
 
 def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike,
-                *, title: str = "") -> bool:
+                *, title: str = "", loss_name: str = "loss") -> bool:
   """Draws query loss (and accuracy, if logged) against the meta-step.
 
   Training curves are window means of the query metrics after adaptation;
-  validation curves are means over the fixed validation tasks.
+  validation curves are means over the fixed validation tasks. ``loss_name``
+  labels the loss axis (e.g. ``"MSE"`` for regression).
 
   Returns:
     Whether a figure was written (``False`` when there is nothing to plot).
@@ -36,7 +37,7 @@ def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike,
   records = metrics_log.read_records(metrics_path)
   if not records:
     return False
-  panels = [("loss_after", "query loss after adaptation")]
+  panels = [("loss_after", f"query {loss_name} after adaptation")]
   if any("accuracy_after" in r for r in records):
     panels.append(("accuracy_after", "query accuracy after adaptation"))
   fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4),

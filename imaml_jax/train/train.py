@@ -498,7 +498,8 @@ def train_and_evaluate(config: config_lib.Config,
                         json.dumps(results, indent=2).encode())
   from imaml_jax.train import plots  # pylint: disable=import-outside-toplevel
   plots.plot_curves(workdir / METRICS_FILE, workdir / CURVES_FILE,
-                    title=config.name)
+                    title=config.name,
+                    loss_name="MSE" if config.dataset == "sinusoid" else "loss")
   log(format_test(results))
   return results
 
