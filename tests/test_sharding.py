@@ -3,9 +3,11 @@
 The multi-device tests run in a subprocess with 8 forced host CPU devices
 (``XLA_FLAGS`` must be set before jax is imported, and this process already
 imported it). The subprocess writes its results to an ``.npz`` file that the
-tests compare.
+tests compare. A slow test runs two processes with two CPU devices each,
+joined by ``initialize_distributed`` (gloo collectives), as two hosts would.
 """
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -114,6 +116,83 @@ _SCRIPT = textwrap.dedent("""
     results["uneven_error"] = np.array(str(e))
   np.savez(os.path.join(out_dir, "results.npz"), **results)
 """)
+
+
+# One of two processes with two CPU devices each, joined by
+# initialize_distributed: a 4-device mesh across processes.
+_WORKER = textwrap.dedent("""
+  import os, sys
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  import jax
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  from imaml_jax._src import sharding as sh
+  pid, port, out_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+  sh.initialize_distributed(f"localhost:{port}", 2, pid)
+  import jax.numpy as jnp, numpy as np, optax
+  import imaml_jax as im
+  from imaml_jax import data
+  assert jax.device_count() == 4 and jax.local_device_count() == 2
+  loss = lambda w, b: jnp.mean((b[0] @ w - b[1]) ** 2)
+  init, step = im.make_meta_step(loss, optax.sgd(0.1),
+                                 im.imaml(2.0, im.gd(5, 0.1), im.cg(3)))
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(8, 6, 3)), rng.normal(size=(8, 6))
+  tasks = im.Task((x, y), (x, y))
+  mesh = sh.task_mesh()
+  sharded_step = sh.shard_meta_step(step, mesh)
+  theta = np.linspace(-1.0, 1.0, 3).astype(np.float32)
+  state = sh.replicate(init(theta), mesh)
+  from_global, _ = sharded_step(state, sh.shard_tasks(tasks, mesh))
+  local = jax.tree.map(lambda a: a[4 * pid:4 * pid + 4], tasks)
+  from_local, _ = sharded_step(state,
+                               sh.tasks_from_process_local_data(local, mesh))
+  images = rng.integers(0, 256, (10, 4, 5, 5, 1), dtype=np.uint8)
+  sample = sh.make_sharded_sampler(mesh, 3, 1, 2, 8)
+  key = jax.random.key(3)
+  sampled = sample(sh.replicate(key, mesh), sh.replicate(images, mesh))
+  want = data.sample_tasks(key, images, 3, 1, 2, 8)
+  for a, b in zip(jax.tree.leaves(sampled), jax.tree.leaves(want)):
+    assert len(a.addressable_shards) == 2
+    for shard in a.addressable_shards:
+      np.testing.assert_array_equal(shard.data, np.asarray(b)[shard.index])
+  np.savez(os.path.join(out_dir, f"process_{pid}.npz"),
+           theta=theta, x=x, y=y,
+           from_global=from_global.params.addressable_data(0),
+           from_local=from_local.params.addressable_data(0))
+""")
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+  """initialize_distributed + a mesh over two processes' devices."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  port = str(_free_port())
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _WORKER, str(pid), port, str(tmp_path)],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+           for pid in (0, 1)]
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log
+  results = [dict(np.load(tmp_path / f"process_{pid}.npz")) for pid in (0, 1)]
+  r = results[0]
+  loss = lambda w, b: jnp.mean((b[0] @ w - b[1]) ** 2)
+  init, step = im.make_meta_step(loss, optax.sgd(0.1),
+                                 im.imaml(2.0, im.gd(5, 0.1), im.cg(3)))
+  tasks = im.Task((r["x"], r["y"]), (r["x"], r["y"]))
+  want = jax.jit(step)(init(jnp.asarray(r["theta"])), tasks)[0].params
+  assert not np.allclose(want, r["theta"])
+  for result in results:
+    np.testing.assert_allclose(result["from_global"], want, rtol=1e-5)
+    np.testing.assert_allclose(result["from_local"], want, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

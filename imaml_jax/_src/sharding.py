@@ -170,7 +170,10 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 
   Use it for the meta-state (``MetaState``: parameters, optimizer state,
   counters), the image array sampled on device and PRNG keys. With several
-  processes every process must pass the same values.
+  processes every process must pass the same values. Like
+  ``jax.device_put``, it may return the input's own buffers when they are
+  already placed this way: copy them first if the result is donated (e.g.
+  ``shard_meta_step(..., donate_state=True)``) and the input is used again.
 
   Example:
     >>> import jax.numpy as jnp
