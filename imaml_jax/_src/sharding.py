@@ -414,8 +414,9 @@ def initialize_distributed(coordinator_address: str | None = None,
   the devices of all processes, ``jax.local_devices()`` this process's own,
   and :func:`task_mesh` spans all of them. ``num_processes=1`` is a
   single-process run: nothing is initialised. On CPU-only machines the
-  cross-process collectives need ``jax.config.update("jax_cpu_collectives_implementation",
-  "gloo")`` before this call.
+  cross-process collectives need
+  ``jax.config.update("jax_cpu_collectives_implementation", "gloo")``
+  before this call.
 
   Args:
     coordinator_address: ``"host:port"`` of process 0's coordinator.
