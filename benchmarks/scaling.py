@@ -85,12 +85,8 @@ def main(argv=None):
 
   import imaml_jax as im
   from imaml_jax import data, models
-  try:
-    from imaml_jax import (make_sharded_sampler, replicate, shard_meta_step,
-                           task_mesh)
-  except ImportError:  # Until the package exports them at the top level.
-    from imaml_jax._src.sharding import (make_sharded_sampler, replicate,
-                                         shard_meta_step, task_mesh)
+  from imaml_jax import (make_sharded_sampler, replicate, shard_meta_step,
+                         task_mesh)
 
   quick = args.quick
   meta_batch = args.meta_batch or (16 if quick else 32)

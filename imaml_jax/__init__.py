@@ -24,6 +24,17 @@ from imaml_jax._src.linear_solve import relative_residual
 from imaml_jax._src.meta_step import MetaState
 from imaml_jax._src.meta_step import make_eval_step
 from imaml_jax._src.meta_step import make_meta_step
+from imaml_jax._src.sharding import check_divisible
+from imaml_jax._src.sharding import constrain_tasks
+from imaml_jax._src.sharding import initialize_distributed
+from imaml_jax._src.sharding import make_sharded_sampler
+from imaml_jax._src.sharding import replicate
+from imaml_jax._src.sharding import replicated_sharding
+from imaml_jax._src.sharding import shard_meta_step
+from imaml_jax._src.sharding import shard_tasks
+from imaml_jax._src.sharding import task_mesh
+from imaml_jax._src.sharding import task_sharding
+from imaml_jax._src.sharding import tasks_from_process_local_data
 from imaml_jax._src.types import Task
 
 # Subpackages: few-shot data and the paper's networks.
