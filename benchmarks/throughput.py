@@ -8,9 +8,16 @@ meta-batch, then times it and reports
 
   * compile time, apart from step time;
   * seconds per meta-step (median of the timed repeats) and tasks per second;
-  * the step's FLOP count from XLA's cost analysis, the achieved FLOP rate,
-    and that rate divided by the FLOP rate of a large float32 matrix product
-    measured in the same run ("efficiency").
+  * the step's FLOP count, the achieved FLOP rate, and that rate divided by
+    the FLOP rate of a large float32 matrix product measured in the same run
+    ("efficiency"). XLA's cost analysis counts the body of a loop once, so
+    the count of the whole step would miss all but one inner step and one CG
+    iteration. The FLOPs are therefore counted per component with XLA's cost
+    analysis of one task (an inner gradient step, the query gradient, one
+    Hessian-vector product, the pre-adaptation query forward pass if any) and
+    multiplied by how often the step runs each: for iMAML-GD
+    ``tasks * (steps * inner + query_grad + (cg_steps + 1) * hvp)``, the
+    ``+ 1`` being the product that measures the residual.
 
 With ``--single-task`` it also runs the same step with one task at a time to
 report how much vmapping the task batch gains per task.
@@ -67,6 +74,32 @@ def flops_of(compiled) -> float:
   return float((analysis or {}).get("flops", float("nan")))
 
 
+def component_flops(fn, *args) -> float:
+  return flops_of(jax.jit(fn).lower(*args).compile())
+
+
+def imaml_step_flops(loss_fn, params, tasks, inner_steps: int, cg_steps: int,
+                     algorithm: str, pre_adaptation: bool) -> float:
+  """FLOPs of one meta-step from per-component cost analysis (see above)."""
+  one = jax.tree.map(lambda a: a[0], tasks)
+  scalar = lambda p, batch: loss_fn(p, batch)[0]
+  objective = lambda p: im.proximal_objective(scalar, params, one.support,
+                                              2.0)(p)
+  inner = component_flops(jax.grad(objective), params)
+  query = component_flops(jax.grad(scalar), params, one.query)
+  forward = component_flops(scalar, params, one.query)
+  hvp = component_flops(
+      lambda v: im.proximal_system_operator(
+          lambda p: scalar(p, one.support), params, 2.0)(v), params)
+  per_task = inner_steps * inner + query + forward * pre_adaptation
+  if algorithm == "imaml_gd":
+    per_task += (cg_steps + 1) * hvp
+  elif algorithm != "fomaml":
+    return float("nan")  # MAML's reverse pass through the loop: not modelled
+  n_tasks = jax.tree.leaves(tasks)[0].shape[0]
+  return n_tasks * per_task
+
+
 def time_compiled(fn, args, repeats: int) -> list[float]:
   jax.block_until_ready(fn(*args))  # warm-up
   times = []
@@ -107,7 +140,7 @@ def random_tasks(n_way, k_shot, q_query, n_tasks, seed=0):
 
 def benchmark_setting(setting: str, meta_batch: int, algorithm: str, conv: str,
                       q_query: int, repeats: int, inner_steps=None,
-                      pre_adaptation_metrics: bool = False):
+                      pre_adaptation_metrics: bool = False, task_chunk=None):
   n_way, k_shot, default_steps = SETTINGS[setting]
   steps = inner_steps or default_steps
   net = models.omniglot_convnet(n_way, conv=conv)
@@ -116,7 +149,8 @@ def benchmark_setting(setting: str, meta_batch: int, algorithm: str, conv: str,
                               jnp.zeros((n_way * k_shot, 28, 28, 1)))
   init, step = im.make_meta_step(
       loss_fn, optax.adam(1e-3), make_algorithm(algorithm, steps),
-      has_aux=True, pre_adaptation_metrics=pre_adaptation_metrics)
+      has_aux=True, pre_adaptation_metrics=pre_adaptation_metrics,
+      task_chunk=task_chunk)
   state = init(params)
   tasks = random_tasks(n_way, k_shot, q_query, meta_batch)
   t0 = time.perf_counter()
@@ -124,10 +158,12 @@ def benchmark_setting(setting: str, meta_batch: int, algorithm: str, conv: str,
   compile_s = time.perf_counter() - t0
   times = time_compiled(compiled, (state, tasks), repeats)
   step_s = statistics.median(times)
-  flops = flops_of(compiled)
+  flops = imaml_step_flops(loss_fn, params, tasks, steps, 5, algorithm,
+                           pre_adaptation_metrics)
   return {
       "setting": setting, "algorithm": algorithm, "conv": conv,
       "inner_steps": steps, "meta_batch": meta_batch, "q_query": q_query,
+      "task_chunk": task_chunk or meta_batch,
       "compile_s": round(compile_s, 2), "step_s": step_s,
       "step_s_min": min(times), "tasks_per_s": meta_batch / step_s,
       "gflop_per_step": flops / 1e9, "gflop_per_s": flops / step_s / 1e9,
@@ -146,6 +182,8 @@ def main(argv=None):
   parser.add_argument("--q-query", type=int, default=15,
                       help="query images per class (default 15)")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--task-chunk", type=int, default=None,
+                      help="tasks vmapped together (default: the whole batch)")
   parser.add_argument("--single-task", action="store_true",
                       help="also time meta-batch 1 to measure the vmap gain")
   parser.add_argument("--quick", action="store_true",
@@ -166,11 +204,12 @@ def main(argv=None):
     batches = [args.meta_batch] + ([1] if args.single_task else [])
     for mb in batches:
       row = benchmark_setting(setting, mb, args.algorithm, args.conv,
-                              args.q_query, args.repeats, inner_steps)
+                              args.q_query, args.repeats, inner_steps,
+                              task_chunk=args.task_chunk)
       row["efficiency"] = row["gflop_per_s"] * 1e9 / matmul
       rows.append(row)
       print(f"{setting:6s} {args.algorithm:9s} conv={args.conv:8s} "
-            f"batch={mb:3d} compile {row['compile_s']:6.1f}s  "
+            f"batch={mb:3d} chunk={row['task_chunk']:3d} compile {row['compile_s']:6.1f}s  "
             f"step {row['step_s']:8.3f}s  {row['tasks_per_s']:7.2f} tasks/s  "
             f"{row['gflop_per_s']:7.1f} GFLOP/s  "
             f"eff {100 * row['efficiency']:5.1f}%", flush=True)

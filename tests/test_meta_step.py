@@ -165,3 +165,19 @@ def test_imaml_memory_is_flat_in_inner_steps_and_maml_memory_grows():
   maml_mem = [compiled_temp_bytes(im.maml(im.gd(k, 0.1))) for k in (5, 100)]
   assert imaml_mem[1] <= 1.1 * imaml_mem[0], imaml_mem
   assert maml_mem[1] > 5 * maml_mem[0], maml_mem
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_task_chunking_gives_the_same_step_as_one_vmap(x64, chunk):
+  tasks, _ = linreg_batch(4)
+  alg = im.imaml(2.0, im.gd(20, 0.2), im.cg(5))
+  results = []
+  for task_chunk in (None, chunk):
+    init, step = im.make_meta_step(linreg_loss, optax.adam(1e-2), alg,
+                                   task_chunk=task_chunk,
+                                   per_task_metrics=True)
+    results.append(jax.jit(step)(init(jnp.linspace(-1, 1, 5)), tasks))
+  (s1, m1), (s2, m2) = results
+  np.testing.assert_allclose(s2.params, s1.params, rtol=1e-12)
+  np.testing.assert_allclose(m2["per_task"]["loss_after"],
+                             m1["per_task"]["loss_after"], rtol=1e-12)

@@ -40,7 +40,8 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                    algorithm: algorithms.MetaAlgorithm, *,
                    has_aux: bool = False, per_task_metrics: bool = False,
                    skip_nonfinite: bool = True,
-                   pre_adaptation_metrics: bool = True):
+                   pre_adaptation_metrics: bool = True,
+                   task_chunk: int | None = None):
   r"""Builds pure ``init`` and ``step`` functions for meta-training.
 
   ``step(state, tasks)`` computes every task's meta-gradient with
@@ -67,6 +68,11 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     skip_nonfinite: skip updates whose meta-gradient is not finite.
     pre_adaptation_metrics: also evaluate the query loss (and aux) at
       ``theta`` before adaptation (one extra query forward pass per task).
+    task_chunk: how many tasks are vmapped together. ``None`` (default)
+      vmaps the whole batch; an integer ``c`` runs ``lax.map`` over chunks of
+      ``c`` vmapped tasks (``c = 1``: one task at a time). Same result; on
+      backends where large batched products are slow (XLA's CPU backend)
+      smaller chunks can be much faster. A remainder is vmapped apart.
 
   Returns:
     ``(init, step)``: ``init(params) -> MetaState`` and
@@ -111,9 +117,10 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
   def step(state: MetaState, tasks: Task):
     if not isinstance(tasks, Task):
       raise TypeError(f"tasks must be an im.Task, got {type(tasks).__name__}.")
-    validation.check_task_batch(tasks)
-    grads, per_task = jax.vmap(task_gradient, in_axes=(None, 0))(
-        state.params, tasks)
+    n_tasks = validation.check_task_batch(tasks)
+    grads, per_task = map_over_tasks(
+        lambda task: task_gradient(state.params, task), tasks, task_chunk,
+        n_tasks)
     grad = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
     updates, opt_state = optimizer.update(grad, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -132,6 +139,19 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     return new_state, metrics
 
   return init, step
+
+
+def map_over_tasks(fn: Callable, tasks: Task, task_chunk: int | None,
+                   n_tasks: int):
+  """``fn`` applied to every task of a batch, stacked on a leading axis.
+
+  ``task_chunk=None`` vmaps the whole batch; otherwise ``lax.map`` runs over
+  chunks of ``task_chunk`` vmapped tasks (a remainder is vmapped apart).
+  """
+  if task_chunk is None or task_chunk >= n_tasks:
+    return jax.vmap(fn)(tasks)
+  validation.check_positive_int("task_chunk", task_chunk)
+  return jax.lax.map(fn, tasks, batch_size=task_chunk)
 
 
 def make_eval_step(loss_fn: Callable, algorithm: algorithms.MetaAlgorithm, *,
