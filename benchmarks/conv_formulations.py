@@ -10,7 +10,9 @@ with 8 tasks, each with its own parameters, under `jax.vmap`:
       (forward-over-reverse, `jax.jvp` of `jax.grad`) in `lax.scan`, the
       pattern of conjugate gradient.
 
-Times are medians over repeats after compilation, with `block_until_ready`.
+Times are medians over repeats after compilation, with `block_until_ready`;
+the repeats of all formulations are interleaved, so that a change in the load
+of a shared machine affects them alike.
 FLOPs come from XLA's cost analysis of the compiled single step (one gradient,
 one HVP), multiplied by the number of steps, since the analysis of a loop may
 count its body once. The FLOP rate of a 2048 x 2048 float32 matrix product
@@ -59,9 +61,9 @@ def _median_time(fn, args, repeats):
   return statistics.median(times)
 
 
-def _flops(jitted, args):
-  """FLOPs of a jitted function by XLA cost analysis (dict or list of dicts)."""
-  cost = jitted.lower(*args).compile().cost_analysis()
+def _flops(compiled):
+  """FLOPs of a compiled function by XLA cost analysis (dict or list of dicts)."""
+  cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
@@ -102,8 +104,9 @@ def make_fns(loss_fn):
     return lax.scan(body, v, None, length=HVP_STEPS)[0]
 
   v = jax.vmap
+  # name: (timed function, single step for the FLOP count, steps per call).
   return {
-      "grad": (jax.jit(v(value_and_grad)), jax.jit(v(value_and_grad)), 1),
+      "grad": (jax.jit(v(value_and_grad)), None, 1),
       "scan16": (jax.jit(v(inner_scan)), jax.jit(v(sgd_step)), INNER_STEPS),
       "hvp5": (jax.jit(v(hvp_chain)), jax.jit(v(hvp)), HVP_STEPS),
   }
@@ -120,35 +123,66 @@ def make_data(n_way, n_support, n_query, key):
   return (xs, ys), (xq, yq)
 
 
-def run(settings, formulations, repeats):
+def run(settings, formulations, repeats, max_seconds, on_row=None):
+  """Compiles every (formulation, workload), then times them round-robin.
+
+  Interleaving the repeats spreads any change in the machine's load (other
+  processes on a shared CPU) over all formulations alike. A cell stops being
+  repeated once its timed calls add up to more than `max_seconds`.
+  """
   rows = []
   for setting in settings:
     n_way, n_support, n_query = SETTINGS[setting]
     support, query = make_data(n_way, n_support, n_query, jax.random.key(0))
+    cells = {}
     for conv in formulations:
       net = models.omniglot_convnet(n_way, conv=conv)
       keys = jax.random.split(jax.random.key(1), N_TASKS)
-      params = jax.vmap(lambda k: models.init_params(net, k, support[0][0]))(keys)
+      init = jax.jit(jax.vmap(lambda k: models.init_params(net, k, support[0][0])))
+      params = init(keys)
       tangent = jax.tree.map(jnp.ones_like, params)
-      fns = make_fns(models.classification_loss(net))
       args = {
-          "grad": ((params, query), (params, query)),
-          "scan16": ((params, support), (params, support)),
-          "hvp5": ((params, tangent, support), (params, tangent, support)),
+          "grad": (params, query),
+          "scan16": (params, support),
+          "hvp5": (params, tangent, support),
       }
+      fns = make_fns(models.classification_loss(net))
       for workload, (fn, step_fn, n_steps) in fns.items():
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args[workload][0]))
-        compile_s = time.perf_counter() - t0
-        seconds = _median_time(fn, args[workload][0], repeats)
-        flops = n_steps * _flops(step_fn, args[workload][1])
-        row = dict(setting=setting, conv=conv, workload=workload,
-                   seconds=seconds, first_call_s=compile_s, flops=flops,
-                   gflops_per_s=flops / seconds / 1e9)
-        rows.append(row)
-        print(f"{setting:11s} {conv:8s} {workload:7s} {seconds * 1e3:9.1f} ms "
-              f"(first call {compile_s:5.1f} s) {row['gflops_per_s']:7.2f} "
-              "GFLOP/s", flush=True)
+        compiled = fn.lower(*args[workload]).compile()
+        t1 = time.perf_counter()
+        jax.block_until_ready(compiled(*args[workload]))
+        first_run_s = time.perf_counter() - t1
+        step = compiled if step_fn is None else (
+            step_fn.lower(*args[workload]).compile())
+        # A call slower than `max_seconds` is not repeated: its first run,
+        # after compilation, is its one measurement.
+        times = [first_run_s] if first_run_s > max_seconds else []
+        cells[(conv, workload)] = dict(
+            fn=compiled, args=args[workload], times=times,
+            compile_s=t1 - t0, flops=n_steps * _flops(step))
+        print(f"{setting:11s} {conv:8s} {workload:7s} compiled in "
+              f"{t1 - t0:5.1f} s, first run {first_run_s:7.2f} s", flush=True)
+    for _ in range(repeats):
+      for cell in cells.values():
+        if cell["times"] and sum(cell["times"]) > max_seconds:
+          continue
+        start = time.perf_counter()
+        jax.block_until_ready(cell["fn"](*cell["args"]))
+        cell["times"].append(time.perf_counter() - start)
+    for (conv, workload), cell in cells.items():
+      seconds = statistics.median(cell["times"])
+      row = dict(setting=setting, conv=conv, workload=workload,
+                 seconds=seconds, min_seconds=min(cell["times"]),
+                 repeats=len(cell["times"]), compile_s=cell["compile_s"],
+                 flops=cell["flops"],
+                 gflops_per_s=cell["flops"] / seconds / 1e9)
+      rows.append(row)
+      if on_row is not None:
+        on_row(rows)
+      print(f"{setting:11s} {conv:8s} {workload:7s} {seconds * 1e3:9.1f} ms "
+            f"(min {row['min_seconds'] * 1e3:8.1f}, n={row['repeats']}) "
+            f"{row['gflops_per_s']:7.2f} GFLOP/s", flush=True)
   return rows
 
 
@@ -174,9 +208,11 @@ def print_table(rows, matmul_gflops):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
-                      help="5-way 1-shot only, 2 repeats")
+                      help="5-way 1-shot only, 3 repeats")
   parser.add_argument("--repeats", type=int, default=None,
-                      help="timed repeats per measurement (default 5, quick 2)")
+                      help="timed repeats per measurement (default 7, quick 3)")
+  parser.add_argument("--max-seconds", type=float, default=20.0,
+                      help="stop repeating a measurement after this much time")
   parser.add_argument("--conv", nargs="+", default=list(models.CONV_FORMULATIONS),
                       choices=list(models.CONV_FORMULATIONS),
                       help="formulations to time")
@@ -185,23 +221,32 @@ def main():
   args = parser.parse_args()
 
   settings = ["5way1shot"] if args.quick else list(SETTINGS)
-  repeats = args.repeats or (2 if args.quick else 5)
+  repeats = args.repeats or (3 if args.quick else 7)
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({device.platform}), "
         f"{os.cpu_count()} CPUs visible, jax {jax.__version__}", flush=True)
   matmul = matmul_flop_rate()
   print(f"2048 x 2048 float32 matmul: {matmul / 1e9:.1f} GFLOP/s", flush=True)
-  rows = run(settings, args.conv, repeats)
-  print_table(rows, matmul / 1e9)
-
   stem = args.out or os.path.join(RESULTS_DIR,
                                   f"conv_formulations_{device.platform}")
-  os.makedirs(os.path.dirname(stem), exist_ok=True)
   meta = dict(device=str(device.device_kind), platform=device.platform,
               cpu_count=os.cpu_count(), machine=platform.machine(),
               jax=jax.__version__, quick=args.quick, repeats=repeats,
-              n_tasks=N_TASKS, inner_steps=INNER_STEPS, hvp_steps=HVP_STEPS,
-              matmul_2048_gflops_per_s=matmul / 1e9)
+              max_seconds=args.max_seconds, n_tasks=N_TASKS,
+              inner_steps=INNER_STEPS, hvp_steps=HVP_STEPS,
+              matmul_2048_gflops_per_s=matmul / 1e9,
+              load_average_at_start=os.getloadavg())
+  rows = run(settings, args.conv, repeats, args.max_seconds,
+             on_row=lambda rows: write_results(stem, meta, rows))
+  print_table(rows, matmul / 1e9)
+  meta["load_average_at_end"] = os.getloadavg()
+  write_results(stem, meta, rows)
+  print(f"wrote {stem}.json and {stem}.csv")
+
+
+def write_results(stem, meta, rows):
+  """Writes `rows` (and `meta`) to `stem`.json and `stem`.csv."""
+  os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
   with open(stem + ".json", "w") as f:
     json.dump(dict(meta=meta, rows=rows), f, indent=2)
   with open(stem + ".csv", "w", newline="") as f:
@@ -209,8 +254,7 @@ def main():
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     for r in rows:
-      writer.writerow(dict(device=meta["device"], quick=args.quick, **r))
-  print(f"wrote {stem}.json and {stem}.csv")
+      writer.writerow(dict(device=meta["device"], quick=meta["quick"], **r))
 
 
 if __name__ == "__main__":

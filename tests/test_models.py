@@ -305,6 +305,7 @@ def test_regression_loss_vmap_and_hvp():
 # Same maths: every formulation against `lax`, in the whole network.
 
 
+@pytest.mark.slow  # About 25 s of compilation on a 2-core CPU.
 def test_formulations_same_loss_grad_hvp_miniimagenet():
   batch = _make_batch("miniimagenet", 0, n=2)
   params = _init(_make_net("miniimagenet", "lax"), 1, batch[0])

@@ -36,6 +36,7 @@ def classification_loss(net: nn.Module) -> LossFn:
 
   Example:
     >>> import jax, jax.numpy as jnp
+    >>> from imaml_jax.models import init_params, omniglot_convnet, sinusoid_mlp
     >>> net = omniglot_convnet(5)
     >>> x, y = jnp.zeros((5, 28, 28, 1)), jnp.arange(5)
     >>> params = init_params(net, jax.random.key(0), x)
@@ -71,6 +72,7 @@ def regression_loss(net: nn.Module) -> LossFn:
 
   Example:
     >>> import jax, jax.numpy as jnp
+    >>> from imaml_jax.models import init_params, omniglot_convnet, sinusoid_mlp
     >>> net = sinusoid_mlp()
     >>> x, y = jnp.zeros((10, 1)), jnp.zeros((10, 1))
     >>> params = init_params(net, jax.random.key(0), x)
