@@ -25,6 +25,18 @@ def _exit_code(main, argv, capsys):
     (["sinusoid", "--set", "meta_steps"], "key=value"),
     (["omniglot_5w1s_imaml_gd", "--data-dir", "/nonexistent/omniglot"],
      "does not exist"),
+    (["sinusoid", "--devices", "0"], "--devices must be >= 1; got 0"),
+    (["sinusoid", "--devices", "1000"], "asked for 1000 devices"),
+    (["sinusoid", "--num-processes", "2", "--process-id", "0"],
+     "--num-processes and --process-id given without --coordinator"),
+    (["sinusoid", "--coordinator", "localhost:1234", "--num-processes", "2"],
+     "--coordinator localhost:1234 needs --process-id too"),
+    (["sinusoid", "--coordinator", "auto", "--process-id", "1"],
+     "--coordinator auto detects the cluster; drop --process-id"),
+    (["sinusoid", "--coordinator", "localhost:1234", "--num-processes", "2",
+      "--process-id", "2"], "--process-id must be in 0..1; got 2"),
+    (["sinusoid", "--coordinator", "localhost:1234", "--num-processes", "0",
+      "--process-id", "0"], "--num-processes must be >= 1"),
 ])
 def test_bad_train_input(tmp_path, capsys, argv, message):
   workdir = tmp_path / "run"

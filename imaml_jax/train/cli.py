@@ -3,6 +3,8 @@
 Usage::
 
   imaml-train CONFIG --workdir DIR [--data-dir DIR] [--set key=value ...]
+              [--devices N] [--coordinator HOST:PORT|auto
+              --num-processes P --process-id I]
   imaml-train --list
   imaml-eval --workdir DIR [--data-dir DIR] [--tasks N]
   python -m imaml_jax train ...   # same as imaml-train
@@ -11,9 +13,19 @@ Usage::
 ``--data-dir`` defaults to ``$IMAML_OMNIGLOT_DIR`` (Omniglot) or
 ``$IMAML_MINI_IMAGENET_DIR`` (mini-ImageNet). Exit codes: 0 done; 2 bad
 input (unknown config or field, wrong value type, missing data, a work
-directory holding another run, a corrupt checkpoint), reported before
-anything is written; 3 training stopped after too many consecutive
-non-finite meta-gradients.
+directory holding another run, a corrupt checkpoint, more devices than there
+are, a meta-batch that does not split evenly over the devices, incomplete
+multi-host flags), reported before anything is written; 3 training stopped
+after too many consecutive non-finite meta-gradients.
+
+Devices: the meta-step is data-parallel over ``--devices N`` devices (the
+first ``N`` of all processes' devices; default: all of them), each sampling
+and adapting ``meta_batch / N`` tasks. A run may resume on another number of
+devices. Several hosts: start the same command on every host with
+``--coordinator HOST:PORT`` (process 0's address), ``--num-processes P`` and
+that host's ``--process-id I``, or ``--coordinator auto`` alone where the
+cluster is detected (SLURM, Cloud TPU); the work directory must be on a file
+system all hosts share, and only process 0 writes to it.
 
 Example:
   >>> train_main(["sinusoid", "--workdir", "/tmp/sin"])  # doctest: +SKIP
@@ -24,6 +36,7 @@ import argparse
 import sys
 from typing import Sequence
 
+import imaml_jax as im
 from imaml_jax.train import checkpoint as ckpt_lib
 from imaml_jax.train import config as config_lib
 from imaml_jax.train import experiment as exp_lib
@@ -31,8 +44,10 @@ from imaml_jax.train import train as train_lib
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+AUTO = "auto"
 _INPUT_ERRORS = (config_lib.ConfigError, exp_lib.DataError,
-                 train_lib.WorkdirError, ckpt_lib.CheckpointError)
+                 train_lib.WorkdirError, ckpt_lib.CheckpointError,
+                 train_lib.DeviceError)
 
 
 def _fail(prog: str, message: str, code: int) -> None:
@@ -59,7 +74,81 @@ def train_parser(prog: str = "imaml-train") -> argparse.ArgumentParser:
                       help="list the config names and exit")
   parser.add_argument("--no-progress", action="store_true",
                       help="no progress bar")
+  _add_device_arguments(parser)
   return parser
+
+
+def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
+  group = parser.add_argument_group("devices and hosts")
+  group.add_argument("--devices", type=int, default=None, metavar="N",
+                     help="train on the first N devices, splitting each "
+                          "meta-batch over them (default: all devices of "
+                          "all processes); meta_batch must be a multiple "
+                          "of N")
+  group.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                     help="join a multi-host job whose process 0 listens "
+                          "at HOST:PORT (give --num-processes and "
+                          "--process-id too), or 'auto' to detect the "
+                          "cluster (SLURM, Cloud TPU)")
+  group.add_argument("--num-processes", type=int, default=None, metavar="P",
+                     help="number of processes of the multi-host job")
+  group.add_argument("--process-id", type=int, default=None, metavar="I",
+                     help="this process's index, 0 .. P-1")
+
+
+def check_device_arguments(args: argparse.Namespace) -> str | None:
+  """Checks ``--devices`` and the multi-host flags without touching JAX.
+
+  Returns:
+    A message describing the first problem, or ``None``.
+  """
+  if args.devices is not None and args.devices < 1:
+    return f"--devices must be >= 1; got {args.devices}."
+  given = {"--num-processes": args.num_processes,
+           "--process-id": args.process_id}
+  if args.coordinator is None:
+    extra = [flag for flag, value in given.items() if value is not None]
+    if extra:
+      return (f"{' and '.join(extra)} given without --coordinator; a "
+              "multi-host run needs --coordinator HOST:PORT (process 0's "
+              "address), --num-processes and --process-id.")
+    return None
+  if args.coordinator == AUTO:
+    extra = [flag for flag, value in given.items() if value is not None]
+    if extra:
+      return (f"--coordinator auto detects the cluster; drop "
+              f"{' and '.join(extra)}, or give --coordinator HOST:PORT.")
+    return None
+  missing = [flag for flag, value in given.items() if value is None]
+  if missing:
+    return (f"--coordinator {args.coordinator} needs {' and '.join(missing)}"
+            " too.")
+  if args.num_processes < 1:
+    return f"--num-processes must be >= 1; got {args.num_processes}."
+  if not 0 <= args.process_id < args.num_processes:
+    return (f"--process-id must be in 0..{args.num_processes - 1}; got "
+            f"{args.process_id}.")
+  return None
+
+
+def join_processes(args: argparse.Namespace) -> None:
+  """Joins the multi-host job named by the flags (first JAX call).
+
+  Raises:
+    DeviceError: the job cannot be joined or no cluster is detected.
+  """
+  if args.coordinator is None:
+    return
+  try:
+    if args.coordinator == AUTO:
+      im.initialize_distributed()
+    else:
+      im.initialize_distributed(args.coordinator, args.num_processes,
+                                args.process_id)
+  except (ValueError, RuntimeError) as e:
+    raise train_lib.DeviceError(
+        f"cannot join the multi-host job (--coordinator "
+        f"{args.coordinator}): {e}") from e
 
 
 def eval_parser(prog: str = "imaml-eval") -> argparse.ArgumentParser:
@@ -87,11 +176,16 @@ def train_main(argv: Sequence[str] | None = None,
           f"{', '.join(config_lib.config_names())}.", EXIT_BAD_INPUT)
   if not args.workdir:
     _fail(prog, "--workdir is required.", EXIT_BAD_INPUT)
+  problem = check_device_arguments(args)
+  if problem:
+    _fail(prog, problem, EXIT_BAD_INPUT)
   try:
     config = config_lib.apply_overrides(config_lib.get_config(args.config),
                                         args.overrides)
+    join_processes(args)
+    mesh = train_lib.make_mesh(config, args.devices)
     train_lib.train_and_evaluate(config, args.workdir, args.data_dir,
-                                 progress=not args.no_progress)
+                                 mesh=mesh, progress=not args.no_progress)
   except _INPUT_ERRORS as e:
     _fail(prog, str(e), EXIT_BAD_INPUT)
   except train_lib.TrainingDiverged as e:

@@ -15,6 +15,21 @@ the metrics) is one jitted function whose data arrays are arguments, compiled
 ahead of time so its compile time is reported apart from the step time. The
 host reads the running sums only every ``log_every`` steps.
 
+Devices: the step runs data-parallel over a 1-D device mesh
+(:func:`imaml_jax.task_mesh`, all devices by default). The meta-state, the
+metric sums, the training images and the base key are replicated; every
+device samples and adapts its ``meta_batch / devices`` tasks
+(:func:`imaml_jax.make_sharded_sampler`, or :func:`imaml_jax.constrain_tasks`
+for sinusoid) and the meta-gradient is all-reduced. The tasks drawn do not
+depend on the device count, so runs on different counts agree up to float
+rounding of the reductions (amplified where the meta-gradient is sensitive,
+e.g. when its CG solve is far from converged), and a run may resume on
+another count. With one device the step is
+the plain single-device step. Validation and testing run on the first local
+device. With several processes (:func:`imaml_jax.initialize_distributed`),
+every process runs the same loop on the same work directory (a shared file
+system) and only process 0 writes to it.
+
 Model selection: every ``val_every`` steps the meta-parameters are evaluated
 on a fixed set of ``val_tasks`` tasks from the validation split; the
 parameters with the best validation score (highest accuracy, or lowest query
@@ -68,6 +83,38 @@ class TrainingDiverged(RuntimeError):
   """Too many consecutive meta-steps were skipped (non-finite gradients)."""
 
 
+class DeviceError(ValueError):
+  """The requested devices are not available."""
+
+
+def make_mesh(config: config_lib.Config, devices: int | None = None):
+  """The task mesh of a run: ``devices`` devices, all of them if ``None``.
+
+  Args:
+    config: the run's config (its ``meta_batch`` must split evenly).
+    devices: number of devices, the first ones of ``jax.devices()`` (all
+      processes); ``None`` for all.
+
+  Returns:
+    A 1-D ``jax.sharding.Mesh`` with axis ``"tasks"``.
+
+  Raises:
+    DeviceError: fewer devices than requested, or a count below 1.
+    ConfigError: ``meta_batch`` is not a multiple of the device count.
+  """
+  try:
+    mesh = im.task_mesh(devices)
+  except ValueError as e:
+    raise DeviceError(str(e)) from e
+  try:
+    im.check_divisible(config.meta_batch, mesh)
+  except ValueError as e:
+    raise config_lib.ConfigError(
+        f"{e} Pass --devices with a divisor of {config.meta_batch}, or "
+        "--set meta_batch=... with a multiple of the device count.") from e
+  return mesh
+
+
 # ----------------------------------------------------------------------------
 # Pure pieces: the jitted step, metric sums, statistics.
 
@@ -106,18 +153,41 @@ def reset_window(sums: dict) -> dict:
   return out
 
 
-def make_train_step(exp: exp_lib.Experiment) -> Callable:
+def task_sampler(exp: exp_lib.Experiment, mesh=None) -> Callable:
+  """``sample(key, train_data) -> Task``, split over ``mesh`` if given.
+
+  The tasks equal ``exp.sample(key, train_data)`` whatever the mesh: N-way
+  K-shot episodes come from :func:`imaml_jax.make_sharded_sampler` (each
+  device draws its own tasks from its replica of the images); sinusoid tasks
+  are constrained to the task sharding (:func:`imaml_jax.constrain_tasks`).
+  """
+  if mesh is None:
+    return exp.sample
+  config = exp.config
+  if config.dataset == "sinusoid":
+    return lambda key, data: im.constrain_tasks(exp.sample(key, data), mesh)
+  return im.make_sharded_sampler(mesh, config.n_way, config.k_shot,
+                                 config.q_query, config.meta_batch)
+
+
+def make_train_step(exp: exp_lib.Experiment, mesh=None) -> Callable:
   """``train_step(state, sums, train_data, base_key) -> (state, sums)``.
 
   Samples the task batch on device from ``fold_in(base_key, state.step)``,
   takes one meta-step and adds its metrics to ``sums``. Pure; jit it with
   the data as an argument (not a closed-over constant).
+
+  Args:
+    exp: the experiment.
+    mesh: a task mesh (:func:`make_mesh`) to split the task batch over, or
+      ``None`` for unconstrained tasks.
   """
   _, meta_step = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
                                    has_aux=True)
+  sample = task_sampler(exp, mesh)
 
   def train_step(state, sums, train_data, base_key):
-    tasks = exp.sample(jax.random.fold_in(base_key, state.step), train_data)
+    tasks = sample(jax.random.fold_in(base_key, state.step), train_data)
     state, metrics = meta_step(state, tasks)
     return state, add_to_sums(sums, metrics)
 
@@ -266,9 +336,35 @@ def restore(path: Path, config: config_lib.Config, state, sums, best):
 # The run.
 
 
+def _fetch(x):
+  """A leaf on the host; a global array is read from a local replica."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    x = x.addressable_data(0)
+  return x
+
+
 def _host(tree) -> Any:
+  """``tree`` as numpy arrays (replicated arrays: this process's copy)."""
   return jax.tree.map(lambda x: x if isinstance(x, str) else np.asarray(x),
-                      jax.device_get(tree))
+                      jax.device_get(jax.tree.map(_fetch, tree)))
+
+
+def _local(tree) -> Any:
+  """The first local replica of every leaf, a single-device array."""
+  return jax.tree.map(lambda x: x.addressable_data(0), tree)
+
+
+class _NoLog:
+  """Stands in for the metrics log on processes other than 0."""
+
+  def truncate(self, step: int) -> None:
+    del step
+
+  def write(self, record: dict) -> None:
+    del record
+
+  def flush(self) -> None:
+    pass
 
 
 def _window_record(step: int, sums: dict) -> dict:
@@ -296,14 +392,34 @@ def _metric_shapes(exp: exp_lib.Experiment, state, key) -> dict:
                         state, exp.data.train, key)
 
 
-def _device_name() -> str:
-  device = jax.devices()[0]
+def _device_name(mesh=None) -> str:
+  device = (jax.devices() if mesh is None else mesh.devices.flat)[0]
   return f"{device.platform}:{getattr(device, 'device_kind', '')}"
 
 
+def _check_same_start(step: int) -> None:
+  """With several processes, fails unless all resume from the same step."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  try:
+    multihost_utils.assert_equal(
+        np.int64(step), "processes resume from different checkpoints")
+  except AssertionError as e:
+    raise WorkdirError(
+        f"{e}: every process must see the same work directory (a shared "
+        "file system).") from e
+
+
 def prepare(config: config_lib.Config, workdir: str | os.PathLike,
-            data_dir: str | os.PathLike | None = None):
+            data_dir: str | os.PathLike | None = None, mesh=None):
   """Checks the request without writing anything.
+
+  Args:
+    config: the run's config.
+    workdir: the work directory.
+    data_dir: the dataset directory, or ``None`` for the default.
+    mesh: if given, ``config.meta_batch`` must split evenly over it.
 
   Returns:
     ``(workdir, data_dir, latest_checkpoint)``.
@@ -312,6 +428,11 @@ def prepare(config: config_lib.Config, workdir: str | os.PathLike,
     ConfigError, DataError, WorkdirError, CheckpointError: with a message.
   """
   config_lib.validate(config)
+  if mesh is not None:
+    try:
+      im.check_divisible(config.meta_batch, mesh)
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e)) from e
   data_dir = exp_lib.resolve_data_dir(config, data_dir)
   workdir = Path(workdir).expanduser()
   latest = check_workdir(config, workdir)
@@ -323,18 +444,22 @@ def prepare(config: config_lib.Config, workdir: str | os.PathLike,
 def train_and_evaluate(config: config_lib.Config,
                        workdir: str | os.PathLike,
                        data_dir: str | os.PathLike | None = None, *,
-                       progress: bool = True,
+                       mesh=None, progress: bool = True,
                        log: Callable[[str], None] | None = None) -> dict:
   """Meta-trains ``config`` in ``workdir`` (resuming if possible) and tests.
 
   Args:
     config: the run's config.
     workdir: the work directory (created; an existing run of the same
-      config resumes from its latest checkpoint).
+      config resumes from its latest checkpoint, possibly written on another
+      number of devices).
     data_dir: dataset directory; ``None`` uses ``IMAML_OMNIGLOT_DIR`` /
       ``IMAML_MINI_IMAGENET_DIR`` (unused for sinusoid).
-    progress: show a tqdm progress bar.
-    log: where status lines go (default: ``tqdm.write``).
+    mesh: the devices to train on (:func:`make_mesh`); ``None`` for all
+      devices of all processes.
+    progress: show a tqdm progress bar (process 0 only).
+    log: where status lines go (default: ``tqdm.write``); only process 0
+      logs.
 
   Returns:
     The results dict also written to ``workdir/results.json``.
@@ -345,16 +470,19 @@ def train_and_evaluate(config: config_lib.Config,
     TrainingDiverged: ``max_consecutive_skips`` consecutive meta-steps were
       skipped for a non-finite meta-gradient.
   """
-  log = log or tqdm.tqdm.write
   wall_start = time.perf_counter()
-  workdir, data_dir, latest = prepare(config, workdir, data_dir)
+  if mesh is None:
+    mesh = make_mesh(config)
+  workdir, data_dir, latest = prepare(config, workdir, data_dir, mesh)
+  lead = jax.process_index() == 0   # The process that writes and logs.
+  log = (log or tqdm.tqdm.write) if lead else (lambda _: None)
   exp = exp_lib.build(config, exp_lib.load_data(config, data_dir))
 
   init, _ = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
                               has_aux=True)
   init_key, base_key = jax.random.split(jax.random.key(config.seed))
   state = init(exp.init_params(init_key))
-  train_step = make_train_step(exp)
+  train_step = make_train_step(exp, mesh)
   metric_shapes = _metric_shapes(exp, state, base_key)
   sums = init_sums(metric_shapes)
   select_key, higher_better = score_key(metric_shapes)
@@ -367,30 +495,39 @@ def train_and_evaluate(config: config_lib.Config,
     start_step, state, sums, best, base_key, elapsed_before = restore(
         latest, config, state, sums, best)
     log(f"Resuming from {latest} (step {start_step}).")
+  _check_same_start(start_step)
 
   # Everything is checked; from here on the work directory is written.
   ckpt_dir = workdir / CHECKPOINT_DIR
-  ckpt_dir.mkdir(parents=True, exist_ok=True)
-  ckpt_lib.remove_stale_temporaries(ckpt_dir)
-  ckpt_lib.write_atomic(workdir / CONFIG_FILE, json.dumps(
-      config_lib.to_dict(config), indent=2, sort_keys=True).encode())
-  metrics = metrics_log.MetricsLog(workdir / METRICS_FILE)
+  metrics = _NoLog()
+  if lead:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_lib.remove_stale_temporaries(ckpt_dir)
+    ckpt_lib.write_atomic(workdir / CONFIG_FILE, json.dumps(
+        config_lib.to_dict(config), indent=2, sort_keys=True).encode())
+    metrics = metrics_log.MetricsLog(workdir / METRICS_FILE)
   metrics.truncate(start_step)
 
-  state, sums = jax.device_put((state, sums))
+  state, sums, train_data, base_key = im.replicate(
+      (state, sums, exp.data.train, base_key), mesh)
+  exp = exp._replace(data=exp.data._replace(train=None))  # Frees the copy.
   best = dict(best, params=jax.device_put(best["params"]))
   compile_time = 0.0
   if start_step < config.meta_steps:
     compile_start = time.perf_counter()
-    step_fn = jax.jit(train_step, donate_argnums=(0, 1)).lower(
-        state, sums, exp.data.train, base_key).compile()
+    replicated = im.replicated_sharding(mesh)
+    step_fn = jax.jit(train_step, donate_argnums=(0, 1),
+                      in_shardings=replicated, out_shardings=replicated
+                      ).lower(state, sums, train_data, base_key).compile()
     compile_time = time.perf_counter() - compile_start
-    log(f"{config.name}: {exp.algorithm.name}; train step compiled in "
+    log(f"{config.name}: {exp.algorithm.name} on {mesh.size} "
+        f"{_device_name(mesh)} device(s); train step compiled in "
         f"{compile_time:.1f} s.")
   evaluator = Evaluator(exp)
 
   def validate(step: int, params) -> None:
     nonlocal best
+    params = _local(params)
     summary = summarize(evaluator(params, exp.data.val, config.val_tasks,
                                   config.val_seed))
     score = summary[select_key]["mean"]
@@ -408,6 +545,8 @@ def train_and_evaluate(config: config_lib.Config,
         f"{' (best)' if improved else ''}")
 
   def save(step: int, elapsed: float) -> None:
+    if not lead:
+      return
     metrics.flush()
     ckpt_lib.save(ckpt_dir, step, _host(_checkpoint_tree(
         state, sums, best, base_key, config, elapsed)),
@@ -416,14 +555,15 @@ def train_and_evaluate(config: config_lib.Config,
   segment_start = time.perf_counter()
   aside = 0.0   # Time spent validating and checkpointing.
   # Skipped steps already logged (the restored window's are logged later).
-  skipped_total = int(state.skipped) - int(sums["skipped"])
+  skipped_total = int(_host(state.skipped)) - int(_host(sums["skipped"]))
   bar = tqdm.tqdm(total=config.meta_steps, initial=start_step, unit="step",
-                  disable=not progress, dynamic_ncols=True, smoothing=0.1)
+                  disable=not (progress and lead), dynamic_ncols=True,
+                  smoothing=0.1)
   step = start_step
   last_logged = start_step
   try:
     while step < config.meta_steps:
-      state, sums = step_fn(state, sums, exp.data.train, base_key)
+      state, sums = step_fn(state, sums, train_data, base_key)
       step += 1
       if step % config.log_every == 0 or step == config.meta_steps:
         host_sums = _host(sums)
@@ -434,7 +574,7 @@ def train_and_evaluate(config: config_lib.Config,
         bar.update(step - last_logged)
         last_logged = step
         bar.set_postfix(_postfix(record, skipped_total), refresh=False)
-        sums = jax.device_put(reset_window(host_sums))
+        sums = im.replicate(reset_window(host_sums), mesh)
         if record["consecutive_skips"] >= config.max_consecutive_skips:
           metrics.flush()
           raise TrainingDiverged(
@@ -457,7 +597,8 @@ def train_and_evaluate(config: config_lib.Config,
   train_time = time.perf_counter() - segment_start - aside
   steps_done = step - start_step
 
-  final_params = state.params
+  final_params = _local(state.params)
+  final_counts = _host({"step": state.step, "skipped": state.skipped})
   has_best = 0 <= int(best["step"]) < step
   test_last = summarize(evaluator(final_params, exp.data.test,
                                   config.test_tasks, config.test_seed))
@@ -482,24 +623,27 @@ def train_and_evaluate(config: config_lib.Config,
       "statistics": "mean over tasks; ci95 = 1.96 * std / sqrt(n), "
                     "population std (ddof=0)",
       "budget": {
-          "meta_steps": int(state.step),
+          "meta_steps": int(final_counts["step"]),
           "meta_steps_this_run": steps_done,
-          "skipped_steps": int(state.skipped),
+          "skipped_steps": int(final_counts["skipped"]),
           "wall_time_s": wall,
           "train_time_s_this_run": train_time,
           "compile_time_s": compile_time,
           "eval_compile_time_s": evaluator.compile_time_s,
           "steps_per_s": steps_done / train_time if train_time > 0 else None,
-          "device": _device_name(),
+          "device": _device_name(mesh),
+          "devices": mesh.size,
+          "processes": jax.process_count(),
           "resumed_from_step": start_step if latest is not None else None,
       },
   }
-  ckpt_lib.write_atomic(workdir / RESULTS_FILE,
-                        json.dumps(results, indent=2).encode())
-  from imaml_jax.train import plots  # pylint: disable=import-outside-toplevel
-  plots.plot_curves(workdir / METRICS_FILE, workdir / CURVES_FILE,
-                    title=config.name,
-                    loss_name="MSE" if config.dataset == "sinusoid" else "loss")
+  if lead:
+    ckpt_lib.write_atomic(workdir / RESULTS_FILE,
+                          json.dumps(results, indent=2).encode())
+    from imaml_jax.train import plots  # pylint: disable=import-outside-toplevel
+    plots.plot_curves(workdir / METRICS_FILE, workdir / CURVES_FILE,
+                      title=config.name, loss_name=(
+                          "MSE" if config.dataset == "sinusoid" else "loss"))
   log(format_test(results))
   return results
 
