@@ -100,6 +100,13 @@ def imaml_step_flops(loss_fn, params, tasks, inner_steps: int, cg_steps: int,
   return n_tasks * per_task
 
 
+def matmul_size(quick: bool) -> int:
+  """Side of the reference matrix product: large enough to run near peak."""
+  if quick:
+    return 512
+  return 2048 if jax.devices()[0].platform == "cpu" else 8192
+
+
 def time_compiled(fn, args, repeats: int) -> list[float]:
   jax.block_until_ready(fn(*args))  # warm-up
   times = []
@@ -156,8 +163,10 @@ def benchmark_setting(setting: str, meta_batch: int, algorithm: str, conv: str,
   t0 = time.perf_counter()
   compiled = jax.jit(step).lower(state, tasks).compile()
   compile_s = time.perf_counter() - t0
+  memory = compiled.memory_analysis()
   times = time_compiled(compiled, (state, tasks), repeats)
   step_s = statistics.median(times)
+  stats = jax.devices()[0].memory_stats() or {}
   flops = imaml_step_flops(loss_fn, params, tasks, steps, 5, algorithm,
                            pre_adaptation_metrics)
   return {
@@ -167,7 +176,24 @@ def benchmark_setting(setting: str, meta_batch: int, algorithm: str, conv: str,
       "compile_s": round(compile_s, 2), "step_s": step_s,
       "step_s_min": min(times), "tasks_per_s": meta_batch / step_s,
       "gflop_per_step": flops / 1e9, "gflop_per_s": flops / step_s / 1e9,
+      "temp_mb": memory.temp_size_in_bytes / 2 ** 20 if memory else None,
+      # The process's peak so far (it never goes down; it includes the
+      # reference matrix product's three operands, 768 MiB at n = 8192).
+      "peak_device_mb_so_far": (stats["peak_bytes_in_use"] / 2 ** 20
+                                if "peak_bytes_in_use" in stats else None),
   }
+
+
+def write_results(rows, stem: str, device: str, matmul: float) -> dict:
+  meta = {"device": device, "jax": jax.__version__,
+          "matmul_gflop_per_s": matmul / 1e9, "rows": rows}
+  with open(stem + ".json", "w") as f:
+    json.dump(meta, f, indent=2)
+  with open(stem + ".csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+    writer.writeheader()
+    writer.writerows(rows)
+  return meta
 
 
 def main(argv=None):
@@ -184,8 +210,10 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--task-chunk", type=int, default=None,
                       help="tasks vmapped together (default: the whole batch)")
-  parser.add_argument("--single-task", action="store_true",
-                      help="also time meta-batch 1 to measure the vmap gain")
+  parser.add_argument("--single-task", nargs="*", choices=list(SETTINGS),
+                      default=None, metavar="SETTING",
+                      help="also time meta-batch 1 to measure the vmap gain "
+                           "(for the given settings; none given: all)")
   parser.add_argument("--quick", action="store_true",
                       help="5-way 1-shot only, meta-batch 4, 2 inner steps")
   parser.add_argument("--out", default=RESULTS)
@@ -196,12 +224,17 @@ def main(argv=None):
   if args.quick:
     settings, args.meta_batch, args.repeats, inner_steps = ["5w1s"], 4, 1, 2
   device = device_name()
-  matmul = matmul_flop_rate(512 if args.quick else 2048)
+  matmul = matmul_flop_rate(matmul_size(args.quick))
   print(f"device: {device}; jax {jax.__version__}; "
         f"fp32 matmul: {matmul / 1e9:.1f} GFLOP/s")
   rows = []
+  os.makedirs(args.out, exist_ok=True)
+  stem = os.path.join(args.out, f"throughput_{jax.devices()[0].platform}"
+                      f"{'_quick' if args.quick else ''}{args.tag}")
+  single = (set() if args.single_task is None
+            else set(args.single_task or settings))
   for setting in settings:
-    batches = [args.meta_batch] + ([1] if args.single_task else [])
+    batches = [args.meta_batch] + ([1] if setting in single else [])
     for mb in batches:
       row = benchmark_setting(setting, mb, args.algorithm, args.conv,
                               args.q_query, args.repeats, inner_steps,
@@ -213,25 +246,16 @@ def main(argv=None):
             f"step {row['step_s']:8.3f}s  {row['tasks_per_s']:7.2f} tasks/s  "
             f"{row['gflop_per_s']:7.1f} GFLOP/s  "
             f"eff {100 * row['efficiency']:5.1f}%", flush=True)
-    if args.single_task:
+      write_results(rows, stem, device, matmul)  # As it goes.
+    if setting in single:
       many, one = rows[-2], rows[-1]
       gain = many["tasks_per_s"] / one["tasks_per_s"]
       many["vmap_gain_per_task"] = gain
       print(f"{setting}: vmapping {many['meta_batch']} tasks is {gain:.2f}x "
             "faster per task than one task at a time")
-  os.makedirs(args.out, exist_ok=True)
-  platform_tag = jax.devices()[0].platform
-  stem = f"throughput_{platform_tag}{'_quick' if args.quick else ''}{args.tag}"
-  meta = {"device": device, "jax": jax.__version__,
-          "matmul_gflop_per_s": matmul / 1e9, "rows": rows}
-  with open(os.path.join(args.out, stem + ".json"), "w") as f:
-    json.dump(meta, f, indent=2)
-  with open(os.path.join(args.out, stem + ".csv"), "w", newline="") as f:
-    fields = sorted({k for r in rows for k in r})
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-  print(f"wrote {os.path.join(args.out, stem)}.{{json,csv}}")
+      write_results(rows, stem, device, matmul)
+  meta = write_results(rows, stem, device, matmul)
+  print(f"wrote {stem}.{{json,csv}}")
   return meta
 
 

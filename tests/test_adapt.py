@@ -136,6 +136,7 @@ def test_composes_with_vmap_jit_and_grad_over_tasks(x64):
     assert rel_err(per_task[i], exact) < 1e-10
 
 
+@jax.default_matmul_precision("highest")   # GPUs default to TF32 products.
 def test_float32_pytree_params_give_accurate_gradient():
   params = mlp_init(jax.random.PRNGKey(6), dtype=jnp.float32)
   support, query = mlp_task(jax.random.PRNGKey(7), dtype=jnp.float32)

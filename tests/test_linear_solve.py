@@ -95,3 +95,76 @@ def test_bad_solver_settings_are_named(factory, kwargs, message):
 def test_nonfinite_right_hand_side_is_not_turned_into_a_finite_answer(solver):
   x, _ = solver.solve(lambda v: 2.0 * v, jnp.array([1.0, jnp.nan, 2.0]))
   assert bool(jnp.all(jnp.isnan(x)))
+
+
+def numpy_cg_stopping_at_negative_curvature(a, b, maxiter):
+  """Textbook CG in NumPy that stops before a step with p^T A p <= 0."""
+  x, r, p = np.zeros_like(b), b.copy(), b.copy()
+  for k in range(maxiter):
+    ap = a @ p
+    curvature = p @ ap
+    if curvature <= 0:
+      return b.copy() if k == 0 else x
+    alpha = (r @ r) / curvature
+    x = x + alpha * p
+    r_next = r - alpha * ap
+    p = r_next + (r_next @ r_next) / (r @ r) * p
+    r = r_next
+  return x
+
+
+def test_negative_curvature_guard_is_plain_cg_on_spd_systems(x64):
+  a, b = spd_system(5, cond=50.0)
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  for k in (1, 2, 5, 12):
+    plain, _ = im.cg(k, tol=0.0).solve(lambda v: a @ v, b)
+    guarded, _ = im.cg(k, tol=0.0, stop_at_negative_curvature=True).solve(
+        lambda v: a @ v, b)
+    assert rel_err(guarded, plain) < 1e-12, k
+
+
+def indefinite_system(seed, n=10):
+  rng = np.random.default_rng(seed)
+  q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+  eig = np.concatenate([np.geomspace(1.0, 20.0, n - 2), [-0.5, -3.0]])
+  return (q * eig) @ q.T, q, eig
+
+
+def test_negative_curvature_guard_stops_before_the_bad_step(x64):
+  a, q, eig = indefinite_system(6)
+  rng = np.random.default_rng(7)
+  stopped_late = 0
+  for trial in range(20):
+    b = rng.normal(size=a.shape[0])
+    expected = numpy_cg_stopping_at_negative_curvature(a, b, maxiter=8)
+    x, _ = jax.jit(im.cg(8, tol=0.0, stop_at_negative_curvature=True).solve,
+                   static_argnums=0)(lambda v: a @ v, jnp.asarray(b))
+    np.testing.assert_allclose(np.asarray(x), expected, rtol=1e-10,
+                               atol=1e-12)
+    stopped_late += not np.allclose(expected, b)
+  assert stopped_late > 0        # Some solves took steps before stopping.
+  # The first direction b has negative curvature: the answer is b itself.
+  b = q[:, -1] + 0.1 * q[:, 0]   # b^T A b = -3 + 0.01 < 0
+  x, _ = im.cg(8, stop_at_negative_curvature=True).solve(
+      lambda v: a @ v, jnp.asarray(b))
+  np.testing.assert_allclose(np.asarray(x), b, rtol=1e-12)
+  # Plain CG steps along it and ends at the saddle A^{-1} b, which points
+  # against b (b^T A^{-1} b = -1/3 + 0.01 < 0).
+  plain, _ = im.cg(8).solve(lambda v: a @ v, jnp.asarray(b))
+  assert float(jnp.asarray(b) @ plain) < 0
+
+
+def test_negative_curvature_guard_under_vmap_and_on_pytrees(x64):
+  a, _, _ = indefinite_system(8, n=6)
+  rng = np.random.default_rng(9)
+  bs = rng.normal(size=(5, 6))
+  def matvec(tree):
+    out = a @ jnp.concatenate([tree["u"], tree["v"].ravel()])
+    return {"u": out[:2], "v": out[2:].reshape(2, 2)}
+  solver = im.cg(6, tol=0.0, stop_at_negative_curvature=True)
+  trees = {"u": jnp.asarray(bs[:, :2]), "v": jnp.asarray(bs[:, 2:].reshape(5, 2, 2))}
+  xs, _ = jax.vmap(lambda t: solver.solve(matvec, t))(trees)
+  for i in range(5):
+    expected = numpy_cg_stopping_at_negative_curvature(a, bs[i], 6)
+    got = np.concatenate([np.asarray(xs["u"][i]), np.asarray(xs["v"][i]).ravel()])
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)

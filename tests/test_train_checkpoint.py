@@ -1,5 +1,6 @@
 """Checkpoint files and the metrics log (no training here)."""
 import collections
+import os
 
 import numpy as np
 import pytest
@@ -81,3 +82,13 @@ def test_metrics_log_truncates_and_drops_partial_lines(tmp_path):
   log.write({"step": 30, "split": "train"})
   log.close()
   assert [r["step"] for r in metrics_log.read_records(path)] == [10, 20, 30]
+
+
+def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
+  old = os.umask(0o022)
+  try:
+    ckpt_lib.write_atomic(tmp_path / "results.json", b"{}")
+  finally:
+    os.umask(old)
+  assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644
+  assert (tmp_path / "results.json").read_bytes() == b"{}"

@@ -195,3 +195,33 @@ def test_omniglot_end_to_end(tmp_path):
   assert accuracy["n"] == 10 and 0.0 <= accuracy["mean"] <= 1.0
   assert results["budget"]["meta_steps"] == 4
   assert (workdir / "curves.png").exists()
+
+
+def test_time_budget_stops_early_then_resumes_to_same_params(reference_run,
+                                                             tmp_path):
+  workdir = tmp_path / "budget"
+  assert cli.train_main(["sinusoid", "--workdir", str(workdir),
+                         "--no-progress", "--time-budget", "1e-9",
+                         "--set", *SMALL]) == 0
+  results = json.loads((workdir / "results.json").read_text())
+  budget = results["budget"]
+  assert budget["stopped_by_time_budget"] is True
+  assert budget["meta_steps"] == 10 and budget["meta_steps_target"] == 300
+  assert ckpt_lib.list_checkpoints(workdir / "checkpoints")[-1][0] == 10
+  records = metrics_log.read_records(workdir / "metrics.jsonl")
+  assert [r["step"] for r in records if r["split"] == "val"] == [10]
+  assert np.isfinite(results["test"]["loss_after"]["mean"])
+  assert _train(workdir) == 0          # Same command, no budget: resumes.
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["budget"]["stopped_by_time_budget"] is False
+  assert results["budget"]["resumed_from_step"] == 10
+  _assert_same_params(_final_params(reference_run), _final_params(workdir))
+
+
+def test_time_budget_must_be_positive(tmp_path, capsys):
+  with pytest.raises(SystemExit) as info:
+    cli.train_main(["sinusoid", "--workdir", str(tmp_path / "w"),
+                    "--time-budget", "0"])
+  assert info.value.code == 2
+  assert "--time-budget" in capsys.readouterr().err
+  assert not (tmp_path / "w").exists()

@@ -68,7 +68,47 @@ def _finish(matvec, x, b, report_residual: bool):
   return x, SolveInfo(residual=residual)
 
 
+def _cg_stopping_at_negative_curvature(matvec: MatVec, b: PyTree,
+                                       maxiter: int, tol: float,
+                                       atol: float) -> PyTree:
+  """CG from ``x0 = 0`` that stops before a step along ``p`` with
+  ``p^T A p <= 0`` (where the quadratic is unbounded and CG's step is
+  meaningless), keeping the iterate it has. If the very first direction,
+  ``b``, has non-positive curvature it returns ``b``: the answer for
+  ``A = I``, i.e. as if the Hessian term were absent.
+  """
+  dtype = tu._result_dtype(b)
+  stop_sq = jnp.maximum(tol * tu.tree_norm(b), atol).astype(dtype) ** 2
+  rr0 = tu.tree_sq_norm(b).astype(dtype)
+
+  def keep_going(carry):
+    k, _, _, _, rr, done = carry
+    return (k < maxiter) & ~done & (rr > stop_sq)
+
+  def step(carry):
+    k, x, r, p, rr, _ = carry
+    ap = matvec(p)
+    curvature = tu.tree_vdot(p, ap).astype(dtype)
+    negative = ~(curvature > 0)
+    alpha = rr / jnp.where(negative, 1, curvature)
+    x_next = tu.tree_axpy(alpha, p, x)
+    r_next = tu.tree_axpy(-alpha, ap, r)
+    rr_next = tu.tree_sq_norm(r_next).astype(dtype)
+    p_next = tu.tree_axpy(rr_next / jnp.where(rr > 0, rr, 1), p, r_next)
+    first = k == 0
+    x_stop = tu.tree_where(first, b, x)
+    x = tu.tree_where(negative, x_stop, x_next)
+    return (k + 1, x, tu.tree_where(negative, r, r_next),
+            tu.tree_where(negative, p, p_next),
+            jnp.where(negative, rr, rr_next), negative)
+
+  init = (jnp.zeros((), jnp.int32), tu.tree_zeros_like(b), b, b, rr0,
+          jnp.zeros((), bool))
+  return jax.lax.while_loop(keep_going, step, init)[1]
+
+
 def cg(maxiter: int = 5, tol: float = 1e-10, *, atol: float = 0.0,
+       stop_at_negative_curvature: bool = False,
        report_residual: bool = True) -> LinearSolver:
   r"""Conjugate gradient, for the symmetric system ``(I + H/lam) x = b``.
 
@@ -77,14 +117,21 @@ def cg(maxiter: int = 5, tol: float = 1e-10, *, atol: float = 0.0,
   ``||r|| <= max(tol ||b||, atol)``. The paper uses 5 iterations. Because
   ``I + H/lam`` is symmetric, plain CG applies; solving the normal equations
   instead would square the condition number and double the work.
-  When ``H`` is indefinite with ``lam > |lambda_min(H)|`` violated the system
-  is not positive definite and CG may not converge: the reported residual
-  shows it.
+  The system is positive definite when ``phi`` minimises the proximal
+  objective exactly. After a few inner steps on a non-convex loss it often is
+  not (``lambda_min(H) < -lam``), and plain CG can then take huge steps along
+  directions of negative curvature. ``stop_at_negative_curvature=True``
+  guards against that as truncated-Newton methods do: CG stops before any
+  step along a direction ``p`` with ``p^T A p <= 0`` and keeps its iterate
+  (``b`` itself if that happens at the first step). On a positive-definite
+  system it is the same CG.
 
   Args:
     maxiter: maximum number of CG iterations (each is one product).
     tol: relative tolerance for early stopping.
     atol: absolute tolerance for early stopping.
+    stop_at_negative_curvature: stop CG at the first direction of
+      non-positive curvature (see above).
     report_residual: measure the final relative residual (one more product).
 
   Returns:
@@ -103,11 +150,16 @@ def cg(maxiter: int = 5, tol: float = 1e-10, *, atol: float = 0.0,
   validation.check_positive_scalar("cg atol", atol, allow_zero=True)
 
   def solve(matvec: MatVec, b: PyTree):
-    x, _ = jax.scipy.sparse.linalg.cg(matvec, b, tol=tol, atol=atol,
-                                      maxiter=maxiter)
+    if stop_at_negative_curvature:
+      x = _cg_stopping_at_negative_curvature(matvec, b, maxiter, tol, atol)
+    else:
+      x, _ = jax.scipy.sparse.linalg.cg(matvec, b, tol=tol, atol=atol,
+                                        maxiter=maxiter)
     return _finish(matvec, x, b, report_residual)
 
-  return LinearSolver(solve=solve, name=f"cg({maxiter})")
+  name = (f"cg({maxiter}, stop_at_negative_curvature=True)"
+          if stop_at_negative_curvature else f"cg({maxiter})")
+  return LinearSolver(solve=solve, name=name)
 
 
 def neumann(terms: int = 10, step: float = 1.0, *,

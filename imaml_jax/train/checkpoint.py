@@ -112,6 +112,11 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
   path = Path(path)
   fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
   try:
+    # mkstemp creates the file private (0600); give it the permissions an
+    # ordinary new file would get under the process's umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()

@@ -74,6 +74,11 @@ def train_parser(prog: str = "imaml-train") -> argparse.ArgumentParser:
                       help="list the config names and exit")
   parser.add_argument("--no-progress", action="store_true",
                       help="no progress bar")
+  parser.add_argument("--time-budget", type=float, default=None,
+                      metavar="SECONDS",
+                      help="stop meta-training after SECONDS of training in "
+                           "this invocation, checkpoint and test; the same "
+                           "command resumes later")
   _add_device_arguments(parser)
   return parser
 
@@ -179,13 +184,17 @@ def train_main(argv: Sequence[str] | None = None,
   problem = check_device_arguments(args)
   if problem:
     _fail(prog, problem, EXIT_BAD_INPUT)
+  if args.time_budget is not None and not args.time_budget > 0:
+    _fail(prog, f"--time-budget must be positive; got {args.time_budget}.",
+          EXIT_BAD_INPUT)
   try:
     config = config_lib.apply_overrides(config_lib.get_config(args.config),
                                         args.overrides)
     join_processes(args)
     mesh = train_lib.make_mesh(config, args.devices)
     train_lib.train_and_evaluate(config, args.workdir, args.data_dir,
-                                 mesh=mesh, progress=not args.no_progress)
+                                 mesh=mesh, progress=not args.no_progress,
+                                 time_budget_s=args.time_budget)
   except _INPUT_ERRORS as e:
     _fail(prog, str(e), EXIT_BAD_INPUT)
   except train_lib.TrainingDiverged as e:

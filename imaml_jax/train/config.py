@@ -77,6 +77,8 @@ class Config:
     algorithm: ``"imaml"``, ``"maml"``, ``"fomaml"`` or ``"reptile"``.
     lam: iMAML's proximal strength ``lambda``.
     cg_steps: CG iterations for iMAML's meta-gradient.
+    cg_stop_at_negative_curvature: stop iMAML's CG at the first direction of
+      non-positive curvature of ``I + H/lam`` (see ``imaml_jax.cg``).
     inner: inner solver, ``"gd"``, ``"nesterov"`` or ``"hessian_free"``.
     inner_steps: inner steps (Newton steps for ``hessian_free``).
     inner_lr: inner learning rate (``gd``, ``nesterov``).
@@ -120,6 +122,7 @@ class Config:
   algorithm: str = "imaml"
   lam: float = 2.0
   cg_steps: int = 5
+  cg_stop_at_negative_curvature: bool = False
   inner: str = "gd"
   inner_steps: int = 16
   inner_lr: float = 0.1

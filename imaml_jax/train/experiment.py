@@ -104,7 +104,9 @@ def algorithm(config: config_lib.Config, *,
     steps = config.eval_inner_steps
   inner = inner_solver(config, steps)
   if config.algorithm == "imaml":
-    return im.imaml(config.lam, inner, im.cg(config.cg_steps))
+    return im.imaml(config.lam, inner, im.cg(
+        config.cg_steps,
+        stop_at_negative_curvature=config.cg_stop_at_negative_curvature))
   if config.algorithm == "maml":
     return im.maml(inner, remat=config.maml_remat)
   if config.algorithm == "fomaml":

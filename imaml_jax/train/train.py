@@ -397,6 +397,21 @@ def _device_name(mesh=None) -> str:
   return f"{device.platform}:{getattr(device, 'device_kind', '')}"
 
 
+def _budget_spent(sums, trained_s: float, budget_s: float) -> bool:
+  """Whether the time budget is spent, as process 0 sees it.
+
+  Waits for ``sums`` (the latest step) first, so the time counts finished
+  work. Every process of a multi-host job gets process 0's answer, so all
+  stop at the same step.
+  """
+  jax.block_until_ready(sums)
+  spent = trained_s > budget_s
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    spent = bool(multihost_utils.broadcast_one_to_all(np.bool_(spent)))
+  return spent
+
+
 def _check_same_start(step: int) -> None:
   """With several processes, fails unless all resume from the same step."""
   if jax.process_count() == 1:
@@ -445,7 +460,8 @@ def train_and_evaluate(config: config_lib.Config,
                        workdir: str | os.PathLike,
                        data_dir: str | os.PathLike | None = None, *,
                        mesh=None, progress: bool = True,
-                       log: Callable[[str], None] | None = None) -> dict:
+                       log: Callable[[str], None] | None = None,
+                       time_budget_s: float | None = None) -> dict:
   """Meta-trains ``config`` in ``workdir`` (resuming if possible) and tests.
 
   Args:
@@ -460,6 +476,11 @@ def train_and_evaluate(config: config_lib.Config,
     progress: show a tqdm progress bar (process 0 only).
     log: where status lines go (default: ``tqdm.write``); only process 0
       logs.
+    time_budget_s: stop meta-training once this invocation has trained for
+      this many seconds (compilation, validation and checkpoints not
+      counted), then validate, checkpoint and test as at the last step.
+      Running the same command again resumes towards ``config.meta_steps``.
+      ``None``: no limit.
 
   Returns:
     The results dict also written to ``workdir/results.json``.
@@ -471,6 +492,9 @@ def train_and_evaluate(config: config_lib.Config,
       skipped for a non-finite meta-gradient.
   """
   wall_start = time.perf_counter()
+  if time_budget_s is not None and not time_budget_s > 0:
+    raise config_lib.ConfigError(
+        f"time_budget_s must be positive, got {time_budget_s!r}.")
   if mesh is None:
     mesh = make_mesh(config)
   workdir, data_dir, latest = prepare(config, workdir, data_dir, mesh)
@@ -561,11 +585,16 @@ def train_and_evaluate(config: config_lib.Config,
                   smoothing=0.1)
   step = start_step
   last_logged = start_step
+  stopped_early = False
   try:
     while step < config.meta_steps:
       state, sums = step_fn(state, sums, train_data, base_key)
       step += 1
-      if step % config.log_every == 0 or step == config.meta_steps:
+      if time_budget_s is not None and step % config.log_every == 0:
+        stopped_early = step < config.meta_steps and _budget_spent(
+            sums, time.perf_counter() - segment_start - aside, time_budget_s)
+      last = step == config.meta_steps or stopped_early
+      if step % config.log_every == 0 or last:
         host_sums = _host(sums)
         record = _window_record(step, host_sums)
         skipped_total += record["skipped"]
@@ -583,13 +612,17 @@ def train_and_evaluate(config: config_lib.Config,
               "non-finite meta-gradients (max_consecutive_skips="
               f"{config.max_consecutive_skips}). Lower inner_lr or meta_lr.")
       aside_start = time.perf_counter()
-      if config.val_every and (step % config.val_every == 0
-                               or step == config.meta_steps):
+      if config.val_every and (step % config.val_every == 0 or last):
         validate(step, state.params)
       if ((config.checkpoint_every and step % config.checkpoint_every == 0)
-          or step == config.meta_steps):
+          or last):
         save(step, elapsed_before + time.perf_counter() - wall_start)
       aside += time.perf_counter() - aside_start
+      if stopped_early:
+        log(f"step {step}: time budget of {time_budget_s:g} s spent; "
+            f"stopping before meta_steps={config.meta_steps} (run the same "
+            "command again to resume).")
+        break
   finally:
     bar.close()
     metrics.flush()
@@ -625,6 +658,8 @@ def train_and_evaluate(config: config_lib.Config,
       "budget": {
           "meta_steps": int(final_counts["step"]),
           "meta_steps_this_run": steps_done,
+          "meta_steps_target": config.meta_steps,
+          "stopped_by_time_budget": stopped_early,
           "skipped_steps": int(final_counts["skipped"]),
           "wall_time_s": wall,
           "train_time_s_this_run": train_time,
