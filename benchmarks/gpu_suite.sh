@@ -60,8 +60,8 @@ if [ "$quick" = 1 ]; then
 else
   part throughput 230 "$py" "$here/throughput.py" --single-task 5w1s \
     --out "$results"
-  part memory 180 "$py" "$here/memory_vs_steps.py" --isolate --jobs 8 \
-    --steps 1 25 100 --repeats 3 --point-timeout 60 --out "$results"
+  part memory 180 "$py" "$here/memory_vs_steps.py" --isolate --jobs 4 \
+    --steps 1 25 100 --repeats 3 --point-timeout 150 --out "$results"
   part train 130 "$py" -m imaml_jax train omniglot_5w1s_imaml_gd \
     --workdir "$results/train_5w1s" --no-progress --time-budget 45 \
     --set log_every=50 val_every=500 checkpoint_every=0

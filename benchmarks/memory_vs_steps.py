@@ -43,7 +43,7 @@ from imaml_jax import data, models
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 ALGORITHMS = {
-    "imaml": lambda k: im.imaml(2.0, im.gd(k, 0.1), im.cg(5)),
+    "imaml": lambda k: im.imaml(2.0, im.gd(k, 0.05), im.cg(5)),
     "maml": lambda k: im.maml(im.gd(k, 0.1)),
     "maml_remat": lambda k: im.maml(im.gd(k, 0.1), remat=True),
     "fomaml": lambda k: im.fomaml(im.gd(k, 0.1)),

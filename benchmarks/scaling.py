@@ -1,7 +1,7 @@
 """Scaling efficiency of the data-parallel meta-step over devices.
 
 The Omniglot 5-way 1-shot iMAML-GD meta-step (``models.omniglot_convnet``,
-``models.classification_loss``; lam 2, inner lr 0.1, 15 query images per
+``models.classification_loss``; lam 2, inner lr 0.05, 15 query images per
 class, Adam 1e-3) is run with ``shard_meta_step`` on 1, 2, 4 and 8 devices
 (a 1-D ``task_mesh`` over the first N devices), the task batch split over the
 devices and the meta-state replicated. The tasks are drawn on the devices
@@ -93,7 +93,7 @@ def main(argv=None):
   inner_steps = args.inner_steps or (2 if quick else 16)
   cg_steps = args.cg_steps or (2 if quick else 5)
   repeats = args.repeats or (2 if quick else 5)
-  n_way, k_shot, q_query, lam, inner_lr = 5, 1, 15, 2.0, 0.1
+  n_way, k_shot, q_query, lam, inner_lr = 5, 1, 15, 2.0, 0.05
 
   available = jax.devices()
   counts = [int(c) for c in args.devices.split(",") if c.strip()]

@@ -3,7 +3,7 @@
 For each Table 2 setting (5-way 1-shot, 5-way 5-shot, 20-way 1-shot, 20-way
 5-shot) this compiles the meta-step of the chosen algorithm (default iMAML-GD
 with the paper's settings: lam 2, 16 inner steps at 5-way and 25 at 20-way,
-inner lr 0.1, 5 CG steps; 15 query images per class; Adam) at the chosen
+inner lr 0.05, 5 CG steps; 15 query images per class; Adam) at the chosen
 meta-batch, then times it and reports
 
   * compile time, apart from step time;
@@ -126,7 +126,7 @@ def matmul_flop_rate(n: int = 2048, repeats: int = 5) -> float:
 
 
 def make_algorithm(name: str, inner_steps: int):
-  inner = im.gd(steps=inner_steps, lr=0.1)
+  inner = im.gd(steps=inner_steps, lr=0.05)
   if name == "imaml_gd":
     return im.imaml(lam=2.0, inner=inner, solver=im.cg(maxiter=5))
   if name == "maml":

@@ -29,7 +29,9 @@ def test_paper_settings_for_imaml_gd(name, n_way, k_shot, steps):
   assert (cfg.algorithm, cfg.inner, cfg.lam, cfg.cg_steps) == (
       "imaml", "gd", 2.0, 5)
   assert (cfg.optimizer, cfg.meta_lr, cfg.meta_batch) == ("adam", 1e-3, 32)
-  assert cfg.inner_lr == 0.1 and cfg.q_query == 15
+  # 0.05: gradient descent on the proximal objective is unstable at 0.1
+  # (see the module docstring of imaml_jax.train.config).
+  assert cfg.inner_lr == 0.05 and cfg.q_query == 15
   assert cfg.meta_steps >= 20_000 and cfg.test_tasks == 600
   assert cfg.conv == models.DEFAULT_CONV
 
