@@ -3,8 +3,9 @@
 For each Table 2 setting (5-way 1-shot, 5-way 5-shot, 20-way 1-shot, 20-way
 5-shot) this compiles the meta-step of the chosen algorithm (default iMAML-GD
 with the paper's settings: lam 2, 16 inner steps at 5-way and 25 at 20-way,
-inner lr 0.05, 5 CG steps; 15 query images per class; Adam) at the chosen
-meta-batch, then times it and reports
+inner lr 0.05 with the step check of ``gd(backtrack=True)`` as in the
+``omniglot_*_imaml_gd`` configs, 5 CG steps; 15 query images per class; Adam)
+at the chosen meta-batch, then times it and reports
 
   * compile time, apart from step time;
   * seconds per meta-step (median of the timed repeats) and tasks per second;
@@ -16,8 +17,9 @@ meta-batch, then times it and reports
     analysis of one task (an inner gradient step, the query gradient, one
     Hessian-vector product, the pre-adaptation query forward pass if any) and
     multiplied by how often the step runs each: for iMAML-GD
-    ``tasks * (steps * inner + query_grad + (cg_steps + 1) * hvp)``, the
-    ``+ 1`` being the product that measures the residual.
+    ``tasks * ((steps + 1) * inner + query_grad + (cg_steps + 1) * hvp)``,
+    the ``+ 1``s being the checked GD's gradient at its starting point and
+    the product that measures the residual.
 
 With ``--single-task`` it also runs the same step with one task at a time to
 report how much vmapping the task batch gains per task.
@@ -93,7 +95,8 @@ def imaml_step_flops(loss_fn, params, tasks, inner_steps: int, cg_steps: int,
           lambda p: scalar(p, one.support), params, 2.0)(v), params)
   per_task = inner_steps * inner + query + forward * pre_adaptation
   if algorithm == "imaml_gd":
-    per_task += (cg_steps + 1) * hvp
+    # + 1 inner gradient: the checked GD's value_and_grad at the start.
+    per_task += inner + (cg_steps + 1) * hvp
   elif algorithm != "fomaml":
     return float("nan")  # MAML's reverse pass through the loop: not modelled
   n_tasks = jax.tree.leaves(tasks)[0].shape[0]
@@ -127,8 +130,9 @@ def matmul_flop_rate(n: int = 2048, repeats: int = 5) -> float:
 
 def make_algorithm(name: str, inner_steps: int):
   inner = im.gd(steps=inner_steps, lr=0.05)
-  if name == "imaml_gd":
-    return im.imaml(lam=2.0, inner=inner, solver=im.cg(maxiter=5))
+  if name == "imaml_gd":   # As the omniglot_*_imaml_gd configs.
+    return im.imaml(lam=2.0, inner=im.gd(inner_steps, 0.05, backtrack=True),
+                    solver=im.cg(maxiter=5))
   if name == "maml":
     return im.maml(inner)
   if name == "fomaml":

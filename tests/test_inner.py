@@ -18,6 +18,7 @@ def proximal_linreg(seed, lam=2.0):
 
 @pytest.mark.parametrize("inner, tol", [
     (im.gd(steps=200, lr=0.2), 1e-12),
+    (im.gd(steps=200, lr=0.2, backtrack=True), 1e-12),
     (im.nesterov(steps=100, lr=0.2, momentum=0.5), 1e-12),
     (im.hessian_free(steps=3, cg_steps=5), 1e-12),
 ])
@@ -47,17 +48,87 @@ def test_hessian_free_line_search_handles_nonconvex_objective(x64):
 
 
 @pytest.mark.parametrize("inner", [im.gd(5, 0.1), im.nesterov(5, 0.1, 0.9),
-                                   im.hessian_free(2, 3)])
+                                   im.hessian_free(2, 3),
+                                   im.gd(5, 2.0, backtrack=True)])
 def test_remat_changes_nothing_but_memory(x64, inner):
   objective, theta, _ = proximal_linreg(1)
   np.testing.assert_allclose(inner.run(objective, theta, remat=True),
                              inner.run(objective, theta), rtol=1e-14)
 
 
+def stiff_quadratic(curvatures=(0.5, 4.0, 40.0)):
+  """``f(x) = 1/2 sum_i c_i (x_i - 1)^2``: ``L = 40``, minimiser all ones."""
+  c = jnp.asarray(curvatures)
+  return lambda x: 0.5 * jnp.sum(c * (x - 1.0) ** 2)
+
+
+def test_backtracking_gd_is_plain_gd_while_steps_decrease(x64):
+  objective, theta, _ = proximal_linreg(2)
+  for steps in (1, 7, 30):
+    np.testing.assert_allclose(
+        im.gd(steps, 0.2, backtrack=True).run(objective, theta),
+        im.gd(steps, 0.2).run(objective, theta), rtol=1e-14)
+
+
+def test_backtracking_gd_converges_where_plain_gd_diverges(x64):
+  # lr = 0.1 > 2/L = 0.05: plain GD multiplies the stiff coordinate's error
+  # by |1 - 0.1 * 40| = 3 a step. The checked one halves lr to 0.05 = 2/L,
+  # where that error keeps its size (a non-decreasing oscillation that only
+  # the Armijo condition rejects), then to 0.025.
+  f, x0 = stiff_quadratic(), jnp.zeros(3)
+  plain = im.gd(100, 0.1).run(f, x0)
+  assert float(f(plain)) > 1e40
+  values = [float(f(im.gd(k, 0.1, backtrack=True).run(f, x0)))
+            for k in range(10, 200, 10)]
+  assert all(b <= a for a, b in zip(values, values[1:]))
+  np.testing.assert_allclose(im.gd(2000, 0.1, backtrack=True).run(f, x0),
+                             jnp.ones(3), atol=1e-10)
+
+
+def test_backtracking_gd_rejects_nonfinite_steps(x64):
+  # exp(x) overflows to inf at the first trial point; the step is rejected.
+  f = lambda x: jnp.sum(jnp.exp(x) - 20.0 * x)   # minimum at log 20
+  x = im.gd(200, 1000.0, backtrack=True).run(f, jnp.zeros(2))
+  assert bool(jnp.all(jnp.isfinite(x)))
+  np.testing.assert_allclose(x, jnp.log(20.0) * jnp.ones(2), rtol=1e-8)
+
+
+def test_backtracking_gd_is_per_task_under_vmap(x64):
+  # One stiff task needs to shrink its step, a mild one does not; vmapped
+  # together each must get the answer it gets alone.
+  def run(c):
+    f = lambda x: 0.5 * jnp.sum(c * (x - 1.0) ** 2)
+    return im.gd(12, 0.1, backtrack=True).run(f, jnp.zeros(3))
+  cs = jnp.array([[0.5, 4.0, 40.0], [0.5, 4.0, 8.0]])
+  batched = jax.vmap(run)(cs)
+  for i in range(2):
+    np.testing.assert_allclose(batched[i], run(cs[i]), rtol=1e-14)
+  assert not np.allclose(batched[1], im.gd(12, 0.1 * 0.5).run(
+      lambda x: 0.5 * jnp.sum(cs[1] * (x - 1.0) ** 2), jnp.zeros(3)))
+
+
+def test_backtracking_gd_differentiates_like_the_accepted_steps(x64):
+  # MAML differentiates through the loop; the accept/reject choices are
+  # piecewise constant, so the derivative is that of plain GD with the step
+  # sizes actually taken. Here every step after the first rejection is
+  # accepted: 1 rejected step at lr, then steps-1 at lr/2.
+  f_of = lambda a: (lambda x: 0.5 * jnp.sum(jnp.array([1.0, 30.0]) *
+                                            (x - a) ** 2))
+  x0 = jnp.zeros(2)
+  checked = lambda a: jnp.sum(im.gd(8, 0.1, backtrack=True).run(f_of(a), x0))
+  plain = lambda a: jnp.sum(im.gd(7, 0.05).run(f_of(a), x0))
+  a = jnp.array([1.0, -2.0])
+  np.testing.assert_allclose(checked(a), plain(a), rtol=1e-14)
+  np.testing.assert_allclose(jax.grad(checked)(a), jax.grad(plain)(a),
+                             rtol=1e-14)
+
+
 @pytest.mark.parametrize("factory, kwargs, message", [
     (im.gd, {"steps": 0, "lr": 0.1}, "steps"),
     (im.gd, {"steps": 3, "lr": -0.1}, "lr"),
     (im.gd, {"steps": 3.0, "lr": 0.1}, "steps"),
+    (im.gd, {"steps": 3, "lr": 0.1, "shrink": 1.0}, "shrink"),
+    (im.gd, {"steps": 3, "lr": 0.1, "armijo": 1.0}, "armijo"),
     (im.nesterov, {"steps": 3, "lr": 0.1, "momentum": 1.0}, "momentum"),
     (im.hessian_free, {"steps": 0}, "steps"),
     (im.hessian_free, {"steps": 1, "cg_steps": 0}, "cg_steps"),

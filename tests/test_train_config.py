@@ -99,6 +99,20 @@ def test_dict_round_trip_and_differences():
     config_lib.from_dict({**config_lib.to_dict(cfg), "extra": 1})
 
 
+def test_stored_configs_from_before_a_field_existed_keep_their_behaviour():
+  cfg = config_lib.get_config("omniglot_5w1s_imaml_gd")
+  assert cfg.inner_backtrack and cfg.task_chunk == 0
+  old = config_lib.to_dict(cfg)
+  del old["inner_backtrack"], old["task_chunk"]
+  restored = config_lib.from_dict(old)
+  assert restored.inner_backtrack is False and restored.task_chunk == 0
+  assert config_lib.differences(cfg, restored) == {
+      "inner_backtrack": (True, False)}
+  del old["lam"]
+  with pytest.raises(config_lib.ConfigError, match=r"missing \['lam'\]"):
+    config_lib.from_dict(old)
+
+
 _slow = pytest.mark.slow
 
 

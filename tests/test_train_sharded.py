@@ -56,7 +56,8 @@ _SCRIPT = textwrap.dedent("""
   for name, flags, overrides in [
       ("uneven", ["--devices", "4"], ["meta_batch=6"]),
       ("too_many", ["--devices", "5"], []),
-      ("uneven_all", [], ["meta_batch=6"])]:
+      ("uneven_all", [], ["meta_batch=6"]),
+      ("chunked", ["--devices", "2"], ["task_chunk=1"])]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
       try:
@@ -183,6 +184,7 @@ def test_resume_from_four_devices_on_two(one_device, four_devices):
     ("uneven", "6 tasks does not divide evenly over 4 devices"),
     ("uneven_all", "6 tasks does not divide evenly over 4 devices"),
     ("too_many", "asked for 5 devices but 4 are available"),
+    ("chunked", "task_chunk=1 applies to single-device runs"),
 ])
 def test_bad_device_requests_exit_2_writing_nothing(four_devices, name,
                                                     message):

@@ -18,17 +18,24 @@ states one):
   below); meta-batch 32 [C];
   20,000 meta-steps (the least the authors' code runs) [C]; 15 query images
   per class [F]; 600 test tasks [C].
-* The iMAML-GD inner learning rate on Omniglot. The authors' code takes SGD
-  steps of 0.1 on the task loss alone and pulls back to ``theta`` once; here
-  gradient descent runs on the proximal objective itself, whose Hessian is
+* The iMAML-GD inner loop on Omniglot: learning rate 0.05, every step
+  checked (``inner_backtrack``) [D]. The authors' code takes SGD steps of 0.1
+  on the task loss alone and pulls back to ``theta`` once; here gradient
+  descent runs on the proximal objective itself, whose Hessian is
   ``lam * (I + H/lam)``, and is stable only for
   ``lr < 2 / (lam * eig_max(I + H/lam))``. Measured at initialisation on 16
   5-way 1-shot tasks (``benchmarks/curvature.py``), that bound is 0.069, so
-  0.1 oscillates; with 0.05 the inner gradient and the CG residual are
-  smaller, and in a 5-way 1-shot run at meta-batch 8 the validation accuracy
-  after 400 meta-steps was 85.9% with 0.05 against 73.5% with 0.1 (and a
-  45 s run on a GPU at 0.1 and meta-batch 32 peaked at 53.8% after 500 steps
-  and then degraded) [D].
+  0.1 oscillates: in 5-way 1-shot runs at meta-batch 8 the validation
+  accuracy peaked at 73.5% with 0.1 and climbed to 95.6% after 1000
+  meta-steps with 0.05 (``benchmarks/results/inner_lr_study_5w1s.md``).
+  Meta-training then sharpens the task losses until 0.05 fails too: on an
+  H100 at meta-batch 32, plain GD at 0.05 reached 98.06% validation at step
+  2000 and collapsed near step 2900; with the step check (a step that does not
+  decrease the proximal objective is rejected and the step size halved) the
+  run held 93-97.6% until step 14,000 before the same collapse; the
+  best-validation parameters tested at 96.80% and 96.58%
+  (``benchmarks/results/training_stability_5w1s.md``). The check costs one
+  extra gradient per task and changes nothing while every step descends.
 * iMAML, Hessian-free: 5 CG steps per Newton direction plus a backtracking
   line search [P]; 5 Newton steps [D].
 * MAML and first-order MAML on Omniglot: 5-way, 1 inner step of size 0.4,
@@ -94,6 +101,8 @@ class Config:
     inner: inner solver, ``"gd"``, ``"nesterov"`` or ``"hessian_free"``.
     inner_steps: inner steps (Newton steps for ``hessian_free``).
     inner_lr: inner learning rate (``gd``, ``nesterov``).
+    inner_backtrack: ``gd`` rejects steps that do not decrease the inner
+      objective and halves its step size (``imaml_jax.gd(backtrack=True)``).
     inner_momentum: momentum of ``nesterov``.
     hf_cg_steps: CG iterations per Newton direction of ``hessian_free``.
     eval_inner_steps: inner steps when adapting to validation and test tasks;
@@ -104,6 +113,11 @@ class Config:
     lr_schedule: ``"constant"``, or ``"linear"`` decay to 0 at
       ``meta_steps``.
     meta_batch: tasks per meta-step.
+    task_chunk: tasks vmapped together in a training meta-step, the batch
+      running as ``lax.map`` over chunks (``make_meta_step(task_chunk=...)``,
+      same result); 0 vmaps the whole meta-batch. On a CPU one task at a
+      time is fastest (``benchmarks/throughput.py --task-chunk``); on a GPU,
+      0. Single-device runs only.
     meta_steps: meta-steps to train.
     seed: seed of the initialisation and of the training tasks.
     log_every: meta-steps between reads of the training metrics.
@@ -138,6 +152,7 @@ class Config:
   inner: str = "gd"
   inner_steps: int = 16
   inner_lr: float = 0.1
+  inner_backtrack: bool = False
   inner_momentum: float = 0.9
   hf_cg_steps: int = 5
   eval_inner_steps: int = 0
@@ -147,6 +162,7 @@ class Config:
   meta_lr: float = 1e-3
   lr_schedule: str = "constant"
   meta_batch: int = 32
+  task_chunk: int = 0
   meta_steps: int = 20_000
   seed: int = 0
   # Logging, evaluation, checkpoints.
@@ -189,7 +205,8 @@ def validate(config: Config) -> Config:
   _choice("conv", config.conv, models.CONV_FORMULATIONS)
   minimum = {"n_way": 1, "k_shot": 1, "q_query": 1, "cg_steps": 1,
              "inner_steps": 1, "hf_cg_steps": 1, "eval_inner_steps": 0,
-             "meta_batch": 1, "meta_steps": 1, "log_every": 1, "val_every": 0,
+             "meta_batch": 1, "task_chunk": 0, "meta_steps": 1, "log_every": 1,
+             "val_every": 0,
              "val_tasks": 1, "test_tasks": 1, "eval_chunk": 1,
              "checkpoint_every": 0, "keep_checkpoints": 1,
              "max_consecutive_skips": 1}
@@ -201,6 +218,9 @@ def validate(config: Config) -> Config:
     value = getattr(config, field)
     if not value > 0:
       raise ConfigError(f"{field} must be > 0; got {value}.")
+  if config.inner_backtrack and config.inner != "gd":
+    raise ConfigError(f"inner_backtrack applies to inner='gd' only; got "
+                      f"inner={config.inner!r}.")
   if not 0 <= config.inner_momentum < 1:
     raise ConfigError(
         f"inner_momentum must be in [0, 1); got {config.inner_momentum}.")
@@ -229,7 +249,8 @@ def _table_config(base: Config, suffix: str, n_way: int,
   if suffix == "imaml_gd":
     return dataclasses.replace(
         base, algorithm="imaml", inner="gd",
-        inner_steps=16 if n_way <= 5 else 25, inner_lr=inner_lr)
+        inner_steps=16 if n_way <= 5 else 25, inner_lr=inner_lr,
+        inner_backtrack=True)
   if suffix == "imaml_hf":
     return dataclasses.replace(base, algorithm="imaml", inner="hessian_free",
                                inner_steps=5, hf_cg_steps=5)
@@ -400,14 +421,27 @@ def to_dict(config: Config) -> dict[str, Any]:
           for k, v in dataclasses.asdict(config).items()}
 
 
+# Fields added after the first release, with the value that reproduces what
+# runs stored before them did. A stored config may lack these (and only these).
+_ADDED_FIELDS = {"task_chunk": 0, "inner_backtrack": False}
+
+
 def from_dict(values: Mapping[str, Any]) -> Config:
-  """Inverse of :func:`to_dict`; unknown or missing fields are errors."""
+  """Inverse of :func:`to_dict`.
+
+  A field added in a later version and missing from ``values`` takes the value
+  that reproduces the earlier behaviour (a config stored before
+  ``inner_backtrack`` existed ran plain gradient descent); any other missing
+  field, or an unknown one, is an error.
+  """
   fields = _field_types()
   unknown = sorted(set(values) - set(fields))
-  missing = sorted(set(fields) - set(values))
+  missing = sorted(set(fields) - set(values) - set(_ADDED_FIELDS))
   if unknown or missing:
     raise ConfigError(f"stored config does not match this version of "
                       f"imaml_jax: unknown fields {unknown}, missing {missing}.")
+  values = {**{k: v for k, v in _ADDED_FIELDS.items() if k not in values},
+            **values}
   return validate(Config(**{
       k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}))
 

@@ -90,7 +90,7 @@ def network(config: config_lib.Config):
 def inner_solver(config: config_lib.Config, steps: int) -> im.InnerSolver:
   """The inner solver named by ``config.inner`` with ``steps`` steps."""
   if config.inner == "gd":
-    return im.gd(steps, config.inner_lr)
+    return im.gd(steps, config.inner_lr, backtrack=config.inner_backtrack)
   if config.inner == "nesterov":
     return im.nesterov(steps, config.inner_lr, config.inner_momentum)
   return im.hessian_free(steps, config.hf_cg_steps)

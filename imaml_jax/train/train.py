@@ -182,8 +182,13 @@ def make_train_step(exp: exp_lib.Experiment, mesh=None) -> Callable:
     mesh: a task mesh (:func:`make_mesh`) to split the task batch over, or
       ``None`` for unconstrained tasks.
   """
+  chunk = exp.config.task_chunk or None
+  if chunk and mesh is not None and mesh.size > 1:
+    raise config_lib.ConfigError(
+        f"task_chunk={chunk} applies to single-device runs; this run has "
+        f"{mesh.size} devices (use task_chunk=0).")
   _, meta_step = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
-                                   has_aux=True)
+                                   has_aux=True, task_chunk=chunk)
   sample = task_sampler(exp, mesh)
 
   def train_step(state, sums, train_data, base_key):
@@ -448,6 +453,10 @@ def prepare(config: config_lib.Config, workdir: str | os.PathLike,
       im.check_divisible(config.meta_batch, mesh)
     except ValueError as e:
       raise config_lib.ConfigError(str(e)) from e
+    if config.task_chunk and mesh.size > 1:
+      raise config_lib.ConfigError(
+          f"task_chunk={config.task_chunk} applies to single-device runs; "
+          f"this run has {mesh.size} devices (use task_chunk=0).")
   data_dir = exp_lib.resolve_data_dir(config, data_dir)
   workdir = Path(workdir).expanduser()
   latest = check_workdir(config, workdir)

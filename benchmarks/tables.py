@@ -1,0 +1,226 @@
+"""The paper's Tables 2 and 3 from this library's runs, with the paper's
+numbers beside them.
+
+Reads finished (or stopped) work directories of ``imaml-train``, one per
+config, named after the config: ``RUNS/omniglot_5w1s_imaml_gd/results.json``
+and so on. With ``--train`` it first trains the configs named (resuming
+whatever is already in ``RUNS``), optionally under a time budget per config
+and with ``--set`` overrides, exactly as ``imaml-train`` would.
+
+For every cell it prints the test accuracy on the config's test tasks with
+its 95% interval (``1.96 * std / sqrt(n)``, as the paper), the paper's number,
+and the budget actually used: meta-steps done against the config's target,
+wall time and device. A cell whose run stopped before its target (a time
+budget, or still running) is marked with ``*``; a missing run is ``-``.
+
+Writes ``benchmarks/results/tables.{md,csv,json}`` (or ``--out``).
+
+    python benchmarks/tables.py --runs runs
+    python benchmarks/tables.py --runs runs --train omniglot_5w1s_imaml_gd \\
+        --time-budget 3600
+    python benchmarks/tables.py --quick     # a tiny 5w1s run, for the tests
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+from imaml_jax.train import cli
+from imaml_jax.train import config as config_lib
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+SETTINGS = ("5w1s", "5w5s", "20w1s", "20w5s")
+# Fields that change what a run logs or stores, not what it learns.
+BOOKKEEPING = {"log_every", "checkpoint_every", "keep_checkpoints", "eval_chunk"}
+SETTING_TITLES = {"5w1s": "5-way 1-shot", "5w5s": "5-way 5-shot",
+                  "20w1s": "20-way 1-shot", "20w5s": "20-way 5-shot"}
+ALGORITHMS = {  # config suffix: the paper's row name
+    "maml": "MAML",
+    "fomaml": "first-order MAML",
+    "reptile": "Reptile",
+    "imaml_gd": "iMAML, GD",
+    "imaml_hf": "iMAML, Hessian-Free",
+}
+# The paper's Table 2 (Omniglot) and Table 3 (mini-ImageNet 5-way 1-shot):
+# (mean, 95% half-width) in percent.
+PAPER = {
+    ("omniglot", "maml"): [(98.7, 0.4), (99.9, 0.1), (95.8, 0.3), (98.9, 0.2)],
+    ("omniglot", "fomaml"): [(98.3, 0.5), (99.2, 0.2), (89.4, 0.5),
+                             (97.9, 0.1)],
+    ("omniglot", "reptile"): [(97.68, 0.04), (99.48, 0.06), (89.43, 0.14),
+                              (97.12, 0.32)],
+    ("omniglot", "imaml_gd"): [(99.16, 0.35), (99.67, 0.12), (94.46, 0.42),
+                               (98.69, 0.1)],
+    ("omniglot", "imaml_hf"): [(99.50, 0.26), (99.74, 0.11), (96.18, 0.36),
+                               (99.14, 0.1)],
+    ("miniimagenet", "maml"): [(48.70, 1.84)],
+    ("miniimagenet", "fomaml"): [(48.07, 1.75)],
+    ("miniimagenet", "reptile"): [(49.97, 0.32)],
+    ("miniimagenet", "imaml_gd"): [(48.96, 1.84)],
+    ("miniimagenet", "imaml_hf"): [(49.30, 1.88)],
+}
+
+
+def config_name(benchmark: str, setting: str, algorithm: str) -> str:
+  return f"{benchmark}_{setting}_{algorithm}"
+
+
+def read_cell(runs: Path, name: str) -> dict | None:
+  """The table entry of one run directory, or ``None`` if it has no result."""
+  path = runs / name / "results.json"
+  if not path.is_file():
+    return None
+  try:
+    results = json.loads(path.read_text())
+    accuracy = results["test"]["accuracy_after"]
+    budget = results["budget"]
+  except (ValueError, KeyError) as e:
+    raise SystemExit(f"{path}: not a results file of imaml-train ({e})")
+  target = budget.get("meta_steps_target",
+                      results.get("config", {}).get("meta_steps"))
+  return {
+      "changes": config_changes(name, results.get("config")),
+      "config": name,
+      "accuracy": 100 * accuracy["mean"],
+      "ci95": 100 * accuracy["ci95"],
+      "test_tasks": accuracy["n"],
+      "meta_steps": budget["meta_steps"],
+      "meta_steps_target": target,
+      "complete": target is not None and budget["meta_steps"] >= target,
+      "wall_time_s": budget["wall_time_s"],
+      "device": budget["device"],
+      "test_params": results.get("test_params"),
+  }
+
+
+def config_changes(name: str, stored: dict | None) -> str:
+  """The run's departures from the registered config, ``key=run (config)``."""
+  if stored is None:
+    return "unknown"
+  diffs = config_lib.differences(config_lib.get_config(name),
+                                 config_lib.from_dict(stored))
+  return ", ".join(f"{k}={b} ({a})" for k, (a, b) in sorted(diffs.items())
+                   if k not in BOOKKEEPING) or "none"
+
+
+def build_rows(runs: Path) -> list[dict]:
+  rows = []
+  for (benchmark, algorithm), paper in PAPER.items():
+    settings = SETTINGS if benchmark == "omniglot" else ("5w1s",)
+    for setting, (mean, ci) in zip(settings, paper):
+      cell = read_cell(runs, config_name(benchmark, setting, algorithm)) or {
+          "config": config_name(benchmark, setting, algorithm)}
+      cell.update(benchmark=benchmark, setting=setting, algorithm=algorithm,
+                  paper_accuracy=mean, paper_ci95=ci)
+      rows.append(cell)
+  return rows
+
+
+def format_cell(row: dict) -> str:
+  paper = f"{row['paper_accuracy']:g} ± {row['paper_ci95']:g}"
+  if "accuracy" not in row:
+    return f"- (paper {paper})"
+  mark = "" if row["complete"] else "*"
+  return (f"{row['accuracy']:.2f} ± {row['ci95']:.2f}{mark} "
+          f"(paper {paper})")
+
+
+def markdown(rows: list[dict]) -> str:
+  by_key = {(r["benchmark"], r["setting"], r["algorithm"]): r for r in rows}
+  lines = ["## Table 2: Omniglot, test accuracy (%)", "",
+           "| Algorithm | " + " | ".join(SETTING_TITLES[s] for s in SETTINGS)
+           + " |", "|---" * (len(SETTINGS) + 1) + "|"]
+  for algorithm, title in ALGORITHMS.items():
+    cells = [format_cell(by_key[("omniglot", s, algorithm)]) for s in SETTINGS]
+    lines.append(f"| {title} | " + " | ".join(cells) + " |")
+  lines += ["", "## Table 3: mini-ImageNet 5-way 1-shot, test accuracy (%)",
+            "", "| Algorithm | 5-way 1-shot |", "|---|---|"]
+  for algorithm, title in ALGORITHMS.items():
+    lines.append(f"| {title} | "
+                 f"{format_cell(by_key[('miniimagenet', '5w1s', algorithm)])} |")
+  lines += ["", "## Budget of each run", "",
+            "| config | meta-steps (target) | wall time | device | "
+            "test tasks | parameters tested | changed from the config: "
+            "run (config) |", "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if "accuracy" in r:
+      lines.append(
+          f"| {r['config']} | {r['meta_steps']} ({r['meta_steps_target']}) | "
+          f"{r['wall_time_s'] / 3600:.2f} h | {r['device']} | "
+          f"{r['test_tasks']} | {r['test_params']} | {r['changes']} |")
+  lines += ["", "Each cell: mean test accuracy ± 1.96 std / sqrt(tasks) over "
+            "the run's test tasks; the paper's number in brackets. `*`: the "
+            "run stopped before its configured meta-steps (reduced budget). "
+            "`-`: not run. The last column lists every setting in which the "
+            "run departs from its named config (logging and checkpointing "
+            "aside)."]
+  return "\n".join(lines) + "\n"
+
+
+def train(names, runs: Path, time_budget, overrides, data_dir) -> None:
+  for name in names:
+    argv = [name, "--workdir", str(runs / name), "--no-progress"]
+    if time_budget:
+      argv += ["--time-budget", str(time_budget)]
+    if data_dir:
+      argv += ["--data-dir", data_dir]
+    if overrides:
+      argv += ["--set", *overrides]
+    print(f"training {name} in {runs / name}", flush=True)
+    cli.train_main(argv)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--runs", default="runs",
+                      help="folder of work directories named after configs")
+  parser.add_argument("--train", nargs="*", default=[], metavar="CONFIG",
+                      help="train these configs in RUNS first (resuming)")
+  parser.add_argument("--time-budget", type=float, default=None,
+                      help="seconds of training per config and invocation")
+  parser.add_argument("--set", dest="overrides", nargs="+", default=[],
+                      metavar="KEY=VALUE", help="overrides for --train")
+  parser.add_argument("--data-dir", default=None)
+  parser.add_argument("--quick", action="store_true",
+                      help="train omniglot_5w1s_imaml_gd for 4 meta-steps "
+                           "of 2 tasks, test on 10 tasks, in --runs")
+  parser.add_argument("--out", default=RESULTS)
+  parser.add_argument("--tag", default="")
+  args = parser.parse_args(argv)
+  runs = Path(args.runs)
+  if args.quick:
+    args.train = ["omniglot_5w1s_imaml_gd"]
+    args.overrides = ["meta_batch=2", "meta_steps=4", "log_every=2",
+                      "val_every=0", "test_tasks=10", "eval_chunk=10",
+                      "checkpoint_every=0"]
+    args.tag = args.tag or "_quick"
+  table_configs = {r["config"] for r in build_rows(runs)}
+  unknown = [n for n in args.train if n not in table_configs]
+  if unknown:
+    parser.error(f"not a Table 2/3 config: {', '.join(unknown)}")
+  train(args.train, runs, args.time_budget, args.overrides, args.data_dir)
+  rows = build_rows(runs)
+  text = markdown(rows)
+  print(text)
+  os.makedirs(args.out, exist_ok=True)
+  stem = os.path.join(args.out, f"tables{args.tag}")
+  with open(stem + ".md", "w") as f:
+    f.write(text)
+  with open(stem + ".json", "w") as f:
+    json.dump({"runs": str(runs), "command": " ".join(sys.argv),
+               "rows": rows}, f, indent=2)
+  with open(stem + ".csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+    writer.writeheader()
+    writer.writerows(rows)
+  print(f"wrote {stem}.{{md,csv,json}}")
+  return rows
+
+
+if __name__ == "__main__":
+  main()
