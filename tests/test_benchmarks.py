@@ -3,12 +3,16 @@
 Each runs in a subprocess (as a user would run it), writes into a temporary
 folder, and the test reads back what it wrote. The numbers themselves are
 checked where the script makes a claim that a quick run can already show.
+The quick runs are mostly compilation, which XLA does on one core, so the
+module starts them all at once, two at a time, and each test waits for its
+own.
 """
 import csv
 import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -32,63 +36,98 @@ def read_csv(path):
     return list(csv.DictReader(f))
 
 
-def test_meta_gradient_accuracy_quick(tmp_path):
-  run_script("meta_gradient_accuracy.py", "--quick", "--out", str(tmp_path))
-  rows = read_csv(tmp_path / "meta_gradient_accuracy_quick.csv")
-  assert (tmp_path / "meta_gradient_accuracy_quick.png").stat().st_size > 0
+# name: the script and its arguments (each gets ``--out DIR/name``); the
+# longest first.
+QUICK_RUNS = {
+    "tables": ["tables.py", "--quick"],
+    "throughput": ["throughput.py", "--quick"],
+    "memory_vs_steps": ["memory_vs_steps.py", "--quick", "--algorithms",
+                        "maml"],
+    "curvature": ["curvature.py", "--quick", "--inner-lr", "0.1"],
+    "scaling": ["scaling.py", "--quick", "--devices", "2", "--host-devices",
+                "2", "--meta-batch", "4"],
+    "conv_formulations": ["conv_formulations.py", "--quick", "--repeats", "1",
+                          "--conv", "patches"],
+    "meta_gradient_accuracy": ["meta_gradient_accuracy.py", "--quick"],
+}
+
+
+@pytest.fixture(scope="module")
+def quick_run(request, tmp_path_factory):
+  """``quick_run(name) -> (stdout, out)``: waits for that script's run.
+
+  Only the runs of the selected tests (``test_<name>_quick...``) start.
+  """
+  root = tmp_path_factory.mktemp("quick")
+  selected = [item.name for item in request.session.items]
+  names = [n for n in QUICK_RUNS
+           if any(t.startswith(f"test_{n}_quick") for t in selected)
+           and (n != "tables" or os.environ.get("IMAML_OMNIGLOT_DIR"))]
+  with ThreadPoolExecutor(max_workers=2) as pool:
+    futures = {}
+    for name in names:
+      script, *args = QUICK_RUNS[name]
+      extra = ["--runs", str(root / name / "runs")] if name == "tables" else []
+      futures[name] = pool.submit(run_script, script, *args, *extra, "--out",
+                                  str(root / name))
+    yield lambda name: (futures[name].result(), root / name)
+    for future in futures.values():
+      future.cancel()
+
+
+def test_meta_gradient_accuracy_quick(quick_run):
+  _, out = quick_run("meta_gradient_accuracy")
+  rows = read_csv(out / "meta_gradient_accuracy_quick.csv")
+  assert (out / "meta_gradient_accuracy_quick.png").stat().st_size > 0
   imaml = [float(r["rel_error"]) for r in rows if r["method"] == "imaml"]
   assert min(imaml) < 1e-8         # The paper's claim, already in float64.
 
 
-def test_throughput_quick(tmp_path):
-  out = run_script("throughput.py", "--quick", "--out", str(tmp_path))
-  assert "tasks/s" in out
-  result = json.loads((tmp_path / "throughput_cpu_quick.json").read_text())
+def test_throughput_quick(quick_run):
+  stdout, out = quick_run("throughput")
+  assert "tasks/s" in stdout
+  result = json.loads((out / "throughput_cpu_quick.json").read_text())
   row, = result["rows"]
   assert row["tasks_per_s"] > 0 and row["gflop_per_step"] > 0
   assert result["matmul_gflop_per_s"] > 0
 
 
-def test_memory_vs_steps_quick(tmp_path):
+def test_memory_vs_steps_quick(quick_run):
   # MAML only, the cheapest to compile of the algorithms whose memory grows;
   # iMAML's flat memory is tested in test_meta_step.
-  run_script("memory_vs_steps.py", "--quick", "--algorithms", "maml",
-             "--out", str(tmp_path))
-  rows = read_csv(tmp_path / "memory_vs_steps_cpu_quick.csv")
+  _, out = quick_run("memory_vs_steps")
+  rows = read_csv(out / "memory_vs_steps_cpu_quick.csv")
   temp = {(r["algorithm"], int(r["inner_steps"])): float(r["temp_mb"])
           for r in rows}
   assert set(temp) == {("maml", 1), ("maml", 4)}
   assert temp[("maml", 4)] > temp[("maml", 1)]
-  assert (tmp_path / "memory_vs_steps_cpu_quick.png").stat().st_size > 0
+  assert (out / "memory_vs_steps_cpu_quick.png").stat().st_size > 0
 
 
-def test_conv_formulations_quick(tmp_path):
+def test_conv_formulations_quick(quick_run):
   # The default formulation only: test_models compares it with lax.conv.
-  run_script("conv_formulations.py", "--quick", "--repeats", "1", "--conv",
-             "patches", "--out", str(tmp_path / "conv"))
-  rows = read_csv(tmp_path / "conv.csv")
+  _, out = quick_run("conv_formulations")
+  rows = read_csv(out.with_suffix(".csv"))
   assert {r["conv"] for r in rows} == {"patches"}
   assert all(float(r["seconds"]) > 0 for r in rows)
 
 
-def test_scaling_quick(tmp_path):
-  run_script("scaling.py", "--quick", "--devices", "2", "--host-devices",
-             "2", "--meta-batch", "4", "--out", str(tmp_path))
-  rows = read_csv(tmp_path / "scaling_cpu.csv")
+def test_scaling_quick(quick_run):
+  _, out = quick_run("scaling")
+  rows = read_csv(out / "scaling_cpu.csv")
   assert [int(r["devices"]) for r in rows] == [2]
   assert float(rows[0]["tasks_per_s"]) > 0
 
 
-def test_curvature_quick(tmp_path):
-  run_script("curvature.py", "--quick", "--inner-lr", "0.1", "--out",
-             str(tmp_path))
-  result = json.loads((tmp_path / "curvature_5w1s_quick.json").read_text())
+def test_curvature_quick(quick_run):
+  _, out = quick_run("curvature")
+  result = json.loads((out / "curvature_5w1s_quick.json").read_text())
   row, = result["rows"]
   assert row["eig_max_max"] >= row["eig_min_min"]
   assert 0.0 <= row["indefinite_fraction"] <= 1.0
 
 
-def test_tables_quick_trains_omniglot_end_to_end(tmp_path):
+def test_tables_quick_trains_omniglot_end_to_end(quick_run):
   """Also the end-to-end Omniglot run: archives to results.json and plots."""
   data_dir = os.environ.get("IMAML_OMNIGLOT_DIR")
   if not data_dir:
@@ -96,20 +135,19 @@ def test_tables_quick_trains_omniglot_end_to_end(tmp_path):
   for name in ("images_background", "images_evaluation"):
     assert (Path(data_dir) / f"{name}.zip").is_file(), (
         f"IMAML_OMNIGLOT_DIR={data_dir} lacks {name}.zip")
-  out = run_script("tables.py", "--quick", "--runs", str(tmp_path / "runs"),
-                   "--out", str(tmp_path))
-  assert "## Table 2: Omniglot" in out
-  result = json.loads((tmp_path / "tables_quick.json").read_text())
+  stdout, out = quick_run("tables")
+  assert "## Table 2: Omniglot" in stdout
+  result = json.loads((out / "tables_quick.json").read_text())
   cell, = [r for r in result["rows"]
            if r["config"] == "omniglot_5w1s_imaml_gd"]
   assert cell["test_tasks"] == 10 and 0 <= cell["accuracy"] <= 100
   assert cell["meta_steps"] == cell["meta_steps_target"] == 4
   assert cell["complete"] and cell["paper_accuracy"] == 99.16
   assert "meta_batch=2 (32)" in cell["changes"]      # The reduced budget.
-  assert "(paper 99.16 ± 0.35)" in (tmp_path / "tables_quick.md").read_text()
+  assert "(paper 99.16 ± 0.35)" in (out / "tables_quick.md").read_text()
   missing = [r for r in result["rows"] if "accuracy" not in r]
   assert len(missing) == len(result["rows"]) - 1
-  workdir = tmp_path / "runs" / "omniglot_5w1s_imaml_gd"
+  workdir = out / "runs" / "omniglot_5w1s_imaml_gd"
   assert (workdir / "curves.png").stat().st_size > 0
   assert len(list((workdir / "checkpoints").iterdir())) == 1
 
