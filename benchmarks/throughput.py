@@ -129,10 +129,11 @@ def matmul_flop_rate(n: int = 2048, repeats: int = 5) -> float:
 
 
 def make_algorithm(name: str, inner_steps: int):
-  inner = im.gd(steps=inner_steps, lr=0.05)
-  if name == "imaml_gd":   # As the omniglot_*_imaml_gd configs.
-    return im.imaml(lam=2.0, inner=im.gd(inner_steps, 0.05, backtrack=True),
-                    solver=im.cg(maxiter=5))
+  # The step check as in the omniglot_*_imaml_gd configs; MAML's configs
+  # run plain GD.
+  inner = im.gd(inner_steps, 0.05, backtrack=name == "imaml_gd")
+  if name == "imaml_gd":
+    return im.imaml(lam=2.0, inner=inner, solver=im.cg(maxiter=5))
   if name == "maml":
     return im.maml(inner)
   if name == "fomaml":

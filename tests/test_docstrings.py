@@ -22,6 +22,16 @@ def library_modules():
   return names
 
 
+def test_the_core_modules_have_examples():
+  # A module whose examples vanished would pass the test below unnoticed.
+  for name in ("imaml_jax._src.inner", "imaml_jax._src.adapt",
+               "imaml_jax._src.meta_step", "imaml_jax.train.config"):
+    finder = doctest.DocTestFinder()
+    examples = sum(len(t.examples)
+                   for t in finder.find(importlib.import_module(name)))
+    assert examples > 0, f"{name} has no docstring examples"
+
+
 @pytest.mark.parametrize("name", library_modules())
 def test_docstring_examples(name):
   module = importlib.import_module(name)

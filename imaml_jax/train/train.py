@@ -182,13 +182,10 @@ def make_train_step(exp: exp_lib.Experiment, mesh=None) -> Callable:
     mesh: a task mesh (:func:`make_mesh`) to split the task batch over, or
       ``None`` for unconstrained tasks.
   """
-  chunk = exp.config.task_chunk or None
-  if chunk and mesh is not None and mesh.size > 1:
-    raise config_lib.ConfigError(
-        f"task_chunk={chunk} applies to single-device runs; this run has "
-        f"{mesh.size} devices (use task_chunk=0).")
+  # prepare() refuses task_chunk on a multi-device mesh before any work.
   _, meta_step = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
-                                   has_aux=True, task_chunk=chunk)
+                                   has_aux=True,
+                                   task_chunk=exp.config.task_chunk or None)
   sample = task_sampler(exp, mesh)
 
   def train_step(state, sums, train_data, base_key):
