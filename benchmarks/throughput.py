@@ -17,9 +17,10 @@ at the chosen meta-batch, then times it and reports
     analysis of one task (an inner gradient step, the query gradient, one
     Hessian-vector product, the pre-adaptation query forward pass if any) and
     multiplied by how often the step runs each: for iMAML-GD
-    ``tasks * ((steps + 1) * inner + query_grad + (cg_steps + 1) * hvp)``,
-    the ``+ 1``s being the checked GD's gradient at its starting point and
-    the product that measures the residual.
+    ``tasks * (steps * inner + support_forward + query_grad + cg_steps *
+    hvp)``: the checked GD takes a gradient at its starting point and at
+    every trial point but the last, where it needs only the value; CG starts
+    from zero without a product and reports its recurrence residual.
 
 With ``--single-task`` it also runs the same step with one task at a time to
 report how much vmapping the task batch gains per task.
@@ -95,8 +96,8 @@ def imaml_step_flops(loss_fn, params, tasks, inner_steps: int, cg_steps: int,
           lambda p: scalar(p, one.support), params, 2.0)(v), params)
   per_task = inner_steps * inner + query + forward * pre_adaptation
   if algorithm == "imaml_gd":
-    # + 1 inner gradient: the checked GD's value_and_grad at the start.
-    per_task += inner + (cg_steps + 1) * hvp
+    # The checked GD's last trial point: its value only.
+    per_task += component_flops(objective, params) + cg_steps * hvp
   elif algorithm != "fomaml":
     return float("nan")  # MAML's reverse pass through the loop: not modelled
   n_tasks = jax.tree.leaves(tasks)[0].shape[0]
@@ -108,6 +109,16 @@ def matmul_size(quick: bool) -> int:
   if quick:
     return 512
   return 2048 if jax.devices()[0].platform == "cpu" else 8192
+
+
+def default_task_chunk() -> int:
+  """1 on a CPU, 0 (vmap the whole batch) on an accelerator.
+
+  On a CPU the vmapped batch runs slower per task than one task at a time
+  (the working set of many tasks leaves the caches); on a GPU vmapping is
+  an order of magnitude faster (``benchmarks/results/throughput_*``).
+  """
+  return 1 if jax.devices()[0].platform == "cpu" else 0
 
 
 def time_compiled(fn, args, repeats: int) -> list[float]:
@@ -214,7 +225,10 @@ def main(argv=None):
                       help="query images per class (default 15)")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--task-chunk", type=int, default=None,
-                      help="tasks vmapped together (default: the whole batch)")
+                      help="tasks vmapped together, the batch running as "
+                           "lax.map over chunks; 0 vmaps the whole batch "
+                           "(default: 1 on a CPU, where it is fastest, "
+                           "the whole batch elsewhere)")
   parser.add_argument("--single-task", nargs="*", choices=list(SETTINGS),
                       default=None, metavar="SETTING",
                       help="also time meta-batch 1 to measure the vmap gain "
@@ -226,6 +240,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   settings, inner_steps = args.settings, None
+  if args.task_chunk is None:
+    args.task_chunk = default_task_chunk()
   if args.quick:
     settings, args.meta_batch, args.repeats, inner_steps = ["5w1s"], 4, 1, 2
   device = device_name()
@@ -243,7 +259,7 @@ def main(argv=None):
     for mb in batches:
       row = benchmark_setting(setting, mb, args.algorithm, args.conv,
                               args.q_query, args.repeats, inner_steps,
-                              task_chunk=args.task_chunk)
+                              task_chunk=args.task_chunk or None)
       row["efficiency"] = row["gflop_per_s"] * 1e9 / matmul
       rows.append(row)
       print(f"{setting:6s} {args.algorithm:9s} conv={args.conv:8s} "

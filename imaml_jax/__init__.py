@@ -24,6 +24,7 @@ from imaml_jax._src.linear_solve import relative_residual
 from imaml_jax._src.meta_step import MetaState
 from imaml_jax._src.meta_step import make_eval_step
 from imaml_jax._src.meta_step import make_meta_step
+from imaml_jax._src.sharding import TASK_AXIS
 from imaml_jax._src.sharding import check_divisible
 from imaml_jax._src.sharding import constrain_tasks
 from imaml_jax._src.sharding import initialize_distributed

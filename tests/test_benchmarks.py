@@ -41,6 +41,7 @@ def read_csv(path):
 QUICK_RUNS = {
     "tables": ["tables.py", "--quick"],
     "throughput": ["throughput.py", "--quick"],
+    "step_variants": ["step_variants.py", "--quick"],
     "memory_vs_steps": ["memory_vs_steps.py", "--quick", "--algorithms",
                         "maml"],
     "curvature": ["curvature.py", "--quick", "--inner-lr", "0.1"],
@@ -90,6 +91,17 @@ def test_throughput_quick(quick_run):
   row, = result["rows"]
   assert row["tasks_per_s"] > 0 and row["gflop_per_step"] > 0
   assert result["matmul_gflop_per_s"] > 0
+  assert row["task_chunk"] == 1  # the CPU default: one task at a time
+
+
+def test_step_variants_quick(quick_run):
+  stdout, out = quick_run("step_variants")
+  rows = {r["variant"]: r for r in read_csv(out / "step_variants_cpu_quick.csv")}
+  assert set(rows) == {"chunked", "single"}
+  assert int(rows["chunked"]["tasks_per_step"]) == 2
+  assert int(rows["single"]["tasks_per_step"]) == 1
+  assert all(float(r["tasks_per_s"]) > 0 for r in rows.values())
+  assert "tasks/s" in stdout
 
 
 def test_memory_vs_steps_quick(quick_run):

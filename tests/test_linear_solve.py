@@ -50,11 +50,45 @@ def test_residual_reveals_unconverged_solve(x64):
 def test_residual_matches_its_definition(x64):
   a, b = spd_system(3)
   a, b = jnp.asarray(a), jnp.asarray(b)
-  x, info = im.cg(maxiter=3).solve(lambda v: a @ v, b)
+  x, info = im.cg(maxiter=3, exact_residual=True).solve(lambda v: a @ v, b)
   expected = np.linalg.norm(a @ x - b) / np.linalg.norm(b)
   np.testing.assert_allclose(float(info.residual), expected, rtol=1e-12)
+  # The default reports CG's recurrence residual: equal in exact arithmetic.
+  x, info = im.cg(maxiter=3).solve(lambda v: a @ v, b)
+  expected = np.linalg.norm(a @ x - b) / np.linalg.norm(b)
+  assert expected > 1e-3  # unconverged, so the comparison means something
+  np.testing.assert_allclose(float(info.residual), expected, rtol=1e-9)
   _, info = im.cg(maxiter=3, report_residual=False).solve(lambda v: a @ v, b)
   assert np.isnan(info.residual)
+
+
+def test_cg_matches_jax_scipy_cg_iterate_by_iterate(x64):
+  a, b = spd_system(8, cond=200.0)
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  for k in (1, 2, 5, 12):
+    ours, _ = im.cg(k, tol=0.0).solve(lambda v: a @ v, b)
+    theirs, _ = jax.scipy.sparse.linalg.cg(lambda v: a @ v, b, tol=0.0,
+                                           maxiter=k)
+    assert rel_err(ours, theirs) < 1e-12, k
+
+
+def count_products(solver, a, b):
+  """Products traced in one solve (a loop body is traced once)."""
+  calls = []
+  def matvec(v):
+    calls.append(1)
+    return a @ v
+  jax.make_jaxpr(lambda b: solver.solve(matvec, b))(b)
+  return len(calls)
+
+
+def test_cg_spends_no_product_on_its_zero_starting_point(x64):
+  a, b = spd_system(9, n=5)
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  # One product in the loop body; one more only to measure the residual.
+  assert count_products(im.cg(5), a, b) == 1
+  assert count_products(im.cg(5, report_residual=False), a, b) == 1
+  assert count_products(im.cg(5, exact_residual=True), a, b) == 2
 
 
 def test_solvers_accept_pytrees(x64):

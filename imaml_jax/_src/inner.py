@@ -131,23 +131,30 @@ def gd(steps: int = 16, lr: float = 0.1, *, backtrack: bool = False,
 
     value_and_grad = jax.value_and_grad(objective)
 
-    def checked_step(carry):
+    def trial(carry, evaluate):
+      """Tries ``x - eta g``; returns where it is accepted and the trial."""
       x, f, g, eta = carry
       x_new = tu.tree_axpy(-eta, g, x)
-      f_new, g_new = value_and_grad(x_new)
+      f_new, g_new = evaluate(x_new)
       # A few ulps of slack: near the minimiser rounding alone can make
       # f(x') exceed f(x); rejecting then would stall the loop.
       slack = 16 * jnp.finfo(f.dtype).eps * jnp.abs(f)
       bound = f - armijo * eta * tu.tree_sq_norm(g) + slack
-      accept = jax.lax.stop_gradient(f_new <= bound)
+      return jax.lax.stop_gradient(f_new <= bound), x_new, f_new, g_new
+
+    def checked_step(carry):
+      x, f, g, eta = carry
+      accept, x_new, f_new, g_new = trial(carry, value_and_grad)
       return (tu.tree_where(accept, x_new, x), jnp.where(accept, f_new, f),
               tu.tree_where(accept, g_new, g),
               jnp.where(accept, eta, eta * shrink))
 
     f0, g0 = value_and_grad(x0)
     eta0 = jnp.asarray(lr, jnp.result_type(f0))
-    x, *_ = _scan_steps(checked_step, (x0, f0, g0, eta0), steps, remat)
-    return x
+    carry = _scan_steps(checked_step, (x0, f0, g0, eta0), steps - 1, remat)
+    # The last step needs only the value at its trial point: no gradient.
+    accept, x_new, _, _ = trial(carry, lambda x: (objective(x), None))
+    return tu.tree_where(accept, x_new, carry[0])
 
   name = f"gd(steps={steps}, lr={lr}" + (", backtrack" if backtrack else "")
   return InnerSolver(run=run, steps=steps, name=name + ")")

@@ -41,7 +41,8 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                    has_aux: bool = False, per_task_metrics: bool = False,
                    skip_nonfinite: bool = True,
                    pre_adaptation_metrics: bool = True,
-                   task_chunk: int | None = None):
+                   task_chunk: int | None = None,
+                   axis_name: str | None = None):
   r"""Builds pure ``init`` and ``step`` functions for meta-training.
 
   ``step(state, tasks)`` computes every task's meta-gradient with
@@ -73,6 +74,15 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
       ``c`` vmapped tasks (``c = 1``: one task at a time). Same result; on
       backends where large batched products are slow (XLA's CPU backend)
       smaller chunks can be much faster. A remainder is vmapped apart.
+    axis_name: for a step that runs inside ``jax.shard_map`` with the task
+      batch split over this mesh axis (``shard_meta_step(...,
+      per_device=True)``): each device maps over its own tasks (with
+      ``task_chunk`` if given), then the meta-gradient and the metrics are
+      averaged over the axis with ``lax.pmean`` (the shards are equal, so
+      this is the mean over all tasks) and per-task metrics are gathered.
+      The inner loops carry values whose replication ``shard_map`` cannot
+      infer, so run it with ``check_vma=False``, as ``shard_meta_step``
+      does.
 
   Returns:
     ``(init, step)``: ``init(params) -> MetaState`` and
@@ -118,10 +128,18 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     if not isinstance(tasks, Task):
       raise TypeError(f"tasks must be an im.Task, got {type(tasks).__name__}.")
     n_tasks = validation.check_task_batch(tasks)
+    params = state.params
+    if axis_name is not None:
+      # Per device, theta is this device's own copy. Under a shard_map that
+      # checks replication (check_vma=True) every gradient taken with
+      # respect to a replicated theta would be summed over the devices (the
+      # transpose of its implicit broadcast), inner loop included.
+      params = jax.lax.pcast(params, axis_name, to="varying")
     grads, per_task = map_over_tasks(
-        lambda task: task_gradient(state.params, task), tasks, task_chunk,
-        n_tasks)
+        lambda task: task_gradient(params, task), tasks, task_chunk, n_tasks)
     grad = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+    if axis_name is not None:
+      grad = jax.lax.pmean(grad, axis_name)
     updates, opt_state = optimizer.update(grad, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = tu.tree_all_finite(grad)
@@ -130,6 +148,10 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
       opt_state = tu.tree_where(finite, opt_state, state.opt_state)
     skipped = jnp.logical_not(finite).astype(jnp.int32)
     metrics = {k: jnp.mean(v) for k, v in per_task.items()}
+    if axis_name is not None:
+      metrics = jax.lax.pmean(metrics, axis_name)
+      per_task = jax.tree.map(lambda x: _gather_tasks(x, axis_name),
+                              per_task)
     metrics["grad_norm"] = tu.tree_norm(grad)
     metrics["skipped"] = skipped
     if per_task_metrics:
@@ -139,6 +161,20 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     return new_state, metrics
 
   return init, step
+
+
+def _gather_tasks(x: jax.Array, axis_name: str) -> jax.Array:
+  """Every device's ``x`` concatenated in device order, the same on all.
+
+  Written as a ``psum`` of zero-padded blocks so the result is known to be
+  replicated over the axis (``all_gather``'s is not, for ``shard_map``).
+  """
+  n_local = x.shape[0]
+  full = jnp.zeros((jax.lax.psum(1, axis_name) * n_local,) + x.shape[1:],
+                   x.dtype)
+  start = jax.lax.axis_index(axis_name) * n_local
+  return jax.lax.psum(
+      jax.lax.dynamic_update_slice_in_dim(full, x, start, 0), axis_name)
 
 
 def map_over_tasks(fn: Callable, tasks: Task, task_chunk: int | None,
