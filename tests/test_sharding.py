@@ -362,6 +362,12 @@ def test_shard_meta_step_rejects_non_tasks():
     sh.shard_meta_step(step, sh.task_mesh())(None, (1, 2))
 
 
+def test_per_device_needs_a_step_that_averages_over_the_axis():
+  _, step = _regression_step()  # built without axis_name
+  with pytest.raises(ValueError, match="axis_name='tasks'"):
+    sh.shard_meta_step(step, sh.task_mesh(), per_device=True)
+
+
 def test_sharded_sampler_equals_sample_tasks_on_one_device():
   mesh = sh.task_mesh(1)
   images = jax.random.randint(jax.random.key(1), (10, 5, 4, 4, 1), 0, 256

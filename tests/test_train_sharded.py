@@ -56,8 +56,7 @@ _SCRIPT = textwrap.dedent("""
   for name, flags, overrides in [
       ("uneven", ["--devices", "4"], ["meta_batch=6"]),
       ("too_many", ["--devices", "5"], []),
-      ("uneven_all", [], ["meta_batch=6"]),
-      ("chunked", ["--devices", "2"], ["task_chunk=1"])]:
+      ("uneven_all", [], ["meta_batch=6"])]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
       try:
@@ -70,6 +69,9 @@ _SCRIPT = textwrap.dedent("""
   (out / "errors.json").write_text(json.dumps(errors))
 
   assert train("devices_4", "--devices", "4") == 0
+  # One task at a time on each of 2 devices (shard_map per device).
+  assert train("chunked_on_2", "--devices", "2",
+               overrides=["task_chunk=1"]) == 0
   # An interrupted run: the 4-device run as it was at step resume_at.
   shutil.copytree(out / "devices_4", out / "resumed_on_2")
   for step, path in ckpt_lib.list_checkpoints(out / "resumed_on_2/checkpoints"):
@@ -161,6 +163,13 @@ def test_four_devices_match_one(one_device, four_devices):
   assert _results(one_device)["budget"]["devices"] == 1
 
 
+def test_chunked_per_device_run_matches_one_device(one_device, four_devices):
+  workdir = four_devices / "chunked_on_2"
+  _assert_close(_final_state(workdir), _final_state(one_device))
+  budget = _results(workdir)["budget"]
+  assert budget["devices"] == 2
+
+
 def test_resume_from_four_devices_on_two(one_device, four_devices):
   workdir = four_devices / "resumed_on_2"
   _assert_close(_final_state(workdir), _final_state(one_device))
@@ -184,7 +193,6 @@ def test_resume_from_four_devices_on_two(one_device, four_devices):
     ("uneven", "6 tasks does not divide evenly over 4 devices"),
     ("uneven_all", "6 tasks does not divide evenly over 4 devices"),
     ("too_many", "asked for 5 devices but 4 are available"),
-    ("chunked", "task_chunk=1 applies to single-device runs"),
 ])
 def test_bad_device_requests_exit_2_writing_nothing(four_devices, name,
                                                     message):

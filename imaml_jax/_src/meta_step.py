@@ -160,6 +160,7 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                           step=state.step + 1, skipped=state.skipped + skipped)
     return new_state, metrics
 
+  step.axis_name = axis_name  # Checked by shard_meta_step(per_device=True).
   return init, step
 
 

@@ -330,6 +330,28 @@ def make_sharded_sampler(mesh: Mesh, n_way: int, k_shot: int, q_query: int,
   return sample
 
 
+def per_device_step(step: Callable, mesh: Mesh,
+                    axis: str = TASK_AXIS) -> Callable:
+  """``step`` run by each device on its own tasks under ``jax.shard_map``.
+
+  ``step`` must come from ``make_meta_step(..., axis_name=axis)``; see
+  :func:`shard_meta_step` with ``per_device=True``, which jits this. The
+  state goes in replicated, the tasks split on ``axis``, and everything
+  comes out replicated.
+
+  Raises:
+    ValueError: ``step`` was not built with ``axis_name=axis``.
+  """
+  if getattr(step, "axis_name", None) != axis:
+    raise ValueError(
+        "per_device=True needs a step built with make_meta_step(..., "
+        f"axis_name={axis!r}), which averages over the devices; this step "
+        f"has axis_name={getattr(step, 'axis_name', None)!r}.")
+  return jax.shard_map(step, mesh=mesh,
+                       in_specs=(PartitionSpec(), PartitionSpec(axis)),
+                       out_specs=PartitionSpec(), check_vma=False)
+
+
 def shard_meta_step(step: Callable, mesh: Mesh, *, axis: str = TASK_AXIS,
                     donate_state: bool = False,
                     per_device: bool = False) -> Callable:
@@ -352,12 +374,14 @@ def shard_meta_step(step: Callable, mesh: Mesh, *, axis: str = TASK_AXIS,
   devices. Use it with ``task_chunk``, whose ``lax.map`` then runs over each
   device's own tasks (under plain ``jit`` a ``lax.map`` over the split task
   axis would not stay split). The outputs are replicated by construction
-  (``pmean``), which ``shard_map`` is not asked to verify (``check_vma=False``:
-  the inner loops' carries defeat its inference). On a CPU split into host devices
-  (``XLA_FLAGS=--xla_force_host_platform_device_count=2``) this runs one
-  task per core at a time: 16.5 against 12.8 tasks per second for the
-  Omniglot 5-way 1-shot step on 2 cores, interleaved in one process
-  (``benchmarks/throughput.py --host-devices 2``).
+  (``pmean``), which ``shard_map`` is not asked to verify
+  (``check_vma=False``: the inner loops' carries defeat its inference). On a
+  CPU split into one host device per core
+  (``XLA_FLAGS=--xla_force_host_platform_device_count=2``) this runs one task
+  per core at a time: for the Omniglot 5-way 1-shot step on 2 cores, 15.1
+  and 16.5 tasks per second against 11.6 and 12.8 for one task at a time on
+  the first device of the same process, and 14.5-15.1 in a process without
+  the split (``benchmarks/step_variants.py``).
 
   Inputs that are not yet placed this way are moved by ``jit`` (single
   process only); place them once with :func:`replicate` and
@@ -375,8 +399,9 @@ def shard_meta_step(step: Callable, mesh: Mesh, *, axis: str = TASK_AXIS,
     ``lower(state, tasks)`` for ahead-of-time compilation.
 
   Raises:
-    ValueError (when called): the number of tasks is not a multiple of the
-      number of devices on ``axis``.
+    ValueError: ``per_device=True`` with a step whose ``axis_name`` is not
+      ``axis`` (at once); the number of tasks is not a multiple of the
+      number of devices on ``axis`` (when called).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -394,9 +419,7 @@ def shard_meta_step(step: Callable, mesh: Mesh, *, axis: str = TASK_AXIS,
   """
   replicated = replicated_sharding(mesh)
   if per_device:
-    step = jax.shard_map(step, mesh=mesh,
-                         in_specs=(PartitionSpec(), PartitionSpec(axis)),
-                         out_specs=PartitionSpec(), check_vma=False)
+    step = per_device_step(step, mesh, axis)
   jitted = jax.jit(step, in_shardings=(replicated, task_sharding(mesh, axis)),
                    out_shardings=replicated,
                    donate_argnums=(0,) if donate_state else ())

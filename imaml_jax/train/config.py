@@ -117,7 +117,9 @@ class Config:
       running as ``lax.map`` over chunks (``make_meta_step(task_chunk=...)``,
       same result); 0 vmaps the whole meta-batch. On a CPU one task at a
       time is fastest (``benchmarks/throughput.py --task-chunk``); on a GPU,
-      0. Single-device runs only.
+      0. On several devices each device maps over its own share of the
+      tasks (``shard_meta_step(per_device=True)``), e.g. one host device
+      per core with ``XLA_FLAGS=--xla_force_host_platform_device_count=2``.
     meta_steps: meta-steps to train.
     seed: seed of the initialisation and of the training tasks.
     log_every: meta-steps between reads of the training metrics.

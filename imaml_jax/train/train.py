@@ -63,6 +63,7 @@ import numpy as np
 import tqdm
 
 import imaml_jax as im
+from imaml_jax._src import sharding as sharding_lib
 from imaml_jax.train import checkpoint as ckpt_lib
 from imaml_jax.train import config as config_lib
 from imaml_jax.train import experiment as exp_lib
@@ -182,10 +183,16 @@ def make_train_step(exp: exp_lib.Experiment, mesh=None) -> Callable:
     mesh: a task mesh (:func:`make_mesh`) to split the task batch over, or
       ``None`` for unconstrained tasks.
   """
-  # prepare() refuses task_chunk on a multi-device mesh before any work.
-  _, meta_step = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
-                                   has_aux=True,
-                                   task_chunk=exp.config.task_chunk or None)
+  # With task_chunk on several devices, each device maps over its own tasks
+  # (a lax.map over the split task axis would not stay split under jit).
+  per_device = bool(exp.config.task_chunk) and mesh is not None \
+      and mesh.size > 1
+  _, meta_step = im.make_meta_step(
+      exp.loss, exp.optimizer, exp.algorithm, has_aux=True,
+      task_chunk=exp.config.task_chunk or None,
+      axis_name=im.TASK_AXIS if per_device else None)
+  if per_device:
+    meta_step = sharding_lib.per_device_step(meta_step, mesh)
   sample = task_sampler(exp, mesh)
 
   def train_step(state, sums, train_data, base_key):
@@ -450,10 +457,6 @@ def prepare(config: config_lib.Config, workdir: str | os.PathLike,
       im.check_divisible(config.meta_batch, mesh)
     except ValueError as e:
       raise config_lib.ConfigError(str(e)) from e
-    if config.task_chunk and mesh.size > 1:
-      raise config_lib.ConfigError(
-          f"task_chunk={config.task_chunk} applies to single-device runs; "
-          f"this run has {mesh.size} devices (use task_chunk=0).")
   data_dir = exp_lib.resolve_data_dir(config, data_dir)
   workdir = Path(workdir).expanduser()
   latest = check_workdir(config, workdir)
