@@ -163,6 +163,35 @@ def test_finished_run_is_not_retrained_and_eval_matches(reference_run,
   assert again["test"] == results["test"]
 
 
+def test_eval_with_test_time_overrides(reference_run, tmp_path, capsys):
+  workdir = tmp_path / "done"
+  shutil.copytree(reference_run, workdir)
+  config = json.loads((workdir / "config.json").read_text())
+  steps = config["eval_inner_steps"] or config["inner_steps"]
+  # The same value as stored reproduces results.json, in its own file.
+  assert cli.eval_main(["--workdir", str(workdir), "--set",
+                        f"eval_inner_steps={steps}"]) == 0
+  same = json.loads(
+      (workdir / f"eval_eval_inner_steps={steps}.json").read_text())
+  results = json.loads((workdir / "results.json").read_text())
+  assert same["test"] == results["test"]
+  assert same["test_time_overrides"] == [f"eval_inner_steps={steps}"]
+  # Another value changes the adaptation, hence the test loss.
+  assert cli.eval_main(["--workdir", str(workdir), "--set",
+                        f"eval_inner_steps={steps + 5}"]) == 0
+  more = json.loads(
+      (workdir / f"eval_eval_inner_steps={steps + 5}.json").read_text())
+  assert (more["test"]["loss_after"]["mean"]
+          != results["test"]["loss_after"]["mean"])
+  assert not (workdir / "eval.json").exists()
+  # A training field cannot change at test time.
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as info:
+    cli.eval_main(["--workdir", str(workdir), "--set", "meta_lr=0.1"])
+  assert info.value.code == 2
+  assert "meta_lr cannot change at test time" in capsys.readouterr().err
+
+
 def test_nonfinite_meta_gradients_stop_the_run(compile_cache, tmp_path,
                                                capsys):
   workdir = tmp_path / "nan"

@@ -6,7 +6,7 @@ Usage::
               [--devices N] [--coordinator HOST:PORT|auto
               --num-processes P --process-id I]
   imaml-train --list
-  imaml-eval --workdir DIR [--data-dir DIR] [--tasks N]
+  imaml-eval --workdir DIR [--data-dir DIR] [--tasks N] [--set key=value ...]
   python -m imaml_jax train ...   # same as imaml-train
   python -m imaml_jax eval ...    # same as imaml-eval
 
@@ -166,6 +166,12 @@ def eval_parser(prog: str = "imaml-eval") -> argparse.ArgumentParser:
                            "or $IMAML_MINI_IMAGENET_DIR)")
   parser.add_argument("--tasks", type=int, default=None,
                       help="number of test tasks (default: the config's)")
+  parser.add_argument("--set", dest="overrides", action="extend", nargs="+",
+                      default=[], metavar="KEY=VALUE",
+                      help="test with another value of a test-time field ("
+                           f"{', '.join(config_lib.TEST_TIME_FIELDS)}), e.g. "
+                           "--set eval_inner_steps=32; the result goes to "
+                           "eval_<KEY>=<VALUE>.json")
   return parser
 
 
@@ -210,7 +216,7 @@ def eval_main(argv: Sequence[str] | None = None,
     _fail(prog, f"--tasks must be >= 1; got {args.tasks}.", EXIT_BAD_INPUT)
   try:
     train_lib.evaluate_workdir(args.workdir, args.data_dir,
-                               n_tasks=args.tasks)
+                               n_tasks=args.tasks, overrides=args.overrides)
   except _INPUT_ERRORS as e:
     _fail(prog, str(e), EXIT_BAD_INPUT)
   return 0

@@ -417,6 +417,34 @@ def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
   return validate(dataclasses.replace(config, **changes))
 
 
+# Fields that only change how held-out tasks are adapted, so a finished run can
+# be tested again with other values (``imaml-eval --set``).
+TEST_TIME_FIELDS = ("eval_inner_steps", "inner_lr", "inner_backtrack", "lam",
+                    "test_seed")
+
+
+def apply_test_time_overrides(config: Config,
+                              overrides: Iterable[str]) -> Config:
+  """:func:`apply_overrides` restricted to :data:`TEST_TIME_FIELDS`.
+
+  Raises:
+    ConfigError: as :func:`apply_overrides`, or a key that would change
+      training rather than testing.
+
+  Example:
+    >>> cfg = get_config("omniglot_5w1s_imaml_gd")
+    >>> apply_test_time_overrides(cfg, ["eval_inner_steps=32"]).eval_inner_steps
+    32
+  """
+  for item in overrides:
+    key = item.partition("=")[0].strip()
+    if key in dataclasses.asdict(config) and key not in TEST_TIME_FIELDS:
+      raise ConfigError(
+          f"{key} cannot change at test time; the fields that can are "
+          f"{', '.join(TEST_TIME_FIELDS)}.")
+  return apply_overrides(config, overrides)
+
+
 def to_dict(config: Config) -> dict[str, Any]:
   """A JSON-compatible dict of every field (tuples become lists)."""
   return {k: list(v) if isinstance(v, tuple) else v

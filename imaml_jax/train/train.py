@@ -53,9 +53,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -726,17 +727,41 @@ def load_run(workdir: str | os.PathLike):
   return config, latest
 
 
+def eval_file_name(overrides: Sequence[str] = ()) -> str:
+  """``eval.json``, or ``eval_<k>=<v>_....json`` for test-time overrides.
+
+  Example:
+    >>> eval_file_name(["eval_inner_steps=32"])
+    'eval_eval_inner_steps=32.json'
+  """
+  if not overrides:
+    return "eval.json"
+  tag = "_".join(re.sub(r"[^A-Za-z0-9_.=-]", "_", o.replace(" ", ""))
+                 for o in overrides)
+  return f"eval_{tag}.json"
+
+
 def evaluate_workdir(workdir: str | os.PathLike,
                      data_dir: str | os.PathLike | None = None, *,
                      n_tasks: int | None = None,
+                     overrides: Sequence[str] = (),
                      log: Callable[[str], None] = print) -> dict:
   """Tests the best-validation and last parameters of a run's checkpoint.
 
-  Writes ``workdir/eval.json`` and returns the same dict.
+  ``overrides`` (``"key=value"`` strings) change test-time fields only
+  (``config.TEST_TIME_FIELDS``: how the test tasks are adapted), e.g. more
+  inner steps at test. Writes ``workdir/eval.json`` (or the
+  :func:`eval_file_name` of the overrides) and returns the same dict.
+
+  Raises:
+    ConfigError: an override of a field that is not a test-time field.
+    WorkdirError, DataError, CheckpointError: as for training.
   """
   config, latest = load_run(workdir)
+  test_config = config_lib.apply_test_time_overrides(config, overrides)
   data_dir = exp_lib.resolve_data_dir(config, data_dir)
-  exp = exp_lib.build(config, exp_lib.load_data(config, data_dir))
+  data = exp_lib.load_data(config, data_dir)
+  exp = exp_lib.build(config, data)
   init, _ = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
                               has_aux=True)
   state = init(exp.init_params(jax.random.key(0)))
@@ -746,15 +771,16 @@ def evaluate_workdir(workdir: str | os.PathLike,
   step, state, _, best, _, _ = restore(latest, config, state,
                                        init_sums(metric_shapes), best)
   n_tasks = n_tasks or config.test_tasks
-  evaluator = Evaluator(exp)
+  evaluator = Evaluator(exp_lib.build(test_config, data))
   test_last = summarize(evaluator(state.params, exp.data.test, n_tasks,
-                                  config.test_seed))
+                                  test_config.test_seed))
   test = test_last
   if 0 <= int(best["step"]) < step:
     test = summarize(evaluator(best["params"], exp.data.test, n_tasks,
-                               config.test_seed))
+                               test_config.test_seed))
   results = {
       "checkpoint": str(latest), "step": step,
+      "test_time_overrides": list(overrides),
       "test_params": ("best_validation" if int(best["step"]) >= 0
                       else "last"),
       "best_validation": {"step": int(best["step"]),
@@ -762,7 +788,7 @@ def evaluate_workdir(workdir: str | os.PathLike,
       "test": test,
       "test_last": test_last,
   }
-  ckpt_lib.write_atomic(Path(workdir).expanduser() / "eval.json",
+  ckpt_lib.write_atomic(Path(workdir).expanduser() / eval_file_name(overrides),
                         json.dumps(results, indent=2).encode())
   log(format_test(results))
   return results
