@@ -35,7 +35,6 @@ second of each, and writes ``benchmarks/results/step_variants_<platform>``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -44,7 +43,6 @@ import jax
 import optax
 
 import imaml_jax as im
-from imaml_jax import models
 
 import throughput
 
@@ -63,14 +61,10 @@ def compile_variant(variant: str, setting: str, meta_batch: int,
                     inner_steps: int | None):
   """Returns ``(compiled step, its arguments, tasks per step, compile s)``."""
   n_way, k_shot, default_steps = throughput.SETTINGS[setting]
-  steps = inner_steps or default_steps
-  net = models.omniglot_convnet(n_way)
-  loss_fn = models.classification_loss(net)
-  params = models.init_params(net, jax.random.key(0),
-                              jax.numpy.zeros((n_way * k_shot, 28, 28, 1)))
-  solver = scipy_cg(5) if variant == "scipy_cg" else im.cg(5)
-  algorithm = im.imaml(lam=2.0, inner=im.gd(steps, 0.05, backtrack=True),
-                       solver=solver)
+  loss_fn, params = throughput.omniglot_problem(setting)
+  algorithm = throughput.make_algorithm(
+      "imaml_gd", inner_steps or default_steps,
+      solver=scipy_cg(5) if variant == "scipy_cg" else None)
   n_tasks = meta_batch if variant in ("chunked", "vmapped", "per_device") else 1
   per_device = variant == "per_device"
   init, step = im.make_meta_step(
@@ -161,10 +155,7 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   stem = os.path.join(args.out, f"step_variants_{jax.devices()[0].platform}"
                       f"{'_quick' if args.quick else ''}")
-  meta = throughput.write_results(rows, stem, device, float("nan"))
-  meta.pop("matmul_gflop_per_s")
-  with open(stem + ".json", "w") as f:
-    json.dump(meta, f, indent=2)
+  meta = throughput.write_results(rows, stem, device, matmul=None)
   print(f"wrote {stem}.{{json,csv}}")
   return meta
 

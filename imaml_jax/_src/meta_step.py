@@ -80,9 +80,10 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
       ``task_chunk`` if given), then the meta-gradient and the metrics are
       averaged over the axis with ``lax.pmean`` (the shards are equal, so
       this is the mean over all tasks) and per-task metrics are gathered.
-      The inner loops carry values whose replication ``shard_map`` cannot
-      infer, so run it with ``check_vma=False``, as ``shard_meta_step``
-      does.
+      Run it with ``check_vma=False``, as ``shard_meta_step`` does: the
+      outputs are replicated by construction, and with replication checks
+      ``shard_map`` would sum every gradient taken with respect to the
+      replicated ``theta`` over the devices.
 
   Returns:
     ``(init, step)``: ``init(params) -> MetaState`` and
@@ -128,15 +129,9 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     if not isinstance(tasks, Task):
       raise TypeError(f"tasks must be an im.Task, got {type(tasks).__name__}.")
     n_tasks = validation.check_task_batch(tasks)
-    params = state.params
-    if axis_name is not None:
-      # Per device, theta is this device's own copy. Under a shard_map that
-      # checks replication (check_vma=True) every gradient taken with
-      # respect to a replicated theta would be summed over the devices (the
-      # transpose of its implicit broadcast), inner loop included.
-      params = jax.lax.pcast(params, axis_name, to="varying")
     grads, per_task = map_over_tasks(
-        lambda task: task_gradient(params, task), tasks, task_chunk, n_tasks)
+        lambda task: task_gradient(state.params, task), tasks, task_chunk,
+        n_tasks)
     grad = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
     if axis_name is not None:
       grad = jax.lax.pmean(grad, axis_name)
@@ -150,8 +145,7 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     metrics = {k: jnp.mean(v) for k, v in per_task.items()}
     if axis_name is not None:
       metrics = jax.lax.pmean(metrics, axis_name)
-      per_task = jax.tree.map(lambda x: _gather_tasks(x, axis_name),
-                              per_task)
+      per_task = jax.lax.all_gather(per_task, axis_name, tiled=True)
     metrics["grad_norm"] = tu.tree_norm(grad)
     metrics["skipped"] = skipped
     if per_task_metrics:
@@ -162,20 +156,6 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
 
   step.axis_name = axis_name  # Checked by shard_meta_step(per_device=True).
   return init, step
-
-
-def _gather_tasks(x: jax.Array, axis_name: str) -> jax.Array:
-  """Every device's ``x`` concatenated in device order, the same on all.
-
-  Written as a ``psum`` of zero-padded blocks so the result is known to be
-  replicated over the axis (``all_gather``'s is not, for ``shard_map``).
-  """
-  n_local = x.shape[0]
-  full = jnp.zeros((jax.lax.psum(1, axis_name) * n_local,) + x.shape[1:],
-                   x.dtype)
-  start = jax.lax.axis_index(axis_name) * n_local
-  return jax.lax.psum(
-      jax.lax.dynamic_update_slice_in_dim(full, x, start, 0), axis_name)
 
 
 def map_over_tasks(fn: Callable, tasks: Task, task_chunk: int | None,

@@ -374,14 +374,13 @@ def shard_meta_step(step: Callable, mesh: Mesh, *, axis: str = TASK_AXIS,
   devices. Use it with ``task_chunk``, whose ``lax.map`` then runs over each
   device's own tasks (under plain ``jit`` a ``lax.map`` over the split task
   axis would not stay split). The outputs are replicated by construction
-  (``pmean``), which ``shard_map`` is not asked to verify
-  (``check_vma=False``: the inner loops' carries defeat its inference). On a
-  CPU split into one host device per core
+  (``pmean``, ``all_gather``), which ``shard_map`` is not asked to verify
+  (``check_vma=False``). On a CPU split into one host device per core
   (``XLA_FLAGS=--xla_force_host_platform_device_count=2``) this runs one task
   per core at a time: for the Omniglot 5-way 1-shot step on 2 cores, 15.1
-  and 16.5 tasks per second against 11.6 and 12.8 for one task at a time on
-  the first device of the same process, and 14.5-15.1 in a process without
-  the split (``benchmarks/step_variants.py``).
+  tasks per second against 11.6 for one task at a time on the first device
+  of the same process, and 14.5 in a process without the split
+  (``benchmarks/step_variants.py``, ``benchmarks/results/step_variants_*``).
 
   Inputs that are not yet placed this way are moved by ``jit`` (single
   process only); place them once with :func:`replicate` and

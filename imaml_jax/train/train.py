@@ -760,8 +760,8 @@ def evaluate_workdir(workdir: str | os.PathLike,
   config, latest = load_run(workdir)
   test_config = config_lib.apply_test_time_overrides(config, overrides)
   data_dir = exp_lib.resolve_data_dir(config, data_dir)
-  data = exp_lib.load_data(config, data_dir)
-  exp = exp_lib.build(config, data)
+  # Test-time fields change only the adaptation, not the parameters.
+  exp = exp_lib.build(test_config, exp_lib.load_data(config, data_dir))
   init, _ = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
                               has_aux=True)
   state = init(exp.init_params(jax.random.key(0)))
@@ -771,7 +771,7 @@ def evaluate_workdir(workdir: str | os.PathLike,
   step, state, _, best, _, _ = restore(latest, config, state,
                                        init_sums(metric_shapes), best)
   n_tasks = n_tasks or config.test_tasks
-  evaluator = Evaluator(exp_lib.build(test_config, data))
+  evaluator = Evaluator(exp)
   test_last = summarize(evaluator(state.params, exp.data.test, n_tasks,
                                   test_config.test_seed))
   test = test_last
