@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from imaml_jax.train import cli
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 pytestmark = pytest.mark.slow
@@ -162,6 +164,15 @@ def test_tables_quick_trains_omniglot_end_to_end(quick_run):
   workdir = out / "runs" / "omniglot_5w1s_imaml_gd"
   assert (workdir / "curves.png").stat().st_size > 0
   assert len(list((workdir / "checkpoints").iterdir())) == 1
+  # The same parameters on tasks from the meta-training characters.
+  assert cli.eval_main(["--workdir", str(workdir), "--split", "train"]) == 0
+  seen = json.loads((workdir / "eval_train.json").read_text())
+  held_out = json.loads((workdir / "results.json").read_text())
+  assert seen["split"] == "train" and seen["test"]["loss_after"]["n"] == 10
+  assert (seen["test"]["loss_after"]["mean"]
+          != held_out["test"]["loss_after"]["mean"])
+  with pytest.raises(SystemExit):
+    cli.eval_main(["--workdir", str(workdir), "--split", "training"])
 
 
 def test_compare_runs_quick(tmp_path):

@@ -7,6 +7,7 @@ Usage::
               --num-processes P --process-id I]
   imaml-train --list
   imaml-eval --workdir DIR [--data-dir DIR] [--tasks N] [--set key=value ...]
+             [--split test|val|train]
   python -m imaml_jax train ...   # same as imaml-train
   python -m imaml_jax eval ...    # same as imaml-eval
 
@@ -172,6 +173,12 @@ def eval_parser(prog: str = "imaml-eval") -> argparse.ArgumentParser:
                            f"{', '.join(config_lib.TEST_TIME_FIELDS)}), e.g. "
                            "--set eval_inner_steps=32; the result goes to "
                            "eval_<KEY>=<VALUE>.json")
+  parser.add_argument("--split", choices=train_lib.EVAL_SPLITS,
+                      default="test",
+                      help="characters to draw the tasks from: the held-out "
+                           "test split (default), validation, or the "
+                           "meta-training split; the result goes to "
+                           "eval_<SPLIT>.json for val and train")
   return parser
 
 
@@ -216,7 +223,8 @@ def eval_main(argv: Sequence[str] | None = None,
     _fail(prog, f"--tasks must be >= 1; got {args.tasks}.", EXIT_BAD_INPUT)
   try:
     train_lib.evaluate_workdir(args.workdir, args.data_dir,
-                               n_tasks=args.tasks, overrides=args.overrides)
+                               n_tasks=args.tasks, overrides=args.overrides,
+                               split=args.split)
   except _INPUT_ERRORS as e:
     _fail(prog, str(e), EXIT_BAD_INPUT)
   return 0

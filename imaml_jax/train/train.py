@@ -695,7 +695,9 @@ def train_and_evaluate(config: config_lib.Config,
 
 def format_test(results: dict) -> str:
   """One line per test metric: mean +- 95% half-width."""
-  lines = [f"test on {results['test_params']} parameters:"]
+  split = results.get("split", "test")
+  where = "test" if split == "test" else f"{split}-split tasks"
+  lines = [f"{where} on {results['test_params']} parameters:"]
   for name, stats in results["test"].items():
     scale = 100 if name.startswith("accuracy") else 1
     unit = "%" if scale == 100 else ""
@@ -727,36 +729,54 @@ def load_run(workdir: str | os.PathLike):
   return config, latest
 
 
-def eval_file_name(overrides: Sequence[str] = ()) -> str:
-  """``eval.json``, or ``eval_<k>=<v>_....json`` for test-time overrides.
+EVAL_SPLITS = ("test", "val", "train")
+
+
+def eval_file_name(overrides: Sequence[str] = (), split: str = "test") -> str:
+  """``eval.json``, ``eval_<split>.json`` and ``eval_[<split>_]<k>=<v>.json``.
+
+  The split appears in the name unless it is ``test``; the test-time
+  overrides, if any, follow it.
 
   Example:
     >>> eval_file_name(["eval_inner_steps=32"])
     'eval_eval_inner_steps=32.json'
+    >>> eval_file_name(split="train")
+    'eval_train.json'
   """
-  if not overrides:
-    return "eval.json"
-  tag = "_".join(re.sub(r"[^A-Za-z0-9_.=-]", "_", o.replace(" ", ""))
-                 for o in overrides)
-  return f"eval_{tag}.json"
+  parts = [] if split == "test" else [split]
+  parts += [re.sub(r"[^A-Za-z0-9_.=-]", "_", o.replace(" ", ""))
+            for o in overrides]
+  return "_".join(["eval", *parts]) + ".json"
 
 
 def evaluate_workdir(workdir: str | os.PathLike,
                      data_dir: str | os.PathLike | None = None, *,
                      n_tasks: int | None = None,
                      overrides: Sequence[str] = (),
+                     split: str = "test",
                      log: Callable[[str], None] = print) -> dict:
   """Tests the best-validation and last parameters of a run's checkpoint.
 
   ``overrides`` (``"key=value"`` strings) change test-time fields only
   (``config.TEST_TIME_FIELDS``: how the test tasks are adapted), e.g. more
-  inner steps at test. Writes ``workdir/eval.json`` (or the
-  :func:`eval_file_name` of the overrides) and returns the same dict.
+  inner steps at test. ``split`` picks the characters (classes) the tasks
+  are drawn from: ``"test"`` (held out), ``"val"`` or ``"train"`` (those
+  meta-trained on, which measures how much of the test error is a gap
+  between seen and unseen classes). Every split uses ``test_seed`` and
+  ``n_tasks`` tasks. Writes ``workdir/eval.json`` (or the
+  :func:`eval_file_name` of the split and overrides) and returns the same
+  dict; its ``test`` and ``test_last`` entries hold the chosen split's
+  results.
 
   Raises:
+    ValueError: an unknown split.
     ConfigError: an override of a field that is not a test-time field.
     WorkdirError, DataError, CheckpointError: as for training.
   """
+  if split not in EVAL_SPLITS:
+    raise ValueError(f"split must be one of {', '.join(EVAL_SPLITS)}; got "
+                     f"{split!r}.")
   config, latest = load_run(workdir)
   test_config = config_lib.apply_test_time_overrides(config, overrides)
   data_dir = exp_lib.resolve_data_dir(config, data_dir)
@@ -772,14 +792,16 @@ def evaluate_workdir(workdir: str | os.PathLike,
                                        init_sums(metric_shapes), best)
   n_tasks = n_tasks or config.test_tasks
   evaluator = Evaluator(exp)
-  test_last = summarize(evaluator(state.params, exp.data.test, n_tasks,
+  images = getattr(exp.data, split)
+  test_last = summarize(evaluator(state.params, images, n_tasks,
                                   test_config.test_seed))
   test = test_last
   if 0 <= int(best["step"]) < step:
-    test = summarize(evaluator(best["params"], exp.data.test, n_tasks,
+    test = summarize(evaluator(best["params"], images, n_tasks,
                                test_config.test_seed))
   results = {
       "checkpoint": str(latest), "step": step,
+      "split": split,
       "test_time_overrides": list(overrides),
       "test_params": ("best_validation" if int(best["step"]) >= 0
                       else "last"),
@@ -788,7 +810,8 @@ def evaluate_workdir(workdir: str | os.PathLike,
       "test": test,
       "test_last": test_last,
   }
-  ckpt_lib.write_atomic(Path(workdir).expanduser() / eval_file_name(overrides),
+  ckpt_lib.write_atomic(Path(workdir).expanduser() /
+                        eval_file_name(overrides, split),
                         json.dumps(results, indent=2).encode())
   log(format_test(results))
   return results
