@@ -21,6 +21,7 @@ import pytest
 from imaml_jax.train import checkpoint as ckpt_lib
 from imaml_jax.train import cli
 from imaml_jax.train import metrics_log
+from imaml_jax.train import train as train_lib
 
 SMALL = ["meta_steps=300", "meta_batch=4", "inner_steps=4", "log_every=10",
          "val_every=100", "val_tasks=20", "test_tasks=20", "eval_chunk=20",
@@ -247,3 +248,13 @@ def test_task_chunk_gives_the_same_training(compile_cache, tmp_path):
   chunked = jax.tree_util.tree_leaves(_final_params(tmp_path / "chunked"))
   for x, y in zip(whole, chunked):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_workdir_refuses_an_unknown_split(reference_run, tmp_path):
+  workdir = tmp_path / "done"
+  shutil.copytree(reference_run, workdir)
+  before = sorted(p.name for p in workdir.iterdir())
+  with pytest.raises(ValueError, match="split must be one of test, val, "
+                     "train; got 'training'"):
+    train_lib.evaluate_workdir(workdir, split="training")
+  assert sorted(p.name for p in workdir.iterdir()) == before  # Nothing written.
