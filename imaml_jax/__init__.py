@@ -11,7 +11,9 @@ from imaml_jax._src.algorithms import reptile
 from imaml_jax._src.hvp import hvp
 from imaml_jax._src.hvp import proximal_system_operator
 from imaml_jax._src.inner import InnerSolver
+from imaml_jax._src.inner import ProximalObjective
 from imaml_jax._src.inner import gd
+from imaml_jax._src.inner import gd_then_pull_back
 from imaml_jax._src.inner import hessian_free
 from imaml_jax._src.inner import nesterov
 from imaml_jax._src.inner import proximal_objective
@@ -28,7 +30,6 @@ from imaml_jax._src.sharding import TASK_AXIS
 from imaml_jax._src.sharding import check_divisible
 from imaml_jax._src.sharding import constrain_tasks
 from imaml_jax._src.sharding import initialize_distributed
-from imaml_jax._src.sharding import make_sharded_sampler
 from imaml_jax._src.sharding import replicate
 from imaml_jax._src.sharding import replicated_sharding
 from imaml_jax._src.sharding import shard_meta_step
@@ -41,5 +42,8 @@ from imaml_jax._src.types import Task
 # Subpackages: few-shot data and the paper's networks.
 from imaml_jax import data  # noqa: E402
 from imaml_jax import models  # noqa: E402
+# The sharded episode sampler lives in imaml_jax.data (the core, imaml_jax._src,
+# imports nothing from it); the top-level name is kept for existing callers.
+from imaml_jax.data import make_sharded_sampler  # noqa: E402
 
 __version__ = "0.1.0"

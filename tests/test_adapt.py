@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 from jaxopt.implicit_diff import custom_root
 from jaxopt.linear_solve import solve_cg
 
@@ -160,6 +161,9 @@ def test_float32_pytree_params_give_accurate_gradient():
     ({"lam": jnp.ones(2)}, ValueError, "lam"),
     ({"lam": 2.0, "inner": "gd"}, TypeError, "inner"),
     ({"lam": 2.0, "solver": "cg"}, TypeError, "solver"),
+    ({"lam": 2.0, "damping": -1.0}, ValueError, r"^damping must be >= 0"),
+    ({"lam": 2.0, "lam_damping": -10.0}, ValueError,
+     r"^lam_damping must be >= 0"),
 ])
 def test_bad_adapt_arguments_raise_named_errors(kwargs, error, message):
   kwargs = {"inner": im.gd(2, 0.1), **kwargs}
@@ -171,3 +175,108 @@ def test_integer_params_are_rejected():
   with pytest.raises(TypeError, match=r"params\['w'\].*floating"):
     im.adapt(linreg_loss, {"w": jnp.zeros(5, jnp.int32)}, linreg_task(0)[0],
              lam=1.0, inner=im.gd(2, 0.1))
+
+
+def dense_damped_cotangents(params, support, query, lam, phi, damping,
+                            lam_damping):
+  """The damped backward pass by dense algebra in float64 (jax.hessian).
+
+  ``x = ((1 + r) I + H/(lam + d))^{-1} grad L_q(phi)`` and, with that ``x``,
+  ``support_bar = -(1/lam) (d_s grad L)^T x``,
+  ``lam_bar = -(1/lam) <x, phi - theta>``.
+  """
+  flat_phi, unravel = ravel_pytree(phi)
+  xs, ys = support
+  hessian = jax.hessian(lambda p: mlp_loss(unravel(p), support))(flat_phi)
+  matrix = ((1 + damping) * jnp.eye(flat_phi.size)
+            + hessian / (lam + lam_damping))
+  q_grad = ravel_pytree(jax.grad(mlp_loss)(phi, query))[0]
+  x = jnp.linalg.solve(matrix, q_grad)
+  mixed = jax.jacobian(lambda s: ravel_pytree(
+      jax.grad(mlp_loss)(phi, (s, ys)))[0])(xs)  # (n_params, *xs.shape)
+  support_bar = -jnp.tensordot(x, mixed, axes=1) / lam
+  lam_bar = -x @ (flat_phi - ravel_pytree(params)[0]) / lam
+  return x, support_bar, lam_bar
+
+
+@pytest.mark.parametrize("damping, lam_damping", [(1.0, 10.0), (0.5, 0.0),
+                                                  (0.0, 3.0)])
+def test_damped_backward_pass_matches_dense_damped_solve(x64, damping,
+                                                         lam_damping):
+  params = mlp_init(jax.random.PRNGKey(8))
+  support, query = mlp_task(jax.random.PRNGKey(9))
+  lam, inner = 2.0, im.gd(40, 0.1)   # unconverged: the formulas still hold
+  phi = inner.run(im.proximal_objective(mlp_loss, params, support, lam),
+                  params)
+
+  def meta_loss(theta, xs, lam):
+    return mlp_loss(im.adapt(mlp_loss, theta, (xs, support[1]), lam=lam,
+                             inner=inner, solver=im.dense(), damping=damping,
+                             lam_damping=lam_damping), query)
+
+  g, gx, glam = jax.jit(jax.grad(meta_loss, argnums=(0, 1, 2)))(
+      params, support[0], lam)
+  x, support_bar, lam_bar = dense_damped_cotangents(
+      params, support, query, lam, phi, damping, lam_damping)
+  np.testing.assert_allclose(ravel_pytree(g)[0], x, rtol=1e-10, atol=1e-13)
+  np.testing.assert_allclose(gx, support_bar, rtol=1e-10, atol=1e-13)
+  np.testing.assert_allclose(glam, lam_bar, rtol=1e-10)
+
+
+def test_authors_damping_is_a_scaled_stronger_proximal_system(x64):
+  # ((1 + r) I + H/(lam + d))^{-1} = (I + H/lam')^{-1} / (1 + r) with
+  # lam' = (1 + r)(lam + d): 24 for the authors' r = 1, d = 10 at lam = 2.
+  params = mlp_init(jax.random.PRNGKey(10))
+  support, query = mlp_task(jax.random.PRNGKey(11))
+  phi = im.gd(30, 0.1).run(
+      im.proximal_objective(mlp_loss, params, support, 2.0), params)
+  q_grad = jax.grad(mlp_loss)(phi, query)
+  solve = lambda **kw: im.dense().solve(im.proximal_system_operator(
+      lambda p: mlp_loss(p, support), phi, **kw), q_grad)[0]
+  damped = solve(lam=2.0, damping=1.0, lam_damping=10.0)
+  stronger = solve(lam=24.0)
+  assert rel_err(damped, jax.tree.map(lambda a: a / 2, stronger)) < 1e-12
+
+
+def test_zero_damping_is_the_undamped_adapt_bit_for_bit():
+  params = mlp_init(jax.random.PRNGKey(12), dtype=jnp.float32)
+  support, query = mlp_task(jax.random.PRNGKey(13), dtype=jnp.float32)
+
+  def grads(**damping):
+    def meta_loss(theta, xs, lam):
+      return mlp_loss(im.adapt(mlp_loss, theta, (xs, support[1]), lam=lam,
+                               inner=im.gd(10, 0.1), **damping), query)
+    return jax.jit(jax.grad(meta_loss, argnums=(0, 1, 2)))(
+        params, support[0], 2.0)
+
+  for a, b in zip(jax.tree.leaves(grads()),
+                  jax.tree.leaves(grads(damping=0.0, lam_damping=0.0))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_authors_inner_loop_composes_with_adapt_vmap_and_jit(x64):
+  # Forward: K gradient steps on the task loss, then 0.8 phi_K + 0.2 theta.
+  # Backward: the damped solve at that phi.
+  tasks = [mlp_task(jax.random.PRNGKey(20 + i)) for i in range(3)]
+  stack = lambda i: jax.tree.map(lambda *a: jnp.stack(a),
+                                 *[t[i] for t in tasks])
+  support, query = stack(0), stack(1)
+  params = mlp_init(jax.random.PRNGKey(14))
+  inner = im.gd_then_pull_back(steps=6, lr=0.1)
+
+  def per_task(s, q):
+    def meta_loss(theta):
+      phi = im.adapt(mlp_loss, theta, s, lam=2.0, inner=inner,
+                     solver=im.dense(), damping=1.0, lam_damping=10.0)
+      return mlp_loss(phi, q), phi
+    return jax.grad(meta_loss, has_aux=True)(params)
+
+  grads, phis = jax.jit(jax.vmap(per_task))(support, query)
+  for i, (s, q) in enumerate(tasks):
+    phi_k = im.gd(6, 0.1).run(lambda p: mlp_loss(p, s), params)
+    phi = jax.tree.map(lambda a, t: 0.8 * a + 0.2 * t, phi_k, params)
+    assert rel_err(jax.tree.map(lambda a: a[i], phis), phi) < 1e-14
+    x, _, _ = dense_damped_cotangents(params, s, q, 2.0, phi, 1.0, 10.0)
+    np.testing.assert_allclose(
+        ravel_pytree(jax.tree.map(lambda a: a[i], grads))[0], x, rtol=1e-10,
+        atol=1e-13)

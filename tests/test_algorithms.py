@@ -121,3 +121,42 @@ def test_imaml_rejects_bad_hyperparameters():
     im.imaml(lam=0.0)
   with pytest.raises(TypeError, match="solver"):
     im.imaml(2.0, im.gd(5, 0.1), solver=5)
+
+
+def test_imaml_authors_recipe_equals_grad_through_adapt(x64):
+  # The damped system and the authors' inner loop, in both entry points.
+  params = mlp_init(jax.random.PRNGKey(4))
+  support, query = mlp_task(jax.random.PRNGKey(5))
+  inner, solver = im.gd_then_pull_back(16, 0.1), im.cg(40, tol=1e-15)
+  damping = dict(damping=1.0, lam_damping=10.0)
+  alg = im.imaml(2.0, inner, solver, **damping)
+  g, metrics = jax.jit(lambda p: alg.task_gradient(
+      aux(mlp_loss), p, im.Task(support, query)))(params)
+  via_adapt = jax.grad(lambda p: mlp_loss(im.adapt(
+      mlp_loss, p, support, lam=2.0, inner=inner, solver=solver, **damping),
+      query))(params)
+  assert rel_err(g, via_adapt) < 1e-12
+  assert float(metrics["residual"]) < 1e-12   # measured on the damped system
+  assert "damping=1.0, lam_damping=10.0" in alg.name
+  assert "damping" not in im.imaml(2.0).name
+
+
+def test_imaml_with_zero_damping_is_unchanged_bit_for_bit():
+  params = mlp_init(jax.random.PRNGKey(6), dtype=jnp.float32)
+  support, query = mlp_task(jax.random.PRNGKey(7), dtype=jnp.float32)
+  task = im.Task(support, query)
+  run = lambda alg: jax.jit(lambda p: alg.task_gradient(
+      aux(mlp_loss), p, task))(params)
+  plain = run(im.imaml(2.0, im.gd(10, 0.1)))
+  zero = run(im.imaml(2.0, im.gd(10, 0.1), damping=0.0, lam_damping=0.0))
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(zero)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"damping": -1.0}, r"^damping must be >= 0"),
+    ({"lam_damping": -10.0}, r"^lam_damping must be >= 0"),
+])
+def test_imaml_refuses_negative_damping_by_name(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    im.imaml(2.0, **kwargs)

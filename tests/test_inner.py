@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import imaml_jax as im
-from problems import linreg_exact, linreg_loss, linreg_task, rel_err
+from problems import (linreg_exact, linreg_loss, linreg_task, mlp_init,
+                      mlp_loss, mlp_task, rel_err)
 
 
 def proximal_linreg(seed, lam=2.0):
@@ -133,7 +134,69 @@ def test_backtracking_gd_differentiates_like_the_accepted_steps(x64):
     (im.hessian_free, {"steps": 0}, "steps"),
     (im.hessian_free, {"steps": 1, "cg_steps": 0}, "cg_steps"),
     (im.hessian_free, {"steps": 1, "shrink": 1.5}, "shrink"),
+    (im.gd_then_pull_back, {"steps": 0, "lr": 0.1}, "steps"),
+    (im.gd_then_pull_back, {"steps": 3, "lr": -0.1}, "lr"),
 ])
 def test_bad_inner_settings_are_named(factory, kwargs, message):
   with pytest.raises((ValueError, TypeError), match=message):
     factory(**kwargs)
+
+
+def authors_loop_by_hand(loss, theta, batch, lam, steps, lr):
+  """K explicit steps of jax.grad on the task loss, then the pull-back."""
+  phi = theta
+  for _ in range(steps):
+    g = jax.grad(loss)(phi, batch)
+    phi = jax.tree.map(lambda p, gi: p - lr * gi, phi, g)
+  return jax.tree.map(lambda p, t: p - lr * lam * (p - t), phi, theta)
+
+
+def test_gd_then_pull_back_matches_hand_computation(x64):
+  params = mlp_init(jax.random.PRNGKey(0))
+  support, _ = mlp_task(jax.random.PRNGKey(1))
+  objective = im.proximal_objective(mlp_loss, params, support, 2.0)
+  expected = authors_loop_by_hand(mlp_loss, params, support, 2.0, 4, 0.1)
+  for remat in (False, True):
+    got = im.gd_then_pull_back(4, 0.1).run(objective, params, remat=remat)
+    assert rel_err(got, expected) < 1e-14
+  # At lr 0.1 and lam 2 the pull-back is 0.8 phi_K + 0.2 theta.
+  phi_k = im.gd(4, 0.1).run(lambda p: mlp_loss(p, support), params)
+  assert rel_err(expected, jax.tree.map(lambda a, t: 0.8 * a + 0.2 * t,
+                                        phi_k, params)) < 1e-14
+
+
+def test_gd_then_pull_back_under_vmap_and_jit(x64):
+  tasks = [mlp_task(jax.random.PRNGKey(10 + i))[0] for i in range(3)]
+  support = jax.tree.map(lambda *a: jnp.stack(a), *tasks)
+  thetas = jax.vmap(mlp_init)(jax.random.split(jax.random.PRNGKey(2), 3))
+  lams = jnp.array([0.5, 2.0, 4.0])
+  solver = im.gd_then_pull_back(5, 0.1)
+  run = jax.jit(jax.vmap(lambda t, s, lam: solver.run(
+      im.proximal_objective(mlp_loss, t, s, lam), t)))
+  batched = run(thetas, support, lams)
+  for i, s in enumerate(tasks):
+    theta = jax.tree.map(lambda a: a[i], thetas)
+    expected = authors_loop_by_hand(mlp_loss, theta, s, float(lams[i]), 5, 0.1)
+    assert rel_err(jax.tree.map(lambda a: a[i], batched), expected) < 1e-14
+
+
+def test_gd_then_pull_back_needs_a_proximal_objective():
+  with pytest.raises(TypeError, match="proximal objective"):
+    im.gd_then_pull_back(3, 0.1).run(lambda x: (x ** 2).sum(), jnp.ones(2))
+  with pytest.raises(TypeError, match="proximal objective"):
+    im.maml(im.gd_then_pull_back(3, 0.1)).task_gradient(
+        lambda p, b: (linreg_loss(p, b), {}), jnp.zeros(5),
+        im.Task(*linreg_task(0)))
+
+
+def test_proximal_objective_carries_its_parts(x64):
+  support, _ = linreg_task(3)
+  theta = jnp.arange(5.0)
+  objective = im.proximal_objective(linreg_loss, theta, support, 1.5)
+  phi = theta + 1.0
+  assert isinstance(objective, im.ProximalObjective)
+  assert objective.lam == 1.5 and objective.center is theta
+  np.testing.assert_allclose(objective.task_loss(phi),
+                             linreg_loss(phi, support), rtol=1e-15)
+  np.testing.assert_allclose(
+      objective(phi), linreg_loss(phi, support) + 0.75 * 5, rtol=1e-15)

@@ -50,11 +50,16 @@ def test_residual_reveals_unconverged_solve(x64):
 def test_residual_matches_its_definition(x64):
   a, b = spd_system(3)
   a, b = jnp.asarray(a), jnp.asarray(b)
-  x, info = im.cg(maxiter=3, exact_residual=True).solve(lambda v: a @ v, b)
-  expected = np.linalg.norm(a @ x - b) / np.linalg.norm(b)
-  np.testing.assert_allclose(float(info.residual), expected, rtol=1e-12)
-  # The default reports CG's recurrence residual: equal in exact arithmetic.
-  x, info = im.cg(maxiter=3).solve(lambda v: a @ v, b)
+  for solver in (im.cg(maxiter=3), im.cg(maxiter=3, exact_residual=True),
+                 im.cg(maxiter=3, stop_at_negative_curvature=True,
+                       exact_residual=True)):
+    x, info = solver.solve(lambda v: a @ v, b)
+    expected = np.linalg.norm(a @ x - b) / np.linalg.norm(b)
+    np.testing.assert_allclose(float(info.residual), expected, rtol=1e-12)
+  # The guarded loop reports its recurrence residual by default: equal in
+  # exact arithmetic.
+  x, info = im.cg(maxiter=3, stop_at_negative_curvature=True).solve(
+      lambda v: a @ v, b)
   expected = np.linalg.norm(a @ x - b) / np.linalg.norm(b)
   assert expected > 1e-3  # unconverged, so the comparison means something
   np.testing.assert_allclose(float(info.residual), expected, rtol=1e-9)
@@ -62,33 +67,61 @@ def test_residual_matches_its_definition(x64):
   assert np.isnan(info.residual)
 
 
-def test_cg_matches_jax_scipy_cg_iterate_by_iterate(x64):
+def test_default_cg_is_jax_scipy_cg(x64):
   a, b = spd_system(8, cond=200.0)
   a, b = jnp.asarray(a), jnp.asarray(b)
-  for k in (1, 2, 5, 12):
-    ours, _ = im.cg(k, tol=0.0).solve(lambda v: a @ v, b)
-    theirs, _ = jax.scipy.sparse.linalg.cg(lambda v: a @ v, b, tol=0.0,
+  matvec = lambda v: a @ v
+  for k, tol, atol in [(1, 0.0, 0.0), (2, 0.0, 0.0), (5, 0.0, 0.0),
+                       (12, 0.0, 0.0), (50, 1e-3, 0.0), (50, 0.0, 1e-2)]:
+    ours, _ = im.cg(k, tol=tol, atol=atol).solve(matvec, b)
+    theirs, _ = jax.scipy.sparse.linalg.cg(matvec, b, tol=tol, atol=atol,
                                            maxiter=k)
-    assert rel_err(ours, theirs) < 1e-12, k
+    np.testing.assert_array_equal(ours, theirs, err_msg=f"{k} {tol} {atol}")
+  # Early stopping kicked in: fewer than 50 iterations are less accurate.
+  converged, _ = im.cg(50, tol=0.0).solve(matvec, b)
+  early, _ = im.cg(50, tol=1e-3).solve(matvec, b)
+  assert rel_err(early, converged) > 1e-9
+  # Inside jit, and on a pytree.
+  def tree_matvec(tree):
+    out = a @ jnp.concatenate([tree["u"], tree["v"].ravel()])
+    return {"u": out[:4], "v": out[4:].reshape(2, 4)}
+  tree = {"u": b[:4], "v": b[4:].reshape(2, 4)}
+  ours, _ = jax.jit(im.cg(5, tol=0.0).solve, static_argnums=0)(
+      tree_matvec, tree)
+  theirs, _ = jax.jit(lambda t: jax.scipy.sparse.linalg.cg(
+      tree_matvec, t, tol=0.0, maxiter=5))(tree)
+  for u, v in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-14)
+  jaxpr = str(jax.make_jaxpr(lambda b: im.cg(5).solve(matvec, b))(b))
+  assert "custom_linear_solve" in jaxpr
 
 
-def count_products(solver, a, b):
-  """Products traced in one solve (a loop body is traced once)."""
+def count_products(solver, a, b, maxiter):
+  """Products with ``a`` executed in one jitted solve."""
   calls = []
   def matvec(v):
-    calls.append(1)
+    jax.debug.callback(lambda: calls.append(1))
     return a @ v
-  jax.make_jaxpr(lambda b: solver.solve(matvec, b))(b)
+  jax.block_until_ready(jax.jit(lambda b: solver(maxiter).solve(matvec, b))(b))
   return len(calls)
 
 
-def test_cg_spends_no_product_on_its_zero_starting_point(x64):
-  a, b = spd_system(9, n=5)
+def test_products_per_solve(x64):
+  a, b = spd_system(9, n=8, cond=50.0)
   a, b = jnp.asarray(a), jnp.asarray(b)
-  # One product in the loop body; one more only to measure the residual.
-  assert count_products(im.cg(5), a, b) == 1
-  assert count_products(im.cg(5, report_residual=False), a, b) == 1
-  assert count_products(im.cg(5, exact_residual=True), a, b) == 2
+  plain = lambda **kw: lambda k: im.cg(k, tol=0.0, **kw)
+  guarded = lambda **kw: lambda k: im.cg(
+      k, tol=0.0, stop_at_negative_curvature=True, **kw)
+  for k in (1, 5):
+    # jax.scipy's cg spends one product on A x0, one per iteration, and the
+    # residual is measured with one more.
+    assert count_products(plain(), a, b, k) == k + 2
+    assert count_products(plain(exact_residual=True), a, b, k) == k + 2
+    assert count_products(plain(report_residual=False), a, b, k) == k + 1
+    # The guarded loop spends none on x0 = 0 and reports its own residual.
+    assert count_products(guarded(), a, b, k) == k
+    assert count_products(guarded(report_residual=False), a, b, k) == k
+    assert count_products(guarded(exact_residual=True), a, b, k) == k + 1
 
 
 def test_solvers_accept_pytrees(x64):
@@ -202,3 +235,25 @@ def test_negative_curvature_guard_under_vmap_and_on_pytrees(x64):
     expected = numpy_cg_stopping_at_negative_curvature(a, bs[i], 6)
     got = np.concatenate([np.asarray(xs["u"][i]), np.asarray(xs["v"][i]).ravel()])
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_negative_curvature_path_is_its_own_loop(x64):
+  # An indefinite system on which plain CG takes a step along a direction of
+  # negative curvature: jax.scipy's cg (the default path) takes it, the
+  # guarded loop stops before it.
+  a, q, _ = indefinite_system(6)
+  b = q[:, -1] + 0.1 * q[:, 0]   # b^T A b < 0: the very first step
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  matvec = lambda v: a @ v
+  plain, _ = im.cg(8, tol=0.0).solve(matvec, b)
+  scipy, _ = jax.scipy.sparse.linalg.cg(matvec, b, tol=0.0, maxiter=8)
+  np.testing.assert_array_equal(plain, scipy)
+  guarded, _ = im.cg(8, tol=0.0, stop_at_negative_curvature=True).solve(
+      matvec, b)
+  np.testing.assert_array_equal(guarded, b)
+  assert rel_err(plain, b) > 1.0
+  solver = im.cg(8, stop_at_negative_curvature=True)
+  assert solver.name == "cg(8, stop_at_negative_curvature=True)"
+  assert im.cg(8).name == "cg(8)"
+  jaxpr = str(jax.make_jaxpr(lambda b: solver.solve(matvec, b))(b))
+  assert "custom_linear_solve" not in jaxpr and "while" in jaxpr

@@ -6,7 +6,9 @@ imported it). The subprocess writes its results to an ``.npz`` file that the
 tests compare. A slow test runs two processes with two CPU devices each,
 joined by ``initialize_distributed`` (gloo collectives), as two hosts would.
 """
+import ast
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -117,7 +119,7 @@ _SCRIPT = textwrap.dedent("""
   mesh8 = steps[8][0]
   images = jax.random.randint(jax.random.key(1), (12, 4, 6, 6, 1), 0, 256
                               ).astype(jnp.uint8)
-  sample = sh.make_sharded_sampler(mesh8, 3, 1, 2, N_TASKS)
+  sample = data.make_sharded_sampler(mesh8, 3, 1, 2, N_TASKS)
   on_device = sample(keys[0], sh.replicate(images, mesh8))
   episodes = data.sample_tasks(keys[0], images, 3, 1, 2, N_TASKS)
   for a, b in zip(jax.tree.leaves(on_device), jax.tree.leaves(episodes)):
@@ -173,7 +175,7 @@ _WORKER = textwrap.dedent("""
   from_local, _ = sharded_step(state,
                                sh.tasks_from_process_local_data(local, mesh))
   images = rng.integers(0, 256, (10, 4, 5, 5, 1), dtype=np.uint8)
-  sample = sh.make_sharded_sampler(mesh, 3, 1, 2, 8)
+  sample = data.make_sharded_sampler(mesh, 3, 1, 2, 8)
   key = jax.random.key(3)
   sampled = sample(sh.replicate(key, mesh), sh.replicate(images, mesh))
   want = data.sample_tasks(key, images, 3, 1, 2, 8)
@@ -372,7 +374,7 @@ def test_sharded_sampler_equals_sample_tasks_on_one_device():
   mesh = sh.task_mesh(1)
   images = jax.random.randint(jax.random.key(1), (10, 5, 4, 4, 1), 0, 256
                               ).astype(jnp.uint8)
-  sample = sh.make_sharded_sampler(mesh, 3, 2, 1, 4)
+  sample = data.make_sharded_sampler(mesh, 3, 2, 1, 4)
   got = sample(jax.random.key(7), sh.replicate(images, mesh))
   want = data.sample_tasks(jax.random.key(7), images, 3, 2, 1, 4)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -380,8 +382,45 @@ def test_sharded_sampler_equals_sample_tasks_on_one_device():
 
 
 def test_sampler_rejects_bad_counts():
-  with pytest.raises(ValueError, match="n_tasks must be >= 1"):
-    sh.make_sharded_sampler(sh.task_mesh(), 5, 1, 1, 0)
+  with pytest.raises(ValueError, match="n_tasks must be positive"):
+    data.make_sharded_sampler(sh.task_mesh(), 5, 1, 1, 0)
+  with pytest.raises(ValueError, match="k_shot must be a Python int"):
+    data.make_sharded_sampler(sh.task_mesh(), 5, 1.0, 1, 4)
+  with pytest.raises(ValueError, match="3 tasks .* over 2 devices"):
+    data.make_sharded_sampler(jax.sharding.AbstractMesh((2,), ("tasks",)),
+                              5, 1, 1, 3)
+
+
+def test_top_level_sampler_name_is_the_data_one():
+  assert im.make_sharded_sampler is data.make_sharded_sampler
+
+
+def _imported_modules(path):
+  """Every module a source file imports, at any depth of its code."""
+  tree = ast.parse(path.read_text(), filename=str(path))
+  names = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names += [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      if node.level:  # relative: resolve against the package imaml_jax._src
+        package = "imaml_jax._src".rsplit(".", node.level - 1)[0]
+        base = f"{package}.{node.module}" if node.module else package
+      else:
+        base = node.module
+      names += [base] + [f"{base}.{alias.name}" for alias in node.names]
+  return names
+
+
+def test_core_imports_nothing_above_it():
+  src = pathlib.Path(sh.__file__).parent
+  files = sorted(src.glob("*.py"))
+  assert len(files) > 5 and src / "sharding.py" in files
+  upper = ("imaml_jax.data", "imaml_jax.models", "imaml_jax.train")
+  for path in files:
+    for name in _imported_modules(path):
+      assert not (name.startswith(upper) or name == "imaml_jax"), (
+          f"{path.name} imports {name}")
 
 
 def test_replicate_keeps_prng_keys_and_structure():

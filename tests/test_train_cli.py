@@ -124,3 +124,18 @@ def test_module_entry_point_subprocess(tmp_path):
                         capture_output=True, text=True, timeout=120,
                         check=False)
   assert proc.returncode == 2 and "train or eval" in proc.stderr
+
+
+def test_compile_cache_default_and_respects_existing(monkeypatch, tmp_path):
+  import jax
+  old = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv("IMAML_CACHE_DIR", str(tmp_path / "cache"))
+    assert cli.enable_compile_cache(None) == str(tmp_path / "cache" / "xla")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache/xla")
+    # A cache configured already (by the user or a test) is kept.
+    assert cli.enable_compile_cache(str(tmp_path / "other")) == str(
+        tmp_path / "cache" / "xla")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old)

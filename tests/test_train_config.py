@@ -37,17 +37,54 @@ def test_paper_settings_for_imaml_gd(name, n_way, k_shot, steps):
 
 
 def test_baseline_settings():
+  # MAML's 0.4 (5-way) and 0.1 (20-way) act on N times the mean loss: 2.0 on
+  # the mean cross-entropy (see the module docstring of config).
   maml5 = config_lib.get_config("omniglot_5w1s_maml")
   assert (maml5.inner_steps, maml5.inner_lr, maml5.eval_inner_steps) == (
-      1, 0.4, 3)
+      1, 2.0, 3)
   maml20 = config_lib.get_config("omniglot_20w5s_fomaml")
   assert (maml20.algorithm, maml20.inner_steps, maml20.inner_lr,
-          maml20.meta_batch) == ("fomaml", 5, 0.1, 16)
+          maml20.meta_batch) == ("fomaml", 5, 2.0, 16)
+  for setting in ("5w1s", "5w5s", "20w1s", "20w5s"):
+    for algo in ("maml", "fomaml"):
+      assert config_lib.get_config(f"omniglot_{setting}_{algo}").inner_lr == 2.0
+  assert config_lib.get_config("miniimagenet_5w1s_maml").inner_lr == 0.01
   hf = config_lib.get_config("omniglot_5w1s_imaml_hf")
   assert (hf.inner, hf.inner_steps, hf.hf_cg_steps) == ("hessian_free", 5, 5)
   rep = config_lib.get_config("miniimagenet_5w1s_reptile")
   assert (rep.optimizer, rep.lr_schedule, rep.eval_inner_steps) == (
       "sgd", "linear", 50)
+
+
+@pytest.mark.parametrize("setting, steps", [
+    ("5w1s", 16), ("5w5s", 16), ("20w1s", 25), ("20w5s", 25)])
+def test_authors_recipe_configs(setting, steps):
+  cfg = config_lib.get_config(f"omniglot_{setting}_imaml_gd_authors")
+  assert config_lib.validate(cfg) is cfg
+  assert (cfg.algorithm, cfg.inner, cfg.inner_steps, cfg.inner_lr,
+          cfg.inner_backtrack) == ("imaml", "gd_then_pull_back", steps, 0.1,
+                                   False)
+  assert (cfg.lam, cfg.cg_steps, cfg.cg_damping, cfg.lam_damping) == (
+      2.0, 5, 1.0, 10.0)
+  assert (cfg.optimizer, cfg.meta_lr, cfg.adam_eps, cfg.lr_schedule,
+          cfg.meta_batch, cfg.meta_steps) == ("adam", 1e-3, 1e-3, "constant",
+                                              32, 20_000)
+  paper = config_lib.get_config(f"omniglot_{setting}_imaml_gd")
+  assert (cfg.n_way, cfg.k_shot, cfg.q_query) == (
+      paper.n_way, paper.k_shot, paper.q_query)
+  assert (paper.cg_damping, paper.lam_damping) == (0.0, 0.0)
+
+
+def test_authors_recipe_is_wired_into_the_experiment():
+  from imaml_jax.train import experiment
+  cfg = config_lib.get_config("omniglot_20w1s_imaml_gd_authors")
+  assert experiment.inner_solver(cfg, 25).name == (
+      "gd_then_pull_back(steps=25, lr=0.1)")
+  name = experiment.algorithm(cfg).name
+  assert "gd_then_pull_back" in name
+  assert name.endswith("damping=1.0, lam_damping=10.0)")
+  paper = experiment.algorithm(config_lib.get_config("omniglot_5w1s_imaml_gd"))
+  assert "damping" not in paper.name
 
 
 def test_config_is_frozen():
@@ -77,10 +114,26 @@ def test_overrides_are_parsed_by_field_type():
     ("conv=fft", "conv must be one of"),
     ("meta_steps", "key=value"),
     ("name=other", "name cannot be overridden"),
+    ("cg_damping=-1", r"cg_damping must be >= 0; got -1.0"),
+    ("lam_damping=-10", r"lam_damping must be >= 0; got -10.0"),
+    ("lam_damping=nan", r"lam_damping must be >= 0; got nan"),
+    ("inner=gd_then_pull_backk", "inner must be one of"),
 ])
 def test_bad_overrides(override, message):
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.apply_overrides(config_lib.get_config("sinusoid"), [override])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["algorithm=maml", "cg_damping=0", "lam_damping=0"],
+     "inner='gd_then_pull_back' applies to algorithm='imaml' only"),
+    (["algorithm=reptile", "inner=gd"], "cg_damping and lam_damping apply "
+                                         "to algorithm='imaml' only"),
+])
+def test_authors_options_are_refused_outside_imaml(overrides, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.apply_overrides(
+        config_lib.get_config("omniglot_5w1s_imaml_gd_authors"), overrides)
 
 
 def test_unknown_config_lists_valid_names():
@@ -113,6 +166,18 @@ def test_stored_configs_from_before_a_field_existed_keep_their_behaviour():
     config_lib.from_dict(old)
 
 
+def test_stored_configs_from_before_damping_run_the_paper_system():
+  cfg = config_lib.get_config("omniglot_5w1s_imaml_gd_authors")
+  old = config_lib.to_dict(cfg)
+  del old["cg_damping"], old["lam_damping"], old["adam_eps"]
+  restored = config_lib.from_dict(old)
+  assert (restored.cg_damping, restored.lam_damping, restored.adam_eps) == (
+      0.0, 0.0, 1e-8)
+  assert config_lib.differences(cfg, restored) == {
+      "cg_damping": (1.0, 0.0), "lam_damping": (10.0, 0.0),
+      "adam_eps": (1e-3, 1e-8)}
+
+
 _slow = pytest.mark.slow
 
 
@@ -122,6 +187,7 @@ _slow = pytest.mark.slow
     pytest.param("omniglot_5w1s_imaml_hf", marks=_slow),
     pytest.param("omniglot_20w5s_maml", marks=_slow),
     pytest.param("omniglot_5w1s_fomaml", marks=_slow),
+    pytest.param("omniglot_5w1s_imaml_gd_authors", marks=_slow),
     pytest.param("miniimagenet_5w1s_imaml_gd", marks=_slow)])
 def test_configs_build_and_trace(name):
   import jax

@@ -258,3 +258,19 @@ def test_evaluate_workdir_refuses_an_unknown_split(reference_run, tmp_path):
                      "train; got 'training'"):
     train_lib.evaluate_workdir(workdir, split="training")
   assert sorted(p.name for p in workdir.iterdir()) == before  # Nothing written.
+
+
+def test_sinusoid_config_learns(compile_cache, tmp_path):
+  """The main job's recipe, shortened: adaptation must help by a clear margin
+  (at step 1000 of the full run the query MSE is 0.65 after adaptation
+  against 4.0 before; a recipe that does not learn stays near 4)."""
+  workdir = tmp_path / "learns"
+  assert cli.train_main([
+      "sinusoid", "--workdir", str(workdir), "--no-progress", "--set",
+      "meta_steps=1000", "val_every=500", "val_tasks=50", "test_tasks=100",
+      "checkpoint_every=0", "keep_checkpoints=1"]) == 0
+  results = json.loads((workdir / "results.json").read_text())
+  before = results["test"]["loss_before"]["mean"]
+  after = results["test"]["loss_after"]["mean"]
+  assert after < 1.5 and after < 0.35 * before, (before, after)
+  assert (workdir / "fits.png").stat().st_size > 0

@@ -10,7 +10,8 @@ inner steps. At a minimiser the optimality condition
 theorem gives ``d phi / d theta = (I + H/lam)^{-1}``, with ``H`` the Hessian of
 ``L`` at ``phi``. The backward pass therefore solves one symmetric linear
 system ``(I + H/lam) x = phi_bar`` with Hessian-vector products, and memory
-does not depend on the number of inner steps.
+does not depend on the number of inner steps. Optionally that system is
+damped as in the authors' public code (``damping``, ``lam_damping``).
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def check_hyperparameters(inner, solver, lam) -> None:
 def adapt(loss_fn: Callable, params: PyTree, support: PyTree, *, lam,
           inner: inner_lib.InnerSolver,
           solver: linear_solve.LinearSolver | None = None,
-          has_aux: bool = False, linearize: bool = False) -> PyTree:
+          has_aux: bool = False, linearize: bool = False,
+          damping=0.0, lam_damping=0.0) -> PyTree:
   r"""Adapts ``params`` to a task by proximal regularisation, implicitly differentiable.
 
   Runs ``inner`` from ``params`` on the proximal objective
@@ -65,6 +67,23 @@ def adapt(loss_fn: Callable, params: PyTree, support: PyTree, *, lam,
   ``lam_bar = -(1/lam) <x, phi - params>``. These formulas are exact at the
   proximal minimiser; run ``inner`` long enough for the gradient you need.
 
+  With ``damping`` ``r`` or ``lam_damping`` ``d`` the backward pass solves
+  the damped system of the authors' public code instead (their CG operator,
+  ``matrix_evaluator`` in ``implicit_maml/learner_model.py``, with ``r = 1``
+  and ``d = 10``; see :func:`imaml_jax.proximal_system_operator`):
+
+  .. math:: \Big((1 + r) I + \frac{H}{\lambda + d}\Big)\, x = \bar\phi ,
+
+  and ``params_bar``, ``support_bar`` and ``lam_bar`` are the formulas above
+  applied to this ``x``. The result is then no longer the implicit gradient
+  of the proximal minimiser but the authors' variant of it: ``params_bar`` is
+  ``1/(1 + r)`` times the exact pull-back for the stronger proximal strength
+  ``lam' = (1 + r)(lam + d)`` (24 at ``lam = 2``), taken at the ``phi`` found
+  with ``lam``; ``support_bar`` and ``lam_bar`` are the same expressions in
+  the damped ``x`` (still divided by ``lam``), not derivatives of any
+  objective. The forward pass is unchanged. With ``r = d = 0`` (the
+  defaults) the computation is exactly the undamped one, bit for bit.
+
   Composes with ``jax.jit``, ``jax.vmap`` and ``jax.grad``. Forward-mode
   differentiation (``jax.jvp``) of ``adapt`` is not supported.
 
@@ -74,14 +93,23 @@ def adapt(loss_fn: Callable, params: PyTree, support: PyTree, *, lam,
     params: meta-parameters ``theta``, any pytree of floating arrays.
     support: the task's support data, any pytree.
     lam: proximal strength ``lambda > 0`` (the paper uses 2.0 on Omniglot).
-    inner: inner algorithm, e.g. ``im.gd(steps=16, lr=0.1)``.
+    inner: inner algorithm, e.g. ``im.gd(steps=16, lr=0.1)``, or the
+      authors' loop ``im.gd_then_pull_back(16, 0.1)`` (which does not
+      minimise the proximal objective; see there).
     solver: linear solver for the backward pass, default ``im.cg(5)``.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     linearize: linearise the gradient once at ``phi`` and reuse it for every
       Hessian-vector product of the backward solve.
+    damping: ``r >= 0`` of the damped backward system (the authors'
+      ``--cg_damping``, 1.0); 0, the default, is the paper's system.
+    lam_damping: ``d >= 0`` of the damped backward system (10.0 in the
+      authors' code); 0, the default, is the paper's system.
 
   Returns:
     The adapted parameters ``phi``, shaped like ``params``.
+
+  Raises:
+    ValueError: ``lam <= 0``, or a negative ``damping`` or ``lam_damping``.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -92,9 +120,16 @@ def adapt(loss_fn: Callable, params: PyTree, support: PyTree, *, lam,
     ...                                     inner=im.gd(50, 0.3)), (x, y))
     >>> jax.grad(meta_loss)(jnp.zeros(2)).shape
     (2,)
+    >>> # The authors' recipe: their inner loop and damped system.
+    >>> authors = lambda w: loss(im.adapt(
+    ...     loss, w, (x, y), lam=2.0, inner=im.gd_then_pull_back(16, 0.1),
+    ...     damping=1.0, lam_damping=10.0), (x, y))
+    >>> jax.grad(authors)(jnp.zeros(2)).shape
+    (2,)
   """
   solver = linear_solve.cg(5) if solver is None else solver
   check_hyperparameters(inner, solver, lam)
+  hvp_lib.check_damping(damping, lam_damping)
   validation.check_floating_params(params)
   loss = scalar_loss(loss_fn, has_aux)
   dtype = tu._result_dtype(params)
@@ -115,7 +150,8 @@ def adapt(loss_fn: Callable, params: PyTree, support: PyTree, *, lam,
   def bwd(residuals, phi_bar):
     phi, params, support, lam = residuals
     matvec = hvp_lib.proximal_system_operator(
-        lambda p: loss(p, support), phi, lam, linearize=linearize)
+        lambda p: loss(p, support), phi, lam, linearize=linearize,
+        damping=damping, lam_damping=lam_damping)
     x, _ = solver.solve(matvec, phi_bar)
     support_bar = _support_cotangent(loss, phi, support, x, lam)
     lam_bar = -tu.tree_vdot(x, tu.tree_sub(phi, params)) / lam

@@ -10,11 +10,16 @@ For iMAML the objective is the proximal task objective of the paper's Eq. 4,
 .. math:: G(\phi) = L_{support}(\phi) + \frac{\lambda}{2}\|\phi - \theta\|^2,
 
 built by :func:`proximal_objective`; MAML, first-order MAML and Reptile run
-the same algorithms on ``L_support`` alone.
+the same algorithms on ``L_support`` alone. That objective is a
+:class:`ProximalObjective`, a callable that also carries its parts (the task
+loss, the centre ``theta`` and ``lam``), so a solver may treat them apart:
+:func:`gd_then_pull_back`, the inner loop of the authors' public code, steps
+on the task loss alone and then on the proximal term alone.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import dataclasses
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,15 +48,46 @@ class InnerSolver(NamedTuple):
   name: str
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ProximalObjective:
+  r"""``phi -> task_loss(phi) + lam/2 ||phi - center||^2``, with its parts.
+
+  Called like any objective; the parts let an inner solver step on the task
+  loss and on the proximal term separately (:func:`gd_then_pull_back`).
+
+  Attributes:
+    task_loss: ``phi -> scalar``, the task (support) loss ``L``.
+    center: the point ``theta`` the proximal term pulls towards.
+    lam: the proximal strength ``lambda``.
+  """
+
+  task_loss: Objective
+  center: PyTree
+  lam: Any
+
+  def __call__(self, phi: PyTree) -> jax.Array:
+    return self.task_loss(phi) + 0.5 * self.lam * tu.tree_sq_norm(
+        tu.tree_sub(phi, self.center))
+
+
 def proximal_objective(loss: Callable[[PyTree, PyTree], jax.Array],
-                       params: PyTree, batch: PyTree, lam) -> Objective:
-  r"""``phi -> loss(phi, batch) + lam/2 ||phi - params||^2`` (paper, Eq. 4)."""
+                       params: PyTree, batch: PyTree,
+                       lam) -> ProximalObjective:
+  r"""``phi -> loss(phi, batch) + lam/2 ||phi - params||^2`` (paper, Eq. 4).
 
-  def objective(phi):
-    return loss(phi, batch) + 0.5 * lam * tu.tree_sq_norm(
-        tu.tree_sub(phi, params))
+  Returns a :class:`ProximalObjective`: a callable that also carries
+  ``task_loss = phi -> loss(phi, batch)``, ``center = params`` and ``lam``.
 
-  return objective
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import imaml_jax as im
+    >>> f = im.proximal_objective(lambda x, b: (x * b).sum(), jnp.zeros(2),
+    ...                           jnp.ones(2), 2.0)
+    >>> f(jnp.ones(2)), f.task_loss(jnp.ones(2)), f.lam
+    (Array(4., dtype=float32), Array(2., dtype=float32), 2.0)
+  """
+  return ProximalObjective(task_loss=lambda phi: loss(phi, batch),
+                           center=params, lam=lam)
 
 
 def _scan_steps(step, x0, steps: int, remat: bool):
@@ -192,6 +228,82 @@ def nesterov(steps: int = 16, lr: float = 0.1,
 
   return InnerSolver(run=run, steps=steps,
                      name=f"nesterov(steps={steps}, lr={lr}, momentum={momentum})")
+
+
+def _pull_back(phi: PyTree, center: PyTree, lam, lr) -> PyTree:
+  """A gradient step on ``lam/2 ||phi - center||^2``.
+
+  That is ``phi - lr * lam * (phi - center)``.
+  """
+  return tu.tree_axpy(-lr, tu.tree_scale(lam, tu.tree_sub(phi, center)), phi)
+
+
+def gd_then_pull_back(steps: int = 16, lr: float = 0.1) -> InnerSolver:
+  r"""The authors' inner loop: steps on the task loss, then a pull-back.
+
+  Needs a :class:`ProximalObjective` ``L(phi) + lam/2 ||phi - theta||^2``
+  (what :func:`imaml_jax.adapt` and :func:`imaml_jax.imaml` pass) and uses
+  its parts, not its sum: ``steps`` (``K``) plain gradient steps on the task
+  loss ``L`` alone, then one gradient step of the same size on the proximal
+  term alone,
+
+  .. math::
+     \phi_{t+1} = \phi_t - \eta \nabla L(\phi_t) \quad (t < K), \qquad
+     \phi = \phi_K - \eta \lambda (\phi_K - \theta)
+           = (1 - \eta\lambda)\, \phi_K + \eta\lambda\, \theta,
+
+  from ``phi_0 = x0``, i.e. ``0.8 phi_K + 0.2 theta`` at ``eta = 0.1``,
+  ``lam = 2``. This is the inner loop of the authors' public code
+  (``examples/omniglot_implicit_maml.py``: ``learn_task`` runs SGD on the
+  cross-entropy alone, then one ``inner_opt.step()`` on
+  ``regularization_loss(w_k, lam)``, whose gradient is
+  ``lam (phi - w_k)``; ``implicit_maml/learner_model.py``), not the paper's
+  minimisation of the proximal objective: its result is not that
+  objective's minimiser, so the implicit gradient of ``adapt`` and ``imaml``
+  is then an approximation (the one the authors use).
+
+  Args:
+    steps: gradient steps on the task loss (the pull-back is one more).
+    lr: the step size ``eta`` of every step.
+
+  Raises:
+    TypeError: from ``run``, when the objective is not a
+      :class:`ProximalObjective` (a plain loss has no ``lam`` or ``theta``
+      to pull back to).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import imaml_jax as im
+    >>> loss = lambda x, b: 0.5 * ((x - b) ** 2).sum()  # minimiser: b
+    >>> theta = jnp.zeros(2)
+    >>> objective = im.proximal_objective(loss, theta, jnp.ones(2), lam=2.0)
+    >>> # 100 steps reach b = 1, then 1 - 0.25 * 2 * (1 - 0) = 0.5:
+    >>> im.gd_then_pull_back(steps=100, lr=0.25).run(objective, theta).round(4)
+    Array([0.5, 0.5], dtype=float32)
+    >>> # The proximal minimiser, b / (1 + lam), for comparison:
+    >>> im.gd(steps=100, lr=0.25).run(objective, theta).round(4)
+    Array([0.3333, 0.3333], dtype=float32)
+  """
+  validation.check_positive_int("gd_then_pull_back steps", steps)
+  validation.check_positive_scalar("gd_then_pull_back lr", lr)
+
+  def run(objective: ProximalObjective, x0: PyTree, *, remat: bool = False):
+    if not isinstance(objective, ProximalObjective):
+      raise TypeError(
+          "gd_then_pull_back needs a proximal objective built by "
+          "im.proximal_objective (it steps on the task loss and on the "
+          f"proximal term separately), got {type(objective).__name__}; it "
+          "applies to iMAML, not to MAML, first-order MAML or Reptile.")
+    grad = jax.grad(objective.task_loss)
+
+    def step(x):
+      return tu.tree_axpy(-lr, grad(x), x)
+
+    phi = _scan_steps(step, x0, steps, remat)
+    return _pull_back(phi, objective.center, objective.lam, lr)
+
+  return InnerSolver(run=run, steps=steps,
+                     name=f"gd_then_pull_back(steps={steps}, lr={lr})")
 
 
 def hessian_free(steps: int = 5, cg_steps: int = 5, *,

@@ -21,9 +21,10 @@ the single-device step up to the order of the floating-point summation.
 
 Tasks can be placed on the devices from the host (:func:`shard_tasks`,
 :func:`tasks_from_process_local_data`) or, better, sampled on the devices
-themselves (:func:`make_sharded_sampler`, :func:`constrain_tasks`): every
-device then draws only its own tasks from a replicated copy of the image
-array, and no task data moves between devices or through the host.
+themselves (:func:`imaml_jax.data.make_sharded_sampler`,
+:func:`constrain_tasks`): every device then draws only its own tasks from a
+replicated copy of the image array, and no task data moves between devices
+or through the host.
 
 Several hosts: call :func:`initialize_distributed` first on every process
 (same program, same arguments apart from ``process_id``); ``jax.devices()``
@@ -33,7 +34,8 @@ Two ways of feeding tasks are supported:
 * on-device sampling (recommended): every process loads the same image
   array, :func:`replicate` places it on every device, and the jitted step
   samples from a key that is identical on all processes;
-  :func:`make_sharded_sampler` makes each device draw its own slice of tasks.
+  :func:`imaml_jax.data.make_sharded_sampler` makes each device draw its
+  own slice of tasks.
 * host-side batches: each process builds only its own slice of the batch
   (``n_tasks / jax.process_count()`` tasks, in process order) and
   :func:`tasks_from_process_local_data` assembles the global array with
@@ -258,7 +260,8 @@ def constrain_tasks(tasks: Task, mesh: Mesh, *, axis: str = TASK_AXIS) -> Task:
   device produces its own tasks. How well it partitions depends on the
   sampler's operations (``lax.top_k`` in the episode sampler, for example, is
   computed after gathering its small key array); for N-way K-shot episodes
-  :func:`make_sharded_sampler` guarantees purely local sampling.
+  :func:`imaml_jax.data.make_sharded_sampler` guarantees purely local
+  sampling.
 
   Raises:
     ValueError: the number of tasks is not a multiple of the device count.
@@ -267,67 +270,6 @@ def constrain_tasks(tasks: Task, mesh: Mesh, *, axis: str = TASK_AXIS) -> Task:
   sharding = task_sharding(mesh, axis)
   return jax.tree.map(
       lambda x: jax.lax.with_sharding_constraint(x, sharding), tasks)
-
-
-def make_sharded_sampler(mesh: Mesh, n_way: int, k_shot: int, q_query: int,
-                         n_tasks: int, *, axis: str = TASK_AXIS) -> Callable:
-  """An N-way K-shot episode sampler whose tasks are drawn on their devices.
-
-  ``sample(key, images)`` returns exactly the tasks of
-  ``imaml_jax.data.sample_tasks(key, images, n_way, k_shot, q_query,
-  n_tasks)``: the per-task keys ``jax.random.split(key, n_tasks)`` are
-  sharded over ``axis`` and, under ``jax.shard_map``, each device runs
-  :func:`~imaml_jax.data.sample_tasks_from_keys` on its own ``n_tasks / D``
-  keys, gathering its episodes from its replica of ``images`` (place it with
-  :func:`replicate`). The sampling program has no cross-device
-  communication: nothing is gathered to one device or to the host.
-
-  The sampler is jitted and may also be called inside a jitted step (e.g.
-  the function given to :func:`shard_meta_step`'s caller, or a training step
-  jitted with :func:`replicated_sharding` inputs).
-
-  Args:
-    mesh: the device mesh.
-    n_way: classes per task.
-    k_shot: support images per class.
-    q_query: query images per class.
-    n_tasks: tasks per batch; a multiple of the devices on ``axis``.
-    axis: the mesh axis to split the tasks over.
-
-  Returns:
-    ``sample(key, images) -> Task``, sharded on the leading task axis.
-
-  Raises:
-    ValueError: ``n_tasks`` is not a multiple of the device count.
-
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> mesh = task_mesh()
-    >>> sample = make_sharded_sampler(mesh, 5, 1, 15, n_tasks=4 * mesh.size)
-    >>> images = replicate(jnp.zeros((10, 20, 28, 28, 1), jnp.uint8), mesh)
-    >>> tasks = sample(jax.random.key(0), images)
-    >>> x = tasks.query[0]
-    >>> x.shape[1:], x.sharding.is_equivalent_to(task_sharding(mesh), x.ndim)
-    ((75, 28, 28, 1), True)
-  """
-  # Imported here: the data package imports the core, not the reverse.
-  from imaml_jax.data import _sampler  # pylint: disable=g-import-not-at-top
-  validation.check_positive_int("n_tasks", n_tasks)
-  check_divisible(n_tasks, mesh, axis)
-  keys_sharding = task_sharding(mesh, axis)
-  local_sample = jax.shard_map(
-      lambda keys, images: _sampler.sample_tasks_from_keys(
-          keys, images, n_way, k_shot, q_query),
-      mesh=mesh, in_specs=(PartitionSpec(axis), PartitionSpec()),
-      out_specs=PartitionSpec(axis))
-
-  @jax.jit
-  def sample(key, images) -> Task:
-    keys = jax.random.split(key, n_tasks)
-    keys = jax.lax.with_sharding_constraint(keys, keys_sharding)
-    return local_sample(keys, images)
-
-  return sample
 
 
 def per_device_step(step: Callable, mesh: Mesh,

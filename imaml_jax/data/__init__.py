@@ -2,8 +2,9 @@
 
 Omniglot and Mini-ImageNet are held as ``uint8[n_classes, n_per_class, H, W,
 C]`` class arrays; :func:`sample_tasks` draws N-way K-shot episodes from such
-an array on device. The synthetic families return :class:`~imaml_jax.Task`
-batches directly.
+an array on device, and :func:`make_sharded_sampler` draws them on the devices
+of a mesh, each device its own share. The synthetic families return
+:class:`~imaml_jax.Task` batches directly.
 """
 from imaml_jax.data import synthetic
 from imaml_jax.data._download import OMNIGLOT_MD5
@@ -25,6 +26,7 @@ from imaml_jax.data._omniglot import omniglot_splits
 from imaml_jax.data._omniglot import rotate_classes
 from imaml_jax.data._sampler import evaluation_task_chunks
 from imaml_jax.data._sampler import evaluation_tasks
+from imaml_jax.data._sampler import make_sharded_sampler
 from imaml_jax.data._sampler import sample_tasks
 from imaml_jax.data._sampler import sample_tasks_from_keys
 from imaml_jax.data.synthetic import linear_regression_exact_meta_gradient

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
+from imaml_jax._src import sharding
 from imaml_jax._src.types import Task
 
 
-def _check_counts(images_shape, n_way, k_shot, q_query, n_tasks=1) -> None:
-  """Validates the static episode sizes against ``images_shape``."""
+def _check_sizes(n_way, k_shot, q_query, n_tasks) -> None:
+  """Validates that the static episode sizes are positive Python ints."""
   counts = {"n_way": n_way, "k_shot": k_shot, "q_query": q_query,
             "n_tasks": n_tasks}
   for name, value in counts.items():
@@ -20,6 +22,11 @@ def _check_counts(images_shape, n_way, k_shot, q_query, n_tasks=1) -> None:
       raise ValueError(f"{name} must be a Python int, got {value!r}")
     if value <= 0:
       raise ValueError(f"{name} must be positive, got {name}={value}")
+
+
+def _check_counts(images_shape, n_way, k_shot, q_query, n_tasks=1) -> None:
+  """Validates the static episode sizes against ``images_shape``."""
+  _check_sizes(n_way, k_shot, q_query, n_tasks)
   if len(images_shape) < 3:
     raise ValueError("images must be [n_classes, n_per_class, ...], got shape "
                      f"{tuple(images_shape)}")
@@ -142,6 +149,68 @@ def sample_tasks(key, images, n_way: int, k_shot: int, q_query: int,
   _check_counts(images.shape, n_way, k_shot, q_query, n_tasks)
   keys = jax.random.split(key, n_tasks)
   return sample_tasks_from_keys(keys, images, n_way, k_shot, q_query)
+
+
+def make_sharded_sampler(mesh: Mesh, n_way: int, k_shot: int, q_query: int,
+                         n_tasks: int, *,
+                         axis: str = sharding.TASK_AXIS) -> Callable:
+  """An N-way K-shot episode sampler whose tasks are drawn on their devices.
+
+  ``sample(key, images)`` returns exactly the tasks of
+  ``sample_tasks(key, images, n_way, k_shot, q_query, n_tasks)``: the
+  per-task keys ``jax.random.split(key, n_tasks)`` are split over ``axis``
+  of ``mesh`` (:func:`imaml_jax.task_sharding`) and, under
+  ``jax.shard_map``, each of the ``D`` devices runs
+  :func:`sample_tasks_from_keys` on its own ``n_tasks / D`` keys, gathering
+  its episodes from its replica of ``images`` (place it with
+  :func:`imaml_jax.replicate`). The sampling program has no cross-device
+  communication: nothing is gathered to one device or to the host.
+
+  The sampler is jitted and may also be called inside a jitted step (e.g. a
+  training step jitted with :func:`imaml_jax.replicated_sharding` inputs).
+
+  Args:
+    mesh: the device mesh, e.g. :func:`imaml_jax.task_mesh`.
+    n_way: classes per task.
+    k_shot: support images per class.
+    q_query: query images per class.
+    n_tasks: tasks per batch; a multiple of the devices on ``axis``.
+    axis: the mesh axis to split the tasks over.
+
+  Returns:
+    ``sample(key, images) -> Task``, sharded on the leading task axis.
+
+  Raises:
+    ValueError: a count is not a positive int, or ``n_tasks`` is not a
+      multiple of the device count (at once); ``n_way`` or
+      ``k_shot + q_query`` does not fit ``images`` (when called).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import imaml_jax as im
+    >>> mesh = im.task_mesh()
+    >>> sample = make_sharded_sampler(mesh, 5, 1, 15, n_tasks=4 * mesh.size)
+    >>> images = im.replicate(jnp.zeros((10, 20, 28, 28, 1), jnp.uint8), mesh)
+    >>> x = sample(jax.random.key(0), images).query[0]
+    >>> x.shape[1:], x.sharding.is_equivalent_to(im.task_sharding(mesh), x.ndim)
+    ((75, 28, 28, 1), True)
+  """
+  _check_sizes(n_way, k_shot, q_query, n_tasks)
+  sharding.check_divisible(n_tasks, mesh, axis)
+  keys_sharding = sharding.task_sharding(mesh, axis)
+  local_sample = jax.shard_map(
+      lambda keys, images: sample_tasks_from_keys(keys, images, n_way, k_shot,
+                                                  q_query),
+      mesh=mesh, in_specs=(PartitionSpec(axis), PartitionSpec()),
+      out_specs=PartitionSpec(axis))
+
+  @jax.jit
+  def sample(key, images) -> Task:
+    keys = jax.random.split(key, n_tasks)
+    keys = jax.lax.with_sharding_constraint(keys, keys_sharding)
+    return local_sample(keys, images)
+
+  return sample
 
 
 def _evaluation_keys(n_tasks: int, seed: int):

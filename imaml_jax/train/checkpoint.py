@@ -20,6 +20,11 @@ moment leaves either the previous set of checkpoints or the new one, plus at
 most a stray temporary file that is never read. A truncated or altered file
 fails the size or SHA-256 check with :class:`CheckpointError`.
 
+The library uses this format rather than Orbax because its checkpoints are
+single files written by process 0 alone to a shared file system, where an
+atomic rename and a checksum are all the safety needed, without another
+dependency or a checkpoint directory layout.
+
 Example:
   >>> import tempfile, numpy as np
   >>> d = tempfile.mkdtemp()

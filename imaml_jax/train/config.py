@@ -7,8 +7,9 @@ needs no data. Each named config is the :class:`Config` defaults overridden
 with :func:`dataclasses.replace`, so a variant shows only what differs.
 
 Sources of the settings (``[P]`` the iMAML paper, Rajeswaran et al. 2019;
-``[C]`` the authors' public code as summarised in the project notes; ``[F]``
-MAML, Finn et al. 2017, Section 5.2; ``[N]`` Reptile, Nichol et al. 2018,
+``[C]`` the authors' public code, github.com/aravindr93/imaml_dev at commit
+6a2a669; ``[F]`` MAML, Finn et al. 2017, Section 5.2; ``[M]`` MAML's
+reference code, github.com/cbfinn/maml; ``[N]`` Reptile, Nichol et al. 2018,
 Appendix A; ``[D]`` a documented choice of this project where no source
 states one):
 
@@ -17,11 +18,19 @@ states one):
   with learning rate 1e-3 [C]; inner learning rate 0.05 on Omniglot [D] (see
   below); meta-batch 32 [C];
   20,000 meta-steps (the least the authors' code runs) [C]; 15 query images
-  per class [F]; 600 test tasks [C].
+  per class (see below); 600 test tasks [C].
+* Query images: 15 per class in every Omniglot and mini-ImageNet config. On
+  mini-ImageNet that is MAML's training setting [M] (``main.py`` draws
+  ``update_batch_size + 15`` images per class there). On Omniglot it is this
+  project's choice [D]: MAML's code draws ``2 * update_batch_size`` images
+  per class, i.e. K query images (``main.py``), and the authors' code also
+  takes K (``implicit_maml/dataset.py``); 15 give a tighter estimate of the
+  test accuracy from the same 600 tasks.
 * The iMAML-GD inner loop on Omniglot: learning rate 0.05, every step
   checked (``inner_backtrack``) [D]. The authors' code takes SGD steps of 0.1
-  on the task loss alone and pulls back to ``theta`` once; here gradient
-  descent runs on the proximal objective itself, whose Hessian is
+  on the task loss alone and pulls back to ``theta`` once (the ``_authors``
+  configs below); here gradient descent runs on the proximal objective
+  itself, whose Hessian is
   ``lam * (I + H/lam)``, and is stable only for
   ``lr < 2 / (lam * eig_max(I + H/lam))``. Measured at initialisation on 16
   5-way 1-shot tasks (``benchmarks/curvature.py``), that bound is 0.069, so
@@ -38,10 +47,23 @@ states one):
   extra gradient per task and changes nothing while every step descends.
 * iMAML, Hessian-free: 5 CG steps per Newton direction plus a backtracking
   line search [P]; 5 Newton steps [D].
-* MAML and first-order MAML on Omniglot: 5-way, 1 inner step of size 0.4,
-  evaluated with 3 steps, meta-batch 32; 20-way, 5 steps of size 0.1 for
-  training and evaluation, meta-batch 16; Adam 1e-3; 60,000 meta-steps [F].
-  On mini-ImageNet: 5 steps of size 0.01, 10 at evaluation, meta-batch 4 [F].
+* MAML and first-order MAML on Omniglot: 5-way, 1 inner step, evaluated
+  with 3 steps, meta-batch 32; 20-way, 5 steps for training and evaluation,
+  meta-batch 16; Adam 1e-3; 60,000 meta-steps [F]. Inner step size 2.0 in
+  both: MAML's 0.4 (5-way) and 0.1 (20-way) [F] on this library's loss scale
+  [M]. MAML's ``xent`` (``utils.py``) divides each example's softmax
+  cross-entropy by K (``update_batch_size``), and its inner update
+  (``maml.py``: ``tf.gradients`` of that per-example vector, then
+  ``fast_weights = weights - update_lr * gradients``) differentiates the sum
+  over the N*K support examples, i.e. N times the mean cross-entropy. This
+  library's loss is the mean (``imaml_jax/models/_losses.py``), so the same
+  step is ``N * update_lr``: 0.4 * 5 = 0.1 * 20 = 2.0. MAML's meta loss is
+  likewise N times the mean query loss (``total_losses2`` in ``maml.py``,
+  summed over the query examples and divided by the meta-batch), a constant
+  factor that Adam all but ignores (up to its ``eps``), so it has no
+  counterpart here. On mini-ImageNet: 5 steps of size 0.01, 10 at
+  evaluation, meta-batch 4 [F] (the stated value, not rescaled; on the mean
+  loss the reference code's step would be 0.05).
 * Reptile: 5 inner steps for training (8 on mini-ImageNet) and 50 for
   evaluation, meta-batch 5, 100,000 meta-steps, outer SGD with step size 1.0
   annealed linearly to 0 [N]. Nichol et al. use Adam (lr 1e-3) inside each
@@ -51,6 +73,28 @@ states one):
 * iMAML on mini-ImageNet: the paper gives no inner settings for Table 3; the
   Omniglot iMAML settings are kept with the inner learning rate of MAML's
   mini-ImageNet runs, 0.01 [D].
+* The authors' recipe, ``omniglot_<setting>_imaml_gd_authors`` for every
+  Omniglot setting, beside the paper-form configs [C]. Their damped system
+  ``((1 + r) I + H/(lam + d)) g = v``: ``cg_damping`` r = 1 (``--cg_damping``
+  in ``examples/omniglot_implicit_maml.py``, 1.0 in the command of
+  ``examples/README.md``) and ``lam_damping`` d = 10 (the default of
+  ``matrix_evaluator`` in ``implicit_maml/learner_model.py``, which the
+  training script does not override). Their inner loop,
+  ``inner="gd_then_pull_back"``: SGD steps of 0.1 on the support
+  cross-entropy alone, then one SGD step of 0.1 on the proximal term
+  (``learn_task``, then ``regularization_loss`` and ``inner_opt.step()`` in
+  ``examples/omniglot_implicit_maml.py``); 16 steps at 5-way [C] and 25 at
+  20-way [P]: the code states no 20-way setting (``--n_steps`` defaults to
+  16, ``--inner_lr`` to 0.01, and the README's one command is 5-way 1-shot
+  with 16 steps of 0.1), so the step size 0.1 is kept at 20-way [D]. Adam
+  with learning rate 1e-3 and ``eps = 1e-3`` (``torch.optim.Adam`` in
+  ``learner_model.py``), constant; meta-batch 32 (``--task_mb_size``), lam
+  2.0, 5 CG steps, 20,000 meta-steps (README command). Their tasks carry K
+  query images per class; these configs keep 15 like the paper-form ones, so
+  that evaluations compare (``q_query`` set to K reproduces their training
+  batches). Held-out tasks are adapted by the same loop with lam 2; their
+  ``measure_accuracy.py`` runs it with ``--lam 0.0``, i.e. without the
+  pull-back.
 
 Example:
   >>> from imaml_jax.train import config as config_lib
@@ -71,7 +115,7 @@ from imaml_jax import models
 
 DATASETS = ("omniglot", "miniimagenet", "sinusoid")
 ALGORITHMS = ("imaml", "maml", "fomaml", "reptile")
-INNER_SOLVERS = ("gd", "nesterov", "hessian_free")
+INNER_SOLVERS = ("gd", "nesterov", "hessian_free", "gd_then_pull_back")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "linear")
 
@@ -98,7 +142,14 @@ class Config:
     cg_steps: CG iterations for iMAML's meta-gradient.
     cg_stop_at_negative_curvature: stop iMAML's CG at the first direction of
       non-positive curvature of ``I + H/lam`` (see ``imaml_jax.cg``).
-    inner: inner solver, ``"gd"``, ``"nesterov"`` or ``"hessian_free"``.
+    cg_damping: ``r >= 0`` of iMAML's damped system
+      ``((1 + r) I + H/(lam + d)) g = v`` (the authors' code: 1.0); 0 with
+      ``lam_damping`` 0 is the paper's ``I + H/lam``. iMAML only.
+    lam_damping: ``d >= 0`` of that system (the authors' code: 10.0).
+    inner: inner solver, ``"gd"``, ``"nesterov"``, ``"hessian_free"`` or
+      ``"gd_then_pull_back"`` (the authors' loop: ``inner_steps`` steps on
+      the support loss alone, then one step on the proximal term; iMAML
+      only, see ``imaml_jax.gd_then_pull_back``).
     inner_steps: inner steps (Newton steps for ``hessian_free``).
     inner_lr: inner learning rate (``gd``, ``nesterov``).
     inner_backtrack: ``gd`` rejects steps that do not decrease the inner
@@ -109,6 +160,9 @@ class Config:
       0 means ``inner_steps``.
     maml_remat: rematerialise MAML's inner steps (less memory).
     optimizer: outer optimizer, ``"adam"`` or ``"sgd"``.
+    adam_eps: Adam's ``eps`` (optax's default 1e-8; the authors' code uses
+      1e-3, which shrinks the steps of coordinates whose gradients are
+      smaller than about 1e-3 and makes them scale with the gradient).
     meta_lr: outer learning rate.
     lr_schedule: ``"constant"``, or ``"linear"`` decay to 0 at
       ``meta_steps``.
@@ -151,6 +205,8 @@ class Config:
   lam: float = 2.0
   cg_steps: int = 5
   cg_stop_at_negative_curvature: bool = False
+  cg_damping: float = 0.0
+  lam_damping: float = 0.0
   inner: str = "gd"
   inner_steps: int = 16
   inner_lr: float = 0.1
@@ -161,6 +217,7 @@ class Config:
   maml_remat: bool = False
   # Outer loop.
   optimizer: str = "adam"
+  adam_eps: float = 1e-8
   meta_lr: float = 1e-3
   lr_schedule: str = "constant"
   meta_batch: int = 32
@@ -216,10 +273,21 @@ def validate(config: Config) -> Config:
     value = getattr(config, field)
     if value < low:
       raise ConfigError(f"{field} must be >= {low}; got {value}.")
-  for field in ("lam", "inner_lr", "meta_lr"):
+  for field in ("lam", "inner_lr", "meta_lr", "adam_eps"):
     value = getattr(config, field)
     if not value > 0:
       raise ConfigError(f"{field} must be > 0; got {value}.")
+  for field in ("cg_damping", "lam_damping"):
+    value = getattr(config, field)
+    if not value >= 0:
+      raise ConfigError(f"{field} must be >= 0; got {value}.")
+  if config.algorithm != "imaml" and (config.cg_damping or config.lam_damping):
+    raise ConfigError(f"cg_damping and lam_damping apply to algorithm='imaml' "
+                      f"only; got algorithm={config.algorithm!r}.")
+  if config.inner == "gd_then_pull_back" and config.algorithm != "imaml":
+    raise ConfigError(f"inner='gd_then_pull_back' applies to algorithm='imaml' "
+                      f"only (it pulls back towards theta with lam); got "
+                      f"algorithm={config.algorithm!r}.")
   if config.inner_backtrack and config.inner != "gd":
     raise ConfigError(f"inner_backtrack applies to inner='gd' only; got "
                       f"inner={config.inner!r}.")
@@ -270,20 +338,35 @@ def _table_config(base: Config, suffix: str, n_way: int,
   raise AssertionError(suffix)
 
 
+def _authors_config(base: Config, n_way: int) -> Config:
+  """The authors' public recipe for one Omniglot setting (module docstring)."""
+  return dataclasses.replace(
+      base, algorithm="imaml", inner="gd_then_pull_back",
+      inner_steps=16 if n_way <= 5 else 25, inner_lr=0.1,
+      inner_backtrack=False, lam=2.0, cg_steps=5, cg_damping=1.0,
+      lam_damping=10.0, optimizer="adam", meta_lr=1e-3, adam_eps=1e-3,
+      lr_schedule="constant", meta_batch=32, meta_steps=20_000)
+
+
 def _build_registry() -> None:
   omniglot = Config(dataset="omniglot", q_query=15)
   for n_way, k_shot in OMNIGLOT_SETTINGS:
     base = dataclasses.replace(omniglot, n_way=n_way, k_shot=k_shot)
+    # MAML's 0.4 (5-way) and 0.1 (20-way) act on N times the mean loss [M]:
+    # 2.0 on this library's mean cross-entropy in both cases.
     if n_way == 5:
-      maml = dict(maml_steps=(1, 3), maml_lr=0.4, maml_batch=32)
+      maml = dict(maml_steps=(1, 3), maml_lr=2.0, maml_batch=32)
     else:
-      maml = dict(maml_steps=(5, 5), maml_lr=0.1, maml_batch=16)
+      maml = dict(maml_steps=(5, 5), maml_lr=2.0, maml_batch=16)
     for suffix in ALGORITHM_SUFFIXES:
       name = f"omniglot_{n_way}w{k_shot}s_{suffix}"
       _register(dataclasses.replace(
           _table_config(base, suffix, n_way,
                         inner_lr=0.05 if suffix == "imaml_gd" else 0.1,
                         reptile_steps=5, **maml), name=name))
+    _register(dataclasses.replace(
+        _authors_config(base, n_way),
+        name=f"omniglot_{n_way}w{k_shot}s_imaml_gd_authors"))
   mini = Config(dataset="miniimagenet", n_way=5, k_shot=1, q_query=15)
   for suffix in ALGORITHM_SUFFIXES:
     _register(dataclasses.replace(
@@ -291,13 +374,22 @@ def _build_registry() -> None:
                       maml_lr=0.01, maml_batch=4, reptile_steps=8),
         name=f"miniimagenet_5w1s_{suffix}"))
   # Sinusoid regression (Finn et al. Section 5.1: 10-shot, meta-batch 25,
-  # Adam 1e-3) with iMAML-GD, lam 2 and 16 steps as on Omniglot; about a
-  # minute on two CPU cores. Inner lr 0.003 [D]: with 16 steps, MAML's 0.01
-  # overshoots at initialisation (the support loss rises after the first
-  # step on most tasks).
+  # Adam 1e-3) with iMAML-GD: 16 checked gradient steps, 5 CG steps [P].
+  # lam 30, inner lr 0.005 [D]: lam must be on the scale of the MSE loss's
+  # curvature, whose Hessian has eigenvalues up to 200-500 at
+  # initialisation (and down to -40). With Omniglot's lam 2, I + H/lam is
+  # indefinite and ill-conditioned and 16 steps stay far from the proximal
+  # minimiser, so the implicit meta-gradient is wrong and nothing is learnt
+  # (test MSE 4.36 after 3,000 meta-steps, predicting 0 scores about 4.2);
+  # lam 30 gives a well-conditioned system, an inner loop that converges
+  # (contraction 1 - lr lam = 0.85 a step where the loss is flat) and test
+  # MSE 0.27 (lam 10: 0.38, lam 100: 0.46; benchmarks/results/
+  # sinusoid_diagnosis.md). The step check keeps the inner loop stable as
+  # meta-training sharpens the loss (plain GD at lam 100 diverged).
   sinusoid = Config(
       name="sinusoid", dataset="sinusoid", k_shot=10, q_query=10,
-      algorithm="imaml", inner="gd", inner_steps=16, inner_lr=0.003, lam=2.0,
+      algorithm="imaml", inner="gd", inner_steps=16, inner_lr=0.005,
+      inner_backtrack=True, lam=30.0,
       cg_steps=5, meta_batch=25, meta_steps=3000, log_every=50,
       val_every=500, val_tasks=100, test_tasks=600, eval_chunk=100,
       checkpoint_every=500)
@@ -305,7 +397,7 @@ def _build_registry() -> None:
   # MAML's own sinusoid setting: one inner step of size 0.01 [F].
   _register(dataclasses.replace(sinusoid, name="sinusoid_maml",
                                 algorithm="maml", inner_steps=1,
-                                inner_lr=0.01))
+                                inner_lr=0.01, inner_backtrack=False))
 
 
 _build_registry()
@@ -453,7 +545,8 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 # Fields added after the first release, with the value that reproduces what
 # runs stored before them did. A stored config may lack these (and only these).
-_ADDED_FIELDS = {"task_chunk": 0, "inner_backtrack": False}
+_ADDED_FIELDS = {"task_chunk": 0, "inner_backtrack": False, "adam_eps": 1e-8,
+                 "cg_damping": 0.0, "lam_damping": 0.0}
 
 
 def from_dict(values: Mapping[str, Any]) -> Config:

@@ -93,6 +93,8 @@ def inner_solver(config: config_lib.Config, steps: int) -> im.InnerSolver:
     return im.gd(steps, config.inner_lr, backtrack=config.inner_backtrack)
   if config.inner == "nesterov":
     return im.nesterov(steps, config.inner_lr, config.inner_momentum)
+  if config.inner == "gd_then_pull_back":
+    return im.gd_then_pull_back(steps, config.inner_lr)
   return im.hessian_free(steps, config.hf_cg_steps)
 
 
@@ -106,7 +108,8 @@ def algorithm(config: config_lib.Config, *,
   if config.algorithm == "imaml":
     return im.imaml(config.lam, inner, im.cg(
         config.cg_steps,
-        stop_at_negative_curvature=config.cg_stop_at_negative_curvature))
+        stop_at_negative_curvature=config.cg_stop_at_negative_curvature),
+        damping=config.cg_damping, lam_damping=config.lam_damping)
   if config.algorithm == "maml":
     return im.maml(inner, remat=config.maml_remat)
   if config.algorithm == "fomaml":
@@ -120,7 +123,7 @@ def optimizer(config: config_lib.Config) -> optax.GradientTransformation:
   if config.lr_schedule == "linear":
     lr = optax.linear_schedule(config.meta_lr, 0.0, config.meta_steps)
   if config.optimizer == "adam":
-    return optax.adam(lr)
+    return optax.adam(lr, eps=config.adam_eps)
   return optax.sgd(lr)
 
 

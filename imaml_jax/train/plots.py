@@ -59,3 +59,40 @@ def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike,
   fig.savefig(out_path, dpi=100)
   plt.close(fig)
   return True
+
+
+def plot_sinusoid_fits(fits: dict, out_path: str | os.PathLike, *,
+                       title: str = "") -> None:
+  """Draws each task's true sine, support points and the two predictions.
+
+  Args:
+    fits: the arrays of :func:`imaml_jax.train.fits.fit_curves`.
+    out_path: the PNG to write.
+    title: the figure's title.
+  """
+  n_tasks = len(fits["true"])
+  cols = min(n_tasks, 4)
+  rows = -(-n_tasks // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows),
+                           squeeze=False, sharex=True)
+  for i, ax in enumerate(axes.ravel()):
+    if i >= n_tasks:
+      ax.axis("off")
+      continue
+    x = fits["x"]
+    ax.plot(x, fits["true"][i], color="black", lw=1.5, label="true")
+    ax.plot(x, fits["before"][i], "--", color="tab:gray",
+            label="before adaptation")
+    ax.plot(x, fits["after"][i], color="tab:red", label="after adaptation")
+    ax.plot(fits["support_x"][i], fits["support_y"][i], "o", color="tab:blue",
+            markersize=4, label="support points")
+    ax.set_title(f"query MSE {fits['mse_before'][i]:.2f} -> "
+                 f"{fits['mse_after'][i]:.2f}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("x")
+  axes[0, 0].legend(fontsize=7, loc="lower left")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)

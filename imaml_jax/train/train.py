@@ -8,6 +8,8 @@
   DIR/checkpoints/       the newest ``keep_checkpoints`` checkpoints
   DIR/results.json       test results, best validation, budget
   DIR/curves.png         learning curves
+  DIR/fits.png           sinusoid only: held-out tasks, true curve, support
+                         points, predictions before and after adaptation
 
 The training step (task sampling with the key
 ``jax.random.fold_in(base_key, step)``, the meta-step, and a running sum of
@@ -19,7 +21,7 @@ Devices: the step runs data-parallel over a 1-D device mesh
 (:func:`imaml_jax.task_mesh`, all devices by default). The meta-state, the
 metric sums, the training images and the base key are replicated; every
 device samples and adapts its ``meta_batch / devices`` tasks
-(:func:`imaml_jax.make_sharded_sampler`, or :func:`imaml_jax.constrain_tasks`
+(:func:`imaml_jax.data.make_sharded_sampler`, or :func:`imaml_jax.constrain_tasks`
 for sinusoid) and the meta-gradient is all-reduced. The tasks drawn do not
 depend on the device count, so runs on different counts agree up to float
 rounding of the reductions (amplified where the meta-gradient is sensitive,
@@ -74,6 +76,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"
+FITS_FILE = "fits.png"
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -159,7 +162,7 @@ def task_sampler(exp: exp_lib.Experiment, mesh=None) -> Callable:
   """``sample(key, train_data) -> Task``, split over ``mesh`` if given.
 
   The tasks equal ``exp.sample(key, train_data)`` whatever the mesh: N-way
-  K-shot episodes come from :func:`imaml_jax.make_sharded_sampler` (each
+  K-shot episodes come from :func:`imaml_jax.data.make_sharded_sampler` (each
   device draws its own tasks from its replica of the images); sinusoid tasks
   are constrained to the task sharding (:func:`imaml_jax.constrain_tasks`).
   """
@@ -168,8 +171,8 @@ def task_sampler(exp: exp_lib.Experiment, mesh=None) -> Callable:
   config = exp.config
   if config.dataset == "sinusoid":
     return lambda key, data: im.constrain_tasks(exp.sample(key, data), mesh)
-  return im.make_sharded_sampler(mesh, config.n_way, config.k_shot,
-                                 config.q_query, config.meta_batch)
+  return im.data.make_sharded_sampler(mesh, config.n_way, config.k_shot,
+                                      config.q_query, config.meta_batch)
 
 
 def make_train_step(exp: exp_lib.Experiment, mesh=None) -> Callable:
@@ -689,6 +692,14 @@ def train_and_evaluate(config: config_lib.Config,
     plots.plot_curves(workdir / METRICS_FILE, workdir / CURVES_FILE,
                       title=config.name, loss_name=(
                           "MSE" if config.dataset == "sinusoid" else "loss"))
+    if config.dataset == "sinusoid":
+      from imaml_jax.train import fits  # pylint: disable=import-outside-toplevel
+      test_params = best["params"] if has_best else final_params
+      plots.plot_sinusoid_fits(
+          fits.fit_curves(exp, test_params, seed=config.test_seed),
+          workdir / FITS_FILE,
+          title=f"{config.name}: held-out tasks, {config.k_shot} support "
+                "points")
   log(format_test(results))
   return results
 

@@ -1,0 +1,170 @@
+"""How long the training and evaluation steps take to compile, and why.
+
+For each step asked for, a fresh Python process builds the experiment of a
+named config (random images stand in for Omniglot: compilation does not
+depend on pixel values), traces and lowers the jitted step
+(``jax.jit(...).lower``) and compiles it (``.compile()``), timing the two
+apart, and counts what XLA made of it: HLO instructions and fusions (each
+fusion becomes one kernel that LLVM compiles; on a CPU, code generation
+dominates the compile time). A step is measured once per repetition, each
+in its own process, so no in-process cache helps.
+
+    python benchmarks/compile_time.py                       # the four steps below
+    python benchmarks/compile_time.py --steps sinusoid_train --repeats 3
+    python benchmarks/compile_time.py --quick               # sinusoid eval step only
+    python benchmarks/compile_time.py --python /other/venv/bin/python --tag before
+
+Steps: ``sinusoid_train`` (the main job's train step: sampling, meta-step,
+metric sums), ``sinusoid_eval`` (its evaluation step over 100 tasks),
+``omniglot_5w1s_train`` (``omniglot_5w1s_imaml_gd`` at meta-batch 8 with
+``task_chunk=1``, the CPU training setting) and ``omniglot_5w1s_eval``.
+``--python`` runs the measurements under another interpreter (e.g. a checkout
+of an earlier version) to compare versions on the same machine in one run;
+``--interleave`` alternates it with this one.
+
+Writes ``benchmarks/results/compile_time_<tag>.{csv,json}``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+STEPS = ("sinusoid_train", "sinusoid_eval", "omniglot_5w1s_train",
+         "omniglot_5w1s_eval")
+# Each step's recipe is spelled out, so that versions whose named configs
+# differ still compile the same computation.
+_CONFIGS = {
+    "sinusoid": ("sinusoid", ["lam=30", "inner_lr=0.005",
+                              "inner_backtrack=true"]),
+    "omniglot_5w1s": ("omniglot_5w1s_imaml_gd",
+                      ["meta_batch=8", "task_chunk=1"]),
+}
+
+# Runs in a fresh interpreter; prints one JSON line.
+_CHILD = r"""
+import json, sys, time
+import jax, jax.numpy as jnp, numpy as np
+import imaml_jax as im
+from imaml_jax.train import config as config_lib, experiment as exp_lib
+from imaml_jax.train import train as train_lib
+
+step_name, config_name, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+config = config_lib.apply_overrides(config_lib.get_config(config_name),
+                                    overrides)
+if config.dataset == "sinusoid":
+  data = exp_lib.Data(None, None, None)
+else:
+  shape = (40 * config.n_way, 20, 28, 28, 1)
+  fake = np.zeros(shape, np.uint8)
+  data = exp_lib.Data(fake, fake, fake)
+exp = exp_lib.build(config, data)
+key = jax.random.key(0)
+init, _ = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
+                            has_aux=True)
+state = init(exp.init_params(key))
+if step_name.endswith("_train"):
+  fn = train_lib.make_train_step(exp)
+  sums = train_lib.init_sums(train_lib._metric_shapes(exp, state, key))
+  args = (state, sums, exp.data.train, key)
+else:
+  fn = im.make_eval_step(exp.loss, exp.eval_algorithm, has_aux=True)
+  chunk = next(exp_lib.evaluation_chunks(config, exp.data.val,
+                                         config.eval_chunk, 0))
+  args = (state.params, chunk)
+start = time.perf_counter()
+lowered = jax.jit(fn).lower(*args)
+lowered_at = time.perf_counter()
+compiled = lowered.compile()
+done = time.perf_counter()
+text = compiled.as_text()
+lines = [l for l in text.splitlines() if " = " in l]
+print(json.dumps({
+    "lower_s": lowered_at - start, "compile_s": done - lowered_at,
+    "hlo_instructions": len(lines),
+    "fusions": sum(" fusion(" in l for l in lines),
+    "jax": jax.__version__}))
+"""
+
+
+def measure(python: str, step: str) -> dict:
+  """One measurement of ``step`` in a fresh ``python`` process."""
+  prefix = step.rsplit("_", 1)[0]
+  config_name, overrides = _CONFIGS[prefix]
+  proc = subprocess.run(
+      [python, "-c", _CHILD, step, config_name, *overrides],
+      capture_output=True, text=True, check=False,
+      env=dict(os.environ, PYTHONWARNINGS="ignore"))
+  if proc.returncode != 0:
+    raise RuntimeError(f"{step} under {python} failed:\n{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", nargs="+", default=list(STEPS),
+                      choices=STEPS)
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--python", default=None,
+                      help="another interpreter to measure beside this one")
+  parser.add_argument("--label", default="this version")
+  parser.add_argument("--other-label", default="other version")
+  parser.add_argument("--quick", action="store_true",
+                      help="sinusoid evaluation step, once")
+  parser.add_argument("--tag", default=None)
+  parser.add_argument("--out", default=RESULTS)
+  args = parser.parse_args()
+  if args.repeats < 1:
+    parser.error("--repeats must be >= 1")
+  steps, repeats = args.steps, args.repeats
+  if args.quick:
+    steps, repeats = ["sinusoid_eval"], 1
+  tag = args.tag or ("quick" if args.quick else "cpu")
+  pythons = [(args.label, sys.executable)]
+  if args.python:
+    pythons.append((args.other_label, args.python))
+
+  rows = []
+  for step in steps:
+    for repeat in range(repeats):
+      for label, python in pythons:   # Interleaved: same load for both.
+        result = measure(python, step)
+        rows.append({"step": step, "version": label, "repeat": repeat,
+                     **result})
+        print(f"{step:22s} {label:14s} lower {result['lower_s']:6.2f} s  "
+              f"compile {result['compile_s']:6.2f} s  "
+              f"{result['hlo_instructions']:6d} HLO instructions, "
+              f"{result['fusions']:5d} fusions", flush=True)
+  print("\nmedians:")
+  summary = []
+  for step in steps:
+    for label, _ in pythons:
+      mine = [r for r in rows if r["step"] == step and r["version"] == label]
+      entry = {"step": step, "version": label,
+               "lower_s": statistics.median(r["lower_s"] for r in mine),
+               "compile_s": statistics.median(r["compile_s"] for r in mine),
+               "hlo_instructions": mine[0]["hlo_instructions"],
+               "fusions": mine[0]["fusions"]}
+      summary.append(entry)
+      print(f"{step:22s} {label:14s} lower + compile "
+            f"{entry['lower_s'] + entry['compile_s']:6.2f} s")
+  os.makedirs(args.out, exist_ok=True)
+  base = os.path.join(args.out, f"compile_time_{tag}")
+  with open(base + ".json", "w") as f:
+    json.dump({"rows": rows, "medians": summary,
+               "cpu_count": os.cpu_count(),
+               "affinity": sorted(os.sched_getaffinity(0))}, f, indent=2)
+  with open(base + ".csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  print(f"wrote {base}.{{csv,json}}")
+
+
+if __name__ == "__main__":
+  main()
