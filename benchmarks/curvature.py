@@ -23,6 +23,8 @@ Gradient descent on the proximal objective is stable only for
     python benchmarks/curvature.py                      # 5-way 1-shot, init
     python benchmarks/curvature.py --inner-lr 0.1 0.05 --tasks 16
     python benchmarks/curvature.py --workdir runs/o5w1s  # trained parameters
+    python benchmarks/curvature.py --checkpoint runs/o5w1s/checkpoints/checkpoint_000001000.ckpt \
+        --inner-lr 0.05 --backtrack --tag o5w1s_step1000
     python benchmarks/curvature.py --quick              # synthetic images
 
 Writes ``benchmarks/results/curvature_<tag>.{csv,json}``.
@@ -80,8 +82,10 @@ def task_statistics(scalar_loss, theta, task, lam, inner, iterations):
           "cg5_guarded_residual": guarded.residual}
 
 
-def load_theta(workdir):
-  path = ckpt_lib.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+def load_theta(workdir=None, checkpoint=None):
+  """Meta-parameters of ``checkpoint``, or of ``workdir``'s latest one."""
+  path = checkpoint or ckpt_lib.latest_checkpoint(
+      os.path.join(workdir, "checkpoints"))
   if path is None:
     raise SystemExit(f"no checkpoint in {workdir}/checkpoints")
   _, tree = ckpt_lib.load(path)
@@ -102,6 +106,11 @@ def main(argv=None):
   parser.add_argument("--workdir", default=None,
                       help="take the meta-parameters of this run's latest "
                            "checkpoint (default: the initialisation)")
+  parser.add_argument("--checkpoint", default=None,
+                      help="take the meta-parameters of this checkpoint file")
+  parser.add_argument("--backtrack", action="store_true",
+                      help="checked gradient descent (gd(backtrack=True)), "
+                           "as the Omniglot iMAML-GD configs use")
   parser.add_argument("--data-dir", default=os.environ.get(
       "IMAML_OMNIGLOT_DIR"), help="Omniglot folder ($IMAML_OMNIGLOT_DIR)")
   parser.add_argument("--quick", action="store_true",
@@ -123,15 +132,18 @@ def main(argv=None):
   net = models.omniglot_convnet(args.n_way)
   loss_fn = models.classification_loss(net)
   scalar = lambda p, batch: loss_fn(p, batch)[0]
-  theta = (load_theta(args.workdir) if args.workdir else models.init_params(
-      net, jax.random.key(0),
-      jnp.zeros((args.n_way * args.k_shot, 28, 28, 1))))
-  source = args.workdir or "initialisation"
+  if args.workdir or args.checkpoint:
+    theta = load_theta(args.workdir, args.checkpoint)
+  else:
+    theta = models.init_params(
+        net, jax.random.key(0),
+        jnp.zeros((args.n_way * args.k_shot, 28, 28, 1)))
+  source = args.checkpoint or args.workdir or "initialisation"
   rows = []
   print(f"{args.n_way}-way {args.k_shot}-shot, lam {args.lam}, "
         f"{args.inner_steps} GD steps, parameters: {source}")
   for lr in args.inner_lr:
-    inner = im.gd(args.inner_steps, lr)
+    inner = im.gd(args.inner_steps, lr, backtrack=args.backtrack)
     stats = jax.jit(jax.vmap(lambda t: task_statistics(
         scalar, theta, t, args.lam, inner, args.iterations)))(tasks)
     stats = {k: np.asarray(v) for k, v in stats.items()}
