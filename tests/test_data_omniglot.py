@@ -1,6 +1,7 @@
 """Tests of the Omniglot loader, cache, split, rotations and bad input."""
 import io
 import os
+import random
 import sys
 import time
 import warnings
@@ -326,6 +327,63 @@ def test_small_split_through_omniglot_splits(tiny_dir, cache):
 
 
 # ----------------------------------------------------------------------------
+# The authors' character split and per-task rotations.
+
+
+def test_authors_permutation_is_pythons_seeded_shuffle():
+  state = random.getstate()
+  try:
+    random.seed(12345)            # As the authors' evaluation script does.
+    expected = list(range(1623))
+    random.shuffle(expected)
+  finally:
+    random.setstate(state)
+  np.testing.assert_array_equal(
+      imdata.authors_permutation(1623, imdata.AUTHORS_TEST_SEED), expected)
+  assert not np.array_equal(imdata.authors_permutation(1623, 123), expected)
+
+
+def test_authors_split_on_tiny_archives(tiny_dir, cache):
+  data = imdata.load_omniglot(tiny_dir, cache_dir=cache)
+  train, test = imdata.omniglot_authors_split_indices(data, seed=3,
+                                                      n_train=3)
+  order = imdata.authors_permutation(5, 3)   # rows are in name order
+  np.testing.assert_array_equal(train, np.sort(order[:3]))
+  np.testing.assert_array_equal(test, np.sort(order[3:]))
+  # The rows' order does not change which characters are chosen.
+  perm = np.array([4, 2, 0, 3, 1])
+  shuffled = imdata.OmniglotData(*(field[perm] for field in data))
+  test_s = imdata.omniglot_authors_split_indices(shuffled, seed=3,
+                                                 n_train=3)[1]
+  np.testing.assert_array_equal(np.sort(perm[test_s]), test)
+  np.testing.assert_array_equal(
+      imdata.omniglot_authors_test(tiny_dir, seed=3, n_train=3,
+                                   cache_dir=cache), data.images[test])
+  with pytest.raises(ValueError, match="n_train=5, n_characters=5"):
+    imdata.omniglot_authors_split_indices(data, n_train=5)
+
+
+def test_rotate_task_classes_turns_each_class_once_in_both_sets():
+  import imaml_jax as im
+  rng = np.random.default_rng(0)
+  n_tasks, n_way = 3, 4
+  xs = rng.random((n_tasks, n_way * 2, 5, 5, 1)).astype(np.float32)
+  ys = np.tile(np.repeat(rng.permutation(n_way), 2), (n_tasks, 1))
+  xq = rng.random((n_tasks, n_way * 3, 5, 5, 1)).astype(np.float32)
+  yq = np.tile(np.repeat(np.arange(n_way), 3), (n_tasks, 1))
+  turns = rng.integers(0, 4, (n_tasks, n_way))
+  task = imdata.rotate_task_classes(
+      im.Task(support=(xs, ys), query=(xq, yq)), turns)
+  for (x, y), (got, labels) in zip(((xs, ys), (xq, yq)),
+                                   (task.support, task.query)):
+    np.testing.assert_array_equal(labels, y)
+    for t in range(n_tasks):
+      for i in range(y.shape[1]):
+        np.testing.assert_array_equal(
+            got[t, i], np.rot90(x[t, i], turns[t, y[t, i]], axes=(0, 1)))
+
+
+# ----------------------------------------------------------------------------
 # TensorFlow Datasets source.
 
 
@@ -439,3 +497,24 @@ def test_real_omniglot_splits(omniglot_data, omniglot_cache):
   test_idx = imdata.omniglot_split_indices(omniglot_data, seed=0)[2]
   np.testing.assert_array_equal(
       splits.test, imdata.rotate_classes(omniglot_data.images[test_idx]))
+
+
+@pytest.mark.slow
+def test_real_authors_split_and_its_overlap(omniglot_data, omniglot_cache):
+  """The authors' evaluation tests mostly on characters trained on."""
+  data = omniglot_data
+  train, test = imdata.omniglot_authors_split_indices(data)
+  assert (len(train), len(test)) == (1200, 423)
+  assert not set(train) & set(test)
+  # Their training script's permutation (seed 123) keeps 310 of the 423
+  # (73.3%) for meta-training, whatever the order of the characters.
+  authors_train = imdata.omniglot_authors_split_indices(data, seed=123)[0]
+  assert np.isin(test, authors_train).sum() == 310
+  # Against this library's split (seed 0): 281 meta-training (66.4%), 18
+  # validation and 124 test characters.
+  ours = imdata.omniglot_split_indices(data, seed=0)
+  assert [int(np.isin(test, idx).sum()) for idx in ours] == [281, 18, 124]
+  np.testing.assert_array_equal(
+      imdata.omniglot_authors_test(real_omniglot_dir(),
+                                   cache_dir=omniglot_cache),
+      data.images[test])

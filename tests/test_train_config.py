@@ -136,6 +136,21 @@ def test_authors_options_are_refused_outside_imaml(overrides, message):
         config_lib.get_config("omniglot_5w1s_imaml_gd_authors"), overrides)
 
 
+def test_query_images_change_at_test_time_only_within_the_drawings():
+  cfg = config_lib.get_config("omniglot_5w5s_imaml_gd")
+  assert "q_query" in config_lib.TEST_TIME_FIELDS
+  tested = config_lib.apply_test_time_overrides(cfg, ["q_query=1"])
+  assert config_lib.differences(cfg, tested) == {"q_query": (15, 1)}
+  # An Omniglot character has 20 drawings: support and query must fit.
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"k_shot \+ q_query = 5 \+ 16 is more than the 20"):
+    config_lib.apply_test_time_overrides(cfg, ["q_query=16"])
+  # Sinusoid tasks have no such limit.
+  sinusoid = config_lib.apply_overrides(config_lib.get_config("sinusoid"),
+                                        ["q_query=50"])
+  assert sinusoid.q_query == 50
+
+
 def test_unknown_config_lists_valid_names():
   with pytest.raises(config_lib.ConfigError) as info:
     config_lib.get_config("omniglot_5w1s_imaml")

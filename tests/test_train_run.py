@@ -77,6 +77,9 @@ def test_run_outputs(reference_run):
   assert results["budget"]["compile_time_s"] > 0
   assert results["budget"]["steps_per_s"] > 0
   assert results["test_params"] == "best_validation"
+  assert results["protocol"]["name"] == "ours"
+  assert results["protocol"]["parameters"] == "best_validation"
+  assert results["protocol"]["q_query"] == 10
   assert results["best_validation"]["step"] in (100, 200, 300)
   for key in ("test", "test_last"):
     stats = results[key]["loss_after"]
@@ -255,9 +258,53 @@ def test_evaluate_workdir_refuses_an_unknown_split(reference_run, tmp_path):
   shutil.copytree(reference_run, workdir)
   before = sorted(p.name for p in workdir.iterdir())
   with pytest.raises(ValueError, match="split must be one of test, val, "
-                     "train; got 'training'"):
+                     "train, authors_test; got 'training'"):
     train_lib.evaluate_workdir(workdir, split="training")
+  with pytest.raises(ValueError, match="protocol must be one of ours, "
+                     "authors; got 'theirs'"):
+    train_lib.evaluate_workdir(workdir, protocol="theirs")
   assert sorted(p.name for p in workdir.iterdir()) == before  # Nothing written.
+
+
+def test_eval_protocols_and_query_images(reference_run, tmp_path, capsys):
+  workdir = tmp_path / "done"
+  shutil.copytree(reference_run, workdir)
+  before = sorted(p.name for p in workdir.iterdir())
+  # The authors' evaluation is Omniglot's, and has no proximal term: refused
+  # before anything is loaded or written, with exit code 2.
+  for args, message in ((["--protocol", "authors"], "Omniglot's"),
+                        (["--split", "authors_test"], "Omniglot's"),
+                        (["--protocol", "authors", "--set", "lam=0.5"],
+                         "lam=0.5 does not apply"),
+                        (["--protocol", "authors", "--split", "val"],
+                         "split 'val' does not apply"),
+                        (["--protocol", "theirs"], "invalid choice")):
+    with pytest.raises(SystemExit) as info:
+      cli.eval_main(["--workdir", str(workdir), *args])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+  assert sorted(p.name for p in workdir.iterdir()) == before
+  # Query points per task as a test-time setting, in a file of its own.
+  assert cli.eval_main(["--workdir", str(workdir), "--set", "q_query=3"]) == 0
+  out = capsys.readouterr().out
+  assert "test on best_validation parameters, protocol ours:" in out
+  result = json.loads((workdir / "eval_q_query=3.json").read_text())
+  assert result["protocol"]["name"] == "ours"
+  assert result["protocol"]["q_query"] == 3
+  assert result["protocol"]["parameters"] == result["test_params"]
+  assert result["test_time_overrides"] == ["q_query=3"]
+  stored = json.loads((workdir / "config.json").read_text())
+  assert stored["q_query"] == 10          # Training's setting is unchanged.
+
+
+def test_format_test_reads_results_written_before_protocols():
+  stats = {"mean": 0.25, "std": 0.1, "ci95": 0.01, "n": 20}
+  old = {"test_params": "last", "test": {"loss_after": stats}}
+  assert train_lib.format_test(old).splitlines() == [
+      "test on last parameters, protocol ours:",
+      "  loss_after: 0.250 +- 0.010 (n=20)"]
+  assert train_lib.format_test({**old, "split": "train"}).startswith(
+      "train-split tasks on last parameters, protocol ours:")
 
 
 def test_sinusoid_config_learns(compile_cache, tmp_path):
@@ -274,3 +321,33 @@ def test_sinusoid_config_learns(compile_cache, tmp_path):
   after = results["test"]["loss_after"]["mean"]
   assert after < 1.5 and after < 0.35 * before, (before, after)
   assert (workdir / "fits.png").stat().st_size > 0
+
+
+def test_checkpoint_from_before_a_metric_existed_restores(reference_run,
+                                                          tmp_path):
+  """A checkpoint whose metric sums lack a metric added later (param_norm)
+  restores with a zero sum for it; training can resume from it."""
+  step, tree = ckpt_lib.load(ckpt_lib.latest_checkpoint(
+      reference_run / "checkpoints"))
+  assert "param_norm" in tree["sums"]["sums"]
+  del tree["sums"]["sums"]["param_norm"]
+  stored_config = json.loads(tree["config"])
+  stored_config["meta_steps"] = 310
+  tree["config"] = json.dumps(stored_config, sort_keys=True)
+  old = ckpt_lib.save(tmp_path / "old", step, tree)
+  template = {"sums": {"param_norm": np.zeros((), np.float32),
+                       "loss_after": np.zeros((), np.float32)}}
+  filled = train_lib.with_added_metrics(tree["sums"], template)
+  assert float(filled["sums"]["param_norm"]) == 0.0
+  np.testing.assert_array_equal(filled["sums"]["loss_after"],
+                                tree["sums"]["sums"]["loss_after"])
+  # Resuming a run from that checkpoint works (one more window of steps).
+  workdir = tmp_path / "resumed"
+  shutil.copytree(reference_run, workdir)
+  for _, path in ckpt_lib.list_checkpoints(workdir / "checkpoints"):
+    path.unlink()
+  shutil.copy(old, workdir / "checkpoints" / Path(old).name)
+  (workdir / "config.json").write_text(json.dumps(stored_config))
+  assert _train(workdir, "meta_steps=310") == 0
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["budget"]["meta_steps"] == 310

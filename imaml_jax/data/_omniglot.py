@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
 import tempfile
 import warnings
@@ -40,6 +41,7 @@ import zlib
 from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -479,6 +481,13 @@ def load_omniglot_tfds(
 # Splits and rotations.
 
 
+def _name_order(data: OmniglotData) -> np.ndarray:
+  """Row indices sorted by ``(archive, alphabet, character)`` name."""
+  return np.lexsort((data.characters, data.alphabets,
+                     [OMNIGLOT_ARCHIVES.index(a) if a in OMNIGLOT_ARCHIVES
+                      else len(OMNIGLOT_ARCHIVES) for a in data.archives]))
+
+
 def omniglot_split_indices(
     data: OmniglotData,
     *,
@@ -519,10 +528,7 @@ def omniglot_split_indices(
     raise ValueError(
         f"need 0 <= n_val < n_train < n_characters; got n_val={n_val}, "
         f"n_train={n_train}, n_characters={n}")
-  order = np.lexsort((data.characters, data.alphabets,
-                      [OMNIGLOT_ARCHIVES.index(a) if a in OMNIGLOT_ARCHIVES
-                       else len(OMNIGLOT_ARCHIVES) for a in data.archives]))
-  shuffled = order[np.random.default_rng(seed).permutation(n)]
+  shuffled = _name_order(data)[np.random.default_rng(seed).permutation(n)]
   n_meta = n_train - n_val
   return (np.sort(shuffled[:n_meta]), np.sort(shuffled[n_meta:n_train]),
           np.sort(shuffled[n_train:]))
@@ -602,3 +608,180 @@ def omniglot_splits(
   if rotations:
     parts = [rotate_classes(p) for p in parts]
   return Splits(*parts)
+
+
+# ----------------------------------------------------------------------------
+# The character split of the iMAML authors' evaluation script.
+
+# github.com/aravindr93/imaml_dev at commit 6a2a669: the evaluation script
+# seeds Python's ``random`` with 12345 (examples/measure_accuracy.py, lines
+# 16-24), meta-training with 123 (examples/omniglot_implicit_maml.py, lines
+# 19-26); both keep the first 1200 permuted characters for meta-training
+# (implicit_maml/dataset.py, line 133).
+AUTHORS_TEST_SEED = 12345
+AUTHORS_TRAIN_SEED = 123
+AUTHORS_N_TRAIN = 1200
+
+
+def authors_permutation(n: int, seed: int) -> np.ndarray:
+  """The permutation ``random.seed(seed); random.shuffle(list(range(n)))``.
+
+  This is how the authors' scripts order the characters before splitting
+  them; ``random.Random(seed)`` starts from the same state as the module's
+  ``random.seed(seed)``, so the permutation is theirs exactly.
+
+  Args:
+    n: number of items.
+    seed: the seed of Python's ``random``.
+
+  Returns:
+    ``int64[n]``, a permutation of ``0 .. n - 1``.
+
+  Example:
+    >>> authors_permutation(5, 0)
+    array([2, 1, 0, 4, 3])
+  """
+  order = list(range(n))
+  random.Random(seed).shuffle(order)
+  return np.array(order, dtype=np.int64)
+
+
+def omniglot_authors_split_indices(
+    data: OmniglotData,
+    *,
+    seed: int = AUTHORS_TEST_SEED,
+    n_train: int = AUTHORS_N_TRAIN,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Row indices of the characters the authors' scripts train and test on.
+
+  The iMAML authors' code (``implicit_maml/dataset.py``, ``OmniglotTask``)
+  lists the characters of ``images_background`` and then of
+  ``images_evaluation`` (alphabets sorted), reorders them with
+  :func:`authors_permutation` and keeps the first ``n_train = 1200`` for
+  meta-training and the remaining 423 for testing. Their evaluation script
+  seeds that permutation with 12345, their training script with 123; a
+  split with ``seed=12345`` is therefore the evaluation's view, in which
+  310 of the 423 "test" characters (73.3%) are among the 1200 that
+  training with ``seed=123`` meta-trained on. That fraction compares
+  positions of the two permutations only, so it holds whatever the
+  character order.
+
+  The order of the characters *within* an alphabet is not defined there
+  (``os.listdir``, unsorted); here the characters are sorted by
+  ``(archive, alphabet, character)`` name, as in
+  :func:`omniglot_split_indices`, so the split is reproducible but names the
+  same characters as the authors' only where their file system listed them
+  sorted.
+
+  Args:
+    data: the loaded characters.
+    seed: seed of Python's ``random`` (12345: evaluation, 123: training).
+    n_train: characters before the test ones (1200).
+
+  Returns:
+    ``(train, test)`` sorted integer index arrays into ``data``'s rows.
+
+  Raises:
+    ValueError: ``n_train`` does not leave test characters.
+
+  Example:
+    >>> import numpy as np
+    >>> names = np.array(["character01", "character02", "character03"])
+    >>> data = OmniglotData(np.zeros((3, 20, 28, 28, 1), np.uint8),
+    ...                     np.array(["Alpha"] * 3), names,
+    ...                     np.array(["images_background"] * 3))
+    >>> omniglot_authors_split_indices(data, seed=0, n_train=2)
+    (array([0, 2]), array([1]))
+  """
+  n = len(data.alphabets)
+  if not 0 < n_train < n:
+    raise ValueError(f"need 0 < n_train < n_characters; got n_train="
+                     f"{n_train}, n_characters={n}")
+  shuffled = _name_order(data)[authors_permutation(n, seed)]
+  return np.sort(shuffled[:n_train]), np.sort(shuffled[n_train:])
+
+
+def omniglot_authors_test(
+    data_dir: str | os.PathLike,
+    *,
+    seed: int = AUTHORS_TEST_SEED,
+    n_train: int = AUTHORS_N_TRAIN,
+    image_size: int = 28,
+    resample: str = "lanczos",
+    cache_dir: str | os.PathLike | None = None,
+) -> np.ndarray:
+  """The test characters of the authors' evaluation script, unrotated.
+
+  Loads the archives (:func:`load_omniglot`, cached) and keeps the
+  characters :func:`omniglot_authors_split_indices` holds out: 423 with the
+  defaults. The authors rotate every class of a task by its own random
+  multiple of 90 degrees when the task is drawn
+  (``implicit_maml/dataset.py``, ``OmniglotFewShotDataset.__getitem__``);
+  :func:`rotate_task_classes` does that for episodes drawn from these
+  characters. Pixels follow this library's convention (ink 255), the one
+  its networks are trained on; the authors' are not inverted.
+
+  Args:
+    data_dir: directory holding the two archives.
+    seed: seed of the permutation (12345, the evaluation script's).
+    n_train: characters before the test ones (1200).
+    image_size: output height and width.
+    resample: ``"lanczos"`` or ``"box"``.
+    cache_dir: cache directory override.
+
+  Returns:
+    ``uint8[1623 - n_train, 20, image_size, image_size, 1]``.
+
+  Example:
+    >>> omniglot_authors_test("data/omniglot").shape  # doctest: +SKIP
+    (423, 20, 28, 28, 1)
+  """
+  data = load_omniglot(data_dir, image_size=image_size, resample=resample,
+                       cache_dir=cache_dir)
+  return data.images[omniglot_authors_split_indices(
+      data, seed=seed, n_train=n_train)[1]]
+
+
+def rotate_task_classes(task, turns):
+  """Rotates every class of each task by its own multiple of 90 degrees.
+
+  For task ``t``, an image labelled ``c`` in its support or query set is
+  turned counter-clockwise by ``90 * turns[t, c]`` degrees, so a class keeps
+  one orientation across both sets. With ``turns`` drawn uniformly from
+  ``{0, 1, 2, 3}`` this is the augmentation of the iMAML authors' code,
+  which draws a rotation per class each time a task is built
+  (``np.random.choice([0., 90., 180., 270.], size=(num_cls,))``) instead
+  of making every rotation a class of its own (:func:`rotate_classes`).
+
+  Args:
+    task: a batched :class:`~imaml_jax.Task` with ``(x, y)`` sets,
+      ``x: [n_tasks, n, H, W, C]`` (``H == W``), ``y: int[n_tasks, n]``.
+    turns: ``int[n_tasks, n_way]`` quarter turns per task and label.
+
+  Returns:
+    The task with rotated images, labels unchanged.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import imaml_jax as im
+    >>> x = jnp.arange(4.0).reshape(1, 1, 2, 2, 1)
+    >>> y = jnp.zeros((1, 1), jnp.int32)
+    >>> task = im.Task(support=(x, y), query=(x, y))
+    >>> rotate_task_classes(task, jnp.array([[1]])).support[0][0, 0, :, :, 0]
+    Array([[1., 3.],
+           [0., 2.]], dtype=float32)
+  """
+  def rotate(x, y):
+    if x.ndim != 5 or x.shape[2] != x.shape[3]:
+      raise ValueError("expected images [n_tasks, n, H, W, C] with H == W, "
+                       f"got shape {x.shape}")
+    k = jnp.take_along_axis(turns, y, axis=1)[..., None, None, None]
+    out = x
+    for r in range(1, 4):
+      out = jnp.where(k == r, jnp.rot90(x, r, axes=(2, 3)), out)
+    return out
+
+  turns = jnp.asarray(turns)
+  (xs, ys), (xq, yq) = task.support, task.query
+  return task._replace(support=(rotate(xs, ys), ys), query=(rotate(xq, yq),
+                                                            yq))

@@ -8,7 +8,7 @@ Usage::
               --num-processes P --process-id I]
   imaml-train --list
   imaml-eval --workdir DIR [--data-dir DIR] [--tasks N] [--set key=value ...]
-             [--split test|val|train]
+             [--split test|val|train|authors_test] [--protocol ours|authors]
   python -m imaml_jax train ...   # same as imaml-train
   python -m imaml_jax eval ...    # same as imaml-eval
 
@@ -201,11 +201,25 @@ def eval_parser(prog: str = "imaml-eval") -> argparse.ArgumentParser:
                            "--set eval_inner_steps=32; the result goes to "
                            "eval_<KEY>=<VALUE>.json")
   parser.add_argument("--split", choices=train_lib.EVAL_SPLITS,
-                      default="test",
+                      default=None,
                       help="characters to draw the tasks from: the held-out "
-                           "test split (default), validation, or the "
-                           "meta-training split; the result goes to "
-                           "eval_<SPLIT>.json for val and train")
+                           "test split (the default of protocol ours), "
+                           "validation, the meta-training split, or the "
+                           "authors' test characters (authors_test, the "
+                           "default of protocol authors); the result goes "
+                           "to eval_<SPLIT>.json for a split other than the "
+                           "protocol's")
+  parser.add_argument("--protocol", choices=train_lib.EVAL_PROTOCOLS,
+                      default="ours",
+                      help="ours (default): held-out characters, the "
+                           "config's query images per class, the run's own "
+                           "adaptation, best-validation parameters; "
+                           "authors (Omniglot): the iMAML authors' "
+                           "evaluation script, i.e. their test characters "
+                           "(mostly meta-training ones), K query images per "
+                           "class, 16 plain SGD steps of 0.1 on the support "
+                           "loss for iMAML, last parameters; the result "
+                           "goes to eval_protocol=authors.json")
   return parser
 
 
@@ -253,7 +267,7 @@ def eval_main(argv: Sequence[str] | None = None,
   try:
     train_lib.evaluate_workdir(args.workdir, args.data_dir,
                                n_tasks=args.tasks, overrides=args.overrides,
-                               split=args.split)
+                               split=args.split, protocol=args.protocol)
   except _INPUT_ERRORS as e:
     _fail(prog, str(e), EXIT_BAD_INPUT)
   return 0

@@ -25,7 +25,9 @@ states one):
   project's choice [D]: MAML's code draws ``2 * update_batch_size`` images
   per class, i.e. K query images (``main.py``), and the authors' code also
   takes K (``implicit_maml/dataset.py``); 15 give a tighter estimate of the
-  test accuracy from the same 600 tasks.
+  test accuracy from the same 600 tasks. ``q_query`` is also a test-time
+  field: ``imaml-eval --set q_query=1`` tests a finished run with one query
+  image per class (its training is unchanged).
 * The iMAML-GD inner loop on Omniglot: learning rate 0.05, every step
   checked (``inner_backtrack``) [D]. The authors' code takes SGD steps of 0.1
   on the task loss alone and pulls back to ``theta`` once (the ``_authors``
@@ -118,6 +120,7 @@ ALGORITHMS = ("imaml", "maml", "fomaml", "reptile")
 INNER_SOLVERS = ("gd", "nesterov", "hessian_free", "gd_then_pull_back")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "linear")
+OMNIGLOT_DRAWINGS = 20  # drawings per Omniglot character
 
 
 class ConfigError(ValueError):
@@ -133,7 +136,10 @@ class Config:
     dataset: ``"omniglot"``, ``"miniimagenet"`` or ``"sinusoid"``.
     n_way: classes per task (ignored for sinusoid).
     k_shot: support examples per class (points per task for sinusoid).
-    q_query: query examples per class (points per task for sinusoid).
+    q_query: query examples per class (points per task for sinusoid); at
+      most ``20 - k_shot`` on Omniglot (20 drawings per character). A
+      test-time field: under ``imaml-eval --set q_query=...`` it sets the
+      query examples of the test tasks only.
     split_seed: seed of the Omniglot character split (train/val/test).
     conv: convolution formulation of the conv nets, one of
       ``models.CONV_FORMULATIONS``.
@@ -281,6 +287,11 @@ def validate(config: Config) -> Config:
     value = getattr(config, field)
     if not value >= 0:
       raise ConfigError(f"{field} must be >= 0; got {value}.")
+  if (config.dataset == "omniglot"
+      and config.k_shot + config.q_query > OMNIGLOT_DRAWINGS):
+    raise ConfigError(
+        f"k_shot + q_query = {config.k_shot} + {config.q_query} is more than "
+        f"the {OMNIGLOT_DRAWINGS} drawings of an Omniglot character.")
   if config.algorithm != "imaml" and (config.cg_damping or config.lam_damping):
     raise ConfigError(f"cg_damping and lam_damping apply to algorithm='imaml' "
                       f"only; got algorithm={config.algorithm!r}.")
@@ -509,10 +520,12 @@ def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
   return validate(dataclasses.replace(config, **changes))
 
 
-# Fields that only change how held-out tasks are adapted, so a finished run can
-# be tested again with other values (``imaml-eval --set``).
+# Fields that only change how held-out tasks are drawn and adapted, so a
+# finished run can be tested again with other values (``imaml-eval --set``).
+# Some also act in training (inner_lr, lam, q_query, ...); under imaml-eval
+# only their use on the test tasks changes.
 TEST_TIME_FIELDS = ("eval_inner_steps", "inner_lr", "inner_backtrack", "lam",
-                    "test_seed")
+                    "q_query", "test_seed")
 
 
 def apply_test_time_overrides(config: Config,

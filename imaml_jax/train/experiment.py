@@ -247,3 +247,149 @@ def build(config: config_lib.Config, data: Data | None) -> Experiment:
       eval_algorithm=algorithm(config, evaluation=True),
       data=data,
       sample=sampler(config))
+
+
+# ----------------------------------------------------------------------------
+# Where test tasks come from, and the authors' evaluation.
+
+
+def tasks_description(config: config_lib.Config, split: str) -> str:
+  """A sentence naming the tasks ``imaml-eval --split split`` draws.
+
+  Example:
+    >>> cfg = config_lib.get_config("omniglot_5w1s_imaml_gd")
+    >>> tasks_description(cfg, "test")[:46]
+    'the 423 test characters of split_seed 0, never'
+  """
+  if config.dataset == "sinusoid":
+    return (f"fresh sinusoid tasks from seed test_seed={config.test_seed} "
+            "(the split names no classes)")
+  if config.dataset == "miniimagenet":
+    return (f"the {split} classes of the Ravi & Larochelle split of "
+            "mini-ImageNet")
+  if split == "authors_test":
+    return (f"the {1623 - data_lib.AUTHORS_N_TRAIN} test characters of the "
+            "authors' evaluation script: those after the first "
+            f"{data_lib.AUTHORS_N_TRAIN} of Python's random.shuffle with "
+            f"seed {data_lib.AUTHORS_TEST_SEED} of the 1623 characters "
+            "sorted by (archive, alphabet, character); each class of a task "
+            "turned by its own random multiple of 90 degrees")
+  counts = {"train": 1100, "val": 100, "test": 423}
+  roles = {"train": "meta-trained on",
+           "val": "used for model selection, never meta-trained on",
+           "test": "never meta-trained on or used for model selection"}
+  return (f"the {counts[split]} {split} characters of split_seed "
+          f"{config.split_seed}, {roles[split]}; each of the four "
+          "rotations of a character a class of its own")
+
+
+class AuthorsCharacters(NamedTuple):
+  """The authors' test characters and where they fall in this run's split.
+
+  Attributes:
+    images: ``uint8[423, 20, 28, 28, 1]``, unrotated.
+    overlap: fraction of them in this run's ``meta_training``,
+      ``validation`` and ``test`` characters, and in the 1200 characters
+      the authors' training script meta-trains on
+      (``authors_meta_training``).
+  """
+
+  images: np.ndarray
+  overlap: dict
+
+
+def load_authors_characters(config: config_lib.Config,
+                            data_dir: Path) -> AuthorsCharacters:
+  """The test characters of the authors' evaluation script (Omniglot).
+
+  :func:`imaml_jax.data.omniglot_authors_split_indices` with the
+  evaluation script's seed, from the same archives and cache as the run's
+  own split (:func:`imaml_jax.data.omniglot_split_indices` with the run's
+  ``split_seed``), against which the overlap is measured.
+
+  Raises:
+    DataError: the files cannot be read.
+  """
+  try:
+    data = data_lib.load_omniglot(data_dir)
+  except (OSError, ValueError) as e:
+    raise DataError(f"cannot load omniglot from {data_dir}: {e}") from e
+  test = data_lib.omniglot_authors_split_indices(data)[1]
+  ours = data_lib.omniglot_split_indices(data, seed=config.split_seed)
+  theirs = data_lib.omniglot_authors_split_indices(
+      data, seed=data_lib.AUTHORS_TRAIN_SEED)[0]
+  names = ("meta_training", "validation", "test", "authors_meta_training")
+  overlap = {name: float(np.isin(test, idx).mean())
+             for name, idx in zip(names, (*ours, theirs))}
+  return AuthorsCharacters(data.images[test], overlap)
+
+
+def authors_evaluation_chunks(config: config_lib.Config, images, n_tasks: int,
+                              seed: int) -> Iterator[im.Task]:
+  """:func:`evaluation_chunks` with each class turned as the authors do.
+
+  The tasks are those of :func:`evaluation_chunks` on unrotated characters;
+  then every class of a task is turned by ``90 * r`` degrees
+  (:func:`imaml_jax.data.rotate_task_classes`), ``r`` uniform in
+  ``{0, 1, 2, 3}``, drawn for all ``n_tasks`` tasks at once from
+  ``jax.random.fold_in(jax.random.key(seed, impl="threefry2x32"), 1)``, so
+  the tasks do not depend on ``eval_chunk``.
+  """
+  key = jax.random.fold_in(jax.random.key(seed, impl="threefry2x32"), 1)
+  turns = jax.random.randint(key, (n_tasks, config.n_way), 0, 4)
+  start = 0
+  for chunk in evaluation_chunks(config, images, n_tasks, seed):
+    size = chunk.support[1].shape[0]
+    yield data_lib.rotate_task_classes(chunk, turns[start:start + size])
+    start += size
+
+
+# The adaptation in the command of the authors' examples/README.md for
+# measure_accuracy.py: --n_steps 16 --lam 0.0 --inner_lr 1e-1.
+AUTHORS_EVAL_STEPS = 16
+AUTHORS_EVAL_LR = 0.1
+# Test-time fields the authors' adaptation has no use for.
+AUTHORS_FIXED_FIELDS = ("lam", "inner_backtrack")
+
+
+def authors_overrides(config: config_lib.Config) -> list[str]:
+  """Test-time overrides that set up the authors' evaluation of a run.
+
+  ``q_query = k_shot``: their tasks hold K query images per class
+  (``implicit_maml/dataset.py``, ``val_ids``), one at 1-shot. For iMAML,
+  also their adaptation's 16 steps of 0.1 (see
+  :func:`authors_eval_algorithm`). Overrides given after these win, so
+  ``--set eval_inner_steps=25`` plays their ``--n_steps 25``.
+
+  Example:
+    >>> authors_overrides(config_lib.get_config("omniglot_5w1s_imaml_gd"))
+    ['q_query=1', 'eval_inner_steps=16', 'inner_lr=0.1']
+  """
+  out = [f"q_query={config.k_shot}"]
+  if config.algorithm == "imaml":
+    out += [f"eval_inner_steps={AUTHORS_EVAL_STEPS}",
+            f"inner_lr={AUTHORS_EVAL_LR}"]
+  return out
+
+
+def authors_eval_algorithm(config: config_lib.Config) -> im.MetaAlgorithm:
+  """The adaptation of the authors' evaluation script for a run.
+
+  Their ``measure_accuracy.py`` adapts with ``lam = 0``: ``n_steps`` SGD
+  steps of ``inner_lr`` on the support cross-entropy alone, and a pull-back
+  step whose gradient is zero (``regularization_loss`` with lam 0), i.e.
+  no proximal term and no pull-back. For iMAML that is
+  ``im.fomaml(im.gd(steps, lr))``'s plain adaptation with
+  ``steps = eval_inner_steps`` and ``lr = inner_lr`` (16 and 0.1 after
+  :func:`authors_overrides`), whatever the run's inner solver. MAML,
+  first-order MAML and Reptile already adapt on the support loss alone;
+  they keep their own adaptation (steps, step size), the one they were
+  meta-trained for: the script takes whatever ``--n_steps`` and
+  ``--inner_lr`` it is given, and the authors' 16 steps of 0.1 are the
+  SGD part of their own iMAML inner loop, not a setting of these
+  algorithms.
+  """
+  if config.algorithm != "imaml":
+    return algorithm(config, evaluation=True)
+  steps = config.eval_inner_steps or config.inner_steps
+  return im.fomaml(im.gd(steps, config.inner_lr))

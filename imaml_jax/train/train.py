@@ -233,10 +233,16 @@ def score_key(metric_names: Iterable[str]) -> tuple[str, bool]:
 
 
 class Evaluator:
-  """Evaluates parameters on fixed task sets; compiles once per chunk shape."""
+  """Evaluates parameters on fixed task sets; compiles once per chunk shape.
 
-  def __init__(self, exp: exp_lib.Experiment):
+  ``chunks(config, images, n_tasks, seed)`` yields the tasks
+  (:func:`imaml_jax.train.experiment.evaluation_chunks` by default).
+  """
+
+  def __init__(self, exp: exp_lib.Experiment,
+               chunks: Callable | None = None):
     self._exp = exp
+    self._chunks = chunks or exp_lib.evaluation_chunks
     self._fn = jax.jit(im.make_eval_step(exp.loss, exp.eval_algorithm,
                                          has_aux=True))
     self._compiled = {}
@@ -245,8 +251,7 @@ class Evaluator:
   def __call__(self, params, images, n_tasks: int, seed: int) -> dict:
     """Per-task metrics (numpy arrays of length ``n_tasks``)."""
     parts = []
-    for chunk in exp_lib.evaluation_chunks(self._exp.config, images, n_tasks,
-                                           seed):
+    for chunk in self._chunks(self._exp.config, images, n_tasks, seed):
       shape = jax.tree.map(lambda x: x.shape, chunk)
       key = jax.tree_util.tree_structure(chunk), tuple(jax.tree.leaves(shape))
       if key not in self._compiled:
@@ -310,6 +315,24 @@ def _checkpoint_tree(state, sums, best, base_key, config, elapsed_s) -> dict:
           "elapsed_s": np.float64(elapsed_s)}
 
 
+def with_added_metrics(stored_sums: dict, template: dict) -> dict:
+  """``stored_sums`` plus a zero sum for each metric it lacks.
+
+  A checkpoint written before a training metric existed (e.g.
+  ``param_norm``) has no running sum for it; the sum starts at zero, which
+  is exact at a logging boundary, where the window has just been reset.
+  Metrics the template lacks are left for :func:`checkpoint.restore_into`
+  to refuse.
+  """
+  if not isinstance(stored_sums, dict) or "sums" not in stored_sums:
+    return stored_sums
+  stored = dict(stored_sums["sums"])
+  for name, value in template["sums"].items():
+    if name not in stored:
+      stored[name] = np.zeros(np.shape(value), np.asarray(value).dtype)
+  return {**stored_sums, "sums": stored}
+
+
 def restore(path: Path, config: config_lib.Config, state, sums, best):
   """Loads checkpoint ``path`` into templates shaped like this run's.
 
@@ -331,7 +354,8 @@ def restore(path: Path, config: config_lib.Config, state, sums, best):
         f"({', '.join(diff)} differ).")
   try:
     state = ckpt_lib.restore_into(state, tree["state"], what=f"{path} state")
-    sums = ckpt_lib.restore_into(sums, tree["sums"], what=f"{path} sums")
+    sums = ckpt_lib.restore_into(sums, with_added_metrics(tree["sums"], sums),
+                                 what=f"{path} sums")
     best = ckpt_lib.restore_into(best, tree["best"], what=f"{path} best")
     base_key = jax.random.wrap_key_data(np.asarray(tree["base_key"]))
     elapsed = float(tree["elapsed_s"])
@@ -660,6 +684,9 @@ def train_and_evaluate(config: config_lib.Config,
       "test_last": test_last,
       "test_params": ("best_validation" if int(best["step"]) >= 0
                       else "last"),
+      "protocol": protocol_record(
+          "ours", config, "test", exp.eval_algorithm.name,
+          "best_validation" if int(best["step"]) >= 0 else "last"),
       "test_note": ("the best validation was at the last step: test and "
                     "test_last are the same parameters"
                     if int(best["step"]) == step else None),
@@ -705,10 +732,25 @@ def train_and_evaluate(config: config_lib.Config,
 
 
 def format_test(results: dict) -> str:
-  """One line per test metric: mean +- 95% half-width."""
+  """One line per test metric: mean +- 95% half-width.
+
+  The heading names the split, the parameters and the evaluation protocol
+  (``"ours"`` for results written before protocols were recorded).
+
+  Example:
+    >>> stats = {"mean": 0.5, "std": 0.5, "ci95": 0.04, "n": 600}
+    >>> print(format_test({"test_params": "last",
+    ...                    "protocol": {"name": "authors"},
+    ...                    "test": {"accuracy_after": stats}}))
+    test on last parameters, protocol authors:
+      accuracy_after: 50.000% +- 4.000% (n=600)
+  """
   split = results.get("split", "test")
-  where = "test" if split == "test" else f"{split}-split tasks"
-  lines = [f"{where} on {results['test_params']} parameters:"]
+  protocol = results.get("protocol", {}).get("name", "ours")
+  where = ("test" if split in ("test", PROTOCOL_SPLITS.get(protocol))
+           else f"{split}-split tasks")
+  lines = [f"{where} on {results['test_params']} parameters, protocol "
+           f"{protocol}:"]
   for name, stats in results["test"].items():
     scale = 100 if name.startswith("accuracy") else 1
     unit = "%" if scale == 100 else ""
@@ -740,89 +782,203 @@ def load_run(workdir: str | os.PathLike):
   return config, latest
 
 
-EVAL_SPLITS = ("test", "val", "train")
+EVAL_SPLITS = ("test", "val", "train", "authors_test")
+# Evaluation protocols and the split each draws its test tasks from.
+PROTOCOL_SPLITS = {"ours": "test", "authors": "authors_test"}
+EVAL_PROTOCOLS = tuple(PROTOCOL_SPLITS)
+AUTHORS_SOURCE = ("github.com/aravindr93/imaml_dev at commit 6a2a669: "
+                  "examples/measure_accuracy.py with the command of "
+                  "examples/README.md, implicit_maml/dataset.py")
 
 
-def eval_file_name(overrides: Sequence[str] = (), split: str = "test") -> str:
-  """``eval.json``, ``eval_<split>.json`` and ``eval_[<split>_]<k>=<v>.json``.
+def protocol_record(name: str, config: config_lib.Config, split: str,
+                    adaptation: str, parameters: str,
+                    overlap: dict | None = None) -> dict:
+  """The ``"protocol"`` entry of a results file: how its tasks were tested.
 
-  The split appears in the name unless it is ``test``; the test-time
-  overrides, if any, follow it.
+  Args:
+    name: ``"ours"`` or ``"authors"``.
+    config: the config the test tasks were drawn and adapted with.
+    split: the split the tasks come from (``EVAL_SPLITS``).
+    adaptation: how each task was adapted (the algorithm's name).
+    parameters: ``"best_validation"`` or ``"last"``.
+    overlap: for the authors' characters, the fraction of them in each part
+      of this run's split (``characters_overlap``).
+
+  Example:
+    >>> cfg = config_lib.get_config("sinusoid")
+    >>> protocol_record("ours", cfg, "test", "imaml(...)", "last")["q_query"]
+    10
+  """
+  record = {"name": name, "q_query": config.q_query,
+            "tasks": exp_lib.tasks_description(config, split),
+            "adaptation": adaptation, "parameters": parameters}
+  if overlap is not None:
+    record["characters_overlap"] = overlap
+  if name == "authors":
+    record["source"] = AUTHORS_SOURCE
+  return record
+
+
+def eval_file_name(overrides: Sequence[str] = (), split: str | None = None,
+                   protocol: str = "ours") -> str:
+  """``eval.json``, or ``eval_`` + protocol, split and overrides + ``.json``.
+
+  The protocol appears as ``protocol=<name>`` unless it is ``ours``; the
+  split unless it is the protocol's own (``test`` for ours,
+  ``authors_test`` for authors); the test-time overrides, if any, follow.
 
   Example:
     >>> eval_file_name(["eval_inner_steps=32"])
     'eval_eval_inner_steps=32.json'
     >>> eval_file_name(split="train")
     'eval_train.json'
+    >>> eval_file_name(protocol="authors"), eval_file_name(["q_query=1"])
+    ('eval_protocol=authors.json', 'eval_q_query=1.json')
   """
-  parts = [] if split == "test" else [split]
+  parts = [] if protocol == "ours" else [f"protocol={protocol}"]
+  if split not in (None, PROTOCOL_SPLITS.get(protocol)):
+    parts.append(split)
   parts += [re.sub(r"[^A-Za-z0-9_.=-]", "_", o.replace(" ", ""))
             for o in overrides]
   return "_".join(["eval", *parts]) + ".json"
+
+
+def _check_protocol(protocol: str, split: str | None,
+                    overrides: Sequence[str]) -> str:
+  """Validates the protocol and split names; returns the split to use."""
+  if protocol not in EVAL_PROTOCOLS:
+    raise config_lib.ConfigError(
+        f"protocol must be one of {', '.join(EVAL_PROTOCOLS)}; got "
+        f"{protocol!r}.")
+  if split is not None and split not in EVAL_SPLITS:
+    raise config_lib.ConfigError(
+        f"split must be one of {', '.join(EVAL_SPLITS)}; got {split!r}.")
+  own = PROTOCOL_SPLITS[protocol]
+  if protocol == "authors":
+    if split not in (None, own):
+      raise config_lib.ConfigError(
+          f"protocol 'authors' draws its tasks from the authors' test "
+          f"characters (split {own}); split {split!r} does not apply.")
+    fixed = [o for o in overrides
+             if o.partition("=")[0].strip() in exp_lib.AUTHORS_FIXED_FIELDS]
+    if fixed:
+      raise config_lib.ConfigError(
+          f"protocol 'authors' adapts on the support loss alone, without a "
+          f"proximal term or a step check; {', '.join(fixed)} does not "
+          "apply.")
+  return own if split is None else split
 
 
 def evaluate_workdir(workdir: str | os.PathLike,
                      data_dir: str | os.PathLike | None = None, *,
                      n_tasks: int | None = None,
                      overrides: Sequence[str] = (),
-                     split: str = "test",
+                     split: str | None = None,
+                     protocol: str = "ours",
                      log: Callable[[str], None] = print) -> dict:
-  """Tests the best-validation and last parameters of a run's checkpoint.
+  """Tests a run's checkpoint under an evaluation protocol.
+
+  ``protocol="ours"`` (default): tasks from the held-out test characters
+  (never meta-trained on), ``q_query`` query images per class (15 in the
+  Omniglot configs), adaptation by the run's own inner loop (proximal for
+  iMAML), the best-validation parameters (``test``; the last ones in
+  ``test_last``).
+
+  ``protocol="authors"`` (Omniglot only): the evaluation script of the
+  iMAML authors' code (``AUTHORS_SOURCE``). Tasks from their test
+  characters (:func:`imaml_jax.data.omniglot_authors_split_indices`, seed
+  12345, most of them meta-training characters of this run's split, see
+  ``characters_overlap``), each class turned by its own random multiple of
+  90 degrees; ``q_query = k_shot`` (one query image per class at 1-shot);
+  adaptation with lam 0 on the support loss alone
+  (:func:`imaml_jax.train.experiment.authors_eval_algorithm`: 16 plain
+  gradient steps of 0.1 for iMAML); the last parameters (``test`` and
+  ``test_last`` alike).
 
   ``overrides`` (``"key=value"`` strings) change test-time fields only
-  (``config.TEST_TIME_FIELDS``: how the test tasks are adapted), e.g. more
-  inner steps at test. ``split`` picks the characters (classes) the tasks
-  are drawn from: ``"test"`` (held out), ``"val"`` or ``"train"`` (those
-  meta-trained on, which measures how much of the test error is a gap
-  between seen and unseen classes). Every split uses ``test_seed`` and
-  ``n_tasks`` tasks. Writes ``workdir/eval.json`` (or the
-  :func:`eval_file_name` of the split and overrides) and returns the same
-  dict; its ``test`` and ``test_last`` entries hold the chosen split's
-  results.
+  (``config.TEST_TIME_FIELDS``: how the test tasks are drawn and adapted),
+  e.g. more inner steps or ``q_query=1``; under the authors' protocol they
+  apply on top of its settings, and ``lam`` and ``inner_backtrack`` are
+  refused. ``split`` picks the characters (classes) the tasks are drawn
+  from: ``"test"`` (held out), ``"val"``, ``"train"`` (those meta-trained
+  on, which measures how much of the test error is a gap between seen and
+  unseen classes) or ``"authors_test"`` (the authors' characters alone,
+  under this protocol's other settings); ``None`` is the protocol's own.
+  Every split uses ``test_seed`` and ``n_tasks`` tasks. Writes
+  ``workdir/eval.json`` (or the :func:`eval_file_name` of the protocol,
+  split and overrides) and returns the same dict; its ``protocol`` entry
+  names the protocol and its settings.
 
   Raises:
-    ValueError: an unknown split.
-    ConfigError: an override of a field that is not a test-time field.
+    ConfigError: an unknown protocol or split, a split the protocol does
+      not draw from, an override of a field that is not a test-time field
+      (or that the protocol fixes), or the authors' characters for a run
+      that is not on Omniglot; all before anything is loaded.
     WorkdirError, DataError, CheckpointError: as for training.
   """
-  if split not in EVAL_SPLITS:
-    raise ValueError(f"split must be one of {', '.join(EVAL_SPLITS)}; got "
-                     f"{split!r}.")
+  split = _check_protocol(protocol, split, overrides)
   config, latest = load_run(workdir)
-  test_config = config_lib.apply_test_time_overrides(config, overrides)
+  if ((protocol == "authors" or split == "authors_test")
+      and config.dataset != "omniglot"):
+    raise config_lib.ConfigError(
+        f"the authors' evaluation and characters are Omniglot's; this run's "
+        f"dataset is {config.dataset!r}.")
+  base = exp_lib.authors_overrides(config) if protocol == "authors" else []
+  test_config = config_lib.apply_test_time_overrides(config,
+                                                     [*base, *overrides])
   data_dir = exp_lib.resolve_data_dir(config, data_dir)
   # Test-time fields change only the adaptation, not the parameters.
   exp = exp_lib.build(test_config, exp_lib.load_data(config, data_dir))
+  chunks, overlap = None, None
+  if split == "authors_test":
+    authors = exp_lib.load_authors_characters(config, data_dir)
+    images, overlap = jax.device_put(authors.images), authors.overlap
+    chunks = exp_lib.authors_evaluation_chunks
+  else:
+    images = getattr(exp.data, split)
+  adaptation = exp.eval_algorithm.name
+  if protocol == "authors":
+    exp = exp._replace(
+        eval_algorithm=exp_lib.authors_eval_algorithm(test_config))
+    adaptation = (f"{exp.eval_algorithm.name}: its inner solver on the "
+                  "support loss alone (lam 0: no proximal term, no "
+                  "pull-back)")
   init, _ = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
                               has_aux=True)
   state = init(exp.init_params(jax.random.key(0)))
-  metric_shapes = _metric_shapes(exp, state, jax.random.key(0))
   best = {"params": state.params, "score": np.float64(np.nan),
           "step": np.int64(-1)}
+  # The training metrics' sums play no part in a test: they are restored
+  # with the metric names the checkpoint holds, so a run saved before a
+  # metric was added can still be tested.
+  stored_metrics = ckpt_lib.load(latest)[1].get("sums", {}).get("sums", {})
   step, state, _, best, _, _ = restore(latest, config, state,
-                                       init_sums(metric_shapes), best)
+                                       init_sums(stored_metrics), best)
   n_tasks = n_tasks or config.test_tasks
-  evaluator = Evaluator(exp)
-  images = getattr(exp.data, split)
+  evaluator = Evaluator(exp, chunks)
   test_last = summarize(evaluator(state.params, images, n_tasks,
                                   test_config.test_seed))
   test = test_last
-  if 0 <= int(best["step"]) < step:
+  use_best = protocol == "ours" and int(best["step"]) >= 0
+  if use_best and int(best["step"]) < step:
     test = summarize(evaluator(best["params"], images, n_tasks,
                                test_config.test_seed))
+  test_params = "best_validation" if use_best else "last"
   results = {
       "checkpoint": str(latest), "step": step,
       "split": split,
+      "protocol": protocol_record(protocol, test_config, split, adaptation,
+                                  test_params, overlap),
       "test_time_overrides": list(overrides),
-      "test_params": ("best_validation" if int(best["step"]) >= 0
-                      else "last"),
+      "test_params": test_params,
       "best_validation": {"step": int(best["step"]),
                           "score": float(best["score"])},
       "test": test,
       "test_last": test_last,
   }
   ckpt_lib.write_atomic(Path(workdir).expanduser() /
-                        eval_file_name(overrides, split),
+                        eval_file_name(overrides, split, protocol),
                         json.dumps(results, indent=2).encode())
   log(format_test(results))
   return results
