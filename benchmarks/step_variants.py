@@ -19,8 +19,12 @@ the ratios between them are what to read. Variants (the iMAML-GD step of
     variants then run on the first device, as before;
   * ``single``: one task per meta-step;
   * ``scipy_cg``: one task per meta-step with ``jax.scipy.sparse.linalg.cg``
-    and the residual measured with one more product, the solver before
-    ``im.cg`` stopped spending a product on its zero starting point.
+    called directly and the residual measured with one more product. This is
+    what ``im.cg`` now does by default, so it times the same solver as
+    ``single`` (a check that the library adds no cost around it); the
+    earlier hand-written CG, which spent no product on ``A @ 0`` and
+    reported its recurrence residual, was about 10% faster per step
+    (``throughput_cpu.md``).
 
 It reports the median and fastest seconds per meta-step and tasks per
 second of each, and writes ``benchmarks/results/step_variants_<platform>``
