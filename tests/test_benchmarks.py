@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 
 from imaml_jax.train import cli
+from imaml_jax.train import config as config_lib
+from imaml_jax.train import experiment as exp_lib
+from imaml_jax.train import train as train_lib
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -43,6 +46,8 @@ def read_csv(path):
 QUICK_RUNS = {
     "tables": ["tables.py", "--quick"],
     "throughput": ["throughput.py", "--quick"],
+    "stability_diagnostics": ["stability_diagnostics.py", "--quick"],
+    "compile_time": ["compile_time.py", "--quick"],
     "step_variants": ["step_variants.py", "--quick"],
     "memory_vs_steps": ["memory_vs_steps.py", "--quick", "--algorithms",
                         "maml"],
@@ -84,6 +89,27 @@ def test_meta_gradient_accuracy_quick(quick_run):
   assert (out / "meta_gradient_accuracy_quick.png").stat().st_size > 0
   imaml = [float(r["rel_error"]) for r in rows if r["method"] == "imaml"]
   assert min(imaml) < 1e-8         # The paper's claim, already in float64.
+
+
+def test_stability_diagnostics_quick(quick_run):
+  """Reads the committed stability run: its metrics at each checkpoint and
+  the spectrum of I + H/lam measured at the checkpoint's theta."""
+  stdout, out = quick_run("stability_diagnostics")
+  stem = out / "stability_stability_5w1s_constant_eps1e-3_quick"
+  for ext in ("csv", "json", "png"):
+    assert stem.with_suffix(f".{ext}").stat().st_size > 0
+  rows = read_csv(stem.with_suffix(".csv"))
+  assert rows and all(float(r["param_norm"]) > 0 for r in rows)
+  assert all(float(r["eig_max"]) >= float(r["eig_min"]) for r in rows)
+  assert "eig(I + H/lam) in" in stdout
+
+
+def test_compile_time_quick(quick_run):
+  stdout, out = quick_run("compile_time")
+  rows = read_csv(out / "compile_time_quick.csv")
+  assert [r["step"] for r in rows] == ["sinusoid_eval"]
+  assert float(rows[0]["compile_s"]) > 0 and int(rows[0]["fusions"]) > 0
+  assert "lower + compile" in stdout
 
 
 def test_throughput_quick(quick_run):
@@ -173,6 +199,36 @@ def test_tables_quick_trains_omniglot_end_to_end(quick_run):
           != held_out["test"]["loss_after"]["mean"])
   with pytest.raises(SystemExit):
     cli.eval_main(["--workdir", str(workdir), "--split", "training"])
+  assert held_out["protocol"]["name"] == "ours"
+  assert held_out["protocol"]["q_query"] == 15
+  # The authors' evaluation: their characters, one query image per class,
+  # plain adaptation, the last parameters; in a file of its own.
+  assert cli.eval_main(["--workdir", str(workdir), "--protocol",
+                        "authors"]) == 0
+  theirs = json.loads((workdir / "eval_protocol=authors.json").read_text())
+  protocol = theirs["protocol"]
+  assert protocol["name"] == "authors" and protocol["q_query"] == 1
+  assert protocol["parameters"] == theirs["test_params"] == "last"
+  assert "gd(steps=16, lr=0.1)" in protocol["adaptation"]
+  assert theirs["split"] == "authors_test"
+  assert protocol["characters_overlap"]["authors_meta_training"] == (
+      pytest.approx(310 / 423))
+  accuracy = theirs["test"]["accuracy_after"]
+  assert accuracy["n"] == 10
+  # One query answer per class: each task scores a multiple of 1/5.
+  answers = accuracy["mean"] * 10 * 5
+  assert abs(answers - round(answers)) < 1e-3
+  config = config_lib.apply_test_time_overrides(
+      train_lib.load_run(workdir)[0], ["q_query=1"])
+  images = exp_lib.load_authors_characters(config, data_dir).images
+  chunk = next(exp_lib.authors_evaluation_chunks(config, images, 10, 0))
+  assert chunk.query[0].shape == (10, config.n_way, 28, 28, 1)
+  # An unknown protocol: exit code 2, nothing written.
+  before = sorted(p.name for p in workdir.iterdir())
+  with pytest.raises(SystemExit) as info:
+    cli.eval_main(["--workdir", str(workdir), "--protocol", "theirs"])
+  assert info.value.code == 2
+  assert sorted(p.name for p in workdir.iterdir()) == before
 
 
 def test_compare_runs_quick(tmp_path):
