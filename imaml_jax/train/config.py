@@ -395,8 +395,9 @@ def _build_registry() -> None:
   # lam 30 gives a well-conditioned system, an inner loop that converges
   # (contraction 1 - lr lam = 0.85 a step where the loss is flat) and test
   # MSE 0.27 (lam 10: 0.38, lam 100: 0.46; benchmarks/results/
-  # sinusoid_diagnosis.md). The step check keeps the inner loop stable as
-  # meta-training sharpens the loss (plain GD at lam 100 diverged).
+  # sinusoid_diagnosis_new_recipe.md). The step check keeps the inner
+  # loop stable as meta-training sharpens the loss (plain GD at lam 100
+  # diverged).
   sinusoid = Config(
       name="sinusoid", dataset="sinusoid", k_shot=10, q_query=10,
       algorithm="imaml", inner="gd", inner_steps=16, inner_lr=0.005,
