@@ -246,9 +246,10 @@ def _assert_same_state(results, name, reference):
   got, want = _state(results, name), _state(results, reference)
   assert got.keys() == want.keys() and got
   # float32 sums over tasks in another order on every device count; after
-  # six Adam steps that moves the state by up to a few 1e-6.
+  # six Adam steps that moves the state by up to a few 1e-5 (2.3e-5 measured
+  # on Adam's first moment of a bias, with jax.scipy's CG in the step).
   for key in want:
-    np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5,
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=5e-5,
                                err_msg=f"{name} vs {reference}: {key}")
   np.testing.assert_allclose(results[name + "/loss_after"],
                              results[reference + "/loss_after"], rtol=1e-5)
