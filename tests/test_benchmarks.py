@@ -46,6 +46,7 @@ def read_csv(path):
 QUICK_RUNS = {
     "tables": ["tables.py", "--quick"],
     "throughput": ["throughput.py", "--quick"],
+    "sinusoid_diagnosis": ["sinusoid_diagnosis.py", "--quick"],
     "stability_diagnostics": ["stability_diagnostics.py", "--quick"],
     "compile_time": ["compile_time.py", "--quick"],
     "step_variants": ["step_variants.py", "--quick"],
@@ -110,6 +111,18 @@ def test_compile_time_quick(quick_run):
   assert [r["step"] for r in rows] == ["sinusoid_eval"]
   assert float(rows[0]["compile_s"]) > 0 and int(rows[0]["fusions"]) > 0
   assert "lower + compile" in stdout
+
+
+def test_sinusoid_diagnosis_quick(quick_run):
+  _, out = quick_run("sinusoid_diagnosis")
+  for ext in ("csv", "json", "md", "png"):
+    assert (out / f"sinusoid_diagnosis_quick.{ext}").stat().st_size > 0
+  rows = {float(r["lam"]): r
+          for r in read_csv(out / "sinusoid_diagnosis_quick.csv")}
+  assert set(rows) == {2.0, 30.0}
+  assert all(int(r["star_converged_tasks"]) == 2 for r in rows.values())
+  # At lam 30 and the converged minimiser, CG(5) solves iMAML's system.
+  assert float(rows[30.0]["err_converged_cg5_smooth_max"]) < 1e-2
 
 
 def test_throughput_quick(quick_run):
