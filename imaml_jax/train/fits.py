@@ -48,7 +48,8 @@ def fit_curves(exp: exp_lib.Experiment, params: Any, *, n_tasks: int = 4,
     exp: a sinusoid experiment (:func:`imaml_jax.train.experiment.build`).
     params: the meta-parameters ``theta``.
     n_tasks: tasks to draw, with :func:`imaml_jax.data.sinusoid_tasks` from
-      the key ``jax.random.key(seed, impl="threefry2x32")``, as the test set.
+      the key ``jax.random.key(seed, impl="threefry2x32")``, the test set's
+      key (with fewer tasks the draws differ from the test set's first ones).
     seed: the key's seed.
     points: grid points on the input range ``[-5, 5]``.
 
