@@ -135,8 +135,14 @@ def spectrum(a):
 
   On the host with NumPy: LAPACK's eigenvalues-only path is several times
   faster than ``jnp.linalg.eigvalsh``, which also computes eigenvectors.
+  A matrix with a non-finite entry gets NaN for every number.
   """
-  eigs = np.linalg.eigvalsh(np.asarray(a))
+  a = np.asarray(a)
+  if not np.all(np.isfinite(a)):
+    # LAPACK's symmetric eigensolver may never return on NaN entries.
+    return {"eig_min": math.nan, "eig_max": math.nan, "cond": math.nan,
+            "neg_frac": math.nan}
+  eigs = np.linalg.eigvalsh(a)
   low, high = float(eigs[0]), float(eigs[-1])
   return {"eig_min": low, "eig_max": high,
           "cond": high / low if low > 0 else math.inf,
@@ -363,13 +369,17 @@ def reduced_hessian_is_pd(matrix, jac, active):
   space ``{d: J d = 0}``, with ``I - P = U U^T`` from the singular vectors
   ``U`` of the active rows of ``J`` (dependent rows count once).
   """
-  _, sv, vt = jnp.linalg.svd(jac * active[:, None], full_matrices=False)
+  # The SVD gets zeros for non-finite input (LAPACK's iterative SVD may never
+  # return on NaN); the answer is then False.
+  finite = jnp.all(jnp.isfinite(jac)) & jnp.all(jnp.isfinite(matrix))
+  _, sv, vt = jnp.linalg.svd(jnp.where(finite, jac * active[:, None], 0.0),
+                             full_matrices=False)
   basis = vt.T * (sv > 1e-10 * jnp.maximum(sv[0], 1e-300))     # U, n x k
   mb = matrix @ basis
   projected = (matrix - basis @ mb.T - mb @ basis.T
                + basis @ (basis.T @ mb) @ basis.T + basis @ basis.T)
   chol = jnp.linalg.cholesky(0.5 * (projected + projected.T))
-  return jnp.all(jnp.isfinite(chol))
+  return finite & jnp.all(jnp.isfinite(chol))
 
 
 # ----------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+import fast_compile
+
 NOTEBOOK = pathlib.Path(__file__).parents[1] / "notebooks" / "quickstart.ipynb"
 
 
@@ -20,6 +22,7 @@ def _text_outputs(nb) -> str:
 def test_quickstart_notebook_runs(monkeypatch, tmp_path):
   monkeypatch.setenv("IMAML_NOTEBOOK_QUICK", "1")
   monkeypatch.setenv("MPLBACKEND", "Agg")
+  monkeypatch.setenv("XLA_FLAGS", fast_compile.environ()["XLA_FLAGS"])
   for name in ("IMAML_OMNIGLOT_DIR", "IMAML_CACHE_DIR"):
     if os.environ.get(name):   # The kernel runs in tmp_path: no relative paths.
       monkeypatch.setenv(name, os.path.abspath(os.environ[name]))

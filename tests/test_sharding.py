@@ -24,6 +24,8 @@ import imaml_jax as im
 from imaml_jax import data
 from imaml_jax._src import sharding as sh
 
+import fast_compile
+
 N_DEVICES = 8
 
 # iMAML meta-steps (sinusoid regression, the MLP of imaml_jax.models, Adam)
@@ -31,7 +33,7 @@ N_DEVICES = 8
 # from the 8-device run after STEPS steps resumes on 8, 2 and 1 devices.
 _SCRIPT = textwrap.dedent("""
   import os, sys
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  os.environ["XLA_FLAGS"] = sys.argv[2]
   os.environ["JAX_PLATFORMS"] = "cpu"
   import jax, jax.numpy as jnp, numpy as np, optax
   import imaml_jax as im
@@ -228,7 +230,10 @@ def multi_device(tmp_path_factory):
   out_dir = tmp_path_factory.mktemp("sharding")
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(out_dir)],
+  # Its results are compared with each other only, so it may compile fast.
+  xla_flags = fast_compile.flags("--xla_force_host_platform_device_count=8")
+  proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(out_dir),
+                         xla_flags],
                         capture_output=True, text=True, env=env, timeout=600,
                         check=False)
   assert proc.returncode == 0, proc.stdout + proc.stderr
