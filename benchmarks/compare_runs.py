@@ -1,12 +1,14 @@
 """Learning curves of several training runs on one figure.
 
 Each run is a ``metrics.jsonl`` written by ``imaml-train`` (or the work
-directory holding it), given as ``LABEL=PATH``. The figure has three panels
-against the meta-step: validation accuracy after adaptation, the training
-query loss at the meta-parameters before adaptation (``loss_before``, whose
-growth shows the meta-parameters' predictions sharpening), and the training
-meta-gradient norm (log scale). The validation points of every run go to a
-CSV beside the PNG, with the step and value of each run's best validation.
+directory holding it), given as ``LABEL=PATH``. The figure's panels, against
+the meta-step: validation accuracy after adaptation; the training query loss
+at the meta-parameters before adaptation (``loss_before``, whose growth shows
+the meta-parameters' predictions sharpening); the training meta-gradient
+norm (log scale); and, where a run logs it (iMAML), CG's relative residual
+on the meta-gradient's linear system. The validation points of every run go
+to a CSV beside the PNG, with the step and value of each run's best
+validation.
 
     python benchmarks/compare_runs.py --out benchmarks/results/stability \\
         plain=benchmarks/results/gpu_5w1s_plain_h100_metrics.jsonl \\
@@ -33,6 +35,8 @@ PANELS = (("val", "accuracy_after", "validation accuracy after adaptation",
            False),
           ("train", "loss_before", "train query loss at theta", True),
           ("train", "grad_norm", "train meta-gradient norm", True))
+# Drawn when a run logs it (iMAML): how well CG solved the linear system.
+RESIDUAL_PANEL = ("train", "residual", "train CG relative residual", True)
 
 
 def parse_run(text: str) -> tuple[str, Path]:
@@ -67,9 +71,17 @@ def best_validation(records) -> tuple[int | None, float | None]:
   return steps[best], values[best]
 
 
+def panels_for(runs: dict[str, list[dict]]) -> tuple:
+  """``PANELS``, and the CG residual's where any run logged it."""
+  logged = any(plots.curves(records, *RESIDUAL_PANEL[:2])[0]
+               for records in runs.values())
+  return PANELS + ((RESIDUAL_PANEL,) if logged else ())
+
+
 def plot(runs: dict[str, list[dict]], out_png: str) -> None:
-  fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
-  for ax, (split, key, title, log) in zip(axes, PANELS):
+  panels = panels_for(runs)
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+  for ax, (split, key, title, log) in zip(axes, panels):
     for label, records in runs.items():
       steps, values = plots.curves(records, split, key)
       if steps:
@@ -108,9 +120,12 @@ def synthetic_runs(folder: Path) -> list[tuple[str, Path]]:
     path = folder / f"{label}.jsonl"
     with open(path, "w") as f:
       for step in range(100, 1001, 100):
-        f.write(json.dumps({"step": step, "split": "train",
-                            "loss_before": 1.6 + step / 1000,
-                            "grad_norm": 0.3 + step / 5000}) + "\n")
+        train = {"step": step, "split": "train",
+                 "loss_before": 1.6 + step / 1000,
+                 "grad_norm": 0.3 + step / 5000}
+        if label == "a":      # An iMAML run; "b" stands for MAML.
+          train["residual"] = 0.1 + step / 10000
+        f.write(json.dumps(train) + "\n")
         if step % 200 == 0:
           f.write(json.dumps({"step": step, "split": "val",
                               "accuracy_after": peak * step / 1000}) + "\n")
@@ -137,6 +152,7 @@ def main(argv=None):
     runs = load_runs(args.runs)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     plot(runs, args.out + ".png")
+    print("panels: " + "; ".join(p[2] for p in panels_for(runs)))
     write_csv(runs, args.out + ".csv")
     for label, records in runs.items():
       step, best = best_validation(records)

@@ -37,17 +37,18 @@ def test_paper_settings_for_imaml_gd(name, n_way, k_shot, steps):
 
 
 def test_baseline_settings():
-  # MAML's 0.4 (5-way) and 0.1 (20-way) act on N times the mean loss: 2.0 on
-  # the mean cross-entropy (see the module docstring of config).
+  # MAML's stated 0.4 (5-way) and 0.1 (20-way) on the mean cross-entropy
+  # (its code's N times larger step: the module docstring of config).
   maml5 = config_lib.get_config("omniglot_5w1s_maml")
   assert (maml5.inner_steps, maml5.inner_lr, maml5.eval_inner_steps) == (
-      1, 2.0, 3)
+      1, 0.4, 3)
   maml20 = config_lib.get_config("omniglot_20w5s_fomaml")
   assert (maml20.algorithm, maml20.inner_steps, maml20.inner_lr,
-          maml20.meta_batch) == ("fomaml", 5, 2.0, 16)
+          maml20.meta_batch) == ("fomaml", 5, 0.1, 16)
   for setting in ("5w1s", "5w5s", "20w1s", "20w5s"):
+    lr = 0.4 if setting.startswith("5w") else 0.1
     for algo in ("maml", "fomaml"):
-      assert config_lib.get_config(f"omniglot_{setting}_{algo}").inner_lr == 2.0
+      assert config_lib.get_config(f"omniglot_{setting}_{algo}").inner_lr == lr
   assert config_lib.get_config("miniimagenet_5w1s_maml").inner_lr == 0.01
   hf = config_lib.get_config("omniglot_5w1s_imaml_hf")
   assert (hf.inner, hf.inner_steps, hf.hf_cg_steps) == ("hessian_free", 5, 5)
