@@ -3,16 +3,14 @@
 Each runs in a subprocess (as a user would run it), writes into a temporary
 folder, and the test reads back what it wrote. The numbers themselves are
 checked where the script makes a claim that a quick run can already show.
-The quick runs are mostly compilation, which XLA does on one core, so the
-module starts them all at once, two at a time, and each test waits for its
-own; they compile without LLVM optimisation (``fast_compile``).
+The runs start with the test session and run beside the other tests
+(``quick_runs``, ``conftest.quick_run``); each test here waits for its own.
 """
 import csv
 import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,68 +20,14 @@ from imaml_jax.train import config as config_lib
 from imaml_jax.train import experiment as exp_lib
 from imaml_jax.train import train as train_lib
 
-import fast_compile
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from quick_runs import BENCHMARKS, run_script
 
 pytestmark = pytest.mark.slow
-
-
-def run_script(name, *args, timeout=600):
-  done = subprocess.run(
-      [sys.executable, str(BENCHMARKS / name), *args], capture_output=True,
-      text=True, timeout=timeout, check=False,
-      env=fast_compile.environ(PYTHONUNBUFFERED="1"))
-  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-  return done.stdout
 
 
 def read_csv(path):
   with open(path, newline="") as f:
     return list(csv.DictReader(f))
-
-
-# name: the script and its arguments (each gets ``--out DIR/name``); the
-# longest first.
-QUICK_RUNS = {
-    "tables": ["tables.py", "--quick"],
-    "throughput": ["throughput.py", "--quick"],
-    "sinusoid_diagnosis": ["sinusoid_diagnosis.py", "--quick"],
-    "stability_diagnostics": ["stability_diagnostics.py", "--quick"],
-    "compile_time": ["compile_time.py", "--quick"],
-    "step_variants": ["step_variants.py", "--quick"],
-    "memory_vs_steps": ["memory_vs_steps.py", "--quick", "--algorithms",
-                        "maml"],
-    "curvature": ["curvature.py", "--quick", "--inner-lr", "0.1"],
-    "scaling": ["scaling.py", "--quick", "--devices", "2", "--host-devices",
-                "2", "--meta-batch", "4"],
-    "conv_formulations": ["conv_formulations.py", "--quick", "--repeats", "1",
-                          "--conv", "patches"],
-    "meta_gradient_accuracy": ["meta_gradient_accuracy.py", "--quick"],
-}
-
-
-@pytest.fixture(scope="module")
-def quick_run(request, tmp_path_factory):
-  """``quick_run(name) -> (stdout, out)``: waits for that script's run.
-
-  Only the runs of the selected tests (``test_<name>_quick...``) start.
-  """
-  root = tmp_path_factory.mktemp("quick")
-  selected = [item.name for item in request.session.items]
-  names = [n for n in QUICK_RUNS
-           if any(t.startswith(f"test_{n}_quick") for t in selected)
-           and (n != "tables" or os.environ.get("IMAML_OMNIGLOT_DIR"))]
-  with ThreadPoolExecutor(max_workers=2) as pool:
-    futures = {}
-    for name in names:
-      script, *args = QUICK_RUNS[name]
-      extra = ["--runs", str(root / name / "runs")] if name == "tables" else []
-      futures[name] = pool.submit(run_script, script, *args, *extra, "--out",
-                                  str(root / name))
-    yield lambda name: (futures[name].result(), root / name)
-    for future in futures.values():
-      future.cancel()
 
 
 def test_meta_gradient_accuracy_quick(quick_run):
