@@ -78,7 +78,8 @@ def panels_for(runs: dict[str, list[dict]]) -> tuple:
   return PANELS + ((RESIDUAL_PANEL,) if logged else ())
 
 
-def plot(runs: dict[str, list[dict]], out_png: str) -> None:
+def plot(runs: dict[str, list[dict]], out_png: str) -> tuple:
+  """Draws ``runs`` into ``out_png``; returns the panels drawn."""
   panels = panels_for(runs)
   fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
   for ax, (split, key, title, log) in zip(axes, panels):
@@ -95,6 +96,7 @@ def plot(runs: dict[str, list[dict]], out_png: str) -> None:
   fig.tight_layout()
   fig.savefig(out_png, dpi=110)
   plt.close(fig)
+  return panels
 
 
 def write_csv(runs: dict[str, list[dict]], out_csv: str) -> list[dict]:
@@ -151,8 +153,8 @@ def main(argv=None):
       parser.error("give --out STEM")
     runs = load_runs(args.runs)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    plot(runs, args.out + ".png")
-    print("panels: " + "; ".join(p[2] for p in panels_for(runs)))
+    panels = plot(runs, args.out + ".png")
+    print("panels: " + "; ".join(title for _, _, title, _ in panels))
     write_csv(runs, args.out + ".csv")
     for label, records in runs.items():
       step, best = best_validation(records)
