@@ -13,14 +13,18 @@ in its own process, so no in-process cache helps.
     python benchmarks/compile_time.py --steps sinusoid_train --repeats 3
     python benchmarks/compile_time.py --quick               # sinusoid eval step only
     python benchmarks/compile_time.py --python /other/venv/bin/python --tag before
+    python benchmarks/compile_time.py --steps sinusoid_train --runs 20 \
+        --xla-flags O0=--xla_backend_optimization_level=0
 
 Steps: ``sinusoid_train`` (the main job's train step: sampling, meta-step,
 metric sums), ``sinusoid_eval`` (its evaluation step over 100 tasks),
 ``omniglot_5w1s_train`` (``omniglot_5w1s_imaml_gd`` at meta-batch 8 with
 ``task_chunk=1``, the CPU training setting) and ``omniglot_5w1s_eval``.
 ``--python`` runs the measurements under another interpreter (e.g. a checkout
-of an earlier version) to compare versions on the same machine in one run;
-``--interleave`` alternates it with this one.
+of an earlier version) to compare versions on the same machine in one run,
+alternating with this one. ``--xla-flags`` measures this version under other
+``XLA_FLAGS`` as well (alternating too), and ``--runs`` times the compiled
+step, since a flag that compiles faster may run slower.
 
 Writes ``benchmarks/results/compile_time_<tag>.{csv,json}``.
 """
@@ -54,7 +58,8 @@ import imaml_jax as im
 from imaml_jax.train import config as config_lib, experiment as exp_lib
 from imaml_jax.train import train as train_lib
 
-step_name, config_name, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+step_name, config_name = sys.argv[1], sys.argv[2]
+runs, overrides = int(sys.argv[3]), sys.argv[4:]
 config = config_lib.apply_overrides(config_lib.get_config(config_name),
                                     overrides)
 if config.dataset == "sinusoid":
@@ -82,24 +87,38 @@ lowered = jax.jit(fn).lower(*args)
 lowered_at = time.perf_counter()
 compiled = lowered.compile()
 done = time.perf_counter()
+run_s = None
+if runs:   # The compiled step's own speed: the median of ``runs`` calls.
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(runs):
+    begin = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - begin)
+  run_s = sorted(times)[len(times) // 2]
 text = compiled.as_text()
 lines = [l for l in text.splitlines() if " = " in l]
 print(json.dumps({
     "lower_s": lowered_at - start, "compile_s": done - lowered_at,
+    "run_s": run_s,
     "hlo_instructions": len(lines),
     "fusions": sum(" fusion(" in l for l in lines),
     "jax": jax.__version__}))
 """
 
 
-def measure(python: str, step: str) -> dict:
-  """One measurement of ``step`` in a fresh ``python`` process."""
+def measure(python: str, step: str, xla_flags: str | None = None,
+            runs: int = 0) -> dict:
+  """One measurement of ``step`` in a fresh ``python`` process, with
+  ``XLA_FLAGS=xla_flags`` if given, timing ``runs`` calls of it after."""
   prefix = step.rsplit("_", 1)[0]
   config_name, overrides = _CONFIGS[prefix]
+  env = dict(os.environ, PYTHONWARNINGS="ignore")
+  if xla_flags is not None:
+    env["XLA_FLAGS"] = xla_flags
   proc = subprocess.run(
-      [python, "-c", _CHILD, step, config_name, *overrides],
-      capture_output=True, text=True, check=False,
-      env=dict(os.environ, PYTHONWARNINGS="ignore"))
+      [python, "-c", _CHILD, step, config_name, str(runs), *overrides],
+      capture_output=True, text=True, check=False, env=env)
   if proc.returncode != 0:
     raise RuntimeError(f"{step} under {python} failed:\n{proc.stderr[-3000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -114,6 +133,13 @@ def main() -> None:
                       help="another interpreter to measure beside this one")
   parser.add_argument("--label", default="this version")
   parser.add_argument("--other-label", default="other version")
+  parser.add_argument("--xla-flags", nargs="+", default=[],
+                      metavar="LABEL=FLAGS",
+                      help="also measure this version under these XLA_FLAGS, "
+                           "e.g. O0=--xla_backend_optimization_level=0")
+  parser.add_argument("--runs", type=int, default=0,
+                      help="after compiling, time this many calls of the "
+                           "step (the median is reported as run_s)")
   parser.add_argument("--quick", action="store_true",
                       help="sinusoid evaluation step, once")
   parser.add_argument("--tag", default=None)
@@ -125,34 +151,45 @@ def main() -> None:
   if args.quick:
     steps, repeats = ["sinusoid_eval"], 1
   tag = args.tag or ("quick" if args.quick else "cpu")
-  pythons = [(args.label, sys.executable)]
+  pythons = [(args.label, sys.executable, None)]
   if args.python:
-    pythons.append((args.other_label, args.python))
+    pythons.append((args.other_label, args.python, None))
+  for variant in args.xla_flags:
+    label, sep, flags = variant.partition("=")
+    if not sep or not label:
+      parser.error(f"--xla-flags takes LABEL=FLAGS; got {variant!r}")
+    pythons.append((label, sys.executable, flags))
 
   rows = []
   for step in steps:
     for repeat in range(repeats):
-      for label, python in pythons:   # Interleaved: same load for both.
-        result = measure(python, step)
+      for label, python, flags in pythons:   # Interleaved: same load.
+        result = measure(python, step, flags, args.runs)
         rows.append({"step": step, "version": label, "repeat": repeat,
-                     **result})
+                     "xla_flags": flags or "", **result})
+        run = (f"  run {result['run_s']:.4f} s"
+               if result.get("run_s") is not None else "")
         print(f"{step:22s} {label:14s} lower {result['lower_s']:6.2f} s  "
               f"compile {result['compile_s']:6.2f} s  "
               f"{result['hlo_instructions']:6d} HLO instructions, "
-              f"{result['fusions']:5d} fusions", flush=True)
+              f"{result['fusions']:5d} fusions{run}", flush=True)
   print("\nmedians:")
   summary = []
   for step in steps:
-    for label, _ in pythons:
+    for label, _, flags in pythons:
       mine = [r for r in rows if r["step"] == step and r["version"] == label]
-      entry = {"step": step, "version": label,
+      runs = [r["run_s"] for r in mine if r.get("run_s") is not None]
+      entry = {"step": step, "version": label, "xla_flags": flags or "",
                "lower_s": statistics.median(r["lower_s"] for r in mine),
                "compile_s": statistics.median(r["compile_s"] for r in mine),
+               "run_s": statistics.median(runs) if runs else None,
                "hlo_instructions": mine[0]["hlo_instructions"],
                "fusions": mine[0]["fusions"]}
       summary.append(entry)
+      run = (f", then {entry['run_s']:.4f} s a call"
+             if entry["run_s"] is not None else "")
       print(f"{step:22s} {label:14s} lower + compile "
-            f"{entry['lower_s'] + entry['compile_s']:6.2f} s")
+            f"{entry['lower_s'] + entry['compile_s']:6.2f} s{run}")
   os.makedirs(args.out, exist_ok=True)
   base = os.path.join(args.out, f"compile_time_{tag}")
   with open(base + ".json", "w") as f:

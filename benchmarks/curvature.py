@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 
@@ -80,6 +81,20 @@ def task_statistics(scalar_loss, theta, task, lam, inner, iterations):
   return {"eig_max": top, "eig_min": bottom, "inner_grad_norm": grad_norm,
           "cg5_residual": plain.residual,
           "cg5_guarded_residual": guarded.residual}
+
+
+@functools.lru_cache(maxsize=None)
+def batch_statistics(n_way: int, lam: float, inner_steps: int, lr: float,
+                     backtrack: bool, iterations: int):
+  """``f(theta, tasks)``: :func:`task_statistics` of every task, jit-compiled
+  once per setting (the meta-parameters are an argument, so the checkpoints
+  of a run share one compilation)."""
+  loss_fn = models.classification_loss(models.omniglot_convnet(n_way))
+  scalar = lambda p, batch: loss_fn(p, batch)[0]
+  inner = im.gd(inner_steps, lr, backtrack=backtrack)
+  return jax.jit(jax.vmap(
+      lambda theta, task: task_statistics(scalar, theta, task, lam, inner,
+                                          iterations), in_axes=(None, 0)))
 
 
 def load_theta(workdir=None, checkpoint=None):
@@ -130,8 +145,6 @@ def main(argv=None):
   tasks = data.sample_tasks(jax.random.key(1), images, args.n_way, args.k_shot,
                             args.q_query, args.tasks)
   net = models.omniglot_convnet(args.n_way)
-  loss_fn = models.classification_loss(net)
-  scalar = lambda p, batch: loss_fn(p, batch)[0]
   if args.workdir or args.checkpoint:
     theta = load_theta(args.workdir, args.checkpoint)
   else:
@@ -143,9 +156,8 @@ def main(argv=None):
   print(f"{args.n_way}-way {args.k_shot}-shot, lam {args.lam}, "
         f"{args.inner_steps} GD steps, parameters: {source}")
   for lr in args.inner_lr:
-    inner = im.gd(args.inner_steps, lr, backtrack=args.backtrack)
-    stats = jax.jit(jax.vmap(lambda t: task_statistics(
-        scalar, theta, t, args.lam, inner, args.iterations)))(tasks)
+    stats = batch_statistics(args.n_way, args.lam, args.inner_steps, lr,
+                             args.backtrack, args.iterations)(theta, tasks)
     stats = {k: np.asarray(v) for k, v in stats.items()}
     row = {"inner_lr": lr, "tasks": args.tasks, "parameters": source,
            "indefinite_fraction": float(np.mean(stats["eig_min"] <= 0)),

@@ -1,6 +1,25 @@
-"""Shared fixtures, and the benchmarks' quick runs in the background."""
-import inspect
+"""Shared fixtures, and the work that the session starts in the background.
 
+Much of the suite's time is XLA compiling in subprocesses: the benchmarks'
+quick runs (``quick_runs``) and the multi-device and multi-process runs of
+``test_sharding`` and ``test_train_sharded``. XLA compiles on one core, so
+these start in the background when the session starts, two at a time
+(``_background``), while the tests that run in this process use the other
+core. A test module lists its background jobs in a module-level dict
+``BACKGROUND_JOBS = {name: job}``, where ``job(out: Path)`` runs in a worker
+thread (a fresh folder ``out`` for its files) and returns what the tests
+read; its tests get that through the ``background`` fixture. Tests that wait for
+background work run last (``pytest_collection_modifyitems``): first those of
+the modules' jobs, then those of the quick runs. Everything compiles with the
+XLA settings of ``fast_compile``.
+"""
+from concurrent.futures import ThreadPoolExecutor
+
+import fast_compile
+
+fast_compile.use_in_process()   # Before JAX starts its backend.
+
+# pylint: disable=wrong-import-position
 import jax
 import pytest
 
@@ -14,29 +33,64 @@ def x64():
     yield
 
 
-def _reads_a_quick_run(item) -> bool:
-  function = getattr(item, "function", None)
-  return (function is not None
-          and "quick_run" in inspect.signature(function).parameters)
+def _waits_for_background(item) -> int:
+  """0: runs in this process only; 1: reads a module's background job;
+  2: reads a quick run (the longest jobs, so these go last)."""
+  names = getattr(item, "fixturenames", ())
+  return 2 if "quick_run" in names else 1 if "background" in names else 0
 
 
 def pytest_collection_modifyitems(items):
-  """The tests that read a quick benchmark run go last, so that the runs,
-  started with the session, overlap the rest of the suite."""
-  items.sort(key=_reads_a_quick_run)
+  """Tests that wait for background work go last (a stable sort: each
+  module's tests stay together and in order)."""
+  items.sort(key=_waits_for_background)
+
+
+def _modules_with_jobs(items) -> list:
+  modules = []
+  for item in items:
+    module = getattr(item, "module", None)
+    jobs = getattr(module, "BACKGROUND_JOBS", None)
+    if isinstance(jobs, dict) and module not in modules:
+      modules.append(module)
+  return modules
 
 
 @pytest.fixture(scope="session", autouse=True)
-def quick_run(request, tmp_path_factory):
-  """``quick_run(name) -> (stdout, out)``: waits for that script's run.
+def _background(request, tmp_path_factory):
+  """Starts the background jobs of the selected tests; yields their futures.
 
-  The runs of the selected tests start when the session does (none if no
-  such test is selected).
+  Jobs of test modules go first (their tests run before the quick runs'),
+  then the quick runs of the selected ``test_<name>_quick*`` tests.
   """
+  items = request.session.items
+  jobs = {}
+  for module in _modules_with_jobs(items):
+    for name, job in module.BACKGROUND_JOBS.items():
+      key = f"{module.__name__}.{name}"
+      jobs[key] = (job, tmp_path_factory.mktemp(name))
   root = tmp_path_factory.mktemp("quick")
-  names = quick_runs.selected([item.name for item in request.session.items])
-  pool, futures = quick_runs.start(names, root)
-  yield lambda name: (futures[name].result(), root / name)
+  for name in quick_runs.selected([item.name for item in items]):
+    jobs[name] = (quick_runs.job(name), root / name)
+  pool = ThreadPoolExecutor(max_workers=2)
+  futures = {key: pool.submit(job, out) for key, (job, out) in jobs.items()}
+  yield futures, root
   for future in futures.values():
     future.cancel()
   pool.shutdown(wait=True)
+
+
+@pytest.fixture(scope="session")
+def quick_run(_background):
+  """``quick_run(name) -> (stdout, out)``: waits for that script's run."""
+  futures, root = _background
+  return lambda name: (futures[name].result(), root / name)
+
+
+@pytest.fixture(scope="module")
+def background(request, _background):
+  """``background(name)``: waits for the job ``name`` of the requesting
+  module's ``BACKGROUND_JOBS`` and returns its result (or raises its error)."""
+  futures, _ = _background
+  prefix = request.module.__name__
+  return lambda name: futures[f"{prefix}.{name}"].result()

@@ -1,27 +1,55 @@
-"""XLA's code generation without LLVM optimisation, for the tests' child
-processes (benchmark scripts, the notebook's kernel, multi-device runs).
+"""XLA settings that make the test suite compile faster.
 
-Their time is mostly XLA compiling steps that then run a few times. LLVM at
-``-O0`` (``--xla_backend_optimization_level=0``) compiles the sinusoid
-meta-step 2.5x and the Omniglot one 1.7x faster on a 2-core CPU
-(``benchmarks/compile_time.py``: 12.5 s to 5.0 s, 53 s to 31 s); its code
-runs slower, which those short runs do not notice. The tests that run in the
-pytest process keep XLA's default, the code users run: at ``-O0`` one of them
-(the miniImageNet network's Hessian-vector product) comes out NaN.
+The suite's time is mostly XLA compiling steps that then run a few times.
+Two of XLA's CPU settings trade the speed of the compiled code for the speed
+of compiling it (``benchmarks/compile_time.py --xla-flags``, one core of the
+2-core CPU; compile time, then time per call):
+
+=====================================  ============  ============  ==============
+XLA_FLAGS                               sinusoid      Omniglot      Omniglot
+                                        train step    5w1s step     call
+=====================================  ============  ============  ==============
+(XLA's default)                         11.2 s        51.0 s        1.22 s
+``IN_PROCESS``                           6.2 s        34.1 s        1.09 s
+``CHILD`` (also LLVM at ``-O0``)         2.4 s        14.2 s        3.71 s
+=====================================  ============  ============  ==============
+
+``IN_PROCESS`` (``--xla_cpu_use_fusion_emitters=false``: XLA's older loop
+emitters instead of its new fusion emitters) compiles 1.5-1.8x faster with
+code about as fast, so the pytest process uses it (``conftest`` sets it
+before JAX starts its backend): the tests check the same HLO, emitted by
+another of XLA's code generators. ``CHILD`` adds LLVM at ``-O0``, whose code
+runs 3-4x slower, for the child processes that run a few steps each
+(benchmark quick runs, the notebook's kernel, multi-device and multi-process
+runs). LLVM at ``-O0`` alone is not used in this process: there, one test
+(the miniImageNet network's Hessian-vector product) came out NaN.
 """
 import os
 
-FLAG = "--xla_backend_optimization_level=0"
+IN_PROCESS = "--xla_cpu_use_fusion_emitters=false"
+CHILD = "--xla_backend_optimization_level=0 " + IN_PROCESS
+
+
+def _join(*flag_lists: str) -> str:
+  """The flags of all lists, each once, in order."""
+  return " ".join(dict.fromkeys(f for flags in flag_lists
+                                for f in flags.split()))
 
 
 def flags(*more: str) -> str:
-  """``XLA_FLAGS`` for a child process: ``more`` and ``FLAG``."""
-  return " ".join((*more, FLAG))
+  """``XLA_FLAGS`` for a child process: ``more`` and ``CHILD``."""
+  return _join(*more, CHILD)
 
 
 def environ(**extra: str) -> dict:
-  """This process's environment with ``FLAG`` added to ``XLA_FLAGS``."""
+  """This process's environment (and ``extra``) with ``CHILD`` added to
+  ``XLA_FLAGS``."""
   env = dict(os.environ, **extra)
-  if "xla_backend_optimization_level" not in env.get("XLA_FLAGS", ""):
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + FLAG).strip()
+  env["XLA_FLAGS"] = flags(env.get("XLA_FLAGS", ""))
   return env
+
+
+def use_in_process() -> None:
+  """Adds ``IN_PROCESS`` to this process's ``XLA_FLAGS``; takes effect only
+  if JAX has not started its backend yet."""
+  os.environ["XLA_FLAGS"] = _join(os.environ.get("XLA_FLAGS", ""), IN_PROCESS)

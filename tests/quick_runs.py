@@ -2,15 +2,16 @@
 
 Each runs in a subprocess (as a user would run it) and writes into a
 temporary folder. The runs are mostly compilation, which XLA does on one
-core, so they start in the background when the test session starts (two at
-a time, ``conftest.quick_run``), beside the tests that run in the pytest
-process, and their tests come last (``conftest.pytest_collection_modifyitems``).
-They compile without LLVM optimisation (``fast_compile``).
+core, so they start in the background when the test session starts
+(``conftest._background``), beside the tests that run in the pytest process,
+and their tests come last. They compile with the child settings of
+``fast_compile``.
 """
 import os
+import signal
 import subprocess
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+import warnings
 from pathlib import Path
 
 import fast_compile
@@ -37,14 +38,40 @@ QUICK_RUNS = {
 }
 
 
-def run_script(name, *args, timeout=600):
-  """Runs ``benchmarks/name`` with ``args``; returns its stdout."""
-  done = subprocess.run(
-      [sys.executable, str(BENCHMARKS / name), *args], capture_output=True,
-      text=True, timeout=timeout, check=False,
-      env=fast_compile.environ(PYTHONUNBUFFERED="1"))
-  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-  return done.stdout
+def run_script(name, *args, timeout=420, attempts=2):
+  """Runs ``benchmarks/name`` with ``args``; returns its stdout.
+
+  A run still going after ``timeout`` seconds (each takes 10-110 s on one
+  core of a loaded 2-core machine) is taken to hang: it gets SIGABRT, so
+  that Python's fault handler prints where each thread is, and is run again,
+  up to ``attempts`` times in all. A run that hung once and then passed is
+  reported as a warning with those tracebacks.
+  """
+  hangs = []
+  for attempt in range(1, attempts + 1):
+    proc = subprocess.Popen(
+        [sys.executable, str(BENCHMARKS / name), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=fast_compile.environ(PYTHONUNBUFFERED="1",
+                                 PYTHONFAULTHANDLER="1"))
+    try:
+      stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      proc.send_signal(signal.SIGABRT)
+      try:
+        stdout, stderr = proc.communicate(timeout=30)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+      hangs.append(f"{name} {' '.join(args)}: attempt {attempt} still "
+                   f"running after {timeout} s; its output:\n"
+                   f"{stdout[-2000:]}\n{stderr[-6000:]}")
+      continue
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    if hangs:
+      warnings.warn("\n".join(hangs))
+    return stdout
+  raise AssertionError("\n".join(hangs))
 
 
 def selected(test_names) -> list:
@@ -54,13 +81,12 @@ def selected(test_names) -> list:
           and (n != "tables" or os.environ.get("IMAML_OMNIGLOT_DIR"))]
 
 
-def start(names, root: Path, workers: int = 2):
-  """Starts the runs ``names`` into ``root/name``: ``(pool, futures)``."""
-  pool = ThreadPoolExecutor(max_workers=workers)
-  futures: dict[str, Future] = {}
-  for name in names:
-    script, *args = QUICK_RUNS[name]
-    extra = ["--runs", str(root / name / "runs")] if name == "tables" else []
-    futures[name] = pool.submit(run_script, script, *args, *extra, "--out",
-                                str(root / name))
-  return pool, futures
+def job(name):
+  """The quick run ``name`` as a background job: ``job(out) -> stdout``,
+  writing into the folder ``out``."""
+  script, *args = QUICK_RUNS[name]
+
+  def run(out: Path) -> str:
+    extra = ["--runs", str(out / "runs")] if name == "tables" else []
+    return run_script(script, *args, *extra, "--out", str(out))
+  return run

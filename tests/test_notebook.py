@@ -18,18 +18,27 @@ def _text_outputs(nb) -> str:
                  for o in c.get("outputs", []))
 
 
-@pytest.mark.slow
-def test_quickstart_notebook_runs(monkeypatch, tmp_path):
-  monkeypatch.setenv("IMAML_NOTEBOOK_QUICK", "1")
-  monkeypatch.setenv("MPLBACKEND", "Agg")
-  monkeypatch.setenv("XLA_FLAGS", fast_compile.environ()["XLA_FLAGS"])
+def _execute_quickstart(out: pathlib.Path) -> str:
+  """Background job: runs the notebook in its quick mode in a fresh kernel
+  (working directory ``out``); returns its text outputs."""
+  env = dict(os.environ, IMAML_NOTEBOOK_QUICK="1", MPLBACKEND="Agg",
+             XLA_FLAGS=fast_compile.environ()["XLA_FLAGS"])
   for name in ("IMAML_OMNIGLOT_DIR", "IMAML_CACHE_DIR"):
-    if os.environ.get(name):   # The kernel runs in tmp_path: no relative paths.
-      monkeypatch.setenv(name, os.path.abspath(os.environ[name]))
+    if os.environ.get(name):   # The kernel runs in out: no relative paths.
+      env[name] = os.path.abspath(os.environ[name])
   nb = nbformat.read(NOTEBOOK, as_version=4)
   NotebookClient(nb, timeout=600, kernel_name="python3",
-                 resources={"metadata": {"path": str(tmp_path)}}).execute()
-  outputs = _text_outputs(nb)
+                 resources={"metadata": {"path": str(out)}}).execute(env=env)
+  return _text_outputs(nb)
+
+
+# Started with the test session (conftest._background).
+BACKGROUND_JOBS = {"quickstart": _execute_quickstart}
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_runs(background):
+  outputs = background("quickstart")
   assert "relative difference of the two meta-gradients" in outputs
   assert "meta-steps in" in outputs
   assert "held-out query MSE after adaptation" in outputs

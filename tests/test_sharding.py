@@ -5,11 +5,12 @@ The multi-device tests run in a subprocess with 8 forced host CPU devices
 imported it). The subprocess writes its results to an ``.npz`` file that the
 tests compare. A slow test runs two processes with two CPU devices each,
 joined by ``initialize_distributed`` (gloo collectives), as two hosts would.
+Both start in the background with the test session (``BACKGROUND_JOBS``,
+``conftest._background``).
 """
 import ast
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,6 +26,7 @@ from imaml_jax import data
 from imaml_jax._src import sharding as sh
 
 import fast_compile
+import two_hosts
 
 N_DEVICES = 8
 
@@ -151,8 +153,7 @@ _SCRIPT = textwrap.dedent("""
 # initialize_distributed: a 4-device mesh across processes.
 _WORKER = textwrap.dedent("""
   import os, sys
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ["JAX_PLATFORMS"] = "cpu"   # XLA_FLAGS: 2 devices, from the parent
   import jax
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   from imaml_jax._src import sharding as sh
@@ -192,26 +193,35 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+def _run_two_processes(out: pathlib.Path) -> list[dict]:
+  """Background job: the two processes' results (``.npz`` contents)."""
+  two_hosts.run(_WORKER, lambda pid: [out], timeout=300)
+  return [dict(np.load(out / f"process_{pid}.npz")) for pid in (0, 1)]
+
+
+def _run_multi_device(out: pathlib.Path) -> dict:
+  """Background job: the 8-device script's results, as a dict."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  # Its results are compared with each other only, so it may compile fast.
+  xla_flags = fast_compile.flags("--xla_force_host_platform_device_count=8")
+  proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(out), xla_flags],
+                        capture_output=True, text=True, env=env, timeout=600,
+                        check=False)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  with np.load(out / "results.npz") as f:
+    return dict(f)
+
+
+# Started with the test session (conftest._background).
+BACKGROUND_JOBS = {"two_processes": _run_two_processes,
+                   "multi_device": _run_multi_device}
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(background):
   """initialize_distributed + a mesh over two processes' devices."""
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  port = str(_free_port())
-  procs = [subprocess.Popen(
-      [sys.executable, "-c", _WORKER, str(pid), port, str(tmp_path)],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-           for pid in (0, 1)]
-  logs = [p.communicate(timeout=300)[0] for p in procs]
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log
-  results = [dict(np.load(tmp_path / f"process_{pid}.npz")) for pid in (0, 1)]
+  results = background("two_processes")
   r = results[0]
   loss = lambda w, b: jnp.mean((b[0] @ w - b[1]) ** 2)
   init, step = im.make_meta_step(loss, optax.sgd(0.1),
@@ -225,20 +235,9 @@ def test_two_processes_match_one(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def multi_device(tmp_path_factory):
-  """Runs the 8-device script once; returns its results as a dict."""
-  out_dir = tmp_path_factory.mktemp("sharding")
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  # Its results are compared with each other only, so it may compile fast.
-  xla_flags = fast_compile.flags("--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(out_dir),
-                         xla_flags],
-                        capture_output=True, text=True, env=env, timeout=600,
-                        check=False)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  with np.load(out_dir / "results.npz") as f:
-    return dict(f)
+def multi_device(background):
+  """The 8-device script's results (run in the background)."""
+  return background("multi_device")
 
 
 def _state(results, name):

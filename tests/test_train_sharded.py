@@ -6,11 +6,14 @@ sinusoid config on 4 devices, resumes a copy of that run from an earlier
 checkpoint on 2 devices (as after an interruption) and tries bad device
 requests; the tests compare its work directories with a single-device run
 of the same config in this process. A slow test runs the command as two
-processes of two devices each, joined by ``--coordinator``.
+processes of two devices each, joined by ``--coordinator``. Both start in the
+background with the test session (``BACKGROUND_JOBS``,
+``conftest._background``) and compile with the child settings of
+``fast_compile`` (LLVM at -O0): the runs stay within the tolerance of the
+reference run in this process.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +26,9 @@ import pytest
 from imaml_jax.train import checkpoint as ckpt_lib
 from imaml_jax.train import cli
 from imaml_jax.train import metrics_log
+
+import fast_compile
+import two_hosts
 
 # lam=50: the sinusoid config's own lam=2 leaves the CG solve of the
 # meta-gradient far from converged at initialisation (relative residual
@@ -37,8 +43,7 @@ RESUME_AT = 6
 
 _SCRIPT = textwrap.dedent("""
   import json, os, shutil, sys
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ["JAX_PLATFORMS"] = "cpu"   # XLA_FLAGS: 4 devices, from the parent
   import contextlib, io
   from pathlib import Path
   import jax
@@ -115,39 +120,32 @@ def _results(workdir):
   return json.loads((Path(workdir) / "results.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """``(one_device, four_devices)``: a single-device run's work directory
-  (default flags, this process) and the 4-device subprocess's output
-  directory; the two run at the same time."""
-  out = tmp_path_factory.mktemp("four_devices")
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.Popen(
+def _run_four_devices(out: Path) -> Path:
+  """Background job: the 4-device script; returns its output folder."""
+  env = dict(os.environ, XLA_FLAGS=fast_compile.flags(
+      "--xla_force_host_platform_device_count=4"))
+  proc = subprocess.run(
       [sys.executable, "-c", _SCRIPT, str(out), str(RESUME_AT), *TINY],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-  try:
-    workdir = tmp_path_factory.mktemp("one_device") / "run"
-    assert jax.device_count() == 1
-    assert cli.train_main(["sinusoid", "--workdir", str(workdir),
-                           "--no-progress", "--set", *TINY]) == 0
-    log = proc.communicate(timeout=600)[0]
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-  assert proc.returncode == 0, log
-  return workdir, out
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+      timeout=600, check=False)
+  assert proc.returncode == 0, proc.stdout
+  return out
 
 
 @pytest.fixture(scope="module")
-def one_device(runs):
-  return runs[0]
+def one_device(tmp_path_factory):
+  """A single-device run's work directory (default flags, this process)."""
+  workdir = tmp_path_factory.mktemp("one_device") / "run"
+  assert jax.device_count() == 1
+  assert cli.train_main(["sinusoid", "--workdir", str(workdir),
+                         "--no-progress", "--set", *TINY]) == 0
+  return workdir
 
 
 @pytest.fixture(scope="module")
-def four_devices(runs):
-  return runs[1]
+def four_devices(background):
+  """The 4-device subprocess's output folder (run in the background)."""
+  return background("four_devices")
 
 
 def test_four_devices_match_one(one_device, four_devices):
@@ -205,8 +203,7 @@ def test_bad_device_requests_exit_2_writing_nothing(four_devices, name,
 # Two processes of two CPU devices each, one training run over 4 devices.
 _WORKER = textwrap.dedent("""
   import os, sys
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ["JAX_PLATFORMS"] = "cpu"   # XLA_FLAGS: 2 devices, from the parent
   from imaml_jax.train import cli
   pid, port, workdir = sys.argv[1], sys.argv[2], sys.argv[3]
   sys.exit(cli.train_main([
@@ -216,30 +213,26 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+def _run_two_processes(out: Path) -> list[Path]:
+  """Background job: process 0 and process 1's work directories."""
+  workdirs = [out / "process_0", out / "process_1"]
+  two_hosts.run(_WORKER, lambda pid: [workdirs[pid], *TINY], timeout=600)
+  return workdirs
+
+
+# Started with the test session (conftest._background).
+BACKGROUND_JOBS = {"four_devices": _run_four_devices,
+                   "two_processes": _run_two_processes}
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_device(one_device, tmp_path):
+def test_two_processes_match_one_device(one_device, background):
   """Process 0 writes the run; process 1 (another directory) writes nothing.
 
   Each process would normally get the same shared directory; process 1 gets
   its own, empty one here to show that it writes nothing.
   """
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  port = str(_free_port())
-  workdirs = [tmp_path / "process_0", tmp_path / "process_1"]
-  procs = [subprocess.Popen(
-      [sys.executable, "-c", _WORKER, str(pid), port, str(workdirs[pid]),
-       *TINY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      env=env) for pid in (0, 1)]
-  logs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log
+  workdirs = background("two_processes")
   assert not workdirs[1].exists()
   _assert_close(_final_state(workdirs[0]), _final_state(one_device))
   budget = _results(workdirs[0])["budget"]
