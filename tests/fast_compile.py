@@ -3,19 +3,21 @@
 The suite's time is mostly XLA compiling steps that then run a few times.
 Two of XLA's CPU settings trade the speed of the compiled code for the speed
 of compiling it (``benchmarks/compile_time.py --xla-flags``, one core of the
-2-core CPU; compile time, then time per call):
+2-core CPU; time to compile, then time per call):
 
 =====================================  ============  ============  ==============
 XLA_FLAGS                               sinusoid      Omniglot      Omniglot
                                         train step    5w1s step     call
 =====================================  ============  ============  ==============
-(XLA's default)                         11.2 s        51.0 s        1.22 s
-``IN_PROCESS``                           6.2 s        34.1 s        1.09 s
+(XLA's default)                         11.2-12.2 s   50.8-51.0 s   1.04-1.22 s
+``IN_PROCESS``                           7.5 s        34.1 s        1.09 s
 ``CHILD`` (also LLVM at ``-O0``)         2.4 s        14.2 s        3.71 s
 =====================================  ============  ============  ==============
 
+(trace, lower and compile; ``benchmarks/results/compile_time_flags_cpu.md``).
+
 ``IN_PROCESS`` (``--xla_cpu_use_fusion_emitters=false``: XLA's older loop
-emitters instead of its new fusion emitters) compiles 1.5-1.8x faster with
+emitters instead of its new fusion emitters) compiles 1.5-1.6x faster with
 code about as fast, so the pytest process uses it (``conftest`` sets it
 before JAX starts its backend): the tests check the same HLO, emitted by
 another of XLA's code generators. ``CHILD`` adds LLVM at ``-O0``, whose code
