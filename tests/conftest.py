@@ -1,17 +1,18 @@
 """Shared fixtures, and the work that the session starts in the background.
 
 Much of the suite's time is XLA compiling in subprocesses: the benchmarks'
-quick runs (``quick_runs``) and the multi-device and multi-process runs of
-``test_sharding`` and ``test_train_sharded``. XLA compiles on one core, so
-these start in the background when the session starts, two at a time
-(``_background``), while the tests that run in this process use the other
-core. A test module lists its background jobs in a module-level dict
-``BACKGROUND_JOBS = {name: job}``, where ``job(out: Path)`` runs in a worker
-thread (a fresh folder ``out`` for its files) and returns what the tests
-read; its tests get that through the ``background`` fixture. Tests that wait for
-background work run last (``pytest_collection_modifyitems``): first those of
-the modules' jobs, then those of the quick runs. Everything compiles with the
-XLA settings of ``fast_compile``.
+quick runs (``quick_runs``), the multi-device and multi-process runs of
+``test_sharding`` and ``test_train_sharded`` and the notebook's kernel
+(``test_notebook``). XLA compiles on one core, so these start in the
+background when the session starts, two at a time (``_background``), beside
+the tests that run in this process. A test module lists its background jobs
+in a module-level dict ``BACKGROUND_JOBS = {name: job}``, where
+``job(out: Path)`` runs in a worker thread (a fresh folder ``out`` for its
+files) and returns what the tests read; its tests get that through the
+``background`` fixture. Tests that wait for background work run last
+(``pytest_collection_modifyitems``): first those of the modules' jobs, then
+those of the quick runs. Everything compiles with the XLA settings of
+``fast_compile``.
 """
 from concurrent.futures import ThreadPoolExecutor
 
