@@ -48,11 +48,13 @@ def pytest_collection_modifyitems(items):
 
 
 def _modules_with_jobs(items) -> list:
+  """The modules of the selected tests that wait for a background job."""
   modules = []
   for item in items:
     module = getattr(item, "module", None)
     jobs = getattr(module, "BACKGROUND_JOBS", None)
-    if isinstance(jobs, dict) and module not in modules:
+    if (isinstance(jobs, dict) and _waits_for_background(item) == 1
+        and module not in modules):
       modules.append(module)
   return modules
 
