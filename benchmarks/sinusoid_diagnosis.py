@@ -560,13 +560,18 @@ def make_diagnosis(loss, inner, solve_steps):
   """Jitted ``(theta, tasks) -> base`` and ``(theta, tasks, lam, lr) -> rows``.
 
   ``theta`` and ``lam`` are arguments, so every point and every ``lam``
-  share one compilation.
+  share one compilation. The per-``lam`` diagnosis runs the tasks one after
+  another (``lax.map``), not vmapped: vmapped, each task's SVD and
+  Cholesky become one batched LAPACK call, which jaxlib spreads over XLA's
+  CPU thread pool from inside that pool, and which deadlocked there (every
+  thread asleep, the SVD waiting for its batch; seen in the test suite on
+  the 2-core CPU).
   """
   base = jax.jit(lambda theta, tasks: jax.vmap(
       lambda t: theta_statistics(loss, theta, t))(tasks))
-  per_lam = jax.jit(lambda theta, tasks, lam, solve_lr: jax.vmap(
-      lambda t, lr: task_diagnosis(loss, theta, t, lam, inner, lr,
-                                   solve_steps))(tasks, solve_lr))
+  per_lam = jax.jit(lambda theta, tasks, lam, solve_lr: jax.lax.map(
+      lambda args: task_diagnosis(loss, theta, args[0], lam, inner, args[1],
+                                  solve_steps), (tasks, solve_lr)))
   return base, per_lam
 
 
