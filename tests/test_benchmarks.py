@@ -190,6 +190,18 @@ def test_tables_quick_trains_omniglot_end_to_end(quick_run):
   # One query answer per class: each task scores a multiple of 1/5.
   answers = accuracy["mean"] * 10 * 5
   assert abs(answers - round(answers)) < 1e-3
+  # tables.py shows it in Table 2 under the authors' protocol; with
+  # --eval-authors it tests again only runs whose result is missing or stale.
+  tables_out = out / "tables_with_authors"
+  stdout = run_script("tables.py", "--runs", str(out / "runs"),
+                      "--eval-authors", "--out", str(tables_out))
+  assert "under the authors' protocol" not in stdout     # Up to date.
+  row, = [r for r in json.loads((tables_out / "tables.json").read_text())[
+      "rows"] if r["config"] == "omniglot_5w1s_imaml_gd"]
+  assert row["authors_accuracy"] == pytest.approx(100 * accuracy["mean"])
+  assert row["authors_q_query"] == 1 and row["authors_step"] == 4
+  assert "test accuracy (%), the authors' protocol" in (
+      tables_out / "tables.md").read_text()
   config = config_lib.apply_test_time_overrides(
       train_lib.load_run(workdir)[0], ["q_query=1"])
   images = exp_lib.load_authors_characters(config, data_dir).images
