@@ -7,7 +7,10 @@ depend on pixel values), traces and lowers the jitted step
 apart, and counts what XLA made of it: HLO instructions and fusions (each
 fusion becomes one kernel that LLVM compiles; on a CPU, code generation
 dominates the compile time). A step is measured once per repetition, each
-in its own process, so no in-process cache helps.
+in its own process, so no in-process cache helps. Each is compiled as the
+trainer compiles it, with ``imaml_jax.train.train.compiler_options()`` (on a
+CPU: XLA's older loop emitters, unless ``XLA_FLAGS`` names that option;
+``--xla-flags new=--xla_cpu_use_fusion_emitters=true`` measures the newer).
 
     python benchmarks/compile_time.py                       # the four steps below
     python benchmarks/compile_time.py --steps sinusoid_train --repeats 3
@@ -82,10 +85,12 @@ else:
   chunk = next(exp_lib.evaluation_chunks(config, exp.data.val,
                                          config.eval_chunk, 0))
   args = (state.params, chunk)
+# As the trainer compiles it (versions before compiler_options: plain).
+options = getattr(train_lib, "compiler_options", dict)()
 start = time.perf_counter()
 lowered = jax.jit(fn).lower(*args)
 lowered_at = time.perf_counter()
-compiled = lowered.compile()
+compiled = lowered.compile(compiler_options=options)
 done = time.perf_counter()
 run_s = None
 if runs:   # The compiled step's own speed: the median of ``runs`` calls.
@@ -103,6 +108,7 @@ print(json.dumps({
     "run_s": run_s,
     "hlo_instructions": len(lines),
     "fusions": sum(" fusion(" in l for l in lines),
+    "compiler_options": {k: str(v) for k, v in options.items()},
     "jax": jax.__version__}))
 """
 

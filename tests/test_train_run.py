@@ -352,3 +352,21 @@ def test_checkpoint_from_before_a_metric_existed_restores(reference_run,
   assert _train(workdir, "meta_steps=310") == 0
   results = json.loads((workdir / "results.json").read_text())
   assert results["budget"]["meta_steps"] == 310
+
+
+def test_compiler_options_on_a_cpu_and_the_users_flags_win(monkeypatch):
+  import jax.numpy as jnp
+  train = train_lib
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  options = train.compiler_options("cpu")
+  assert options == {"xla_cpu_use_fusion_emitters": False}
+  assert train.compiler_options("gpu") == {} == train.compiler_options("tpu")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=true")
+  assert train.compiler_options("cpu") == {}
+  # This jaxlib knows the option (an unknown one is an error) and the code
+  # it compiles computes the same.
+  f = lambda x: jnp.tanh(x @ x.T).sum(axis=0) * jnp.cos(x[:, 0])
+  x = jnp.linspace(-1.0, 1.0, 48).reshape(8, 6)
+  plain = jax.jit(f).lower(x).compile()
+  older = jax.jit(f).lower(x).compile(compiler_options=options)
+  np.testing.assert_allclose(older(x), plain(x), rtol=1e-6)

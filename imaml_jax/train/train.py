@@ -15,7 +15,9 @@ The training step (task sampling with the key
 ``jax.random.fold_in(base_key, step)``, the meta-step, and a running sum of
 the metrics) is one jitted function whose data arrays are arguments, compiled
 ahead of time so its compile time is reported apart from the step time. The
-host reads the running sums only every ``log_every`` steps.
+host reads the running sums only every ``log_every`` steps. On a CPU the
+steps are compiled with XLA's older loop emitters (:func:`compiler_options`),
+which compile them 1.3-2x faster and run them as fast.
 
 Devices: the step runs data-parallel over a 1-D device mesh
 (:func:`imaml_jax.task_mesh`, all devices by default). The meta-state, the
@@ -256,7 +258,8 @@ class Evaluator:
       key = jax.tree_util.tree_structure(chunk), tuple(jax.tree.leaves(shape))
       if key not in self._compiled:
         start = time.perf_counter()
-        self._compiled[key] = self._fn.lower(params, chunk).compile()
+        self._compiled[key] = self._fn.lower(params, chunk).compile(
+            compiler_options=compiler_options())
         self.compile_time_s += time.perf_counter() - start
       parts.append(self._compiled[key](params, chunk))
     parts = jax.device_get(parts)
@@ -429,6 +432,37 @@ def _metric_shapes(exp: exp_lib.Experiment, state, key) -> dict:
                         state, exp.data.train, key)
 
 
+# XLA options of the trainer's compilations on a CPU. XLA's fusion emitters
+# (its newer CPU code generator) spend far longer compiling these steps than
+# its older loop emitters, whose code runs as fast: measured in one process,
+# interleaved, on this project's 2-core CPU (benchmarks/compile_time.py,
+# benchmarks/results/compile_time_flags_cpu.md).
+CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+
+
+def compiler_options(platform: str | None = None) -> dict:
+  """XLA options for compiling the trainer's steps on ``platform``.
+
+  ``CPU_COMPILER_OPTIONS`` on a CPU (the default backend if ``platform`` is
+  None), nothing elsewhere. An option that ``XLA_FLAGS`` names is left out,
+  so the user's setting wins:
+  ``XLA_FLAGS=--xla_cpu_use_fusion_emitters=true imaml-train ...`` compiles
+  with the newer emitters.
+
+  Example:
+    >>> compiler_options("cpu") in ({"xla_cpu_use_fusion_emitters": False}, {})
+    True
+    >>> compiler_options("gpu")
+    {}
+  """
+  platform = jax.default_backend() if platform is None else platform
+  if platform != "cpu":
+    return {}
+  flags = os.environ.get("XLA_FLAGS", "")
+  return {k: v for k, v in CPU_COMPILER_OPTIONS.items()
+          if f"--{k}" not in flags}
+
+
 def _device_name(mesh=None) -> str:
   device = (jax.devices() if mesh is None else mesh.devices.flat)[0]
   return f"{device.platform}:{getattr(device, 'device_kind', '')}"
@@ -579,7 +613,9 @@ def train_and_evaluate(config: config_lib.Config,
     replicated = im.replicated_sharding(mesh)
     step_fn = jax.jit(train_step, donate_argnums=(0, 1),
                       in_shardings=replicated, out_shardings=replicated
-                      ).lower(state, sums, train_data, base_key).compile()
+                      ).lower(state, sums, train_data, base_key).compile(
+                          compiler_options=compiler_options(
+                              _device_name(mesh).split(":")[0]))
     compile_time = time.perf_counter() - compile_start
     log(f"{config.name}: {exp.algorithm.name} on {mesh.size} "
         f"{_device_name(mesh)} device(s); train step compiled in "
