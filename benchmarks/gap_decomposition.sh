@@ -37,3 +37,8 @@ run one_query omniglot_5w1s_imaml_gd q_query=1
 run authors omniglot_5w1s_imaml_gd_authors q_query=1
 run maml_reference omniglot_5w1s_maml
 run maml_mean_0.4 omniglot_5w1s_maml inner_lr=0.4
+# MAML on its reference network (no batch-norm scale, batch norms left out of
+# the inner step, Glorot initialisation, spatial mean before the head).
+run maml_refnet_2.0 omniglot_5w1s_maml network=maml adapt_norm=false inner_lr=2.0
+run maml_refnet_0.4 omniglot_5w1s_maml network=maml adapt_norm=false inner_lr=0.4
+run maml_frozen_norm_2.0 omniglot_5w1s_maml adapt_norm=false inner_lr=2.0

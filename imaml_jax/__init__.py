@@ -4,6 +4,7 @@ The public API; see the README for a tour.
 """
 from imaml_jax._src.adapt import adapt
 from imaml_jax._src.algorithms import MetaAlgorithm
+from imaml_jax._src.algorithms import adapt_all_but_norm
 from imaml_jax._src.algorithms import fomaml
 from imaml_jax._src.algorithms import imaml
 from imaml_jax._src.algorithms import maml

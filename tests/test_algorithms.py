@@ -160,3 +160,75 @@ def test_imaml_with_zero_damping_is_unchanged_bit_for_bit():
 def test_imaml_refuses_negative_damping_by_name(kwargs, message):
   with pytest.raises(ValueError, match=message):
     im.imaml(2.0, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Adapting only some parameters (MAML's reference code leaves batch norms out).
+
+
+def _split_mlp(params):
+  """The first layer's weights are held fixed by the inner loop."""
+  assert "w0" in params
+  return "w0", (lambda path: path[0] != "w0")
+
+
+def test_maml_adapting_some_parameters_matches_hand_unroll(x64):
+  params = mlp_init(jax.random.PRNGKey(0))
+  support, query = mlp_task(jax.random.PRNGKey(1))
+  first, adapts = _split_mlp(params)
+  steps, lr = 3, 0.3
+
+  def unrolled(p):  # written out: only the layers after the first move
+    fixed = p[first]
+    q = {k: v for k, v in p.items() if k != first}
+    for _ in range(steps):
+      grads = jax.grad(lambda r: mlp_loss({**r, first: fixed}, support))(q)
+      q = jax.tree.map(lambda w, g: w - lr * g, q, grads)
+    return mlp_loss({**q, first: fixed}, query)
+
+  expected = jax.grad(unrolled)(params)
+  alg = im.maml(im.gd(steps, lr), adapts=adapts)
+  g, metrics = jax.jit(lambda p: alg.task_gradient(
+      aux(mlp_loss), p, im.Task(support, query)))(params)
+  assert rel_err(g, expected) < 1e-12
+  np.testing.assert_allclose(metrics["loss_after"], unrolled(params),
+                             rtol=1e-12)
+  # The fixed layer's meta-gradient includes how it shapes the inner steps:
+  # it differs from the query gradient at the adapted parameters.
+  phi = alg.adapt(aux(mlp_loss), params, support)
+  np.testing.assert_array_equal(phi[first], params[first])
+  first_order = jax.grad(mlp_loss)(phi, query)[first]
+  assert rel_err(g[first], first_order) > 1e-3
+  assert "adapts=<lambda>" in alg.name
+
+
+def test_fomaml_adapting_some_parameters_takes_the_query_gradient(x64):
+  params = mlp_init(jax.random.PRNGKey(2))
+  support, query = mlp_task(jax.random.PRNGKey(3))
+  first, adapts = _split_mlp(params)
+  alg = im.fomaml(im.gd(4, 0.2), adapts=adapts)
+  phi = alg.adapt(aux(mlp_loss), params, support)
+  everything = im.fomaml(im.gd(4, 0.2)).adapt(aux(mlp_loss), params, support)
+  np.testing.assert_array_equal(phi[first], params[first])
+  assert rel_err(everything[first], params[first]) > 1e-3
+  g, _ = alg.task_gradient(aux(mlp_loss), params, im.Task(support, query))
+  assert rel_err(g, jax.grad(mlp_loss)(phi, query)) < 1e-12
+
+
+def test_adapt_all_but_norm_leaves_batch_norms_alone():
+  from imaml_jax import models
+  net = models.omniglot_convnet(5, variant="maml")
+  x = jax.random.normal(jax.random.key(0), (5, 28, 28, 1))
+  params = models.init_params(net, jax.random.key(1), x)
+  loss = models.classification_loss(net)
+  alg = im.maml(im.gd(1, 0.4), adapts=im.adapt_all_but_norm)
+  phi = alg.adapt(loss, params, (x, jnp.arange(5)))
+  for name in params:
+    moved = any(np.any(a != b) for a, b in zip(
+        jax.tree.leaves(phi[name]), jax.tree.leaves(params[name])))
+    assert moved == (not name.startswith("norm")), name
+
+
+def test_adapts_must_be_a_predicate():
+  with pytest.raises(TypeError, match="adapts must be None or a predicate"):
+    im.maml(adapts={"head": True})

@@ -352,3 +352,58 @@ def test_formulations_under_vmap_over_tasks_omniglot():
   np.testing.assert_allclose(again[0][0], first[0][0], rtol=1e-6)
   assert _tree_rel_err(_task(again[3], 0), _task(first[3], 0)) < 1e-6
   assert not np.allclose(again[0][1], first[0][1])
+
+
+# ----------------------------------------------------------------------------
+# MAML's reference network (variant="maml").
+
+
+def test_maml_variant_has_the_reference_network_parameters():
+  x = jnp.ones((5, 28, 28, 1))
+  params = models.init_params(models.omniglot_convnet(5, variant="maml"),
+                              jax.random.key(0), x)
+  # No batch-norm scale; the head sees the 64 channels averaged over space.
+  assert {k: sorted(v) for k, v in params.items() if k.startswith("norm")} == {
+      f"norm{i}": ["bias"] for i in range(4)}
+  assert params["head"]["kernel"].shape == (64, 5)
+  assert sum(a.size for a in jax.tree.leaves(params)) == (
+      3 * 3 * 64 * (1 + 3 * 64) + 4 * 64 + 64 * 5 + 5)
+  # Glorot uniform kernels: bound sqrt(6 / (9 Cin + 9 Cout)), variance
+  # bound^2 / 3; standard normal head weights.
+  kernel = np.asarray(params["conv1"]["kernel"])
+  bound = np.sqrt(6 / (9 * 64 + 9 * 64))
+  assert np.abs(kernel).max() <= bound
+  np.testing.assert_allclose(kernel.var(), bound**2 / 3, rtol=0.05)
+  np.testing.assert_allclose(np.asarray(params["head"]["kernel"]).std(), 1.0,
+                             rtol=0.2)
+  mini = models.init_params(models.miniimagenet_convnet(5, variant="maml"),
+                            jax.random.key(0), jnp.ones((2, 84, 84, 3)))
+  assert mini["head"]["kernel"].shape == (800, 5)
+  assert np.abs(np.asarray(mini["head"]["kernel"])).max() <= np.sqrt(6 / 805)
+
+
+def test_maml_variant_computes_the_reference_forward_pass():
+  # Written out with the maths of MAML's forward_conv: conv, batch norm with
+  # an offset only (epsilon 1e-3), ReLU, four times, spatial mean, head.
+  net = models.omniglot_convnet(5, variant="maml")
+  x = jax.random.normal(jax.random.key(2), (5, 28, 28, 1))
+  params = models.init_params(net, jax.random.key(3), x)
+  params = jax.tree.map(lambda a: a + 0.1, params)  # non-zero offsets
+  h = x
+  for i in range(4):
+    h = jax.lax.conv_general_dilated(
+        h, params[f"conv{i}"]["kernel"], (2, 2), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST)
+    mean, var = h.mean(axis=(0, 1, 2)), h.var(axis=(0, 1, 2))
+    h = jax.nn.relu((h - mean) / jnp.sqrt(var + 1e-3)
+                    + params[f"norm{i}"]["bias"])
+  expected = h.mean(axis=(1, 2)) @ params["head"]["kernel"] + params["head"][
+      "bias"]
+  np.testing.assert_allclose(net.apply({"params": params}, x), expected,
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_network_variant_raises():
+  with pytest.raises(ValueError, match="variant must be one of standard, maml"):
+    models.omniglot_convnet(5, variant="resnet")

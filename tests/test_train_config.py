@@ -137,6 +137,40 @@ def test_authors_options_are_refused_outside_imaml(overrides, message):
         config_lib.get_config("omniglot_5w1s_imaml_gd_authors"), overrides)
 
 
+@pytest.mark.parametrize("name, overrides, message", [
+    ("omniglot_5w1s_imaml_gd", ["adapt_norm=false"],
+     "adapt_norm=False applies to algorithm='maml' or 'fomaml' only"),
+    ("omniglot_5w1s_reptile", ["adapt_norm=false"],
+     "adapt_norm=False applies to algorithm='maml' or 'fomaml' only"),
+    ("sinusoid_maml", ["adapt_norm=false"], "sinusoid network has none"),
+    ("sinusoid", ["network=maml"], "sinusoid dataset has one network only"),
+    ("omniglot_5w1s_maml", ["network=vgg"], "network must be one of"),
+])
+def test_maml_reference_network_options_are_refused_where_meaningless(
+    name, overrides, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.apply_overrides(config_lib.get_config(name), overrides)
+
+
+def test_maml_reference_network_is_wired_into_the_experiment():
+  from imaml_jax.train import experiment
+  cfg = config_lib.apply_overrides(
+      config_lib.get_config("omniglot_5w1s_maml"),
+      ["network=maml", "adapt_norm=false"])
+  net, _ = experiment.network(cfg)
+  assert (net.norm_scale, net.global_pool, net.norm_epsilon) == (
+      False, True, 1e-3)
+  assert experiment.algorithm(cfg).name.endswith(
+      "adapts=adapt_all_but_norm)")
+  default = config_lib.get_config("omniglot_5w1s_maml")
+  assert (default.network, default.adapt_norm) == ("standard", True)
+  assert experiment.network(default)[0].norm_scale
+  assert "adapts" not in experiment.algorithm(default).name
+  old = config_lib.to_dict(default)
+  del old["network"], old["adapt_norm"]
+  assert config_lib.from_dict(old) == default
+
+
 def test_query_images_change_at_test_time_only_within_the_drawings():
   cfg = config_lib.get_config("omniglot_5w5s_imaml_gd")
   assert "q_query" in config_lib.TEST_TIME_FIELDS

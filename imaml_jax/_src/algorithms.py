@@ -45,14 +45,57 @@ def query_metrics(loss_value, aux: dict, suffix: str) -> dict:
   return out
 
 
-def _plain_adapt(inner: inner_lib.InnerSolver):
-  """Adaptation by running ``inner`` on the support loss alone."""
+Adapts = Callable[[tuple], bool]
+
+
+def _plain_adapt(inner: inner_lib.InnerSolver, adapts: Adapts | None = None):
+  """Adaptation by running ``inner`` on the support loss alone.
+
+  With ``adapts``, a predicate on a parameter's key path (e.g. ``("norm0",
+  "bias")``), ``inner`` moves only the parameters it accepts; the others enter
+  the support loss at their meta-learned values (and, differentiated through,
+  still receive the gradient of everything that depends on them).
+  """
 
   def adapt(loss: AuxLoss, params: PyTree, support: PyTree, *,
             remat: bool = False):
-    return inner.run(lambda p: loss(p, support)[0], params, remat=remat)
+    if adapts is None:
+      return inner.run(lambda p: loss(p, support)[0], params, remat=remat)
+    moving, fixed = tu.partition(params, adapts)
+    moved = inner.run(lambda p: loss(tu.combine(p, fixed), support)[0],
+                      moving, remat=remat)
+    return tu.combine(moved, fixed)
 
   return adapt
+
+
+def _check_adapts(adapts: Adapts | None) -> None:
+  if adapts is not None and not callable(adapts):
+    raise TypeError("adapts must be None or a predicate on a parameter's key "
+                    f"path (a tuple of keys); got {type(adapts).__name__}.")
+
+
+def _adapts_name(adapts: Adapts | None) -> str:
+  if adapts is None:
+    return ""
+  return f", adapts={getattr(adapts, '__name__', 'custom')}"
+
+
+def adapt_all_but_norm(path: tuple) -> bool:
+  """``adapts`` predicate: every parameter but the batch norms' (MAML's code).
+
+  MAML's reference code adapts only the weights and biases of its
+  convolutions and output layer (the ``weights`` dictionary of ``maml.py``);
+  the batch-norm offsets are variables of ``tf.contrib.layers.batch_norm``,
+  learned by the meta-update alone. This accepts every path whose first key
+  does not start with ``"norm"`` (the batch norms of
+  :class:`imaml_jax.models.ConvNet` are ``norm0`` ... ``norm3``).
+
+  Example:
+    >>> adapt_all_but_norm(("conv0", "kernel")), adapt_all_but_norm(("norm0", "bias"))
+    (True, False)
+  """
+  return not (path and str(path[0]).startswith("norm"))
 
 
 def _default_inner(inner):
@@ -124,7 +167,7 @@ def imaml(lam=2.0, inner: inner_lib.InnerSolver | None = None,
 
 
 def maml(inner: inner_lib.InnerSolver | None = None, *,
-         remat: bool = False) -> MetaAlgorithm:
+         remat: bool = False, adapts: Adapts | None = None) -> MetaAlgorithm:
   r"""Second-order MAML (Finn et al., 2017).
 
   ``phi = inner`` run on ``L_support`` alone (no proximal term) from
@@ -134,9 +177,16 @@ def maml(inner: inner_lib.InnerSolver | None = None, *,
   each inner step in ``jax.checkpoint``: only the per-step iterates are kept
   and the rest is recomputed in the backward pass, which lowers the slope of
   that growth at roughly one extra forward pass of cost.
+
+  ``adapts``, a predicate on a parameter's key path, restricts the inner
+  loop to the parameters it accepts (:func:`adapt_all_but_norm`: MAML's
+  reference code, whose inner step leaves the batch-norm offsets alone); the
+  others are meta-learned only, and their meta-gradient still includes how
+  they shape the inner steps of the adapted ones.
   """
   inner = _default_inner(inner)
-  plain = _plain_adapt(inner)
+  _check_adapts(adapts)
+  plain = _plain_adapt(inner, adapts)
 
   def task_gradient(loss: AuxLoss, params: PyTree, task: Task):
     def adapted_query_loss(p):
@@ -147,18 +197,22 @@ def maml(inner: inner_lib.InnerSolver | None = None, *,
     return g, query_metrics(q_loss, q_aux, "after")
 
   return MetaAlgorithm(task_gradient=task_gradient, adapt=plain,
-                       name=f"maml({inner.name}, remat={remat})")
+                       name=f"maml({inner.name}, remat={remat}{_adapts_name(adapts)})")
 
 
-def fomaml(inner: inner_lib.InnerSolver | None = None) -> MetaAlgorithm:
+def fomaml(inner: inner_lib.InnerSolver | None = None, *,
+           adapts: Adapts | None = None) -> MetaAlgorithm:
   r"""First-order MAML (Finn et al., 2017, Section 5.2).
 
   ``phi = inner`` run on ``L_support`` alone from ``theta``; the
   meta-gradient is ``grad L_query(phi)``, i.e. MAML's gradient with the
-  Jacobian ``d phi / d theta`` replaced by the identity.
+  Jacobian ``d phi / d theta`` replaced by the identity. ``adapts`` as in
+  :func:`maml`: a parameter the inner loop leaves alone gets the query
+  gradient at the adapted parameters.
   """
   inner = _default_inner(inner)
-  plain = _plain_adapt(inner)
+  _check_adapts(adapts)
+  plain = _plain_adapt(inner, adapts)
 
   def task_gradient(loss: AuxLoss, params: PyTree, task: Task):
     phi = jax.lax.stop_gradient(plain(loss, params, task.support))
@@ -167,7 +221,7 @@ def fomaml(inner: inner_lib.InnerSolver | None = None) -> MetaAlgorithm:
     return g, query_metrics(q_loss, q_aux, "after")
 
   return MetaAlgorithm(task_gradient=task_gradient, adapt=plain,
-                       name=f"fomaml({inner.name})")
+                       name=f"fomaml({inner.name}{_adapts_name(adapts)})")
 
 
 def reptile(inner: inner_lib.InnerSolver | None = None) -> MetaAlgorithm:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -66,3 +67,39 @@ def _result_dtype(a: PyTree):
   if not leaves:
     return jnp.float32
   return jnp.result_type(*[x.dtype for x in leaves])
+
+
+def key_path(path) -> tuple:
+  """A ``jax.tree_util`` key path as plain keys: ``("conv0", "kernel")``."""
+  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+               for k in path)
+
+
+def partition(tree: PyTree, keep: Callable[[tuple], bool]) -> tuple[
+    PyTree, PyTree]:
+  """Splits ``tree`` by a predicate on each leaf's key path.
+
+  Returns ``(kept, rest)``, both shaped like ``tree``: ``kept`` holds the
+  leaves whose path ``keep`` accepts and ``None`` elsewhere, ``rest`` the
+  others. ``None`` is an empty subtree to ``jax.tree`` functions, so either
+  part goes through tree arithmetic, ``jax.grad`` and ``lax.scan`` as a pytree
+  of its own. :func:`combine` is the inverse.
+
+  Example:
+    >>> kept, rest = partition({"a": 1.0, "b": 2.0}, lambda path: path == ("a",))
+    >>> kept, rest
+    ({'a': 1.0, 'b': None}, {'a': None, 'b': 2.0})
+    >>> combine(kept, rest)
+    {'a': 1.0, 'b': 2.0}
+  """
+  flags = jax.tree_util.tree_map_with_path(
+      lambda path, _: bool(keep(key_path(path))), tree)
+  kept = jax.tree.map(lambda x, k: x if k else None, tree, flags)
+  rest = jax.tree.map(lambda x, k: None if k else x, tree, flags)
+  return kept, rest
+
+
+def combine(a: PyTree, b: PyTree) -> PyTree:
+  """Merges the two parts of :func:`partition`: each leaf from whichever has it."""
+  return jax.tree.map(lambda x, y: y if x is None else x, a, b,
+                      is_leaf=lambda x: x is None)

@@ -24,6 +24,7 @@ from imaml_jax.models._losses import classification_loss
 from imaml_jax.models._losses import regression_loss
 from imaml_jax.models._networks import ConvNet
 from imaml_jax.models._networks import MLP
+from imaml_jax.models._networks import NETWORK_VARIANTS
 from imaml_jax.models._networks import init_params
 from imaml_jax.models._networks import miniimagenet_convnet
 from imaml_jax.models._networks import omniglot_convnet

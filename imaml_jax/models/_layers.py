@@ -233,20 +233,25 @@ class Conv3x3(nn.Module):
 class BatchStatNorm(nn.Module):
   """Batch norm that always uses the current batch's statistics, see `batch_norm`.
 
-  Parameters ``scale`` (ones) and ``bias`` (zeros), one per channel. Unlike
+  Parameters ``scale`` (ones) and ``bias`` (zeros), one per channel; with
+  ``use_scale=False`` only ``bias`` (the scale is fixed at 1, as in
+  ``tf.contrib.layers.batch_norm``'s default, which MAML's code uses). Unlike
   `flax.linen.BatchNorm` it keeps no running averages, so it has no
   ``batch_stats`` collection and needs no `mutable=` argument.
 
   Attributes:
     epsilon: added to the variance.
+    use_scale: learn a per-channel scale.
   """
 
   epsilon: float = 1e-5
+  use_scale: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    scale = (self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+             if self.use_scale else jnp.ones((c,), jnp.float32))
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     return batch_norm(x, scale.astype(x.dtype), bias.astype(x.dtype),
                       epsilon=self.epsilon)

@@ -1,7 +1,7 @@
 """The networks of the few-shot benchmarks (Finn et al. 2017; Rajeswaran et al. 2019)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -24,9 +24,10 @@ class ConvNet(nn.Module):
   rest of the batch.
 
   The convolutions have no bias (a batch norm follows each, cancelling it).
-  Initialisation: He normal convolution kernels (fan-in `9 * Cin`), batch norm
-  scale 1 and bias 0, head weights LeCun normal (the `flax.linen.Dense`
-  default) and head bias 0.
+  Initialisation by default: He normal convolution kernels (fan-in
+  `9 * Cin`), batch norm scale 1 and bias 0, head weights LeCun normal (the
+  `flax.linen.Dense` default) and head bias 0. The fields below also give
+  MAML's reference network (`omniglot_convnet(variant="maml")`).
 
   Attributes:
     n_way: number of output logits.
@@ -37,6 +38,12 @@ class ConvNet(nn.Module):
     conv: convolution formulation, one of `CONV_FORMULATIONS`; all give the
       same parameter pytree and the same function.
     precision: matrix-product precision, see `conv3x3`.
+    norm_scale: the batch norms learn a scale (else only an offset).
+    norm_epsilon: the batch norms' variance epsilon.
+    global_pool: the head sees the last feature map averaged over space
+      (`Cout` features) instead of flattened.
+    kernel_init: initialiser of the convolution kernels.
+    head_init: initialiser of the head's weights.
   """
 
   n_way: int
@@ -46,18 +53,47 @@ class ConvNet(nn.Module):
   pool: bool = False
   conv: str = _layers.DEFAULT_CONV
   precision: _layers.Precision = None
+  norm_scale: bool = True
+  norm_epsilon: float = 1e-5
+  global_pool: bool = False
+  kernel_init: Callable[..., Array] = nn.initializers.he_normal()
+  head_init: Callable[..., Array] = nn.initializers.lecun_normal()
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     for i in range(self.n_blocks):
       x = _layers.Conv3x3(self.features, stride=self.stride, conv=self.conv,
-                          precision=self.precision, name=f"conv{i}")(x)
-      x = _layers.BatchStatNorm(name=f"norm{i}")(x)
+                          precision=self.precision,
+                          kernel_init=self.kernel_init, name=f"conv{i}")(x)
+      x = _layers.BatchStatNorm(epsilon=self.norm_epsilon,
+                                use_scale=self.norm_scale, name=f"norm{i}")(x)
       x = nn.relu(x)
       if self.pool:
         x = _layers.max_pool_2x2(x)
+    if self.global_pool:
+      x = x.mean(axis=(1, 2))
     x = x.reshape(x.shape[0], -1)
-    return nn.Dense(self.n_way, precision=self.precision, name="head")(x)
+    return nn.Dense(self.n_way, precision=self.precision,
+                    kernel_init=self.head_init, name="head")(x)
+
+
+NETWORK_VARIANTS = ("standard", "maml")
+
+
+def _variant_fields(variant: str, *, global_pool: bool) -> dict:
+  """`ConvNet` fields of a network variant (see `omniglot_convnet`)."""
+  if variant not in NETWORK_VARIANTS:
+    raise ValueError(f"variant must be one of {', '.join(NETWORK_VARIANTS)}; "
+                     f"got {variant!r}.")
+  if variant == "standard":
+    return {}
+  # MAML's reference code (github.com/cbfinn/maml): maml.py
+  # construct_conv_weights and forward_conv; utils.py conv_block, normalize.
+  glorot = nn.initializers.glorot_uniform()
+  return dict(norm_scale=False, norm_epsilon=1e-3, global_pool=global_pool,
+              kernel_init=glorot,
+              head_init=(nn.initializers.normal(1.0) if global_pool
+                         else glorot))
 
 
 class MLP(nn.Module):
@@ -85,6 +121,7 @@ def omniglot_convnet(
     *,
     conv: str = _layers.DEFAULT_CONV,
     precision: _layers.Precision = None,
+    variant: str = "standard",
 ) -> ConvNet:
   """The Omniglot network of MAML and iMAML.
 
@@ -93,10 +130,18 @@ def omniglot_convnet(
   `float32[B, 28, 28, 1]`; spatial sizes 28 -> 14 -> 7 -> 4 -> 2, so the head
   sees 2 * 2 * 64 = 256 features.
 
+  ``variant="maml"`` is the network of MAML's reference code
+  (github.com/cbfinn/maml, ``maml.py`` and ``utils.py``): Glorot (Xavier)
+  uniform convolution kernels; batch norms with an offset and no scale, epsilon
+  1e-3 (``tf.contrib.layers.batch_norm``'s defaults); the last 2 x 2 x 64 map
+  averaged over space (``reduce_mean`` over height and width), so the head
+  sees 64 features; head weights standard normal (``tf.random_normal``).
+
   Args:
     n_way: number of classes per task.
     conv: convolution formulation, one of `CONV_FORMULATIONS`.
     precision: matrix-product precision, see `conv3x3`.
+    variant: ``"standard"`` (this library's, above) or ``"maml"``.
 
   Returns:
     A `ConvNet` module mapping `[B, 28, 28, 1]` to logits `[B, n_way]`.
@@ -108,10 +153,15 @@ def omniglot_convnet(
     >>> params = init_params(net, jax.random.key(0), x)
     >>> net.apply({"params": params}, x).shape
     (5, 5)
+    >>> maml_net = omniglot_convnet(5, variant="maml")
+    >>> params = init_params(maml_net, jax.random.key(0), x)
+    >>> params["head"]["kernel"].shape, sorted(params["norm0"])
+    ((64, 5), ['bias'])
   """
   _layers._check_formulation(conv)
   return ConvNet(n_way=n_way, features=64, n_blocks=4, stride=2, pool=False,
-                 conv=conv, precision=precision)
+                 conv=conv, precision=precision,
+                 **_variant_fields(variant, global_pool=True))
 
 
 def miniimagenet_convnet(
@@ -119,6 +169,7 @@ def miniimagenet_convnet(
     *,
     conv: str = _layers.DEFAULT_CONV,
     precision: _layers.Precision = None,
+    variant: str = "standard",
 ) -> ConvNet:
   """The mini-ImageNet network of MAML and iMAML.
 
@@ -127,10 +178,15 @@ def miniimagenet_convnet(
   `float32[B, 84, 84, 3]`; spatial sizes 84 -> 42 -> 21 -> 10 -> 5, so the head
   sees 5 * 5 * 32 = 800 features.
 
+  ``variant="maml"``: as for `omniglot_convnet`, except that the feature map
+  is flattened and the head's weights are Glorot uniform, as in MAML's code
+  for mini-ImageNet.
+
   Args:
     n_way: number of classes per task.
     conv: convolution formulation, one of `CONV_FORMULATIONS`.
     precision: matrix-product precision, see `conv3x3`.
+    variant: ``"standard"`` or ``"maml"``.
 
   Returns:
     A `ConvNet` module mapping `[B, 84, 84, 3]` to logits `[B, n_way]`.
@@ -145,7 +201,8 @@ def miniimagenet_convnet(
   """
   _layers._check_formulation(conv)
   return ConvNet(n_way=n_way, features=32, n_blocks=4, stride=1, pool=True,
-                 conv=conv, precision=precision)
+                 conv=conv, precision=precision,
+                 **_variant_fields(variant, global_pool=False))
 
 
 def sinusoid_mlp() -> MLP:

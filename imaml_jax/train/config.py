@@ -149,6 +149,14 @@ class Config:
     split_seed: seed of the Omniglot character split (train/val/test).
     conv: convolution formulation of the conv nets, one of
       ``models.CONV_FORMULATIONS``.
+    network: the conv net, ``"standard"`` (this library's) or ``"maml"``
+      (MAML's reference code: Glorot-initialised convolutions, batch norms
+      without a scale, Omniglot's head on the spatial mean; see
+      ``models.omniglot_convnet``). Omniglot and mini-ImageNet only.
+    adapt_norm: the inner loop adapts the batch norms' parameters too; MAML's
+      reference code leaves them to the meta-update
+      (``imaml_jax.adapt_all_but_norm``). ``False``: MAML and first-order
+      MAML only.
     algorithm: ``"imaml"``, ``"maml"``, ``"fomaml"`` or ``"reptile"``.
     lam: iMAML's proximal strength ``lambda``.
     cg_steps: CG iterations for iMAML's meta-gradient.
@@ -212,6 +220,8 @@ class Config:
   split_seed: int = 0
   # Model.
   conv: str = models.DEFAULT_CONV
+  network: str = "standard"
+  adapt_norm: bool = True
   # Algorithm.
   algorithm: str = "imaml"
   lam: float = 2.0
@@ -274,6 +284,7 @@ def validate(config: Config) -> Config:
   _choice("optimizer", config.optimizer, OPTIMIZERS)
   _choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
   _choice("conv", config.conv, models.CONV_FORMULATIONS)
+  _choice("network", config.network, models.NETWORK_VARIANTS)
   minimum = {"n_way": 1, "k_shot": 1, "q_query": 1, "cg_steps": 1,
              "inner_steps": 1, "hf_cg_steps": 1, "eval_inner_steps": 0,
              "meta_batch": 1, "task_chunk": 0, "meta_steps": 1, "log_every": 1,
@@ -305,6 +316,15 @@ def validate(config: Config) -> Config:
     raise ConfigError(f"inner='gd_then_pull_back' applies to algorithm='imaml' "
                       f"only (it pulls back towards theta with lam); got "
                       f"algorithm={config.algorithm!r}.")
+  if config.network != "standard" and config.dataset == "sinusoid":
+    raise ConfigError(f"network={config.network!r} is a conv net; the "
+                      "sinusoid dataset has one network only.")
+  if not config.adapt_norm and config.algorithm not in ("maml", "fomaml"):
+    raise ConfigError(f"adapt_norm=False applies to algorithm='maml' or "
+                      f"'fomaml' only; got algorithm={config.algorithm!r}.")
+  if not config.adapt_norm and config.dataset == "sinusoid":
+    raise ConfigError("adapt_norm=False needs a network with batch norms; the "
+                      "sinusoid network has none.")
   if config.inner_backtrack and config.inner != "gd":
     raise ConfigError(f"inner_backtrack applies to inner='gd' only; got "
                       f"inner={config.inner!r}.")
@@ -566,7 +586,8 @@ def to_dict(config: Config) -> dict[str, Any]:
 # Fields added after the first release, with the value that reproduces what
 # runs stored before them did. A stored config may lack these (and only these).
 _ADDED_FIELDS = {"task_chunk": 0, "inner_backtrack": False, "adam_eps": 1e-8,
-                 "cg_damping": 0.0, "lam_damping": 0.0}
+                 "cg_damping": 0.0, "lam_damping": 0.0, "network": "standard",
+                 "adapt_norm": True}
 
 
 def from_dict(values: Mapping[str, Any]) -> Config:

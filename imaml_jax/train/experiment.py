@@ -79,10 +79,12 @@ class Experiment(NamedTuple):
 def network(config: config_lib.Config):
   """``(module, example_input)`` for the config's dataset."""
   if config.dataset == "omniglot":
-    return (models.omniglot_convnet(config.n_way, conv=config.conv),
+    return (models.omniglot_convnet(config.n_way, conv=config.conv,
+                                    variant=config.network),
             jnp.zeros((config.n_way * config.k_shot, 28, 28, 1)))
   if config.dataset == "miniimagenet":
-    return (models.miniimagenet_convnet(config.n_way, conv=config.conv),
+    return (models.miniimagenet_convnet(config.n_way, conv=config.conv,
+                                        variant=config.network),
             jnp.zeros((config.n_way * config.k_shot, 84, 84, 3)))
   return models.sinusoid_mlp(), jnp.zeros((config.k_shot, 1))
 
@@ -110,10 +112,11 @@ def algorithm(config: config_lib.Config, *,
         config.cg_steps,
         stop_at_negative_curvature=config.cg_stop_at_negative_curvature),
         damping=config.cg_damping, lam_damping=config.lam_damping)
+  adapts = None if config.adapt_norm else im.adapt_all_but_norm
   if config.algorithm == "maml":
-    return im.maml(inner, remat=config.maml_remat)
+    return im.maml(inner, remat=config.maml_remat, adapts=adapts)
   if config.algorithm == "fomaml":
-    return im.fomaml(inner)
+    return im.fomaml(inner, adapts=adapts)
   return im.reptile(inner)
 
 
