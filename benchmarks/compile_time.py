@@ -10,7 +10,10 @@ dominates the compile time). A step is measured once per repetition, each
 in its own process, so no in-process cache helps. Each is compiled as the
 trainer compiles it, with ``imaml_jax.train.train.compiler_options()`` (on a
 CPU: XLA's older loop emitters, unless ``XLA_FLAGS`` names that option;
-``--xla-flags new=--xla_cpu_use_fusion_emitters=true`` measures the newer).
+``--xla-flags new=--xla_cpu_use_fusion_emitters=true`` measures the newer);
+``--interleave N`` also compiles it without those options in the same
+process and alternates N calls of the two, so their speeds are compared
+under the same load. Omniglot tasks are drawn from random binary images.
 
     python benchmarks/compile_time.py                       # the four steps below
     python benchmarks/compile_time.py --steps sinusoid_train --repeats 3
@@ -18,6 +21,8 @@ CPU: XLA's older loop emitters, unless ``XLA_FLAGS`` names that option;
     python benchmarks/compile_time.py --python /other/venv/bin/python --tag before
     python benchmarks/compile_time.py --steps sinusoid_train --runs 20 \
         --xla-flags O0=--xla_backend_optimization_level=0
+    python benchmarks/compile_time.py --steps omniglot_5w1s_train --repeats 1 \
+        --interleave 20 --tag compiler_options_cpu
 
 Steps: ``sinusoid_train`` (the main job's train step: sampling, meta-step,
 metric sums), ``sinusoid_eval`` (its evaluation step over 100 tasks),
@@ -62,14 +67,15 @@ from imaml_jax.train import config as config_lib, experiment as exp_lib
 from imaml_jax.train import train as train_lib
 
 step_name, config_name = sys.argv[1], sys.argv[2]
-runs, overrides = int(sys.argv[3]), sys.argv[4:]
+runs, interleave = int(sys.argv[3]), int(sys.argv[4])
+overrides = sys.argv[5:]
 config = config_lib.apply_overrides(config_lib.get_config(config_name),
                                     overrides)
 if config.dataset == "sinusoid":
   data = exp_lib.Data(None, None, None)
 else:
   shape = (40 * config.n_way, 20, 28, 28, 1)
-  fake = np.zeros(shape, np.uint8)
+  fake = np.random.default_rng(0).integers(0, 2, shape, dtype=np.uint8)
   data = exp_lib.Data(fake, fake, fake)
 exp = exp_lib.build(config, data)
 key = jax.random.key(0)
@@ -101,6 +107,20 @@ if runs:   # The compiled step's own speed: the median of ``runs`` calls.
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - begin)
   run_s = sorted(times)[len(times) // 2]
+ab = {}
+if interleave:  # The same step compiled plainly, calls alternating.
+  begin = time.perf_counter()
+  plain = jax.jit(fn).lower(*args).compile()
+  ab["plain_compile_s"] = time.perf_counter() - begin
+  jax.block_until_ready(plain(*args))
+  calls = {"options": [], "plain": []}
+  for i in range(interleave):
+    order = (("options", compiled), ("plain", plain))
+    for label, step in (order if i % 2 == 0 else order[::-1]):
+      begin = time.perf_counter()
+      jax.block_until_ready(step(*args))
+      calls[label].append(time.perf_counter() - begin)
+  ab.update({f"{k}_call_s": sorted(v)[len(v) // 2] for k, v in calls.items()})
 text = compiled.as_text()
 lines = [l for l in text.splitlines() if " = " in l]
 print(json.dumps({
@@ -108,22 +128,24 @@ print(json.dumps({
     "run_s": run_s,
     "hlo_instructions": len(lines),
     "fusions": sum(" fusion(" in l for l in lines),
-    "compiler_options": {k: str(v) for k, v in options.items()},
+    "compiler_options": {k: str(v) for k, v in options.items()}, **ab,
     "jax": jax.__version__}))
 """
 
 
 def measure(python: str, step: str, xla_flags: str | None = None,
-            runs: int = 0) -> dict:
+            runs: int = 0, interleave: int = 0) -> dict:
   """One measurement of ``step`` in a fresh ``python`` process, with
-  ``XLA_FLAGS=xla_flags`` if given, timing ``runs`` calls of it after."""
+  ``XLA_FLAGS=xla_flags`` if given, timing ``runs`` calls of it after, and
+  with ``interleave`` the trainer's compiler options against none, in turn."""
   prefix = step.rsplit("_", 1)[0]
   config_name, overrides = _CONFIGS[prefix]
   env = dict(os.environ, PYTHONWARNINGS="ignore")
   if xla_flags is not None:
     env["XLA_FLAGS"] = xla_flags
   proc = subprocess.run(
-      [python, "-c", _CHILD, step, config_name, str(runs), *overrides],
+      [python, "-c", _CHILD, step, config_name, str(runs), str(interleave),
+       *overrides],
       capture_output=True, text=True, check=False, env=env)
   if proc.returncode != 0:
     raise RuntimeError(f"{step} under {python} failed:\n{proc.stderr[-3000:]}")
@@ -146,6 +168,10 @@ def main() -> None:
   parser.add_argument("--runs", type=int, default=0,
                       help="after compiling, time this many calls of the "
                            "step (the median is reported as run_s)")
+  parser.add_argument("--interleave", type=int, default=0, metavar="N",
+                      help="also compile each step without the trainer's "
+                           "compiler options and time N calls of each, "
+                           "alternating, in the same process")
   parser.add_argument("--quick", action="store_true",
                       help="sinusoid evaluation step, once")
   parser.add_argument("--tag", default=None)
@@ -170,11 +196,17 @@ def main() -> None:
   for step in steps:
     for repeat in range(repeats):
       for label, python, flags in pythons:   # Interleaved: same load.
-        result = measure(python, step, flags, args.runs)
+        result = measure(python, step, flags, args.runs, args.interleave)
         rows.append({"step": step, "version": label, "repeat": repeat,
                      "xla_flags": flags or "", **result})
         run = (f"  run {result['run_s']:.4f} s"
                if result.get("run_s") is not None else "")
+        if "plain_call_s" in result:
+          run += (f"\n{'':37s}without the options: compile "
+                  f"{result['plain_compile_s']:6.2f} s; a call "
+                  f"{result['options_call_s']:.4f} s with them, "
+                  f"{result['plain_call_s']:.4f} s without (x"
+                  f"{result['options_call_s'] / result['plain_call_s']:.3f})")
         print(f"{step:22s} {label:14s} lower {result['lower_s']:6.2f} s  "
               f"compile {result['compile_s']:6.2f} s  "
               f"{result['hlo_instructions']:6d} HLO instructions, "

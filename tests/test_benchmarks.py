@@ -231,3 +231,35 @@ def test_compare_runs_names_a_bad_run_argument(tmp_path):
        str(tmp_path / "x"), f"a={tmp_path / 'missing.jsonl'}"],
       capture_output=True, text=True, timeout=120, check=False)
   assert done.returncode == 2 and "no such metrics file" in done.stderr
+
+
+def test_tables_tests_the_papers_ordering_at_equal_budget():
+  sys.path.insert(0, str(BENCHMARKS))
+  try:
+    import tables
+  finally:
+    sys.path.remove(str(BENCHMARKS))
+  cell = lambda acc, ci, steps, **k: {"accuracy": acc, "ci95": ci,
+                                      "meta_steps": steps, **k}
+  by_key = {
+      ("omniglot", "5w1s", "imaml_hf"): cell(97.0, 0.3, 6000),
+      ("omniglot", "5w1s", "imaml_gd"): cell(96.5, 0.4, 6000,
+                                             authors_accuracy=90.0,
+                                             authors_ci95=1.0),
+      ("omniglot", "5w1s", "maml"): cell(95.0, 0.4, 6000,
+                                         authors_accuracy=97.5,
+                                         authors_ci95=0.5),
+      ("omniglot", "5w5s", "imaml_gd"): cell(95.0, 0.3, 1800),
+      ("omniglot", "5w5s", "maml"): cell(99.0, 0.3, 1200),  # Unequal budget.
+  }
+  found = {(c["setting"], c["better"], c["worse"]): c["verdict"]
+           for c in tables.ordering(by_key)}
+  assert found == {("5w1s", "imaml_hf", "imaml_gd"):
+                   "unresolved (intervals overlap)",
+                   ("5w1s", "imaml_gd", "maml"): "holds"}
+  theirs = tables.ordering(by_key, "authors_")
+  assert [(c["better"], c["verdict"]) for c in theirs] == [
+      ("imaml_gd", "reversed")]
+  assert theirs[0]["difference"] == pytest.approx(-7.5)
+  text = "\n".join(tables.ordering_lines(by_key))
+  assert "| 5-way 1-shot | authors' | iMAML, GD >= MAML | -7.50 | 6000 |" in text
