@@ -59,13 +59,13 @@ states one):
   ``tf.gradients`` of that per-example vector, then ``fast_weights =
   weights - update_lr * gradients``) differentiates the sum over the N*K
   support examples. On this library's mean loss the reference step is
-  ``N * update_lr``: 0.4 * 5 = 0.1 * 20 = 2.0 (``--set inner_lr=2.0``). On
-  this network (He-initialised convolutions, batch normalisation with a
-  learned scale where MAML's has none, every parameter adapted where MAML
-  adapts no normalisation parameter) that step learns far slower: 5-way
-  1-shot validation accuracy 45.1% against 89.4% for 0.4 after 600
-  meta-steps at meta-batch 8 (``benchmarks/results/gap_decomposition_5w1s.md``),
-  so the configs keep the stated step. MAML's meta loss is
+  ``N * update_lr``: 0.4 * 5 = 0.1 * 20 = 2.0 (``--set inner_lr=2.0``).
+  MAML's network is ``network="maml"`` with ``adapt_norm=False`` [M]. That
+  step learns far slower than 0.4: 5-way 1-shot validation accuracy after
+  600 meta-steps at meta-batch 8 45.1% against 89.4% on this library's
+  network, 59.4% against 77.7% on MAML's
+  (``benchmarks/results/gap_decomposition_5w1s.md``), so the configs keep the
+  stated step and this library's network. MAML's meta loss is
   likewise N times the mean query loss (``total_losses2`` in ``maml.py``,
   summed over the query examples and divided by the meta-batch), a constant
   factor that Adam all but ignores (up to its ``eps``), so it has no
