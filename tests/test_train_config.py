@@ -29,6 +29,9 @@ def test_paper_settings_for_imaml_gd(name, n_way, k_shot, steps):
   assert (cfg.algorithm, cfg.inner, cfg.lam, cfg.cg_steps) == (
       "imaml", "gd", 2.0, 5)
   assert (cfg.optimizer, cfg.meta_lr, cfg.meta_batch) == ("adam", 1e-3, 32)
+  # Adam's eps of the authors' code: what kept 20,000 constant-rate steps
+  # from collapsing (the module docstring).
+  assert cfg.adam_eps == 1e-3 and cfg.lr_schedule == "constant"
   # 0.05: gradient descent on the proximal objective is unstable at 0.1
   # (see the module docstring of imaml_jax.train.config).
   assert cfg.inner_lr == 0.05 and cfg.q_query == 15
@@ -51,7 +54,9 @@ def test_baseline_settings():
       assert config_lib.get_config(f"omniglot_{setting}_{algo}").inner_lr == lr
   assert config_lib.get_config("miniimagenet_5w1s_maml").inner_lr == 0.01
   hf = config_lib.get_config("omniglot_5w1s_imaml_hf")
-  assert (hf.inner, hf.inner_steps, hf.hf_cg_steps) == ("hessian_free", 5, 5)
+  assert (hf.inner, hf.inner_steps, hf.hf_cg_steps, hf.adam_eps) == (
+      "hessian_free", 5, 5, 1e-3)
+  assert maml5.adam_eps == maml20.adam_eps == 1e-8    # optax's default.
   rep = config_lib.get_config("miniimagenet_5w1s_reptile")
   assert (rep.optimizer, rep.lr_schedule, rep.eval_inner_steps) == (
       "sgd", "linear", 50)
