@@ -196,8 +196,8 @@ def maml(inner: inner_lib.InnerSolver | None = None, *,
         adapted_query_loss, has_aux=True)(params)
     return g, query_metrics(q_loss, q_aux, "after")
 
-  return MetaAlgorithm(task_gradient=task_gradient, adapt=plain,
-                       name=f"maml({inner.name}, remat={remat}{_adapts_name(adapts)})")
+  name = f"maml({inner.name}, remat={remat}{_adapts_name(adapts)})"
+  return MetaAlgorithm(task_gradient=task_gradient, adapt=plain, name=name)
 
 
 def fomaml(inner: inner_lib.InnerSolver | None = None, *,

@@ -52,7 +52,7 @@ states one):
 * Adam's ``eps`` in the iMAML configs: 1e-3 [C] (optax's default is 1e-8).
   It keeps the paper's full budget from collapsing: on an H200, 5-way 1-shot
   iMAML-GD at a constant meta learning rate for 20,000 meta-steps at
-  meta-batch 32 held 97.5-98.5% validation for its last 10,000 steps (test
+  meta-batch 32 held 97.4-98.5% validation for its last 10,000 steps (test
   97.66% ± 0.32%), where the same run with eps 1e-8 collapsed near step
   14,000 on an H100 and, with the rate decaying linearly to 0, near step
   10,000 on the H200 (``benchmarks/results/training_stability_5w1s.md``).
