@@ -12,7 +12,9 @@ from imaml_jax._src.algorithms import reptile
 from imaml_jax._src.hvp import hvp
 from imaml_jax._src.hvp import proximal_system_operator
 from imaml_jax._src.inner import InnerSolver
+from imaml_jax._src.inner import MinibatchObjective
 from imaml_jax._src.inner import ProximalObjective
+from imaml_jax._src.inner import adam
 from imaml_jax._src.inner import gd
 from imaml_jax._src.inner import gd_then_pull_back
 from imaml_jax._src.inner import hessian_free

@@ -59,6 +59,35 @@ def test_fomaml_maml_and_reptile_match_hand_derived_updates_on_quadratic(x64):
                              rtol=1e-12)
 
 
+def test_reptile_on_minibatches_steps_on_one_batch_a_step(x64):
+  # Support leaves carry a leading axis of mini-batches; GD step t uses
+  # mini-batch t: phi_{t+1} = phi_t - lr A_t (phi_t - a_t), in closed form.
+  loss, task, theta, a_mat, a, b = quadratic_task()
+  _, task2, _, a_mat2, a2, _ = quadratic_task(seed=5)
+  batches = (jnp.stack([a_mat, a_mat2]), jnp.stack([a, a2]))
+  steps, lr = 5, 0.2
+  phi = np.asarray(theta)
+  for t in range(steps):
+    mat, centre = (a_mat, a) if t % 2 == 0 else (a_mat2, a2)
+    phi = phi - lr * np.asarray(mat) @ (phi - np.asarray(centre))
+  alg = im.reptile(im.gd(steps, lr), minibatches=True)
+  g, metrics = alg.task_gradient(aux(loss), theta, im.Task(batches,
+                                                           task.query))
+  np.testing.assert_allclose(g, theta - phi, rtol=1e-12)
+  np.testing.assert_allclose(metrics["loss_after"],
+                             loss(jnp.asarray(phi), task.query), rtol=1e-12)
+  # Evaluation adapts on an ordinary support set.
+  np.testing.assert_allclose(
+      alg.adapt(aux(loss), theta, task.support),
+      theta - run_reptile_on_support(loss, task, theta, steps, lr),
+      rtol=1e-12)
+
+
+def run_reptile_on_support(loss, task, theta, steps, lr):
+  return im.reptile(im.gd(steps, lr)).task_gradient(aux(loss), theta,
+                                                    task)[0]
+
+
 def test_imaml_on_quadratic_matches_closed_form(x64):
   loss, task, theta, a_mat, a, b = quadratic_task(seed=1)
   lam = 2.0

@@ -160,3 +160,50 @@ def test_bad_counts_in_evaluation_helpers():
     imdata.evaluation_task_chunks(id_images(), 20, 1, 1)
   with pytest.raises(ValueError, match="chunk_size"):
     imdata.evaluation_task_chunks(id_images(), 5, 1, 1, chunk_size=0)
+
+
+@pytest.mark.parametrize("n_way, k_shot, q_query, shots, batch, steps", [
+    (5, 1, 15, 10, 10, 5),    # Reptile's 5-way commands
+    (4, 2, 6, 5, 4, 7),       # wraps around the pool
+])
+def test_reptile_minibatches_cover_each_tasks_first_images_evenly(
+    n_way, k_shot, q_query, shots, batch, steps):
+  tasks = imdata.sample_tasks(jax.random.key(3), id_images(), n_way, k_shot,
+                              q_query, 3)
+  got = imdata.reptile_minibatches(tasks, n_way, shots, batch, steps)
+  assert got.support[0].shape[:3] == (3, steps, batch)
+  assert got.query[0].shape == tasks.query[0].shape
+  _, support_ids = decode(tasks.support[0])
+  _, query_ids = decode(tasks.query[0])
+  _, batch_ids = decode(got.support[0])
+  for i in range(3):
+    # The pool: per class, its support images then its query images.
+    per_class = np.concatenate(
+        [support_ids[i].reshape(n_way, k_shot),
+         query_ids[i].reshape(n_way, q_query)], axis=1)[:, :shots]
+    order = per_class.T.reshape(-1)          # shot by shot across classes
+    expected = order[np.arange(steps * batch) % order.size]
+    np.testing.assert_array_equal(batch_ids[i].reshape(-1), expected)
+    # Labels travel with their images.
+    labels = np.concatenate([np.asarray(tasks.support[1][i]),
+                             np.asarray(tasks.query[1][i])])
+    ids = np.concatenate([support_ids[i], query_ids[i]])
+    label_of = dict(zip(ids.tolist(), labels.tolist()))
+    np.testing.assert_array_equal(
+        np.asarray(got.support[1][i]).reshape(-1),
+        [label_of[j] for j in batch_ids[i].reshape(-1)])
+  if batch % n_way == 0:  # then every mini-batch holds each class equally
+    labels = np.asarray(got.support[1])
+    for c in range(n_way):
+      np.testing.assert_array_equal((labels == c).sum(-1), batch // n_way)
+
+
+def test_reptile_minibatches_refuse_more_shots_than_a_task_holds():
+  tasks = imdata.sample_tasks(jax.random.key(0), id_images(), 5, 1, 4, 2)
+  with pytest.raises(ValueError, match="10 training images per class are "
+                     "more than a task's k_shot \\+ q_query = 1 \\+ 4"):
+    imdata.reptile_minibatches(tasks, 5, shots=10, batch_size=10, steps=5)
+  with pytest.raises(ValueError, match="not a multiple of n_way = 3"):
+    imdata.reptile_minibatches(tasks, 3, shots=2, batch_size=2, steps=1)
+  with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    imdata.reptile_minibatches(tasks, 5, shots=2, batch_size=0, steps=1)

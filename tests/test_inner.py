@@ -1,7 +1,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import imaml_jax as im
 from problems import (linreg_exact, linreg_loss, linreg_task, mlp_init,
@@ -136,6 +138,11 @@ def test_backtracking_gd_differentiates_like_the_accepted_steps(x64):
     (im.hessian_free, {"steps": 1, "shrink": 1.5}, "shrink"),
     (im.gd_then_pull_back, {"steps": 0, "lr": 0.1}, "steps"),
     (im.gd_then_pull_back, {"steps": 3, "lr": -0.1}, "lr"),
+    (im.adam, {"steps": 0}, "steps"),
+    (im.adam, {"steps": 3, "lr": 0.0}, "lr"),
+    (im.adam, {"steps": 3, "b1": 1.0}, "b1"),
+    (im.adam, {"steps": 3, "b2": -0.1}, "b2"),
+    (im.adam, {"steps": 3, "eps": 0.0}, "eps"),
 ])
 def test_bad_inner_settings_are_named(factory, kwargs, message):
   with pytest.raises((ValueError, TypeError), match=message):
@@ -200,3 +207,96 @@ def test_proximal_objective_carries_its_parts(x64):
                              linreg_loss(phi, support), rtol=1e-15)
   np.testing.assert_allclose(
       objective(phi), linreg_loss(phi, support) + 0.75 * 5, rtol=1e-15)
+
+
+def adam_by_hand(grad, x0, steps, lr, b1, b2, eps):
+  """Kingma and Ba's Algorithm 1 in NumPy, one flat vector."""
+  x = np.array(x0, dtype=np.float64)
+  m = np.zeros_like(x)
+  v = np.zeros_like(x)
+  for t in range(1, steps + 1):
+    g = np.asarray(grad(x))
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g ** 2
+    x = x - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+  return x
+
+
+@pytest.mark.parametrize("b1", [0.0, 0.9])
+def test_adam_matches_numpy_algorithm_and_optax(x64, b1):
+  params = mlp_init(jax.random.PRNGKey(0))
+  support, _ = mlp_task(jax.random.PRNGKey(1))
+  flat, unravel = ravel_pytree(params)
+  loss = lambda p: mlp_loss(p, support)
+  grad_flat = jax.jit(lambda x: jax.grad(lambda y: loss(unravel(y)))(x))
+  expected = adam_by_hand(grad_flat, flat, 7, 0.01, b1, 0.99, 1e-8)
+  for remat in (False, True):
+    got = im.adam(7, 0.01, b1=b1, b2=0.99).run(loss, params, remat=remat)
+    np.testing.assert_allclose(ravel_pytree(got)[0],
+                               expected, rtol=1e-12, atol=1e-14)
+  opt = optax.adam(0.01, b1=b1, b2=0.99, eps=1e-8)
+  x, state = params, opt.init(params)
+  for _ in range(7):
+    updates, state = opt.update(jax.grad(loss)(x), state)
+    x = optax.apply_updates(x, updates)
+  np.testing.assert_allclose(ravel_pytree(x)[0], expected,
+                             rtol=1e-12, atol=1e-14)
+
+
+def test_adam_first_step_with_b1_zero_is_a_signed_step(x64):
+  # m_1 / sqrt(v_1) = g / |g|: each coordinate moves by lr, whatever its
+  # gradient's scale (here 1e-3 to 1e3).
+  scales = jnp.array([1e-3, -1.0, 1e3])
+  x = im.adam(1, 0.05, b1=0.0, eps=1e-12).run(
+      lambda x: jnp.sum(scales * x), jnp.zeros(3))
+  np.testing.assert_allclose(x, -0.05 * jnp.sign(scales), rtol=1e-8)
+
+
+def test_adam_minimises_a_stiff_quadratic(x64):
+  f = stiff_quadratic()
+  x0 = jnp.zeros(3)
+  x = im.adam(400, 0.05).run(f, x0)
+  assert float(f(x)) < 1e-3 * float(f(x0))
+
+
+def minibatch_linreg(num_batches=3, seed=0):
+  """Linear least squares, one mini-batch of 4 rows per step."""
+  rng = np.random.default_rng(seed)
+  xs = jnp.asarray(rng.normal(size=(num_batches, 4, 5)))
+  ys = jnp.asarray(rng.normal(size=(num_batches, 4)))
+  loss = lambda w, b: 0.5 * jnp.mean((b[0] @ w - b[1]) ** 2)
+  return im.MinibatchObjective(loss, (xs, ys)), loss, (xs, ys)
+
+
+@pytest.mark.parametrize("solver", ["gd", "adam"])
+def test_solvers_step_on_minibatch_t_at_step_t(x64, solver):
+  objective, loss, (xs, ys) = minibatch_linreg()
+  x0 = jnp.asarray(np.random.default_rng(1).normal(size=5))
+  steps, lr = 7, 0.05   # wraps around the 3 mini-batches
+  grad_at = lambda w, t: np.asarray(jax.grad(loss)(w, (xs[t % 3],
+                                                       ys[t % 3])))
+  if solver == "gd":
+    expected = np.asarray(x0)
+    for t in range(steps):
+      expected = expected - lr * grad_at(expected, t)
+    inner = im.gd(steps, lr)
+  else:
+    calls = iter(range(steps))
+    expected = adam_by_hand(lambda w: grad_at(w, next(calls)), x0, steps,
+                            lr, 0.0, 0.999, 1e-8)
+    inner = im.adam(steps, lr, b1=0.0)
+  for remat in (False, True):
+    got = jax.jit(lambda w: inner.run(objective, w, remat=remat))(x0)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+  # Not the same as stepping on one batch all along.
+  fixed = inner.run(lambda w: loss(w, (xs[0], ys[0])), x0)
+  assert rel_err(fixed, expected) > 1e-3
+
+
+@pytest.mark.parametrize("inner", [im.gd(3, 0.1, backtrack=True),
+                                   im.nesterov(3, 0.1),
+                                   im.hessian_free(2, 2)])
+def test_fixed_objective_solvers_refuse_minibatches(inner):
+  objective, _, _ = minibatch_linreg()
+  with pytest.raises(TypeError, match="only im.gd .* and im.adam"):
+    inner.run(objective, jnp.zeros(5))

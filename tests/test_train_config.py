@@ -62,6 +62,62 @@ def test_baseline_settings():
       "sgd", "linear", 50)
 
 
+@pytest.mark.parametrize("name, steps, lr, meta_steps", [
+    ("omniglot_5w1s_reptile", 5, 1e-3, 100_000),
+    ("omniglot_5w5s_reptile", 5, 1e-3, 100_000),
+    ("omniglot_20w1s_reptile", 10, 5e-4, 200_000),
+    ("omniglot_20w5s_reptile", 10, 5e-4, 200_000),
+    ("miniimagenet_5w1s_reptile", 8, 1e-3, 100_000)])
+def test_reptile_configs_follow_the_reptile_commands(name, steps, lr,
+                                                     meta_steps):
+  from imaml_jax.train import experiment
+  cfg = config_lib.get_config(name)
+  assert (cfg.inner, cfg.inner_steps, cfg.inner_lr, cfg.eval_inner_steps,
+          cfg.meta_batch, cfg.meta_lr, cfg.meta_steps) == (
+              "adam", steps, lr, 50, 5, 1.0, meta_steps)
+  shots, batch = (15, 10) if name.startswith("mini") else (
+      10, 20 if "20w" in name else 10)
+  assert (cfg.reptile_train_shots, cfg.reptile_inner_batch) == (shots, batch)
+  assert experiment.inner_solver(cfg, steps).name == (
+      f"adam(steps={steps}, lr={lr}, b1=0.0, b2=0.999)")
+  assert experiment.algorithm(cfg).name == (
+      f"reptile(adam(steps={steps}, lr={lr}, b1=0.0, b2=0.999), "
+      "minibatches)")
+  assert experiment.algorithm(cfg, evaluation=True).name == (
+      f"reptile(adam(steps=50, lr={lr}, b1=0.0, b2=0.999))")
+
+
+def test_reptile_training_tasks_are_its_minibatches():
+  import jax
+  import numpy as np
+  from imaml_jax.train import experiment
+  cfg = config_lib.apply_overrides(
+      config_lib.get_config("omniglot_5w1s_reptile"), ["meta_batch=2"])
+  images = np.arange(6 * 20 * 4, dtype=np.uint8).reshape(6, 20, 2, 2, 1)
+  tasks = experiment.sampler(cfg)(jax.random.key(0), images)
+  assert tasks.support[0].shape == (2, 5, 10, 2, 2, 1)
+  assert tasks.query[0].shape == (2, 75, 2, 2, 1)
+  plain = config_lib.apply_overrides(cfg, ["reptile_train_shots=0",
+                                           "reptile_inner_batch=0"])
+  assert experiment.sampler(plain)(jax.random.key(0),
+                                   images).support[0].shape == (2, 5, 2, 2, 1)
+
+
+@pytest.mark.parametrize("name, overrides, message", [
+    ("omniglot_5w1s_maml", ["reptile_train_shots=10",
+                            "reptile_inner_batch=10"],
+     "apply to algorithm='reptile' on Omniglot or mini-ImageNet"),
+    ("omniglot_5w1s_reptile", ["reptile_inner_batch=0"], "go together"),
+    ("omniglot_5w1s_reptile", ["reptile_train_shots=17"],
+     "more than a task's k_shot \\+ q_query = 1 \\+ 15"),
+    ("omniglot_5w1s_reptile", ["inner=nesterov"],
+     "need inner='adam' or inner='gd' without inner_backtrack"),
+])
+def test_reptile_minibatch_options_are_checked(name, overrides, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.apply_overrides(config_lib.get_config(name), overrides)
+
+
 @pytest.mark.parametrize("setting, steps", [
     ("5w1s", 16), ("5w5s", 16), ("20w1s", 25), ("20w5s", 25)])
 def test_authors_recipe_configs(setting, steps):

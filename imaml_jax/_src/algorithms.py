@@ -224,7 +224,8 @@ def fomaml(inner: inner_lib.InnerSolver | None = None, *,
                        name=f"fomaml({inner.name}{_adapts_name(adapts)})")
 
 
-def reptile(inner: inner_lib.InnerSolver | None = None) -> MetaAlgorithm:
+def reptile(inner: inner_lib.InnerSolver | None = None, *,
+            minibatches: bool = False) -> MetaAlgorithm:
   r"""Reptile (Nichol, Achiam and Schulman, 2018), batched version.
 
   ``phi = inner`` run on ``L_support`` alone from ``theta``; the per-task
@@ -233,14 +234,36 @@ def reptile(inner: inner_lib.InnerSolver | None = None) -> MetaAlgorithm:
   ``theta <- theta + epsilon * mean_i (phi_i - theta)``; with another optax
   optimizer the same direction is rescaled by it (e.g. Adam). The query set is
   used only for metrics.
+
+  With ``minibatches=True`` every leaf of a training task's ``support``
+  carries a leading axis of mini-batches and inner step ``t`` runs on
+  mini-batch ``t`` (cycling), as Reptile trains (its ``--train-shots`` images
+  per class, ``--inner-batch`` a step; build them with
+  :func:`imaml_jax.data.reptile_minibatches`); ``inner`` must then be
+  :func:`imaml_jax.gd` without backtracking or :func:`imaml_jax.adam`
+  (see :class:`imaml_jax.MinibatchObjective`). ``adapt``, used on
+  evaluation tasks, still adapts on an ordinary support set in one batch.
+
+  Example:
+    >>> import imaml_jax as im
+    >>> im.reptile(im.adam(5, 1e-3, b1=0.0), minibatches=True).name
+    'reptile(adam(steps=5, lr=0.001, b1=0.0, b2=0.999), minibatches)'
   """
   inner = _default_inner(inner)
   plain = _plain_adapt(inner)
 
+  def adapt_on_minibatches(loss: AuxLoss, params: PyTree, batches: PyTree):
+    objective = inner_lib.MinibatchObjective(lambda p, b: loss(p, b)[0],
+                                             batches)
+    return inner.run(objective, params)
+
+  train_adapt = adapt_on_minibatches if minibatches else plain
+
   def task_gradient(loss: AuxLoss, params: PyTree, task: Task):
-    phi = jax.lax.stop_gradient(plain(loss, params, task.support))
+    phi = jax.lax.stop_gradient(train_adapt(loss, params, task.support))
     q_loss, q_aux = loss(phi, task.query)
     return tu.tree_sub(params, phi), query_metrics(q_loss, q_aux, "after")
 
+  suffix = ", minibatches" if minibatches else ""
   return MetaAlgorithm(task_gradient=task_gradient, adapt=plain,
-                       name=f"reptile({inner.name})")
+                       name=f"reptile({inner.name}{suffix})")

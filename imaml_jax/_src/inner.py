@@ -90,6 +90,59 @@ def proximal_objective(loss: Callable[[PyTree, PyTree], jax.Array],
                            center=params, lam=lam)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class MinibatchObjective:
+  r"""A task loss seen one mini-batch per step: ``f_t(phi) = loss(phi, B_t)``.
+
+  ``batches`` is a pytree whose leaves carry a leading axis of ``M``
+  mini-batches; step ``t`` (from 0) of a solver uses mini-batch ``t mod M``.
+  This is Reptile's inner loop (Nichol et al. 2018, Algorithm 2; ``--train-
+  shots`` images per class, ``--inner-batch`` of them a step). Only
+  :func:`gd` (without ``backtrack``) and :func:`adam` accept it: the other
+  solvers compare values of one fixed objective, and calling this one raises.
+
+  Attributes:
+    loss: ``(phi, batch) -> scalar``.
+    batches: the mini-batches, stacked on a leading axis.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import imaml_jax as im
+    >>> f = im.MinibatchObjective(lambda x, b: ((x - b) ** 2).sum(),
+    ...                           jnp.array([[1.0], [3.0]]))
+    >>> f.at(0)(jnp.zeros(1)), f.at(3)(jnp.zeros(1))
+    (Array(1., dtype=float32), Array(9., dtype=float32))
+  """
+
+  loss: Callable[[PyTree, PyTree], jax.Array]
+  batches: PyTree
+
+  @property
+  def num_batches(self) -> int:
+    return jax.tree_util.tree_leaves(self.batches)[0].shape[0]
+
+  def at(self, t) -> Objective:
+    """``phi -> loss(phi, B_{t mod M})``; ``t`` may be traced."""
+    index = t % self.num_batches
+    batch = jax.tree_util.tree_map(
+        lambda b: jax.lax.dynamic_index_in_dim(b, index, keepdims=False),
+        self.batches)
+    return lambda phi: self.loss(phi, batch)
+
+  def __call__(self, phi: PyTree) -> jax.Array:
+    raise TypeError(
+        "a MinibatchObjective changes from step to step; only im.gd (without "
+        "backtrack) and im.adam step on it, use one of them.")
+
+
+def _gradient_at(objective) -> Callable[[PyTree, jax.Array], PyTree]:
+  """``(x, t) -> grad f_t(x)``: mini-batch ``t`` of a MinibatchObjective."""
+  if isinstance(objective, MinibatchObjective):
+    return lambda x, t: jax.grad(objective.at(t))(x)
+  grad = jax.grad(objective)
+  return lambda x, t: grad(x)
+
+
 def _scan_steps(step, x0, steps: int, remat: bool):
   body = jax.checkpoint(step) if remat else step
   final, _ = jax.lax.scan(lambda c, _: (body(c), None), x0, None, length=steps)
@@ -124,7 +177,8 @@ def gd(steps: int = 16, lr: float = 0.1, *, backtrack: bool = False,
   epsilon): a step that does not decrease ``f`` enough (or gives a
   non-finite value) is rejected and the step size shrinks for the rest of the
   loop. The objective never increases (beyond rounding), and while every step is accepted the
-  iterates are those of plain gradient descent. Each step costs one
+  iterates are those of plain gradient descent. Without ``backtrack`` it
+  accepts a :class:`MinibatchObjective` (step ``t`` on mini-batch ``t``). Each step costs one
   ``value_and_grad``, as a plain step costs one ``grad``, plus one at ``x_0``.
 
   Args:
@@ -158,12 +212,14 @@ def gd(steps: int = 16, lr: float = 0.1, *, backtrack: bool = False,
 
   def run(objective: Objective, x0: PyTree, *, remat: bool = False):
     if not backtrack:
-      grad = jax.grad(objective)
+      grad = _gradient_at(objective)
 
-      def step(x):
-        return tu.tree_axpy(-lr, grad(x), x)
+      def step(carry):
+        x, t = carry
+        return tu.tree_axpy(-lr, grad(x, t), x), t + 1
 
-      return _scan_steps(step, x0, steps, remat)
+      return _scan_steps(step, (x0, jnp.zeros((), jnp.int32)), steps,
+                         remat)[0]
 
     value_and_grad = jax.value_and_grad(objective)
 
@@ -228,6 +284,77 @@ def nesterov(steps: int = 16, lr: float = 0.1,
 
   return InnerSolver(run=run, steps=steps,
                      name=f"nesterov(steps={steps}, lr={lr}, momentum={momentum})")
+
+
+def adam(steps: int = 5, lr: float = 1e-3, *, b1: float = 0.9,
+         b2: float = 0.999, eps: float = 1e-8) -> InnerSolver:
+  r"""Adam (Kingma and Ba, 2015) from a fresh state for each run.
+
+  .. math::
+     m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad
+     v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \\
+     x_t = x_{t-1} - \eta \, \frac{m_t / (1 - \beta_1^t)}
+                                {\sqrt{v_t / (1 - \beta_2^t)} + \epsilon},
+
+  elementwise, with ``g_t = grad f(x_{t-1})`` and ``m_0 = v_0 = 0``. Every
+  step moves each coordinate by about ``lr`` whatever the gradient's scale;
+  with ``b1 = 0`` the first step is ``lr * g / (|g| + eps)``, a signed step.
+
+  Accepts a :class:`MinibatchObjective` (step ``t`` on mini-batch ``t``).
+  Reptile's inner loop (Nichol, Achiam and Schulman, 2018) is Adam with
+  ``b1 = 0`` and ``lr = 1e-3`` (``DEFAULT_OPTIMIZER`` in
+  ``supervised_reptile/models.py``). There the optimizer's moments live on
+  across tasks and meta-steps (they are not among the variables Reptile
+  resets); here each run starts from zero moments, so a task's adaptation
+  depends on that task alone.
+
+  Args:
+    steps: number of steps.
+    lr: the step size ``eta``.
+    b1: decay of the first moment, in ``[0, 1)``.
+    b2: decay of the second moment, in ``[0, 1)``.
+    eps: added to the root of the second moment, ``> 0``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import imaml_jax as im
+    >>> # A constant gradient, of whatever scale: three steps of lr each.
+    >>> x = im.adam(steps=3, lr=0.1).run(
+    ...     lambda x: (jnp.array([-3.0, 300.0]) * x).sum(), jnp.zeros(2))
+    >>> [round(float(v), 4) for v in x]
+    [0.3, -0.3]
+  """
+  validation.check_positive_int("adam steps", steps)
+  validation.check_positive_scalar("adam lr", lr)
+  validation.check_positive_scalar("adam eps", eps)
+  for name, beta in (("b1", b1), ("b2", b2)):
+    validation.check_positive_scalar(f"adam {name}", beta, allow_zero=True)
+    if not float(beta) < 1:
+      raise ValueError(f"adam {name} must be < 1, got {beta}.")
+
+  def run(objective: Objective, x0: PyTree, *, remat: bool = False):
+    grad = _gradient_at(objective)
+
+    def step(carry):
+      x, m, v, t = carry
+      g = grad(x, t)
+      t = t + 1
+      m = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, m, g)
+      v = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, v, g)
+      m_scale = 1 / (1 - b1 ** t)
+      v_scale = 1 / (1 - b2 ** t)
+      x = jax.tree_util.tree_map(
+          lambda x, m, v: x - (lr * m * m_scale / (
+              jnp.sqrt(v * v_scale) + eps)).astype(x.dtype), x, m, v)
+      return x, m, v, t
+
+    zeros = tu.tree_zeros_like(x0)
+    x, _, _, _ = _scan_steps(step, (x0, zeros, zeros, jnp.zeros((), jnp.int32)),
+                             steps, remat)
+    return x
+
+  return InnerSolver(run=run, steps=steps,
+                     name=f"adam(steps={steps}, lr={lr}, b1={b1}, b2={b2})")
 
 
 def _pull_back(phi: PyTree, center: PyTree, lam, lr) -> PyTree:

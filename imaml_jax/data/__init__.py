@@ -35,6 +35,8 @@ from imaml_jax.data._sampler import evaluation_task_chunks
 from imaml_jax.data._sampler import evaluation_tasks
 from imaml_jax.data._sampler import make_sharded_sampler
 from imaml_jax.data._sampler import sample_tasks
+from imaml_jax.data._sampler import reptile_minibatch_rows
+from imaml_jax.data._sampler import reptile_minibatches
 from imaml_jax.data._sampler import sample_tasks_from_keys
 from imaml_jax.data.synthetic import linear_regression_exact_meta_gradient
 from imaml_jax.data.synthetic import linear_regression_inner_solution

@@ -283,3 +283,83 @@ def evaluation_task_chunks(images, n_way: int, k_shot: int, q_query: int,
   return (sample_tasks_from_keys(keys[start:start + chunk_size], images,
                                  n_way, k_shot, q_query)
           for start in range(0, n_tasks, chunk_size))
+
+
+def reptile_minibatch_rows(n_way: int, k_shot: int, q_query: int,
+                           shots: int, batch_size: int,
+                           steps: int) -> np.ndarray:
+  """``int[steps, batch_size]``: rows of ``concat(support, query)`` a step.
+
+  The pool holds the first ``shots`` images of each class (the support
+  images, then the query's), in the class-major order of
+  :func:`sample_tasks`. It is read shot by shot across the classes (shot 0
+  of every class, then shot 1, ...) and cut into consecutive mini-batches of
+  ``batch_size``, wrapping around, so that every mini-batch covers the
+  classes evenly and ``steps * batch_size`` rows are read in all.
+
+  Example:
+    >>> reptile_minibatch_rows(2, 1, 2, shots=3, batch_size=4, steps=2)
+    array([[0, 1, 2, 4],
+           [3, 5, 0, 1]])
+  """
+  if shots > k_shot + q_query:
+    raise ValueError(
+        f"Reptile's {shots} training images per class are more than a "
+        f"task's k_shot + q_query = {k_shot} + {q_query}.")
+  for name, value in (("shots", shots), ("batch_size", batch_size),
+                      ("steps", steps), ("n_way", n_way)):
+    if value < 1:
+      raise ValueError(f"{name} must be >= 1, got {value}.")
+  shot, cls = np.divmod(np.arange(n_way * shots), n_way)
+  pool = np.where(shot < k_shot, cls * k_shot + shot,
+                  n_way * k_shot + cls * q_query + shot - k_shot)
+  return pool[np.arange(steps * batch_size) % pool.size].reshape(
+      steps, batch_size)
+
+
+def reptile_minibatches(tasks: Task, n_way: int, shots: int,
+                        batch_size: int, steps: int) -> Task:
+  """Reptile's training mini-batches from a batch of N-way tasks.
+
+  Replaces each task's support set by ``steps`` mini-batches of
+  ``batch_size`` images, drawn from the first ``shots`` images per class of
+  the task's support and query sets (:func:`reptile_minibatch_rows`): leaves
+  ``[n_tasks, steps, batch_size, ...]``, for
+  ``imaml_jax.reptile(..., minibatches=True)``. The query set is kept for
+  metrics. Reptile's commands train on 10 images per class in mini-batches
+  of 10 (5-way) or 20 (20-way) (``openai/supervised-reptile``, README); it
+  shuffles the images, where this reads them in a fixed order across the
+  classes, which the random draw of a task's images already makes random.
+
+  Args:
+    tasks: a batch of tasks from :func:`sample_tasks` (class-major support
+      and query sets, the task index as the leading axis).
+    n_way: classes per task.
+    shots: training images per class, at most ``k_shot + q_query``.
+    batch_size: images per mini-batch.
+    steps: mini-batches (one per inner step).
+
+  Example:
+    >>> import jax, numpy as np
+    >>> from imaml_jax import data
+    >>> images = np.zeros((10, 20, 28, 28, 1), np.uint8)
+    >>> tasks = data.sample_tasks(jax.random.key(0), images, 5, 1, 15, 2)
+    >>> batches = data.reptile_minibatches(tasks, 5, shots=10, batch_size=10,
+    ...                                    steps=5)
+    >>> batches.support[0].shape, batches.support[1].shape
+    ((2, 5, 10, 28, 28, 1), (2, 5, 10))
+  """
+  x_support = jax.tree_util.tree_leaves(tasks.support)[0]
+  x_query = jax.tree_util.tree_leaves(tasks.query)[0]
+  k_shot, rem_k = divmod(x_support.shape[1], n_way)
+  q_query, rem_q = divmod(x_query.shape[1], n_way)
+  if rem_k or rem_q:
+    raise ValueError(f"a task's {x_support.shape[1]} support and "
+                     f"{x_query.shape[1]} query examples are not a multiple "
+                     f"of n_way = {n_way}.")
+  rows = jnp.asarray(reptile_minibatch_rows(n_way, k_shot, q_query, shots,
+                                            batch_size, steps))
+  support = jax.tree_util.tree_map(
+      lambda s, q: jnp.concatenate([s, q], axis=1)[:, rows],
+      tasks.support, tasks.query)
+  return Task(support=support, query=tasks.query)

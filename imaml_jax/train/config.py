@@ -80,12 +80,20 @@ states one):
   counterpart here. On mini-ImageNet: 5 steps of size 0.01, 10 at
   evaluation, meta-batch 4 [F] (the stated value, not rescaled; on the mean
   loss the reference code's step would be 0.05).
-* Reptile: 5 inner steps for training (8 on mini-ImageNet) and 50 for
-  evaluation, meta-batch 5, 100,000 meta-steps, outer SGD with step size 1.0
-  annealed linearly to 0 [N]. Nichol et al. use Adam (lr 1e-3) inside each
-  task; the library's inner loops are gradient based, so plain gradient descent
-  with the iMAML inner learning rate (0.1, and 0.01 on mini-ImageNet) stands
-  in for it [D].
+* Reptile: Adam inside each task with ``b1 = 0`` (``inner="adam"``,
+  ``imaml_jax.adam``), learning rate 1e-3 (5e-4 at 20-way), 5 inner steps
+  for training (10 at 20-way, 8 on mini-ImageNet) and 50 for evaluation,
+  meta-batch 5, 100,000 meta-steps (200,000 at 20-way), outer SGD with step
+  size 1.0 annealed linearly to 0 [N] (the commands of
+  ``openai/supervised-reptile``'s README; ``DEFAULT_OPTIMIZER`` in
+  ``supervised_reptile/models.py``); meta-training adapts on 10 images per
+  class (``--train-shots 10``, 15 on mini-ImageNet) in mini-batches of 10
+  (``--inner-batch``; 20 at 20-way), ``reptile_train_shots`` and
+  ``reptile_inner_batch``. Two differences remain [D]: its Adam moments
+  carry over from task to task, where ``imaml_jax.adam`` starts each task
+  afresh; and it shuffles a task's training images, where
+  ``imaml_jax.data.reptile_minibatches`` reads them in a fixed order across
+  the classes (the images themselves are a random draw).
 * iMAML on mini-ImageNet: the paper gives no inner settings for Table 3; the
   Omniglot iMAML settings are kept with the inner learning rate of MAML's
   mini-ImageNet runs, 0.01 [D].
@@ -131,7 +139,7 @@ from imaml_jax import models
 
 DATASETS = ("omniglot", "miniimagenet", "sinusoid")
 ALGORITHMS = ("imaml", "maml", "fomaml", "reptile")
-INNER_SOLVERS = ("gd", "nesterov", "hessian_free", "gd_then_pull_back")
+INNER_SOLVERS = ("gd", "nesterov", "hessian_free", "gd_then_pull_back", "adam")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "linear")
 OMNIGLOT_DRAWINGS = 20  # drawings per Omniglot character
@@ -174,12 +182,14 @@ class Config:
       ``((1 + r) I + H/(lam + d)) g = v`` (the authors' code: 1.0); 0 with
       ``lam_damping`` 0 is the paper's ``I + H/lam``. iMAML only.
     lam_damping: ``d >= 0`` of that system (the authors' code: 10.0).
-    inner: inner solver, ``"gd"``, ``"nesterov"``, ``"hessian_free"`` or
+    inner: inner solver, ``"gd"``, ``"nesterov"``, ``"hessian_free"``,
       ``"gd_then_pull_back"`` (the authors' loop: ``inner_steps`` steps on
       the support loss alone, then one step on the proximal term; iMAML
-      only, see ``imaml_jax.gd_then_pull_back``).
+      only, see ``imaml_jax.gd_then_pull_back``) or ``"adam"`` (Reptile's:
+      ``imaml_jax.adam`` with ``b1 = 0``, ``b2 = 0.999``, ``eps = 1e-8``).
     inner_steps: inner steps (Newton steps for ``hessian_free``).
-    inner_lr: inner learning rate (``gd``, ``nesterov``).
+    inner_lr: inner learning rate (``gd``, ``nesterov``,
+      ``gd_then_pull_back``, ``adam``).
     inner_backtrack: ``gd`` rejects steps that do not decrease the inner
       objective and halves its step size (``imaml_jax.gd(backtrack=True)``).
     inner_momentum: momentum of ``nesterov``.
@@ -187,6 +197,13 @@ class Config:
     eval_inner_steps: inner steps when adapting to validation and test tasks;
       0 means ``inner_steps``.
     maml_remat: rematerialise MAML's inner steps (less memory).
+    reptile_train_shots: Reptile trains on this many images per class of
+      each task (the support images, then the query's; at most ``k_shot +
+      q_query``), ``reptile_inner_batch`` of them an inner step
+      (``imaml_jax.data.reptile_minibatches``); 0 adapts on the support set
+      in one batch. Evaluation always adapts on the support set.
+    reptile_inner_batch: images per Reptile inner step (with
+      ``reptile_train_shots``).
     optimizer: outer optimizer, ``"adam"`` or ``"sgd"``.
     adam_eps: Adam's ``eps`` (optax's default 1e-8; the authors' code uses
       1e-3, which shrinks the steps of coordinates whose gradients are
@@ -245,6 +262,8 @@ class Config:
   hf_cg_steps: int = 5
   eval_inner_steps: int = 0
   maml_remat: bool = False
+  reptile_train_shots: int = 0
+  reptile_inner_batch: int = 0
   # Outer loop.
   optimizer: str = "adam"
   adam_eps: float = 1e-8
@@ -274,6 +293,27 @@ def _choice(name: str, value: str, choices: Iterable[str]) -> None:
                       f"{value!r}.")
 
 
+def _check_reptile_minibatches(config: Config) -> None:
+  if config.algorithm != "reptile" or config.dataset == "sinusoid":
+    raise ConfigError(
+        "reptile_train_shots and reptile_inner_batch apply to "
+        "algorithm='reptile' on Omniglot or mini-ImageNet; got "
+        f"algorithm={config.algorithm!r}, dataset={config.dataset!r}.")
+  if not (config.reptile_train_shots and config.reptile_inner_batch):
+    raise ConfigError(
+        "reptile_train_shots and reptile_inner_batch go together; got "
+        f"{config.reptile_train_shots} and {config.reptile_inner_batch}.")
+  if config.reptile_train_shots > config.k_shot + config.q_query:
+    raise ConfigError(
+        f"reptile_train_shots = {config.reptile_train_shots} is more than "
+        f"a task's k_shot + q_query = {config.k_shot} + {config.q_query}.")
+  if config.inner not in ("gd", "adam") or config.inner_backtrack:
+    raise ConfigError(
+        "Reptile's mini-batches need inner='adam' or inner='gd' without "
+        f"inner_backtrack; got inner={config.inner!r}"
+        + (" with inner_backtrack." if config.inner_backtrack else "."))
+
+
 def validate(config: Config) -> Config:
   """Checks every field's value; returns ``config`` unchanged.
 
@@ -299,7 +339,8 @@ def validate(config: Config) -> Config:
              "val_every": 0,
              "val_tasks": 1, "test_tasks": 1, "eval_chunk": 1,
              "checkpoint_every": 0, "keep_checkpoints": 1,
-             "max_consecutive_skips": 1}
+             "max_consecutive_skips": 1, "reptile_train_shots": 0,
+             "reptile_inner_batch": 0}
   for field, low in minimum.items():
     value = getattr(config, field)
     if value < low:
@@ -324,6 +365,8 @@ def validate(config: Config) -> Config:
     raise ConfigError(f"inner='gd_then_pull_back' applies to algorithm='imaml' "
                       f"only (it pulls back towards theta with lam); got "
                       f"algorithm={config.algorithm!r}.")
+  if config.reptile_train_shots or config.reptile_inner_batch:
+    _check_reptile_minibatches(config)
   if config.network != "standard" and config.dataset == "sinusoid":
     raise ConfigError(f"network={config.network!r} is a conv net; the "
                       "sinusoid dataset has one network only.")
@@ -377,9 +420,12 @@ def _table_config(base: Config, suffix: str, n_way: int,
         meta_steps=60_000)
   if suffix == "reptile":
     return dataclasses.replace(
-        base, algorithm="reptile", inner="gd", inner_steps=reptile_steps,
-        eval_inner_steps=50, inner_lr=inner_lr, optimizer="sgd", meta_lr=1.0,
-        lr_schedule="linear", meta_batch=5, meta_steps=100_000)
+        base, algorithm="reptile", inner="adam", inner_steps=reptile_steps,
+        eval_inner_steps=50, inner_lr=5e-4 if n_way > 5 else 1e-3,
+        optimizer="sgd", meta_lr=1.0, lr_schedule="linear", meta_batch=5,
+        meta_steps=200_000 if n_way > 5 else 100_000,
+        reptile_train_shots=15 if base.dataset == "miniimagenet" else 10,
+        reptile_inner_batch=20 if n_way > 5 else 10)
   raise AssertionError(suffix)
 
 
@@ -408,7 +454,8 @@ def _build_registry() -> None:
       _register(dataclasses.replace(
           _table_config(base, suffix, n_way,
                         inner_lr=0.05 if suffix == "imaml_gd" else 0.1,
-                        reptile_steps=5, **maml), name=name))
+                        reptile_steps=5 if n_way == 5 else 10, **maml),
+          name=name))
     _register(dataclasses.replace(
         _authors_config(base, n_way),
         name=f"omniglot_{n_way}w{k_shot}s_imaml_gd_authors"))
@@ -595,7 +642,8 @@ def to_dict(config: Config) -> dict[str, Any]:
 # runs stored before them did. A stored config may lack these (and only these).
 _ADDED_FIELDS = {"task_chunk": 0, "inner_backtrack": False, "adam_eps": 1e-8,
                  "cg_damping": 0.0, "lam_damping": 0.0, "network": "standard",
-                 "adapt_norm": True}
+                 "adapt_norm": True, "reptile_train_shots": 0,
+                 "reptile_inner_batch": 0}
 
 
 def from_dict(values: Mapping[str, Any]) -> Config:

@@ -97,6 +97,8 @@ def inner_solver(config: config_lib.Config, steps: int) -> im.InnerSolver:
     return im.nesterov(steps, config.inner_lr, config.inner_momentum)
   if config.inner == "gd_then_pull_back":
     return im.gd_then_pull_back(steps, config.inner_lr)
+  if config.inner == "adam":
+    return im.adam(steps, config.inner_lr, b1=0.0)
   return im.hessian_free(steps, config.hf_cg_steps)
 
 
@@ -117,7 +119,8 @@ def algorithm(config: config_lib.Config, *,
     return im.maml(inner, remat=config.maml_remat, adapts=adapts)
   if config.algorithm == "fomaml":
     return im.fomaml(inner, adapts=adapts)
-  return im.reptile(inner)
+  return im.reptile(inner, minibatches=bool(config.reptile_train_shots
+                                           and not evaluation))
 
 
 def optimizer(config: config_lib.Config) -> optax.GradientTransformation:
@@ -208,9 +211,23 @@ def sampler(config: config_lib.Config) -> Callable:
   if config.dataset == "sinusoid":
     return lambda key, _: data_lib.sinusoid_tasks(
         key, config.meta_batch, config.k_shot, config.q_query)
-  return lambda key, images: data_lib.sample_tasks(
+  return lambda key, images: training_tasks(config, data_lib.sample_tasks(
       key, images, config.n_way, config.k_shot, config.q_query,
-      config.meta_batch)
+      config.meta_batch))
+
+
+def training_tasks(config: config_lib.Config, tasks: im.Task) -> im.Task:
+  """Sampled N-way tasks as the training algorithm takes them.
+
+  Reptile with ``reptile_train_shots`` adapts on mini-batches of each task's
+  support and query images (:func:`imaml_jax.data.reptile_minibatches`);
+  every other run takes the tasks as they are.
+  """
+  if not config.reptile_train_shots:
+    return tasks
+  return data_lib.reptile_minibatches(
+      tasks, config.n_way, config.reptile_train_shots,
+      config.reptile_inner_batch, config.inner_steps)
 
 
 def evaluation_chunks(config: config_lib.Config, images, n_tasks: int,

@@ -173,8 +173,12 @@ def task_sampler(exp: exp_lib.Experiment, mesh=None) -> Callable:
   config = exp.config
   if config.dataset == "sinusoid":
     return lambda key, data: im.constrain_tasks(exp.sample(key, data), mesh)
-  return im.data.make_sharded_sampler(mesh, config.n_way, config.k_shot,
-                                      config.q_query, config.meta_batch)
+  sample = im.data.make_sharded_sampler(mesh, config.n_way, config.k_shot,
+                                        config.q_query, config.meta_batch)
+  if not config.reptile_train_shots:
+    return sample
+  return lambda key, data: im.constrain_tasks(
+      exp_lib.training_tasks(config, sample(key, data)), mesh)
 
 
 def make_train_step(exp: exp_lib.Experiment, mesh=None) -> Callable:
