@@ -18,13 +18,21 @@ learning rate asked for, and reports per task
     curvature.
 
 Gradient descent on the proximal objective is stable only for
-``lr < 2 / (lam * eig_max)``, which the script prints too.
+``lr < 2 / (lam * eig_max)``, which the script prints too, with the
+proximal objective's value at the adapted parameters.
+
+``--inner hessian_free_plain_cg`` adapts with iMAML-HF's Newton-CG instead
+(``--inner-steps`` Newton steps of ``--hf-cg-steps`` CG iterations, CG
+taking every step as ``jax.scipy``'s does: the library's default);
+``--inner hessian_free`` stops its CG at negative curvature.
 
     python benchmarks/curvature.py                      # 5-way 1-shot, init
     python benchmarks/curvature.py --inner-lr 0.1 0.05 --tasks 16
     python benchmarks/curvature.py --workdir runs/o5w1s  # trained parameters
     python benchmarks/curvature.py --checkpoint runs/o5w1s/checkpoints/checkpoint_000001000.ckpt \
         --inner-lr 0.05 --backtrack --tag o5w1s_step1000
+    python benchmarks/curvature.py --inner hessian_free hessian_free_plain_cg \
+        --inner-steps 5 --workdir runs/omniglot_5w1s_imaml_hf --tag hf
     python benchmarks/curvature.py --quick              # synthetic images
 
 Writes ``benchmarks/results/curvature_<tag>.{csv,json}``.
@@ -79,19 +87,31 @@ def task_statistics(scalar_loss, theta, task, lam, inner, iterations):
   grad_norm = jnp.linalg.norm(
       ravel_pytree(jax.grad(objective)(phi))[0])
   return {"eig_max": top, "eig_min": bottom, "inner_grad_norm": grad_norm,
+          "objective": objective(phi),
           "cg5_residual": plain.residual,
           "cg5_guarded_residual": guarded.residual}
 
 
+INNER_SOLVERS = ("gd", "hessian_free", "hessian_free_plain_cg")
+
+
+def inner_solver(name: str, steps: int, lr: float, backtrack: bool,
+                 hf_cg_steps: int) -> im.InnerSolver:
+  """The inner loop named by ``--inner``."""
+  if name == "gd":
+    return im.gd(steps, lr, backtrack=backtrack)
+  return im.hessian_free(steps, hf_cg_steps, stop_at_negative_curvature=(
+      name == "hessian_free"))
+
+
 @functools.lru_cache(maxsize=None)
-def batch_statistics(n_way: int, lam: float, inner_steps: int, lr: float,
-                     backtrack: bool, iterations: int):
+def batch_statistics(n_way: int, lam: float, inner: im.InnerSolver,
+                     iterations: int):
   """``f(theta, tasks)``: :func:`task_statistics` of every task, jit-compiled
   once per setting (the meta-parameters are an argument, so the checkpoints
   of a run share one compilation)."""
   loss_fn = models.classification_loss(models.omniglot_convnet(n_way))
   scalar = lambda p, batch: loss_fn(p, batch)[0]
-  inner = im.gd(inner_steps, lr, backtrack=backtrack)
   return jax.jit(jax.vmap(
       lambda theta, task: task_statistics(scalar, theta, task, lam, inner,
                                           iterations), in_axes=(None, 0)))
@@ -114,7 +134,12 @@ def main(argv=None):
   parser.add_argument("--q-query", type=int, default=15)
   parser.add_argument("--lam", type=float, default=2.0)
   parser.add_argument("--inner-steps", type=int, default=16)
-  parser.add_argument("--inner-lr", type=float, nargs="+", default=[0.1, 0.05])
+  parser.add_argument("--inner-lr", type=float, nargs="+", default=[0.1, 0.05],
+                      help="GD step sizes, one row each (--inner gd)")
+  parser.add_argument("--inner", nargs="+", choices=INNER_SOLVERS,
+                      default=["gd"], help="inner loops, one row each")
+  parser.add_argument("--hf-cg-steps", type=int, default=5,
+                      help="CG iterations per Newton step (hessian_free)")
   parser.add_argument("--tasks", type=int, default=8)
   parser.add_argument("--iterations", type=int, default=60,
                       help="power-iteration products per eigenvalue")
@@ -154,12 +179,17 @@ def main(argv=None):
   source = args.checkpoint or args.workdir or "initialisation"
   rows = []
   print(f"{args.n_way}-way {args.k_shot}-shot, lam {args.lam}, "
-        f"{args.inner_steps} GD steps, parameters: {source}")
-  for lr in args.inner_lr:
-    stats = batch_statistics(args.n_way, args.lam, args.inner_steps, lr,
-                             args.backtrack, args.iterations)(theta, tasks)
+        f"{args.inner_steps} inner steps, parameters: {source}")
+  settings = [(name, lr) for name in args.inner
+              for lr in (args.inner_lr if name == "gd" else [0.0])]
+  for name, lr in settings:
+    inner = inner_solver(name, args.inner_steps, lr, args.backtrack,
+                         args.hf_cg_steps)
+    stats = batch_statistics(args.n_way, args.lam, inner,
+                             args.iterations)(theta, tasks)
     stats = {k: np.asarray(v) for k, v in stats.items()}
-    row = {"inner_lr": lr, "tasks": args.tasks, "parameters": source,
+    row = {"inner": inner.name, "inner_lr": lr, "tasks": args.tasks,
+           "parameters": source,
            "indefinite_fraction": float(np.mean(stats["eig_min"] <= 0)),
            "stable_lr_bound": float(2 / (args.lam * stats["eig_max"].max()))}
     for key, values in stats.items():
@@ -167,7 +197,8 @@ def main(argv=None):
       row[f"{key}_min"] = float(values.min())
       row[f"{key}_max"] = float(values.max())
     rows.append(row)
-    print(f"lr {lr:g}: eig(I + H/lam) in [{row['eig_min_min']:.2f}, "
+    print(f"{inner.name}: objective median {row['objective_median']:.3f}; "
+          f"eig(I + H/lam) in [{row['eig_min_min']:.2f}, "
           f"{row['eig_max_max']:.2f}], indefinite on "
           f"{100 * row['indefinite_fraction']:.0f}% of tasks; "
           f"|grad| median {row['inner_grad_norm_median']:.3f}; CG(5) residual "

@@ -134,9 +134,14 @@ def test_scaling_quick(quick_run):
 def test_curvature_quick(quick_run):
   _, out = quick_run("curvature")
   result = json.loads((out / "curvature_5w1s_quick.json").read_text())
-  row, = result["rows"]
-  assert row["eig_max_max"] >= row["eig_min_min"]
-  assert 0.0 <= row["indefinite_fraction"] <= 1.0
+  gd, hf = result["rows"]
+  assert gd["inner"] == "gd(steps=4, lr=0.1)"
+  assert hf["inner"] == (
+      "hessian_free(steps=4, cg_steps=5, stop_at_negative_curvature)")
+  for row in (gd, hf):
+    assert row["eig_max_max"] >= row["eig_min_min"]
+    assert 0.0 <= row["indefinite_fraction"] <= 1.0
+    assert row["objective_median"] > 0
 
 
 def test_tables_quick_trains_omniglot_end_to_end(quick_run):

@@ -24,6 +24,8 @@ def proximal_linreg(seed, lam=2.0):
     (im.gd(steps=200, lr=0.2, backtrack=True), 1e-12),
     (im.nesterov(steps=100, lr=0.2, momentum=0.5), 1e-12),
     (im.hessian_free(steps=3, cg_steps=5), 1e-12),
+    (im.hessian_free(steps=3, cg_steps=5, stop_at_negative_curvature=True),
+     1e-12),
 ])
 def test_inner_solvers_reach_the_closed_form_proximal_point(x64, inner, tol):
   objective, theta, phi = proximal_linreg(0)
@@ -300,3 +302,24 @@ def test_fixed_objective_solvers_refuse_minibatches(inner):
   objective, _, _ = minibatch_linreg()
   with pytest.raises(TypeError, match="only im.gd .* and im.adam"):
     inner.run(objective, jnp.zeros(5))
+
+
+def test_hessian_free_cg_stopping_at_negative_curvature(x64):
+  # f = x^2/2 - y^2/20 + y^4/4 at (1, 0.1): H = diag(1, -0.07) is
+  # indefinite. CG's second direction runs along y, a direction of negative
+  # curvature: plain CG takes it and returns Newton's -H^{-1} g (a descent
+  # direction here, towards the saddle at y = 0); stopping there keeps CG's
+  # first iterate, the Cauchy step along -g.
+  f = lambda x: 0.5 * x[0] ** 2 - 0.05 * x[1] ** 2 + 0.25 * x[1] ** 4
+  x0 = jnp.array([1.0, 0.1])
+  g = np.array([1.0, -0.1 * 0.1 + 0.1 ** 3])
+  h = np.diag([1.0, -0.1 + 3 * 0.1 ** 2])
+  newton = np.asarray(x0) - np.linalg.solve(h, g)
+  cauchy = np.asarray(x0) - (g @ g) / (g @ h @ g) * g
+  plain = im.hessian_free(1, 2).run(f, x0)
+  guarded = im.hessian_free(1, 2, stop_at_negative_curvature=True).run(f, x0)
+  np.testing.assert_allclose(plain, newton, rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(guarded, cauchy, rtol=1e-12, atol=1e-14)
+  assert rel_err(plain, guarded) > 0.1
+  assert im.hessian_free(1, 2, stop_at_negative_curvature=True).name == (
+      "hessian_free(steps=1, cg_steps=2, stop_at_negative_curvature)")
