@@ -326,7 +326,9 @@ def reptile_minibatches(tasks: Task, n_way: int, shots: int,
   the task's support and query sets (:func:`reptile_minibatch_rows`): leaves
   ``[n_tasks, steps, batch_size, ...]``, for
   ``imaml_jax.reptile(..., minibatches=True)``. The query set is kept for
-  metrics. Reptile's commands train on 10 images per class in mini-batches
+  metrics; the first ``shots - k_shot`` query images per class are then
+  also training images, so the training metrics measure fit, and only
+  validation and test tasks measure adaptation. Reptile's commands train on 10 images per class in mini-batches
   of 10 (5-way) or 20 (20-way) (``openai/supervised-reptile``, README); it
   shuffles the images, where this reads them in a fixed order across the
   classes, which the random draw of a task's images already makes random.
