@@ -90,6 +90,7 @@ def test_reptile_configs_follow_the_reptile_commands(name, steps, lr,
 def test_reptile_training_tasks_are_its_minibatches():
   import jax
   import numpy as np
+  import imaml_jax as im
   from imaml_jax.train import experiment
   cfg = config_lib.apply_overrides(
       config_lib.get_config("omniglot_5w1s_reptile"), ["meta_batch=2"])
@@ -97,6 +98,13 @@ def test_reptile_training_tasks_are_its_minibatches():
   tasks = experiment.sampler(cfg)(jax.random.key(0), images)
   assert tasks.support[0].shape == (2, 5, 10, 2, 2, 1)
   assert tasks.query[0].shape == (2, 75, 2, 2, 1)
+  # The sampler of a device mesh gives the same mini-batches.
+  from imaml_jax.train import train
+  exp = experiment.build(cfg, experiment.Data(images, images, images))
+  sharded = jax.jit(train.task_sampler(exp, im.task_mesh(1)))(
+      jax.random.key(0), exp.data.train)
+  np.testing.assert_array_equal(sharded.support[0], tasks.support[0])
+  np.testing.assert_array_equal(sharded.support[1], tasks.support[1])
   plain = config_lib.apply_overrides(cfg, ["reptile_train_shots=0",
                                            "reptile_inner_batch=0"])
   assert experiment.sampler(plain)(jax.random.key(0),
