@@ -97,8 +97,9 @@ class MinibatchObjective:
 
   ``batches`` is a pytree whose leaves carry a leading axis of ``M``
   mini-batches; step ``t`` (from 0) of a solver uses mini-batch ``t mod M``.
-  This is Reptile's inner loop (Nichol et al. 2018, Algorithm 2; ``--train-
-  shots`` images per class, ``--inner-batch`` of them a step). Only
+  This is Reptile's inner loop (Nichol et al. 2018; ``--train-shots``
+  images per class, ``--inner-batch`` of them a step, in the
+  ``openai/supervised-reptile`` code). Only
   :func:`gd` (without ``backtrack``) and :func:`adam` accept it: the other
   solvers compare values of one fixed objective, and calling this one raises.
 
@@ -177,10 +178,11 @@ def gd(steps: int = 16, lr: float = 0.1, *, backtrack: bool = False,
   ulps of slack for rounding near the minimiser (``epsilon`` the machine
   epsilon): a step that does not decrease ``f`` enough (or gives a
   non-finite value) is rejected and the step size shrinks for the rest of the
-  loop. The objective never increases (beyond rounding), and while every step is accepted the
-  iterates are those of plain gradient descent. Without ``backtrack`` it
-  accepts a :class:`MinibatchObjective` (step ``t`` on mini-batch ``t``). Each step costs one
-  ``value_and_grad``, as a plain step costs one ``grad``, plus one at ``x_0``.
+  loop. The objective never increases (beyond rounding), and while every
+  step is accepted the iterates are those of plain gradient descent. Each
+  step costs one ``value_and_grad``, as a plain step costs one ``grad``,
+  plus one at ``x_0``. Without ``backtrack`` it accepts a
+  :class:`MinibatchObjective` (step ``t`` on mini-batch ``t``).
 
   Args:
     steps: number of steps (rejected ones included).
