@@ -116,14 +116,24 @@ def test_reptile_training_tasks_are_its_minibatches():
                             "reptile_inner_batch=10"],
      "apply to algorithm='reptile' on Omniglot or mini-ImageNet"),
     ("omniglot_5w1s_reptile", ["reptile_inner_batch=0"], "go together"),
-    ("omniglot_5w1s_reptile", ["reptile_train_shots=17"],
-     "more than a task's k_shot \\+ q_query = 1 \\+ 15"),
     ("omniglot_5w1s_reptile", ["inner=nesterov"],
      "need inner='adam' or inner='gd' without inner_backtrack"),
 ])
 def test_reptile_minibatch_options_are_checked(name, overrides, message):
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.apply_overrides(config_lib.get_config(name), overrides)
+
+
+def test_reptile_train_shots_must_fit_a_training_task_not_a_test_task():
+  cfg = config_lib.get_config("omniglot_5w1s_reptile")
+  # One query image per class is a valid test (the authors' protocol) ...
+  test = config_lib.apply_overrides(cfg, ["q_query=1"])
+  # ... but not a training task for 10 images per class.
+  with pytest.raises(config_lib.ConfigError, match=(
+      "reptile_train_shots = 10 is more than a task's k_shot \\+ q_query "
+      "= 1 \\+ 1")):
+    config_lib.check_training(test)
+  config_lib.check_training(cfg)
 
 
 @pytest.mark.parametrize("setting, steps", [

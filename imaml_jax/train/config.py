@@ -309,15 +309,27 @@ def _check_reptile_minibatches(config: Config) -> None:
     raise ConfigError(
         "reptile_train_shots and reptile_inner_batch go together; got "
         f"{config.reptile_train_shots} and {config.reptile_inner_batch}.")
-  if config.reptile_train_shots > config.k_shot + config.q_query:
-    raise ConfigError(
-        f"reptile_train_shots = {config.reptile_train_shots} is more than "
-        f"a task's k_shot + q_query = {config.k_shot} + {config.q_query}.")
   if config.inner not in ("gd", "adam") or config.inner_backtrack:
     raise ConfigError(
         "Reptile's mini-batches need inner='adam' or inner='gd' without "
         f"inner_backtrack; got inner={config.inner!r}"
         + (" with inner_backtrack." if config.inner_backtrack else "."))
+
+
+def check_training(config: Config) -> None:
+  """Checks what only meta-training needs (``validate`` checks the rest).
+
+  Reptile's ``reptile_train_shots`` must fit in a training task's
+  ``k_shot + q_query`` images per class; ``q_query`` is also a test-time
+  field, which a test with fewer query images may lower.
+
+  Raises:
+    ConfigError: naming the problem.
+  """
+  if config.reptile_train_shots > config.k_shot + config.q_query:
+    raise ConfigError(
+        f"reptile_train_shots = {config.reptile_train_shots} is more than "
+        f"a task's k_shot + q_query = {config.k_shot} + {config.q_query}.")
 
 
 def validate(config: Config) -> Config:

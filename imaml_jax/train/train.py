@@ -570,6 +570,7 @@ def train_and_evaluate(config: config_lib.Config,
   if time_budget_s is not None and not time_budget_s > 0:
     raise config_lib.ConfigError(
         f"time_budget_s must be positive, got {time_budget_s!r}.")
+  config_lib.check_training(config)
   if mesh is None:
     mesh = make_mesh(config)
   workdir, data_dir, latest = prepare(config, workdir, data_dir, mesh)
