@@ -105,13 +105,15 @@ def inner_solver(name: str, steps: int, lr: float, backtrack: bool,
 
 
 @functools.lru_cache(maxsize=None)
-def batch_statistics(n_way: int, lam: float, inner: im.InnerSolver,
+def batch_statistics(n_way: int, lam: float, inner_name: str, steps: int,
+                     lr: float, backtrack: bool, hf_cg_steps: int,
                      iterations: int):
   """``f(theta, tasks)``: :func:`task_statistics` of every task, jit-compiled
   once per setting (the meta-parameters are an argument, so the checkpoints
-  of a run share one compilation)."""
+  of a run, e.g. ``stability_diagnostics.py``, share one compilation)."""
   loss_fn = models.classification_loss(models.omniglot_convnet(n_way))
   scalar = lambda p, batch: loss_fn(p, batch)[0]
+  inner = inner_solver(inner_name, steps, lr, backtrack, hf_cg_steps)
   return jax.jit(jax.vmap(
       lambda theta, task: task_statistics(scalar, theta, task, lam, inner,
                                           iterations), in_axes=(None, 0)))
@@ -185,7 +187,8 @@ def main(argv=None):
   for name, lr in settings:
     inner = inner_solver(name, args.inner_steps, lr, args.backtrack,
                          args.hf_cg_steps)
-    stats = batch_statistics(args.n_way, args.lam, inner,
+    stats = batch_statistics(args.n_way, args.lam, name, args.inner_steps,
+                             lr, args.backtrack, args.hf_cg_steps,
                              args.iterations)(theta, tasks)
     stats = {k: np.asarray(v) for k, v in stats.items()}
     row = {"inner": inner.name, "inner_lr": lr, "tasks": args.tasks,
