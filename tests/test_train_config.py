@@ -55,7 +55,7 @@ def test_baseline_settings():
   assert config_lib.get_config("miniimagenet_5w1s_maml").inner_lr == 0.01
   hf = config_lib.get_config("omniglot_5w1s_imaml_hf")
   assert (hf.inner, hf.inner_steps, hf.hf_cg_steps, hf.adam_eps) == (
-      "hessian_free", 5, 5, 1e-3)
+      "hessian_free", 20, 5, 1e-3)
   assert maml5.adam_eps == maml20.adam_eps == 1e-8    # optax's default.
   rep = config_lib.get_config("miniimagenet_5w1s_reptile")
   assert (rep.optimizer, rep.lr_schedule, rep.eval_inner_steps) == (
