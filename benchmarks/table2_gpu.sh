@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Table 2's 20-way cells on one GPU, at one equal budget per column, every
+# cell of a column trained side by side under the same time budget, then
+# tested under both protocols. The counterpart of table2_cpu.sh for the
+# columns a 2-core CPU cannot train (20-way 5-shot runs at 0.8 tasks/s there).
+#
+#   IMAML_OMNIGLOT_DIR=... bash benchmarks/table2_gpu.sh OUT_DIR [BUDGET_S] [CELL ...]
+#   bash benchmarks/table2_gpu.sh /tmp/t2 300                       # all 9 cells
+#   bash benchmarks/table2_gpu.sh /tmp/t2 300 20w1s_imaml_gd 20w1s_maml
+#
+# Budget of a column (the same for every row; meta lr decays linearly to 0 over
+# it, as in the CPU columns; meta-batch 16 is MAML's 20-way value):
+#   20-way 1-shot: 2,000 meta-steps at meta-batch 16 (iMAML-GD, its authors'
+#                  recipe, iMAML-HF, MAML, first-order MAML, Reptile)
+#   20-way 5-shot: 1,000 meta-steps at meta-batch 16 (iMAML-GD, its authors'
+#                  recipe, MAML)
+# Each run stops at BUDGET_S seconds of training (default 300) if it has not
+# reached its meta-steps; tables.py then marks its cell with '*'. Compiling,
+# testing and packing add at most 280 s: the whole script stays under ten
+# minutes at the default. Each run is
+# tested on the 600 test tasks (our protocol) and with imaml-eval --protocol
+# authors; its work directory (last checkpoint only) is packed into
+# OUT_DIR/omniglot_CELL.tar.gz. Unpacked into benchmarks/runs/, tables.py
+# shows the cells beside the CPU ones, the device in the budget table:
+#   for f in OUT_DIR/*.tar.gz; do tar -xzf "$f" -C benchmarks/runs; done
+#   python benchmarks/tables.py --runs benchmarks/runs --out benchmarks/results --tag _cpu
+# A stopped cell resumes from its last checkpoint when its archive is unpacked
+# into OUT_DIR before the script runs again:
+#   for f in OUT_DIR/*.tar.gz; do tar -xzf "$f" -C OUT_DIR; done
+# TABLE2_GPU_QUICK=1 shrinks every run to a smoke test (a dry run on a CPU:
+# two cells at 2 meta-steps, tested on 10 tasks, took 3 minutes on one core).
+set -u
+out=${1:?usage: table2_gpu.sh OUT_DIR [BUDGET_S] [CELL ...]}
+budget=${2:-300}
+shift $(( $# >= 2 ? 2 : 1 ))
+cells=("$@")
+if [ ${#cells[@]} -eq 0 ]; then
+  cells=(20w1s_imaml_gd 20w1s_imaml_gd_authors 20w1s_imaml_hf 20w1s_maml
+         20w1s_fomaml 20w1s_reptile 20w5s_imaml_gd 20w5s_imaml_gd_authors
+         20w5s_maml)
+fi
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+# Nine processes share the device: each may take 1/10 of its memory (14 GB on
+# an H200; 20-way 5-shot iMAML-GD peaks near 4 GB at meta-batch 32).
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.1}
+py=${PYTHON:-python3}
+quick=${TABLE2_GPU_QUICK:-0}
+eval_tasks=600
+[ "$quick" = 1 ] && eval_tasks=10
+
+budget_of() {  # the column's overrides of a cell
+  if [ "$quick" = 1 ]; then
+    echo "meta_steps=2 meta_batch=2 val_every=0 test_tasks=10 eval_chunk=10"
+    return
+  fi
+  case "$1" in
+    20w1s_*) echo "meta_steps=2000 meta_batch=16 val_every=500" ;;
+    20w5s_*) echo "meta_steps=1000 meta_batch=16 val_every=250" ;;
+    *) echo "table2_gpu.sh: no GPU budget for $1 (20-way cells only)" >&2
+       return 1 ;;
+  esac
+}
+
+for cell in "${cells[@]}"; do  # refuse a bad cell before any device work
+  budget_of "$cell" > /dev/null || exit 2
+done
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
+    2>/dev/null || echo "nvidia-smi: not available"
+  "$py" -c "import jax; print('jax', jax.__version__, jax.devices())"
+} 2>&1 | tee "$out/device.txt"
+
+run() {  # run CELL: train, test under both protocols, pack.
+  local cell=$1 name=omniglot_$1
+  local dir="$out/$name" log="$out/$name.log"
+  # shellcheck disable=SC2046
+  timeout --signal=INT --kill-after=10 $((budget + 170)) "$py" -m imaml_jax \
+    train "$name" --workdir "$dir" --no-progress --time-budget "$budget" \
+    --set lr_schedule=linear log_every=50 checkpoint_every=0 \
+    keep_checkpoints=1 $(budget_of "$cell") > "$log" 2>&1
+  echo "$name: train exit $?" >> "$log"
+  timeout --signal=INT --kill-after=10 80 "$py" -m imaml_jax eval \
+    --workdir "$dir" --protocol authors --tasks "$eval_tasks" >> "$log" 2>&1
+  echo "$name: authors' protocol exit $?" >> "$log"
+  [ -d "$dir" ] || return
+  cp "$log" "$dir/"
+  tar -czf "$out/$name.tar.gz" -C "$out" "$name" && rm -rf "${dir:?}"
+}
+
+for cell in "${cells[@]}"; do
+  run "$cell" &
+done
+wait
+for cell in "${cells[@]}"; do
+  echo "== omniglot_$cell"
+  grep -E "accuracy_after|exit|meta-steps|stopped" "$out/omniglot_$cell.log" \
+    | tail -n 8
+done
