@@ -436,7 +436,7 @@ def gd_then_pull_back(steps: int = 16, lr: float = 0.1) -> InnerSolver:
                      name=f"gd_then_pull_back(steps={steps}, lr={lr})")
 
 
-def hessian_free(steps: int = 5, cg_steps: int = 5, *,
+def hessian_free(steps: int = 20, cg_steps: int = 5, *,
                  stop_at_negative_curvature: bool = False,
                  max_backtracks: int = 10, shrink: float = 0.5,
                  armijo: float = 1e-4) -> InnerSolver:
@@ -464,18 +464,19 @@ def hessian_free(steps: int = 5, cg_steps: int = 5, *,
   step size is piecewise constant in ``x``, so differentiating through the
   loop (MAML) treats it as a constant.
 
-  Neither variant lands near a stationary point of Omniglot's proximal
-  objective in the paper's 5 Newton steps of 5 CG iterations: at the conv
-  net's initialisation (8 tasks, 5-way 1-shot, lam 2) the median norm of the
-  proximal gradient is 1.19 (plain CG) and 1.55 (stopping), where 16 GD
-  steps of 0.05 reach 0.36, and 5 CG steps on iMAML's system ``I + H/lam``
-  there leave relative residuals of 1.1-1.2, against 0.13
-  (``benchmarks/results/curvature_hf_init.json``, ``curvature_5w1s.json``).
-  More CG iterations do not help (5 Newton steps of 20, plain: 1.35 and
-  1.15); more Newton steps do (20 of 5 CG, plain: 0.42 and 0.29; stopping
-  at negative curvature, 0.52 and 0.89, at points where the largest
-  eigenvalue of ``I + H/lam`` reaches 5,600;
-  ``curvature_hf_init_cg20.json``, ``curvature_hf_init_steps20.json``).
+  The paper states 5 CG iterations per direction, not the number of Newton
+  steps; the default 20 is this library's choice. On Omniglot 5 are too few:
+  at the conv net's initialisation (8 tasks, 5-way 1-shot, lam 2) the median
+  norm of the proximal gradient is 1.19 after 5 Newton steps (plain CG; 1.55
+  stopping at negative curvature), 0.42 after 20, and 0.36 after 16 GD steps
+  of 0.05; 5 CG steps on iMAML's system ``I + H/lam`` there leave relative
+  residuals of 1.1-1.2, 0.29 and 0.13 (``benchmarks/results/
+  curvature_hf_init*.json``, ``curvature_5w1s.json``). More CG iterations do
+  not help (5 Newton steps of 20: 1.35 and 1.15). Stopping at negative
+  curvature is worse after 20 steps too (0.52 and 0.89, at points where the
+  largest eigenvalue of ``I + H/lam`` reaches 5,600). In meta-training, 5
+  Newton steps learn far slower than GD, 20 at its pace
+  (``benchmarks/results/hf_newton_steps_5w1s.md``).
 
   Example:
     >>> import jax.numpy as jnp
