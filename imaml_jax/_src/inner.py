@@ -475,7 +475,7 @@ def hessian_free(steps: int = 20, cg_steps: int = 5, *,
   not help (5 Newton steps of 20: 1.35 and 1.15). Stopping at negative
   curvature is worse after 20 steps too (0.52 and 0.89, at points where the
   largest eigenvalue of ``I + H/lam`` reaches 5,600). In meta-training, 5
-  Newton steps learn far slower than GD, 20 at its pace
+  Newton steps learn far slower than GD, 20 nearly at its pace
   (``benchmarks/results/hf_newton_steps_5w1s.md``).
 
   Example:

@@ -57,11 +57,11 @@ states one):
   leave relative residuals of 0.29, 0.13 and 1.1. More CG steps per
   direction do not help (5 Newton steps of 20 CG: 1.35). In training, 5
   Newton steps learn far slower than GD (validation 55.5% at meta-step 500
-  of a 6,000 x 8 run against 90.0%), 20 Newton steps as fast at first
-  (validation on 100 tasks at step 200, constant meta lr, meta-batch 8:
+  of a 6,000 x 8 run against 90.0%), 20 Newton steps nearly as fast
+  (86.5% there; on 100 validation tasks at step 200 of a constant meta lr,
   78.8% against GD's 78.1% and 60.0% with 5 Newton steps;
-  ``benchmarks/runs/hf_newton_steps/``). They cost about 8 s per meta-step
-  of 8 tasks on one CPU core, against 1 s for iMAML-GD.
+  ``benchmarks/results/hf_newton_steps_5w1s.md``). They cost about 7.5 s
+  per meta-step of 8 tasks on one CPU core, against 1 s for iMAML-GD.
 * Adam's ``eps`` in the iMAML configs: 1e-3 [C] (optax's default is 1e-8).
   It keeps the paper's full budget from collapsing: on an H200, 5-way 1-shot
   iMAML-GD at a constant meta learning rate for 20,000 meta-steps at
