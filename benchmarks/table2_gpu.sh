@@ -39,7 +39,6 @@ if [ ${#cells[@]} -eq 0 ]; then
          20w1s_fomaml 20w1s_reptile 20w5s_imaml_gd 20w5s_imaml_gd_authors
          20w5s_maml)
 fi
-mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 # Nine processes share the device: each may take 1/10 of its memory (14 GB on
 # an H200; 20-way 5-shot iMAML-GD peaks near 4 GB at meta-batch 32).
@@ -50,21 +49,23 @@ eval_tasks=600
 [ "$quick" = 1 ] && eval_tasks=10
 
 budget_of() {  # the column's overrides of a cell
-  if [ "$quick" = 1 ]; then
-    echo "meta_steps=2 meta_batch=2 val_every=0 test_tasks=10 eval_chunk=10"
-    return
-  fi
+  local overrides
   case "$1" in
-    20w1s_*) echo "meta_steps=2000 meta_batch=16 val_every=500" ;;
-    20w5s_*) echo "meta_steps=1000 meta_batch=16 val_every=250" ;;
+    20w1s_*) overrides="meta_steps=2000 meta_batch=16 val_every=500" ;;
+    20w5s_*) overrides="meta_steps=1000 meta_batch=16 val_every=250" ;;
     *) echo "table2_gpu.sh: no GPU budget for $1 (20-way cells only)" >&2
        return 1 ;;
   esac
+  if [ "$quick" = 1 ]; then
+    overrides="meta_steps=2 meta_batch=2 val_every=0 test_tasks=10 eval_chunk=10"
+  fi
+  echo "$overrides"
 }
 
 for cell in "${cells[@]}"; do  # refuse a bad cell before any device work
   budget_of "$cell" > /dev/null || exit 2
 done
+mkdir -p "$out"
 
 {
   date -u
