@@ -219,15 +219,17 @@ def test_time_budget_stops_early_then_resumes_to_same_params(reference_run,
   results = json.loads((workdir / "results.json").read_text())
   budget = results["budget"]
   assert budget["stopped_by_time_budget"] is True
-  assert budget["meta_steps"] == 10 and budget["meta_steps_target"] == 300
-  assert ckpt_lib.list_checkpoints(workdir / "checkpoints")[-1][0] == 10
+  # The budget is checked at the first step past it, not at the next log
+  # step (log_every=10): a spent budget stops after step 1.
+  assert budget["meta_steps"] == 1 and budget["meta_steps_target"] == 300
+  assert ckpt_lib.list_checkpoints(workdir / "checkpoints")[-1][0] == 1
   records = metrics_log.read_records(workdir / "metrics.jsonl")
-  assert [r["step"] for r in records if r["split"] == "val"] == [10]
+  assert [r["step"] for r in records if r["split"] == "val"] == [1]
   assert np.isfinite(results["test"]["loss_after"]["mean"])
   assert _train(workdir) == 0          # Same command, no budget: resumes.
   results = json.loads((workdir / "results.json").read_text())
   assert results["budget"]["stopped_by_time_budget"] is False
-  assert results["budget"]["resumed_from_step"] == 10
+  assert results["budget"]["resumed_from_step"] == 1
   _assert_same_params(_final_params(reference_run), _final_params(workdir))
 
 

@@ -472,6 +472,21 @@ def _device_name(mesh=None) -> str:
   return f"{device.platform}:{getattr(device, 'device_kind', '')}"
 
 
+def _budget_check_due(step: int, log_every: int, dispatched_s: float,
+                      budget_s: float) -> bool:
+  """Whether to check the time budget (with a host sync) after ``step``.
+
+  Every ``log_every`` steps; in a single process also at the first step
+  whose dispatch clock ``dispatched_s`` passes the budget, so a slow step
+  (Hessian-free: 7.5 s on a CPU core) cannot overrun it by ``log_every``
+  steps. Processes of a multi-host job check only on the shared schedule,
+  so that all of them stop at the same step.
+  """
+  if step % log_every == 0:
+    return True
+  return jax.process_count() == 1 and dispatched_s > budget_s
+
+
 def _budget_spent(sums, trained_s: float, budget_s: float) -> bool:
   """Whether the time budget is spent, as process 0 sees it.
 
@@ -668,7 +683,9 @@ def train_and_evaluate(config: config_lib.Config,
     while step < config.meta_steps:
       state, sums = step_fn(state, sums, train_data, base_key)
       step += 1
-      if time_budget_s is not None and step % config.log_every == 0:
+      if time_budget_s is not None and _budget_check_due(
+          step, config.log_every,
+          time.perf_counter() - segment_start - aside, time_budget_s):
         stopped_early = step < config.meta_steps and _budget_spent(
             sums, time.perf_counter() - segment_start - aside, time_budget_s)
       last = step == config.meta_steps or stopped_early
