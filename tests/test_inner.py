@@ -323,3 +323,13 @@ def test_hessian_free_cg_stopping_at_negative_curvature(x64):
   assert rel_err(plain, guarded) > 0.1
   assert im.hessian_free(1, 2, stop_at_negative_curvature=True).name == (
       "hessian_free(steps=1, cg_steps=2, stop_at_negative_curvature)")
+
+
+def test_hessian_free_defaults_to_the_configs_newton_steps():
+  # 20 Newton steps of 5 CG, as the *_imaml_hf configs (5 left Omniglot's
+  # proximal problem unsolved: benchmarks/results/hf_newton_steps_5w1s.md).
+  from imaml_jax.train import config as config_lib
+  hf = config_lib.get_config("omniglot_5w1s_imaml_hf")
+  assert im.hessian_free().name == (
+      f"hessian_free(steps={hf.inner_steps}, cg_steps={hf.hf_cg_steps})")
+  assert im.hessian_free().steps == 20

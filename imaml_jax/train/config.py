@@ -60,7 +60,7 @@ states one):
   of a 6,000 x 8 run against 90.0%), 20 Newton steps nearly as fast
   (86.5% there; on 100 validation tasks at step 200 of a constant meta lr,
   78.8% against GD's 78.1% and 60.0% with 5 Newton steps;
-  ``benchmarks/results/hf_newton_steps_5w1s.md``). They cost about 7.5 s
+  ``benchmarks/results/hf_newton_steps_5w1s.md``). They cost about 7.7 s
   per meta-step of 8 tasks on one CPU core, against 1 s for iMAML-GD.
 * Adam's ``eps`` in the iMAML configs: 1e-3 [C] (optax's default is 1e-8).
   It keeps the paper's full budget from collapsing: on an H200, 5-way 1-shot

@@ -478,7 +478,7 @@ def _budget_check_due(step: int, log_every: int, dispatched_s: float,
 
   Every ``log_every`` steps; in a single process also at the first step
   whose dispatch clock ``dispatched_s`` passes the budget, so a slow step
-  (Hessian-free: 7.5 s on a CPU core) cannot overrun it by ``log_every``
+  (Hessian-free: 7.7 s on a CPU core) cannot overrun it by ``log_every``
   steps. Processes of a multi-host job check only on the shared schedule,
   so that all of them stop at the same step.
   """
