@@ -20,6 +20,15 @@ characters, 15 query images per class) and under the iMAML authors' protocol
 "iMAML, GD (authors' recipe)" is the config ``*_imaml_gd_authors``; the paper's
 iMAML-GD numbers stand beside both iMAML-GD rows.
 
+The paper's ordering at equal budget (iMAML-HF >= iMAML-GD >= MAML) is
+tested per setting and protocol. Where both runs of a pair keep every test
+task's score (``test_per_task``, written by ``imaml-train`` and ``imaml-eval``)
+and were tested on the same tasks (equal task fingerprints), the test is
+paired: the 95% interval of the mean per-task difference; otherwise a pair is
+unresolved when the two runs' intervals overlap. ``--eval-per-task`` first
+re-tests (``imaml-eval``, ``eval.json``) every run whose ``results.json``
+predates the per-task scores.
+
 Writes ``benchmarks/results/tables.{md,csv,json}`` (or ``--out``).
 
     python benchmarks/tables.py --runs runs
@@ -34,9 +43,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from imaml_jax.train import cli
 from imaml_jax.train import config as config_lib
@@ -58,6 +70,10 @@ ALGORITHMS = {  # config suffix: the paper's row name
 }
 # The result file of ``imaml-eval --protocol authors`` in a run directory.
 AUTHORS_EVAL = "eval_protocol=authors.json"
+# The result file of ``imaml-eval`` (our protocol, no test-time overrides).
+OURS_EVAL = "eval.json"
+# Per-task scores: kept in the rows for the paired tests, not written out.
+PER_TASK_KEYS = ("per_task", "authors_per_task")
 # The paper's Table 2 (Omniglot) and Table 3 (mini-ImageNet 5-way 1-shot):
 # (mean, 95% half-width) in percent.
 PAPER = {
@@ -111,8 +127,32 @@ def read_cell(runs: Path, name: str) -> dict | None:
       "device": budget["device"],
       "test_params": results.get("test_params"),
   }
+  per_task = results.get("test_per_task") or ours_eval_per_task(
+      runs / name / OURS_EVAL, cell)
+  if per_task:
+    cell["per_task"] = per_task
   cell.update(read_authors_eval(runs / name / AUTHORS_EVAL))
   return cell
+
+
+def ours_eval_per_task(path: Path, cell: dict) -> dict | None:
+  """Per-task scores of ``imaml-eval`` under our protocol, for a run whose
+  ``results.json`` predates them: only if that test was of the same
+  parameters (same step and choice) on as many tasks."""
+  if not path.is_file():
+    return None
+  try:
+    result = json.loads(path.read_text())
+  except ValueError as e:
+    raise SystemExit(f"{path}: not a result of imaml-eval ({e})")
+  same = (result.get("step") == cell["meta_steps"]
+          and result.get("test_params") == cell["test_params"]
+          and result.get("protocol", {}).get("name") == "ours"
+          and result.get("split") == "test"
+          and not result.get("test_time_overrides")
+          and result.get("test", {}).get("accuracy_after", {}).get("n")
+          == cell["test_tasks"])
+  return result.get("test_per_task") if same else None
 
 
 def read_authors_eval(path: Path) -> dict:
@@ -126,11 +166,14 @@ def read_authors_eval(path: Path) -> dict:
   except (ValueError, KeyError) as e:
     raise SystemExit(f"{path}: not a result of imaml-eval --protocol authors "
                      f"({e})")
-  return {"authors_accuracy": 100 * accuracy["mean"],
+  cell = {"authors_accuracy": 100 * accuracy["mean"],
           "authors_ci95": 100 * accuracy["ci95"],
           "authors_test_tasks": accuracy["n"],
           "authors_q_query": protocol["q_query"],
           "authors_step": result.get("step")}
+  if result.get("test_per_task"):
+    cell["authors_per_task"] = result["test_per_task"]
+  return cell
 
 
 def config_changes(name: str, stored: dict | None) -> str:
@@ -182,11 +225,42 @@ def omniglot_table(by_key: dict, prefix: str) -> list[str]:
 CLAIMS = (("imaml_hf", "imaml_gd"), ("imaml_gd", "maml"))
 
 
+def paired_difference(a: dict | None, b: dict | None
+                      ) -> tuple[float, float] | None:
+  """Mean and 95% half-width (points) of the per-task accuracy difference
+  ``a - b``, or ``None`` unless both hold per-task scores of the same
+  metric on the same tasks (equal fingerprints and counts).
+
+  Each task is tested by both runs, so the difference's interval is
+  ``1.96 * std(a_i - b_i) / sqrt(n)`` (population std, as every interval of
+  the tables): the task-to-task spread that the two runs share cancels.
+
+  Example:
+    >>> t = lambda v: {"metric": "accuracy_after", "values": v,
+    ...                "tasks_sha256": "x"}
+    >>> [round(x, 6) for x in paired_difference(t([1.0, 0.5]),
+    ...                                         t([0.75, 0.25]))]
+    [25.0, 0.0]
+  """
+  if not a or not b or a.get("tasks_sha256") != b.get("tasks_sha256"):
+    return None
+  if a.get("metric") != b.get("metric") or len(a["values"]) != len(
+      b["values"]):
+    return None
+  diff = 100 * (np.asarray(a["values"], np.float64)
+                - np.asarray(b["values"], np.float64))
+  return (float(np.mean(diff)),
+          1.96 * float(np.std(diff)) / math.sqrt(diff.size))
+
+
 def ordering(by_key: dict, prefix: str = "") -> list[dict]:
   """The paper's ordering tested on every Omniglot setting where both cells
   of a pair were trained to the same meta-steps (``prefix`` as
-  :func:`format_cell`). A pair holds, is reversed, or is unresolved when the
-  two 95% intervals overlap."""
+  :func:`format_cell`). With per-task scores of both runs on the same tasks
+  (:func:`paired_difference`) a pair holds or is reversed when the paired
+  95% interval of the difference excludes 0, and is unresolved when it
+  contains 0; without them it is unresolved when the two runs' own 95%
+  intervals overlap."""
   out = []
   for setting in SETTINGS:
     for better, worse in CLAIMS:
@@ -196,30 +270,46 @@ def ordering(by_key: dict, prefix: str = "") -> list[dict]:
       if key not in a or key not in b or a["meta_steps"] != b["meta_steps"]:
         continue
       diff = a[key] - b[key]
-      overlap = abs(diff) <= a[prefix + "ci95"] + b[prefix + "ci95"]
-      verdict = ("unresolved (intervals overlap)" if overlap
-                 else "holds" if diff > 0 else "reversed")
+      paired = paired_difference(a.get(prefix + "per_task"),
+                                 b.get(prefix + "per_task"))
+      if paired is not None:
+        diff, half = paired
+        verdict = ("holds" if diff - half > 0 else "reversed"
+                   if diff + half < 0 else
+                   "unresolved (paired interval contains 0)")
+      else:
+        half = None
+        overlap = abs(diff) <= a[prefix + "ci95"] + b[prefix + "ci95"]
+        verdict = ("unresolved (intervals overlap)" if overlap
+                   else "holds" if diff > 0 else "reversed")
       out.append({"setting": setting, "better": better, "worse": worse,
-                  "difference": diff, "meta_steps": a["meta_steps"],
-                  "verdict": verdict})
+                  "difference": diff, "paired_ci95": half,
+                  "meta_steps": a["meta_steps"], "verdict": verdict})
   return out
 
 
 def ordering_lines(by_key: dict) -> list[str]:
   lines = ["## The paper's ordering at equal budget", "",
            "iMAML-HF >= iMAML-GD >= MAML (Table 2), on every setting where "
-           "both runs of a pair reached the same meta-steps; a pair whose "
-           "95% intervals overlap is unresolved.", "",
+           "both runs of a pair reached the same meta-steps. Where both were "
+           "tested on the same tasks with per-task scores kept, the "
+           "difference is paired (mean over tasks of the per-task "
+           "difference, ± its 95% interval) and the pair is unresolved when "
+           "that interval contains 0; otherwise a pair whose two 95% "
+           "intervals overlap is unresolved.", "",
            "| setting | protocol | claim | difference (points) | meta-steps "
            "| verdict |", "|---|---|---|---|---|---|"]
   found = False
   for prefix, protocol in (("", "ours"), ("authors_", "authors'")):
     for c in ordering(by_key, prefix):
       found = True
+      difference = f"{c['difference']:+.2f}"
+      if c["paired_ci95"] is not None:
+        difference += f" ± {c['paired_ci95']:.2f} (paired)"
       lines.append(
           f"| {SETTING_TITLES[c['setting']]} | {protocol} | "
           f"{ALGORITHMS[c['better']]} >= {ALGORITHMS[c['worse']]} | "
-          f"{c['difference']:+.2f} | {c['meta_steps']} | {c['verdict']} |")
+          f"{difference} | {c['meta_steps']} | {c['verdict']} |")
   if not found:
     lines.append("| - | - | no pair trained to equal meta-steps | - | - | - |")
   return lines
@@ -281,11 +371,12 @@ def train(names, runs: Path, time_budget, overrides, data_dir) -> None:
 
 def eval_authors(runs: Path, rows: list[dict], data_dir) -> None:
   """Tests every Omniglot run under the authors' protocol where its result is
-  missing or older than the run's last step."""
+  missing, older than the run's last step, or without per-task scores."""
   for row in rows:
     if row["benchmark"] != "omniglot" or "accuracy" not in row:
       continue
-    if row.get("authors_step") == row["meta_steps"]:
+    if (row.get("authors_step") == row["meta_steps"]
+        and "authors_per_task" in row):
       continue
     workdir = runs / row["config"]
     print(f"testing {workdir} under the authors' protocol", flush=True)
@@ -293,6 +384,25 @@ def eval_authors(runs: Path, rows: list[dict], data_dir) -> None:
     if data_dir:
       argv += ["--data-dir", data_dir]
     cli.eval_main(argv)
+
+
+def eval_per_task(runs: Path, rows: list[dict], data_dir) -> None:
+  """Tests again under our protocol (``imaml-eval``, ``eval.json``) every
+  run whose result has no per-task scores, for the paired ordering test.
+  The same parameters and tasks give the same accuracy as ``results.json``."""
+  for row in rows:
+    if "accuracy" not in row or "per_task" in row:
+      continue
+    workdir = runs / row["config"]
+    print(f"testing {workdir} again for its per-task scores", flush=True)
+    argv = ["--workdir", str(workdir)]
+    if data_dir:
+      argv += ["--data-dir", data_dir]
+    cli.eval_main(argv)
+
+
+def without_per_task(row: dict) -> dict:
+  return {k: v for k, v in row.items() if k not in PER_TASK_KEYS}
 
 
 def main(argv=None):
@@ -309,6 +419,10 @@ def main(argv=None):
                       help="first test every Omniglot run under the authors' "
                            "protocol (imaml-eval --protocol authors) where "
                            "that result is missing or stale")
+  parser.add_argument("--eval-per-task", action="store_true",
+                      help="first test again (imaml-eval, eval.json) every "
+                           "run whose results.json has no per-task scores, "
+                           "for the paired ordering test")
   parser.add_argument("--data-dir", default=None)
   parser.add_argument("--quick", action="store_true",
                       help="train omniglot_5w1s_imaml_gd for 4 meta-steps "
@@ -329,10 +443,14 @@ def main(argv=None):
     parser.error(f"not a Table 2/3 config: {', '.join(unknown)}")
   train(args.train, runs, args.time_budget, args.overrides, args.data_dir)
   rows = build_rows(runs)
+  if args.eval_per_task:
+    eval_per_task(runs, rows, args.data_dir)
   if args.eval_authors:
     eval_authors(runs, rows, args.data_dir)
+  if args.eval_per_task or args.eval_authors:
     rows = build_rows(runs)
   text = markdown(rows)
+  rows = [without_per_task(r) for r in rows]
   print(text)
   os.makedirs(args.out, exist_ok=True)
   stem = os.path.join(args.out, f"tables{args.tag}")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from imaml_jax.train import cli
@@ -268,3 +269,45 @@ def test_tables_tests_the_papers_ordering_at_equal_budget():
   assert theirs[0]["difference"] == pytest.approx(-7.5)
   text = "\n".join(tables.ordering_lines(by_key))
   assert "| 5-way 1-shot | authors' | iMAML, GD >= MAML | -7.50 | 6000 |" in text
+
+
+def test_tables_pairs_runs_tested_on_the_same_tasks():
+  """With per-task scores on the same tasks the ordering test is paired: a
+  difference far inside the runs' own intervals can still be resolved, and
+  other tasks (another fingerprint) fall back to the intervals."""
+  sys.path.insert(0, str(BENCHMARKS))
+  try:
+    import tables
+  finally:
+    sys.path.remove(str(BENCHMARKS))
+  rng = np.random.default_rng(0)
+  hard = rng.uniform(0.6, 1.0, 600)          # Shared task difficulty.
+  noise = rng.normal(0.0, 0.01, 600)
+  worse = np.clip(hard + noise, 0, 1)
+  better = np.clip(worse + 0.005, 0, 1)
+  per_task = lambda v, sha="t": {"metric": "accuracy_after",
+                                 "values": list(v), "tasks_sha256": sha}
+  cell = lambda v, sha="t": {
+      "accuracy": 100 * np.mean(v), "meta_steps": 6000, "per_task":
+      per_task(v, sha), "ci95": 196 * np.std(v) / np.sqrt(v.size)}
+  by_key = {("omniglot", "5w1s", "imaml_gd"): cell(better),
+            ("omniglot", "5w1s", "maml"): cell(worse)}
+  (c,) = tables.ordering(by_key)
+  diff = 100 * (better - worse)
+  assert c["verdict"] == "holds"
+  assert c["difference"] == pytest.approx(np.mean(diff))
+  assert c["paired_ci95"] == pytest.approx(
+      1.96 * np.std(diff) / np.sqrt(600))
+  # The same scores without pairing: the runs' intervals overlap.
+  assert c["paired_ci95"] < 0.1 < by_key[("omniglot", "5w1s", "maml")]["ci95"]
+  by_key[("omniglot", "5w1s", "maml")] = cell(worse, sha="other tasks")
+  (c,) = tables.ordering(by_key)
+  assert c["paired_ci95"] is None
+  assert c["verdict"] == "unresolved (intervals overlap)"
+  # A paired interval that contains 0.
+  by_key = {("omniglot", "5w1s", "imaml_gd"): cell(worse + noise),
+            ("omniglot", "5w1s", "maml"): cell(worse)}
+  (c,) = tables.ordering(by_key)
+  assert c["verdict"] == "unresolved (paired interval contains 0)"
+  text = "\n".join(tables.ordering_lines(by_key))
+  assert f"± {c['paired_ci95']:.2f} (paired)" in text

@@ -85,6 +85,14 @@ def test_run_outputs(reference_run):
     stats = results[key]["loss_after"]
     assert stats["n"] == 20 and np.isfinite(stats["mean"])
     assert stats["ci95"] == pytest.approx(1.96 * stats["std"] / np.sqrt(20))
+  # Every task's score of the reported test, and which tasks they were.
+  per_task = results["test_per_task"]
+  assert per_task["metric"] == "loss_after" and len(per_task["values"]) == 20
+  assert np.mean(per_task["values"]) == pytest.approx(
+      results["test"]["loss_after"]["mean"], abs=1e-6)
+  assert np.std(per_task["values"]) == pytest.approx(
+      results["test"]["loss_after"]["std"], abs=1e-6)
+  assert len(per_task["tasks_sha256"]) == 64
   assert (reference_run / "curves.png").stat().st_size > 0
   records = metrics_log.read_records(reference_run / "metrics.jsonl")
   train_steps = [r["step"] for r in records if r["split"] == "train"]
@@ -159,6 +167,7 @@ def test_finished_run_is_not_retrained_and_eval_matches(reference_run,
   results = json.loads((workdir / "results.json").read_text())
   assert evaluated["test"] == results["test"]
   assert evaluated["test_last"] == results["test_last"]
+  assert evaluated["test_per_task"] == results["test_per_task"]
   assert "loss_after" in capsys.readouterr().out
   assert _train(workdir) == 0     # Nothing left to train: only the test.
   again = json.loads((workdir / "results.json").read_text())
@@ -187,6 +196,17 @@ def test_eval_with_test_time_overrides(reference_run, tmp_path, capsys):
       (workdir / f"eval_eval_inner_steps={steps + 5}.json").read_text())
   assert (more["test"]["loss_after"]["mean"]
           != results["test"]["loss_after"]["mean"])
+  # Adapted differently, on the same tasks: the scores pair task by task.
+  assert (more["test_per_task"]["tasks_sha256"]
+          == results["test_per_task"]["tasks_sha256"])
+  assert more["test_per_task"]["values"] != results["test_per_task"]["values"]
+  # Another test seed draws other tasks, and says so.
+  assert cli.eval_main(["--workdir", str(workdir), "--set",
+                        f"test_seed={config['test_seed'] + 1}"]) == 0
+  other = json.loads((workdir / f"eval_test_seed={config['test_seed'] + 1}"
+                      ".json").read_text())
+  assert (other["test_per_task"]["tasks_sha256"]
+          != results["test_per_task"]["tasks_sha256"])
   assert not (workdir / "eval.json").exists()
   # A training field cannot change at test time.
   capsys.readouterr()
@@ -372,3 +392,27 @@ def test_compiler_options_on_a_cpu_and_the_users_flags_win(monkeypatch):
   plain = jax.jit(f).lower(x).compile()
   older = jax.jit(f).lower(x).compile(compiler_options=options)
   np.testing.assert_allclose(older(x), plain(x), rtol=1e-6)
+
+
+@pytest.mark.parametrize("config", ["sinusoid", "omniglot_5w1s_imaml_gd"])
+def test_task_fingerprint_names_the_tasks_alone(config):
+  """Runs of different algorithms tested on the same tasks share the
+  fingerprint, whatever their eval_chunk; other tasks do not."""
+  from imaml_jax.train import config as config_lib
+  from imaml_jax.train import experiment as exp_lib
+  images = None
+  if config != "sinusoid":   # 12 classes of 20 random 28x28 images.
+    images = np.random.default_rng(0).integers(
+        0, 256, (12, 20, 28, 28, 1), dtype=np.uint8)
+  other = "sinusoid_maml" if config == "sinusoid" else "omniglot_5w1s_maml"
+
+  def fingerprint(name, chunk, seed, n_tasks=10):
+    cfg = config_lib.apply_overrides(config_lib.get_config(name),
+                                     [f"eval_chunk={chunk}"])
+    exp = exp_lib.build(cfg, None)
+    return train_lib.Evaluator(exp).fingerprint(images, n_tasks, seed)
+
+  reference = fingerprint(config, 10, 0)
+  assert fingerprint(other, 3, 0) == reference
+  assert fingerprint(config, 10, 1) != reference
+  assert fingerprint(config, 10, 0, n_tasks=9) != reference

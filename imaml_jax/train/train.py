@@ -43,7 +43,10 @@ the test of the last parameters is reported too (``results["test_last"]``).
 
 Test statistics: mean over tasks and the 95% interval half-width
 ``1.96 * std / sqrt(n)`` with the population standard deviation
-(``ddof=0``), as ``numpy.std`` in the authors' evaluation script.
+(``ddof=0``), as ``numpy.std`` in the authors' evaluation script. Every
+task's score of the reported test is kept too (``results["test_per_task"]``,
+:func:`per_task_record`) with a fingerprint of the task set, so two runs
+tested on the same tasks can be compared task by task (paired).
 
 Example:
   >>> from imaml_jax.train import config as config_lib, train
@@ -54,6 +57,7 @@ Example:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -230,6 +234,27 @@ def summarize(per_task: dict[str, np.ndarray]) -> dict[str, dict]:
   return out
 
 
+def per_task_record(per_task: dict[str, np.ndarray], tasks_sha256: str
+                    ) -> dict:
+  """The ``"test_per_task"`` entry of a results file: the selection metric
+  (:func:`score_key`) of every test task, in task order, and the task set's
+  fingerprint (:meth:`Evaluator.fingerprint`).
+
+  Two runs tested on the same tasks (equal ``tasks_sha256``) can then be
+  compared task by task: the 95% interval of the mean of paired differences,
+  ``1.96 * std(a - b) / sqrt(n)``, is narrower than the two runs' own
+  intervals added whenever their per-task scores are correlated.
+
+  Example:
+    >>> per_task_record({"accuracy_after": np.array([1.0, 0.5])}, "ab")
+    {'metric': 'accuracy_after', 'values': [1.0, 0.5], 'tasks_sha256': 'ab'}
+  """
+  key, _ = score_key(per_task)
+  values = np.asarray(per_task[key], np.float64)
+  return {"metric": key, "values": [round(float(v), 6) for v in values],
+          "tasks_sha256": tasks_sha256}
+
+
 def score_key(metric_names: Iterable[str]) -> tuple[str, bool]:
   """``(metric, higher_is_better)`` used for model selection."""
   names = set(metric_names)
@@ -268,6 +293,23 @@ class Evaluator:
       parts.append(self._compiled[key](params, chunk))
     parts = jax.device_get(parts)
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def fingerprint(self, images, n_tasks: int, seed: int) -> str:
+    """SHA-256 of the ``n_tasks`` tasks that ``__call__`` evaluates.
+
+    Each array of the task set (support and query images and labels, in
+    task order, whatever ``eval_chunk``) is hashed with its dtype and shape:
+    two results with the same fingerprint were measured on the same tasks,
+    so their per-task scores can be compared task by task.
+    """
+    chunks = [jax.device_get(c) for c in
+              self._chunks(self._exp.config, images, n_tasks, seed)]
+    digest = hashlib.sha256()
+    for leaves in zip(*(jax.tree.leaves(c) for c in chunks)):
+      whole = np.ascontiguousarray(np.concatenate(leaves))
+      digest.update(f"{whole.dtype}{whole.shape}".encode())
+      digest.update(whole.tobytes())
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------
@@ -728,18 +770,22 @@ def train_and_evaluate(config: config_lib.Config,
   final_params = _local(state.params)
   final_counts = _host({"step": state.step, "skipped": state.skipped})
   has_best = 0 <= int(best["step"]) < step
-  test_last = summarize(evaluator(final_params, exp.data.test,
-                                  config.test_tasks, config.test_seed))
+  test_last = evaluator(final_params, exp.data.test, config.test_tasks,
+                        config.test_seed)
   test = test_last
   if has_best:   # The best validation came before the last step.
-    test = summarize(evaluator(best["params"], exp.data.test,
-                               config.test_tasks, config.test_seed))
+    test = evaluator(best["params"], exp.data.test, config.test_tasks,
+                     config.test_seed)
+  test_per_task = per_task_record(test, evaluator.fingerprint(
+      exp.data.test, config.test_tasks, config.test_seed))
+  test, test_last = summarize(test), summarize(test_last)
   wall = elapsed_before + time.perf_counter() - wall_start
   results = {
       "config": config_lib.to_dict(config),
       "algorithm": exp.algorithm.name,
       "test": test,
       "test_last": test_last,
+      "test_per_task": test_per_task,
       "test_params": ("best_validation" if int(best["step"]) >= 0
                       else "last"),
       "protocol": protocol_record(
@@ -1015,13 +1061,14 @@ def evaluate_workdir(workdir: str | os.PathLike,
                                        init_sums(stored_metrics), best)
   n_tasks = n_tasks or config.test_tasks
   evaluator = Evaluator(exp, chunks)
-  test_last = summarize(evaluator(state.params, images, n_tasks,
-                                  test_config.test_seed))
+  test_last = evaluator(state.params, images, n_tasks, test_config.test_seed)
   test = test_last
   use_best = protocol == "ours" and int(best["step"]) >= 0
   if use_best and int(best["step"]) < step:
-    test = summarize(evaluator(best["params"], images, n_tasks,
-                               test_config.test_seed))
+    test = evaluator(best["params"], images, n_tasks, test_config.test_seed)
+  test_per_task = per_task_record(test, evaluator.fingerprint(
+      images, n_tasks, test_config.test_seed))
+  test, test_last = summarize(test), summarize(test_last)
   test_params = "best_validation" if use_best else "last"
   results = {
       "checkpoint": str(latest), "step": step,
@@ -1034,6 +1081,7 @@ def evaluate_workdir(workdir: str | os.PathLike,
                           "score": float(best["score"])},
       "test": test,
       "test_last": test_last,
+      "test_per_task": test_per_task,
   }
   ckpt_lib.write_atomic(Path(workdir).expanduser() /
                         eval_file_name(overrides, split, protocol),
