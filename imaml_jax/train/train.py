@@ -297,18 +297,24 @@ class Evaluator:
   def fingerprint(self, images, n_tasks: int, seed: int) -> str:
     """SHA-256 of the ``n_tasks`` tasks that ``__call__`` evaluates.
 
-    Each array of the task set (support and query images and labels, in
-    task order, whatever ``eval_chunk``) is hashed with its dtype and shape:
-    two results with the same fingerprint were measured on the same tasks,
-    so their per-task scores can be compared task by task.
+    The digest is that of each array of the whole task set in turn
+    (support and query inputs and labels, all tasks in order), preceded by
+    its dtype and shape, so it does not depend on ``eval_chunk``; it is
+    computed one chunk at a time (the chunks are drawn again for each
+    array). Two results with the same fingerprint were measured on the same
+    tasks, so their per-task scores can be compared task by task.
     """
-    chunks = [jax.device_get(c) for c in
-              self._chunks(self._exp.config, images, n_tasks, seed)]
+    def leaves():   # Each chunk's arrays, on the host.
+      for chunk in self._chunks(self._exp.config, images, n_tasks, seed):
+        yield [np.ascontiguousarray(x)
+               for x in jax.device_get(jax.tree.leaves(chunk))]
+
+    first = next(leaves())
     digest = hashlib.sha256()
-    for leaves in zip(*(jax.tree.leaves(c) for c in chunks)):
-      whole = np.ascontiguousarray(np.concatenate(leaves))
-      digest.update(f"{whole.dtype}{whole.shape}".encode())
-      digest.update(whole.tobytes())
+    for i, leaf in enumerate(first):
+      digest.update(f"{leaf.dtype}{(n_tasks, *leaf.shape[1:])}".encode())
+      for chunk in leaves():
+        digest.update(chunk[i].tobytes())
     return digest.hexdigest()
 
 
