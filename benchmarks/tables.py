@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -52,6 +51,7 @@ import numpy as np
 
 from imaml_jax.train import cli
 from imaml_jax.train import config as config_lib
+from imaml_jax.train import train as train_lib
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -247,10 +247,9 @@ def paired_difference(a: dict | None, b: dict | None
   if a.get("metric") != b.get("metric") or len(a["values"]) != len(
       b["values"]):
     return None
-  diff = 100 * (np.asarray(a["values"], np.float64)
-                - np.asarray(b["values"], np.float64))
-  return (float(np.mean(diff)),
-          1.96 * float(np.std(diff)) / math.sqrt(diff.size))
+  diff = train_lib.summarize({"d": 100 * (np.asarray(a["values"])
+                                          - np.asarray(b["values"]))})["d"]
+  return diff["mean"], diff["ci95"]
 
 
 def ordering(by_key: dict, prefix: str = "") -> list[dict]:
@@ -380,10 +379,7 @@ def eval_authors(runs: Path, rows: list[dict], data_dir) -> None:
       continue
     workdir = runs / row["config"]
     print(f"testing {workdir} under the authors' protocol", flush=True)
-    argv = ["--workdir", str(workdir), "--protocol", "authors"]
-    if data_dir:
-      argv += ["--data-dir", data_dir]
-    cli.eval_main(argv)
+    run_eval(workdir, data_dir, "--protocol", "authors")
 
 
 def eval_per_task(runs: Path, rows: list[dict], data_dir) -> None:
@@ -395,10 +391,15 @@ def eval_per_task(runs: Path, rows: list[dict], data_dir) -> None:
       continue
     workdir = runs / row["config"]
     print(f"testing {workdir} again for its per-task scores", flush=True)
-    argv = ["--workdir", str(workdir)]
-    if data_dir:
-      argv += ["--data-dir", data_dir]
-    cli.eval_main(argv)
+    run_eval(workdir, data_dir)
+
+
+def run_eval(workdir: Path, data_dir, *args: str) -> None:
+  """``imaml-eval --workdir WORKDIR [--data-dir DATA_DIR] ARGS``."""
+  argv = ["--workdir", str(workdir), *args]
+  if data_dir:
+    argv += ["--data-dir", data_dir]
+  cli.eval_main(argv)
 
 
 def without_per_task(row: dict) -> dict:
