@@ -197,6 +197,7 @@ def test_overrides_are_parsed_by_field_type():
     ("cg_damping=-1", r"cg_damping must be >= 0; got -1.0"),
     ("lam_damping=-10", r"lam_damping must be >= 0; got -10.0"),
     ("lam_damping=nan", r"lam_damping must be >= 0; got nan"),
+    ("weight_decay=-0.1", r"weight_decay must be >= 0; got -0.1"),
     ("inner=gd_then_pull_backk", "inner must be one of"),
 ])
 def test_bad_overrides(override, message):
@@ -305,6 +306,52 @@ def test_stored_configs_from_before_damping_run_the_paper_system():
   assert config_lib.differences(cfg, restored) == {
       "cg_damping": (1.0, 0.0), "lam_damping": (10.0, 0.0),
       "adam_eps": (1e-3, 1e-8)}
+
+
+def test_stored_configs_from_before_weight_decay_run_without_it():
+  cfg = config_lib.apply_overrides(
+      config_lib.get_config("omniglot_5w1s_imaml_gd"), ["weight_decay=0.1"])
+  old = config_lib.to_dict(cfg)
+  del old["weight_decay"]
+  assert config_lib.differences(cfg, config_lib.from_dict(old)) == {
+      "weight_decay": (0.1, 0.0)}
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_weight_decay_is_decoupled_from_the_meta_gradient(optimizer, schedule):
+  """Closed forms of one outer step, ``theta - lr (u + w theta)``.
+
+  A zero meta-gradient leaves only the decay (Adam's step ``m / (sqrt(v) +
+  eps)`` is 0 there); a gradient on one coordinate moves that coordinate by
+  the optimizer's own step plus the decay, and the others by the decay
+  alone. Without decay the optimizer is the plain one, with the same state.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from imaml_jax.train import experiment
+  base = config_lib.apply_overrides(
+      config_lib.get_config("sinusoid"),
+      [f"optimizer={optimizer}", "meta_lr=0.01", f"lr_schedule={schedule}",
+       "meta_steps=4"])
+  theta = {"w": jnp.array([2.0, -4.0, 1.0])}
+  grad = {"w": jnp.array([0.0, 0.0, 0.5])}
+  decayed = experiment.optimizer(
+      dataclasses.replace(base, weight_decay=0.25))
+  zero, _ = decayed.update({"w": jnp.zeros(3)}, decayed.init(theta), theta)
+  assert jnp.allclose(zero["w"], -0.01 * 0.25 * theta["w"], rtol=1e-6)
+  step, _ = decayed.update(grad, decayed.init(theta), theta)
+  own = 1.0 if optimizer == "adam" else 0.5     # Adam's first step: g/|g|.
+  expected = -0.01 * (jnp.array([0.0, 0.0, own]) + 0.25 * theta["w"])
+  assert jnp.allclose(step["w"], expected, rtol=1e-5)
+  plain = experiment.optimizer(base)
+  lr = (optax.linear_schedule(0.01, 0.0, 4) if schedule == "linear"
+        else 0.01)
+  reference = optax.adam(lr) if optimizer == "adam" else optax.sgd(lr)
+  assert (jax.tree_util.tree_structure(plain.init(theta))
+          == jax.tree_util.tree_structure(reference.init(theta)))
 
 
 _slow = pytest.mark.slow

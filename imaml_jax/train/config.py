@@ -221,6 +221,10 @@ class Config:
     adam_eps: Adam's ``eps`` (optax's default 1e-8; the authors' code uses
       1e-3, which shrinks the steps of coordinates whose gradients are
       smaller than about 1e-3 and makes them scale with the gradient).
+    weight_decay: decoupled weight decay ``w >= 0`` of the outer update,
+      ``theta <- theta - lr_t (u_t + w theta)`` with ``u_t`` the optimizer's
+      step (Adam's: AdamW, Loshchilov & Hutter 2019; SGD's: L2), applied to
+      every parameter; 0 (the paper, the authors' code) turns it off.
     meta_lr: outer learning rate.
     lr_schedule: ``"constant"``, or ``"linear"`` decay to 0 at
       ``meta_steps``.
@@ -280,6 +284,7 @@ class Config:
   # Outer loop.
   optimizer: str = "adam"
   adam_eps: float = 1e-8
+  weight_decay: float = 0.0
   meta_lr: float = 1e-3
   lr_schedule: str = "constant"
   meta_batch: int = 32
@@ -374,7 +379,7 @@ def validate(config: Config) -> Config:
     value = getattr(config, field)
     if not value > 0:
       raise ConfigError(f"{field} must be > 0; got {value}.")
-  for field in ("cg_damping", "lam_damping"):
+  for field in ("cg_damping", "lam_damping", "weight_decay"):
     value = getattr(config, field)
     if not value >= 0:
       raise ConfigError(f"{field} must be >= 0; got {value}.")
@@ -668,7 +673,7 @@ def to_dict(config: Config) -> dict[str, Any]:
 _ADDED_FIELDS = {"task_chunk": 0, "inner_backtrack": False, "adam_eps": 1e-8,
                  "cg_damping": 0.0, "lam_damping": 0.0, "network": "standard",
                  "adapt_norm": True, "reptile_train_shots": 0,
-                 "reptile_inner_batch": 0}
+                 "reptile_inner_batch": 0, "weight_decay": 0.0}
 
 
 def from_dict(values: Mapping[str, Any]) -> Config:

@@ -124,12 +124,24 @@ def algorithm(config: config_lib.Config, *,
 
 
 def optimizer(config: config_lib.Config) -> optax.GradientTransformation:
-  """The outer optimizer, with a constant or linearly decaying rate."""
+  """The outer optimizer, with a constant or linearly decaying rate.
+
+  With ``weight_decay`` ``w > 0`` the update is
+  ``theta <- theta - lr_t (u_t + w theta)``: AdamW for Adam, where ``u_t`` is
+  Adam's normalised step, and an L2 term for SGD, where ``u_t`` is the
+  meta-gradient. ``w = 0`` builds plain ``optax.adam``/``optax.sgd``, the
+  optimizer (and state) of every run stored before the option existed.
+  """
   lr = config.meta_lr
   if config.lr_schedule == "linear":
     lr = optax.linear_schedule(config.meta_lr, 0.0, config.meta_steps)
+  decay = config.weight_decay
   if config.optimizer == "adam":
+    if decay:
+      return optax.adamw(lr, eps=config.adam_eps, weight_decay=decay)
     return optax.adam(lr, eps=config.adam_eps)
+  if decay:
+    return optax.chain(optax.add_decayed_weights(decay), optax.sgd(lr))
   return optax.sgd(lr)
 
 
