@@ -199,13 +199,36 @@ def build_rows(runs: Path) -> list[dict]:
   return rows
 
 
+def tested_step(row: dict, prefix: str = "") -> int:
+  """The meta-step whose training a cell's test under a protocol reflects:
+  the run's own for ours, the step ``imaml-eval`` tested for the authors'
+  (older than the run's when the run went on after that test)."""
+  step = row.get(prefix + "step") if prefix else None
+  return row["meta_steps"] if step is None else step
+
+
 def format_cell(row: dict, prefix: str = "") -> str:
   """``mean ± ci95`` of the cell under a protocol (``prefix``: "" for ours,
-  ``"authors_"`` for the authors'), and the paper's number."""
+  ``"authors_"`` for the authors'), and the paper's number; a test older
+  than the run's last step names its step.
+
+  Example:
+    >>> row = {"paper_accuracy": 99.5, "paper_ci95": 0.26, "complete": False,
+    ...        "meta_steps": 5201, "accuracy": 96.32, "ci95": 0.38,
+    ...        "authors_accuracy": 94.57, "authors_ci95": 0.83,
+    ...        "authors_step": 2936}
+    >>> format_cell(row)
+    '96.32 ± 0.38* (paper 99.5 ± 0.26)'
+    >>> format_cell(row, "authors_")
+    '94.57 ± 0.83* at step 2936 (paper 99.5 ± 0.26)'
+  """
   paper = f"{row['paper_accuracy']:g} ± {row['paper_ci95']:g}"
   if f"{prefix}accuracy" not in row:
     return f"- (paper {paper})"
   mark = "" if row["complete"] else "*"
+  step = tested_step(row, prefix)
+  if step != row["meta_steps"]:
+    mark += f" at step {step}"
   return (f"{row[prefix + 'accuracy']:.2f} ± {row[prefix + 'ci95']:.2f}"
           f"{mark} (paper {paper})")
 
@@ -254,8 +277,8 @@ def paired_difference(a: dict | None, b: dict | None
 
 def ordering(by_key: dict, prefix: str = "") -> list[dict]:
   """The paper's ordering tested on every Omniglot setting where both cells
-  of a pair were trained to the same meta-steps (``prefix`` as
-  :func:`format_cell`). With per-task scores of both runs on the same tasks
+  of a pair were trained and tested at the same meta-step (``prefix`` as
+  :func:`format_cell`; see :func:`tested_step`). With per-task scores of both runs on the same tasks
   (:func:`paired_difference`) a pair holds or is reversed when the paired
   95% interval of the difference excludes 0, and is unresolved when it
   contains 0; without them it is unresolved when the two runs' own 95%
@@ -266,7 +289,10 @@ def ordering(by_key: dict, prefix: str = "") -> list[dict]:
       a = by_key.get(("omniglot", setting, better), {})
       b = by_key.get(("omniglot", setting, worse), {})
       key = prefix + "accuracy"
-      if key not in a or key not in b or a["meta_steps"] != b["meta_steps"]:
+      if key not in a or key not in b:
+        continue
+      step = tested_step(a, prefix)
+      if step != tested_step(b, prefix) or a["meta_steps"] != b["meta_steps"]:
         continue
       diff = a[key] - b[key]
       paired = paired_difference(a.get(prefix + "per_task"),
@@ -283,7 +309,7 @@ def ordering(by_key: dict, prefix: str = "") -> list[dict]:
                    else "holds" if diff > 0 else "reversed")
       out.append({"setting": setting, "better": better, "worse": worse,
                   "difference": diff, "paired_ci95": half,
-                  "meta_steps": a["meta_steps"], "verdict": verdict})
+                  "meta_steps": step, "verdict": verdict})
   return out
 
 

@@ -6,6 +6,7 @@ checked where the script makes a claim that a quick run can already show.
 The runs start with the test session and run beside the other tests
 (``quick_runs``, ``conftest.quick_run``); each test here waits for its own.
 """
+import doctest
 import csv
 import json
 import os
@@ -311,3 +312,30 @@ def test_tables_pairs_runs_tested_on_the_same_tasks():
   assert c["verdict"] == "unresolved (paired interval contains 0)"
   text = "\n".join(tables.ordering_lines(by_key))
   assert f"± {c['paired_ci95']:.2f} (paired)" in text
+
+
+def test_tables_mark_and_leave_out_a_test_older_than_its_run():
+  """An authors'-protocol test made before the run went on is shown with its
+  step and kept out of the ordering (it measured other parameters); the
+  module's docstring examples run too."""
+  sys.path.insert(0, str(BENCHMARKS))
+  try:
+    import tables
+  finally:
+    sys.path.remove(str(BENCHMARKS))
+  assert doctest.testmod(tables).failed == 0
+  cell = lambda steps, authors_step: {
+      "accuracy": 97.0, "ci95": 0.3, "meta_steps": steps, "complete": True,
+      "authors_accuracy": 90.0, "authors_ci95": 1.0,
+      "authors_step": authors_step, "paper_accuracy": 99.5,
+      "paper_ci95": 0.26}
+  by_key = {("omniglot", "5w1s", "imaml_hf"): cell(6000, 3000),
+            ("omniglot", "5w1s", "imaml_gd"): cell(6000, 6000)}
+  assert [c["better"] for c in tables.ordering(by_key)] == ["imaml_hf"]
+  assert tables.ordering(by_key, "authors_") == []
+  assert tables.format_cell(by_key[("omniglot", "5w1s", "imaml_hf")],
+                            "authors_") == (
+                                "90.00 ± 1.00 at step 3000 (paper 99.5 ± 0.26)")
+  by_key[("omniglot", "5w1s", "imaml_hf")]["authors_step"] = 6000
+  (c,) = tables.ordering(by_key, "authors_")
+  assert c["meta_steps"] == 6000
