@@ -6,8 +6,8 @@ checked where the script makes a claim that a quick run can already show.
 The runs start with the test session and run beside the other tests
 (``quick_runs``, ``conftest.quick_run``); each test here waits for its own.
 """
-import doctest
 import csv
+import doctest
 import json
 import os
 import subprocess
@@ -27,6 +27,16 @@ from quick_runs import BENCHMARKS, run_script
 pytestmark = pytest.mark.slow
 
 STABILITY_RUN = BENCHMARKS / "runs" / "stability_5w1s_constant_eps1e-3"
+
+
+def import_tables():
+  """``benchmarks/tables.py`` as a module (the scripts are not a package)."""
+  sys.path.insert(0, str(BENCHMARKS))
+  try:
+    import tables
+  finally:
+    sys.path.remove(str(BENCHMARKS))
+  return tables
 
 
 def read_csv(path):
@@ -241,11 +251,7 @@ def test_compare_runs_names_a_bad_run_argument(tmp_path):
 
 
 def test_tables_tests_the_papers_ordering_at_equal_budget():
-  sys.path.insert(0, str(BENCHMARKS))
-  try:
-    import tables
-  finally:
-    sys.path.remove(str(BENCHMARKS))
+  tables = import_tables()
   cell = lambda acc, ci, steps, **k: {"accuracy": acc, "ci95": ci,
                                       "meta_steps": steps, **k}
   by_key = {
@@ -276,11 +282,7 @@ def test_tables_pairs_runs_tested_on_the_same_tasks():
   """With per-task scores on the same tasks the ordering test is paired: a
   difference far inside the runs' own intervals can still be resolved, and
   other tasks (another fingerprint) fall back to the intervals."""
-  sys.path.insert(0, str(BENCHMARKS))
-  try:
-    import tables
-  finally:
-    sys.path.remove(str(BENCHMARKS))
+  tables = import_tables()
   rng = np.random.default_rng(0)
   hard = rng.uniform(0.6, 1.0, 600)          # Shared task difficulty.
   noise = rng.normal(0.0, 0.01, 600)
@@ -316,14 +318,8 @@ def test_tables_pairs_runs_tested_on_the_same_tasks():
 
 def test_tables_mark_and_leave_out_a_test_older_than_its_run():
   """An authors'-protocol test made before the run went on is shown with its
-  step and kept out of the ordering (it measured other parameters); the
-  module's docstring examples run too."""
-  sys.path.insert(0, str(BENCHMARKS))
-  try:
-    import tables
-  finally:
-    sys.path.remove(str(BENCHMARKS))
-  assert doctest.testmod(tables).failed == 0
+  step and kept out of the ordering (it measured other parameters)."""
+  tables = import_tables()
   cell = lambda steps, authors_step: {
       "accuracy": 97.0, "ci95": 0.3, "meta_steps": steps, "complete": True,
       "authors_accuracy": 90.0, "authors_ci95": 1.0,
@@ -339,3 +335,8 @@ def test_tables_mark_and_leave_out_a_test_older_than_its_run():
   by_key[("omniglot", "5w1s", "imaml_hf")]["authors_step"] = 6000
   (c,) = tables.ordering(by_key, "authors_")
   assert c["meta_steps"] == 6000
+
+
+def test_tables_docstring_examples():
+  results = doctest.testmod(import_tables())
+  assert results.attempted > 0 and results.failed == 0
