@@ -10,9 +10,24 @@ on the meta-gradient's linear system. The validation points of every run go
 to a CSV beside the PNG, with the step and value of each run's best
 validation.
 
+``--paired "A minus B"`` compares the test scores of runs given as work
+directories and tested on the same tasks, task by task: the mean per-task
+accuracy difference ``A - B`` in points with its 95% interval
+(``tables.paired_difference``; the spread of task difficulty that both runs
+share cancels). A side may average several runs' per-task scores, such as
+training seeds: ``"A0 + A1 minus B0 + B1"`` (the interval then counts test
+tasks, not seeds). ``--protocol authors`` pairs the tests of ``imaml-eval
+--protocol authors`` instead of ``results.json``'s. The differences are
+printed as a Markdown table and written to ``OUT_paired.csv``.
+
     python benchmarks/compare_runs.py --out benchmarks/results/stability \\
         plain=benchmarks/results/gpu_5w1s_plain_h100_metrics.jsonl \\
         checked=benchmarks/runs_gpu_h100/omniglot_5w1s_imaml_gd
+    python benchmarks/compare_runs.py --out /tmp/seeds \\
+        gd0=benchmarks/runs/meta_lr_5w1s/imaml_gd_lr3e-3 \\
+        gd1=benchmarks/runs/meta_lr_5w1s/imaml_gd_lr3e-3_seed1 \\
+        maml0=benchmarks/runs/meta_lr_5w1s/maml_lr3e-3 \\
+        --paired "gd1 minus gd0" --paired "gd0 + gd1 minus maml0"
     python benchmarks/compare_runs.py --quick     # two synthetic runs (tests)
 """
 from __future__ import annotations
@@ -21,8 +36,11 @@ import argparse
 import csv
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 import matplotlib
 
@@ -30,6 +48,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from imaml_jax.train import metrics_log, plots  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tables  # noqa: E402  (benchmarks/tables.py)
 
 PANELS = (("val", "accuracy_after", "validation accuracy after adaptation",
            False),
@@ -115,12 +136,105 @@ def write_csv(runs: dict[str, list[dict]], out_csv: str) -> list[dict]:
   return rows
 
 
+def parse_paired(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """``"A + B minus C"`` as ``(("A", "B"), ("C",))``."""
+  left, sep, right = text.partition(" minus ")
+  sides = tuple(tuple(label.strip() for label in side.split(" + "))
+                for side in (left, right))
+  if not sep or " minus " in right or not all(all(s) for s in sides):
+    raise argparse.ArgumentTypeError(
+        f"a paired difference is \"A minus B\", a side one label or labels "
+        f"joined by \" + \"; got {text!r}")
+  return sides
+
+
+def per_task_scores(label: str, path: Path, protocol: str) -> dict:
+  """The per-task test scores of run ``label`` (its work directory holds
+  ``path``) under ``protocol``; exits naming the run if it has none."""
+  run = tables.read_run(path.parent)
+  key = "authors_per_task" if protocol == "authors" else "per_task"
+  if run is None or key not in run:
+    source = ("imaml-eval --protocol authors" if protocol == "authors" else
+              "results.json (or imaml-eval)")
+    whose = {"ours": "our", "authors": "the authors'"}[protocol]
+    raise SystemExit(f"{label}: no per-task test scores under {whose} "
+                     f"protocol in {path.parent} (from {source})")
+  return run[key]
+
+
+def mean_scores(labels, scores: dict[str, dict]) -> dict:
+  """The per-task mean of the runs ``labels``, which must share tasks."""
+  first = scores[labels[0]]
+  for label in labels[1:]:
+    other = scores[label]
+    if (other["tasks_sha256"], other["metric"], len(other["values"])) != (
+        first["tasks_sha256"], first["metric"], len(first["values"])):
+      raise SystemExit(f"{labels[0]} and {label} were not tested on the same "
+                       f"tasks (or metric); they cannot be averaged per task")
+  values = np.mean([scores[label]["values"] for label in labels], axis=0)
+  return {**first, "values": values.tolist()}
+
+
+def paired_differences(pairs, paths: dict[str, Path], protocol: str
+                       ) -> list[dict]:
+  """One row per ``(left, right)`` pair of label tuples: the paired mean
+  difference of their (seed-averaged) per-task scores and its interval."""
+  named = list(dict.fromkeys(label for pair in pairs for side in pair
+                             for label in side))     # In order, once each.
+  unknown = [label for label in named if label not in paths]
+  if unknown:
+    raise SystemExit(f"--paired names runs that were not given: "
+                     f"{', '.join(unknown)}")
+  scores = {label: per_task_scores(label, paths[label], protocol)
+            for label in named}
+  rows = []
+  for left, right in pairs:
+    a, b = mean_scores(left, scores), mean_scores(right, scores)
+    found = tables.paired_difference(a, b)
+    if found is None:
+      raise SystemExit(f"{' + '.join(left)} and {' + '.join(right)} were not "
+                       f"tested on the same tasks; they cannot be paired")
+    mean, ci95 = found
+    rows.append({"difference": f"{' + '.join(left)} minus {' + '.join(right)}",
+                 "protocol": protocol, "mean": mean, "ci95": ci95,
+                 "tasks": len(a["values"]), "sign": sign(mean, ci95)})
+  return rows
+
+
+def sign(mean: float, ci95: float) -> str:
+  """Where the 95% interval of a difference lies with respect to 0."""
+  if mean - ci95 > 0:
+    return "above 0"
+  if mean + ci95 < 0:
+    return "below 0"
+  return "contains 0"
+
+
+def paired_markdown(rows: list[dict]) -> list[str]:
+  protocol = {"ours": "our", "authors": "authors'"}[rows[0]["protocol"]]
+  lines = [f"| difference ({protocol} protocol, points) | paired mean ± 95% "
+           f"| interval |", "|---|---|---|"]
+  lines += [f"| {r['difference']} | {r['mean']:+.2f} ± {r['ci95']:.2f} | "
+            f"{r['sign']} |" for r in rows]
+  return lines
+
+
+def write_paired_csv(rows: list[dict], out_csv: str) -> None:
+  with open(out_csv, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
 def synthetic_runs(folder: Path) -> list[tuple[str, Path]]:
-  """Two small metrics files for ``--quick``."""
+  """Two small work directories for ``--quick``: metrics, and a test on the
+  same four tasks where "a" scores 0.25 above "b" on all but one."""
   runs = []
+  per_task = {"a": [1.0, 0.75, 1.0, 0.5], "b": [0.75, 0.5, 0.75, 0.5]}
   for label, peak in (("a", 0.9), ("b", 0.7)):
-    path = folder / f"{label}.jsonl"
-    with open(path, "w") as f:
+    workdir = folder / label
+    workdir.mkdir()
+    with open(workdir / "metrics.jsonl", "w") as f:
       for step in range(100, 1001, 100):
         train = {"step": step, "split": "train",
                  "loss_before": 1.6 + step / 1000,
@@ -131,7 +245,15 @@ def synthetic_runs(folder: Path) -> list[tuple[str, Path]]:
         if step % 200 == 0:
           f.write(json.dumps({"step": step, "split": "val",
                               "accuracy_after": peak * step / 1000}) + "\n")
-    runs.append((label, path))
+    values = per_task[label]
+    results = {
+        "test": {"accuracy_after": {"mean": float(np.mean(values)),
+                                    "ci95": 0.0, "n": len(values)}},
+        "budget": {"meta_steps": 1000, "wall_time_s": 1.0, "device": "cpu"},
+        "test_per_task": {"metric": "accuracy_after", "values": values,
+                          "tasks_sha256": "four synthetic tasks"}}
+    (workdir / "results.json").write_text(json.dumps(results))
+    runs.append((label, workdir / "metrics.jsonl"))
   return runs
 
 
@@ -140,18 +262,28 @@ def main(argv=None):
   parser.add_argument("runs", nargs="*", type=parse_run, metavar="LABEL=PATH")
   parser.add_argument("--out", default=None,
                       help="output stem: writes OUT.png and OUT.csv")
+  parser.add_argument("--paired", action="append", default=[],
+                      type=parse_paired, metavar='"A minus B"',
+                      help="paired per-task test difference of two runs (a "
+                      'side may be "A0 + A1", their per-task mean); '
+                      "repeatable")
+  parser.add_argument("--protocol", choices=("ours", "authors"),
+                      default="ours",
+                      help="whose test --paired compares (default: ours)")
   parser.add_argument("--quick", action="store_true",
-                      help="plot two synthetic runs")
+                      help="plot two synthetic runs and pair their tests")
   args = parser.parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
     if args.quick:
       args.runs = synthetic_runs(Path(tmp))
       args.out = args.out or os.path.join(tmp, "compare_runs_quick")
+      args.paired = args.paired or [(("a",), ("b",)), (("a", "b"), ("b",))]
     if not args.runs:
       parser.error("give at least one LABEL=PATH (or --quick)")
     if not args.out:
       parser.error("give --out STEM")
     runs = load_runs(args.runs)
+    paired = paired_differences(args.paired, dict(args.runs), args.protocol)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     panels = plot(runs, args.out + ".png")
     print("panels: " + "; ".join(title for _, _, title, _ in panels))
@@ -162,6 +294,10 @@ def main(argv=None):
       best_text = "none" if best is None else f"{100 * best:.2f}% at {step}"
       print(f"{label}: last step {last}; best validation {best_text}")
     print(f"wrote {args.out}.{{png,csv}}")
+    if paired:
+      print("\n".join(paired_markdown(paired)))
+      write_paired_csv(paired, args.out + "_paired.csv")
+      print(f"wrote {args.out}_paired.csv")
 
 
 if __name__ == "__main__":

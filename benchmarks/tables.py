@@ -102,8 +102,25 @@ def config_name(benchmark: str, setting: str, algorithm: str) -> str:
 
 
 def read_cell(runs: Path, name: str) -> dict | None:
-  """The table entry of one run directory, or ``None`` if it has no result."""
-  path = runs / name / "results.json"
+  """The table entry of the run directory ``runs/name`` (``name`` a
+  registered config), or ``None`` if it has no result."""
+  cell = read_run(runs / name)
+  if cell is None:
+    return None
+  stored = json.loads((runs / name / "results.json").read_text()).get("config")
+  return {"changes": config_changes(name, stored), "config": name, **cell}
+
+
+def read_run(run_dir: Path) -> dict | None:
+  """Test result, budget and per-task scores of one ``imaml-train`` work
+  directory under both protocols, or ``None`` if it has no ``results.json``.
+
+  Our protocol's per-task scores (``per_task``) come from ``results.json``,
+  or from ``eval.json`` for a run whose results predate them; the authors'
+  (``authors_*``) from ``eval_protocol=authors.json`` where ``imaml-eval``
+  made one.
+  """
+  path = run_dir / "results.json"
   if not path.is_file():
     return None
   try:
@@ -115,8 +132,6 @@ def read_cell(runs: Path, name: str) -> dict | None:
   target = budget.get("meta_steps_target",
                       results.get("config", {}).get("meta_steps"))
   cell = {
-      "changes": config_changes(name, results.get("config")),
-      "config": name,
       "accuracy": 100 * accuracy["mean"],
       "ci95": 100 * accuracy["ci95"],
       "test_tasks": accuracy["n"],
@@ -128,10 +143,10 @@ def read_cell(runs: Path, name: str) -> dict | None:
       "test_params": results.get("test_params"),
   }
   per_task = results.get("test_per_task") or ours_eval_per_task(
-      runs / name / OURS_EVAL, cell)
+      run_dir / OURS_EVAL, cell)
   if per_task:
     cell["per_task"] = per_task
-  cell.update(read_authors_eval(runs / name / AUTHORS_EVAL))
+  cell.update(read_authors_eval(run_dir / AUTHORS_EVAL))
   return cell
 
 

@@ -240,6 +240,79 @@ def test_compare_runs_quick(tmp_path):
   rows = read_csv(tmp_path / "cmp.csv")
   assert {r["run"] for r in rows} == {"a", "b"} and len(rows) == 10
   assert (tmp_path / "cmp.png").stat().st_size > 0
+  # Per-task differences 25, 25, 25, 0 points: mean 18.75, population std
+  # 10.83, half-width 1.96 * 10.83 / sqrt(4).
+  assert "| a minus b | +18.75 ± 10.61 | above 0 |" in out
+  assert "| a + b minus b | +9.38 ± 5.30 | above 0 |" in out
+  paired = read_csv(tmp_path / "cmp_paired.csv")
+  assert [r["difference"] for r in paired] == ["a minus b", "a + b minus b"]
+  assert float(paired[0]["mean"]) == pytest.approx(18.75)
+  assert float(paired[0]["ci95"]) == pytest.approx(
+      1.96 * np.std([25, 25, 25, 0]) / 2)
+
+
+def write_tested_run(folder, values, tasks="t"):
+  """A work directory with validation metrics and per-task test scores."""
+  folder.mkdir()
+  (folder / "metrics.jsonl").write_text(json.dumps(
+      {"step": 10, "split": "val", "accuracy_after": 0.5}) + "\n")
+  (folder / "results.json").write_text(json.dumps({
+      "test": {"accuracy_after": {"mean": float(np.mean(values)), "ci95": 0.0,
+                                  "n": len(values)}},
+      "budget": {"meta_steps": 10, "wall_time_s": 1.0, "device": "cpu"},
+      "test_per_task": {"metric": "accuracy_after", "values": list(values),
+                        "tasks_sha256": tasks}}))
+  return folder
+
+
+def test_compare_runs_pairs_seed_means_task_by_task(tmp_path):
+  """A side of several runs is their per-task mean; the interval is the
+  paired one, against numpy on the same arrays."""
+  rng = np.random.default_rng(0)
+  hard = rng.uniform(0.5, 1.0, 200)
+  seeds = [np.clip(hard + rng.normal(0, 0.05, 200), 0, 1) for _ in range(3)]
+  runs = [f"{label}={write_tested_run(tmp_path / label, v)}"
+          for label, v in zip(("a0", "a1", "b"), seeds)]
+  out = run_script("compare_runs.py", "--out", str(tmp_path / "cmp"), *runs,
+                   "--paired", "a0 + a1 minus b", "--paired", "b minus a1")
+  diff = 100 * ((seeds[0] + seeds[1]) / 2 - seeds[2])
+  first, second = read_csv(tmp_path / "cmp_paired.csv")
+  assert float(first["mean"]) == pytest.approx(np.mean(diff))
+  assert float(first["ci95"]) == pytest.approx(
+      1.96 * np.std(diff) / np.sqrt(200))
+  assert float(second["mean"]) == pytest.approx(
+      100 * np.mean(seeds[2] - seeds[1]))
+  assert first["tasks"] == "200" and "| a0 + a1 minus b |" in out
+
+
+@pytest.mark.parametrize("spec, tasks, message", [
+    ("a minus c", "t", "names runs that were not given: c"),
+    ("a minus b", "other", "not tested on the same tasks"),
+    ("a + b minus a", "other", "cannot be averaged per task"),
+    ("a - b", "t", 'a paired difference is "A minus B"'),
+])
+def test_compare_runs_names_a_bad_pairing(tmp_path, spec, tasks, message):
+  a = write_tested_run(tmp_path / "a", [1.0, 0.5])
+  b = write_tested_run(tmp_path / "b", [0.5, 0.5], tasks=tasks)
+  done = subprocess.run(
+      [sys.executable, str(BENCHMARKS / "compare_runs.py"), "--out",
+       str(tmp_path / "x"), f"a={a}", f"b={b}", "--paired", spec],
+      capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode != 0 and message in done.stderr
+  assert not (tmp_path / "x.png").exists()     # Checked before plotting.
+
+
+def test_compare_runs_needs_per_task_scores_to_pair(tmp_path):
+  a = write_tested_run(tmp_path / "a", [1.0, 0.5])
+  b = write_tested_run(tmp_path / "b", [0.5, 0.5])
+  done = subprocess.run(
+      [sys.executable, str(BENCHMARKS / "compare_runs.py"), "--out",
+       str(tmp_path / "x"), f"a={a}", f"b={b}", "--paired", "a minus b",
+       "--protocol", "authors"],
+      capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode != 0
+  assert "a: no per-task test scores under the authors' protocol" in (
+      done.stderr)
 
 
 def test_compare_runs_names_a_bad_run_argument(tmp_path):
