@@ -17,8 +17,12 @@ accuracy difference ``A - B`` in points with its 95% interval
 share cancels). A side may average several runs' per-task scores, such as
 training seeds: ``"A0 + A1 minus B0 + B1"`` (the interval then counts test
 tasks, not seeds). ``--protocol authors`` pairs the tests of ``imaml-eval
---protocol authors`` instead of ``results.json``'s. The differences are
-printed as a Markdown table and written to ``OUT_paired.csv``.
+--protocol authors`` instead of ``results.json``'s; ``LABEL:FILE`` takes the
+scores of another ``imaml-eval`` result in that run's directory, such as
+``"m:eval_val_eval_inner_steps=10.json minus m:eval_val.json"`` (10
+test-time steps against the trained number, on validation tasks). The
+differences are printed as a Markdown table and written to
+``OUT_paired.csv``.
 
     python benchmarks/compare_runs.py --out benchmarks/results/stability \\
         plain=benchmarks/results/gpu_5w1s_plain_h100_metrics.jsonl \\
@@ -148,9 +152,29 @@ def parse_paired(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
   return sides
 
 
-def per_task_scores(label: str, path: Path, protocol: str) -> dict:
-  """The per-task test scores of run ``label`` (its work directory holds
-  ``path``) under ``protocol``; exits naming the run if it has none."""
+def split_item(item: str, paths: dict[str, Path]) -> tuple[str, str]:
+  """``(label, eval file)`` of a side's item: ``("m", "")`` for a label,
+  ``("m", "eval_val.json")`` for ``"m:eval_val.json"``."""
+  if item in paths:
+    return item, ""
+  label, _, eval_file = item.partition(":")
+  return label, eval_file
+
+
+def per_task_scores(item: str, paths: dict[str, Path], protocol: str
+                    ) -> dict:
+  """The per-task test scores of ``item``: a run's label (its work directory
+  holds ``paths[label]``), tested under ``protocol``, or ``LABEL:FILE``, the
+  scores in the ``imaml-eval`` result ``FILE`` of that run's directory; exits
+  naming the run if it has none."""
+  label, eval_file = split_item(item, paths)
+  if eval_file:
+    path = paths[label].parent / eval_file
+    try:
+      return json.loads(path.read_text())["test_per_task"]
+    except (OSError, ValueError, KeyError) as e:
+      raise SystemExit(f"{item}: no per-task scores in {path} ({e!r})")
+  path = paths[label]
   run = tables.read_run(path.parent)
   key = "authors_per_task" if protocol == "authors" else "per_task"
   if run is None or key not in run:
@@ -181,12 +205,11 @@ def paired_differences(pairs, paths: dict[str, Path], protocol: str
   difference of their (seed-averaged) per-task scores and its interval."""
   named = list(dict.fromkeys(label for pair in pairs for side in pair
                              for label in side))     # In order, once each.
-  unknown = [label for label in named if label not in paths]
+  unknown = [item for item in named if split_item(item, paths)[0] not in paths]
   if unknown:
     raise SystemExit(f"--paired names runs that were not given: "
                      f"{', '.join(unknown)}")
-  scores = {label: per_task_scores(label, paths[label], protocol)
-            for label in named}
+  scores = {item: per_task_scores(item, paths, protocol) for item in named}
   rows = []
   for left, right in pairs:
     a, b = mean_scores(left, scores), mean_scores(right, scores)

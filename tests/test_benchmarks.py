@@ -285,6 +285,26 @@ def test_compare_runs_pairs_seed_means_task_by_task(tmp_path):
   assert first["tasks"] == "200" and "| a0 + a1 minus b |" in out
 
 
+def test_compare_runs_pairs_an_eval_file_of_a_run(tmp_path):
+  """``LABEL:FILE`` reads the per-task scores of an ``imaml-eval`` result
+  in the run's directory (here: other test-time settings, same tasks)."""
+  run = write_tested_run(tmp_path / "a", [0.5, 0.5, 1.0])
+  (run / "eval_eval_inner_steps=10.json").write_text(json.dumps(
+      {"test_per_task": {"metric": "accuracy_after", "values": [1.0, 0.5, 1.0],
+                         "tasks_sha256": "t"}}))
+  out = run_script("compare_runs.py", "--out", str(tmp_path / "cmp"),
+                   f"a={run}", "--paired",
+                   "a:eval_eval_inner_steps=10.json minus a")
+  # Differences 50, 0, 0: mean 16.67, half-width 1.96 * 23.57 / sqrt(3).
+  assert "| a:eval_eval_inner_steps=10.json minus a | +16.67 ± 26.67 |" in out
+  done = subprocess.run(
+      [sys.executable, str(BENCHMARKS / "compare_runs.py"), "--out",
+       str(tmp_path / "x"), f"a={run}", "--paired", "a:eval_val.json minus a"],
+      capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode != 0 and "a:eval_val.json: no per-task scores" in (
+      done.stderr)
+
+
 @pytest.mark.parametrize("spec, tasks, message", [
     ("a minus c", "t", "names runs that were not given: c"),
     ("a minus b", "other", "not tested on the same tasks"),
