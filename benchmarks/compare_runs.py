@@ -284,7 +284,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("runs", nargs="*", type=parse_run, metavar="LABEL=PATH")
   parser.add_argument("--out", default=None,
-                      help="output stem: writes OUT.png and OUT.csv")
+                      help="output stem: writes OUT.png and OUT.csv (and "
+                      "OUT_paired.csv with --paired)")
   parser.add_argument("--paired", action="append", default=[],
                       type=parse_paired, metavar='"A minus B"',
                       help="paired per-task test difference of two runs (a "
