@@ -16,7 +16,10 @@ accuracy difference ``A - B`` in points with its 95% interval
 (``tables.paired_difference``; the spread of task difficulty that both runs
 share cancels). A side may average several runs' per-task scores, such as
 training seeds: ``"A0 + A1 minus B0 + B1"`` (the interval then counts test
-tasks, not seeds). ``--protocol authors`` pairs the tests of ``imaml-eval
+tasks, not seeds; where both sides hold two runs or more, a seed-level
+interval is given beside it: Welch's 95% interval of the difference of the
+two sides' mean run accuracies, which counts seeds, not tasks).
+``--protocol authors`` pairs the tests of ``imaml-eval
 --protocol authors`` instead of ``results.json``'s; ``LABEL:FILE`` takes the
 scores of another ``imaml-eval`` result in that run's directory, such as
 ``"m:eval_val_eval_inner_steps=10.json minus m:eval_val.json"`` (10
@@ -45,6 +48,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import scipy.stats
 
 import matplotlib
 
@@ -218,10 +222,44 @@ def paired_differences(pairs, paths: dict[str, Path], protocol: str
       raise SystemExit(f"{' + '.join(left)} and {' + '.join(right)} were not "
                        f"tested on the same tasks; they cannot be paired")
     mean, ci95 = found
+    seeds = seed_level_difference(
+        [run_accuracy(scores[item]) for item in left],
+        [run_accuracy(scores[item]) for item in right])
     rows.append({"difference": f"{' + '.join(left)} minus {' + '.join(right)}",
                  "protocol": protocol, "mean": mean, "ci95": ci95,
-                 "tasks": len(a["values"]), "sign": sign(mean, ci95)})
+                 "tasks": len(a["values"]), "sign": sign(mean, ci95),
+                 "seed_ci95": "" if seeds is None else seeds[1]})
   return rows
+
+
+def run_accuracy(scores: dict) -> float:
+  """A run's mean per-task score, in points."""
+  return 100 * float(np.mean(scores["values"]))
+
+
+def seed_level_difference(a: list[float], b: list[float]
+                          ) -> tuple[float, float] | None:
+  """Difference of the means of two groups of runs (one accuracy per run,
+  such as training seeds) and its 95% half-width by Welch's t interval, or
+  ``None`` unless each group holds two runs or more.
+
+  With ``v = var_a / n_a + var_b / n_b`` (sample variances) the half-width
+  is ``t(0.975, nu) * sqrt(v)``, ``nu = v^2 / ((var_a / n_a)^2 / (n_a - 1)
+  + (var_b / n_b)^2 / (n_b - 1))`` (Welch-Satterthwaite).
+
+  Example:
+    >>> [round(x, 3) for x in seed_level_difference([97.0, 97.6, 97.2],
+    ...                                             [97.1, 96.9, 97.0])]
+    [0.267, 0.679]
+  """
+  if len(a) < 2 or len(b) < 2:
+    return None
+  va, vb = (np.var(g, ddof=1) / len(g) for g in (a, b))
+  difference = float(np.mean(a) - np.mean(b))
+  if va + vb == 0:
+    return difference, 0.0
+  nu = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+  return difference, float(scipy.stats.t.ppf(0.975, nu) * np.sqrt(va + vb))
 
 
 def sign(mean: float, ci95: float) -> str:
@@ -236,10 +274,16 @@ def sign(mean: float, ci95: float) -> str:
 def paired_markdown(rows: list[dict]) -> list[str]:
   protocol = {"ours": "our", "authors": "authors'"}[rows[0]["protocol"]]
   lines = [f"| difference ({protocol} protocol, points) | paired mean ± 95% "
-           f"| interval |", "|---|---|---|"]
+           f"| interval | seed-level 95% (Welch) |", "|---|---|---|---|"]
   lines += [f"| {r['difference']} | {r['mean']:+.2f} ± {r['ci95']:.2f} | "
-            f"{r['sign']} |" for r in rows]
+            f"{r['sign']} | {seed_text(r)} |" for r in rows]
   return lines
+
+
+def seed_text(row: dict) -> str:
+  if row["seed_ci95"] == "":
+    return "-"
+  return f"± {row['seed_ci95']:.2f} ({sign(row['mean'], row['seed_ci95'])})"
 
 
 def write_paired_csv(rows: list[dict], out_csv: str) -> None:

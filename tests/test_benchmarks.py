@@ -8,6 +8,7 @@ The runs start with the test session and run beside the other tests
 """
 import csv
 import doctest
+import importlib
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from imaml_jax.train import cli
 from imaml_jax.train import config as config_lib
@@ -29,14 +31,17 @@ pytestmark = pytest.mark.slow
 STABILITY_RUN = BENCHMARKS / "runs" / "stability_5w1s_constant_eps1e-3"
 
 
-def import_tables():
-  """``benchmarks/tables.py`` as a module (the scripts are not a package)."""
+def import_benchmark(name):
+  """``benchmarks/<name>.py`` as a module (the scripts are not a package)."""
   sys.path.insert(0, str(BENCHMARKS))
   try:
-    import tables
+    return importlib.import_module(name)
   finally:
     sys.path.remove(str(BENCHMARKS))
-  return tables
+
+
+def import_tables():
+  return import_benchmark("tables")
 
 
 def read_csv(path):
@@ -274,15 +279,25 @@ def test_compare_runs_pairs_seed_means_task_by_task(tmp_path):
   runs = [f"{label}={write_tested_run(tmp_path / label, v)}"
           for label, v in zip(("a0", "a1", "b"), seeds)]
   out = run_script("compare_runs.py", "--out", str(tmp_path / "cmp"), *runs,
-                   "--paired", "a0 + a1 minus b", "--paired", "b minus a1")
+                   "--paired", "a0 + a1 minus b", "--paired", "b minus a1",
+                   "--paired", "a0 + a1 minus b + a1")
   diff = 100 * ((seeds[0] + seeds[1]) / 2 - seeds[2])
-  first, second = read_csv(tmp_path / "cmp_paired.csv")
+  first, second, third = read_csv(tmp_path / "cmp_paired.csv")
   assert float(first["mean"]) == pytest.approx(np.mean(diff))
   assert float(first["ci95"]) == pytest.approx(
       1.96 * np.std(diff) / np.sqrt(200))
   assert float(second["mean"]) == pytest.approx(
       100 * np.mean(seeds[2] - seeds[1]))
   assert first["tasks"] == "200" and "| a0 + a1 minus b |" in out
+  assert first["seed_ci95"] == "" and second["seed_ci95"] == ""  # One run.
+  # Two runs a side: Welch's interval on the runs' mean accuracies.
+  means = [100 * np.mean(v) for v in seeds]
+  va = np.var(means[:2], ddof=1) / 2
+  vb = np.var(means[1:], ddof=1) / 2
+  nu = (va + vb) ** 2 / (va ** 2 + vb ** 2)
+  half = scipy_stats.t.ppf(0.975, nu) * np.sqrt(va + vb)
+  assert float(third["seed_ci95"]) == pytest.approx(half)
+  assert "| a0 + a1 minus b + a1 |" in out and "(Welch)" in out
 
 
 def test_compare_runs_pairs_an_eval_file_of_a_run(tmp_path):
@@ -430,6 +445,20 @@ def test_tables_mark_and_leave_out_a_test_older_than_its_run():
   assert c["meta_steps"] == 6000
 
 
-def test_tables_docstring_examples():
-  results = doctest.testmod(import_tables())
+@pytest.mark.parametrize("name", ["tables", "compare_runs"])
+def test_benchmark_docstring_examples(name):
+  results = doctest.testmod(import_benchmark(name))
   assert results.attempted > 0 and results.failed == 0
+
+
+def test_compare_runs_seed_level_interval_is_welchs():
+  """Against scipy's Welch t-test interval on the same groups."""
+  compare_runs = import_benchmark("compare_runs")
+  rng = np.random.default_rng(1)
+  for na, nb in ((2, 2), (3, 3), (3, 5)):
+    a, b = rng.normal(97.2, 0.4, na), rng.normal(97.0, 0.1, nb)
+    difference, half = compare_runs.seed_level_difference(list(a), list(b))
+    ci = scipy_stats.ttest_ind(a, b, equal_var=False).confidence_interval()
+    assert difference == pytest.approx(np.mean(a) - np.mean(b))
+    assert half == pytest.approx((ci.high - ci.low) / 2)
+  assert compare_runs.seed_level_difference([97.0], [96.0, 96.5]) is None
