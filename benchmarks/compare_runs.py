@@ -111,19 +111,28 @@ def plot(runs: dict[str, list[dict]], out_png: str) -> tuple:
   """Draws ``runs`` into ``out_png``; returns the panels drawn."""
   panels = panels_for(runs)
   fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+  # One colour per run: tab10 repeats after ten runs, tab20 after twenty.
+  colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
   for ax, (split, key, title, log) in zip(axes, panels):
-    for label, records in runs.items():
+    for (label, records), colour in zip(runs.items(), colours * 2):
       steps, values = plots.curves(records, split, key)
       if steps:
-        ax.plot(steps, values, label=label, marker="." if split == "val"
-                else None)
+        ax.plot(steps, values, label=label, color=colour,
+                marker="." if split == "val" else None)
     ax.set_title(title)
     ax.set_xlabel("meta-step")
     if log:
       ax.set_yscale("log")
-  axes[0].legend()
+  # One entry per run (from whichever panel drew it), beside the panels,
+  # where it hides no curve.
+  entries = {}
+  for ax in axes:
+    for handle, label in zip(*ax.get_legend_handles_labels()):
+      entries.setdefault(label, handle)
   fig.tight_layout()
-  fig.savefig(out_png, dpi=110)
+  fig.legend(list(entries.values()), list(entries), loc="upper left",
+             bbox_to_anchor=(1.0, 0.95), fontsize="small")
+  fig.savefig(out_png, dpi=110, bbox_inches="tight")
   plt.close(fig)
   return panels
 
