@@ -104,10 +104,10 @@ def config_name(benchmark: str, setting: str, algorithm: str) -> str:
 def read_cell(runs: Path, name: str) -> dict | None:
   """The table entry of the run directory ``runs/name`` (``name`` a
   registered config), or ``None`` if it has no result."""
-  cell = read_run(runs / name)
-  if cell is None:
+  found = read_run_and_config(runs / name)
+  if found is None:
     return None
-  stored = json.loads((runs / name / "results.json").read_text()).get("config")
+  cell, stored = found
   return {"changes": config_changes(name, stored), "config": name, **cell}
 
 
@@ -120,6 +120,13 @@ def read_run(run_dir: Path) -> dict | None:
   (``authors_*``) from ``eval_protocol=authors.json`` where ``imaml-eval``
   made one.
   """
+  found = read_run_and_config(run_dir)
+  return None if found is None else found[0]
+
+
+def read_run_and_config(run_dir: Path) -> tuple[dict, dict | None] | None:
+  """``read_run``'s entry and the config stored in the same ``results.json``
+  (read once), or ``None`` if the directory has no ``results.json``."""
   path = run_dir / "results.json"
   if not path.is_file():
     return None
@@ -147,7 +154,7 @@ def read_run(run_dir: Path) -> dict | None:
   if per_task:
     cell["per_task"] = per_task
   cell.update(read_authors_eval(run_dir / AUTHORS_EVAL))
-  return cell
+  return cell, results.get("config")
 
 
 def ours_eval_per_task(path: Path, cell: dict) -> dict | None:
