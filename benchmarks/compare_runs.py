@@ -111,10 +111,11 @@ def plot(runs: dict[str, list[dict]], out_png: str) -> tuple:
   """Draws ``runs`` into ``out_png``; returns the panels drawn."""
   panels = panels_for(runs)
   fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
-  # One colour per run: tab10 repeats after ten runs, tab20 after twenty.
-  colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
+  # One colour per run up to twenty runs (tab10, then tab20), cycling past.
+  palette = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
+  colours = [palette[i % len(palette)] for i in range(len(runs))]
   for ax, (split, key, title, log) in zip(axes, panels):
-    for (label, records), colour in zip(runs.items(), colours * 2):
+    for (label, records), colour in zip(runs.items(), colours):
       steps, values = plots.curves(records, split, key)
       if steps:
         ax.plot(steps, values, label=label, color=colour,
