@@ -462,3 +462,18 @@ def test_compare_runs_seed_level_interval_is_welchs():
     assert difference == pytest.approx(np.mean(a) - np.mean(b))
     assert half == pytest.approx((ci.high - ci.low) / 2)
   assert compare_runs.seed_level_difference([97.0], [96.0, 96.5]) is None
+
+
+def test_compare_runs_draws_every_run_past_forty(tmp_path, monkeypatch):
+  """Each of 45 runs gets a curve (a 40-colour list once dropped the rest)."""
+  compare_runs = import_benchmark("compare_runs")
+  records = [{"step": s, "split": "val", "accuracy_after": 0.5} for s in (1, 2)]
+  runs = {f"run {i}": records for i in range(45)}
+  drawn = []
+  save = compare_runs.plt.Figure.savefig
+  def count_then_save(fig, *args, **kwargs):
+    drawn.append(len(fig.axes[0].lines))
+    return save(fig, *args, **kwargs)
+  monkeypatch.setattr(compare_runs.plt.Figure, "savefig", count_then_save)
+  compare_runs.plot(runs, str(tmp_path / "runs.png"))
+  assert drawn == [45]
