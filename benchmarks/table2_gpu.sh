@@ -15,9 +15,16 @@
 #   20-way 5-shot: 1,000 meta-steps at meta-batch 16 (iMAML-GD, its authors'
 #                  recipe, MAML)
 # Each run stops at BUDGET_S seconds of training (default 300) if it has not
-# reached its meta-steps; tables.py then marks its cell with '*'. Compiling,
-# testing and packing add at most 280 s: the whole script stays under ten
-# minutes at the default. Each run is
+# reached its meta-steps; tables.py then marks its cell with '*'. Training,
+# its compilation and the test under our protocol must end within BUDGET_S +
+# TABLE2_GPU_SLACK_S seconds (default 170), the authors'-protocol test within
+# 80 more: the whole script stays under ten minutes at the defaults. On an
+# H200 (all nine cells side by side, BUDGET_S 290, 503 s in all) compiling
+# took 25-107 s a cell and every cell but one was tested; the Hessian-free
+# cell compiled in 98 s, ran 101 meta-steps and was stopped during its test
+# under our protocol: give it a larger slack when time allows, e.g.
+#   TABLE2_GPU_SLACK_S=600 bash benchmarks/table2_gpu.sh OUT 1800 20w1s_imaml_hf
+# Each run is
 # tested on the 600 test tasks (our protocol) and with imaml-eval --protocol
 # authors; its work directory (last checkpoint only) is packed into
 # OUT_DIR/omniglot_CELL.tar.gz. Unpacked into benchmarks/runs/, tables.py
@@ -45,6 +52,7 @@ export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.1}
 py=${PYTHON:-python3}
 quick=${TABLE2_GPU_QUICK:-0}
+slack=${TABLE2_GPU_SLACK_S:-170}
 eval_tasks=600
 [ "$quick" = 1 ] && eval_tasks=10
 
@@ -78,7 +86,7 @@ run() {  # run CELL: train, test under both protocols, pack.
   local cell=$1 name=omniglot_$1
   local dir="$out/$name" log="$out/$name.log"
   # shellcheck disable=SC2046
-  timeout --signal=INT --kill-after=10 $((budget + 170)) "$py" -m imaml_jax \
+  timeout --signal=INT --kill-after=10 $((budget + slack)) "$py" -m imaml_jax \
     train "$name" --workdir "$dir" --no-progress --time-budget "$budget" \
     --set lr_schedule=linear log_every=50 checkpoint_every=0 \
     keep_checkpoints=1 $(budget_of "$cell") > "$log" 2>&1
