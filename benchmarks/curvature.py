@@ -13,9 +13,14 @@ learning rate asked for, and reports per task
     Hessian-vector products);
   * the norm of the proximal objective's gradient there (0 at the exact
     minimiser);
-  * the relative residual ``||A x - g|| / ||g||`` of 5 CG steps for the
-    query gradient ``g``, with plain CG and with CG that stops at negative
-    curvature.
+  * the relative residual ``||A x - g|| / ||g||`` of 5 CG steps (or each
+    count of ``--cg-steps``) for the query gradient ``g``, with plain CG and
+    with CG that stops at negative curvature;
+  * whether that guarded CG met a direction ``p`` with ``p^T A p <= 0``
+    (its residual parts from plain CG's by more than 1% and 1e-3), which
+    shows ``A`` indefinite (``indefinite_fraction_cg``). Power
+    iteration from a shift converges slowly when the spectrum is wide, so
+    its smallest eigenvalue can miss negative ones that CG finds.
 
 Gradient descent on the proximal objective is stable only for
 ``lr < 2 / (lam * eig_max)``, which the script prints too, with the
@@ -33,6 +38,8 @@ taking every step as ``jax.scipy``'s does: the library's default);
         --inner-lr 0.05 --backtrack --tag o5w1s_step1000
     python benchmarks/curvature.py --inner hessian_free hessian_free_plain_cg \
         --inner-steps 5 --workdir runs/omniglot_5w1s_imaml_hf --tag hf
+    python benchmarks/curvature.py --n-way 20 --inner-steps 25 --inner-lr 0.05 \
+        --backtrack --cg-steps 5 20 80 --workdir runs/o20w1s  # more CG steps
     python benchmarks/curvature.py --quick              # synthetic images
 
 Writes ``benchmarks/results/curvature_<tag>.{csv,json}``.
@@ -70,8 +77,13 @@ def power_iteration(matvec, v0, iterations: int):
   return v @ matvec(v)
 
 
-def task_statistics(scalar_loss, theta, task, lam, inner, iterations):
-  """The numbers of the module docstring for one task."""
+def task_statistics(scalar_loss, theta, task, lam, inner, iterations,
+                    cg_steps=(5,)):
+  """The numbers of the module docstring for one task.
+
+  ``cg_steps``: the CG iteration counts whose residuals are reported, as
+  ``cg<n>_residual`` and ``cg<n>_guarded_residual``.
+  """
   objective = im.proximal_objective(scalar_loss, theta, task.support, lam)
   phi = inner.run(objective, theta)
   flat_phi, unravel = ravel_pytree(phi)
@@ -82,14 +94,24 @@ def task_statistics(scalar_loss, theta, task, lam, inner, iterations):
   top = power_iteration(a, v0, iterations)
   bottom = top - power_iteration(lambda v: top * v - a(v), v0, iterations)
   g = jax.grad(scalar_loss)(phi, task.query)
-  _, plain = im.cg(5).solve(system, g)
-  _, guarded = im.cg(5, stop_at_negative_curvature=True).solve(system, g)
   grad_norm = jnp.linalg.norm(
       ravel_pytree(jax.grad(objective)(phi))[0])
-  return {"eig_max": top, "eig_min": bottom, "inner_grad_norm": grad_norm,
-          "objective": objective(phi),
-          "cg5_residual": plain.residual,
-          "cg5_guarded_residual": guarded.residual}
+  stats = {"eig_max": top, "eig_min": bottom, "inner_grad_norm": grad_norm,
+           "objective": objective(phi)}
+  for n in cg_steps:
+    _, plain = im.cg(n).solve(system, g)
+    _, guarded = im.cg(n, stop_at_negative_curvature=True).solve(system, g)
+    stats[f"cg{n}_residual"] = plain.residual
+    stats[f"cg{n}_guarded_residual"] = guarded.residual
+    # In exact arithmetic the guarded CG departs from the plain one only
+    # after meeting a direction with p^T A p <= 0, which proves A indefinite.
+    # Past convergence, rounding alone can make p^T A p <= 0 in float32:
+    # residual differences under 1e-3 (a solved system) are not counted.
+    gap = jnp.abs(guarded.residual - plain.residual)
+    stats[f"cg{n}_met_negative_curvature"] = (
+        gap > 1e-2 * jnp.maximum(guarded.residual, plain.residual) + 1e-3
+    ).astype(plain.residual.dtype)
+  return stats
 
 
 INNER_SOLVERS = ("gd", "hessian_free", "hessian_free_plain_cg")
@@ -107,7 +129,7 @@ def inner_solver(name: str, steps: int, lr: float, backtrack: bool,
 @functools.lru_cache(maxsize=None)
 def batch_statistics(n_way: int, lam: float, inner_name: str, steps: int,
                      lr: float, backtrack: bool, hf_cg_steps: int,
-                     iterations: int):
+                     iterations: int, cg_steps: tuple = (5,)):
   """``f(theta, tasks)``: :func:`task_statistics` of every task, jit-compiled
   once per setting (the meta-parameters are an argument, so the checkpoints
   of a run, e.g. ``stability_diagnostics.py``, share one compilation)."""
@@ -116,7 +138,8 @@ def batch_statistics(n_way: int, lam: float, inner_name: str, steps: int,
   inner = inner_solver(inner_name, steps, lr, backtrack, hf_cg_steps)
   return jax.jit(jax.vmap(
       lambda theta, task: task_statistics(scalar, theta, task, lam, inner,
-                                          iterations), in_axes=(None, 0)))
+                                          iterations, cg_steps),
+      in_axes=(None, 0)))
 
 
 def load_theta(workdir=None, checkpoint=None):
@@ -142,6 +165,8 @@ def main(argv=None):
                       default=["gd"], help="inner loops, one row each")
   parser.add_argument("--hf-cg-steps", type=int, default=5,
                       help="CG iterations per Newton step (hessian_free)")
+  parser.add_argument("--cg-steps", type=int, nargs="+", default=[5],
+                      help="CG iteration counts whose residuals are reported")
   parser.add_argument("--tasks", type=int, default=8)
   parser.add_argument("--iterations", type=int, default=60,
                       help="power-iteration products per eigenvalue")
@@ -161,6 +186,8 @@ def main(argv=None):
   parser.add_argument("--tag", default=None)
   parser.add_argument("--out", default=RESULTS)
   args = parser.parse_args(argv)
+  if min(args.cg_steps) < 1:
+    parser.error(f"--cg-steps must be positive; got {args.cg_steps}")
   if args.quick:
     args.tasks, args.inner_steps, args.iterations = 2, 4, 10
     images = jnp.asarray(np.random.default_rng(0).integers(
@@ -189,11 +216,15 @@ def main(argv=None):
                          args.hf_cg_steps)
     stats = batch_statistics(args.n_way, args.lam, name, args.inner_steps,
                              lr, args.backtrack, args.hf_cg_steps,
-                             args.iterations)(theta, tasks)
+                             args.iterations,
+                             tuple(args.cg_steps))(theta, tasks)
     stats = {k: np.asarray(v) for k, v in stats.items()}
     row = {"inner": inner.name, "inner_lr": lr, "tasks": args.tasks,
            "parameters": source,
            "indefinite_fraction": float(np.mean(stats["eig_min"] <= 0)),
+           "indefinite_fraction_cg": float(np.mean(np.max(
+               [stats[f"cg{n}_met_negative_curvature"]
+                for n in args.cg_steps], axis=0))),
            "stable_lr_bound": float(2 / (args.lam * stats["eig_max"].max()))}
     for key, values in stats.items():
       row[f"{key}_median"] = float(np.median(values))
@@ -203,11 +234,15 @@ def main(argv=None):
     print(f"{inner.name}: objective median {row['objective_median']:.3f}; "
           f"eig(I + H/lam) in [{row['eig_min_min']:.2f}, "
           f"{row['eig_max_max']:.2f}], indefinite on "
-          f"{100 * row['indefinite_fraction']:.0f}% of tasks; "
-          f"|grad| median {row['inner_grad_norm_median']:.3f}; CG(5) residual "
-          f"median {row['cg5_residual_median']:.3f} (guarded "
-          f"{row['cg5_guarded_residual_median']:.3f}); GD stable for lr < "
-          f"{row['stable_lr_bound']:.3f}", flush=True)
+          f"{100 * row['indefinite_fraction']:.0f}% of tasks by power "
+          f"iteration, {100 * row['indefinite_fraction_cg']:.0f}% by a CG "
+          f"direction of non-positive curvature; "
+          f"|grad| median {row['inner_grad_norm_median']:.3f}; "
+          + "; ".join(
+              f"CG({n}) residual median {row[f'cg{n}_residual_median']:.3f} "
+              f"(guarded {row[f'cg{n}_guarded_residual_median']:.3f})"
+              for n in args.cg_steps)
+          + f"; GD stable for lr < {row['stable_lr_bound']:.3f}", flush=True)
   os.makedirs(args.out, exist_ok=True)
   tag = args.tag or (f"{args.n_way}w{args.k_shot}s"
                      + ("_quick" if args.quick else ""))

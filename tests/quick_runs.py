@@ -30,7 +30,7 @@ QUICK_RUNS = {
     "memory_vs_steps": ["memory_vs_steps.py", "--quick", "--algorithms",
                         "maml"],
     "curvature": ["curvature.py", "--quick", "--inner-lr", "0.1",
-                  "--inner", "gd", "hessian_free"],
+                  "--inner", "gd", "hessian_free", "--cg-steps", "5", "20"],
     "scaling": ["scaling.py", "--quick", "--devices", "2", "--host-devices",
                 "2", "--meta-batch", "4"],
     "conv_formulations": ["conv_formulations.py", "--quick", "--repeats", "1",

@@ -6,6 +6,7 @@ checked where the script makes a claim that a quick run can already show.
 The runs start with the test session and run beside the other tests
 (``quick_runs``, ``conftest.quick_run``); each test here waits for its own.
 """
+import collections
 import csv
 import doctest
 import importlib
@@ -15,15 +16,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+import imaml_jax as im
 from imaml_jax.train import cli
 from imaml_jax.train import config as config_lib
 from imaml_jax.train import experiment as exp_lib
 from imaml_jax.train import train as train_lib
 
+from problems import linreg_loss, linreg_task
 from quick_runs import BENCHMARKS, run_script
 
 pytestmark = pytest.mark.slow
@@ -159,6 +163,52 @@ def test_curvature_quick(quick_run):
     assert row["eig_max_max"] >= row["eig_min_min"]
     assert 0.0 <= row["indefinite_fraction"] <= 1.0
     assert row["objective_median"] > 0
+    assert row["cg5_residual_max"] >= 0 and row["cg20_residual_max"] >= 0
+
+
+def test_curvature_statistics_against_dense_linear_algebra(x64):
+  """On linear regression ``I + H/lam`` is ``I + X^T X / (n lam)``: the
+  extreme eigenvalues match numpy's, CG with as many steps as dimensions
+  solves the system and one step does not, per count of ``cg_steps``."""
+  curvature = import_benchmark("curvature")
+  support, query = linreg_task(0, dim=5)
+  task = collections.namedtuple("Task", "support query")(support, query)
+  lam = 0.5
+  stats = curvature.task_statistics(
+      linreg_loss, jnp.zeros(5), task, lam, im.gd(300, 0.2),
+      iterations=400, cg_steps=(1, 5))
+  xs = support[0]
+  eigs = np.linalg.eigvalsh(np.eye(5) + xs.T @ xs / (len(xs) * lam))
+  np.testing.assert_allclose(stats["eig_max"], eigs[-1], rtol=1e-8)
+  np.testing.assert_allclose(stats["eig_min"], eigs[0], rtol=1e-6)
+  assert stats["cg5_residual"] < 1e-8 < 1e-3 < stats["cg1_residual"]
+  assert stats["cg5_guarded_residual"] < 1e-8
+  assert stats["inner_grad_norm"] < 1e-8
+  assert stats["cg5_met_negative_curvature"] == 0.0
+
+
+def test_curvature_cg_proves_an_indefinite_system(x64):
+  """With lam below minus the smallest Hessian eigenvalue of a concave
+  loss, ``I + H/lam`` is negative definite and the guarded CG stops at once.
+  """
+  curvature = import_benchmark("curvature")
+  support, query = linreg_task(1, dim=4)
+  task = collections.namedtuple("Task", "support query")(support, query)
+  concave = lambda w, batch: -linreg_loss(w, batch)
+  xs = support[0]
+  lam = 0.5 * np.linalg.eigvalsh(xs.T @ xs / len(xs))[0]
+  stats = curvature.task_statistics(
+      concave, jnp.zeros(4), task, lam, im.gd(1, 1e-9), iterations=400,
+      cg_steps=(4,))
+  assert stats["eig_min"] < 0
+  assert stats["cg4_met_negative_curvature"] == 1.0
+
+
+def test_curvature_refuses_a_non_positive_cg_count(capsys):
+  curvature = import_benchmark("curvature")
+  with pytest.raises(SystemExit):
+    curvature.main(["--quick", "--cg-steps", "5", "0"])
+  assert "--cg-steps must be positive" in capsys.readouterr().err
 
 
 def test_tables_quick_trains_omniglot_end_to_end(quick_run):
