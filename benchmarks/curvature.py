@@ -82,7 +82,9 @@ def task_statistics(scalar_loss, theta, task, lam, inner, iterations,
   """The numbers of the module docstring for one task.
 
   ``cg_steps``: the CG iteration counts whose residuals are reported, as
-  ``cg<n>_residual`` and ``cg<n>_guarded_residual``.
+  ``cg<n>_residual`` and ``cg<n>_guarded_residual``, with
+  ``cg<n>_met_negative_curvature`` (1.0 where the guarded CG stopped at a
+  direction of non-positive curvature within ``n`` steps, else 0.0).
   """
   objective = im.proximal_objective(scalar_loss, theta, task.support, lam)
   phi = inner.run(objective, theta)
