@@ -5,8 +5,11 @@ directory holding it), given as ``LABEL=PATH``. The figure's panels, against
 the meta-step: validation accuracy after adaptation; the training query loss
 at the meta-parameters before adaptation (``loss_before``, whose growth shows
 the meta-parameters' predictions sharpening); the training meta-gradient
-norm (log scale); and, where a run logs it (iMAML), CG's relative residual
-on the meta-gradient's linear system. The validation points of every run go
+norm (log scale); where a run logs it (iMAML), CG's relative residual
+on the meta-gradient's linear system; and where a run logs it (iMAML with
+CG stopping at negative curvature), the fraction of training tasks whose
+CG stopped at a direction of non-positive curvature of ``I + H/lam``. The
+validation points of every run go
 to a CSV beside the PNG, with the step and value of each run's best
 validation.
 
@@ -66,6 +69,11 @@ PANELS = (("val", "accuracy_after", "validation accuracy after adaptation",
           ("train", "grad_norm", "train meta-gradient norm", True))
 # Drawn when a run logs it (iMAML): how well CG solved the linear system.
 RESIDUAL_PANEL = ("train", "residual", "train CG relative residual", True)
+# Drawn when a run logs it (iMAML, CG stopping at negative curvature): the
+# share of tasks whose system CG proved indefinite.
+NEGATIVE_CURVATURE_PANEL = ("train", "negative_curvature",
+                            "train tasks where CG met p^T A p <= 0", False)
+OPTIONAL_PANELS = (RESIDUAL_PANEL, NEGATIVE_CURVATURE_PANEL)
 
 
 def parse_run(text: str) -> tuple[str, Path]:
@@ -101,10 +109,11 @@ def best_validation(records) -> tuple[int | None, float | None]:
 
 
 def panels_for(runs: dict[str, list[dict]]) -> tuple:
-  """``PANELS``, and the CG residual's where any run logged it."""
-  logged = any(plots.curves(records, *RESIDUAL_PANEL[:2])[0]
-               for records in runs.values())
-  return PANELS + ((RESIDUAL_PANEL,) if logged else ())
+  """``PANELS``, and each of ``OPTIONAL_PANELS`` that some run logged."""
+  return PANELS + tuple(
+      panel for panel in OPTIONAL_PANELS
+      if any(plots.curves(records, *panel[:2])[0]
+             for records in runs.values()))
 
 
 def plot(runs: dict[str, list[dict]], out_png: str) -> tuple:
@@ -318,6 +327,7 @@ def synthetic_runs(folder: Path) -> list[tuple[str, Path]]:
                  "grad_norm": 0.3 + step / 5000}
         if label == "a":      # An iMAML run; "b" stands for MAML.
           train["residual"] = 0.1 + step / 10000
+          train["negative_curvature"] = 0.125 * (step > 500)
         f.write(json.dumps(train) + "\n")
         if step % 200 == 0:
           f.write(json.dumps({"step": step, "split": "val",

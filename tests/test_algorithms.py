@@ -256,3 +256,28 @@ def test_adapt_all_but_norm_leaves_batch_norms_alone():
 def test_adapts_must_be_a_predicate():
   with pytest.raises(TypeError, match="adapts must be None or a predicate"):
     im.maml(adapts={"head": True})
+
+
+def test_imaml_logs_negative_curvature_of_its_system(x64):
+  # L_s(w) = 1/2 (w-a)^T S (w-a): H = S, and with lam = 1 the system
+  # I + S is -2 I for S = -3 I (every direction has negative curvature) and
+  # 2 I for S = I (one CG update solves it).
+  _, task, theta, _, a, b = quadratic_task(seed=2)
+  loss = lambda w, batch: 0.5 * (w - batch[1]) @ batch[0] @ (w - batch[1])
+  guarded = im.imaml(1.0, im.gd(1, 0.01),
+                     im.cg(5, stop_at_negative_curvature=True))
+  for scale, flagged, updates in [(-3.0, 1.0, 0.0), (1.0, 0.0, 1.0)]:
+    task = im.Task((scale * jnp.eye(4), a), task.query)
+    g, metrics = guarded.task_gradient(aux(loss), theta, task)
+    assert float(metrics["negative_curvature"]) == flagged, scale
+    assert float(metrics["solve_iterations"]) == updates, scale
+    phi = theta - 0.01 * scale * (theta - a)      # one step; prox term is 0
+    if flagged:
+      np.testing.assert_allclose(g, phi - b, rtol=1e-12)  # kept b itself
+    else:
+      np.testing.assert_allclose(g, (phi - b) / 2.0, rtol=1e-12)
+  # Solvers that do not look add no such metrics.
+  _, metrics = im.imaml(1.0, im.gd(1, 0.01), im.cg(5)).task_gradient(
+      aux(loss), theta, task)
+  assert "negative_curvature" not in metrics
+  assert "solve_iterations" not in metrics

@@ -188,6 +188,8 @@ def test_curvature_statistics_against_dense_linear_algebra(x64):
   assert stats["cg5_guarded_residual"] < 1e-8
   assert stats["inner_grad_norm"] < 1e-8
   assert stats["cg5_met_negative_curvature"] == 0.0
+  assert stats["cg1_guarded_updates"] == 1.0
+  assert stats["cg5_guarded_updates"] == 5.0   # n = dim steps: no stop
 
 
 def test_curvature_cg_proves_an_indefinite_system(x64):
@@ -205,6 +207,7 @@ def test_curvature_cg_proves_an_indefinite_system(x64):
       cg_steps=(4,))
   assert stats["eig_min"] < 0
   assert stats["cg4_met_negative_curvature"] == 1.0
+  assert stats["cg4_guarded_updates"] == 0.0   # the first direction
 
 
 def test_curvature_refuses_a_non_positive_cg_count(capsys):
@@ -295,6 +298,7 @@ def test_compare_runs_quick(tmp_path):
                    str(tmp_path / "cmp"))
   assert "best validation 90.00% at 1000" in out
   assert "train CG relative residual" in out     # Run "a" logs it.
+  assert "train tasks where CG met p^T A p <= 0" in out   # This too.
   rows = read_csv(tmp_path / "cmp.csv")
   assert {r["run"] for r in rows} == {"a", "b"} and len(rows) == 10
   assert (tmp_path / "cmp.png").stat().st_size > 0
@@ -351,6 +355,8 @@ def test_compare_runs_pairs_seed_means_task_by_task(tmp_path):
   half = scipy_stats.t.ppf(0.975, nu) * np.sqrt(va + vb)
   assert float(third["seed_ci95"]) == pytest.approx(half)
   assert "| a0 + a1 minus b + a1 |" in out and "(Welch)" in out
+  # No run logged the CG metrics, so neither of their panels is drawn.
+  assert "CG" not in out.partition("panels: ")[2].splitlines()[0]
 
 
 def test_compare_runs_pairs_an_eval_file_of_a_run(tmp_path):

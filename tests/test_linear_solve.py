@@ -164,20 +164,30 @@ def test_nonfinite_right_hand_side_is_not_turned_into_a_finite_answer(solver):
   assert bool(jnp.all(jnp.isnan(x)))
 
 
-def numpy_cg_stopping_at_negative_curvature(a, b, maxiter):
-  """Textbook CG in NumPy that stops before a step with p^T A p <= 0."""
+def numpy_cg_with_counts(a, b, maxiter, tol=0.0):
+  """Textbook CG in NumPy that stops before a step with p^T A p <= 0.
+
+  Returns ``(x, stopped_at_negative_curvature, updates_applied)``.
+  """
   x, r, p = np.zeros_like(b), b.copy(), b.copy()
   for k in range(maxiter):
+    if np.linalg.norm(r) <= tol * np.linalg.norm(b):
+      return x, False, k
     ap = a @ p
     curvature = p @ ap
     if curvature <= 0:
-      return b.copy() if k == 0 else x
+      return (b.copy() if k == 0 else x), True, k
     alpha = (r @ r) / curvature
     x = x + alpha * p
     r_next = r - alpha * ap
     p = r_next + (r_next @ r_next) / (r @ r) * p
     r = r_next
-  return x
+  return x, False, maxiter
+
+
+def numpy_cg_stopping_at_negative_curvature(a, b, maxiter):
+  """The iterate of :func:`numpy_cg_with_counts`."""
+  return numpy_cg_with_counts(a, b, maxiter)[0]
 
 
 def test_negative_curvature_guard_is_plain_cg_on_spd_systems(x64):
@@ -257,3 +267,65 @@ def test_negative_curvature_path_is_its_own_loop(x64):
   assert im.cg(8).name == "cg(8)"
   jaxpr = str(jax.make_jaxpr(lambda b: solver.solve(matvec, b))(b))
   assert "custom_linear_solve" not in jaxpr and "while" in jaxpr
+
+
+def test_guarded_cg_reports_negative_curvature_and_updates_as_numpy(x64):
+  a, q, _ = indefinite_system(6)
+  rng = np.random.default_rng(10)
+  solve = jax.jit(im.cg(4, tol=0.0, stop_at_negative_curvature=True).solve,
+                  static_argnums=0)
+  seen = set()
+  for trial in range(20):
+    b = rng.normal(size=a.shape[0])
+    _, flagged, updates = numpy_cg_with_counts(a, b, 4)
+    _, info = solve(lambda v: a @ v, jnp.asarray(b))
+    assert bool(info.negative_curvature) == flagged, trial
+    assert int(info.iterations) == updates, trial
+    assert info.iterations.dtype == jnp.int32
+    seen.add((flagged, updates > 0))
+  # Both a stop after some updates and a full run without a stop occurred,
+  # so each branch of the comparison was exercised.
+  assert {(True, True), (False, True)} <= seen, seen
+  # The first direction has negative curvature: flagged, no update.
+  b = q[:, -1] + 0.1 * q[:, 0]
+  _, info = solve(lambda v: a @ v, jnp.asarray(b))
+  assert bool(info.negative_curvature) and int(info.iterations) == 0
+
+
+def test_guarded_cg_on_spd_systems_never_flags_and_counts_early_stops(x64):
+  a, b = spd_system(11, cond=40.0)
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  for k, tol in [(1, 0.0), (4, 0.0), (12, 0.0), (50, 1e-3), (50, 1e-8)]:
+    _, flagged, updates = numpy_cg_with_counts(np.asarray(a), np.asarray(b),
+                                               k, tol)
+    _, info = im.cg(k, tol=tol, stop_at_negative_curvature=True).solve(
+        lambda v: a @ v, b)
+    assert not flagged and not bool(info.negative_curvature), (k, tol)
+    assert int(info.iterations) == updates, (k, tol, updates)
+  # Early stopping made the tolerance runs shorter than maxiter.
+  assert numpy_cg_with_counts(np.asarray(a), np.asarray(b), 50, 1e-3)[2] < 12
+  # A zero right-hand side needs no update.
+  _, info = im.cg(5, stop_at_negative_curvature=True).solve(
+      lambda v: a @ v, jnp.zeros(12))
+  assert not bool(info.negative_curvature) and int(info.iterations) == 0
+
+
+def test_guarded_cg_counts_under_vmap(x64):
+  a, _, _ = indefinite_system(8, n=6)
+  bs = np.random.default_rng(12).normal(size=(16, 6))
+  # Three iterations: 14 of these 16 solves stop at negative curvature,
+  # after one or two updates, and two run all three.
+  solver = im.cg(3, tol=0.0, stop_at_negative_curvature=True)
+  _, info = jax.vmap(lambda b: solver.solve(lambda v: a @ v, b))(
+      jnp.asarray(bs))
+  expected = [numpy_cg_with_counts(a, b, 3)[1:] for b in bs]
+  np.testing.assert_array_equal(info.negative_curvature,
+                                [e[0] for e in expected])
+  np.testing.assert_array_equal(info.iterations, [e[1] for e in expected])
+  assert 0 < sum(e[0] for e in expected) < 16   # a mix of both outcomes
+
+
+@pytest.mark.parametrize("solver", [im.cg(5), im.neumann(5), im.dense()])
+def test_solvers_that_do_not_look_report_no_counts(solver):
+  _, info = solver.solve(lambda v: 2.0 * v, jnp.ones(3))
+  assert info.negative_curvature is None and info.iterations is None

@@ -116,7 +116,12 @@ def imaml(lam=2.0, inner: inner_lib.InnerSolver | None = None,
   include ``residual``, the solve's relative residual ``||(I + H/lam) g - v||
   / ||v||``. This is the same gradient that ``jax.grad`` of
   ``L_query(im.adapt(...))`` gives, but computed directly so the residual can
-  be reported.
+  be reported. With a solver that reports them (``im.cg(...,
+  stop_at_negative_curvature=True)``) the metrics add ``negative_curvature``
+  (1 where the solve stopped at a direction of non-positive curvature of the
+  system, so their mean over a task batch is the fraction of tasks whose
+  system is provably indefinite) and ``solve_iterations`` (the CG updates
+  applied).
 
   With ``damping`` ``r`` or ``lam_damping`` ``d`` the system is the damped
   one of the authors' public code, ``((1 + r) I + H/(lam + d)) g = v`` (their
@@ -157,6 +162,12 @@ def imaml(lam=2.0, inner: inner_lib.InnerSolver | None = None,
     g, info = solver.solve(matvec, q_grad)
     metrics = query_metrics(q_loss, q_aux, "after")
     metrics["residual"] = info.residual
+    if info.negative_curvature is not None:
+      metrics["negative_curvature"] = info.negative_curvature.astype(
+          info.residual.dtype)
+    if info.iterations is not None:
+      metrics["solve_iterations"] = info.iterations.astype(
+          info.residual.dtype)
     return g, metrics
 
   damped = "" if hvp_lib.is_undamped(damping, lam_damping) else (

@@ -36,9 +36,19 @@ class SolveInfo(NamedTuple):
   Attributes:
     residual: relative residual ``||A x - b|| / ||b||`` (0 when ``b = 0``),
       or NaN when the solver was built with ``report_residual=False``.
+    negative_curvature: for solvers that look for it (``cg(...,
+      stop_at_negative_curvature=True)``), a boolean scalar: ``True`` when the
+      solve stopped at a direction ``p`` with ``p^T A p <= 0``, which proves
+      ``A`` not positive definite. ``None`` for solvers that do not look.
+    iterations: for solvers that count them (the same guarded CG), the
+      number of updates applied to ``x`` (an int32 scalar, at most
+      ``maxiter``; 0 when the first direction already had non-positive
+      curvature). ``None`` otherwise.
   """
 
   residual: jax.Array
+  negative_curvature: jax.Array | None = None
+  iterations: jax.Array | None = None
 
 
 class LinearSolver(NamedTuple):
@@ -60,13 +70,14 @@ def relative_residual(matvec: MatVec, x: PyTree, b: PyTree) -> jax.Array:
   return _relative(tu.tree_sq_norm(tu.tree_sub(matvec(x), b)), b)
 
 
-def _finish(matvec, x, b, report_residual: bool, residual=None):
+def _finish(matvec, x, b, report_residual: bool, residual=None, **counts):
   """Returns ``(x, SolveInfo)``, poisoning ``x`` with NaN on non-finite input.
 
   The residual is measured with one more product unless the solver passes
   its own (``residual``). A solver that stops on a NaN residual returns its
   initial guess, zero: without this check a NaN right-hand side would
-  become a silently finite, wrong solution.
+  become a silently finite, wrong solution. ``counts`` fills the other
+  fields of :class:`SolveInfo` (``negative_curvature``, ``iterations``).
   """
   if report_residual:
     if residual is None:
@@ -76,18 +87,20 @@ def _finish(matvec, x, b, report_residual: bool, residual=None):
     residual = jnp.full((), jnp.nan, tu._result_dtype(b))
     ok = tu.tree_all_finite(b)
   x = jax.tree.map(lambda v: jnp.where(ok, v, jnp.nan), x)
-  return x, SolveInfo(residual=residual)
+  return x, SolveInfo(residual=residual, **counts)
 
 
 def _cg_stopping_at_negative_curvature(matvec: MatVec, b: PyTree,
                                        maxiter: int, tol: float, atol: float
-                                       ) -> tuple[PyTree, jax.Array]:
+                                       ) -> tuple[PyTree, jax.Array,
+                                                  jax.Array, jax.Array]:
   """CG from ``x0 = 0`` that stops at non-positive curvature.
 
-  Returns ``(x, ||r||^2)`` with ``r`` CG's recurrence residual
-  ``r <- r - alpha A p``, equal to ``b - A x`` in exact arithmetic. Starting
-  from zero, the first residual is ``b`` itself, so ``k`` iterations cost
-  ``k`` products.
+  Returns ``(x, ||r||^2, negative, updates)`` with ``r`` CG's recurrence
+  residual ``r <- r - alpha A p``, equal to ``b - A x`` in exact arithmetic,
+  ``negative`` whether it stopped at non-positive curvature and ``updates``
+  the number of steps it applied to ``x``. Starting from zero, the first
+  residual is ``b`` itself, so ``k`` iterations cost ``k`` products.
 
   CG stops before a step along ``p`` with ``p^T A p <= 0`` (where the
   quadratic is unbounded and CG's step is meaningless), keeping the iterate
@@ -121,8 +134,8 @@ def _cg_stopping_at_negative_curvature(matvec: MatVec, b: PyTree,
 
   init = (jnp.zeros((), jnp.int32), tu.tree_zeros_like(b), b, b, rr0,
           jnp.zeros((), bool))
-  _, x, _, _, rr, _ = jax.lax.while_loop(keep_going, step, init)
-  return x, rr
+  k, x, _, _, rr, negative = jax.lax.while_loop(keep_going, step, init)
+  return x, rr, negative, k - negative.astype(k.dtype)
 
 
 def cg(maxiter: int = 5, tol: float = 1e-10, *, atol: float = 0.0,
@@ -160,7 +173,10 @@ def cg(maxiter: int = 5, tol: float = 1e-10, *, atol: float = 0.0,
   (``b`` itself if that happens at the first step). ``jax.scipy``'s CG always
   takes the step, so this variant runs CG in a ``lax.while_loop`` of its own
   (``maxiter`` products, none on ``x0 = 0``). On a positive-definite system
-  it gives the same iterates.
+  it gives the same iterates. Its :class:`SolveInfo` also says whether it
+  stopped at non-positive curvature (``negative_curvature``, a proof that
+  ``A`` is indefinite at ``phi``) and after how many updates
+  (``iterations``); :func:`imaml_jax.imaml` logs both per meta-step.
 
   Args:
     maxiter: maximum number of CG iterations.
@@ -186,6 +202,10 @@ def cg(maxiter: int = 5, tol: float = 1e-10, *, atol: float = 0.0,
     >>> x, info = im.cg(maxiter=10).solve(lambda v: A @ v, jnp.array([1., 2.]))
     >>> bool(info.residual < 1e-5)
     True
+    >>> guarded = im.cg(maxiter=3, stop_at_negative_curvature=True)
+    >>> x, info = guarded.solve(lambda v: -v, jnp.array([1., 2.]))
+    >>> bool(info.negative_curvature), int(info.iterations)
+    (True, 0)
   """
   validation.check_positive_int("cg maxiter", maxiter)
   validation.check_positive_scalar("cg tol", tol, allow_zero=True)
@@ -197,9 +217,11 @@ def cg(maxiter: int = 5, tol: float = 1e-10, *, atol: float = 0.0,
     return _finish(matvec, x, b, report_residual)
 
   def solve_guarded(matvec: MatVec, b: PyTree):
-    x, rr = _cg_stopping_at_negative_curvature(matvec, b, maxiter, tol, atol)
+    x, rr, negative, updates = _cg_stopping_at_negative_curvature(
+        matvec, b, maxiter, tol, atol)
     own = None if exact_residual else _relative(rr, b)
-    return _finish(matvec, x, b, report_residual, own)
+    return _finish(matvec, x, b, report_residual, own,
+                   negative_curvature=negative, iterations=updates)
 
   if stop_at_negative_curvature:
     return LinearSolver(

@@ -100,7 +100,9 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     ``step(state, tasks) -> (MetaState, metrics)``. ``metrics`` holds the task
     means of ``loss_after`` (query loss at the adapted parameters), each aux
     entry as ``<name>_after``, ``loss_before``/``<name>_before`` when
-    requested, ``residual`` for implicit algorithms, ``grad_norm`` and
+    requested, ``residual`` for implicit algorithms (and
+    ``negative_curvature`` and ``solve_iterations`` with a solver that
+    reports them, see :func:`imaml_jax.imaml`), ``grad_norm`` and
     ``skipped`` of the averaged meta-gradient, and ``param_norm``, the norm of
     the updated meta-parameters (a slow drift of it is the first sign of an
     unstable run).
