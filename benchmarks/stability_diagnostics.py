@@ -11,7 +11,10 @@ script puts side by side
   * measured here at the checkpoint's theta (``benchmarks/curvature.py``):
     the extreme eigenvalues of ``I + H/lam`` at the parameters the run's own
     inner loop reaches, on ``--tasks`` meta-training tasks, and the fraction
-    of tasks where the system is indefinite.
+    of tasks where the system is indefinite: by power iteration (which
+    misses negative eigenvalues when the spectrum is wide) and where CG
+    met a direction of non-positive curvature within 5 steps (the paper's
+    count), a proof.
 
     python benchmarks/stability_diagnostics.py --workdir benchmarks/runs/RUN \\
         --label "constant lr, Adam eps 1e-3"
@@ -73,6 +76,7 @@ def spectrum_at(checkpoint: str, config: config_lib.Config, tasks: int,
   return {"eig_min": row["eig_min_min"], "eig_min_median": row["eig_min_median"],
           "eig_max": row["eig_max_max"],
           "indefinite_fraction": row["indefinite_fraction"],
+          "indefinite_fraction_cg": row["indefinite_fraction_cg"],
           "cg5_residual_measured": row["cg5_residual_median"]}
 
 
@@ -137,7 +141,9 @@ def main(argv=None) -> list[dict]:
           f"loss_before {row.get('loss_before', float('nan')):.3f}, "
           f"CG residual {row.get('residual', float('nan')):.3f}, "
           f"eig(I + H/lam) in [{row['eig_min']:.2f}, {row['eig_max']:.2f}], "
-          f"indefinite on {100 * row['indefinite_fraction']:.0f}% of tasks",
+          f"indefinite on {100 * row['indefinite_fraction']:.0f}% of tasks "
+          f"by power iteration, {100 * row['indefinite_fraction_cg']:.0f}% "
+          "by CG",
           flush=True)
   os.makedirs(args.out, exist_ok=True)
   tag = args.tag or (os.path.basename(os.path.normpath(args.workdir))

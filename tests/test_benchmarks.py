@@ -82,6 +82,7 @@ def test_stability_diagnostics_quick(quick_run):
     assert float(r["param_norm"]) == pytest.approx(
         logged[int(r["step"])]["param_norm"], rel=1e-6)
   assert all(float(r["eig_max"]) > 1.0 for r in rows)  # H/lam > 0 somewhere.
+  assert all(0.0 <= float(r["indefinite_fraction_cg"]) <= 1.0 for r in rows)
   assert "eig(I + H/lam) in" in stdout
 
 
