@@ -36,6 +36,15 @@
 #   for f in OUT_DIR/*.tar.gz; do tar -xzf "$f" -C OUT_DIR; done
 # TABLE2_GPU_QUICK=1 shrinks every run to a smoke test (a dry run on a CPU:
 # two cells at 2 meta-steps, tested on 10 tasks, took 3 minutes on one core).
+# TABLE2_GPU_DRY_RUN=1 prints each cell's training command and runs nothing.
+#
+# Two variants of the iMAML-GD cells, outside the table (tables.py reads the
+# nine cells' directories only), follow the leads measured at 20-way:
+#   20w1s_imaml_gd_pullback, 20w5s_imaml_gd_pullback: the paper's undamped
+#     system with the authors' inner loop (inner=gd_then_pull_back
+#     inner_lr=0.1 inner_backtrack=false);
+#   20w1s_imaml_gd_cgstop, 20w5s_imaml_gd_cgstop: the paper form with CG
+#     stopping at negative curvature (cg_stop_at_negative_curvature=true).
 set -u
 out=${1:?usage: table2_gpu.sh OUT_DIR [BUDGET_S] [CELL ...]}
 budget=${2:-300}
@@ -56,6 +65,22 @@ slack=${TABLE2_GPU_SLACK_S:-170}
 eval_tasks=600
 [ "$quick" = 1 ] && eval_tasks=10
 
+config_of() {  # the registered config a cell trains
+  case "$1" in
+    *_imaml_gd_pullback) echo "omniglot_${1%_pullback}" ;;
+    *_imaml_gd_cgstop) echo "omniglot_${1%_cgstop}" ;;
+    *) echo "omniglot_$1" ;;
+  esac
+}
+
+variant_of() {  # the overrides that make a variant cell what it is
+  case "$1" in
+    *_imaml_gd_pullback)
+      echo "inner=gd_then_pull_back inner_lr=0.1 inner_backtrack=false" ;;
+    *_imaml_gd_cgstop) echo "cg_stop_at_negative_curvature=true" ;;
+  esac
+}
+
 budget_of() {  # the column's overrides of a cell
   local overrides
   case "$1" in
@@ -70,9 +95,32 @@ budget_of() {  # the column's overrides of a cell
   echo "$overrides"
 }
 
+known="20w1s_imaml_gd 20w1s_imaml_gd_authors 20w1s_imaml_hf 20w1s_maml
+  20w1s_fomaml 20w1s_reptile 20w5s_imaml_gd 20w5s_imaml_gd_authors 20w5s_maml
+  20w1s_imaml_gd_pullback 20w5s_imaml_gd_pullback 20w1s_imaml_gd_cgstop
+  20w5s_imaml_gd_cgstop"
 for cell in "${cells[@]}"; do  # refuse a bad cell before any device work
+  case " $(echo $known) " in
+    *" $cell "*) ;;
+    *) echo "table2_gpu.sh: unknown cell $cell (known: $(echo $known))" >&2
+       exit 2 ;;
+  esac
   budget_of "$cell" > /dev/null || exit 2
 done
+
+set_train_command() {  # cmd=(the training command of CELL), as run() runs it
+  local cell=$1
+  # shellcheck disable=SC2046
+  cmd=("$py" -m imaml_jax train "$(config_of "$cell")"
+       --workdir "$out/omniglot_$cell" --no-progress --time-budget "$budget"
+       --set lr_schedule=linear log_every=50 checkpoint_every=0
+       keep_checkpoints=1 $(budget_of "$cell") $(variant_of "$cell"))
+}
+
+if [ "${TABLE2_GPU_DRY_RUN:-0}" = 1 ]; then
+  for cell in "${cells[@]}"; do set_train_command "$cell"; echo "${cmd[*]}"; done
+  exit 0
+fi
 mkdir -p "$out"
 
 {
@@ -86,10 +134,9 @@ run() {  # run CELL: train, test under both protocols, pack.
   local cell=$1 name=omniglot_$1
   local dir="$out/$name" log="$out/$name.log"
   # shellcheck disable=SC2046
-  timeout --signal=INT --kill-after=10 $((budget + slack)) "$py" -m imaml_jax \
-    train "$name" --workdir "$dir" --no-progress --time-budget "$budget" \
-    --set lr_schedule=linear log_every=50 checkpoint_every=0 \
-    keep_checkpoints=1 $(budget_of "$cell") > "$log" 2>&1
+  set_train_command "$cell"
+  timeout --signal=INT --kill-after=10 $((budget + slack)) "${cmd[@]}" \
+    > "$log" 2>&1
   echo "$name: train exit $?" >> "$log"
   timeout --signal=INT --kill-after=10 80 "$py" -m imaml_jax eval \
     --workdir "$dir" --protocol authors --tasks "$eval_tasks" >> "$log" 2>&1

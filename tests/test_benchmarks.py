@@ -537,3 +537,43 @@ def test_compare_runs_draws_every_run_past_forty(tmp_path, monkeypatch):
   monkeypatch.setattr(compare_runs.plt.Figure, "savefig", count_then_save)
   compare_runs.plot(runs, str(tmp_path / "runs.png"))
   assert drawn == [45]
+
+
+def table2_gpu(*args, **env):
+  return subprocess.run(
+      ["bash", str(BENCHMARKS / "table2_gpu.sh"), *args], capture_output=True,
+      text=True, timeout=60, env={**os.environ, **env})
+
+
+def test_table2_gpu_variant_cells_train_their_config_with_their_overrides(
+    tmp_path):
+  """The dry run prints each cell's training command; every command names
+  a registered config and overrides that the config accepts."""
+  cells = ["20w1s_imaml_gd", "20w1s_imaml_gd_pullback", "20w5s_imaml_gd_cgstop"]
+  done = table2_gpu(str(tmp_path / "t2"), "290", *cells, TABLE2_GPU_DRY_RUN="1")
+  assert done.returncode == 0, done.stderr
+  commands = done.stdout.splitlines()
+  assert len(commands) == 3 and not (tmp_path / "t2").exists()
+  configs = []
+  for cell, command in zip(cells, commands):
+    words = command.split()
+    name = words[words.index("train") + 1]
+    assert words[words.index("--workdir") + 1].endswith(f"omniglot_{cell}")
+    overrides = words[words.index("--set") + 1:]
+    configs.append(config_lib.apply_overrides(config_lib.get_config(name),
+                                              overrides))
+  plain, pullback, cgstop = configs
+  assert config_lib.differences(plain, pullback).keys() == {
+      "inner", "inner_lr", "inner_backtrack"}
+  assert (pullback.inner, pullback.inner_lr) == ("gd_then_pull_back", 0.1)
+  assert cgstop.n_way == 20 and cgstop.k_shot == 5
+  assert cgstop.cg_stop_at_negative_curvature
+  assert (cgstop.meta_steps, cgstop.meta_batch) == (1000, 16)
+
+
+def test_table2_gpu_refuses_an_unknown_cell_before_any_work(tmp_path):
+  done = table2_gpu(str(tmp_path / "t2"), "290", "20w1s_imaml_gd",
+                    "20w1s_imaml_gd_pulback")
+  assert done.returncode == 2
+  assert "unknown cell 20w1s_imaml_gd_pulback" in done.stderr
+  assert not (tmp_path / "t2").exists()
