@@ -39,7 +39,10 @@ class SolveInfo(NamedTuple):
     negative_curvature: for solvers that look for it (``cg(...,
       stop_at_negative_curvature=True)``), a boolean scalar: ``True`` when the
       solve stopped at a direction ``p`` with ``p^T A p <= 0``, which proves
-      ``A`` not positive definite. ``None`` for solvers that do not look.
+      ``A`` not positive definite (up to the rounding of the products: a
+      positive curvature below their rounding error, e.g. once CG has
+      converged in float32 on a nearly singular ``A``, can read as
+      non-positive). ``None`` for solvers that do not look.
     iterations: for solvers that count them (the same guarded CG), the
       number of updates applied to ``x`` (an int32 scalar, at most
       ``maxiter``; 0 when the first direction already had non-positive
