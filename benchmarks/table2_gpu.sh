@@ -52,12 +52,13 @@ set -u
 out=${1:?usage: table2_gpu.sh OUT_DIR [BUDGET_S] [CELL ...]}
 budget=${2:-300}
 shift $(( $# >= 2 ? 2 : 1 ))
+table_cells=(20w1s_imaml_gd 20w1s_imaml_gd_authors 20w1s_imaml_hf 20w1s_maml
+             20w1s_fomaml 20w1s_reptile 20w5s_imaml_gd 20w5s_imaml_gd_authors
+             20w5s_maml)
+variant_cells=(20w1s_imaml_gd_pullback 20w5s_imaml_gd_pullback
+               20w1s_imaml_gd_cgstop 20w5s_imaml_gd_cgstop)
 cells=("$@")
-if [ ${#cells[@]} -eq 0 ]; then
-  cells=(20w1s_imaml_gd 20w1s_imaml_gd_authors 20w1s_imaml_hf 20w1s_maml
-         20w1s_fomaml 20w1s_reptile 20w5s_imaml_gd 20w5s_imaml_gd_authors
-         20w5s_maml)
-fi
+[ ${#cells[@]} -eq 0 ] && cells=("${table_cells[@]}")
 export PYTHONUNBUFFERED=1
 # Nine processes share the device: each may take 1/10 of its memory (14 GB on
 # an H200; 20-way 5-shot iMAML-GD peaks near 4 GB at meta-batch 32).
@@ -69,29 +70,11 @@ eval_s=${TABLE2_GPU_EVAL_S:-80}
 eval_tasks=600
 [ "$quick" = 1 ] && eval_tasks=10
 
-config_of() {  # the registered config a cell trains
-  case "$1" in
-    *_imaml_gd_pullback) echo "omniglot_${1%_pullback}" ;;
-    *_imaml_gd_cgstop) echo "omniglot_${1%_cgstop}" ;;
-    *) echo "omniglot_$1" ;;
-  esac
-}
-
-variant_of() {  # the overrides that make a variant cell what it is
-  case "$1" in
-    *_imaml_gd_pullback)
-      echo "inner=gd_then_pull_back inner_lr=0.1 inner_backtrack=false" ;;
-    *_imaml_gd_cgstop) echo "cg_stop_at_negative_curvature=true" ;;
-  esac
-}
-
-budget_of() {  # the column's overrides of a cell
+budget_of() {  # the column's overrides of a (known) cell
   local overrides
   case "$1" in
     20w1s_*) overrides="meta_steps=2000 meta_batch=16 val_every=500" ;;
     20w5s_*) overrides="meta_steps=1000 meta_batch=16 val_every=250" ;;
-    *) echo "table2_gpu.sh: no GPU budget for $1 (20-way cells only)" >&2
-       return 1 ;;
   esac
   if [ "$quick" = 1 ]; then
     overrides="meta_steps=2 meta_batch=2 val_every=0 test_tasks=10 eval_chunk=10"
@@ -99,26 +82,27 @@ budget_of() {  # the column's overrides of a cell
   echo "$overrides"
 }
 
-known="20w1s_imaml_gd 20w1s_imaml_gd_authors 20w1s_imaml_hf 20w1s_maml
-  20w1s_fomaml 20w1s_reptile 20w5s_imaml_gd 20w5s_imaml_gd_authors 20w5s_maml
-  20w1s_imaml_gd_pullback 20w5s_imaml_gd_pullback 20w1s_imaml_gd_cgstop
-  20w5s_imaml_gd_cgstop"
+known=" ${table_cells[*]} ${variant_cells[*]} "
 for cell in "${cells[@]}"; do  # refuse a bad cell before any device work
-  case " $(echo $known) " in
-    *" $cell "*) ;;
-    *) echo "table2_gpu.sh: unknown cell $cell (known: $(echo $known))" >&2
-       exit 2 ;;
-  esac
-  budget_of "$cell" > /dev/null || exit 2
+  if [[ "$known" != *" $cell "* ]]; then
+    echo "table2_gpu.sh: unknown cell $cell (known:$known)" >&2
+    exit 2
+  fi
 done
 
 set_train_command() {  # cmd=(the training command of CELL), as run() runs it
-  local cell=$1
-  # shellcheck disable=SC2046
-  cmd=("$py" -m imaml_jax train "$(config_of "$cell")"
+  local cell=$1 config="omniglot_$1" variant=""
+  case "$cell" in  # a variant trains its table cell's config, overridden
+    *_pullback) config="omniglot_${cell%_pullback}"
+      variant="inner=gd_then_pull_back inner_lr=0.1 inner_backtrack=false" ;;
+    *_cgstop) config="omniglot_${cell%_cgstop}"
+      variant="cg_stop_at_negative_curvature=true" ;;
+  esac
+  # shellcheck disable=SC2046,SC2086
+  cmd=("$py" -m imaml_jax train "$config"
        --workdir "$out/omniglot_$cell" --no-progress --time-budget "$budget"
        --set lr_schedule=linear log_every=50 checkpoint_every=0
-       keep_checkpoints=1 $(budget_of "$cell") $(variant_of "$cell"))
+       keep_checkpoints=1 $(budget_of "$cell") $variant)
 }
 
 if [ "${TABLE2_GPU_DRY_RUN:-0}" = 1 ]; then
@@ -137,7 +121,6 @@ mkdir -p "$out"
 run() {  # run CELL: train, test under both protocols, pack.
   local cell=$1 name=omniglot_$1
   local dir="$out/$name" log="$out/$name.log"
-  # shellcheck disable=SC2046
   set_train_command "$cell"
   timeout --signal=INT --kill-after=10 $((budget + slack)) "${cmd[@]}" \
     > "$log" 2>&1

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import imaml_jax as im
@@ -281,3 +282,19 @@ def test_imaml_logs_negative_curvature_of_its_system(x64):
       aux(loss), theta, task)
   assert "negative_curvature" not in metrics
   assert "solve_iterations" not in metrics
+
+
+def test_meta_step_averages_the_negative_curvature_metrics_over_tasks(x64):
+  # The two tasks of the test above in one batch: one indefinite system
+  # (flagged, 0 updates), one solved by a single update.
+  _, task, theta, _, a, b = quadratic_task(seed=2)
+  loss = lambda w, batch: 0.5 * (w - batch[1]) @ batch[0] @ (w - batch[1])
+  stack = lambda *xs: jnp.stack(xs)
+  tasks = im.Task((stack(-3.0 * jnp.eye(4), jnp.eye(4)), stack(a, a)),
+                  (stack(jnp.eye(4), jnp.eye(4)), stack(b, b)))
+  guarded = im.imaml(1.0, im.gd(1, 0.01),
+                     im.cg(5, stop_at_negative_curvature=True))
+  init, step = im.make_meta_step(loss, optax.sgd(0.1), guarded)
+  _, metrics = jax.jit(step)(init(theta), tasks)
+  assert float(metrics["negative_curvature"]) == 0.5
+  assert float(metrics["solve_iterations"]) == 0.5
