@@ -11,7 +11,11 @@ CG stopping at negative curvature), the fraction of training tasks whose
 CG stopped at a direction of non-positive curvature of ``I + H/lam``. The
 validation points of every run go
 to a CSV beside the PNG, with the step and value of each run's best
-validation.
+validation. ``--x tasks`` draws the panels against the training tasks seen
+instead (meta-step times the run's ``meta_batch``, read from the
+``config.json`` beside its metrics), so that runs of different meta-batch
+sizes line up at equal numbers of tasks; the CSV then gains a ``tasks``
+column.
 
 ``--paired "A minus B"`` compares the test scores of runs given as work
 directories and tested on the same tasks, task by task: the mean per-task
@@ -38,6 +42,9 @@ differences are printed as a Markdown table and written to
         gd1=benchmarks/runs/meta_lr_5w1s/imaml_gd_lr3e-3_seed1 \\
         maml0=benchmarks/runs/meta_lr_5w1s/maml_lr3e-3 \\
         --paired "gd1 minus gd0" --paired "gd0 + gd1 minus maml0"
+    python benchmarks/compare_runs.py --out /tmp/batch --x tasks \\
+        mb8=benchmarks/runs/meta_lr_5w1s/maml_lr3e-3 \\
+        mb4=benchmarks/runs/meta_lr_5w1s/maml_lr3e-3_mb4
     python benchmarks/compare_runs.py --quick     # two synthetic runs (tests)
 """
 from __future__ import annotations
@@ -74,6 +81,9 @@ RESIDUAL_PANEL = ("train", "residual", "train CG relative residual", True)
 NEGATIVE_CURVATURE_PANEL = ("train", "negative_curvature",
                             "train tasks where CG met p^T A p <= 0", False)
 OPTIONAL_PANELS = (RESIDUAL_PANEL, NEGATIVE_CURVATURE_PANEL)
+# What the panels' horizontal axis counts (--x).
+X_LABELS = {"meta-step": "meta-step",
+            "tasks": "training tasks seen (meta-step x meta-batch)"}
 
 
 def parse_run(text: str) -> tuple[str, Path]:
@@ -100,6 +110,29 @@ def load_runs(runs) -> dict[str, list[dict]]:
   return loaded
 
 
+def tasks_per_step(path: Path) -> int:
+  """The ``meta_batch`` of the run whose metrics are ``path``, from the
+  ``config.json`` beside them; exits naming the run if it cannot be read."""
+  config = path.parent / "config.json"
+  try:
+    meta_batch = json.loads(config.read_text())["meta_batch"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise SystemExit(f"{path}: --x tasks needs the run's meta_batch from "
+                     f"{config} ({e!r})")
+  if not isinstance(meta_batch, int) or meta_batch < 1:
+    raise SystemExit(f"{config}: meta_batch must be a positive integer; got "
+                     f"{meta_batch!r}")
+  return meta_batch
+
+
+def x_scales(runs, x: str) -> dict[str, int]:
+  """Per run label, the factor from its meta-step to the ``x`` axis: 1 for
+  ``"meta-step"``, the run's meta-batch for ``"tasks"``."""
+  if x == "meta-step":
+    return {label: 1 for label, _ in runs}
+  return {label: tasks_per_step(path) for label, path in runs}
+
+
 def best_validation(records) -> tuple[int | None, float | None]:
   steps, values = plots.curves(records, "val", "accuracy_after")
   if not values:
@@ -116,8 +149,11 @@ def panels_for(runs: dict[str, list[dict]]) -> tuple:
              for records in runs.values()))
 
 
-def plot(runs: dict[str, list[dict]], out_png: str) -> tuple:
-  """Draws ``runs`` into ``out_png``; returns the panels drawn."""
+def plot(runs: dict[str, list[dict]], out_png: str,
+         scales: dict[str, int] | None = None,
+         x_label: str = X_LABELS["meta-step"]) -> tuple:
+  """Draws ``runs`` into ``out_png`` against the meta-step times
+  ``scales[label]`` (1 if not given); returns the panels drawn."""
   panels = panels_for(runs)
   fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
   # One colour per run up to twenty runs (tab10, then tab20), cycling past.
@@ -127,10 +163,12 @@ def plot(runs: dict[str, list[dict]], out_png: str) -> tuple:
     for (label, records), colour in zip(runs.items(), colours):
       steps, values = plots.curves(records, split, key)
       if steps:
-        ax.plot(steps, values, label=label, color=colour,
+        scale = 1 if scales is None else scales[label]
+        ax.plot([scale * step for step in steps], values, label=label,
+                color=colour,
                 marker="." if split == "val" else None)
     ax.set_title(title)
-    ax.set_xlabel("meta-step")
+    ax.set_xlabel(x_label)
     if log:
       ax.set_yscale("log")
   # One entry per run (from whichever panel drew it), beside the panels,
@@ -147,17 +185,23 @@ def plot(runs: dict[str, list[dict]], out_png: str) -> tuple:
   return panels
 
 
-def write_csv(runs: dict[str, list[dict]], out_csv: str) -> list[dict]:
+def write_csv(runs: dict[str, list[dict]], out_csv: str,
+              scales: dict[str, int] | None = None) -> list[dict]:
+  """The validation points of ``runs``; with ``scales`` (tasks per
+  meta-step, per run) each row also gives the ``tasks`` seen."""
   rows = []
   for label, records in runs.items():
     best_step, best = best_validation(records)
     for step, value in zip(*plots.curves(records, "val", "accuracy_after")):
-      rows.append({"run": label, "step": step, "val_accuracy_after": value,
+      row = {"run": label, "step": step}
+      if scales is not None:
+        row["tasks"] = scales[label] * step
+      rows.append({**row, "val_accuracy_after": value,
                    "best_step": best_step, "best_val_accuracy_after": best})
+  fields = ["run", "step"] + (["tasks"] if scales is not None else []) + [
+      "val_accuracy_after", "best_step", "best_val_accuracy_after"]
   with open(out_csv, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=["run", "step",
-                                           "val_accuracy_after", "best_step",
-                                           "best_val_accuracy_after"])
+    writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
   return rows
@@ -358,6 +402,10 @@ def main(argv=None):
   parser.add_argument("--protocol", choices=("ours", "authors"),
                       default="ours",
                       help="whose test --paired compares (default: ours)")
+  parser.add_argument("--x", choices=tuple(X_LABELS), default="meta-step",
+                      help="the panels' horizontal axis: the meta-step "
+                      "(default), or the training tasks seen, meta-step x "
+                      "the run's meta_batch (from its config.json)")
   parser.add_argument("--quick", action="store_true",
                       help="plot two synthetic runs and pair their tests")
   args = parser.parse_args(argv)
@@ -371,11 +419,13 @@ def main(argv=None):
     if not args.out:
       parser.error("give --out STEM")
     runs = load_runs(args.runs)
+    scales = x_scales(args.runs, args.x)
     paired = paired_differences(args.paired, dict(args.runs), args.protocol)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    panels = plot(runs, args.out + ".png")
+    panels = plot(runs, args.out + ".png", scales, X_LABELS[args.x])
     print("panels: " + "; ".join(title for _, _, title, _ in panels))
-    write_csv(runs, args.out + ".csv")
+    write_csv(runs, args.out + ".csv",
+              scales if args.x == "tasks" else None)
     for label, records in runs.items():
       step, best = best_validation(records)
       last = records[-1].get("step")

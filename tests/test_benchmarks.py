@@ -410,6 +410,33 @@ def test_compare_runs_needs_per_task_scores_to_pair(tmp_path):
       done.stderr)
 
 
+def test_compare_runs_draws_against_tasks_seen(tmp_path):
+  """``--x tasks`` scales each run's steps by its own meta-batch, so runs
+  of different meta-batch sizes meet at equal numbers of tasks."""
+  runs = []
+  for label, meta_batch in (("mb8", 8), ("mb4", 4)):
+    run = write_tested_run(tmp_path / label, [1.0, 0.5])
+    (run / "config.json").write_text(json.dumps({"meta_batch": meta_batch}))
+    runs.append(f"{label}={run}")
+  out = run_script("compare_runs.py", "--out", str(tmp_path / "cmp"), *runs,
+                   "--x", "tasks")
+  rows = read_csv(tmp_path / "cmp.csv")
+  assert [(r["run"], r["step"], r["tasks"]) for r in rows] == [
+      ("mb8", "10", "80"), ("mb4", "10", "40")]
+  assert "wrote" in out and (tmp_path / "cmp.png").stat().st_size > 0
+  # The default axis is the meta-step, and the CSV has no tasks column.
+  run_script("compare_runs.py", "--out", str(tmp_path / "steps"), *runs)
+  assert "tasks" not in read_csv(tmp_path / "steps.csv")[0]
+  # A run without a readable meta_batch is named before anything is drawn.
+  (tmp_path / "mb4" / "config.json").write_text("{}")
+  done = subprocess.run(
+      [sys.executable, str(BENCHMARKS / "compare_runs.py"), "--out",
+       str(tmp_path / "x"), *runs, "--x", "tasks"],
+      capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode != 0 and "needs the run's meta_batch" in done.stderr
+  assert "mb4" in done.stderr and not (tmp_path / "x.png").exists()
+
+
 def test_compare_runs_names_a_bad_run_argument(tmp_path):
   done = subprocess.run(
       [sys.executable, str(BENCHMARKS / "compare_runs.py"), "--out",
