@@ -66,6 +66,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from imaml_jax.train import metrics_log, plots  # noqa: E402
+from imaml_jax.train.train import CONFIG_FILE  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tables  # noqa: E402  (benchmarks/tables.py)
@@ -113,13 +114,14 @@ def load_runs(runs) -> dict[str, list[dict]]:
 def tasks_per_step(path: Path) -> int:
   """The ``meta_batch`` of the run whose metrics are ``path``, from the
   ``config.json`` beside them; exits naming the run if it cannot be read."""
-  config = path.parent / "config.json"
+  config = path.parent / CONFIG_FILE
   try:
     meta_batch = json.loads(config.read_text())["meta_batch"]
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise SystemExit(f"{path}: --x tasks needs the run's meta_batch from "
                      f"{config} ({e!r})")
-  if not isinstance(meta_batch, int) or meta_batch < 1:
+  if (isinstance(meta_batch, bool) or not isinstance(meta_batch, int)
+      or meta_batch < 1):
     raise SystemExit(f"{config}: meta_batch must be a positive integer; got "
                      f"{meta_batch!r}")
   return meta_batch

@@ -39,6 +39,7 @@ import curvature  # pylint: disable=wrong-import-position
 from imaml_jax.train import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
 from imaml_jax.train import config as config_lib  # pylint: disable=wrong-import-position
 from imaml_jax.train import metrics_log  # pylint: disable=wrong-import-position
+from imaml_jax.train.train import CONFIG_FILE  # pylint: disable=wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -117,9 +118,9 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--tag", default=None)
   parser.add_argument("--out", default=RESULTS)
   args = parser.parse_args(argv)
-  config_path = os.path.join(args.workdir, "config.json")
+  config_path = os.path.join(args.workdir, CONFIG_FILE)
   if not os.path.isfile(config_path):
-    parser.error(f"{args.workdir} holds no run (no config.json)")
+    parser.error(f"{args.workdir} holds no run (no {CONFIG_FILE})")
   with open(config_path) as f:
     config = config_lib.from_dict(json.load(f))
   if config.dataset != "omniglot" or config.algorithm != "imaml":

@@ -435,6 +435,13 @@ def test_compare_runs_draws_against_tasks_seen(tmp_path):
       capture_output=True, text=True, timeout=120, check=False)
   assert done.returncode != 0 and "needs the run's meta_batch" in done.stderr
   assert "mb4" in done.stderr and not (tmp_path / "x.png").exists()
+  # A boolean is not a meta-batch, though Python counts it an int.
+  (tmp_path / "mb4" / "config.json").write_text('{"meta_batch": true}')
+  done = subprocess.run(
+      [sys.executable, str(BENCHMARKS / "compare_runs.py"), "--out",
+       str(tmp_path / "x"), *runs, "--x", "tasks"],
+      capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode != 0 and "must be a positive integer" in done.stderr
 
 
 def test_compare_runs_names_a_bad_run_argument(tmp_path):
