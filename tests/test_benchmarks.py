@@ -52,6 +52,14 @@ def read_csv(path):
   with open(path, newline="") as f:
     return list(csv.DictReader(f))
 
+def compare_runs_failing(*args):
+  """Runs ``compare_runs.py`` expected to refuse its arguments; returns the
+  completed process (its exit status and stderr are for the test to check)."""
+  return subprocess.run(
+      [sys.executable, str(BENCHMARKS / "compare_runs.py"), *args],
+      capture_output=True, text=True, timeout=120, check=False)
+
+
 
 def test_meta_gradient_accuracy_quick(quick_run):
   _, out = quick_run("meta_gradient_accuracy")
@@ -372,10 +380,9 @@ def test_compare_runs_pairs_an_eval_file_of_a_run(tmp_path):
                    "a:eval_eval_inner_steps=10.json minus a")
   # Differences 50, 0, 0: mean 16.67, half-width 1.96 * 23.57 / sqrt(3).
   assert "| a:eval_eval_inner_steps=10.json minus a | +16.67 ± 26.67 |" in out
-  done = subprocess.run(
-      [sys.executable, str(BENCHMARKS / "compare_runs.py"), "--out",
-       str(tmp_path / "x"), f"a={run}", "--paired", "a:eval_val.json minus a"],
-      capture_output=True, text=True, timeout=120, check=False)
+  done = compare_runs_failing(
+      "--out", str(tmp_path / "x"), f"a={run}", "--paired",
+      "a:eval_val.json minus a")
   assert done.returncode != 0 and "a:eval_val.json: no per-task scores" in (
       done.stderr)
 
@@ -389,10 +396,8 @@ def test_compare_runs_pairs_an_eval_file_of_a_run(tmp_path):
 def test_compare_runs_names_a_bad_pairing(tmp_path, spec, tasks, message):
   a = write_tested_run(tmp_path / "a", [1.0, 0.5])
   b = write_tested_run(tmp_path / "b", [0.5, 0.5], tasks=tasks)
-  done = subprocess.run(
-      [sys.executable, str(BENCHMARKS / "compare_runs.py"), "--out",
-       str(tmp_path / "x"), f"a={a}", f"b={b}", "--paired", spec],
-      capture_output=True, text=True, timeout=120, check=False)
+  done = compare_runs_failing(
+      "--out", str(tmp_path / "x"), f"a={a}", f"b={b}", "--paired", spec)
   assert done.returncode != 0 and message in done.stderr
   assert not (tmp_path / "x.png").exists()     # Checked before plotting.
 
@@ -400,11 +405,9 @@ def test_compare_runs_names_a_bad_pairing(tmp_path, spec, tasks, message):
 def test_compare_runs_needs_per_task_scores_to_pair(tmp_path):
   a = write_tested_run(tmp_path / "a", [1.0, 0.5])
   b = write_tested_run(tmp_path / "b", [0.5, 0.5])
-  done = subprocess.run(
-      [sys.executable, str(BENCHMARKS / "compare_runs.py"), "--out",
-       str(tmp_path / "x"), f"a={a}", f"b={b}", "--paired", "a minus b",
-       "--protocol", "authors"],
-      capture_output=True, text=True, timeout=120, check=False)
+  done = compare_runs_failing(
+      "--out", str(tmp_path / "x"), f"a={a}", f"b={b}", "--paired", "a minus b",
+       "--protocol", "authors")
   assert done.returncode != 0
   assert "a: no per-task test scores under the authors' protocol" in (
       done.stderr)
@@ -429,26 +432,20 @@ def test_compare_runs_draws_against_tasks_seen(tmp_path):
   assert "tasks" not in read_csv(tmp_path / "steps.csv")[0]
   # A run without a readable meta_batch is named before anything is drawn.
   (tmp_path / "mb4" / "config.json").write_text("{}")
-  done = subprocess.run(
-      [sys.executable, str(BENCHMARKS / "compare_runs.py"), "--out",
-       str(tmp_path / "x"), *runs, "--x", "tasks"],
-      capture_output=True, text=True, timeout=120, check=False)
+  done = compare_runs_failing(
+      "--out", str(tmp_path / "x"), *runs, "--x", "tasks")
   assert done.returncode != 0 and "needs the run's meta_batch" in done.stderr
   assert "mb4" in done.stderr and not (tmp_path / "x.png").exists()
   # A boolean is not a meta-batch, though Python counts it an int.
   (tmp_path / "mb4" / "config.json").write_text('{"meta_batch": true}')
-  done = subprocess.run(
-      [sys.executable, str(BENCHMARKS / "compare_runs.py"), "--out",
-       str(tmp_path / "x"), *runs, "--x", "tasks"],
-      capture_output=True, text=True, timeout=120, check=False)
+  done = compare_runs_failing(
+      "--out", str(tmp_path / "x"), *runs, "--x", "tasks")
   assert done.returncode != 0 and "must be a positive integer" in done.stderr
 
 
 def test_compare_runs_names_a_bad_run_argument(tmp_path):
-  done = subprocess.run(
-      [sys.executable, str(BENCHMARKS / "compare_runs.py"), "--out",
-       str(tmp_path / "x"), f"a={tmp_path / 'missing.jsonl'}"],
-      capture_output=True, text=True, timeout=120, check=False)
+  done = compare_runs_failing(
+      "--out", str(tmp_path / "x"), f"a={tmp_path / 'missing.jsonl'}")
   assert done.returncode == 2 and "no such metrics file" in done.stderr
 
 
