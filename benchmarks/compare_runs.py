@@ -66,7 +66,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from imaml_jax.train import metrics_log, plots  # noqa: E402
-from imaml_jax.train.train import CONFIG_FILE  # noqa: E402
+from imaml_jax.train import CONFIG_FILE  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tables  # noqa: E402  (benchmarks/tables.py)

@@ -39,7 +39,7 @@ import curvature  # pylint: disable=wrong-import-position
 from imaml_jax.train import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
 from imaml_jax.train import config as config_lib  # pylint: disable=wrong-import-position
 from imaml_jax.train import metrics_log  # pylint: disable=wrong-import-position
-from imaml_jax.train.train import CONFIG_FILE  # pylint: disable=wrong-import-position
+from imaml_jax.train import CONFIG_FILE  # pylint: disable=wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")

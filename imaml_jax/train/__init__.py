@@ -16,6 +16,7 @@ from imaml_jax.train.config import apply_overrides
 from imaml_jax.train.config import config_names
 from imaml_jax.train.config import get_config
 from imaml_jax.train.experiment import DataError
+from imaml_jax.train.train import CONFIG_FILE
 from imaml_jax.train.train import DeviceError
 from imaml_jax.train.train import TrainingDiverged
 from imaml_jax.train.train import WorkdirError
