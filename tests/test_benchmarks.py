@@ -52,13 +52,13 @@ def read_csv(path):
   with open(path, newline="") as f:
     return list(csv.DictReader(f))
 
+
 def compare_runs_failing(*args):
   """Runs ``compare_runs.py`` expected to refuse its arguments; returns the
   completed process (its exit status and stderr are for the test to check)."""
   return subprocess.run(
       [sys.executable, str(BENCHMARKS / "compare_runs.py"), *args],
       capture_output=True, text=True, timeout=120, check=False)
-
 
 
 def test_meta_gradient_accuracy_quick(quick_run):
@@ -407,7 +407,7 @@ def test_compare_runs_needs_per_task_scores_to_pair(tmp_path):
   b = write_tested_run(tmp_path / "b", [0.5, 0.5])
   done = compare_runs_failing(
       "--out", str(tmp_path / "x"), f"a={a}", f"b={b}", "--paired", "a minus b",
-       "--protocol", "authors")
+      "--protocol", "authors")
   assert done.returncode != 0
   assert "a: no per-task test scores under the authors' protocol" in (
       done.stderr)
