@@ -181,3 +181,79 @@ def test_task_chunking_gives_the_same_step_as_one_vmap(x64, chunk):
   np.testing.assert_allclose(s2.params, s1.params, rtol=1e-12)
   np.testing.assert_allclose(m2["per_task"]["loss_after"],
                              m1["per_task"]["loss_after"], rtol=1e-12)
+
+
+def _convnet_problem(n_tasks=2):
+  """MAML's Omniglot network, random images: (loss, params, tasks)."""
+  from imaml_jax import models
+  net = models.omniglot_convnet(5, variant="maml")
+  keys = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(keys[0], (n_tasks, 5, 28, 28, 1))
+  xq = jax.random.normal(keys[1], (n_tasks, 5, 28, 28, 1))
+  y = jnp.tile(jnp.arange(5), (n_tasks, 1))
+  params = models.init_params(net, keys[2], x[0])
+  classify = models.classification_loss(net)
+
+  def loss(p, batch):
+    # The aux entries fingerprint the parameters the loss was called with, so
+    # the metrics show which of them the inner loop moved.
+    value, aux = classify(p, batch)
+    norms = sum(jnp.sum(v) for k in p if k.startswith("norm")
+                for v in jax.tree.leaves(p[k]))
+    head = jnp.sum(p["head"]["kernel"])
+    return value, dict(aux, norm_sum=norms, head_sum=head)
+
+  return loss, params, im.Task((x, y), (xq, y))
+
+
+@pytest.mark.parametrize("factory", [im.maml, im.fomaml])
+def test_adapts_acts_through_the_default_flattened_meta_step(factory):
+  # Regression test: with flatten=True (the default) the predicate used to see
+  # one raveled vector, whose only key path () it accepted, so every
+  # parameter was adapted and adapts=im.adapt_all_but_norm changed nothing.
+  loss, params, tasks = _convnet_problem()
+  run = {}
+  for adapts in (None, im.adapt_all_but_norm):
+    for flatten in (True, False):
+      init, step = im.make_meta_step(
+          loss, optax.sgd(1.0), factory(im.gd(2, 0.4), adapts=adapts),
+          has_aux=True, per_task_metrics=True, flatten=flatten)
+      state, metrics = jax.jit(step)(init(params), tasks)
+      run[adapts is None, flatten] = (state.params, metrics["per_task"])
+  for flatten in (True, False):
+    _, frozen = run[False, flatten]
+    _, moving = run[True, flatten]
+    # Left out: the batch norms are bitwise what they were at theta.
+    np.testing.assert_array_equal(frozen["norm_sum_after"],
+                                  frozen["norm_sum_before"])
+    assert np.all(moving["norm_sum_after"] != moving["norm_sum_before"])
+    assert np.all(frozen["head_sum_after"] != frozen["head_sum_before"])
+  # The flattened step computes the unflattened meta-gradient (sgd(1.0):
+  # the new parameters are theta - g), and leaving the norms out matters.
+  flat_params, flat_metrics = run[False, True]
+  tree_params, _ = run[False, False]
+  grad = lambda new: np.concatenate([np.ravel(a - b) for a, b in zip(
+      jax.tree.leaves(params), jax.tree.leaves(new))])
+  g_flat, g_tree = grad(flat_params), grad(tree_params)
+  assert np.linalg.norm(g_flat - g_tree) < 1e-5 * np.linalg.norm(g_tree)
+  all_params, all_metrics = run[True, True]
+  assert not np.allclose(flat_metrics["loss_after"], all_metrics["loss_after"])
+  moved = lambda p: np.asarray(p["conv0"]["kernel"] - params["conv0"]["kernel"])
+  assert np.abs(moved(flat_params) - moved(all_params)).max() > 1e-6
+
+
+def test_adapts_acts_through_the_flattened_eval_step():
+  loss, params, tasks = _convnet_problem()
+  out = {}
+  for adapts in (None, im.adapt_all_but_norm):
+    for flatten in (True, False):
+      evaluate = im.make_eval_step(
+          loss, im.maml(im.gd(2, 0.4), adapts=adapts), has_aux=True,
+          flatten=flatten)
+      out[adapts is None, flatten] = jax.jit(evaluate)(params, tasks)
+  frozen = out[False, True]
+  np.testing.assert_array_equal(frozen["norm_sum_after"],
+                                frozen["norm_sum_before"])
+  np.testing.assert_allclose(frozen["loss_after"],
+                             out[False, False]["loss_after"], rtol=1e-5)
+  assert not np.allclose(frozen["loss_after"], out[True, True]["loss_after"])

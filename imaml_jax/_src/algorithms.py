@@ -31,11 +31,37 @@ class MetaAlgorithm(NamedTuple):
     adapt: ``(loss, params, support) -> phi``, the task adaptation the
       algorithm uses, for evaluation on held-out tasks.
     name: human-readable description.
+    adapts: ``None`` (the inner loop moves every parameter) or the predicate
+      on a parameter's key path that selects the parameters the inner loop
+      moves. :func:`imaml_jax.make_meta_step` reads it to split the
+      parameters before it ravels them (``flatten=True``), so that the
+      predicate sees the real key paths; see :class:`AdaptedSplit`.
   """
 
   task_gradient: Callable[[AuxLoss, PyTree, Task], tuple[PyTree, dict]]
   adapt: Callable[[AuxLoss, PyTree, PyTree], PyTree]
   name: str
+  adapts: Callable[[tuple], bool] | None = None
+
+
+class AdaptedSplit(NamedTuple):
+  """Parameters already split into the part the inner loop moves and the rest.
+
+  A predicate on key paths (``adapts``) cannot be applied to parameters that
+  have been raveled into one vector: the vector has a single key path, ``()``.
+  :func:`imaml_jax.make_meta_step` with ``flatten=True`` therefore splits the
+  parameters with the predicate first, ravels each part on its own, and hands
+  the algorithm an ``AdaptedSplit`` of the two vectors; the algorithm's
+  adaptation moves ``adapted`` and holds ``fixed``, exactly as it would on the
+  unraveled parameters.
+
+  Attributes:
+    adapted: the parameters the inner loop moves.
+    fixed: the parameters it leaves at their meta-learned values.
+  """
+
+  adapted: PyTree
+  fixed: PyTree
 
 
 def query_metrics(loss_value, aux: dict, suffix: str) -> dict:
@@ -61,12 +87,34 @@ def _plain_adapt(inner: inner_lib.InnerSolver, adapts: Adapts | None = None):
             remat: bool = False):
     if adapts is None:
       return inner.run(lambda p: loss(p, support)[0], params, remat=remat)
-    moving, fixed = tu.partition(params, adapts)
-    moved = inner.run(lambda p: loss(tu.combine(p, fixed), support)[0],
+    moving, fixed, join = split_by_adapts(params, adapts)
+    moved = inner.run(lambda p: loss(join(p, fixed), support)[0],
                       moving, remat=remat)
-    return tu.combine(moved, fixed)
+    return join(moved, fixed)
 
   return adapt
+
+
+def split_by_adapts(params: PyTree, adapts: Adapts) -> tuple[
+    PyTree, PyTree, Callable[[PyTree, PyTree], PyTree]]:
+  """``(moving, fixed, join)``: the parameters ``adapts`` selects, the rest.
+
+  ``join(moving, fixed)`` rebuilds parameters of the caller's layout. An
+  :class:`AdaptedSplit` (parameters that :func:`imaml_jax.make_meta_step`
+  split before raveling) is already split; any other pytree is partitioned
+  with the predicate on its leaves' key paths.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> params = {"conv0": jnp.ones(2), "norm0": jnp.zeros(1)}
+    >>> moving, fixed, join = split_by_adapts(params, adapt_all_but_norm)
+    >>> moving["norm0"], fixed["conv0"], sorted(join(moving, fixed))
+    (None, None, ['conv0', 'norm0'])
+  """
+  if isinstance(params, AdaptedSplit):
+    return params.adapted, params.fixed, AdaptedSplit
+  moving, fixed = tu.partition(params, adapts)
+  return moving, fixed, tu.combine
 
 
 def _check_adapts(adapts: Adapts | None) -> None:
@@ -208,7 +256,8 @@ def maml(inner: inner_lib.InnerSolver | None = None, *,
     return g, query_metrics(q_loss, q_aux, "after")
 
   name = f"maml({inner.name}, remat={remat}{_adapts_name(adapts)})"
-  return MetaAlgorithm(task_gradient=task_gradient, adapt=plain, name=name)
+  return MetaAlgorithm(task_gradient=task_gradient, adapt=plain, name=name,
+                       adapts=adapts)
 
 
 def fomaml(inner: inner_lib.InnerSolver | None = None, *,
@@ -232,7 +281,8 @@ def fomaml(inner: inner_lib.InnerSolver | None = None, *,
     return g, query_metrics(q_loss, q_aux, "after")
 
   return MetaAlgorithm(task_gradient=task_gradient, adapt=plain,
-                       name=f"fomaml({inner.name}{_adapts_name(adapts)})")
+                       name=f"fomaml({inner.name}{_adapts_name(adapts)})",
+                       adapts=adapts)
 
 
 def reptile(inner: inner_lib.InnerSolver | None = None, *,

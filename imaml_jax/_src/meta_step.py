@@ -189,16 +189,40 @@ def map_over_tasks(fn: Callable, tasks: Task, task_chunk: int | None,
   return jax.lax.map(fn, tasks, batch_size=task_chunk)
 
 
-def flat_loss(loss: algorithms.AuxLoss, params: PyTree):
+def ravel_params(params: PyTree, adapts: algorithms.Adapts | None = None):
+  """``(theta_flat, unravel)``: the parameters raveled for the algorithm.
+
+  Without ``adapts`` ``theta_flat`` is one vector. With it, the parameters
+  are first split by the predicate on their real key paths and each part is
+  raveled alone: ``theta_flat`` is an :class:`~imaml_jax._src.algorithms.
+  AdaptedSplit` of two vectors, which the algorithm's adaptation recognises
+  (a predicate applied to one raveled vector would only see the key path
+  ``()``). ``unravel`` inverts either layout.
+  """
+  if adapts is None:
+    return ravel_pytree(params)
+  adapted, fixed = tu.partition(params, adapts)
+  adapted_flat, unravel_adapted = ravel_pytree(adapted)
+  fixed_flat, unravel_fixed = ravel_pytree(fixed)
+
+  def unravel(split: algorithms.AdaptedSplit) -> PyTree:
+    return tu.combine(unravel_adapted(split.adapted),
+                      unravel_fixed(split.fixed))
+
+  return algorithms.AdaptedSplit(adapted_flat, fixed_flat), unravel
+
+
+def flat_loss(loss: algorithms.AuxLoss, params: PyTree,
+              adapts: algorithms.Adapts | None = None):
   """``(theta_flat, loss_flat, unravel)``: ``loss_flat(v, batch) = loss(unravel(v), batch)``."""
-  theta_flat, unravel = ravel_pytree(params)
+  theta_flat, unravel = ravel_params(params, adapts)
   return theta_flat, (lambda v, batch: loss(unravel(v), batch)), unravel
 
 
 def flat_task_gradient(algorithm: algorithms.MetaAlgorithm,
                        loss: algorithms.AuxLoss, params: PyTree, task: Task):
-  """``algorithm.task_gradient`` run on the raveled parameter vector."""
-  theta_flat, loss_flat, unravel = flat_loss(loss, params)
+  """``algorithm.task_gradient`` run on the raveled parameters."""
+  theta_flat, loss_flat, unravel = flat_loss(loss, params, algorithm.adapts)
   g, metrics = algorithm.task_gradient(loss_flat, theta_flat, task)
   return unravel(g), metrics
 
@@ -218,7 +242,8 @@ def make_eval_step(loss_fn: Callable, algorithm: algorithms.MetaAlgorithm, *,
 
   def one(params, task):
     if flatten:
-      theta_flat, loss_flat, unravel = flat_loss(loss, params)
+      theta_flat, loss_flat, unravel = flat_loss(loss, params,
+                                                 algorithm.adapts)
       phi = unravel(algorithm.adapt(loss_flat, theta_flat, task.support))
     else:
       phi = algorithm.adapt(loss, params, task.support)
