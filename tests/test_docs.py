@@ -1,0 +1,133 @@
+"""The documentation site: API coverage, a strict build, runnable examples.
+
+* Every public name of ``imaml_jax``, ``imaml_jax.data``, ``imaml_jax.models``
+  and ``imaml_jax.train`` (the package's ``__all__``, or else the names its
+  ``__init__`` imports, submodules aside) is named on an API page under
+  ``docs/reference/``.
+* ``mkdocs build --strict`` succeeds (warnings are errors).
+* The ```` ```python ```` blocks of every page under ``docs/`` run: the blocks
+  of one page in order, in one namespace, in a temporary working directory.
+  A block preceded by the line ``<!-- docs-test: skip -->`` is shown but not
+  run (for commands that need data or take long).
+"""
+from __future__ import annotations
+
+import __future__
+import importlib
+import importlib.util
+import inspect
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+API_PAGES = DOCS / "reference"
+PACKAGES = ("imaml_jax", "imaml_jax.data", "imaml_jax.models",
+            "imaml_jax.train")
+SKIP_MARK = "<!-- docs-test: skip -->"
+FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)[ \t]*(?P<info>[^\n`]*)$")
+
+
+def public_names(package: str) -> list[str]:
+  """``__all__``, or the non-module, non-private names of the package."""
+  module = importlib.import_module(package)
+  names = getattr(module, "__all__", None)
+  if names is not None:
+    return list(names)
+  return [name for name, value in vars(module).items()
+          if not name.startswith("_") and not inspect.ismodule(value)
+          and not isinstance(value, __future__._Feature)]
+
+
+def api_text() -> str:
+  return "\n".join(page.read_text(encoding="utf-8")
+                   for page in sorted(API_PAGES.glob("*.md")))
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_every_public_name_is_on_an_api_page(package):
+  text = api_text()
+  missing = [name for name in public_names(package)
+             if not re.search(rf"(?<![\w.]){re.escape(package)}\.{name}(?!\w)",
+                              text)]
+  assert not missing, (
+      f"public names of {package} absent from docs/reference/*.md (add a "
+      f"'::: {package}.NAME' line to the right page): {missing}")
+
+
+def test_site_builds_strictly(tmp_path):
+  for module, what in (("mkdocs", "mkdocs"),
+                       ("material", "mkdocs-material"),
+                       ("mkdocstrings_handlers.python",
+                        "mkdocstrings[python]")):
+    if not _installed(module):
+      pytest.skip(f"{what} is not installed (pip install -e '.[docs]')")
+  result = subprocess.run(
+      [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet",
+       "--config-file", str(REPO / "mkdocs.yml"), "--site-dir",
+       str(tmp_path / "site")],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+  assert result.returncode == 0, (
+      f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr}")
+  assert (tmp_path / "site" / "index.html").is_file()
+  assert (tmp_path / "site" / "reference" / "core" / "index.html").is_file()
+
+
+def _installed(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # a parent package is missing
+    return False
+
+
+def python_blocks(page: Path) -> list[tuple[int, str]]:
+  """``(line, code)`` of each ```` ```python ```` block, in order."""
+  lines = page.read_text(encoding="utf-8").splitlines()
+  blocks, i = [], 0
+  while i < len(lines):
+    match = FENCE.match(lines[i])
+    if not match:
+      i += 1
+      continue
+    fence, indent = match["fence"], match["indent"]
+    language = match["info"].strip().split(" ")[0].lstrip(".").lower()
+    previous = next((line.strip() for line in reversed(lines[:i])
+                     if line.strip()), "")
+    start, i = i + 1, i + 1
+    while i < len(lines) and not lines[i].strip().startswith(fence):
+      i += 1
+    body = [line[len(indent):] if line.startswith(indent) else line
+            for line in lines[start:i]]
+    if language == "python" and previous != SKIP_MARK:
+      blocks.append((start + 1, "\n".join(body) + "\n"))
+    i += 1
+  return blocks
+
+
+PAGES = sorted(page for page in DOCS.rglob("*.md") if python_blocks(page))
+
+
+@pytest.mark.parametrize("page", PAGES,
+                         ids=[str(p.relative_to(DOCS)) for p in PAGES])
+def test_page_examples_run(page, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  namespace = {"__name__": f"docs_{page.stem}"}
+  for line, code in python_blocks(page):
+    name = f"{page.relative_to(REPO)}:{line}"
+    exec(compile(code, name, "exec"), namespace)  # noqa: S102
+
+
+def test_block_parser(tmp_path):
+  page = "\n".join([
+      "text", "```python", "a = 1", "```", "", SKIP_MARK, "```python",
+      "raise SystemExit", "```", "```bash", "ls", "```", "- item",
+      "    ```python", "    b = a + 1", "    ```", ""])
+  path = tmp_path / "p.md"
+  path.write_text(page, encoding="utf-8")
+  assert python_blocks(path) == [(3, "a = 1\n"), (15, "b = a + 1\n")]
