@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import __future__
 import importlib
 import importlib.util
 import inspect
@@ -30,7 +29,8 @@ API_PAGES = DOCS / "reference"
 PACKAGES = ("imaml_jax", "imaml_jax.data", "imaml_jax.models",
             "imaml_jax.train")
 SKIP_MARK = "<!-- docs-test: skip -->"
-FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)[ \t]*(?P<info>[^\n`]*)$")
+FENCE = re.compile(
+    r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)[ \t]*(?P<info>[^\n`]*)$")
 
 
 def public_names(package: str) -> list[str]:
@@ -41,7 +41,7 @@ def public_names(package: str) -> list[str]:
     return list(names)
   return [name for name, value in vars(module).items()
           if not name.startswith("_") and not inspect.ismodule(value)
-          and not isinstance(value, __future__._Feature)]
+          and type(value).__module__ != "__future__"]
 
 
 def api_text() -> str:
