@@ -99,9 +99,9 @@ def test_reptile_training_tasks_are_its_minibatches():
   assert tasks.support[0].shape == (2, 5, 10, 2, 2, 1)
   assert tasks.query[0].shape == (2, 75, 2, 2, 1)
   # The sampler of a device mesh gives the same mini-batches.
-  from imaml_jax.train import train
+  from imaml_jax.train import steps
   exp = experiment.build(cfg, experiment.Data(images, images, images))
-  sharded = jax.jit(train.task_sampler(exp, im.task_mesh(1)))(
+  sharded = jax.jit(steps.task_sampler(exp, im.task_mesh(1)))(
       jax.random.key(0), exp.data.train)
   np.testing.assert_array_equal(sharded.support[0], tasks.support[0])
   np.testing.assert_array_equal(sharded.support[1], tasks.support[1])
@@ -369,7 +369,8 @@ def test_configs_build_and_trace(name):
   import jax
   import numpy as np
   import imaml_jax as im
-  from imaml_jax.train import experiment, train
+  from imaml_jax import train
+  from imaml_jax.train import experiment
   cfg = config_lib.apply_overrides(config_lib.get_config(name),
                                    ["meta_batch=2"])
   size, channels = (84, 3) if cfg.dataset == "miniimagenet" else (28, 1)
@@ -380,7 +381,7 @@ def test_configs_build_and_trace(name):
                               has_aux=True)
   key = jax.random.key(0)
   state = jax.eval_shape(lambda k: init(exp.init_params(k)), key)
-  sums = train.init_sums(train._metric_shapes(exp, state, key))
+  sums = train.init_sums(train.metric_shapes(exp, state, key))
   new_state, _ = jax.eval_shape(train.make_train_step(exp), state, sums,
                                 exp.data.train, key)
   assert jax.tree.structure(new_state) == jax.tree.structure(state)

@@ -20,8 +20,11 @@ import pytest
 
 from imaml_jax.train import checkpoint as ckpt_lib
 from imaml_jax.train import cli
+from imaml_jax.train import evaluation
 from imaml_jax.train import metrics_log
-from imaml_jax.train import train as train_lib
+from imaml_jax.train import protocols
+from imaml_jax.train import runtime
+from imaml_jax.train import workdir as workdir_lib
 
 SMALL = ["meta_steps=300", "meta_batch=4", "inner_steps=4", "log_every=10",
          "val_every=100", "val_tasks=20", "test_tasks=20", "eval_chunk=20",
@@ -282,10 +285,10 @@ def test_evaluate_workdir_refuses_an_unknown_split(reference_run, tmp_path):
   before = sorted(p.name for p in workdir.iterdir())
   with pytest.raises(ValueError, match="split must be one of test, val, "
                      "train, authors_test; got 'training'"):
-    train_lib.evaluate_workdir(workdir, split="training")
+    protocols.evaluate_workdir(workdir, split="training")
   with pytest.raises(ValueError, match="protocol must be one of ours, "
                      "authors; got 'theirs'"):
-    train_lib.evaluate_workdir(workdir, protocol="theirs")
+    protocols.evaluate_workdir(workdir, protocol="theirs")
   assert sorted(p.name for p in workdir.iterdir()) == before  # Nothing written.
 
 
@@ -323,10 +326,10 @@ def test_eval_protocols_and_query_images(reference_run, tmp_path, capsys):
 def test_format_test_reads_results_written_before_protocols():
   stats = {"mean": 0.25, "std": 0.1, "ci95": 0.01, "n": 20}
   old = {"test_params": "last", "test": {"loss_after": stats}}
-  assert train_lib.format_test(old).splitlines() == [
+  assert protocols.format_test(old).splitlines() == [
       "test on last parameters, protocol ours:",
       "  loss_after: 0.250 +- 0.010 (n=20)"]
-  assert train_lib.format_test({**old, "split": "train"}).startswith(
+  assert protocols.format_test({**old, "split": "train"}).startswith(
       "train-split tasks on last parameters, protocol ours:")
 
 
@@ -360,7 +363,7 @@ def test_checkpoint_from_before_a_metric_existed_restores(reference_run,
   old = ckpt_lib.save(tmp_path / "old", step, tree)
   template = {"sums": {"param_norm": np.zeros((), np.float32),
                        "loss_after": np.zeros((), np.float32)}}
-  filled = train_lib.with_added_metrics(tree["sums"], template)
+  filled = workdir_lib.with_added_metrics(tree["sums"], template)
   assert float(filled["sums"]["param_norm"]) == 0.0
   np.testing.assert_array_equal(filled["sums"]["loss_after"],
                                 tree["sums"]["sums"]["loss_after"])
@@ -378,13 +381,13 @@ def test_checkpoint_from_before_a_metric_existed_restores(reference_run,
 
 def test_compiler_options_on_a_cpu_and_the_users_flags_win(monkeypatch):
   import jax.numpy as jnp
-  train = train_lib
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-  options = train.compiler_options("cpu")
+  options = runtime.compiler_options("cpu")
   assert options == {"xla_cpu_use_fusion_emitters": False}
-  assert train.compiler_options("gpu") == {} == train.compiler_options("tpu")
+  assert runtime.compiler_options("gpu") == {}
+  assert runtime.compiler_options("tpu") == {}
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=true")
-  assert train.compiler_options("cpu") == {}
+  assert runtime.compiler_options("cpu") == {}
   # This jaxlib knows the option (an unknown one is an error) and the code
   # it compiles computes the same.
   f = lambda x: jnp.tanh(x @ x.T).sum(axis=0) * jnp.cos(x[:, 0])
@@ -410,7 +413,7 @@ def test_task_fingerprint_names_the_tasks_alone(config):
     cfg = config_lib.apply_overrides(config_lib.get_config(name),
                                      [f"eval_chunk={chunk}"])
     exp = exp_lib.build(cfg, None)
-    return train_lib.Evaluator(exp).fingerprint(images, n_tasks, seed)
+    return evaluation.Evaluator(exp).fingerprint(images, n_tasks, seed)
 
   reference = fingerprint(config, 10, 0)
   assert fingerprint(other, 3, 0) == reference

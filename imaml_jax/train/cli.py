@@ -44,14 +44,18 @@ import imaml_jax as im
 from imaml_jax.train import checkpoint as ckpt_lib
 from imaml_jax.train import config as config_lib
 from imaml_jax.train import experiment as exp_lib
+from imaml_jax.train import periodic
+from imaml_jax.train import protocols
+from imaml_jax.train import runtime
 from imaml_jax.train import train as train_lib
+from imaml_jax.train import workdir as workdir_lib
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 AUTO = "auto"
 _INPUT_ERRORS = (config_lib.ConfigError, exp_lib.DataError,
-                 train_lib.WorkdirError, ckpt_lib.CheckpointError,
-                 train_lib.DeviceError)
+                 workdir_lib.WorkdirError, ckpt_lib.CheckpointError,
+                 runtime.DeviceError)
 
 
 def _fail(prog: str, message: str, code: int) -> None:
@@ -179,7 +183,7 @@ def join_processes(args: argparse.Namespace) -> None:
       im.initialize_distributed(args.coordinator, args.num_processes,
                                 args.process_id)
   except (ValueError, RuntimeError) as e:
-    raise train_lib.DeviceError(
+    raise runtime.DeviceError(
         f"cannot join the multi-host job (--coordinator "
         f"{args.coordinator}): {e}") from e
 
@@ -200,7 +204,7 @@ def eval_parser(prog: str = "imaml-eval") -> argparse.ArgumentParser:
                            f"{', '.join(config_lib.TEST_TIME_FIELDS)}), e.g. "
                            "--set eval_inner_steps=32; the result goes to "
                            "eval_<KEY>=<VALUE>.json")
-  parser.add_argument("--split", choices=train_lib.EVAL_SPLITS,
+  parser.add_argument("--split", choices=protocols.EVAL_SPLITS,
                       default=None,
                       help="characters to draw the tasks from: the held-out "
                            "test split (the default of protocol ours), "
@@ -209,7 +213,7 @@ def eval_parser(prog: str = "imaml-eval") -> argparse.ArgumentParser:
                            "default of protocol authors); the result goes "
                            "to eval_<SPLIT>.json for a split other than the "
                            "protocol's")
-  parser.add_argument("--protocol", choices=train_lib.EVAL_PROTOCOLS,
+  parser.add_argument("--protocol", choices=protocols.EVAL_PROTOCOLS,
                       default="ours",
                       help="ours (default): held-out characters, the "
                            "config's query images per class, the run's own "
@@ -247,13 +251,13 @@ def train_main(argv: Sequence[str] | None = None,
     if not args.no_compile_cache:
       enable_compile_cache(args.compile_cache)
     join_processes(args)
-    mesh = train_lib.make_mesh(config, args.devices)
+    mesh = runtime.make_mesh(config, args.devices)
     train_lib.train_and_evaluate(config, args.workdir, args.data_dir,
                                  mesh=mesh, progress=not args.no_progress,
                                  time_budget_s=args.time_budget)
   except _INPUT_ERRORS as e:
     _fail(prog, str(e), EXIT_BAD_INPUT)
-  except train_lib.TrainingDiverged as e:
+  except periodic.TrainingDiverged as e:
     _fail(prog, str(e), EXIT_DIVERGED)
   return 0
 
@@ -265,7 +269,7 @@ def eval_main(argv: Sequence[str] | None = None,
   if args.tasks is not None and args.tasks < 1:
     _fail(prog, f"--tasks must be >= 1; got {args.tasks}.", EXIT_BAD_INPUT)
   try:
-    train_lib.evaluate_workdir(args.workdir, args.data_dir,
+    protocols.evaluate_workdir(args.workdir, args.data_dir,
                                n_tasks=args.tasks, overrides=args.overrides,
                                split=args.split, protocol=args.protocol)
   except _INPUT_ERRORS as e:

@@ -1,0 +1,199 @@
+"""Evaluating parameters on fixed task sets, and the final test of a run.
+
+Model selection: every ``val_every`` steps the meta-parameters are evaluated
+on a fixed set of ``val_tasks`` tasks from the validation split
+(:class:`imaml_jax.train.periodic.Validation`); the parameters with the best
+validation score (:func:`score_key`: highest accuracy, or lowest query loss
+where the loss has no accuracy, e.g. the sinusoid MSE) are kept. The final
+test (:func:`final_test`, the same for ``imaml-train`` and ``imaml-eval``)
+reports these best-validation parameters first (``results["test"]``) and the
+last parameters too (``results["test_last"]``).
+
+Test statistics (:func:`summarize`): mean over tasks and the 95% interval
+half-width ``1.96 * std / sqrt(n)`` with the population standard deviation
+(``ddof=0``), as ``numpy.std`` in the authors' evaluation script. Every
+task's score of the reported test is kept too (``results["test_per_task"]``,
+:func:`per_task_record`) with a fingerprint of the task set, so two runs
+tested on the same tasks can be compared task by task (paired).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from typing import Any, Callable, Iterable, NamedTuple
+
+import jax
+import numpy as np
+
+import imaml_jax as im
+from imaml_jax.train import experiment as exp_lib
+from imaml_jax.train import runtime
+
+
+def summarize(per_task: dict[str, np.ndarray]) -> dict[str, dict]:
+  """Mean, population std (ddof=0) and 95% half-width per metric.
+
+  Example:
+    >>> summarize({"accuracy_after": np.array([1.0, 0.0])})["accuracy_after"]
+    {'mean': 0.5, 'std': 0.5, 'ci95': 0.6929646455628166, 'n': 2}
+  """
+  out = {}
+  for key, values in per_task.items():
+    values = np.asarray(values, np.float64)
+    n = values.size
+    std = float(np.std(values))
+    out[key] = {"mean": float(np.mean(values)), "std": std,
+                "ci95": 1.96 * std / math.sqrt(n), "n": int(n)}
+  return out
+
+
+def per_task_record(per_task: dict[str, np.ndarray], tasks_sha256: str
+                    ) -> dict:
+  """The ``"test_per_task"`` entry of a results file: the selection metric
+  (:func:`score_key`) of every test task, in task order, and the task set's
+  fingerprint (:meth:`Evaluator.fingerprint`).
+
+  Two runs tested on the same tasks (equal ``tasks_sha256``) can then be
+  compared task by task: the 95% interval of the mean of paired differences,
+  ``1.96 * std(a - b) / sqrt(n)``, is narrower than the two runs' own
+  intervals added whenever their per-task scores are correlated.
+
+  Example:
+    >>> per_task_record({"accuracy_after": np.array([1.0, 0.5])}, "ab")
+    {'metric': 'accuracy_after', 'values': [1.0, 0.5], 'tasks_sha256': 'ab'}
+  """
+  key, _ = score_key(per_task)
+  values = np.asarray(per_task[key], np.float64)
+  return {"metric": key, "values": [round(float(v), 6) for v in values],
+          "tasks_sha256": tasks_sha256}
+
+
+def score_key(metric_names: Iterable[str]) -> tuple[str, bool]:
+  """``(metric, higher_is_better)`` used for model selection.
+
+  Example:
+    >>> score_key(["loss_after", "accuracy_after"])
+    ('accuracy_after', True)
+  """
+  names = set(metric_names)
+  if "accuracy_after" in names:
+    return "accuracy_after", True
+  return "loss_after", False
+
+
+def improves(score: float, best: float, higher_is_better: bool) -> bool:
+  """Whether ``score`` beats ``best`` (any score beats a NaN best).
+
+  Example:
+    >>> improves(0.5, float("nan"), True), improves(0.5, 0.4, False)
+    (True, False)
+  """
+  if math.isnan(best):
+    return True
+  return score > best if higher_is_better else score < best
+
+
+class Evaluator:
+  """Evaluates parameters on fixed task sets; compiles once per chunk shape.
+
+  ``chunks(config, images, n_tasks, seed)`` yields the tasks
+  (:func:`imaml_jax.train.experiment.evaluation_chunks` by default).
+  """
+
+  def __init__(self, exp: exp_lib.Experiment,
+               chunks: Callable | None = None):
+    self._exp = exp
+    self._chunks = chunks or exp_lib.evaluation_chunks
+    self._fn = jax.jit(im.make_eval_step(exp.loss, exp.eval_algorithm,
+                                         has_aux=True))
+    self._compiled = {}
+    self.compile_time_s = 0.0
+
+  def __call__(self, params, images, n_tasks: int, seed: int) -> dict:
+    """Per-task metrics (numpy arrays of length ``n_tasks``)."""
+    parts = []
+    for chunk in self._chunks(self._exp.config, images, n_tasks, seed):
+      shape = jax.tree.map(lambda x: x.shape, chunk)
+      key = jax.tree_util.tree_structure(chunk), tuple(jax.tree.leaves(shape))
+      if key not in self._compiled:
+        start = time.perf_counter()
+        self._compiled[key] = self._fn.lower(params, chunk).compile(
+            compiler_options=runtime.compiler_options())
+        self.compile_time_s += time.perf_counter() - start
+      parts.append(self._compiled[key](params, chunk))
+    parts = jax.device_get(parts)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def fingerprint(self, images, n_tasks: int, seed: int) -> str:
+    """SHA-256 of the ``n_tasks`` tasks that ``__call__`` evaluates.
+
+    The digest is that of each array of the whole task set in turn
+    (support and query inputs and labels, all tasks in order), preceded by
+    its dtype and shape, so it does not depend on ``eval_chunk``; it is
+    computed one chunk at a time (the chunks are drawn again for each
+    array). Two results with the same fingerprint were measured on the same
+    tasks, so their per-task scores can be compared task by task.
+    """
+    def leaves():   # Each chunk's arrays, on the host.
+      for chunk in self._chunks(self._exp.config, images, n_tasks, seed):
+        yield [np.ascontiguousarray(x)
+               for x in jax.device_get(jax.tree.leaves(chunk))]
+
+    first = next(leaves())
+    digest = hashlib.sha256()
+    for i, leaf in enumerate(first):
+      digest.update(f"{leaf.dtype}{(n_tasks, *leaf.shape[1:])}".encode())
+      for chunk in leaves():
+        digest.update(chunk[i].tobytes())
+    return digest.hexdigest()
+
+
+class FinalTest(NamedTuple):
+  """The outcome of :func:`final_test`.
+
+  Attributes:
+    test: summaries (:func:`summarize`) of the reported parameters.
+    test_last: summaries of the last parameters.
+    test_per_task: :func:`per_task_record` of the reported test.
+    test_params: ``"best_validation"`` or ``"last"``: what ``test`` reports.
+    params: the parameters ``test`` was measured on.
+  """
+  test: dict
+  test_last: dict
+  test_per_task: dict
+  test_params: str
+  params: Any
+
+
+def final_test(evaluator: Evaluator, images, n_tasks: int, seed: int, *,
+               last_params, step: int, best: dict | None) -> FinalTest:
+  """Tests the last parameters and, if given, the best-validation ones.
+
+  The best-validation parameters are tested only when they come from
+  before the last step (otherwise they are the last ones); the reported
+  test is theirs whenever a validation took place.
+
+  Args:
+    evaluator: the evaluator of the run's experiment.
+    images: the images the test tasks are drawn from.
+    n_tasks: the number of test tasks.
+    seed: the seed of the test tasks.
+    last_params: the parameters of step ``step``.
+    step: the last step.
+    best: ``{"params", "step", ...}`` of the best validation (``step`` -1
+      if there was none), or ``None`` to report the last parameters.
+
+  Returns:
+    A :class:`FinalTest`.
+  """
+  use_best = best is not None and int(best["step"]) >= 0
+  test_last = evaluator(last_params, images, n_tasks, seed)
+  test, params = test_last, last_params
+  if use_best and int(best["step"]) < step:
+    params = best["params"]
+    test = evaluator(params, images, n_tasks, seed)
+  test_per_task = per_task_record(test, evaluator.fingerprint(
+      images, n_tasks, seed))
+  return FinalTest(summarize(test), summarize(test_last), test_per_task,
+                   "best_validation" if use_best else "last", params)

@@ -1,0 +1,282 @@
+"""Evaluation protocols, and testing a finished run under one of them.
+
+A protocol says where the test tasks come from and how each is adapted:
+``"ours"`` (the held-out test characters, the run's own adaptation, the
+best-validation parameters) or ``"authors"`` (the evaluation script of the
+iMAML authors' code, ``AUTHORS_SOURCE``). :func:`evaluate_workdir` tests a
+run's checkpoint under a protocol (``imaml-eval``) with the same final test
+as the end of training (:func:`imaml_jax.train.evaluation.final_test`).
+
+Example:
+  >>> eval_file_name(protocol="authors")
+  'eval_protocol=authors.json'
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+import imaml_jax as im
+from imaml_jax.train import checkpoint as ckpt_lib
+from imaml_jax.train import config as config_lib
+from imaml_jax.train import evaluation
+from imaml_jax.train import experiment as exp_lib
+from imaml_jax.train import steps as steps_lib
+from imaml_jax.train import workdir as workdir_lib
+
+EVAL_SPLITS = ("test", "val", "train", "authors_test")
+# Evaluation protocols and the split each draws its test tasks from.
+PROTOCOL_SPLITS = {"ours": "test", "authors": "authors_test"}
+EVAL_PROTOCOLS = tuple(PROTOCOL_SPLITS)
+AUTHORS_SOURCE = ("github.com/aravindr93/imaml_dev at commit 6a2a669: "
+                  "examples/measure_accuracy.py with the command of "
+                  "examples/README.md, implicit_maml/dataset.py")
+
+
+def protocol_record(name: str, config: config_lib.Config, split: str,
+                    adaptation: str, parameters: str,
+                    overlap: dict | None = None) -> dict:
+  """The ``"protocol"`` entry of a results file: how its tasks were tested.
+
+  Args:
+    name: ``"ours"`` or ``"authors"``.
+    config: the config the test tasks were drawn and adapted with.
+    split: the split the tasks come from (``EVAL_SPLITS``).
+    adaptation: how each task was adapted (the algorithm's name).
+    parameters: ``"best_validation"`` or ``"last"``.
+    overlap: for the authors' characters, the fraction of them in each part
+      of this run's split (``characters_overlap``).
+
+  Example:
+    >>> cfg = config_lib.get_config("sinusoid")
+    >>> protocol_record("ours", cfg, "test", "imaml(...)", "last")["q_query"]
+    10
+  """
+  record = {"name": name, "q_query": config.q_query,
+            "tasks": exp_lib.tasks_description(config, split),
+            "adaptation": adaptation, "parameters": parameters}
+  if overlap is not None:
+    record["characters_overlap"] = overlap
+  if name == "authors":
+    record["source"] = AUTHORS_SOURCE
+  return record
+
+
+def format_test(results: dict) -> str:
+  """One line per test metric: mean +- 95% half-width.
+
+  The heading names the split, the parameters and the evaluation protocol
+  (``"ours"`` for results written before protocols were recorded).
+
+  Example:
+    >>> stats = {"mean": 0.5, "std": 0.5, "ci95": 0.04, "n": 600}
+    >>> print(format_test({"test_params": "last",
+    ...                    "protocol": {"name": "authors"},
+    ...                    "test": {"accuracy_after": stats}}))
+    test on last parameters, protocol authors:
+      accuracy_after: 50.000% +- 4.000% (n=600)
+  """
+  split = results.get("split", "test")
+  protocol = results.get("protocol", {}).get("name", "ours")
+  where = ("test" if split in ("test", PROTOCOL_SPLITS.get(protocol))
+           else f"{split}-split tasks")
+  lines = [f"{where} on {results['test_params']} parameters, protocol "
+           f"{protocol}:"]
+  for name, stats in results["test"].items():
+    scale = 100 if name.startswith("accuracy") else 1
+    unit = "%" if scale == 100 else ""
+    lines.append(f"  {name}: {scale * stats['mean']:.3f}{unit} +- "
+                 f"{scale * stats['ci95']:.3f}{unit} (n={stats['n']})")
+  return "\n".join(lines)
+
+
+def eval_file_name(overrides: Sequence[str] = (), split: str | None = None,
+                   protocol: str = "ours") -> str:
+  """``eval.json``, or ``eval_`` + protocol, split and overrides + ``.json``.
+
+  The protocol appears as ``protocol=<name>`` unless it is ``ours``; the
+  split unless it is the protocol's own (``test`` for ours,
+  ``authors_test`` for authors); the test-time overrides, if any, follow.
+
+  Example:
+    >>> eval_file_name(["eval_inner_steps=32"])
+    'eval_eval_inner_steps=32.json'
+    >>> eval_file_name(split="train")
+    'eval_train.json'
+    >>> eval_file_name(protocol="authors"), eval_file_name(["q_query=1"])
+    ('eval_protocol=authors.json', 'eval_q_query=1.json')
+  """
+  parts = [] if protocol == "ours" else [f"protocol={protocol}"]
+  if split not in (None, PROTOCOL_SPLITS.get(protocol)):
+    parts.append(split)
+  parts += [re.sub(r"[^A-Za-z0-9_.=-]", "_", o.replace(" ", ""))
+            for o in overrides]
+  return "_".join(["eval", *parts]) + ".json"
+
+
+def check_protocol(protocol: str, split: str | None,
+                   overrides: Sequence[str]) -> str:
+  """Validates the protocol and split names; returns the split to use.
+
+  Raises:
+    ConfigError: an unknown protocol or split, a split the protocol does
+      not draw from, or an override of a field the protocol fixes.
+  """
+  if protocol not in EVAL_PROTOCOLS:
+    raise config_lib.ConfigError(
+        f"protocol must be one of {', '.join(EVAL_PROTOCOLS)}; got "
+        f"{protocol!r}.")
+  if split is not None and split not in EVAL_SPLITS:
+    raise config_lib.ConfigError(
+        f"split must be one of {', '.join(EVAL_SPLITS)}; got {split!r}.")
+  own = PROTOCOL_SPLITS[protocol]
+  if protocol == "authors":
+    if split not in (None, own):
+      raise config_lib.ConfigError(
+          f"protocol 'authors' draws its tasks from the authors' test "
+          f"characters (split {own}); split {split!r} does not apply.")
+    fixed = [o for o in overrides
+             if o.partition("=")[0].strip() in exp_lib.AUTHORS_FIXED_FIELDS]
+    if fixed:
+      raise config_lib.ConfigError(
+          f"protocol 'authors' adapts on the support loss alone, without a "
+          f"proximal term or a step check; {', '.join(fixed)} does not "
+          "apply.")
+  return own if split is None else split
+
+
+def _check_dataset(protocol: str, split: str,
+                   config: config_lib.Config) -> None:
+  if ((protocol == "authors" or split == "authors_test")
+      and config.dataset != "omniglot"):
+    raise config_lib.ConfigError(
+        f"the authors' evaluation and characters are Omniglot's; this run's "
+        f"dataset is {config.dataset!r}.")
+
+
+def _test_images(exp: exp_lib.Experiment, split: str,
+                 config: config_lib.Config, data_dir):
+  """``(images, chunks, overlap)`` of the split the tasks are drawn from."""
+  if split != "authors_test":
+    return getattr(exp.data, split), None, None
+  authors = exp_lib.load_authors_characters(config, data_dir)
+  return (jax.device_put(authors.images), exp_lib.authors_evaluation_chunks,
+          authors.overlap)
+
+
+def _adaptation(exp: exp_lib.Experiment, protocol: str,
+                test_config: config_lib.Config):
+  """``(exp, description)``: the experiment adapting as the protocol does."""
+  if protocol != "authors":
+    return exp, exp.eval_algorithm.name
+  exp = exp._replace(
+      eval_algorithm=exp_lib.authors_eval_algorithm(test_config))
+  return exp, (f"{exp.eval_algorithm.name}: its inner solver on the support "
+               "loss alone (lam 0: no proximal term, no pull-back)")
+
+
+def restore_parameters(path, config: config_lib.Config,
+                       exp: exp_lib.Experiment):
+  """``(step, last_params, best)`` of checkpoint ``path``.
+
+  The training metrics' sums play no part in a test: they are restored with
+  the metric names the checkpoint holds, so a run saved before a metric was
+  added can still be tested.
+  """
+  init, _ = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
+                              has_aux=True)
+  state = init(exp.init_params(jax.random.key(0)))
+  best = {"params": state.params, "score": np.float64(np.nan),
+          "step": np.int64(-1)}
+  stored_metrics = ckpt_lib.load(path)[1].get("sums", {}).get("sums", {})
+  step, state, _, best, _, _ = workdir_lib.restore(
+      path, config, state, steps_lib.init_sums(stored_metrics), best)
+  return step, state.params, best
+
+
+def evaluate_workdir(workdir: str | os.PathLike,
+                     data_dir: str | os.PathLike | None = None, *,
+                     n_tasks: int | None = None,
+                     overrides: Sequence[str] = (),
+                     split: str | None = None,
+                     protocol: str = "ours",
+                     log: Callable[[str], None] = print) -> dict:
+  """Tests a run's checkpoint under an evaluation protocol.
+
+  ``protocol="ours"`` (default): tasks from the held-out test characters
+  (never meta-trained on), ``q_query`` query images per class (15 in the
+  Omniglot configs), adaptation by the run's own inner loop (proximal for
+  iMAML), the best-validation parameters (``test``; the last ones in
+  ``test_last``).
+
+  ``protocol="authors"`` (Omniglot only): the evaluation script of the
+  iMAML authors' code (``AUTHORS_SOURCE``). Tasks from their test
+  characters (:func:`imaml_jax.data.omniglot_authors_split_indices`, seed
+  12345, most of them meta-training characters of this run's split, see
+  ``characters_overlap``), each class turned by its own random multiple of
+  90 degrees; ``q_query = k_shot`` (one query image per class at 1-shot);
+  adaptation with lam 0 on the support loss alone
+  (:func:`imaml_jax.train.experiment.authors_eval_algorithm`: 16 plain
+  gradient steps of 0.1 for iMAML); the last parameters (``test`` and
+  ``test_last`` alike).
+
+  ``overrides`` (``"key=value"`` strings) change test-time fields only
+  (``config.TEST_TIME_FIELDS``: how the test tasks are drawn and adapted),
+  e.g. more inner steps or ``q_query=1``; under the authors' protocol they
+  apply on top of its settings, and ``lam`` and ``inner_backtrack`` are
+  refused. ``split`` picks the characters (classes) the tasks are drawn
+  from: ``"test"`` (held out), ``"val"``, ``"train"`` (those meta-trained
+  on, which measures how much of the test error is a gap between seen and
+  unseen classes) or ``"authors_test"`` (the authors' characters alone,
+  under this protocol's other settings); ``None`` is the protocol's own.
+  Every split uses ``test_seed`` and ``n_tasks`` tasks. Writes
+  ``workdir/eval.json`` (or the :func:`eval_file_name` of the protocol,
+  split and overrides) and returns the same dict; its ``protocol`` entry
+  names the protocol and its settings.
+
+  Raises:
+    ConfigError: an unknown protocol or split, a split the protocol does
+      not draw from, an override of a field that is not a test-time field
+      (or that the protocol fixes), or the authors' characters for a run
+      that is not on Omniglot; all before anything is loaded.
+    WorkdirError, DataError, CheckpointError: as for training.
+  """
+  split = check_protocol(protocol, split, overrides)
+  config, latest = workdir_lib.load_run(workdir)
+  _check_dataset(protocol, split, config)
+  base = exp_lib.authors_overrides(config) if protocol == "authors" else []
+  test_config = config_lib.apply_test_time_overrides(config,
+                                                     [*base, *overrides])
+  data_dir = exp_lib.resolve_data_dir(config, data_dir)
+  # Test-time fields change only the adaptation, not the parameters.
+  exp = exp_lib.build(test_config, exp_lib.load_data(config, data_dir))
+  images, chunks, overlap = _test_images(exp, split, config, data_dir)
+  exp, adaptation = _adaptation(exp, protocol, test_config)
+  step, last_params, best = restore_parameters(latest, config, exp)
+  outcome = evaluation.final_test(
+      evaluation.Evaluator(exp, chunks), images, n_tasks or config.test_tasks,
+      test_config.test_seed, last_params=last_params, step=step,
+      best=best if protocol == "ours" else None)
+  results = {
+      "checkpoint": str(latest), "step": step,
+      "split": split,
+      "protocol": protocol_record(protocol, test_config, split, adaptation,
+                                  outcome.test_params, overlap),
+      "test_time_overrides": list(overrides),
+      "test_params": outcome.test_params,
+      "best_validation": {"step": int(best["step"]),
+                          "score": float(best["score"])},
+      "test": outcome.test,
+      "test_last": outcome.test_last,
+      "test_per_task": outcome.test_per_task,
+  }
+  workdir_lib.write_json(Path(workdir).expanduser()
+                         / eval_file_name(overrides, split, protocol),
+                         results)
+  log(format_test(results))
+  return results

@@ -1,0 +1,281 @@
+"""The work directory of a run: its files, the checks, the restore.
+
+A run lives in one directory::
+
+  DIR/config.json        the resolved config (a resumed run must match it)
+  DIR/metrics.jsonl      one JSON object per line: training windows and
+                         validations, keyed by "step" and "split"
+  DIR/checkpoints/       the newest ``keep_checkpoints`` checkpoints
+  DIR/results.json       test results, best validation, budget
+  DIR/curves.png         learning curves
+  DIR/fits.png           sinusoid only: held-out tasks, true curve, support
+                         points, predictions before and after adaptation
+
+Everything is checked before anything is written (:func:`prepare`); a run
+of the same config resumes from its latest checkpoint (:func:`restore`),
+also one written before a training metric existed
+(:func:`with_added_metrics`). Only process 0 writes (:func:`open_run`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+import imaml_jax as im
+from imaml_jax.train import checkpoint as ckpt_lib
+from imaml_jax.train import config as config_lib
+from imaml_jax.train import experiment as exp_lib
+from imaml_jax.train import metrics_log
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+CURVES_FILE = "curves.png"
+FITS_FILE = "fits.png"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class WorkdirError(ValueError):
+  """The work directory holds a run that does not fit the request."""
+
+
+def read_json(path: Path) -> Any:
+  """The JSON value in ``path``; :class:`WorkdirError` if unreadable."""
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f"cannot read {path}: {e}") from e
+
+
+def _stored_config(path: Path) -> config_lib.Config:
+  try:
+    return config_lib.from_dict(read_json(path))
+  except config_lib.ConfigError as e:
+    raise WorkdirError(f"{path}: {e}") from e
+
+
+def check_workdir(config: config_lib.Config, workdir: Path) -> Path | None:
+  """Checks that ``workdir`` is new or holds a run of the same config.
+
+  Returns:
+    The latest checkpoint to resume from, or ``None``.
+
+  Raises:
+    WorkdirError: the stored config differs (listing the fields) or the
+      directory cannot be used.
+    CheckpointError: the latest checkpoint is corrupt.
+  """
+  if workdir.exists() and not workdir.is_dir():
+    raise WorkdirError(f"workdir {workdir} exists and is not a directory.")
+  stored_path = workdir / CONFIG_FILE
+  if stored_path.exists():
+    stored = _stored_config(stored_path)
+    diff = config_lib.differences(stored, config)
+    if diff:
+      lines = "; ".join(f"{k}: stored {a!r}, requested {b!r}"
+                        for k, (a, b) in diff.items())
+      raise WorkdirError(
+          f"workdir {workdir} holds a run of config {stored.name!r} with "
+          f"different settings ({lines}). Use another --workdir, or repeat "
+          "the stored config and overrides to resume.")
+  latest = ckpt_lib.latest_checkpoint(workdir / CHECKPOINT_DIR)
+  if latest is not None and not stored_path.exists():
+    raise WorkdirError(f"workdir {workdir} has checkpoints but no "
+                       f"{CONFIG_FILE}; refusing to guess its config.")
+  return latest
+
+
+def prepare(config: config_lib.Config, workdir: str | os.PathLike,
+            data_dir: str | os.PathLike | None = None, mesh=None):
+  """Checks the request without writing anything.
+
+  Args:
+    config: the run's config.
+    workdir: the work directory.
+    data_dir: the dataset directory, or ``None`` for the default.
+    mesh: if given, ``config.meta_batch`` must split evenly over it.
+
+  Returns:
+    ``(workdir, data_dir, latest_checkpoint)``.
+
+  Raises:
+    ConfigError, DataError, WorkdirError, CheckpointError: with a message.
+  """
+  config_lib.validate(config)
+  if mesh is not None:
+    try:
+      im.check_divisible(config.meta_batch, mesh)
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e)) from e
+  data_dir = exp_lib.resolve_data_dir(config, data_dir)
+  workdir = Path(workdir).expanduser()
+  latest = check_workdir(config, workdir)
+  if latest is not None:
+    ckpt_lib.load(latest)   # Fails early on a corrupt file.
+  return workdir, data_dir, latest
+
+
+def load_run(workdir: str | os.PathLike):
+  """Config and latest checkpoint of a finished or interrupted run.
+
+  Returns:
+    ``(config, checkpoint_path)``.
+
+  Raises:
+    WorkdirError: no run in ``workdir``.
+  """
+  workdir = Path(workdir).expanduser()
+  path = workdir / CONFIG_FILE
+  if not path.is_file():
+    raise WorkdirError(f"{workdir} holds no run ({CONFIG_FILE} not found).")
+  config = _stored_config(path)
+  latest = ckpt_lib.latest_checkpoint(workdir / CHECKPOINT_DIR)
+  if latest is None:
+    raise WorkdirError(f"{workdir} has no checkpoint yet.")
+  return config, latest
+
+
+def check_same_start(step: int) -> None:
+  """With several processes, fails unless all resume from the same step."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  try:
+    multihost_utils.assert_equal(
+        np.int64(step), "processes resume from different checkpoints")
+  except AssertionError as e:
+    raise WorkdirError(
+        f"{e}: every process must see the same work directory (a shared "
+        "file system).") from e
+
+
+def checkpoint_tree(state, sums, best, base_key, config: config_lib.Config,
+                    elapsed_s: float) -> dict:
+  """What a checkpoint holds: the loop's state and the run's identity."""
+  return {"state": state, "sums": sums, "best": best,
+          "base_key": jax.random.key_data(base_key),
+          "config": json.dumps(config_lib.to_dict(config), sort_keys=True),
+          "elapsed_s": np.float64(elapsed_s)}
+
+
+def with_added_metrics(stored_sums: dict, template: dict) -> dict:
+  """``stored_sums`` plus a zero sum for each metric it lacks.
+
+  A checkpoint written before a training metric existed (e.g.
+  ``param_norm``) has no running sum for it; the sum starts at zero, which
+  is exact at a logging boundary, where the window has just been reset.
+  Metrics the template lacks are left for :func:`checkpoint.restore_into`
+  to refuse.
+  """
+  if not isinstance(stored_sums, dict) or "sums" not in stored_sums:
+    return stored_sums
+  stored = dict(stored_sums["sums"])
+  for name, value in template["sums"].items():
+    if name not in stored:
+      stored[name] = np.zeros(np.shape(value), np.asarray(value).dtype)
+  return {**stored_sums, "sums": stored}
+
+
+def _check_checkpoint_config(path: Path, tree: dict,
+                             config: config_lib.Config) -> None:
+  try:
+    stored = config_lib.from_dict(json.loads(tree["config"]))
+  except (KeyError, TypeError, ValueError) as e:
+    raise ckpt_lib.CheckpointError(f"{path}: no readable config: {e}") from e
+  diff = config_lib.differences(stored, config)
+  if diff:
+    raise ckpt_lib.CheckpointError(
+        f"{path} was written by a run with a different config "
+        f"({', '.join(diff)} differ).")
+
+
+def restore(path: Path, config: config_lib.Config, state, sums, best):
+  """Loads checkpoint ``path`` into templates shaped like this run's.
+
+  Returns:
+    ``(step, state, sums, best, base_key, elapsed_s)``.
+
+  Raises:
+    CheckpointError: corrupt file, other config, or other shapes.
+  """
+  step, tree = ckpt_lib.load(path)
+  _check_checkpoint_config(path, tree, config)
+  try:
+    state = ckpt_lib.restore_into(state, tree["state"], what=f"{path} state")
+    sums = ckpt_lib.restore_into(sums, with_added_metrics(tree["sums"], sums),
+                                 what=f"{path} sums")
+    best = ckpt_lib.restore_into(best, tree["best"], what=f"{path} best")
+    base_key = jax.random.wrap_key_data(np.asarray(tree["base_key"]))
+    elapsed = float(tree["elapsed_s"])
+  except (KeyError, TypeError, ValueError) as e:
+    if isinstance(e, ckpt_lib.CheckpointError):
+      raise
+    raise ckpt_lib.CheckpointError(f"{path} is incompatible: {e}") from e
+  if int(state.step) != step:
+    raise ckpt_lib.CheckpointError(
+        f"{path}: header step {step} != state step {int(state.step)}.")
+  return step, state, sums, best, base_key, elapsed
+
+
+class _NoLog:
+  """Stands in for the metrics log on processes other than 0."""
+
+  def truncate(self, step: int) -> None:
+    del step
+
+  def write(self, record: dict) -> None:
+    del record
+
+  def flush(self) -> None:
+    pass
+
+
+def open_run(workdir: Path, config: config_lib.Config, step: int,
+             lead: bool):
+  """Starts writing ``workdir`` for a run resuming at ``step``.
+
+  On the lead process: creates the checkpoint directory (dropping
+  temporaries a killed process left), writes the config and opens the
+  metrics log; elsewhere nothing is written. Either way the log drops the
+  records after ``step``.
+
+  Returns:
+    The metrics log (``write``, ``flush``, ``truncate``).
+  """
+  metrics = _NoLog()
+  if lead:
+    ckpt_dir = workdir / CHECKPOINT_DIR
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_lib.remove_stale_temporaries(ckpt_dir)
+    write_json(workdir / CONFIG_FILE, config_lib.to_dict(config),
+               sort_keys=True)
+    metrics = metrics_log.MetricsLog(workdir / METRICS_FILE)
+  metrics.truncate(step)
+  return metrics
+
+
+def write_json(path: Path, value: Any, sort_keys: bool = False) -> None:
+  """Writes ``value`` as indented JSON, atomically."""
+  ckpt_lib.write_atomic(path, json.dumps(value, indent=2,
+                                         sort_keys=sort_keys).encode())
+
+
+def write_plots(workdir: Path, exp: exp_lib.Experiment, test_params) -> None:
+  """The learning curves, and for sinusoid the fits of held-out tasks."""
+  from imaml_jax.train import plots  # pylint: disable=import-outside-toplevel
+  config = exp.config
+  plots.plot_curves(workdir / METRICS_FILE, workdir / CURVES_FILE,
+                    title=config.name, loss_name=(
+                        "MSE" if config.dataset == "sinusoid" else "loss"))
+  if config.dataset == "sinusoid":
+    from imaml_jax.train import fits  # pylint: disable=import-outside-toplevel
+    plots.plot_sinusoid_fits(
+        fits.fit_curves(exp, test_params, seed=config.test_seed),
+        workdir / FITS_FILE,
+        title=f"{config.name}: held-out tasks, {config.k_shot} support "
+              "points")
