@@ -8,7 +8,7 @@ apart, and counts what XLA made of it: HLO instructions and fusions (each
 fusion becomes one kernel that LLVM compiles; on a CPU, code generation
 dominates the compile time). A step is measured once per repetition, each
 in its own process, so no in-process cache helps. Each is compiled as the
-trainer compiles it, with ``imaml_jax.train.train.compiler_options()`` (on a
+trainer compiles it, with ``imaml_jax.train.compiler_options()`` (on a
 CPU: XLA's older loop emitters, unless ``XLA_FLAGS`` names that option;
 ``--xla-flags new=--xla_cpu_use_fusion_emitters=true`` measures the newer);
 ``--interleave N`` also compiles it without those options in the same
@@ -30,9 +30,12 @@ metric sums), ``sinusoid_eval`` (its evaluation step over 100 tasks),
 ``task_chunk=1``, the CPU training setting) and ``omniglot_5w1s_eval``.
 ``--python`` runs the measurements under another interpreter (e.g. a checkout
 of an earlier version) to compare versions on the same machine in one run,
-alternating with this one. ``--xla-flags`` measures this version under other
-``XLA_FLAGS`` as well (alternating too), and ``--runs`` times the compiled
-step, since a flag that compiles faster may run slower.
+alternating with this one; the child uses the public names of
+``imaml_jax.train`` (``make_train_step``, ``init_sums``, ``metric_shapes``,
+``compiler_options``), so that version must export them. ``--xla-flags``
+measures this version under other ``XLA_FLAGS`` as well (alternating too),
+and ``--runs`` times the compiled step, since a flag that compiles faster may
+run slower.
 
 Writes ``benchmarks/results/compile_time_<tag>.{csv,json}``.
 """
@@ -63,8 +66,8 @@ _CHILD = r"""
 import json, sys, time
 import jax, jax.numpy as jnp, numpy as np
 import imaml_jax as im
+from imaml_jax import train
 from imaml_jax.train import config as config_lib, experiment as exp_lib
-from imaml_jax.train import train as train_lib
 
 step_name, config_name = sys.argv[1], sys.argv[2]
 runs, interleave = int(sys.argv[3]), int(sys.argv[4])
@@ -83,16 +86,16 @@ init, _ = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
                             has_aux=True)
 state = init(exp.init_params(key))
 if step_name.endswith("_train"):
-  fn = train_lib.make_train_step(exp)
-  sums = train_lib.init_sums(train_lib._metric_shapes(exp, state, key))
+  fn = train.make_train_step(exp)
+  sums = train.init_sums(train.metric_shapes(exp, state, key))
   args = (state, sums, exp.data.train, key)
 else:
   fn = im.make_eval_step(exp.loss, exp.eval_algorithm, has_aux=True)
   chunk = next(exp_lib.evaluation_chunks(config, exp.data.val,
                                          config.eval_chunk, 0))
   args = (state.params, chunk)
-# As the trainer compiles it (versions before compiler_options: plain).
-options = getattr(train_lib, "compiler_options", dict)()
+# As the trainer compiles it.
+options = train.compiler_options()
 start = time.perf_counter()
 lowered = jax.jit(fn).lower(*args)
 lowered_at = time.perf_counter()
