@@ -27,6 +27,7 @@ from imaml_jax._src.linear_solve import dense
 from imaml_jax._src.linear_solve import neumann
 from imaml_jax._src.linear_solve import relative_residual
 from imaml_jax._src.meta_step import MetaState
+from imaml_jax._src.meta_step import MetaStep
 from imaml_jax._src.meta_step import make_eval_step
 from imaml_jax._src.meta_step import make_meta_step
 from imaml_jax._src.sharding import TASK_AXIS

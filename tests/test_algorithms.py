@@ -143,7 +143,7 @@ def test_maml_differentiates_through_hessian_free_inner_loop(x64):
 
 def test_imaml_rejects_bad_hyperparameters():
   with pytest.raises(ValueError, match="lam"):
-    im.imaml(lam=0.0)
+    im.imaml(lam=0.0, inner=im.gd(1, 0.1))
   with pytest.raises(TypeError, match="solver"):
     im.imaml(2.0, im.gd(5, 0.1), solver=5)
 
@@ -163,7 +163,7 @@ def test_imaml_authors_recipe_equals_grad_through_adapt(x64):
   assert rel_err(g, via_adapt) < 1e-12
   assert float(metrics["residual"]) < 1e-12   # measured on the damped system
   assert "damping=1.0, lam_damping=10.0" in alg.name
-  assert "damping" not in im.imaml(2.0).name
+  assert "damping" not in im.imaml(2.0, im.gd(1, 0.1)).name
 
 
 def test_imaml_with_zero_damping_is_unchanged_bit_for_bit():
@@ -184,7 +184,7 @@ def test_imaml_with_zero_damping_is_unchanged_bit_for_bit():
 ])
 def test_imaml_refuses_negative_damping_by_name(kwargs, message):
   with pytest.raises(ValueError, match=message):
-    im.imaml(2.0, **kwargs)
+    im.imaml(2.0, im.gd(1, 0.1), **kwargs)
 
 
 # ----------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def test_adapt_all_but_norm_leaves_batch_norms_alone():
 
 def test_adapts_must_be_a_predicate():
   with pytest.raises(TypeError, match="adapts must be None or a predicate"):
-    im.maml(adapts={"head": True})
+    im.maml(im.gd(1, 0.1), adapts={"head": True})
 
 
 def test_imaml_logs_negative_curvature_of_its_system(x64):

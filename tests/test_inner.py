@@ -140,11 +140,11 @@ def test_backtracking_gd_differentiates_like_the_accepted_steps(x64):
     (im.hessian_free, {"steps": 1, "shrink": 1.5}, "shrink"),
     (im.gd_then_pull_back, {"steps": 0, "lr": 0.1}, "steps"),
     (im.gd_then_pull_back, {"steps": 3, "lr": -0.1}, "lr"),
-    (im.adam, {"steps": 0}, "steps"),
+    (im.adam, {"steps": 0, "lr": 1e-3}, "steps"),
     (im.adam, {"steps": 3, "lr": 0.0}, "lr"),
-    (im.adam, {"steps": 3, "b1": 1.0}, "b1"),
-    (im.adam, {"steps": 3, "b2": -0.1}, "b2"),
-    (im.adam, {"steps": 3, "eps": 0.0}, "eps"),
+    (im.adam, {"steps": 3, "lr": 1e-3, "b1": 1.0}, "b1"),
+    (im.adam, {"steps": 3, "lr": 1e-3, "b2": -0.1}, "b2"),
+    (im.adam, {"steps": 3, "lr": 1e-3, "eps": 0.0}, "eps"),
 ])
 def test_bad_inner_settings_are_named(factory, kwargs, message):
   with pytest.raises((ValueError, TypeError), match=message):

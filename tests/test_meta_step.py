@@ -257,3 +257,106 @@ def test_adapts_acts_through_the_flattened_eval_step():
   np.testing.assert_allclose(frozen["loss_after"],
                              out[False, False]["loss_after"], rtol=1e-5)
   assert not np.allclose(frozen["loss_after"], out[True, True]["loss_after"])
+
+
+def _dropout_problem(n_tasks=4):
+  """A one-hidden-layer regression net with dropout; identical tasks."""
+  def loss(p, batch, key):
+    x, y = batch
+    hidden = jax.nn.relu(x @ p["w1"])
+    mask = jax.random.bernoulli(key, 0.5, hidden.shape)
+    pred = (jnp.where(mask, hidden, 0.0) * 2.0) @ p["w2"]
+    # Which units were dropped, as one number per call.
+    mask_id = jnp.sum(mask * jnp.arange(mask.size).reshape(mask.shape))
+    return jnp.mean((pred - y) ** 2), {"mask": mask_id}
+  params = {"w1": jax.random.normal(jax.random.key(0), (1, 32)),
+            "w2": jax.random.normal(jax.random.key(1), (32, 1)) / 4}
+  x = jnp.broadcast_to(jnp.linspace(-1, 1, 10)[None, :, None],
+                       (n_tasks, 10, 1))
+  tasks = im.Task((x, jnp.sin(3 * x)), (x, jnp.sin(3 * x)))
+  return loss, params, tasks
+
+
+def test_stochastic_loss_gets_a_distinct_reproducible_key_per_task():
+  loss, params, tasks = _dropout_problem()
+  alg = im.imaml(2.0, im.gd(5, 0.05), im.cg(3))
+  runs = {}
+  for chunk in (None, 1):
+    init, step = im.make_meta_step(loss, optax.adam(1e-2), alg, has_aux=True,
+                                   per_task_metrics=True, stochastic=True,
+                                   task_chunk=chunk)
+    step = jax.jit(step)
+    for seed in (0, 0, 1):
+      state, metrics = step(init(params), tasks, jax.random.key(seed))
+      runs.setdefault((chunk, seed), []).append((state, metrics["per_task"]))
+  (state_a, per_task), (state_b, _) = runs[None, 0]
+  # Four identical tasks, four different masks, and so four different losses.
+  assert len(set(np.asarray(per_task["mask_after"]).tolist())) == 4
+  assert len(set(np.asarray(per_task["loss_after"]).tolist())) == 4
+  # The query set is judged with one mask before and after adaptation.
+  np.testing.assert_array_equal(per_task["mask_after"],
+                                per_task["mask_before"])
+  # Same key: bitwise the same step. Another key: another step.
+  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+    np.testing.assert_array_equal(a, b)
+  other, _ = runs[None, 1][0]
+  assert not np.array_equal(other.params["w1"], state_a.params["w1"])
+  # One task at a time (lax.map) gives each task the same key as one vmap.
+  chunked, chunked_tasks = runs[1, 0][0]
+  np.testing.assert_array_equal(chunked_tasks["mask_after"],
+                                per_task["mask_after"])
+  np.testing.assert_allclose(chunked.params["w1"], state_a.params["w1"],
+                             rtol=1e-5, atol=1e-7)
+
+
+def test_support_and_query_sets_get_keys_of_their_own():
+  from imaml_jax._src.meta_step import keyed_tasks
+  _, _, tasks = _dropout_problem(3)
+  keyed = keyed_tasks(tasks, jax.random.key(0), 3)
+  data = jax.random.key_data
+  support_keys, query_keys = keyed.support[1], keyed.query[1]
+  assert support_keys.shape == query_keys.shape == (3,)
+  rows = {tuple(np.asarray(data(k)).tolist())
+          for k in list(support_keys) + list(query_keys)}
+  assert len(rows) == 6
+
+
+def test_stochastic_step_and_eval_step_refuse_a_missing_or_stray_key():
+  loss, params, tasks = _dropout_problem()
+  alg = im.imaml(2.0, im.gd(2, 0.05), im.cg(2))
+  init, step = im.make_meta_step(loss, optax.sgd(0.1), alg, has_aux=True,
+                                 stochastic=True)
+  with pytest.raises(TypeError, match=r"step\(state, tasks, key\)"):
+    step(init(params), tasks)
+  with pytest.raises(TypeError, match="key must be one PRNG key"):
+    step(init(params), tasks, jax.random.split(jax.random.key(0), 2))
+  plain = lambda p, b: loss(p, b, jax.random.key(0))
+  init, step = im.make_meta_step(plain, optax.sgd(0.1), alg, has_aux=True)
+  with pytest.raises(TypeError, match="stochastic=True"):
+    step(init(params), tasks, jax.random.key(0))
+  evaluate = im.make_eval_step(loss, alg, has_aux=True, stochastic=True)
+  metrics = jax.jit(evaluate)(params, tasks, jax.random.PRNGKey(3))
+  assert len(set(np.asarray(metrics["mask_after"]).tolist())) == 4
+  with pytest.raises(TypeError, match=r"step\(state, tasks, key\)"):
+    evaluate(params, tasks)
+
+
+def test_make_meta_step_returns_a_named_pair():
+  built = im.make_meta_step(lambda w, b: jnp.sum(w * b[0]), optax.sgd(0.1),
+                            im.fomaml(im.gd(1, 0.1)))
+  assert isinstance(built, im.MetaStep)
+  init, step = built
+  assert built.init is init and built.step is step
+
+
+def test_factories_require_what_has_no_universal_default():
+  with pytest.raises(TypeError):
+    im.imaml(inner=im.gd(1, 0.1))  # lam
+  with pytest.raises(TypeError):
+    im.imaml(2.0)  # inner
+  for factory in (im.maml, im.fomaml, im.reptile):
+    with pytest.raises(TypeError, match="inner must be an inner algorithm"):
+      factory(None)
+  for inner in (im.gd, im.nesterov, im.adam, im.gd_then_pull_back):
+    with pytest.raises(TypeError):
+      inner(16)  # lr

@@ -110,6 +110,37 @@ _SCRIPT = textwrap.dedent("""
       results[f"{name}_per_device_{n}/per_task"] = np.asarray(
           metrics["per_task"]["loss_after"])
 
+  # A stochastic loss (dropout on the hidden layer): per-task keys from the
+  # step's key, the same on 1, 2 and 8 devices and in chunks of one task.
+  def dropout_loss(p, batch, key):
+    x, y = batch
+    hidden = jax.nn.relu(x @ p["w1"])
+    mask = jax.random.bernoulli(key, 0.5, hidden.shape)
+    pred = (jnp.where(mask, hidden, 0.0) * 2.0) @ p["w2"]
+    return jnp.mean((pred - y) ** 2), {"mask": jnp.sum(mask * jnp.arange(
+        mask.size).reshape(mask.shape))}
+  d_params = {"w1": jax.random.normal(jax.random.key(5), (1, 16)),
+              "w2": jax.random.normal(jax.random.key(6), (16, 1)) / 4}
+  d_alg = im.imaml(2.0, im.gd(3, 0.05), im.cg(3))
+  d_kwargs = dict(has_aux=True, per_task_metrics=True, stochastic=True)
+  d_init, d_plain = im.make_meta_step(dropout_loss, optax.adam(1e-2), d_alg,
+                                      **d_kwargs)
+  _, d_device = im.make_meta_step(dropout_loss, optax.adam(1e-2), d_alg,
+                                  task_chunk=1, axis_name="tasks", **d_kwargs)
+  d_key = jax.random.key(7)
+  state, metrics = jax.jit(d_plain)(d_init(d_params), batches[0], d_key)
+  results["dropout_unsharded/mask"] = np.asarray(
+      metrics["per_task"]["mask_after"])
+  results["dropout_unsharded/w1"] = np.asarray(state.params["w1"])
+  for n in (1, 2, 8):
+    mesh = sh.task_mesh(n)
+    fn = sh.shard_meta_step(d_device, mesh, per_device=True)
+    state, metrics = fn(sh.replicate(d_init(d_params), mesh),
+                        sh.shard_tasks(batches[0], mesh), d_key)
+    results[f"dropout_per_device_{n}/mask"] = np.asarray(
+        metrics["per_task"]["mask_after"])
+    results[f"dropout_per_device_{n}/w1"] = np.asarray(state.params["w1"])
+
   _, restored = ckpt.load(path)
   template = {"state": jax.device_get(init(params))}
   for n in (8, 2, 1):
@@ -277,6 +308,19 @@ def test_per_device_step_matches_unsharded_step(multi_device, algorithm,
                              multi_device[f"{algorithm}_unsharded/per_task"],
                              rtol=1e-5)
   assert multi_device[name + "/per_task"].shape == (8,)
+
+
+@pytest.mark.parametrize("n_devices", [1, 2, 8])
+def test_stochastic_loss_gets_the_same_task_keys_on_any_device_count(
+    multi_device, n_devices):
+  """Dropout masks per task: distinct, and independent of the device count."""
+  masks = multi_device["dropout_unsharded/mask"]
+  assert len(set(masks.tolist())) == len(masks)  # every task its own mask
+  name = f"dropout_per_device_{n_devices}"
+  np.testing.assert_array_equal(multi_device[name + "/mask"], masks)
+  np.testing.assert_allclose(multi_device[name + "/w1"],
+                             multi_device["dropout_unsharded/w1"], rtol=1e-5,
+                             atol=1e-6)
 
 
 @pytest.mark.parametrize("n_devices", [8, 2, 1])

@@ -117,6 +117,12 @@ def split_by_adapts(params: PyTree, adapts: Adapts) -> tuple[
   return moving, fixed, tu.combine
 
 
+def _check_inner(inner) -> None:
+  if not isinstance(inner, inner_lib.InnerSolver):
+    raise TypeError("inner must be an inner algorithm such as im.gd(16, 0.1), "
+                    f"got {type(inner).__name__}.")
+
+
 def _check_adapts(adapts: Adapts | None) -> None:
   if adapts is not None and not callable(adapts):
     raise TypeError("adapts must be None or a predicate on a parameter's key "
@@ -146,11 +152,7 @@ def adapt_all_but_norm(path: tuple) -> bool:
   return not (path and str(path[0]).startswith("norm"))
 
 
-def _default_inner(inner):
-  return inner_lib.gd(16, 0.1) if inner is None else inner
-
-
-def imaml(lam=2.0, inner: inner_lib.InnerSolver | None = None,
+def imaml(lam, inner: inner_lib.InnerSolver,
           solver: linear_solve.LinearSolver | None = None, *,
           linearize: bool = False, damping=0.0,
           lam_damping=0.0) -> MetaAlgorithm:
@@ -179,8 +181,11 @@ def imaml(lam=2.0, inner: inner_lib.InnerSolver | None = None,
   is ``inner=im.gd_then_pull_back(16, 0.1)``.
 
   Args:
-    lam: proximal strength ``lambda > 0`` (2.0 in the paper's Omniglot runs).
-    inner: inner algorithm (default ``gd(16, 0.1)``).
+    lam: proximal strength ``lambda > 0``. Required: it sets how far ``phi``
+      may move from ``theta``, and its scale depends on the loss (the paper
+      uses 2.0 on Omniglot; a regression loss of another scale needs another).
+    inner: inner algorithm, e.g. ``im.gd(16, 0.1)`` (the paper's 5-way
+      Omniglot setting). Required, as no step size suits every loss.
     solver: linear solver (default ``cg(5)``, the paper's 5 CG steps).
     linearize: linearise the support gradient once at ``phi`` and reuse it for
       every product of the solve.
@@ -190,7 +195,6 @@ def imaml(lam=2.0, inner: inner_lib.InnerSolver | None = None,
   Returns:
     A :class:`MetaAlgorithm`.
   """
-  inner = _default_inner(inner)
   solver = linear_solve.cg(5) if solver is None else solver
   adapt_lib.check_hyperparameters(inner, solver, lam)
   hvp_lib.check_damping(damping, lam_damping)
@@ -225,7 +229,7 @@ def imaml(lam=2.0, inner: inner_lib.InnerSolver | None = None,
       name=f"imaml(lam={lam}, {inner.name}, {solver.name}{damped})")
 
 
-def maml(inner: inner_lib.InnerSolver | None = None, *,
+def maml(inner: inner_lib.InnerSolver, *,
          remat: bool = False, adapts: Adapts | None = None) -> MetaAlgorithm:
   r"""Second-order MAML (Finn et al., 2017).
 
@@ -243,7 +247,7 @@ def maml(inner: inner_lib.InnerSolver | None = None, *,
   others are meta-learned only, and their meta-gradient still includes how
   they shape the inner steps of the adapted ones.
   """
-  inner = _default_inner(inner)
+  _check_inner(inner)
   _check_adapts(adapts)
   plain = _plain_adapt(inner, adapts)
 
@@ -260,7 +264,7 @@ def maml(inner: inner_lib.InnerSolver | None = None, *,
                        adapts=adapts)
 
 
-def fomaml(inner: inner_lib.InnerSolver | None = None, *,
+def fomaml(inner: inner_lib.InnerSolver, *,
            adapts: Adapts | None = None) -> MetaAlgorithm:
   r"""First-order MAML (Finn et al., 2017, Section 5.2).
 
@@ -270,7 +274,7 @@ def fomaml(inner: inner_lib.InnerSolver | None = None, *,
   :func:`maml`: a parameter the inner loop leaves alone gets the query
   gradient at the adapted parameters.
   """
-  inner = _default_inner(inner)
+  _check_inner(inner)
   _check_adapts(adapts)
   plain = _plain_adapt(inner, adapts)
 
@@ -285,7 +289,7 @@ def fomaml(inner: inner_lib.InnerSolver | None = None, *,
                        adapts=adapts)
 
 
-def reptile(inner: inner_lib.InnerSolver | None = None, *,
+def reptile(inner: inner_lib.InnerSolver, *,
             minibatches: bool = False) -> MetaAlgorithm:
   r"""Reptile (Nichol, Achiam and Schulman, 2018), batched version.
 
@@ -310,7 +314,7 @@ def reptile(inner: inner_lib.InnerSolver | None = None, *,
     >>> im.reptile(im.adam(5, 1e-3, b1=0.0), minibatches=True).name
     'reptile(adam(steps=5, lr=0.001, b1=0.0, b2=0.999), minibatches)'
   """
-  inner = _default_inner(inner)
+  _check_inner(inner)
   plain = _plain_adapt(inner)
 
   def adapt_on_minibatches(loss: AuxLoss, params: PyTree, batches: PyTree):

@@ -151,7 +151,7 @@ def _scan_steps(step, x0, steps: int, remat: bool):
   return final
 
 
-def gd(steps: int = 16, lr: float = 0.1, *, backtrack: bool = False,
+def gd(steps: int, lr: float, *, backtrack: bool = False,
        shrink: float = 0.5, armijo: float = 1e-4) -> InnerSolver:
   r"""Gradient descent: ``x_{t+1} = x_t - lr * grad f(x_t)`` for ``steps`` steps.
 
@@ -255,7 +255,7 @@ def gd(steps: int = 16, lr: float = 0.1, *, backtrack: bool = False,
   return InnerSolver(run=run, steps=steps, name=name + ")")
 
 
-def nesterov(steps: int = 16, lr: float = 0.1,
+def nesterov(steps: int, lr: float,
              momentum: float = 0.9) -> InnerSolver:
   r"""Nesterov's accelerated gradient with constant momentum.
 
@@ -289,7 +289,7 @@ def nesterov(steps: int = 16, lr: float = 0.1,
                      name=f"nesterov(steps={steps}, lr={lr}, momentum={momentum})")
 
 
-def adam(steps: int = 5, lr: float = 1e-3, *, b1: float = 0.9,
+def adam(steps: int, lr: float, *, b1: float = 0.9,
          b2: float = 0.999, eps: float = 1e-8) -> InnerSolver:
   r"""Adam (Kingma and Ba, 2015) from a fresh state for each run.
 
@@ -368,7 +368,7 @@ def _pull_back(phi: PyTree, center: PyTree, lam, lr) -> PyTree:
   return tu.tree_axpy(-lr, tu.tree_scale(lam, tu.tree_sub(phi, center)), phi)
 
 
-def gd_then_pull_back(steps: int = 16, lr: float = 0.1) -> InnerSolver:
+def gd_then_pull_back(steps: int, lr: float) -> InnerSolver:
   r"""The authors' inner loop: steps on the task loss, then a pull-back.
 
   Needs a :class:`ProximalObjective` ``L(phi) + lam/2 ||phi - theta||^2``

@@ -30,11 +30,91 @@ class MetaState(NamedTuple):
   skipped: jax.Array
 
 
+class MetaStep(NamedTuple):
+  """The pure functions of meta-training that :func:`make_meta_step` builds.
+
+  Attributes:
+    init: ``init(params) -> MetaState``.
+    step: ``step(state, tasks) -> (MetaState, metrics)``, or
+      ``step(state, tasks, key)`` for a stochastic loss.
+  """
+
+  init: Callable[[PyTree], MetaState]
+  step: Callable[..., tuple[MetaState, dict]]
+
+
 def with_aux(loss_fn: Callable, has_aux: bool) -> algorithms.AuxLoss:
   """Normalises a loss to return ``(scalar, aux_dict)``."""
   if has_aux:
     return loss_fn
   return lambda params, batch: (loss_fn(params, batch), {})
+
+
+def with_key_in_batch(loss: algorithms.AuxLoss) -> algorithms.AuxLoss:
+  """``(params, (batch, key)) -> loss(params, batch, key)``.
+
+  A stochastic loss gets its key through the batch: the support and query
+  sets of each task carry their own key (:func:`keyed_tasks`), so every
+  algorithm, unaware of keys, hands the right one to each call.
+  """
+  return lambda params, batch_and_key: loss(params, *batch_and_key)
+
+
+def task_keys(key: jax.Array, n_tasks: int,
+              axis_name: str | None = None) -> jax.Array:
+  r"""One PRNG key per task of the batch: ``k_i = fold_in(key, i)``.
+
+  ``i`` is the task's index in the whole batch; inside a step split over the
+  mesh axis ``axis_name`` (``n_tasks`` tasks on each device) it is
+  ``axis_index * n_tasks + local index``, so a task gets the same key
+  whatever the number of devices, chunks or hosts.
+
+  Example:
+    >>> import jax
+    >>> keys = task_keys(jax.random.key(0), 3)
+    >>> keys.shape, bool((jax.random.key_data(keys[0])
+    ...                   != jax.random.key_data(keys[1])).any())
+    ((3,), True)
+  """
+  first = 0
+  if axis_name is not None:
+    first = jax.lax.axis_index(axis_name) * n_tasks
+  index = first + jnp.arange(n_tasks)
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
+
+
+def keyed_tasks(tasks: Task, key: jax.Array, n_tasks: int,
+                axis_name: str | None = None) -> Task:
+  """``Task((support, k_support), (query, k_query))`` with per-task keys.
+
+  Task ``i``'s key :func:`task_keys` is split into one key for its support
+  set and one for its query set. The support key is the same at every inner
+  step, so the inner objective is one deterministic function of ``phi``, as
+  the implicit gradient (and a line search) needs.
+  """
+  check_key(key)
+  pairs = jax.vmap(jax.random.split)(task_keys(key, n_tasks, axis_name))
+  return Task(support=(tasks.support, pairs[:, 0]),
+              query=(tasks.query, pairs[:, 1]))
+
+
+def check_key(key) -> None:
+  """Raises a TypeError naming the problem unless ``key`` is one PRNG key."""
+  if key is None:
+    raise TypeError("this step was built with stochastic=True: call it as "
+                    "step(state, tasks, key) with a PRNG key such as "
+                    "jax.random.key(seed).")
+  dtype = getattr(key, "dtype", None)
+  typed = dtype is not None and jax.dtypes.issubdtype(
+      dtype, jax.dtypes.prng_key)
+  if typed and key.shape == ():
+    return
+  if not typed and dtype == jnp.uint32 and getattr(key, "shape", None) == (2,):
+    return
+  raise TypeError("key must be one PRNG key (jax.random.key(seed), or "
+                  "jax.random.PRNGKey(seed)); got "
+                  f"{type(key).__name__} of shape {getattr(key, 'shape', ())} "
+                  f"and dtype {dtype}.")
 
 
 def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
@@ -44,7 +124,8 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                    pre_adaptation_metrics: bool = True,
                    task_chunk: int | None = None,
                    axis_name: str | None = None,
-                   flatten: bool = True):
+                   flatten: bool = True,
+                   stochastic: bool = False) -> MetaStep:
   r"""Builds pure ``init`` and ``step`` functions for meta-training.
 
   ``step(state, tasks)`` computes every task's meta-gradient with
@@ -93,10 +174,19 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
       then one array operation instead of one per parameter leaf, so XLA
       emits and compiles far fewer kernels (``benchmarks/compile_time.py``).
       Results agree with ``flatten=False`` up to float rounding of sums
-      over leaves.
+      over leaves. An algorithm's ``adapts`` predicate is applied to the
+      parameters' real key paths before raveling.
+    stochastic: the loss needs randomness (dropout, augmentation):
+      ``loss_fn(params, batch, key)``, and the step is called as
+      ``step(state, tasks, key)``. Task ``i`` of the batch gets
+      ``k_i = fold_in(key, i)``, split into a key for its support set (the
+      same at every inner step, so the inner objective is one function) and
+      one for its query set; the keys do not depend on ``task_chunk`` or on
+      the number of devices. Pass a new key each step, e.g.
+      ``jax.random.fold_in(seed_key, state.step)``.
 
   Returns:
-    ``(init, step)``: ``init(params) -> MetaState`` and
+    A :class:`MetaStep` ``(init, step)``: ``init(params) -> MetaState`` and
     ``step(state, tasks) -> (MetaState, metrics)``. ``metrics`` holds the task
     means of ``loss_after`` (query loss at the adapted parameters), each aux
     entry as ``<name>_after``, ``loss_before``/``<name>_before`` when
@@ -125,6 +215,8 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
   if not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
   loss = with_aux(loss_fn, has_aux)
+  if stochastic:
+    loss = with_key_in_batch(loss)
 
   def init(params: PyTree) -> MetaState:
     validation.check_floating_params(params)
@@ -142,10 +234,16 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
       metrics.update(algorithms.query_metrics(q_loss, q_aux, "before"))
     return g, metrics
 
-  def step(state: MetaState, tasks: Task):
+  def step(state: MetaState, tasks: Task, key: jax.Array | None = None):
     if not isinstance(tasks, Task):
       raise TypeError(f"tasks must be an im.Task, got {type(tasks).__name__}.")
     n_tasks = validation.check_task_batch(tasks)
+    if stochastic:
+      tasks = keyed_tasks(tasks, key, n_tasks, axis_name)
+    elif key is not None:
+      raise TypeError("step got a key, but the loss is deterministic: build "
+                      "the step with make_meta_step(..., stochastic=True) "
+                      "for a loss_fn(params, batch, key).")
     grads, per_task = map_over_tasks(
         lambda task: task_gradient(state.params, task), tasks, task_chunk,
         n_tasks)
@@ -173,7 +271,7 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     return new_state, metrics
 
   step.axis_name = axis_name  # Checked by shard_meta_step(per_device=True).
-  return init, step
+  return MetaStep(init, step)
 
 
 def map_over_tasks(fn: Callable, tasks: Task, task_chunk: int | None,
@@ -228,7 +326,8 @@ def flat_task_gradient(algorithm: algorithms.MetaAlgorithm,
 
 
 def make_eval_step(loss_fn: Callable, algorithm: algorithms.MetaAlgorithm, *,
-                   has_aux: bool = False, flatten: bool = True):
+                   has_aux: bool = False, flatten: bool = True,
+                   stochastic: bool = False):
   """Builds ``evaluate(params, tasks) -> metrics`` for held-out tasks.
 
   Each task is adapted on its support set with the algorithm's own adaptation
@@ -236,9 +335,13 @@ def make_eval_step(loss_fn: Callable, algorithm: algorithms.MetaAlgorithm, *,
   Metrics have a leading task axis: ``loss_before``/``loss_after`` and each
   aux entry as ``<name>_before``/``<name>_after``. Pure; the caller jits it.
   ``flatten`` adapts on the raveled parameter vector, as in
-  :func:`make_meta_step`.
+  :func:`make_meta_step`. With ``stochastic`` the loss is
+  ``loss_fn(params, batch, key)`` and the call ``evaluate(params, tasks,
+  key)``, with per-task keys as in :func:`make_meta_step`.
   """
   loss = with_aux(loss_fn, has_aux)
+  if stochastic:
+    loss = with_key_in_batch(loss)
 
   def one(params, task):
     if flatten:
@@ -252,8 +355,13 @@ def make_eval_step(loss_fn: Callable, algorithm: algorithms.MetaAlgorithm, *,
                                             "before"))
     return metrics
 
-  def evaluate(params: PyTree, tasks: Task):
-    validation.check_task_batch(tasks)
+  def evaluate(params: PyTree, tasks: Task, key: jax.Array | None = None):
+    n_tasks = validation.check_task_batch(tasks)
+    if stochastic:
+      tasks = keyed_tasks(tasks, key, n_tasks)
+    elif key is not None:
+      raise TypeError("evaluate got a key, but the loss is deterministic: "
+                      "build it with make_eval_step(..., stochastic=True).")
     return jax.vmap(one, in_axes=(None, 0))(params, tasks)
 
   return evaluate

@@ -272,14 +272,15 @@ def constrain_tasks(tasks: Task, mesh: Mesh, *, axis: str = TASK_AXIS) -> Task:
       lambda x: jax.lax.with_sharding_constraint(x, sharding), tasks)
 
 
-def per_device_step(step: Callable, mesh: Mesh,
-                    axis: str = TASK_AXIS) -> Callable:
+def per_device_step(step: Callable, mesh: Mesh, axis: str = TASK_AXIS, *,
+                    keyed: bool = False) -> Callable:
   """``step`` run by each device on its own tasks under ``jax.shard_map``.
 
   ``step`` must come from ``make_meta_step(..., axis_name=axis)``; see
   :func:`shard_meta_step` with ``per_device=True``, which jits this. The
   state goes in replicated, the tasks split on ``axis``, and everything
-  comes out replicated.
+  comes out replicated. With ``keyed`` the step takes a third argument, the
+  PRNG key of a stochastic loss, replicated.
 
   Raises:
     ValueError: ``step`` was not built with ``axis_name=axis``.
@@ -289,8 +290,10 @@ def per_device_step(step: Callable, mesh: Mesh,
         "per_device=True needs a step built with make_meta_step(..., "
         f"axis_name={axis!r}), which averages over the devices; this step "
         f"has axis_name={getattr(step, 'axis_name', None)!r}.")
-  return jax.shard_map(step, mesh=mesh,
-                       in_specs=(PartitionSpec(), PartitionSpec(axis)),
+  in_specs = (PartitionSpec(), PartitionSpec(axis))
+  if keyed:
+    in_specs += (PartitionSpec(),)
+  return jax.shard_map(step, mesh=mesh, in_specs=in_specs,
                        out_specs=PartitionSpec(), check_vma=False)
 
 
@@ -336,8 +339,10 @@ def shard_meta_step(step: Callable, mesh: Mesh, *, axis: str = TASK_AXIS,
     per_device: run ``step`` per device under ``jax.shard_map`` (see above).
 
   Returns:
-    ``sharded_step(state, tasks) -> (state, metrics)``; it also has
-    ``lower(state, tasks)`` for ahead-of-time compilation.
+    ``sharded_step(state, tasks) -> (state, metrics)``, or
+    ``sharded_step(state, tasks, key)`` for a step built with
+    ``stochastic=True`` (the key is replicated); it also has
+    ``lower(state, tasks[, key])`` for ahead-of-time compilation.
 
   Raises:
     ValueError: ``per_device=True`` with a step whose ``axis_name`` is not
@@ -358,12 +363,22 @@ def shard_meta_step(step: Callable, mesh: Mesh, *, axis: str = TASK_AXIS,
     >>> state.params.sharding.is_fully_replicated
     True
   """
-  replicated = replicated_sharding(mesh)
   if per_device:
-    step = per_device_step(step, mesh, axis)
-  jitted = jax.jit(step, in_shardings=(replicated, task_sharding(mesh, axis)),
-                   out_shardings=replicated,
-                   donate_argnums=(0,) if donate_state else ())
+    per_device_step(step, mesh, axis)  # Checks the step's axis_name now.
+  jitted = {}
+
+  def compiled(keyed: bool) -> Callable:
+    if keyed not in jitted:
+      fn = per_device_step(step, mesh, axis, keyed=keyed) if per_device else (
+          step)
+      replicated = replicated_sharding(mesh)
+      in_shardings = (replicated, task_sharding(mesh, axis))
+      if keyed:
+        in_shardings += (replicated,)
+      jitted[keyed] = jax.jit(fn, in_shardings=in_shardings,
+                              out_shardings=replicated,
+                              donate_argnums=(0,) if donate_state else ())
+    return jitted[keyed]
 
   def check(tasks):
     if not isinstance(tasks, Task):
@@ -371,13 +386,13 @@ def shard_meta_step(step: Callable, mesh: Mesh, *, axis: str = TASK_AXIS,
     check_divisible(validation.check_task_batch(tasks), mesh, axis)
 
   @functools.wraps(step)
-  def sharded_step(state, tasks):
+  def sharded_step(state, tasks, *key):
     check(tasks)
-    return jitted(state, tasks)
+    return compiled(bool(key))(state, tasks, *key)
 
-  def lower(state, tasks):
+  def lower(state, tasks, *key):
     check(tasks)
-    return jitted.lower(state, tasks)
+    return compiled(bool(key)).lower(state, tasks, *key)
 
   sharded_step.lower = lower
   return sharded_step
