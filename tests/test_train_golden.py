@@ -5,7 +5,9 @@ child process on one device and one thread (``GOLDEN_XLA_FLAGS``), with an
 explicit ``task_chunk``. Their outputs are reduced to a small record
 (:func:`fingerprint`): every ``metrics.jsonl`` record, ``results.json``
 without its timings, and a SHA-256 of every checkpoint's contents, and
-compared for exact equality with the records in ``tests/golden/``. The two
+compared for exact equality with the records in ``tests/golden/``. The runs
+use the command's persistent compilation cache (``$IMAML_CACHE_DIR/xla``),
+so a rerun mostly loads its compiled steps (the same executables). The two
 runs start in the background when the session starts (``BACKGROUND_JOBS``,
 see ``conftest``), side by side.
 
@@ -55,8 +57,7 @@ def run(name: str, workdir: Path) -> None:
   """Trains run ``name`` in ``workdir`` in a child process."""
   env = dict(os.environ, XLA_FLAGS=GOLDEN_XLA_FLAGS, JAX_PLATFORMS="cpu")
   command = [sys.executable, "-m", "imaml_jax", "train", *RUNS[name],
-             "--workdir", str(workdir), "--devices", "1", "--no-progress",
-             "--no-compile-cache"]
+             "--workdir", str(workdir), "--devices", "1", "--no-progress"]
   proc = subprocess.run(command, env=env, capture_output=True, text=True,
                         timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
