@@ -26,10 +26,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import fast_compile
 import numpy as np
 import pytest
 
-import fast_compile
 from imaml_jax.train import checkpoint as ckpt_lib
 from imaml_jax.train import metrics_log
 

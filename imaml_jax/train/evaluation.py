@@ -21,7 +21,10 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from typing import Any, Callable, Iterable, NamedTuple
+from collections.abc import Callable
+from collections.abc import Iterable
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import numpy as np

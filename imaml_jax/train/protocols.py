@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import jax
 import numpy as np

@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -33,8 +33,8 @@ from imaml_jax.train import protocols
 from imaml_jax.train import runtime
 from imaml_jax.train import steps as steps_lib
 from imaml_jax.train import workdir as workdir_lib
+
 # Names that scripts import from this module; each lives where its job is.
-# pylint: disable=unused-import
 from imaml_jax.train.evaluation import Evaluator
 from imaml_jax.train.evaluation import summarize
 from imaml_jax.train.periodic import TrainingDiverged
@@ -52,7 +52,18 @@ from imaml_jax.train.workdir import CONFIG_FILE
 from imaml_jax.train.workdir import WorkdirError
 from imaml_jax.train.workdir import load_run
 from imaml_jax.train.workdir import with_added_metrics
-# pylint: enable=unused-import
+
+__all__ = [
+    # The recipe and its parts.
+    "STATISTICS", "budget_record", "compile_step", "results_record",
+    "start_or_resume", "train_and_evaluate",
+    # Importable from here as before the modules were split.
+    "CONFIG_FILE", "DeviceError", "EVAL_PROTOCOLS", "EVAL_SPLITS",
+    "Evaluator", "TrainingDiverged", "WorkdirError", "compiler_options",
+    "evaluate_workdir", "format_test", "init_sums", "load_run",
+    "make_mesh", "make_train_step", "metric_shapes", "summarize",
+    "with_added_metrics",
+]
 
 STATISTICS = ("mean over tasks; ci95 = 1.96 * std / sqrt(n), population std "
               "(ddof=0)")
