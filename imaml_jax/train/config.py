@@ -84,7 +84,7 @@ states one):
   MAML's network is ``network="maml"`` with ``adapt_norm=False`` [M]. That
   step learns far slower than 0.4: 5-way 1-shot validation accuracy after
   600 meta-steps at meta-batch 8 45.1% against 89.4% on this library's
-  network, 59.4% against 77.7% on MAML's
+  network, 67.2% against 77.9% on MAML's
   (``benchmarks/results/gap_decomposition_5w1s.md``), so the configs keep the
   stated step and this library's network. MAML's meta loss is
   likewise N times the mean query loss (``total_losses2`` in ``maml.py``,
