@@ -277,6 +277,23 @@ def test_tables_quick_trains_omniglot_end_to_end(quick_run):
   # One query answer per class: each task scores a multiple of 1/5.
   answers = accuracy["mean"] * 10 * 5
   assert abs(answers - round(answers)) < 1e-3
+  # The paper's measurement: their tasks, the run's own adaptation and its
+  # best-validation parameters.
+  assert cli.eval_main(["--workdir", str(workdir), "--protocol",
+                        "paper"]) == 0
+  paper = json.loads((workdir / "eval_protocol=paper.json").read_text())
+  assert paper["split"] == "authors_test"
+  assert paper["protocol"]["name"] == "paper"
+  assert paper["protocol"]["q_query"] == 1
+  assert (paper["protocol"]["adaptation"]
+          == held_out["protocol"]["adaptation"])
+  assert paper["test_params"] == held_out["test_params"]
+  assert (paper["best_validation"]["step"]
+          == held_out["best_validation"]["step"])
+  ours_answers = paper["test"]["accuracy_after"]["mean"] * 10 * 5
+  assert abs(ours_answers - round(ours_answers)) < 1e-3
+  assert (paper["test"]["loss_after"]["mean"]
+          != theirs["test"]["loss_after"]["mean"])
   # tables.py shows it in Table 2 under the authors' protocol; with
   # --eval-authors it tests again only runs whose result is missing or stale.
   tables_out = out / "tables_with_authors"

@@ -8,7 +8,8 @@ Usage::
               --num-processes P --process-id I]
   imaml-train --list
   imaml-eval --workdir DIR [--data-dir DIR] [--tasks N] [--set key=value ...]
-             [--split test|val|train|authors_test] [--protocol ours|authors]
+             [--split test|val|train|authors_test]
+             [--protocol ours|paper|authors]
   python -m imaml_jax train ...   # same as imaml-train
   python -m imaml_jax eval ...    # same as imaml-eval
 
@@ -223,7 +224,12 @@ def eval_parser(prog: str = "imaml-eval") -> argparse.ArgumentParser:
                            "(mostly meta-training ones), K query images per "
                            "class, 16 plain SGD steps of 0.1 on the support "
                            "loss for iMAML, last parameters; the result "
-                           "goes to eval_protocol=authors.json")
+                           "goes to eval_protocol=authors.json; paper "
+                           "(Omniglot): the tasks that measured the paper's "
+                           "Table 2 (the authors' test characters, K query "
+                           "images per class) with the run's own adaptation "
+                           "and best-validation parameters; the result goes "
+                           "to eval_protocol=paper.json")
   return parser
 
 
