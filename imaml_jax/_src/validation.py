@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +48,74 @@ def check_positive_scalar(name: str, value, *, allow_zero: bool = False):
   return value
 
 
+_SPLIT_HINT = (
+    "The meta-parameters must be a pytree of floating arrays and nothing "
+    "else; keep the rest of a model out of them and close over it in the "
+    "loss. Equinox: params, static = eqx.partition(model, "
+    "eqx.is_inexact_array), and eqx.combine(params, static) in the loss. "
+    "Flax NNX: graphdef, params, rest = nnx.split(model, nnx.Param, ...), "
+    "and nnx.merge(graphdef, params, rest, copy=True) in the loss. Flax "
+    "linen: variables['params'].")
+
+_BATCH_STATS_HINT = (
+    "Running averages are state, not meta-parameters: the meta-step neither "
+    "differentiates nor updates them. Meta-learn variables['params'] only and "
+    "normalise with the statistics of the batch at hand: "
+    "imaml_jax.models.BatchStatNorm, or flax.linen.BatchNorm("
+    "use_running_average=False) applied with mutable=['batch_stats'] and the "
+    "returned updates discarded.")
+
+_NNX_STATE_HINT = (
+    "Only Params are meta-parameters; a BatchStat, RNG state or any other "
+    "NNX variable is not. Split the model with graphdef, params, rest = "
+    "nnx.split(model, nnx.Param, ...), meta-learn params, and in the loss "
+    "call nnx.merge(graphdef, params, rest, copy=True). A batch norm must "
+    "then normalise with batch statistics: nnx.BatchNorm("
+    "use_running_average=False), whose running averages the meta-step does "
+    "not update.")
+
+
+def _is_nnx_variable(node) -> bool:
+  """Whether ``node`` is a Flax NNX ``Variable`` (without importing Flax)."""
+  return any(c.__name__ == "Variable" and c.__module__.startswith("flax.nnx")
+             for c in type(node).__mro__)
+
+
+def _is_nnx_param(node) -> bool:
+  return any(c.__name__ == "Param" and c.__module__.startswith("flax.nnx")
+             for c in type(node).__mro__)
+
+
+def _describe_leaf(leaf) -> str:
+  """Why a non-floating leaf cannot be a meta-parameter, in a few words."""
+  dtype = getattr(leaf, "dtype", None)
+  if dtype is None:
+    return f"got {type(leaf).__name__}, which is not an array"
+  if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    return (f"got a PRNG key array (dtype {dtype}); a loss that needs "
+            "randomness takes its key from make_meta_step(..., "
+            "stochastic=True)")
+  return f"got {type(leaf).__name__} with dtype {dtype}"
+
+
 def check_floating_params(params, name: str = "params") -> None:
-  """Raises TypeError unless every leaf of ``params`` is a floating array."""
+  """Raises unless every leaf of ``params`` is a floating array.
+
+  The errors name the offending leaf and say how to split a model so that
+  only its floating arrays are meta-learned: a Flax linen ``batch_stats``
+  collection, a Flax NNX variable other than a ``Param``, and non-array
+  leaves (an Equinox module's activation functions) are refused.
+  """
+  if isinstance(params, Mapping) and "batch_stats" in params:
+    raise TypeError(
+        f"{name} holds a Flax 'batch_stats' collection (collections "
+        f"{sorted(map(str, params))}). " + _BATCH_STATS_HINT)
+  nodes = jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_nnx_variable)
+  for path, node in nodes:
+    if _is_nnx_variable(node) and not _is_nnx_param(node):
+      where = jax.tree_util.keystr(path) or "<root>"
+      raise TypeError(f"{name}{where} is a Flax NNX {type(node).__name__}, "
+                      "not a Param. " + _NNX_STATE_HINT)
   leaves = jax.tree_util.tree_leaves_with_path(params)
   if not leaves:
     raise ValueError(f"{name} is an empty pytree: there is nothing to adapt.")
@@ -58,7 +125,7 @@ def check_floating_params(params, name: str = "params") -> None:
       where = jax.tree_util.keystr(path) or "<root>"
       raise TypeError(
           f"{name}{where} must be a floating-point array to be differentiated, "
-          f"got {type(leaf).__name__} with dtype {dtype}.")
+          f"{_describe_leaf(leaf)}. " + _SPLIT_HINT)
 
 
 def leading_axis_sizes(tree) -> set[int]:
