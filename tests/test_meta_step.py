@@ -360,3 +360,13 @@ def test_factories_require_what_has_no_universal_default():
   for inner in (im.gd, im.nesterov, im.adam, im.gd_then_pull_back):
     with pytest.raises(TypeError):
       inner(16)  # lr
+
+
+def test_stochastic_loss_without_aux():
+  loss, params, tasks = _dropout_problem()
+  scalar_loss = lambda p, b, key: loss(p, b, key)[0]
+  init, step = im.make_meta_step(scalar_loss, optax.sgd(0.1),
+                                 im.fomaml(im.gd(2, 0.05)), stochastic=True,
+                                 per_task_metrics=True)
+  _, metrics = jax.jit(step)(init(params), tasks, jax.random.key(0))
+  assert len(set(np.asarray(metrics["per_task"]["loss_after"]).tolist())) == 4

@@ -47,7 +47,8 @@ def with_aux(loss_fn: Callable, has_aux: bool) -> algorithms.AuxLoss:
   """Normalises a loss to return ``(scalar, aux_dict)``."""
   if has_aux:
     return loss_fn
-  return lambda params, batch: (loss_fn(params, batch), {})
+  # Extra arguments (a stochastic loss's key) pass through.
+  return lambda params, *batch: (loss_fn(params, *batch), {})
 
 
 def with_key_in_batch(loss: algorithms.AuxLoss) -> algorithms.AuxLoss:
