@@ -120,7 +120,7 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
   namespace = {"__name__": f"docs_{page.stem}"}
   for line, code in python_blocks(page):
     name = f"{page.relative_to(REPO)}:{line}"
-    exec(compile(code, name, "exec"), namespace)  # noqa: S102
+    exec(compile(code, name, "exec", dont_inherit=True), namespace)  # noqa: S102
 
 
 def test_block_parser(tmp_path):

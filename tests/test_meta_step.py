@@ -370,3 +370,17 @@ def test_stochastic_loss_without_aux():
                                  per_task_metrics=True)
   _, metrics = jax.jit(step)(init(params), tasks, jax.random.key(0))
   assert len(set(np.asarray(metrics["per_task"]["loss_after"]).tolist())) == 4
+
+
+@pytest.mark.parametrize("aux, message", [
+    ([1.0], "aux a dict of scalar metrics"),
+    ({"stats": {"mean": 0.0}}, r"aux\['stats'\] must be a scalar metric"),
+    ({"row": jnp.zeros(3)}, r"aux\['row'\] must be a scalar metric"),
+])
+def test_aux_that_is_not_a_dict_of_scalars_is_named(aux, message):
+  loss = lambda w, b: (jnp.sum(w * b), aux)
+  init, step = im.make_meta_step(loss, optax.sgd(0.1),
+                                 im.fomaml(im.gd(1, 0.1)), has_aux=True)
+  x = jnp.ones((2, 3))
+  with pytest.raises(TypeError, match=message):
+    step(init(jnp.zeros(3)), im.Task(x, x))

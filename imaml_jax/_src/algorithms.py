@@ -64,8 +64,30 @@ class AdaptedSplit(NamedTuple):
   fixed: PyTree
 
 
+def check_aux(aux) -> None:
+  """Raises a TypeError unless ``aux`` is a dict of scalars (metrics)."""
+  if not isinstance(aux, dict):
+    raise TypeError("a loss with has_aux=True returns (loss, aux) with aux a "
+                    f"dict of scalar metrics; got aux of type "
+                    f"{type(aux).__name__}.")
+  for name, value in aux.items():
+    if getattr(value, "shape", None) != () and not isinstance(
+        value, (int, float)):
+      raise TypeError(
+          f"aux[{name!r}] must be a scalar metric (it is averaged over "
+          f"tasks and logged); got {type(value).__name__} of shape "
+          f"{getattr(value, 'shape', None)}. Return arrays and other state "
+          "from the loss some other way, or reduce them to a scalar.")
+
+
 def query_metrics(loss_value, aux: dict, suffix: str) -> dict:
-  """``{"loss_<suffix>": loss, "<key>_<suffix>": aux[key], ...}``."""
+  """``{"loss_<suffix>": loss, "<key>_<suffix>": aux[key], ...}``.
+
+  Raises:
+    TypeError: ``aux`` is not a dict of scalars (checked while tracing, so
+      before any expensive work), naming the entry.
+  """
+  check_aux(aux)
   out = {f"loss_{suffix}": loss_value}
   out.update({f"{k}_{suffix}": v for k, v in aux.items()})
   return out
