@@ -74,9 +74,13 @@ def test_default_cg_is_jax_scipy_cg(x64):
   for k, tol, atol in [(1, 0.0, 0.0), (2, 0.0, 0.0), (5, 0.0, 0.0),
                        (12, 0.0, 0.0), (50, 1e-3, 0.0), (50, 0.0, 1e-2)]:
     ours, _ = im.cg(k, tol=tol, atol=atol).solve(matvec, b)
+    theirs, _ = jax.scipy.sparse.linalg.cg(matvec, b, x0=b, tol=tol,
+                                           atol=atol, maxiter=k)
+    np.testing.assert_array_equal(ours, theirs, err_msg=f"{k} {tol} {atol}")
+    cold, _ = im.cg(k, tol=tol, atol=atol, warm_start=False).solve(matvec, b)
     theirs, _ = jax.scipy.sparse.linalg.cg(matvec, b, tol=tol, atol=atol,
                                            maxiter=k)
-    np.testing.assert_array_equal(ours, theirs, err_msg=f"{k} {tol} {atol}")
+    np.testing.assert_array_equal(cold, theirs, err_msg=f"{k} {tol} {atol}")
   # Early stopping kicked in: fewer than 50 iterations are less accurate.
   converged, _ = im.cg(50, tol=0.0).solve(matvec, b)
   early, _ = im.cg(50, tol=1e-3).solve(matvec, b)
@@ -89,7 +93,7 @@ def test_default_cg_is_jax_scipy_cg(x64):
   ours, _ = jax.jit(im.cg(5, tol=0.0).solve, static_argnums=0)(
       tree_matvec, tree)
   theirs, _ = jax.jit(lambda t: jax.scipy.sparse.linalg.cg(
-      tree_matvec, t, tol=0.0, maxiter=5))(tree)
+      tree_matvec, t, x0=t, tol=0.0, maxiter=5))(tree)
   for u, v in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
     np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-14)
   jaxpr = str(jax.make_jaxpr(lambda b: im.cg(5).solve(matvec, b))(b))
@@ -118,6 +122,20 @@ def test_products_per_solve(x64):
     assert count_products(plain(), a, b, k) == k + 2
     assert count_products(plain(exact_residual=True), a, b, k) == k + 2
     assert count_products(plain(report_residual=False), a, b, k) == k + 1
+    assert count_products(plain(warm_start=False), a, b, k) == k + 2
+    # A residual flag per call: the product is spent only where it is true.
+    for flag, extra in ((True, 1), (False, 0), (jnp.bool_(True), 1),
+                        (jnp.bool_(False), 0)):
+      calls = []
+      def matvec(v, calls=calls):
+        jax.debug.callback(lambda: calls.append(1))
+        return a @ v
+      solve = jax.jit(lambda b, r, k=k: im.cg(k, tol=0.0).solve(
+          matvec, b, report_residual=r), static_argnums=(
+              (1,) if isinstance(flag, bool) else ()))
+      _, info = jax.block_until_ready(solve(b, flag))
+      assert len(calls) == k + 1 + extra, (flag, calls)
+      assert bool(np.isnan(info.residual)) == (not extra)
     # The guarded loop spends none on x0 = 0 and reports its own residual.
     assert count_products(guarded(), a, b, k) == k
     assert count_products(guarded(report_residual=False), a, b, k) == k
@@ -189,7 +207,7 @@ def test_negative_curvature_guard_is_plain_cg_on_spd_systems(x64):
   a, b = spd_system(5, cond=50.0)
   a, b = jnp.asarray(a), jnp.asarray(b)
   for k in (1, 2, 5, 12):
-    plain, _ = im.cg(k, tol=0.0).solve(lambda v: a @ v, b)
+    plain, _ = im.cg(k, tol=0.0, warm_start=False).solve(lambda v: a @ v, b)
     guarded, _ = im.cg(k, tol=0.0, stop_at_negative_curvature=True).solve(
         lambda v: a @ v, b)
     assert rel_err(guarded, plain) < 1e-12, k
@@ -250,7 +268,7 @@ def test_negative_curvature_path_is_its_own_loop(x64):
   b = q[:, -1] + 0.1 * q[:, 0]   # b^T A b < 0: the very first step
   a, b = jnp.asarray(a), jnp.asarray(b)
   matvec = lambda v: a @ v
-  plain, _ = im.cg(8, tol=0.0).solve(matvec, b)
+  plain, _ = im.cg(8, tol=0.0, warm_start=False).solve(matvec, b)
   scipy, _ = jax.scipy.sparse.linalg.cg(matvec, b, tol=0.0, maxiter=8)
   np.testing.assert_array_equal(plain, scipy)
   guarded, _ = im.cg(8, tol=0.0, stop_at_negative_curvature=True).solve(
@@ -324,3 +342,28 @@ def test_guarded_cg_counts_under_vmap(x64):
 def test_solvers_that_do_not_look_report_no_counts(solver):
   _, info = solver.solve(lambda v: 2.0 * v, jnp.ones(3))
   assert info.negative_curvature is None and info.iterations is None
+
+
+def test_warm_start_beats_zero_start_at_equal_products(x64):
+  # I + H/lam of a rank-deficient least-squares Hessian, as in iMAML; the
+  # answer from numpy's dense solve. From x0 = b, k iterations search
+  # b + K_k(A, b - A b), a subspace of K_{k+1}(A, b): as good as k + 1
+  # iterations from zero up to the A-norm optimality of the latter, and
+  # better than k iterations from zero, for the same k + 1 products.
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(15, 40))
+  a = np.eye(40) + x.T @ x / 15 / 2.0
+  b = rng.normal(size=40)
+  exact = np.linalg.solve(a, b)
+  matvec = lambda v: jnp.asarray(a) @ v
+  a_norm = lambda e: float(np.sqrt(e @ a @ e))
+  for k in (1, 3, 5):
+    warm, _ = im.cg(k, tol=0.0).solve(matvec, jnp.asarray(b))
+    cold, _ = im.cg(k, tol=0.0, warm_start=False).solve(matvec,
+                                                        jnp.asarray(b))
+    best, _ = im.cg(k + 1, tol=0.0, stop_at_negative_curvature=True).solve(
+        matvec, jnp.asarray(b))
+    err = {n: a_norm(np.asarray(v) - exact)
+           for n, v in (("warm", warm), ("cold", cold), ("best", best))}
+    assert err["warm"] < 0.7 * err["cold"], (k, err)
+    assert err["best"] <= err["warm"] * (1 + 1e-9), (k, err)

@@ -384,3 +384,27 @@ def test_aux_that_is_not_a_dict_of_scalars_is_named(aux, message):
   x = jnp.ones((2, 3))
   with pytest.raises(TypeError, match=message):
     step(init(jnp.zeros(3)), im.Task(x, x))
+
+
+def test_residual_is_measured_only_on_the_steps_asked_for(x64):
+  # The meta-gradient is the closed form's whatever the residual flag; the
+  # residual is NaN exactly on the steps that did not measure it.
+  tasks, raw = linreg_batch(2)
+  lam = 2.0
+  alg = im.imaml(lam, im.gd(300, 0.2), im.cg(20, tol=1e-15))
+  theta = jnp.linspace(-1, 1, 5)
+  exact = np.mean([linreg_exact(theta, s, q, lam)[1] for s, q in raw], 0)
+  seen = {}
+  for name, flag in (("default", None), ("never", False), ("always", True),
+                     ("odd", lambda s: s.step % 2 == 1)):
+    init, step = im.make_meta_step(linreg_loss, optax.sgd(1.0), alg,
+                                   report_residual=flag, task_chunk=1)
+    step = jax.jit(step)
+    state, first = step(init(theta), tasks)
+    _, second = step(state, tasks)
+    np.testing.assert_allclose(theta - state.params, exact, rtol=1e-9)
+    seen[name] = (float(first["residual"]), float(second["residual"]))
+  for name in ("default", "always"):
+    assert all(r < 1e-10 for r in seen[name]), seen
+  assert all(np.isnan(r) for r in seen["never"]), seen
+  assert np.isnan(seen["odd"][0]) and seen["odd"][1] < 1e-10, seen

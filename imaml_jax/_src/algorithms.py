@@ -36,12 +36,17 @@ class MetaAlgorithm(NamedTuple):
       moves. :func:`imaml_jax.make_meta_step` reads it to split the
       parameters before it ravels them (``flatten=True``), so that the
       predicate sees the real key paths; see :class:`AdaptedSplit`.
+    reports_residual: whether ``task_gradient`` takes the keyword
+      ``report_residual`` (a bool, or a boolean scalar array traced inside
+      ``jit``) that says whether to measure its linear solve's residual
+      (:func:`imaml`); :func:`imaml_jax.make_meta_step` passes it.
   """
 
-  task_gradient: Callable[[AuxLoss, PyTree, Task], tuple[PyTree, dict]]
+  task_gradient: Callable[..., tuple[PyTree, dict]]
   adapt: Callable[[AuxLoss, PyTree, PyTree], PyTree]
   name: str
   adapts: Callable[[tuple], bool] | None = None
+  reports_residual: bool = False
 
 
 class AdaptedSplit(NamedTuple):
@@ -186,7 +191,9 @@ def imaml(lam, inner: inner_lib.InnerSolver,
   of ``(I + H/lam) g = v`` with ``H = nabla^2 L_support(phi)``, found by
   ``solver`` with Hessian-vector products (forward-over-reverse). The metrics
   include ``residual``, the solve's relative residual ``||(I + H/lam) g - v||
-  / ||v||``. This is the same gradient that ``jax.grad`` of
+  / ||v||`` (NaN where it was not measured: ``task_gradient(...,
+  report_residual=False)`` or a flag that is false, which saves the
+  product that measures it). This is the same gradient that ``jax.grad`` of
   ``L_query(im.adapt(...))`` gives, but computed directly so the residual can
   be reported. With a solver that reports them (``im.cg(...,
   stop_at_negative_curvature=True)``) the metrics add ``negative_curvature``
@@ -208,7 +215,8 @@ def imaml(lam, inner: inner_lib.InnerSolver,
       uses 2.0 on Omniglot; a regression loss of another scale needs another).
     inner: inner algorithm, e.g. ``im.gd(16, 0.1)`` (the paper's 5-way
       Omniglot setting). Required, as no step size suits every loss.
-    solver: linear solver (default ``cg(5)``, the paper's 5 CG steps).
+    solver: linear solver (default ``cg(5)``, the paper's 5 CG steps,
+      started from ``b``: 6 Hessian-vector products).
     linearize: linearise the support gradient once at ``phi`` and reuse it for
       every product of the solve.
     damping: ``r >= 0`` of the damped system; 0 (default) is the paper's.
@@ -226,14 +234,18 @@ def imaml(lam, inner: inner_lib.InnerSolver,
         lambda p, b: loss(p, b)[0], params, support, lam)
     return inner.run(objective, params)
 
-  def task_gradient(loss: AuxLoss, params: PyTree, task: Task):
+  def task_gradient(loss: AuxLoss, params: PyTree, task: Task, *,
+                    report_residual=None):
     phi = jax.lax.stop_gradient(adapt(loss, params, task.support))
     (q_loss, q_aux), q_grad = jax.value_and_grad(loss, has_aux=True)(
         phi, task.query)
     matvec = hvp_lib.proximal_system_operator(
         lambda p: loss(p, task.support)[0], phi, lam, linearize=linearize,
         damping=damping, lam_damping=lam_damping)
-    g, info = solver.solve(matvec, q_grad)
+    if report_residual is None:  # The solver's own default.
+      g, info = solver.solve(matvec, q_grad)
+    else:
+      g, info = solver.solve(matvec, q_grad, report_residual=report_residual)
     metrics = query_metrics(q_loss, q_aux, "after")
     metrics["residual"] = info.residual
     if info.negative_curvature is not None:
@@ -248,7 +260,8 @@ def imaml(lam, inner: inner_lib.InnerSolver,
       f", damping={damping}, lam_damping={lam_damping}")
   return MetaAlgorithm(
       task_gradient=task_gradient, adapt=adapt,
-      name=f"imaml(lam={lam}, {inner.name}, {solver.name}{damped})")
+      name=f"imaml(lam={lam}, {inner.name}, {solver.name}{damped})",
+      reports_residual=True)
 
 
 def maml(inner: inner_lib.InnerSolver, *,

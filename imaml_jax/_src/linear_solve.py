@@ -17,10 +17,12 @@ curvature.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from imaml_jax._src import tree_util as tu
@@ -55,7 +57,14 @@ class SolveInfo(NamedTuple):
 
 
 class LinearSolver(NamedTuple):
-  """A linear solver: ``solve(matvec, b) -> (x, SolveInfo)``."""
+  """A linear solver: ``solve(matvec, b) -> (x, SolveInfo)``.
+
+  The library's solvers also take ``solve(matvec, b, report_residual=r)``,
+  which overrides, for one call, whether the residual is measured: ``r``
+  a Python bool, or a boolean scalar array (traced inside ``jit``), with
+  which the measuring product runs under ``lax.cond`` only where ``r`` is
+  true (``SolveInfo.residual`` is NaN elsewhere).
+  """
 
   solve: Callable[[MatVec, PyTree], tuple[PyTree, SolveInfo]]
   name: str
@@ -73,22 +82,39 @@ def relative_residual(matvec: MatVec, x: PyTree, b: PyTree) -> jax.Array:
   return _relative(tu.tree_sq_norm(tu.tree_sub(matvec(x), b)), b)
 
 
-def _finish(matvec, x, b, report_residual: bool, residual=None, **counts):
+def _measured_residual(matvec, x, b, report) -> jax.Array:
+  """``||A x - b|| / ||b||`` if ``report`` (a bool or a traced flag), else NaN.
+
+  A Python bool decides when tracing; a traced flag runs the product under
+  ``lax.cond``, so it is spent only where the flag is true (an unbatched
+  flag stays a branch under ``vmap`` and ``lax.map``).
+  """
+  nan = jnp.full((), jnp.nan, tu._result_dtype(b))
+  if isinstance(report, (bool, np.bool_)):
+    return relative_residual(matvec, x, b).astype(nan.dtype) if report else nan
+  return jax.lax.cond(
+      report, lambda: relative_residual(matvec, x, b).astype(nan.dtype),
+      lambda: nan)
+
+
+def _finish(matvec, x, b, report_residual, residual=None, **counts):
   """Returns ``(x, SolveInfo)``, poisoning ``x`` with NaN on non-finite input.
 
-  The residual is measured with one more product unless the solver passes
-  its own (``residual``). A solver that stops on a NaN residual returns its
-  initial guess, zero: without this check a NaN right-hand side would
-  become a silently finite, wrong solution. ``counts`` fills the other
-  fields of :class:`SolveInfo` (``negative_curvature``, ``iterations``).
+  The residual is measured with one more product where ``report_residual``
+  is true (see :func:`_measured_residual`) unless the solver passes its own
+  (``residual``). A solver that stops on a NaN residual returns its
+  initial guess: without this check a NaN right-hand side would become a
+  silently finite, wrong solution. ``counts`` fills the other fields of
+  :class:`SolveInfo` (``negative_curvature``, ``iterations``).
   """
-  if report_residual:
-    if residual is None:
-      residual = relative_residual(matvec, x, b)
-    ok = jnp.isfinite(residual) & tu.tree_all_finite(x)
+  if residual is None:
+    residual = _measured_residual(matvec, x, b, report_residual)
+  ok = tu.tree_all_finite(b) & tu.tree_all_finite(x)
+  if isinstance(report_residual, (bool, np.bool_)):
+    if report_residual:
+      ok &= jnp.isfinite(residual)
   else:
-    residual = jnp.full((), jnp.nan, tu._result_dtype(b))
-    ok = tu.tree_all_finite(b)
+    ok &= ~jnp.asarray(report_residual, bool) | jnp.isfinite(residual)
   x = jax.tree.map(lambda v: jnp.where(ok, v, jnp.nan), x)
   return x, SolveInfo(residual=residual, **counts)
 
@@ -144,28 +170,46 @@ def _cg_stopping_at_negative_curvature(matvec: MatVec, b: PyTree,
 def cg(maxiter: int = 5, tol: float = 1e-10, *, atol: float = 0.0,
        stop_at_negative_curvature: bool = False,
        report_residual: bool = True,
-       exact_residual: bool = False) -> LinearSolver:
+       exact_residual: bool = False,
+       warm_start: bool = True) -> LinearSolver:
   r"""Conjugate gradient, for the symmetric system ``(I + H/lam) x = b``.
 
-  Runs CG from ``x0 = 0`` for at most ``maxiter`` iterations, stopping early
-  once ``||r|| <= max(tol ||b||, atol)``: ``x_{k+1} = x_k + alpha_k p_k``,
-  ``r_{k+1} = r_k - alpha_k A p_k``, ``p_{k+1} = r_{k+1} + beta_k p_k`` with
-  ``alpha_k = ||r_k||^2 / p_k^T A p_k`` and
-  ``beta_k = ||r_{k+1}||^2 / ||r_k||^2``, ``r_0 = p_0 = b``. The paper uses 5
-  iterations. Because ``I + H/lam`` is symmetric, plain CG applies; solving
-  the normal equations instead would square the condition number and double
-  the work.
+  Runs CG from ``x_0`` (``b`` by default, see below) for at most ``maxiter``
+  iterations, stopping early once ``||r|| <= max(tol ||b||, atol)``:
+  ``x_{k+1} = x_k + alpha_k p_k``, ``r_{k+1} = r_k - alpha_k A p_k``,
+  ``p_{k+1} = r_{k+1} + beta_k p_k`` with
+  ``alpha_k = ||r_k||^2 / p_k^T A p_k``,
+  ``beta_k = ||r_{k+1}||^2 / ||r_k||^2`` and ``r_0 = p_0 = b - A x_0``. The
+  paper uses 5 iterations from zero. Because ``I + H/lam`` is symmetric,
+  plain CG applies; solving the normal equations instead would square the
+  condition number and double the work.
 
-  The solve is ``jax.scipy.sparse.linalg.cg(matvec, b, tol=tol, atol=atol,
-  maxiter=maxiter)``, pytrees included. It computes ``r_0 = b - A x0``, so
-  ``k`` iterations cost ``k + 1`` products with ``A``, and one more measures
-  the reported residual ``||A x - b|| / ||b||``: 7 Hessian-vector products
-  for the paper's 5 iterations. A hand-written loop that skips the product
-  on ``x0 = 0`` and reports its recurrence residual would save those two
-  (in interleaved CPU timings of a one-task Omniglot meta-step, between
-  nothing measurable and a tenth of the step); composing ``jax.scipy``
-  reuses JAX's own CG, which is also differentiable (implicitly, through
-  ``lax.custom_linear_solve``).
+  The solve is ``jax.scipy.sparse.linalg.cg(matvec, b, x0=b, tol=tol,
+  atol=atol, maxiter=maxiter)``, pytrees included, which reuses JAX's own
+  CG (differentiable, through ``lax.custom_linear_solve``). It computes
+  ``r_0 = b - A x0`` with one product, so ``k`` iterations cost ``k + 1``.
+  Started from zero that first product, ``A 0``, would be wasted; started
+  from ``x0 = b`` (``warm_start=True``, the default) it is not: ``b`` is the
+  first-order approximation ``(I + H/lam)^{-1} b ~ b`` for small
+  ``||H||/lam`` (first-order MAML's gradient), and its product starts the
+  Krylov space, so the ``k`` iterations search
+
+  .. math:: x \in b + \mathcal{K}_k(A, b - A b)
+     \subset \mathcal{K}_{k+1}(A, b),
+
+  one dimension more than ``k`` iterations from zero at the same cost
+  (``k + 1`` products either way on this path). On
+  the problems of ``benchmarks/cg_warm_start.py`` the residual after 5
+  iterations is smaller than from zero (``benchmarks/results/
+  cg_warm_start_cpu.md``). ``warm_start=False`` starts from zero, as
+  before. The reported residual ``||A x - b|| / ||b||`` costs one more
+  product; ``report_residual=False``, or ``solve(..., report_residual=r)``
+  with a flag ``r`` per call (:class:`LinearSolver`), measures it only when
+  asked: :func:`imaml_jax.make_meta_step` passes such a flag
+  (``report_residual``) and ``imaml-train`` measures it on the first step
+  of each logging window only. So the paper's 5 iterations cost 6
+  Hessian-vector products, all of which improve the solution, plus one on
+  the steps that report the residual.
 
   The system is positive definite when ``phi`` minimises the proximal
   objective exactly. After a few inner steps on a non-convex loss it often is
@@ -188,12 +232,16 @@ def cg(maxiter: int = 5, tol: float = 1e-10, *, atol: float = 0.0,
     stop_at_negative_curvature: stop CG at the first direction of
       non-positive curvature (see above).
     report_residual: report the final relative residual in
-      ``SolveInfo.residual`` (NaN otherwise, and no product is spent on it).
+      ``SolveInfo.residual`` (NaN otherwise, and no product is spent on it);
+      a call's ``report_residual`` overrides it.
     exact_residual: with ``stop_at_negative_curvature=True``, measure the
       residual as ``||A x - b|| / ||b||`` with one more product instead of
       reporting the loop's own ``||r_k|| / ||b||`` (free and equal in exact
       arithmetic). On the default ``jax.scipy`` path the residual is always
       measured, so there the flag changes nothing.
+    warm_start: on the ``jax.scipy`` path, start from ``x0 = b`` instead of
+      zero (see above). The guarded loop always starts from zero, where its
+      first product is not wasted either.
 
   Returns:
     A :class:`LinearSolver`.
@@ -214,15 +262,19 @@ def cg(maxiter: int = 5, tol: float = 1e-10, *, atol: float = 0.0,
   validation.check_positive_scalar("cg tol", tol, allow_zero=True)
   validation.check_positive_scalar("cg atol", atol, allow_zero=True)
 
-  def solve(matvec: MatVec, b: PyTree):
-    x, _ = jax.scipy.sparse.linalg.cg(matvec, b, tol=tol, atol=atol,
-                                      maxiter=maxiter)
+  def solve(matvec: MatVec, b: PyTree, report_residual=report_residual):
+    x, _ = jax.scipy.sparse.linalg.cg(matvec, b,
+                                      x0=b if warm_start else None,
+                                      tol=tol, atol=atol, maxiter=maxiter)
     return _finish(matvec, x, b, report_residual)
 
-  def solve_guarded(matvec: MatVec, b: PyTree):
+  def solve_guarded(matvec: MatVec, b: PyTree,
+                    report_residual=report_residual):
     x, rr, negative, updates = _cg_stopping_at_negative_curvature(
         matvec, b, maxiter, tol, atol)
-    own = None if exact_residual else _relative(rr, b)
+    own = None
+    if not exact_residual:  # Free: CG's own recurrence residual.
+      own, report_residual = _relative(rr, b), True
     return _finish(matvec, x, b, report_residual, own,
                    negative_curvature=negative, iterations=updates)
 
@@ -230,7 +282,8 @@ def cg(maxiter: int = 5, tol: float = 1e-10, *, atol: float = 0.0,
     return LinearSolver(
         solve=solve_guarded,
         name=f"cg({maxiter}, stop_at_negative_curvature=True)")
-  return LinearSolver(solve=solve, name=f"cg({maxiter})")
+  cold = "" if warm_start else ", warm_start=False"
+  return LinearSolver(solve=solve, name=f"cg({maxiter}{cold})")
 
 
 def neumann(terms: int = 10, step: float = 1.0, *,
@@ -256,7 +309,7 @@ def neumann(terms: int = 10, step: float = 1.0, *,
   validation.check_positive_int("neumann terms", terms)
   validation.check_positive_scalar("neumann step", step)
 
-  def solve(matvec: MatVec, b: PyTree):
+  def solve(matvec: MatVec, b: PyTree, report_residual=report_residual):
     def body(x, _):
       return tu.tree_axpy(step, tu.tree_sub(b, matvec(x)), x), None
 
@@ -276,7 +329,7 @@ def dense(*, report_residual: bool = True) -> LinearSolver:
     A :class:`LinearSolver`.
   """
 
-  def solve(matvec: MatVec, b: PyTree):
+  def solve(matvec: MatVec, b: PyTree, report_residual=report_residual):
     b_flat, unravel = ravel_pytree(b)
     flat_matvec = lambda v: ravel_pytree(matvec(unravel(v)))[0]
     basis = jnp.eye(b_flat.size, dtype=b_flat.dtype)

@@ -126,7 +126,9 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                    task_chunk: int | None = None,
                    axis_name: str | None = None,
                    flatten: bool = True,
-                   stochastic: bool = False) -> MetaStep:
+                   stochastic: bool = False,
+                   report_residual: bool | Callable[[MetaState], jax.Array]
+                   | None = None) -> MetaStep:
   r"""Builds pure ``init`` and ``step`` functions for meta-training.
 
   ``step(state, tasks)`` computes every task's meta-gradient with
@@ -158,6 +160,9 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
       ``c`` vmapped tasks (``c = 1``: one task at a time). Same result; on
       backends where large batched products are slow (XLA's CPU backend)
       smaller chunks can be much faster. A remainder is vmapped apart.
+      To use every core of a CPU, split it into devices first
+      (:func:`imaml_jax.use_cpu_cores`) and run the step per device
+      (``axis_name`` below).
     axis_name: for a step that runs inside ``jax.shard_map`` with the task
       batch split over this mesh axis (``shard_meta_step(...,
       per_device=True)``): each device maps over its own tasks (with
@@ -185,6 +190,14 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
       one for its query set; the keys do not depend on ``task_chunk`` or on
       the number of devices. Pass a new key each step, e.g.
       ``jax.random.fold_in(seed_key, state.step)``.
+    report_residual: when an implicit algorithm (:func:`imaml_jax.imaml`)
+      measures its linear solve's residual, one Hessian-vector product a
+      task. ``None`` (default): as its solver does by default (``im.cg``:
+      every step). ``True``/``False``: every step / never (``residual`` is
+      then NaN). A function of the :class:`MetaState`, e.g. ``lambda s:
+      s.step % 100 == 0``: on the steps where it returns true, through
+      ``lax.cond`` (the product is skipped on the others, whose
+      ``residual`` is NaN). Ignored by algorithms without a linear solve.
 
   Returns:
     A :class:`MetaStep` ``(init, step)``: ``init(params) -> MetaState`` and
@@ -225,11 +238,15 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                      step=jnp.zeros((), jnp.int32),
                      skipped=jnp.zeros((), jnp.int32))
 
-  def task_gradient(params, task):
+  def task_gradient(params, task, measure):
+    options = {}
+    if algorithm.reports_residual and measure is not None:
+      options["report_residual"] = measure
     if flatten:
-      g, metrics = flat_task_gradient(algorithm, loss, params, task)
+      g, metrics = flat_task_gradient(algorithm, loss, params, task,
+                                      **options)
     else:
-      g, metrics = algorithm.task_gradient(loss, params, task)
+      g, metrics = algorithm.task_gradient(loss, params, task, **options)
     if pre_adaptation_metrics:
       q_loss, q_aux = loss(params, task.query)
       metrics.update(algorithms.query_metrics(q_loss, q_aux, "before"))
@@ -245,9 +262,11 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
       raise TypeError("step got a key, but the loss is deterministic: build "
                       "the step with make_meta_step(..., stochastic=True) "
                       "for a loss_fn(params, batch, key).")
+    measure = (report_residual(state) if callable(report_residual)
+               else report_residual)
     grads, per_task = map_over_tasks(
-        lambda task: task_gradient(state.params, task), tasks, task_chunk,
-        n_tasks)
+        lambda task: task_gradient(state.params, task, measure), tasks,
+        task_chunk, n_tasks)
     grad = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
     if axis_name is not None:
       grad = jax.lax.pmean(grad, axis_name)
@@ -319,10 +338,12 @@ def flat_loss(loss: algorithms.AuxLoss, params: PyTree,
 
 
 def flat_task_gradient(algorithm: algorithms.MetaAlgorithm,
-                       loss: algorithms.AuxLoss, params: PyTree, task: Task):
+                       loss: algorithms.AuxLoss, params: PyTree, task: Task,
+                       **options):
   """``algorithm.task_gradient`` run on the raveled parameters."""
   theta_flat, loss_flat, unravel = flat_loss(loss, params, algorithm.adapts)
-  g, metrics = algorithm.task_gradient(loss_flat, theta_flat, task)
+  g, metrics = algorithm.task_gradient(loss_flat, theta_flat, task,
+                                       **options)
   return unravel(g), metrics
 
 
