@@ -41,6 +41,7 @@ from imaml_jax._src.sharding import shard_tasks
 from imaml_jax._src.sharding import task_mesh
 from imaml_jax._src.sharding import task_sharding
 from imaml_jax._src.sharding import tasks_from_process_local_data
+from imaml_jax._src.sharding import use_cpu_cores
 from imaml_jax._src.types import Task
 
 # Subpackages: few-shot data and the paper's networks.
