@@ -419,3 +419,26 @@ def test_task_fingerprint_names_the_tasks_alone(config):
   assert fingerprint(other, 3, 0) == reference
   assert fingerprint(config, 10, 1) != reference
   assert fingerprint(config, 10, 0, n_tasks=9) != reference
+
+
+def test_window_means_count_only_the_steps_that_measured_the_residual():
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from imaml_jax.train import steps  # pylint: disable=import-outside-toplevel
+  sums = steps.init_sums({"loss_after": None, "residual": None,
+                          "skipped": None})
+  for loss, residual, skipped in ((1.0, 0.5, 0), (2.0, np.nan, 0),
+                                  (9.0, 7.0, 1), (3.0, np.nan, 0)):
+    sums = steps.add_to_sums(sums, {
+        "loss_after": jnp.float32(loss), "residual": jnp.float32(residual),
+        "skipped": jnp.bool_(skipped)})
+  record = steps.window_record(4, runtime.to_host(sums))
+  assert record["loss_after"] == 2.0 and record["residual"] == 0.5
+  assert record["skipped"] == 1
+  empty = steps.window_record(4, runtime.to_host(steps.reset_window(sums)))
+  assert "residual" not in empty
+  # A checkpoint written when every counted step measured it.
+  old = {k: v for k, v in runtime.to_host(sums).items() if k != "measured"}
+  filled = workdir_lib.with_added_metrics(old, runtime.to_host(sums))
+  assert int(filled["measured"]["residual"]) == int(old["count"]) == 3
+  assert [steps.measures_residual(10)(type("S", (), {"step": s})())
+          for s in (0, 5, 10)] == [True, False, True]

@@ -25,8 +25,11 @@ training stopped after too many consecutive non-finite meta-gradients.
 
 Devices: the meta-step is data-parallel over ``--devices N`` devices (the
 first ``N`` of all processes' devices; default: all of them), each sampling
-and adapting ``meta_batch / N`` tasks. A run may resume on another number of
-devices. Several hosts: start the same command on every host with
+and adapting ``meta_batch / N`` tasks. On a CPU the command first splits the
+CPU into one device per core (as many as divide ``meta_batch``; ``--devices
+N`` asks for ``N``), unless ``XLA_FLAGS`` sets
+``--xla_force_host_platform_device_count``. A run may resume on another
+number of devices. Several hosts: start the same command on every host with
 ``--coordinator HOST:PORT`` (process 0's address), ``--num-processes P`` and
 that host's ``--process-id I``, or ``--coordinator auto`` alone where the
 cluster is detected (SLURM, Cloud TPU); the work directory must be on a file
@@ -256,6 +259,7 @@ def train_main(argv: Sequence[str] | None = None,
                                         args.overrides)
     if not args.no_compile_cache:
       enable_compile_cache(args.compile_cache)
+    runtime.split_cpu(config, args.devices)
     join_processes(args)
     mesh = runtime.make_mesh(config, args.devices)
     train_lib.train_and_evaluate(config, args.workdir, args.data_dir,

@@ -231,11 +231,14 @@ class Config:
     meta_batch: tasks per meta-step.
     task_chunk: tasks vmapped together in a training meta-step, the batch
       running as ``lax.map`` over chunks (``make_meta_step(task_chunk=...)``,
-      same result); 0 vmaps the whole meta-batch. On a CPU one task at a
-      time is fastest (``benchmarks/throughput.py --task-chunk``); on a GPU,
-      0. On several devices each device maps over its own share of the
-      tasks (``shard_meta_step(per_device=True)``), e.g. one host device
-      per core with ``XLA_FLAGS=--xla_force_host_platform_device_count=2``.
+      same result up to the order of the sum over tasks); 0 (the default)
+      is auto: one task at a time for the conv nets on a CPU, the fastest
+      there (``benchmarks/throughput.py --task-chunk``), and the whole
+      meta-batch vmapped for the sinusoid MLP and on a GPU
+      (``imaml_jax.train.runtime.task_chunk``). On several devices each
+      device maps over its own share of the tasks
+      (``shard_meta_step(per_device=True)``), e.g. one host device per core,
+      which ``imaml-train`` sets up on a CPU by itself.
     meta_steps: meta-steps to train.
     seed: seed of the initialisation and of the training tasks.
     log_every: meta-steps between reads of the training metrics.

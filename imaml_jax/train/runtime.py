@@ -17,6 +17,15 @@ same loop on the same work directory (a shared file system) and only process
 On a CPU the steps are compiled with XLA's older loop emitters
 (:func:`compiler_options`), which compile them 1.3-2x faster and run them as
 fast.
+
+Every core by default: before JAX starts, the commands split a CPU into one
+JAX device per core (:func:`split_cpu`, through
+:func:`imaml_jax.use_cpu_cores`), as many as divide the meta-batch, and the
+step maps over each device's own tasks one at a time (``task_chunk=0``, the
+configs' default, is one task at a time on a CPU: :func:`task_chunk`).
+``--devices N`` asks for ``N`` of them; a device count set by the user
+(``XLA_FLAGS=--xla_force_host_platform_device_count``, or
+``jax_num_cpu_devices``) is kept.
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ import jax
 import numpy as np
 
 import imaml_jax as im
+from imaml_jax._src import sharding as sharding_lib
 from imaml_jax.train import config as config_lib
 
 
@@ -60,6 +70,76 @@ def make_mesh(config: config_lib.Config, devices: int | None = None):
         f"{e} Pass --devices with a divisor of {config.meta_batch}, or "
         "--set meta_batch=... with a multiple of the device count.") from e
   return mesh
+
+
+CPU_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def cpu_device_count(meta_batch: int, cores: int,
+                     devices: int | None = None) -> int:
+  """How many devices to split a CPU of ``cores`` cores into for a run.
+
+  ``devices`` (``--devices``) if given, capped at ``cores`` (asking for
+  more then fails as "asked for N devices"); otherwise the largest count
+  up to ``cores`` that divides ``meta_batch``, so that every core gets the
+  same number of tasks (a meta-batch of 25 on 2 cores: one device).
+
+  Example:
+    >>> cpu_device_count(32, 2), cpu_device_count(25, 2), cpu_device_count(
+    ...     32, 16, devices=4)
+    (2, 1, 4)
+  """
+  if devices is not None:
+    return max(1, min(devices, cores))
+  return max(d for d in range(1, max(cores, 1) + 1) if meta_batch % d == 0)
+
+
+def split_cpu(config: config_lib.Config, devices: int | None = None
+              ) -> int | None:
+  """Splits the CPU into one JAX device per core before JAX starts.
+
+  Calls :func:`imaml_jax.use_cpu_cores` with :func:`cpu_device_count`.
+  Does nothing (returns ``None``) when the user set the count
+  (``XLA_FLAGS`` names ``--xla_force_host_platform_device_count``, or
+  ``jax_num_cpu_devices`` is set) or JAX's backends already started (a
+  command called from a Python session that has run JAX: its devices are
+  used as they are). Other backends than the CPU's are not affected.
+
+  Returns:
+    The number of CPU devices set, or ``None``.
+  """
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  if (CPU_DEVICE_FLAG in os.environ.get("XLA_FLAGS", "")
+      or jax.config.jax_num_cpu_devices >= 0
+      or xla_bridge.backends_are_initialized()):
+    return None
+  return im.use_cpu_cores(cpu_device_count(
+      config.meta_batch, sharding_lib.available_cores(), devices))
+
+
+def task_chunk(config: config_lib.Config, platform: str | None = None
+               ) -> int | None:
+  """The ``task_chunk`` of a training meta-step (``None``: vmap the batch).
+
+  A positive ``config.task_chunk`` is used as it is. ``0`` (auto, the
+  configs' default) is one task at a time on a CPU for the conv nets
+  (Omniglot, mini-ImageNet: XLA's CPU code runs a batch of small
+  convolutions slower than the tasks one by one,
+  ``benchmarks/results/throughput_cpu.md``) and the whole batch vmapped
+  for the sinusoid MLP and on other platforms (GPUs).
+
+  Example:
+    >>> from imaml_jax.train import config as c
+    >>> omniglot = c.get_config("omniglot_5w1s_imaml_gd")
+    >>> task_chunk(omniglot, "cpu"), task_chunk(omniglot, "gpu")
+    (1, None)
+  """
+  if config.task_chunk:
+    return config.task_chunk
+  platform = jax.default_backend() if platform is None else platform
+  if platform == "cpu" and config.dataset != "sinusoid":
+    return 1
+  return None
 
 
 # XLA options of the trainer's compilations on a CPU. XLA's fusion emitters

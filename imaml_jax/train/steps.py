@@ -27,13 +27,38 @@ from imaml_jax._src import sharding as sharding_lib
 from imaml_jax.train import experiment as exp_lib
 from imaml_jax.train import runtime
 
+# Metrics measured only on some steps (NaN on the others): the linear
+# solve's residual, measured on the first step of each logging window
+# (:func:`measures_residual`).
+OCCASIONAL_METRICS = ("residual",)
+
+
+def measures_residual(log_every: int) -> Callable:
+  """``report_residual`` of the trainer's meta-step: the steps it measures.
+
+  The residual costs one Hessian-vector product a task; the trainer spends
+  it on the first step of each logging window only (``state.step`` a
+  multiple of ``log_every``), and the window's ``residual`` is the mean
+  over the steps that measured it. Windows start at multiples of
+  ``log_every`` (a resumed run continues its window), so each window
+  measures it unless that one step was skipped.
+
+  Example:
+    >>> measure = measures_residual(100)
+    >>> bool(measure(im.MetaState(None, None, jnp.int32(200), None)))
+    True
+  """
+  return lambda state: state.step % log_every == 0
+
 
 def init_sums(metric_shapes: dict) -> dict:
   """Zeroed running sums for the scalar metrics of a meta-step.
 
   ``sums`` adds each metric over the steps that were not skipped, ``count``
   counts those steps, ``skipped`` counts skipped steps in the window and
-  ``consecutive`` the current run of consecutive skipped steps.
+  ``consecutive`` the current run of consecutive skipped steps. A metric
+  measured only on some steps (``OCCASIONAL_METRICS``, NaN on the others)
+  adds only where it was measured, and ``measured`` counts those steps.
 
   Args:
     metric_shapes: the meta-step's metrics (:func:`metric_shapes`); only
@@ -43,19 +68,25 @@ def init_sums(metric_shapes: dict) -> dict:
                    if k != "skipped"},
           "count": jnp.zeros((), jnp.int32),
           "skipped": jnp.zeros((), jnp.int32),
-          "consecutive": jnp.zeros((), jnp.int32)}
+          "consecutive": jnp.zeros((), jnp.int32),
+          "measured": {k: jnp.zeros((), jnp.int32) for k in metric_shapes
+                       if k in OCCASIONAL_METRICS}}
 
 
 def add_to_sums(sums: dict, metrics: dict) -> dict:
   """Adds one step's metrics to the running sums (jittable)."""
   skipped = metrics["skipped"].astype(jnp.int32)
   ok = skipped == 0
+  counted = {k: ok & ~jnp.isnan(metrics[k]) for k in sums["measured"]}
   return {
-      "sums": {k: v + jnp.where(ok, metrics[k].astype(jnp.float32), 0.0)
+      "sums": {k: v + jnp.where(counted.get(k, ok),
+                                metrics[k].astype(jnp.float32), 0.0)
                for k, v in sums["sums"].items()},
       "count": sums["count"] + ok.astype(jnp.int32),
       "skipped": sums["skipped"] + skipped,
       "consecutive": jnp.where(ok, 0, sums["consecutive"] + 1),
+      "measured": {k: v + counted[k].astype(jnp.int32)
+                   for k, v in sums["measured"].items()},
   }
 
 
@@ -68,15 +99,22 @@ def reset_window(sums: dict) -> dict:
 
 def window_record(step: int, sums: dict) -> dict:
   """The ``"train"`` record of a logging window: the mean of each metric
-  over the window's steps that were not skipped, and the skip counts.
+  over the window's steps that were not skipped (an occasional metric's:
+  over the steps that measured it; left out if none did), and the skip
+  counts.
 
   Args:
     step: the window's last step.
     sums: the window's running sums, on the host.
   """
   count = max(int(sums["count"]), 1)
+  measured = sums.get("measured", {})
   record = {"step": step, "split": "train"}
-  record.update({k: float(v) / count for k, v in sums["sums"].items()})
+  for k, v in sums["sums"].items():
+    if k not in measured:
+      record[k] = float(v) / count
+    elif int(measured[k]):
+      record[k] = float(v) / int(measured[k])
   record["skipped"] = int(sums["skipped"])
   record["consecutive_skips"] = int(sums["consecutive"])
   return record
@@ -134,11 +172,13 @@ def make_train_step(exp: exp_lib.Experiment, mesh=None) -> Callable:
   """
   # With task_chunk on several devices, each device maps over its own tasks
   # (a lax.map over the split task axis would not stay split under jit).
-  per_device = bool(exp.config.task_chunk) and mesh is not None \
-      and mesh.size > 1
+  platform = None if mesh is None else runtime.device_name(mesh).split(":")[0]
+  chunk = runtime.task_chunk(exp.config, platform)
+  per_device = chunk is not None and mesh is not None and mesh.size > 1
   _, meta_step = im.make_meta_step(
       exp.loss, exp.optimizer, exp.algorithm, has_aux=True,
-      task_chunk=exp.config.task_chunk or None,
+      task_chunk=chunk,
+      report_residual=measures_residual(exp.config.log_every),
       axis_name=im.TASK_AXIS if per_device else None)
   if per_device:
     meta_step = sharding_lib.per_device_step(meta_step, mesh)

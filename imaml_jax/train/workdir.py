@@ -169,7 +169,9 @@ def with_added_metrics(stored_sums: dict, template: dict) -> dict:
   A checkpoint written before a training metric existed (e.g.
   ``param_norm``) has no running sum for it; the sum starts at zero, which
   is exact at a logging boundary, where the window has just been reset.
-  Metrics the template lacks are left for :func:`checkpoint.restore_into`
+  A checkpoint without ``measured`` counts (written when every step
+  measured the residual) gets the window's step count for each. Metrics
+  the template lacks are left for :func:`checkpoint.restore_into`
   to refuse.
   """
   if not isinstance(stored_sums, dict) or "sums" not in stored_sums:
@@ -178,7 +180,12 @@ def with_added_metrics(stored_sums: dict, template: dict) -> dict:
   for name, value in template["sums"].items():
     if name not in stored:
       stored[name] = np.zeros(np.shape(value), np.asarray(value).dtype)
-  return {**stored_sums, "sums": stored}
+  out = {**stored_sums, "sums": stored}
+  if "measured" in template and "measured" not in stored_sums:
+    # Written when every counted step measured its occasional metrics.
+    count = np.asarray(stored_sums.get("count", 0), np.int32)
+    out["measured"] = {k: count for k in template["measured"]}
+  return out
 
 
 def _check_checkpoint_config(path: Path, tree: dict,
