@@ -6,7 +6,10 @@ depend on pixel values), traces and lowers the jitted step
 (``jax.jit(...).lower``) and compiles it (``.compile()``), timing the two
 apart, and counts what XLA made of it: HLO instructions and fusions (each
 fusion becomes one kernel that LLVM compiles; on a CPU, code generation
-dominates the compile time). A step is measured once per repetition, each
+dominates the compile time). Besides the wall times it reports the
+process's CPU time for lowering and compiling (``time.process_time``), which
+other processes sharing the core inflate far less. A step is measured once
+per repetition, each
 in its own process, so no in-process cache helps. Each is compiled as the
 trainer compiles it, with ``imaml_jax.train.compiler_options()`` (on a
 CPU: XLA's older loop emitters, unless ``XLA_FLAGS`` names that option;
@@ -19,6 +22,7 @@ under the same load. Omniglot tasks are drawn from random binary images.
     python benchmarks/compile_time.py --steps sinusoid_train --repeats 3
     python benchmarks/compile_time.py --quick               # sinusoid eval step only
     python benchmarks/compile_time.py --python /other/venv/bin/python --tag before
+    python benchmarks/compile_time.py --other-path /tmp/before   # a worktree
     python benchmarks/compile_time.py --steps sinusoid_train --runs 20 \
         --xla-flags O0=--xla_backend_optimization_level=0
     python benchmarks/compile_time.py --steps omniglot_5w1s_train --repeats 1 \
@@ -96,11 +100,11 @@ else:
   args = (state.params, chunk)
 # As the trainer compiles it.
 options = train.compiler_options()
-start = time.perf_counter()
+start, cpu_start = time.perf_counter(), time.process_time()
 lowered = jax.jit(fn).lower(*args)
-lowered_at = time.perf_counter()
+lowered_at, cpu_lowered = time.perf_counter(), time.process_time()
 compiled = lowered.compile(compiler_options=options)
-done = time.perf_counter()
+done, cpu_done = time.perf_counter(), time.process_time()
 run_s = None
 if runs:   # The compiled step's own speed: the median of ``runs`` calls.
   jax.block_until_ready(compiled(*args))
@@ -128,6 +132,8 @@ text = compiled.as_text()
 lines = [l for l in text.splitlines() if " = " in l]
 print(json.dumps({
     "lower_s": lowered_at - start, "compile_s": done - lowered_at,
+    "lower_cpu_s": cpu_lowered - cpu_start,
+    "compile_cpu_s": cpu_done - cpu_lowered,
     "run_s": run_s,
     "hlo_instructions": len(lines),
     "fusions": sum(" fusion(" in l for l in lines),
@@ -137,19 +143,27 @@ print(json.dumps({
 
 
 def measure(python: str, step: str, xla_flags: str | None = None,
-            runs: int = 0, interleave: int = 0) -> dict:
+            runs: int = 0, interleave: int = 0,
+            pythonpath: str | None = None) -> dict:
   """One measurement of ``step`` in a fresh ``python`` process, with
   ``XLA_FLAGS=xla_flags`` if given, timing ``runs`` calls of it after, and
-  with ``interleave`` the trainer's compiler options against none, in turn."""
+  with ``interleave`` the trainer's compiler options against none, in turn.
+  ``pythonpath``: a source tree to import ``imaml_jax`` from (the child
+  then starts in its parent directory, since ``python -c`` puts the
+  working directory ahead of ``PYTHONPATH``)."""
   prefix = step.rsplit("_", 1)[0]
   config_name, overrides = _CONFIGS[prefix]
   env = dict(os.environ, PYTHONWARNINGS="ignore")
   if xla_flags is not None:
     env["XLA_FLAGS"] = xla_flags
+  cwd = None
+  if pythonpath:
+    env["PYTHONPATH"] = os.path.abspath(pythonpath)
+    cwd = os.path.dirname(os.path.abspath(pythonpath))
   proc = subprocess.run(
       [python, "-c", _CHILD, step, config_name, str(runs), str(interleave),
        *overrides],
-      capture_output=True, text=True, check=False, env=env)
+      capture_output=True, text=True, check=False, env=env, cwd=cwd)
   if proc.returncode != 0:
     raise RuntimeError(f"{step} under {python} failed:\n{proc.stderr[-3000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -162,6 +176,10 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--python", default=None,
                       help="another interpreter to measure beside this one")
+  parser.add_argument("--other-path", default=None, metavar="DIR",
+                      help="another source tree (e.g. a git worktree of an "
+                           "earlier commit) to measure beside this one, "
+                           "with this interpreter")
   parser.add_argument("--label", default="this version")
   parser.add_argument("--other-label", default="other version")
   parser.add_argument("--xla-flags", nargs="+", default=[],
@@ -186,20 +204,24 @@ def main() -> None:
   if args.quick:
     steps, repeats = ["sinusoid_eval"], 1
   tag = args.tag or ("quick" if args.quick else "cpu")
-  pythons = [(args.label, sys.executable, None)]
+  here = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+  pythons = [(args.label, sys.executable, None, here)]
   if args.python:
-    pythons.append((args.other_label, args.python, None))
+    pythons.append((args.other_label, args.python, None, None))
+  if args.other_path:
+    pythons.append((args.other_label, sys.executable, None, args.other_path))
   for variant in args.xla_flags:
     label, sep, flags = variant.partition("=")
     if not sep or not label:
       parser.error(f"--xla-flags takes LABEL=FLAGS; got {variant!r}")
-    pythons.append((label, sys.executable, flags))
+    pythons.append((label, sys.executable, flags, here))
 
   rows = []
   for step in steps:
     for repeat in range(repeats):
-      for label, python, flags in pythons:   # Interleaved: same load.
-        result = measure(python, step, flags, args.runs, args.interleave)
+      for label, python, flags, path in pythons:   # Interleaved.
+        result = measure(python, step, flags, args.runs, args.interleave,
+                         path)
         rows.append({"step": step, "version": label, "repeat": repeat,
                      "xla_flags": flags or "", **result})
         run = (f"  run {result['run_s']:.4f} s"
@@ -211,18 +233,22 @@ def main() -> None:
                   f"{result['plain_call_s']:.4f} s without (x"
                   f"{result['options_call_s'] / result['plain_call_s']:.3f})")
         print(f"{step:22s} {label:14s} lower {result['lower_s']:6.2f} s  "
-              f"compile {result['compile_s']:6.2f} s  "
+              f"compile {result['compile_s']:6.2f} s "
+              f"({result['lower_cpu_s'] + result['compile_cpu_s']:6.2f} s "
+              "CPU in all)  "
               f"{result['hlo_instructions']:6d} HLO instructions, "
               f"{result['fusions']:5d} fusions{run}", flush=True)
   print("\nmedians:")
   summary = []
   for step in steps:
-    for label, _, flags in pythons:
+    for label, _, flags, _ in pythons:
       mine = [r for r in rows if r["step"] == step and r["version"] == label]
       runs = [r["run_s"] for r in mine if r.get("run_s") is not None]
       entry = {"step": step, "version": label, "xla_flags": flags or "",
                "lower_s": statistics.median(r["lower_s"] for r in mine),
                "compile_s": statistics.median(r["compile_s"] for r in mine),
+               "cpu_s": statistics.median(
+                   r["lower_cpu_s"] + r["compile_cpu_s"] for r in mine),
                "run_s": statistics.median(runs) if runs else None,
                "hlo_instructions": mine[0]["hlo_instructions"],
                "fusions": mine[0]["fusions"]}
@@ -230,7 +256,8 @@ def main() -> None:
       run = (f", then {entry['run_s']:.4f} s a call"
              if entry["run_s"] is not None else "")
       print(f"{step:22s} {label:14s} lower + compile "
-            f"{entry['lower_s'] + entry['compile_s']:6.2f} s{run}")
+            f"{entry['lower_s'] + entry['compile_s']:6.2f} s "
+            f"({entry['cpu_s']:6.2f} s CPU){run}")
   os.makedirs(args.out, exist_ok=True)
   base = os.path.join(args.out, f"compile_time_{tag}")
   with open(base + ".json", "w") as f:
