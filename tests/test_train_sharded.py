@@ -97,9 +97,13 @@ def _final_state(workdir):
 def _assert_close(got, want):
   """Same step; parameters equal up to float rounding of the reductions.
 
-  The rounding is amplified by the meta-gradient's sensitivity (about 1e-6
-  absolute on parameters of size 0.01 to 2 after 12 steps); a wrong task
-  batch or mean would move them by about the learning rate, 1e-3.
+  The rounding is amplified by the meta-gradient's sensitivity and by
+  Adam, which turns the rounding noise of a near-zero gradient coordinate
+  into a step of up to the learning rate: with CG started from zero about
+  1e-6 absolute on parameters of size 0.01 to 2 after 12 steps, with the
+  warm start (the default since) up to 1.2e-4 on one weight in 40 of the
+  output layer; a wrong task batch or mean would move them all by about the
+  learning rate, 1e-3.
   """
   assert int(got["step"]) == int(want["step"])
   assert int(got["skipped"]) == int(want["skipped"]) == 0
@@ -107,8 +111,10 @@ def _assert_close(got, want):
   leaves_want = jax.tree_util.tree_flatten_with_path(want["params"])[0]
   assert [p for p, _ in leaves_got] == [p for p, _ in leaves_want]
   for (path, x), (_, y) in zip(leaves_got, leaves_want):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=5e-6,
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=3e-4,
                                err_msg=jax.tree_util.keystr(path))
+    assert np.mean(np.abs(np.asarray(x) - np.asarray(y))) < 2e-5, (
+        jax.tree_util.keystr(path))
 
 
 def _first_checkpoint_params(workdir):
