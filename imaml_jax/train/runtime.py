@@ -50,7 +50,10 @@ def make_mesh(config: config_lib.Config, devices: int | None = None):
   Args:
     config: the run's config (its ``meta_batch`` must split evenly).
     devices: number of devices, the first ones of ``jax.devices()`` (all
-      processes); ``None`` for all.
+      processes); ``None`` for all, except on a CPU, where it is as many of
+      them as divide ``meta_batch`` (:func:`cpu_device_count`: a command
+      run again in one Python process keeps the CPU devices of its first
+      run, which another meta-batch may not split over).
 
   Returns:
     A 1-D ``jax.sharding.Mesh`` with axis ``"tasks"``.
@@ -59,6 +62,8 @@ def make_mesh(config: config_lib.Config, devices: int | None = None):
     DeviceError: fewer devices than requested, or a count below 1.
     ConfigError: ``meta_batch`` is not a multiple of the device count.
   """
+  if devices is None and jax.default_backend() == "cpu":
+    devices = cpu_device_count(config.meta_batch, len(jax.devices()))
   try:
     mesh = im.task_mesh(devices)
   except ValueError as e:
