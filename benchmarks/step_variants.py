@@ -19,9 +19,10 @@ the ratios between them are what to read. Variants (the iMAML-GD step of
     variants then run on the first device, as before;
   * ``single``: one task per meta-step;
   * ``scipy_cg``: one task per meta-step with ``jax.scipy.sparse.linalg.cg``
-    called directly and the residual measured with one more product. This is
-    what ``im.cg`` now does by default, so it times the same solver as
-    ``single`` (a check that the library adds no cost around it); the
+    called directly from zero and the residual measured with one more
+    product (7 products a task for 5 iterations). ``im.cg`` did this by
+    default until it started from ``x0 = b`` (6 products, the residual's
+    product only when asked; ``speed_defaults.py``); the
     earlier hand-written CG, which spent no product on ``A @ 0`` and
     reported its recurrence residual, was about 10% faster per step
     (``throughput_cpu.md``).
