@@ -287,7 +287,7 @@ def test_evaluate_workdir_refuses_an_unknown_split(reference_run, tmp_path):
                      "train, authors_test; got 'training'"):
     protocols.evaluate_workdir(workdir, split="training")
   with pytest.raises(ValueError, match="protocol must be one of ours, "
-                     "authors; got 'theirs'"):
+                     "authors, paper; got 'theirs'"):
     protocols.evaluate_workdir(workdir, protocol="theirs")
   assert sorted(p.name for p in workdir.iterdir()) == before  # Nothing written.
 
@@ -300,6 +300,9 @@ def test_eval_protocols_and_query_images(reference_run, tmp_path, capsys):
   # before anything is loaded or written, with exit code 2.
   for args, message in ((["--protocol", "authors"], "Omniglot's"),
                         (["--split", "authors_test"], "Omniglot's"),
+                        (["--protocol", "paper"], "Omniglot's"),
+                        (["--protocol", "paper", "--split", "val"],
+                         "split 'val' does not apply"),
                         (["--protocol", "authors", "--set", "lam=0.5"],
                          "lam=0.5 does not apply"),
                         (["--protocol", "authors", "--split", "val"],
