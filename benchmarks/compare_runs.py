@@ -47,6 +47,7 @@ differences are printed as a Markdown table and written to
         mb4=benchmarks/runs/meta_lr_5w1s/maml_lr3e-3_mb4
     python benchmarks/compare_runs.py --quick     # two synthetic runs (tests)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,42 +58,49 @@ import sys
 import tempfile
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import scipy.stats
-
-import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from imaml_jax.train import metrics_log, plots  # noqa: E402
 from imaml_jax.train import CONFIG_FILE  # noqa: E402
+from imaml_jax.train import metrics_log  # noqa: E402
+from imaml_jax.train import plots  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tables  # noqa: E402  (benchmarks/tables.py)
 
-PANELS = (("val", "accuracy_after", "validation accuracy after adaptation",
-           False),
-          ("train", "loss_before", "train query loss at theta", True),
-          ("train", "grad_norm", "train meta-gradient norm", True))
+PANELS = (
+  ("val", "accuracy_after", "validation accuracy after adaptation", False),
+  ("train", "loss_before", "train query loss at theta", True),
+  ("train", "grad_norm", "train meta-gradient norm", True),
+)
 # Drawn when a run logs it (iMAML): how well CG solved the linear system.
 RESIDUAL_PANEL = ("train", "residual", "train CG relative residual", True)
 # Drawn when a run logs it (iMAML, CG stopping at negative curvature): the
 # share of tasks whose system CG proved indefinite.
-NEGATIVE_CURVATURE_PANEL = ("train", "negative_curvature",
-                            "train tasks where CG met p^T A p <= 0", False)
+NEGATIVE_CURVATURE_PANEL = (
+  "train",
+  "negative_curvature",
+  "train tasks where CG met p^T A p <= 0",
+  False,
+)
 OPTIONAL_PANELS = (RESIDUAL_PANEL, NEGATIVE_CURVATURE_PANEL)
 # What the panels' horizontal axis counts (--x).
-X_LABELS = {"meta-step": "meta-step",
-            "tasks": "training tasks seen (meta-step x meta-batch)"}
+X_LABELS = {
+  "meta-step": "meta-step",
+  "tasks": "training tasks seen (meta-step x meta-batch)",
+}
 
 
 def parse_run(text: str) -> tuple[str, Path]:
   label, sep, path = text.partition("=")
   if not sep or not label or not path:
     raise argparse.ArgumentTypeError(
-        f"a run is LABEL=PATH (metrics.jsonl or its work directory); got "
-        f"{text!r}")
+      f"a run is LABEL=PATH (metrics.jsonl or its work directory); got {text!r}"
+    )
   path = Path(path)
   if path.is_dir():
     path = path / "metrics.jsonl"
@@ -118,12 +126,17 @@ def tasks_per_step(path: Path) -> int:
   try:
     meta_batch = json.loads(config.read_text())["meta_batch"]
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise SystemExit(f"{path}: --x tasks needs the run's meta_batch from "
-                     f"{config} ({e!r})")
-  if (isinstance(meta_batch, bool) or not isinstance(meta_batch, int)
-      or meta_batch < 1):
-    raise SystemExit(f"{config}: meta_batch must be a positive integer; got "
-                     f"{meta_batch!r}")
+    raise SystemExit(
+      f"{path}: --x tasks needs the run's meta_batch from {config} ({e!r})"
+    ) from None
+  if (
+    isinstance(meta_batch, bool)
+    or not isinstance(meta_batch, int)
+    or meta_batch < 1
+  ):
+    raise SystemExit(
+      f"{config}: meta_batch must be a positive integer; got {meta_batch!r}"
+    )
   return meta_batch
 
 
@@ -146,14 +159,18 @@ def best_validation(records) -> tuple[int | None, float | None]:
 def panels_for(runs: dict[str, list[dict]]) -> tuple:
   """``PANELS``, and each of ``OPTIONAL_PANELS`` that some run logged."""
   return PANELS + tuple(
-      panel for panel in OPTIONAL_PANELS
-      if any(plots.curves(records, *panel[:2])[0]
-             for records in runs.values()))
+    panel
+    for panel in OPTIONAL_PANELS
+    if any(plots.curves(records, *panel[:2])[0] for records in runs.values())
+  )
 
 
-def plot(runs: dict[str, list[dict]], out_png: str,
-         scales: dict[str, int] | None = None,
-         x_label: str = X_LABELS["meta-step"]) -> tuple:
+def plot(
+  runs: dict[str, list[dict]],
+  out_png: str,
+  scales: dict[str, int] | None = None,
+  x_label: str = X_LABELS["meta-step"],
+) -> tuple:
   """Draws ``runs`` into ``out_png`` against the meta-step times
   ``scales[label]`` (1 if not given); returns the panels drawn."""
   panels = panels_for(runs)
@@ -166,9 +183,13 @@ def plot(runs: dict[str, list[dict]], out_png: str,
       steps, values = plots.curves(records, split, key)
       if steps:
         scale = 1 if scales is None else scales[label]
-        ax.plot([scale * step for step in steps], values, label=label,
-                color=colour,
-                marker="." if split == "val" else None)
+        ax.plot(
+          [scale * step for step in steps],
+          values,
+          label=label,
+          color=colour,
+          marker="." if split == "val" else None,
+        )
     ax.set_title(title)
     ax.set_xlabel(x_label)
     if log:
@@ -180,15 +201,23 @@ def plot(runs: dict[str, list[dict]], out_png: str,
     for handle, label in zip(*ax.get_legend_handles_labels()):
       entries.setdefault(label, handle)
   fig.tight_layout()
-  fig.legend(list(entries.values()), list(entries), loc="upper left",
-             bbox_to_anchor=(1.0, 0.95), fontsize="small")
+  fig.legend(
+    list(entries.values()),
+    list(entries),
+    loc="upper left",
+    bbox_to_anchor=(1.0, 0.95),
+    fontsize="small",
+  )
   fig.savefig(out_png, dpi=110, bbox_inches="tight")
   plt.close(fig)
   return panels
 
 
-def write_csv(runs: dict[str, list[dict]], out_csv: str,
-              scales: dict[str, int] | None = None) -> list[dict]:
+def write_csv(
+  runs: dict[str, list[dict]],
+  out_csv: str,
+  scales: dict[str, int] | None = None,
+) -> list[dict]:
   """The validation points of ``runs``; with ``scales`` (tasks per
   meta-step, per run) each row also gives the ``tasks`` seen."""
   rows = []
@@ -198,10 +227,19 @@ def write_csv(runs: dict[str, list[dict]], out_csv: str,
       row = {"run": label, "step": step}
       if scales is not None:
         row["tasks"] = scales[label] * step
-      rows.append({**row, "val_accuracy_after": value,
-                   "best_step": best_step, "best_val_accuracy_after": best})
-  fields = ["run", "step"] + (["tasks"] if scales is not None else []) + [
-      "val_accuracy_after", "best_step", "best_val_accuracy_after"]
+      rows.append(
+        {
+          **row,
+          "val_accuracy_after": value,
+          "best_step": best_step,
+          "best_val_accuracy_after": best,
+        }
+      )
+  fields = (
+    ["run", "step"]
+    + (["tasks"] if scales is not None else [])
+    + ["val_accuracy_after", "best_step", "best_val_accuracy_after"]
+  )
   with open(out_csv, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
@@ -212,12 +250,15 @@ def write_csv(runs: dict[str, list[dict]], out_csv: str,
 def parse_paired(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
   """``"A + B minus C"`` as ``(("A", "B"), ("C",))``."""
   left, sep, right = text.partition(" minus ")
-  sides = tuple(tuple(label.strip() for label in side.split(" + "))
-                for side in (left, right))
+  sides = tuple(
+    tuple(label.strip() for label in side.split(" + "))
+    for side in (left, right)
+  )
   if not sep or " minus " in right or not all(all(s) for s in sides):
     raise argparse.ArgumentTypeError(
-        f"a paired difference is \"A minus B\", a side one label or labels "
-        f"joined by \" + \"; got {text!r}")
+      f'a paired difference is "A minus B", a side one label or labels '
+      f'joined by " + "; got {text!r}'
+    )
   return sides
 
 
@@ -230,8 +271,7 @@ def split_item(item: str, paths: dict[str, Path]) -> tuple[str, str]:
   return label, eval_file
 
 
-def per_task_scores(item: str, paths: dict[str, Path], protocol: str
-                    ) -> dict:
+def per_task_scores(item: str, paths: dict[str, Path], protocol: str) -> dict:
   """The per-task test scores of ``item``: a run's label (its work directory
   holds ``paths[label]``), tested under ``protocol``, or ``LABEL:FILE``, the
   scores in the ``imaml-eval`` result ``FILE`` of that run's directory; exits
@@ -242,16 +282,23 @@ def per_task_scores(item: str, paths: dict[str, Path], protocol: str
     try:
       return json.loads(path.read_text())["test_per_task"]
     except (OSError, ValueError, KeyError) as e:
-      raise SystemExit(f"{item}: no per-task scores in {path} ({e!r})")
+      raise SystemExit(
+        f"{item}: no per-task scores in {path} ({e!r})"
+      ) from None
   path = paths[label]
   run = tables.read_run(path.parent)
   key = "authors_per_task" if protocol == "authors" else "per_task"
   if run is None or key not in run:
-    source = ("imaml-eval --protocol authors" if protocol == "authors" else
-              "results.json (or imaml-eval)")
+    source = (
+      "imaml-eval --protocol authors"
+      if protocol == "authors"
+      else "results.json (or imaml-eval)"
+    )
     whose = {"ours": "our", "authors": "the authors'"}[protocol]
-    raise SystemExit(f"{label}: no per-task test scores under {whose} "
-                     f"protocol in {path.parent} (from {source})")
+    raise SystemExit(
+      f"{label}: no per-task test scores under {whose} "
+      f"protocol in {path.parent} (from {source})"
+    )
   return run[key]
 
 
@@ -261,39 +308,57 @@ def mean_scores(labels, scores: dict[str, dict]) -> dict:
   for label in labels[1:]:
     other = scores[label]
     if (other["tasks_sha256"], other["metric"], len(other["values"])) != (
-        first["tasks_sha256"], first["metric"], len(first["values"])):
-      raise SystemExit(f"{labels[0]} and {label} were not tested on the same "
-                       f"tasks (or metric); they cannot be averaged per task")
+      first["tasks_sha256"],
+      first["metric"],
+      len(first["values"]),
+    ):
+      raise SystemExit(
+        f"{labels[0]} and {label} were not tested on the same "
+        f"tasks (or metric); they cannot be averaged per task"
+      )
   values = np.mean([scores[label]["values"] for label in labels], axis=0)
   return {**first, "values": values.tolist()}
 
 
-def paired_differences(pairs, paths: dict[str, Path], protocol: str
-                       ) -> list[dict]:
+def paired_differences(
+  pairs, paths: dict[str, Path], protocol: str
+) -> list[dict]:
   """One row per ``(left, right)`` pair of label tuples: the paired mean
   difference of their (seed-averaged) per-task scores and its interval."""
-  named = list(dict.fromkeys(label for pair in pairs for side in pair
-                             for label in side))     # In order, once each.
+  named = list(
+    dict.fromkeys(label for pair in pairs for side in pair for label in side)
+  )  # In order, once each.
   unknown = [item for item in named if split_item(item, paths)[0] not in paths]
   if unknown:
-    raise SystemExit(f"--paired names runs that were not given: "
-                     f"{', '.join(unknown)}")
+    raise SystemExit(
+      f"--paired names runs that were not given: {', '.join(unknown)}"
+    )
   scores = {item: per_task_scores(item, paths, protocol) for item in named}
   rows = []
   for left, right in pairs:
     a, b = mean_scores(left, scores), mean_scores(right, scores)
     found = tables.paired_difference(a, b)
     if found is None:
-      raise SystemExit(f"{' + '.join(left)} and {' + '.join(right)} were not "
-                       f"tested on the same tasks; they cannot be paired")
+      raise SystemExit(
+        f"{' + '.join(left)} and {' + '.join(right)} were not "
+        f"tested on the same tasks; they cannot be paired"
+      )
     mean, ci95 = found
     seeds = seed_level_difference(
-        [run_accuracy(scores[item]) for item in left],
-        [run_accuracy(scores[item]) for item in right])
-    rows.append({"difference": f"{' + '.join(left)} minus {' + '.join(right)}",
-                 "protocol": protocol, "mean": mean, "ci95": ci95,
-                 "tasks": len(a["values"]), "sign": sign(mean, ci95),
-                 "seed_ci95": "" if seeds is None else seeds[1]})
+      [run_accuracy(scores[item]) for item in left],
+      [run_accuracy(scores[item]) for item in right],
+    )
+    rows.append(
+      {
+        "difference": f"{' + '.join(left)} minus {' + '.join(right)}",
+        "protocol": protocol,
+        "mean": mean,
+        "ci95": ci95,
+        "tasks": len(a["values"]),
+        "sign": sign(mean, ci95),
+        "seed_ci95": "" if seeds is None else seeds[1],
+      }
+    )
   return rows
 
 
@@ -302,8 +367,9 @@ def run_accuracy(scores: dict) -> float:
   return 100 * float(np.mean(scores["values"]))
 
 
-def seed_level_difference(a: list[float], b: list[float]
-                          ) -> tuple[float, float] | None:
+def seed_level_difference(
+  a: list[float], b: list[float]
+) -> tuple[float, float] | None:
   """Difference of the means of two groups of runs (one accuracy per run,
   such as training seeds) and its 95% half-width by Welch's t interval, or
   ``None`` unless each group holds two runs or more.
@@ -323,7 +389,7 @@ def seed_level_difference(a: list[float], b: list[float]
   difference = float(np.mean(a) - np.mean(b))
   if va + vb == 0:
     return difference, 0.0
-  nu = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+  nu = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
   return difference, float(scipy.stats.t.ppf(0.975, nu) * np.sqrt(va + vb))
 
 
@@ -338,10 +404,16 @@ def sign(mean: float, ci95: float) -> str:
 
 def paired_markdown(rows: list[dict]) -> list[str]:
   protocol = {"ours": "our", "authors": "authors'"}[rows[0]["protocol"]]
-  lines = [f"| difference ({protocol} protocol, points) | paired mean ± 95% "
-           f"| interval | seed-level 95% (Welch) |", "|---|---|---|---|"]
-  lines += [f"| {r['difference']} | {r['mean']:+.2f} ± {r['ci95']:.2f} | "
-            f"{r['sign']} | {seed_text(r)} |" for r in rows]
+  lines = [
+    f"| difference ({protocol} protocol, points) | paired mean ± 95% "
+    f"| interval | seed-level 95% (Welch) |",
+    "|---|---|---|---|",
+  ]
+  lines += [
+    f"| {r['difference']} | {r['mean']:+.2f} ± {r['ci95']:.2f} | "
+    f"{r['sign']} | {seed_text(r)} |"
+    for r in rows
+  ]
   return lines
 
 
@@ -368,23 +440,43 @@ def synthetic_runs(folder: Path) -> list[tuple[str, Path]]:
     workdir.mkdir()
     with open(workdir / "metrics.jsonl", "w") as f:
       for step in range(100, 1001, 100):
-        train = {"step": step, "split": "train",
-                 "loss_before": 1.6 + step / 1000,
-                 "grad_norm": 0.3 + step / 5000}
-        if label == "a":      # An iMAML run; "b" stands for MAML.
+        train = {
+          "step": step,
+          "split": "train",
+          "loss_before": 1.6 + step / 1000,
+          "grad_norm": 0.3 + step / 5000,
+        }
+        if label == "a":  # An iMAML run; "b" stands for MAML.
           train["residual"] = 0.1 + step / 10000
           train["negative_curvature"] = 0.125 * (step > 500)
         f.write(json.dumps(train) + "\n")
         if step % 200 == 0:
-          f.write(json.dumps({"step": step, "split": "val",
-                              "accuracy_after": peak * step / 1000}) + "\n")
+          f.write(
+            json.dumps(
+              {
+                "step": step,
+                "split": "val",
+                "accuracy_after": peak * step / 1000,
+              }
+            )
+            + "\n"
+          )
     values = per_task[label]
     results = {
-        "test": {"accuracy_after": {"mean": float(np.mean(values)),
-                                    "ci95": 0.0, "n": len(values)}},
-        "budget": {"meta_steps": 1000, "wall_time_s": 1.0, "device": "cpu"},
-        "test_per_task": {"metric": "accuracy_after", "values": values,
-                          "tasks_sha256": "four synthetic tasks"}}
+      "test": {
+        "accuracy_after": {
+          "mean": float(np.mean(values)),
+          "ci95": 0.0,
+          "n": len(values),
+        }
+      },
+      "budget": {"meta_steps": 1000, "wall_time_s": 1.0, "device": "cpu"},
+      "test_per_task": {
+        "metric": "accuracy_after",
+        "values": values,
+        "tasks_sha256": "four synthetic tasks",
+      },
+    }
     (workdir / "results.json").write_text(json.dumps(results))
     runs.append((label, workdir / "metrics.jsonl"))
   return runs
@@ -393,23 +485,41 @@ def synthetic_runs(folder: Path) -> list[tuple[str, Path]]:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("runs", nargs="*", type=parse_run, metavar="LABEL=PATH")
-  parser.add_argument("--out", default=None,
-                      help="output stem: writes OUT.png and OUT.csv (and "
-                      "OUT_paired.csv with --paired)")
-  parser.add_argument("--paired", action="append", default=[],
-                      type=parse_paired, metavar='"A minus B"',
-                      help="paired per-task test difference of two runs (a "
-                      'side may be "A0 + A1", their per-task mean); '
-                      "repeatable")
-  parser.add_argument("--protocol", choices=("ours", "authors"),
-                      default="ours",
-                      help="whose test --paired compares (default: ours)")
-  parser.add_argument("--x", choices=tuple(X_LABELS), default="meta-step",
-                      help="the panels' horizontal axis: the meta-step "
-                      "(default), or the training tasks seen, meta-step x "
-                      "the run's meta_batch (from its config.json)")
-  parser.add_argument("--quick", action="store_true",
-                      help="plot two synthetic runs and pair their tests")
+  parser.add_argument(
+    "--out",
+    default=None,
+    help="output stem: writes OUT.png and OUT.csv (and "
+    "OUT_paired.csv with --paired)",
+  )
+  parser.add_argument(
+    "--paired",
+    action="append",
+    default=[],
+    type=parse_paired,
+    metavar='"A minus B"',
+    help="paired per-task test difference of two runs (a "
+    'side may be "A0 + A1", their per-task mean); '
+    "repeatable",
+  )
+  parser.add_argument(
+    "--protocol",
+    choices=("ours", "authors"),
+    default="ours",
+    help="whose test --paired compares (default: ours)",
+  )
+  parser.add_argument(
+    "--x",
+    choices=tuple(X_LABELS),
+    default="meta-step",
+    help="the panels' horizontal axis: the meta-step "
+    "(default), or the training tasks seen, meta-step x "
+    "the run's meta_batch (from its config.json)",
+  )
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="plot two synthetic runs and pair their tests",
+  )
   args = parser.parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
     if args.quick:
@@ -426,8 +536,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     panels = plot(runs, args.out + ".png", scales, X_LABELS[args.x])
     print("panels: " + "; ".join(title for _, _, title, _ in panels))
-    write_csv(runs, args.out + ".csv",
-              scales if args.x == "tasks" else None)
+    write_csv(runs, args.out + ".csv", scales if args.x == "tasks" else None)
     for label, records in runs.items():
       step, best = best_validation(records)
       last = records[-1].get("step")

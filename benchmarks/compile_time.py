@@ -43,6 +43,7 @@ run slower.
 
 Writes ``benchmarks/results/compile_time_<tag>.{csv,json}``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,15 +55,20 @@ import subprocess
 import sys
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-STEPS = ("sinusoid_train", "sinusoid_eval", "omniglot_5w1s_train",
-         "omniglot_5w1s_eval")
+STEPS = (
+  "sinusoid_train",
+  "sinusoid_eval",
+  "omniglot_5w1s_train",
+  "omniglot_5w1s_eval",
+)
 # Each step's recipe is spelled out, so that versions whose named configs
 # differ still compile the same computation.
 _CONFIGS = {
-    "sinusoid": ("sinusoid", ["lam=30", "inner_lr=0.005",
-                              "inner_backtrack=true"]),
-    "omniglot_5w1s": ("omniglot_5w1s_imaml_gd",
-                      ["meta_batch=8", "task_chunk=1"]),
+  "sinusoid": (
+    "sinusoid",
+    ["lam=30", "inner_lr=0.005", "inner_backtrack=true"],
+  ),
+  "omniglot_5w1s": ("omniglot_5w1s_imaml_gd", ["meta_batch=8", "task_chunk=1"]),
 }
 
 # Runs in a fresh interpreter; prints one JSON line.
@@ -142,9 +148,14 @@ print(json.dumps({
 """
 
 
-def measure(python: str, step: str, xla_flags: str | None = None,
-            runs: int = 0, interleave: int = 0,
-            pythonpath: str | None = None) -> dict:
+def measure(
+  python: str,
+  step: str,
+  xla_flags: str | None = None,
+  runs: int = 0,
+  interleave: int = 0,
+  pythonpath: str | None = None,
+) -> dict:
   """One measurement of ``step`` in a fresh ``python`` process, with
   ``XLA_FLAGS=xla_flags`` if given, timing ``runs`` calls of it after, and
   with ``interleave`` the trainer's compiler options against none, in turn.
@@ -161,9 +172,22 @@ def measure(python: str, step: str, xla_flags: str | None = None,
     env["PYTHONPATH"] = os.path.abspath(pythonpath)
     cwd = os.path.dirname(os.path.abspath(pythonpath))
   proc = subprocess.run(
-      [python, "-c", _CHILD, step, config_name, str(runs), str(interleave),
-       *overrides],
-      capture_output=True, text=True, check=False, env=env, cwd=cwd)
+    [
+      python,
+      "-c",
+      _CHILD,
+      step,
+      config_name,
+      str(runs),
+      str(interleave),
+      *overrides,
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+    env=env,
+    cwd=cwd,
+  )
   if proc.returncode != 0:
     raise RuntimeError(f"{step} under {python} failed:\n{proc.stderr[-3000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -171,30 +195,50 @@ def measure(python: str, step: str, xla_flags: str | None = None,
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", nargs="+", default=list(STEPS),
-                      choices=STEPS)
+  parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
   parser.add_argument("--repeats", type=int, default=2)
-  parser.add_argument("--python", default=None,
-                      help="another interpreter to measure beside this one")
-  parser.add_argument("--other-path", default=None, metavar="DIR",
-                      help="another source tree (e.g. a git worktree of an "
-                           "earlier commit) to measure beside this one, "
-                           "with this interpreter")
+  parser.add_argument(
+    "--python",
+    default=None,
+    help="another interpreter to measure beside this one",
+  )
+  parser.add_argument(
+    "--other-path",
+    default=None,
+    metavar="DIR",
+    help="another source tree (e.g. a git worktree of an "
+    "earlier commit) to measure beside this one, "
+    "with this interpreter",
+  )
   parser.add_argument("--label", default="this version")
   parser.add_argument("--other-label", default="other version")
-  parser.add_argument("--xla-flags", nargs="+", default=[],
-                      metavar="LABEL=FLAGS",
-                      help="also measure this version under these XLA_FLAGS, "
-                           "e.g. O0=--xla_backend_optimization_level=0")
-  parser.add_argument("--runs", type=int, default=0,
-                      help="after compiling, time this many calls of the "
-                           "step (the median is reported as run_s)")
-  parser.add_argument("--interleave", type=int, default=0, metavar="N",
-                      help="also compile each step without the trainer's "
-                           "compiler options and time N calls of each, "
-                           "alternating, in the same process")
-  parser.add_argument("--quick", action="store_true",
-                      help="sinusoid evaluation step, once")
+  parser.add_argument(
+    "--xla-flags",
+    nargs="+",
+    default=[],
+    metavar="LABEL=FLAGS",
+    help="also measure this version under these XLA_FLAGS, "
+    "e.g. O0=--xla_backend_optimization_level=0",
+  )
+  parser.add_argument(
+    "--runs",
+    type=int,
+    default=0,
+    help="after compiling, time this many calls of the "
+    "step (the median is reported as run_s)",
+  )
+  parser.add_argument(
+    "--interleave",
+    type=int,
+    default=0,
+    metavar="N",
+    help="also compile each step without the trainer's "
+    "compiler options and time N calls of each, "
+    "alternating, in the same process",
+  )
+  parser.add_argument(
+    "--quick", action="store_true", help="sinusoid evaluation step, once"
+  )
   parser.add_argument("--tag", default=None)
   parser.add_argument("--out", default=RESULTS)
   args = parser.parse_args()
@@ -219,51 +263,82 @@ def main() -> None:
   rows = []
   for step in steps:
     for repeat in range(repeats):
-      for label, python, flags, path in pythons:   # Interleaved.
-        result = measure(python, step, flags, args.runs, args.interleave,
-                         path)
-        rows.append({"step": step, "version": label, "repeat": repeat,
-                     "xla_flags": flags or "", **result})
-        run = (f"  run {result['run_s']:.4f} s"
-               if result.get("run_s") is not None else "")
+      for label, python, flags, path in pythons:  # Interleaved.
+        result = measure(python, step, flags, args.runs, args.interleave, path)
+        rows.append(
+          {
+            "step": step,
+            "version": label,
+            "repeat": repeat,
+            "xla_flags": flags or "",
+            **result,
+          }
+        )
+        run = (
+          f"  run {result['run_s']:.4f} s"
+          if result.get("run_s") is not None
+          else ""
+        )
         if "plain_call_s" in result:
-          run += (f"\n{'':37s}without the options: compile "
-                  f"{result['plain_compile_s']:6.2f} s; a call "
-                  f"{result['options_call_s']:.4f} s with them, "
-                  f"{result['plain_call_s']:.4f} s without (x"
-                  f"{result['options_call_s'] / result['plain_call_s']:.3f})")
-        print(f"{step:22s} {label:14s} lower {result['lower_s']:6.2f} s  "
-              f"compile {result['compile_s']:6.2f} s "
-              f"({result['lower_cpu_s'] + result['compile_cpu_s']:6.2f} s "
-              "CPU in all)  "
-              f"{result['hlo_instructions']:6d} HLO instructions, "
-              f"{result['fusions']:5d} fusions{run}", flush=True)
+          run += (
+            f"\n{'':37s}without the options: compile "
+            f"{result['plain_compile_s']:6.2f} s; a call "
+            f"{result['options_call_s']:.4f} s with them, "
+            f"{result['plain_call_s']:.4f} s without (x"
+            f"{result['options_call_s'] / result['plain_call_s']:.3f})"
+          )
+        print(
+          f"{step:22s} {label:14s} lower {result['lower_s']:6.2f} s  "
+          f"compile {result['compile_s']:6.2f} s "
+          f"({result['lower_cpu_s'] + result['compile_cpu_s']:6.2f} s "
+          "CPU in all)  "
+          f"{result['hlo_instructions']:6d} HLO instructions, "
+          f"{result['fusions']:5d} fusions{run}",
+          flush=True,
+        )
   print("\nmedians:")
   summary = []
   for step in steps:
     for label, _, flags, _ in pythons:
       mine = [r for r in rows if r["step"] == step and r["version"] == label]
       runs = [r["run_s"] for r in mine if r.get("run_s") is not None]
-      entry = {"step": step, "version": label, "xla_flags": flags or "",
-               "lower_s": statistics.median(r["lower_s"] for r in mine),
-               "compile_s": statistics.median(r["compile_s"] for r in mine),
-               "cpu_s": statistics.median(
-                   r["lower_cpu_s"] + r["compile_cpu_s"] for r in mine),
-               "run_s": statistics.median(runs) if runs else None,
-               "hlo_instructions": mine[0]["hlo_instructions"],
-               "fusions": mine[0]["fusions"]}
+      entry = {
+        "step": step,
+        "version": label,
+        "xla_flags": flags or "",
+        "lower_s": statistics.median(r["lower_s"] for r in mine),
+        "compile_s": statistics.median(r["compile_s"] for r in mine),
+        "cpu_s": statistics.median(
+          r["lower_cpu_s"] + r["compile_cpu_s"] for r in mine
+        ),
+        "run_s": statistics.median(runs) if runs else None,
+        "hlo_instructions": mine[0]["hlo_instructions"],
+        "fusions": mine[0]["fusions"],
+      }
       summary.append(entry)
-      run = (f", then {entry['run_s']:.4f} s a call"
-             if entry["run_s"] is not None else "")
-      print(f"{step:22s} {label:14s} lower + compile "
-            f"{entry['lower_s'] + entry['compile_s']:6.2f} s "
-            f"({entry['cpu_s']:6.2f} s CPU){run}")
+      run = (
+        f", then {entry['run_s']:.4f} s a call"
+        if entry["run_s"] is not None
+        else ""
+      )
+      print(
+        f"{step:22s} {label:14s} lower + compile "
+        f"{entry['lower_s'] + entry['compile_s']:6.2f} s "
+        f"({entry['cpu_s']:6.2f} s CPU){run}"
+      )
   os.makedirs(args.out, exist_ok=True)
   base = os.path.join(args.out, f"compile_time_{tag}")
   with open(base + ".json", "w") as f:
-    json.dump({"rows": rows, "medians": summary,
-               "cpu_count": os.cpu_count(),
-               "affinity": sorted(os.sched_getaffinity(0))}, f, indent=2)
+    json.dump(
+      {
+        "rows": rows,
+        "medians": summary,
+        "cpu_count": os.cpu_count(),
+        "affinity": sorted(os.sched_getaffinity(0)),
+      },
+      f,
+      indent=2,
+    )
   with open(base + ".csv", "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()

@@ -21,6 +21,7 @@ Writes ``benchmarks/results/memory_vs_steps_<device>.{csv,json,png}``.
     python benchmarks/memory_vs_steps.py --isolate          # GPU: peak bytes
                                                             # per point
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,15 +39,16 @@ import numpy as np
 import optax
 
 import imaml_jax as im
-from imaml_jax import data, models
+from imaml_jax import data
+from imaml_jax import models
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 ALGORITHMS = {
-    "imaml": lambda k: im.imaml(2.0, im.gd(k, 0.05), im.cg(5)),
-    "maml": lambda k: im.maml(im.gd(k, 0.1)),
-    "maml_remat": lambda k: im.maml(im.gd(k, 0.1), remat=True),
-    "fomaml": lambda k: im.fomaml(im.gd(k, 0.1)),
+  "imaml": lambda k: im.imaml(2.0, im.gd(k, 0.05), im.cg(5)),
+  "maml": lambda k: im.maml(im.gd(k, 0.1)),
+  "maml_remat": lambda k: im.maml(im.gd(k, 0.1), remat=True),
+  "fomaml": lambda k: im.fomaml(im.gd(k, 0.1)),
 }
 
 
@@ -55,29 +57,46 @@ def peak_device_bytes():
   return stats.get("peak_bytes_in_use")
 
 
-def measure(algorithm: str, steps: int, n_way: int, k_shot: int, q_query: int,
-            meta_batch: int, repeats: int):
+def measure(
+  algorithm: str,
+  steps: int,
+  n_way: int,
+  k_shot: int,
+  q_query: int,
+  meta_batch: int,
+  repeats: int,
+):
   net = models.omniglot_convnet(n_way)
   loss_fn = models.classification_loss(net)
-  params = models.init_params(net, jax.random.key(0),
-                              jnp.zeros((n_way * k_shot, 28, 28, 1)))
-  init, step = im.make_meta_step(loss_fn, optax.adam(1e-3),
-                                 ALGORITHMS[algorithm](steps), has_aux=True,
-                                 pre_adaptation_metrics=False)
+  params = models.init_params(
+    net, jax.random.key(0), jnp.zeros((n_way * k_shot, 28, 28, 1))
+  )
+  init, step = im.make_meta_step(
+    loss_fn,
+    optax.adam(1e-3),
+    ALGORITHMS[algorithm](steps),
+    has_aux=True,
+    pre_adaptation_metrics=False,
+  )
   state = init(params)
   rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.integers(0, 256, (max(n_way, 50), 20, 28, 28, 1),
-                                    dtype=np.uint8))
-  tasks = data.sample_tasks(jax.random.key(0), images, n_way, k_shot, q_query,
-                            meta_batch)
+  images = jnp.asarray(
+    rng.integers(0, 256, (max(n_way, 50), 20, 28, 28, 1), dtype=np.uint8)
+  )
+  tasks = data.sample_tasks(
+    jax.random.key(0), images, n_way, k_shot, q_query, meta_batch
+  )
   t0 = time.perf_counter()
   compiled = jax.jit(step).lower(state, tasks).compile()
   compile_s = time.perf_counter() - t0
   memory = compiled.memory_analysis()
-  row = {"algorithm": algorithm, "inner_steps": steps,
-         "temp_mb": memory.temp_size_in_bytes / 2 ** 20,
-         "argument_mb": memory.argument_size_in_bytes / 2 ** 20,
-         "compile_s": round(compile_s, 2)}
+  row = {
+    "algorithm": algorithm,
+    "inner_steps": steps,
+    "temp_mb": memory.temp_size_in_bytes / 2**20,
+    "argument_mb": memory.argument_size_in_bytes / 2**20,
+    "compile_s": round(compile_s, 2),
+  }
   if repeats:
     try:
       jax.block_until_ready(compiled(state, tasks))
@@ -91,15 +110,21 @@ def measure(algorithm: str, steps: int, n_way: int, k_shot: int, q_query: int,
       row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
       return row
     row["step_s"] = statistics.median(times)
-    row["peak_device_mb"] = ((peak_device_bytes() or 0) / 2 ** 20) or None
+    row["peak_device_mb"] = ((peak_device_bytes() or 0) / 2**20) or None
   return row
 
 
 def _point_command(algorithm: str, steps: int, args, compile_only: bool):
-  command = [sys.executable, os.path.abspath(__file__), "--point", algorithm,
-             str(steps)] + [f"--{k.replace('_', '-')}={getattr(args, k)}"
-                            for k in ("n_way", "k_shot", "q_query",
-                                      "meta_batch", "repeats")]
+  command = [
+    sys.executable,
+    os.path.abspath(__file__),
+    "--point",
+    algorithm,
+    str(steps),
+  ] + [
+    f"--{k.replace('_', '-')}={getattr(args, k)}"
+    for k in ("n_way", "k_shot", "q_query", "meta_batch", "repeats")
+  ]
   if args.no_time or compile_only:
     command.append("--no-time")
   return command
@@ -116,9 +141,11 @@ def _point_row(algorithm, steps, done) -> dict:
 def _point_env(cache_dir):
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
   if cache_dir:
-    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=cache_dir,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
   return env
 
 
@@ -133,41 +160,57 @@ def precompile_points(points, args, cache_dir: str) -> dict:
 
   def compile_point(point):
     try:
-      done = subprocess.run(_point_command(*point, args, compile_only=True),
-                            capture_output=True, text=True, check=False,
-                            timeout=args.point_timeout,
-                            env=_point_env(cache_dir))
+      done = subprocess.run(
+        _point_command(*point, args, compile_only=True),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=args.point_timeout,
+        env=_point_env(cache_dir),
+      )
     except subprocess.TimeoutExpired:
-      return point, {"algorithm": point[0], "inner_steps": point[1],
-                     "error": f"compile timed out after {args.point_timeout} s"}
+      return point, {
+        "algorithm": point[0],
+        "inner_steps": point[1],
+        "error": f"compile timed out after {args.point_timeout} s",
+      }
     return point, _point_row(*point, done)
 
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
     return dict(pool.map(compile_point, points))
 
 
-def measure_in_subprocess(algorithm: str, steps: int, args,
-                          cache_dir: str | None = None) -> dict:
+def measure_in_subprocess(
+  algorithm: str, steps: int, args, cache_dir: str | None = None
+) -> dict:
   """``measure`` in a fresh process, so the device's peak bytes are its own.
 
   A point that fails (the device runs out of memory, say) or outlasts
   ``--point-timeout`` gives a row with an ``error`` field instead of numbers.
   """
   try:
-    done = subprocess.run(_point_command(algorithm, steps, args, False),
-                          capture_output=True, text=True, check=False,
-                          timeout=args.point_timeout,
-                          env=_point_env(cache_dir))
+    done = subprocess.run(
+      _point_command(algorithm, steps, args, False),
+      capture_output=True,
+      text=True,
+      check=False,
+      timeout=args.point_timeout,
+      env=_point_env(cache_dir),
+    )
   except subprocess.TimeoutExpired:
-    return {"algorithm": algorithm, "inner_steps": steps,
-            "error": f"timed out after {args.point_timeout} s"}
+    return {
+      "algorithm": algorithm,
+      "inner_steps": steps,
+      "error": f"timed out after {args.point_timeout} s",
+    }
   return _point_row(algorithm, steps, done)
 
 
 def write_rows(rows, stem: str, device_kind: str, setting: dict) -> None:
   with open(stem + ".json", "w") as f:
-    json.dump({"device": device_kind, "setting": setting, "rows": rows}, f,
-              indent=2)
+    json.dump(
+      {"device": device_kind, "setting": setting, "rows": rows}, f, indent=2
+    )
   with open(stem + ".csv", "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
     writer.writeheader()
@@ -176,14 +219,21 @@ def write_rows(rows, stem: str, device_kind: str, setting: dict) -> None:
 
 def plot(rows, title, path):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   timed = any("step_s" in r for r in rows)
-  fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(10 if timed else 5, 4))
+  fig, axes = plt.subplots(
+    1, 2 if timed else 1, figsize=(10 if timed else 5, 4)
+  )
   axes = np.atleast_1d(axes)
   for name in ALGORITHMS:
-    pts = sorted((r["inner_steps"], r["temp_mb"], r.get("step_s"))
-                 for r in rows if r["algorithm"] == name and "temp_mb" in r)
+    pts = sorted(
+      (r["inner_steps"], r["temp_mb"], r.get("step_s"))
+      for r in rows
+      if r["algorithm"] == name and "temp_mb" in r
+    )
     if not pts:
       continue
     steps, mem, _ = zip(*pts)
@@ -209,37 +259,70 @@ def main(argv=None):
   parser.add_argument("--k-shot", type=int, default=5)
   parser.add_argument("--q-query", type=int, default=15)
   parser.add_argument("--meta-batch", type=int, default=32)
-  parser.add_argument("--steps", type=int, nargs="+",
-                      default=[1, 5, 10, 25, 50, 100])
-  parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS),
-                      choices=list(ALGORITHMS))
-  parser.add_argument("--repeats", type=int, default=2,
-                      help="timed meta-steps per point (0: memory only)")
-  parser.add_argument("--no-time", action="store_true",
-                      help="memory only (same as --repeats 0)")
-  parser.add_argument("--quick", action="store_true",
-                      help="5-way 1-shot, batch 2, steps 1 and 4")
-  parser.add_argument("--isolate", action="store_true",
-                      help="measure each point in a fresh process (the "
-                           "device's peak bytes are then per point, and a "
-                           "point that runs out of memory is recorded)")
-  parser.add_argument("--point-timeout", type=float, default=600.0,
-                      help="seconds allowed per isolated point")
-  parser.add_argument("--jobs", type=int, default=1,
-                      help="with --isolate: compile the points in this many "
-                           "parallel processes first (through JAX's "
-                           "persistent compilation cache), then time them "
-                           "one at a time")
+  parser.add_argument(
+    "--steps", type=int, nargs="+", default=[1, 5, 10, 25, 50, 100]
+  )
+  parser.add_argument(
+    "--algorithms",
+    nargs="+",
+    default=list(ALGORITHMS),
+    choices=list(ALGORITHMS),
+  )
+  parser.add_argument(
+    "--repeats",
+    type=int,
+    default=2,
+    help="timed meta-steps per point (0: memory only)",
+  )
+  parser.add_argument(
+    "--no-time", action="store_true", help="memory only (same as --repeats 0)"
+  )
+  parser.add_argument(
+    "--quick", action="store_true", help="5-way 1-shot, batch 2, steps 1 and 4"
+  )
+  parser.add_argument(
+    "--isolate",
+    action="store_true",
+    help="measure each point in a fresh process (the "
+    "device's peak bytes are then per point, and a "
+    "point that runs out of memory is recorded)",
+  )
+  parser.add_argument(
+    "--point-timeout",
+    type=float,
+    default=600.0,
+    help="seconds allowed per isolated point",
+  )
+  parser.add_argument(
+    "--jobs",
+    type=int,
+    default=1,
+    help="with --isolate: compile the points in this many "
+    "parallel processes first (through JAX's "
+    "persistent compilation cache), then time them "
+    "one at a time",
+  )
   parser.add_argument("--tag", default="", help="suffix of the output files")
-  parser.add_argument("--point", nargs=2, metavar=("ALGORITHM", "STEPS"),
-                      help=argparse.SUPPRESS)
+  parser.add_argument(
+    "--point", nargs=2, metavar=("ALGORITHM", "STEPS"), help=argparse.SUPPRESS
+  )
   parser.add_argument("--out", default=RESULTS)
   args = parser.parse_args(argv)
   if args.point:
     name, k = args.point[0], int(args.point[1])
-    print(json.dumps(measure(name, k, args.n_way, args.k_shot, args.q_query,
-                             args.meta_batch,
-                             0 if args.no_time else args.repeats)))
+    print(
+      json.dumps(
+        measure(
+          name,
+          k,
+          args.n_way,
+          args.k_shot,
+          args.q_query,
+          args.meta_batch,
+          0 if args.no_time else args.repeats,
+        )
+      )
+    )
     return None
   if args.quick:
     args.n_way, args.k_shot, args.meta_batch = 5, 1, 2
@@ -252,33 +335,44 @@ def main(argv=None):
   device = jax.devices()[0]
   rows = []
   os.makedirs(args.out, exist_ok=True)
-  stem = os.path.join(args.out, f"memory_vs_steps_{device.platform}"
-                      f"{'_quick' if args.quick else ''}{args.tag}")
-  setting = {k: getattr(args, k) for k in ("n_way", "k_shot", "q_query",
-                                           "meta_batch")}
-  print(f"device: {device.device_kind}; {args.n_way}-way {args.k_shot}-shot, "
-        f"{args.q_query} query/class, meta-batch {args.meta_batch}")
+  stem = os.path.join(
+    args.out,
+    f"memory_vs_steps_{device.platform}"
+    f"{'_quick' if args.quick else ''}{args.tag}",
+  )
+  setting = {
+    k: getattr(args, k) for k in ("n_way", "k_shot", "q_query", "meta_batch")
+  }
+  print(
+    f"device: {device.device_kind}; {args.n_way}-way {args.k_shot}-shot, "
+    f"{args.q_query} query/class, meta-batch {args.meta_batch}"
+  )
   points = [(name, k) for name in args.algorithms for k in args.steps]
   compiled, cache_dir = {}, None
   if args.isolate and args.jobs > 1:
     import tempfile  # pylint: disable=import-outside-toplevel
+
     cache_dir = tempfile.mkdtemp(prefix="imaml_memory_cache_")
     start = time.perf_counter()
     compiled = precompile_points(points, args, cache_dir)
-    print(f"compiled {len(points)} points in {args.jobs} processes in "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
+    print(
+      f"compiled {len(points)} points in {args.jobs} processes in "
+      f"{time.perf_counter() - start:.0f} s",
+      flush=True,
+    )
   for name, k in points:
     if args.isolate:
       first = compiled.get((name, k), {})
       if first and "temp_mb" not in first:
-        row = first                       # It did not even compile.
+        row = first  # It did not even compile.
       else:
         row = measure_in_subprocess(name, k, args, cache_dir)
         if "compile_s" in first and "temp_mb" in row:
-          row["compile_s"] = first["compile_s"]   # Not the cache load.
+          row["compile_s"] = first["compile_s"]  # Not the cache load.
     else:
-      row = measure(name, k, args.n_way, args.k_shot, args.q_query,
-                    args.meta_batch, repeats)
+      row = measure(
+        name, k, args.n_way, args.k_shot, args.q_query, args.meta_batch, repeats
+      )
     rows.append(row)
     write_rows(rows, stem, device.device_kind, setting)  # As it goes.
     if "temp_mb" not in row:
@@ -289,11 +383,18 @@ def main(argv=None):
       timing += f"  peak {row['peak_device_mb']:9.1f} MiB"
     if "error" in row:
       timing += f"  run failed: {row['error'][:120]}"
-    print(f"{name:11s} steps={k:4d}  temp {row['temp_mb']:9.1f} MiB  "
-          f"compile {row['compile_s']:6.1f}s{timing}", flush=True)
+    print(
+      f"{name:11s} steps={k:4d}  temp {row['temp_mb']:9.1f} MiB  "
+      f"compile {row['compile_s']:6.1f}s{timing}",
+      flush=True,
+    )
   write_rows(rows, stem, device.device_kind, setting)
-  plot(rows, f"Omniglot {args.n_way}-way {args.k_shot}-shot, meta-batch "
-       f"{args.meta_batch} ({device.device_kind})", stem + ".png")
+  plot(
+    rows,
+    f"Omniglot {args.n_way}-way {args.k_shot}-shot, meta-batch "
+    f"{args.meta_batch} ({device.device_kind})",
+    stem + ".png",
+  )
   print(f"wrote {stem}.{{csv,json,png}}")
   return rows
 

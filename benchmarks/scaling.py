@@ -24,6 +24,7 @@ device count and measures its overhead, not the scaling of real hardware.
     python benchmarks/scaling.py --quick          # meta-batch 16, 2+2 steps
     python benchmarks/scaling.py --devices 1,2,4,8 --host-devices 8
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,25 +41,47 @@ _FORCE_FLAG = "--xla_force_host_platform_device_count"
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="meta-batch 16, 2 inner GD and 2 CG steps, 2 timed "
-                           "repeats")
-  parser.add_argument("--devices", default="1,2,4,8",
-                      help="comma-separated device counts (default 1,2,4,8)")
-  parser.add_argument("--host-devices", type=int, default=8,
-                      help="virtual CPU devices to create (0: leave XLA_FLAGS "
-                           "alone); affects only the CPU platform")
-  parser.add_argument("--meta-batch", type=int, default=None,
-                      help="tasks per meta-step (default 32, quick 16)")
-  parser.add_argument("--inner-steps", type=int, default=None,
-                      help="inner GD steps (default 16, quick 2)")
-  parser.add_argument("--cg-steps", type=int, default=None,
-                      help="CG steps (default 5, quick 2)")
-  parser.add_argument("--repeats", type=int, default=None,
-                      help="timed meta-steps per device count (default 5, "
-                           "quick 2)")
-  parser.add_argument("--out", default=None, help="output folder (default "
-                      "benchmarks/results)")
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="meta-batch 16, 2 inner GD and 2 CG steps, 2 timed repeats",
+  )
+  parser.add_argument(
+    "--devices",
+    default="1,2,4,8",
+    help="comma-separated device counts (default 1,2,4,8)",
+  )
+  parser.add_argument(
+    "--host-devices",
+    type=int,
+    default=8,
+    help="virtual CPU devices to create (0: leave XLA_FLAGS "
+    "alone); affects only the CPU platform",
+  )
+  parser.add_argument(
+    "--meta-batch",
+    type=int,
+    default=None,
+    help="tasks per meta-step (default 32, quick 16)",
+  )
+  parser.add_argument(
+    "--inner-steps",
+    type=int,
+    default=None,
+    help="inner GD steps (default 16, quick 2)",
+  )
+  parser.add_argument(
+    "--cg-steps", type=int, default=None, help="CG steps (default 5, quick 2)"
+  )
+  parser.add_argument(
+    "--repeats",
+    type=int,
+    default=None,
+    help="timed meta-steps per device count (default 5, quick 2)",
+  )
+  parser.add_argument(
+    "--out", default=None, help="output folder (default benchmarks/results)"
+  )
   return parser.parse_args(argv)
 
 
@@ -84,9 +107,11 @@ def main(argv=None):
   import optax
 
   import imaml_jax as im
-  from imaml_jax import data, models
-  from imaml_jax import (make_sharded_sampler, replicate, shard_meta_step,
-                         task_mesh)
+  from imaml_jax import make_sharded_sampler
+  from imaml_jax import models
+  from imaml_jax import replicate
+  from imaml_jax import shard_meta_step
+  from imaml_jax import task_mesh
 
   quick = args.quick
   meta_batch = args.meta_batch or (16 if quick else 32)
@@ -101,30 +126,41 @@ def main(argv=None):
   counts = [c for c in counts if c not in skipped]
   device = available[0]
   forced = device.platform == "cpu" and _FORCE_FLAG in os.environ.get(
-      "XLA_FLAGS", "")
-  note = ("The devices are virtual CPU devices forced with "
-          f"{_FORCE_FLAG}; they share this machine's {os.cpu_count()} "
-          "cores, so no speed-up with more devices is expected here; the "
-          "numbers show that the sharded step runs and what it costs."
-          if forced else "")
-  print(f"{len(available)} x {device.platform} ({device.device_kind}); "
-        f"meta-batch {meta_batch}, {inner_steps} inner GD steps, {cg_steps} "
-        f"CG steps.")
+    "XLA_FLAGS", ""
+  )
+  note = (
+    "The devices are virtual CPU devices forced with "
+    f"{_FORCE_FLAG}; they share this machine's {os.cpu_count()} "
+    "cores, so no speed-up with more devices is expected here; the "
+    "numbers show that the sharded step runs and what it costs."
+    if forced
+    else ""
+  )
+  print(
+    f"{len(available)} x {device.platform} ({device.device_kind}); "
+    f"meta-batch {meta_batch}, {inner_steps} inner GD steps, {cg_steps} "
+    f"CG steps."
+  )
   if note:
     print("NOTE: " + note)
   if skipped:
-    print(f"skipping device counts {skipped} (more than {len(available)} "
-          f"devices or not a divisor of the meta-batch {meta_batch})")
+    print(
+      f"skipping device counts {skipped} (more than {len(available)} "
+      f"devices or not a divisor of the meta-batch {meta_batch})"
+    )
 
   net = models.omniglot_convnet(n_way)
   loss = models.classification_loss(net)
   algorithm = im.imaml(lam, im.gd(inner_steps, inner_lr), im.cg(cg_steps))
-  init, step = im.make_meta_step(loss, optax.adam(1e-3), algorithm,
-                                 has_aux=True)
-  params = models.init_params(net, jax.random.key(0),
-                              jnp.zeros((n_way * k_shot, 28, 28, 1)))
+  init, step = im.make_meta_step(
+    loss, optax.adam(1e-3), algorithm, has_aux=True
+  )
+  params = models.init_params(
+    net, jax.random.key(0), jnp.zeros((n_way * k_shot, 28, 28, 1))
+  )
   images = np.random.default_rng(0).integers(
-      0, 256, (100, 20, 28, 28, 1), dtype=np.uint8)
+    0, 256, (100, 20, 28, 28, 1), dtype=np.uint8
+  )
 
   rows = []
   for n in counts:
@@ -136,7 +172,7 @@ def main(argv=None):
     start = time.perf_counter()
     compiled = sharded_step.lower(state, tasks).compile()
     compile_s = time.perf_counter() - start
-    state, metrics = compiled(state, tasks)     # warm-up
+    state, metrics = compiled(state, tasks)  # warm-up
     jax.block_until_ready((state, metrics))
     times = []
     for _ in range(repeats):
@@ -145,12 +181,18 @@ def main(argv=None):
       jax.block_until_ready((state, metrics))
       times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
-    rows.append({"devices": n, "meta_batch": meta_batch,
-                 "tasks_per_device": meta_batch // n,
-                 "compile_s": round(compile_s, 2), "step_s": step_s,
-                 "step_s_min": min(times),
-                 "tasks_per_s": meta_batch / step_s,
-                 "loss_after": float(metrics["loss_after"])})
+    rows.append(
+      {
+        "devices": n,
+        "meta_batch": meta_batch,
+        "tasks_per_device": meta_batch // n,
+        "compile_s": round(compile_s, 2),
+        "step_s": step_s,
+        "step_s_min": min(times),
+        "tasks_per_s": meta_batch / step_s,
+        "loss_after": float(metrics["loss_after"]),
+      }
+    )
     print(f"  {n} device(s): {step_s:.3f} s/step", flush=True)
 
   base = next((r["tasks_per_s"] for r in rows if r["devices"] == 1), None)
@@ -158,19 +200,24 @@ def main(argv=None):
     r["speedup"] = r["tasks_per_s"] / base if base else float("nan")
     r["efficiency"] = r["speedup"] / r["devices"] if base else float("nan")
 
-  header = (f"{'devices':>7} {'tasks/dev':>9} {'compile s':>9} "
-            f"{'step s':>8} {'tasks/s':>8} {'speed-up':>8} {'efficiency':>10}")
+  header = (
+    f"{'devices':>7} {'tasks/dev':>9} {'compile s':>9} "
+    f"{'step s':>8} {'tasks/s':>8} {'speed-up':>8} {'efficiency':>10}"
+  )
   print(header)
   for r in rows:
-    print(f"{r['devices']:>7} {r['tasks_per_device']:>9} "
-          f"{r['compile_s']:>9.1f} {r['step_s']:>8.3f} "
-          f"{r['tasks_per_s']:>8.2f} {r['speedup']:>8.2f} "
-          f"{r['efficiency']:>10.2f}")
+    print(
+      f"{r['devices']:>7} {r['tasks_per_device']:>9} "
+      f"{r['compile_s']:>9.1f} {r['step_s']:>8.3f} "
+      f"{r['tasks_per_s']:>8.2f} {r['speedup']:>8.2f} "
+      f"{r['efficiency']:>10.2f}"
+    )
   if note:
     print("NOTE: " + note)
 
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                 "results")
+  out = args.out or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "results"
+  )
   os.makedirs(out, exist_ok=True)
   stem = os.path.join(out, f"scaling_{device.platform}")
   with open(stem + ".csv", "w", newline="") as f:
@@ -178,23 +225,30 @@ def main(argv=None):
     writer.writeheader()
     writer.writerows(rows)
   summary = {
-      "device": device.platform,
-      "device_kind": device.device_kind,
-      "n_devices_available": len(available),
-      "forced_host_devices": forced,
-      "cpu_cores": os.cpu_count(),
-      "machine": platform.machine(),
-      "note": note,
-      "jax": jax.__version__,
-      "quick": quick,
-      "setting": {"n_way": n_way, "k_shot": k_shot, "q_query": q_query,
-                  "algorithm": "imaml_gd", "lam": lam, "inner_lr": inner_lr,
-                  "inner_steps": inner_steps, "cg_steps": cg_steps,
-                  "meta_batch": meta_batch, "optimizer": "adam(1e-3)",
-                  "repeats": repeats},
-      "command": " ".join(["python", "benchmarks/scaling.py"]
-                          + sys.argv[1:]),
-      "rows": rows,
+    "device": device.platform,
+    "device_kind": device.device_kind,
+    "n_devices_available": len(available),
+    "forced_host_devices": forced,
+    "cpu_cores": os.cpu_count(),
+    "machine": platform.machine(),
+    "note": note,
+    "jax": jax.__version__,
+    "quick": quick,
+    "setting": {
+      "n_way": n_way,
+      "k_shot": k_shot,
+      "q_query": q_query,
+      "algorithm": "imaml_gd",
+      "lam": lam,
+      "inner_lr": inner_lr,
+      "inner_steps": inner_steps,
+      "cg_steps": cg_steps,
+      "meta_batch": meta_batch,
+      "optimizer": "adam(1e-3)",
+      "repeats": repeats,
+    },
+    "command": " ".join(["python", "benchmarks/scaling.py"] + sys.argv[1:]),
+    "rows": rows,
   }
   with open(stem + ".json", "w") as f:
     json.dump(summary, f, indent=2)

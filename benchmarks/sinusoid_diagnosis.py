@@ -68,6 +68,7 @@ compilation dominate the run time (a rerun loads the compiled code from
 ``imaml-train``'s persistent XLA cache); pin the run to a core with
 ``taskset -c 0`` on a shared machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,12 +82,13 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
-from jax.flatten_util import ravel_pytree  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
 
 import imaml_jax as im  # noqa: E402
-from imaml_jax import data, models  # noqa: E402
+from imaml_jax import data  # noqa: E402
+from imaml_jax import models  # noqa: E402
 from imaml_jax.train import checkpoint as ckpt_lib  # noqa: E402
 from imaml_jax.train import cli  # noqa: E402
 from imaml_jax.train import config as config_lib  # noqa: E402
@@ -140,13 +142,20 @@ def spectrum(a):
   a = np.asarray(a)
   if not np.all(np.isfinite(a)):
     # LAPACK's symmetric eigensolver may never return on NaN entries.
-    return {"eig_min": math.nan, "eig_max": math.nan, "cond": math.nan,
-            "neg_frac": math.nan}
+    return {
+      "eig_min": math.nan,
+      "eig_max": math.nan,
+      "cond": math.nan,
+      "neg_frac": math.nan,
+    }
   eigs = np.linalg.eigvalsh(a)
   low, high = float(eigs[0]), float(eigs[-1])
-  return {"eig_min": low, "eig_max": high,
-          "cond": high / low if low > 0 else math.inf,
-          "neg_frac": float(np.mean(eigs < 0))}
+  return {
+    "eig_min": low,
+    "eig_max": high,
+    "cond": high / low if low > 0 else math.inf,
+    "neg_frac": float(np.mean(eigs < 0)),
+  }
 
 
 # ----------------------------------------------------------------------------
@@ -189,13 +198,17 @@ class Pieces:
     self.lam, self.idx = lam, idx
 
   def pinned(self, active):
-    n_z = 2 * self.batch[0].shape[0] * self.unravel(self.theta)[
-        "dense0"]["bias"].size
+    n_z = (
+      2
+      * self.batch[0].shape[0]
+      * self.unravel(self.theta)["dense0"]["bias"].size
+    )
     return jnp.zeros(n_z, self.theta.dtype).at[self.idx].set(active)
 
   def forward(self, v, active, e1=0.0, e2=0.0):
-    return mlp_forward(self.unravel(v), self.batch[0], e1, e2,
-                       self.pinned(active))
+    return mlp_forward(
+      self.unravel(v), self.batch[0], e1, e2, self.pinned(active)
+    )
 
   def support(self, v, active):
     y = self.batch[1]
@@ -203,7 +216,8 @@ class Pieces:
 
   def prox(self, v, active):
     return self.support(v, active) + 0.5 * self.lam * jnp.sum(
-        (v - self.theta) ** 2)
+      (v - self.theta) ** 2
+    )
 
   def constraint(self, v, active):
     return self.forward(v, active)[1][self.idx]
@@ -265,15 +279,18 @@ def kkt_matrix(lagrangian_hessian, jac, active):
 
 def local_model(pieces, x, active):
   """``z``, its Jacobian and ``grad G`` on the piece of ``active``."""
-  return (pieces.constraint(x, active),
-          jax.jacrev(pieces.constraint)(x, active),
-          jax.grad(pieces.prox)(x, active))
+  return (
+    pieces.constraint(x, active),
+    jax.jacrev(pieces.constraint)(x, active),
+    jax.grad(pieces.prox)(x, active),
+  )
 
 
 def merit(pieces, v, active, rho):
   """``G + rho * sum |z_i|`` over the active kinks: the step acceptance test."""
   return pieces.prox(v, active) + rho * jnp.sum(
-      active * jnp.abs(pieces.constraint(v, active)))
+    active * jnp.abs(pieces.constraint(v, active))
+  )
 
 
 def newton_step(pieces, x, active, mu, shift, z, jac, grad):
@@ -284,10 +301,12 @@ def newton_step(pieces, x, active, mu, shift, z, jac, grad):
   """
   n = x.size
   hess = symmetric_hessian(
-      lambda v: pieces.prox(v, active) + mu @ pieces.constraint(v, active), x)
+    lambda v: pieces.prox(v, active) + mu @ pieces.constraint(v, active), x
+  )
   sol = jnp.linalg.solve(
-      kkt_matrix(hess + shift * jnp.eye(n, dtype=x.dtype), jac, active),
-      -jnp.concatenate([grad, z * active]))
+    kkt_matrix(hess + shift * jnp.eye(n, dtype=x.dtype), jac, active),
+    -jnp.concatenate([grad, z * active]),
+  )
   d, dz, mu_new = sol[:n], jac @ sol[:n], sol[n:] * active
   towards = (active == 0) & (z * dz < 0)
   hits = jnp.where(towards, -z / jnp.where(towards, dz, 1.0), jnp.inf)
@@ -299,9 +318,12 @@ def newton_step(pieces, x, active, mu, shift, z, jac, grad):
   after = merit(pieces, x_new, active, rho)
   accepted = after <= before + 1e-13 * jnp.abs(before)
   active_new = jnp.where(hit, active.at[first].set(1.0), active)
-  return (jnp.where(accepted, x_new, x),
-          jnp.where(accepted, active_new, active),
-          jnp.where(accepted, mu_new, mu), accepted)
+  return (
+    jnp.where(accepted, x_new, x),
+    jnp.where(accepted, active_new, active),
+    jnp.where(accepted, mu_new, mu),
+    accepted,
+  )
 
 
 def proximal_minimiser(pieces, x, active, scale):
@@ -330,33 +352,48 @@ def proximal_minimiser(pieces, x, active, scale):
     k, x, active, mu, shift, _ = carry
     z, jac, grad = local_model(pieces, x, active)
     mu_ls = multipliers(grad, jac, active)
-    margin = jnp.where(active > 0, kink_margin(
-        mu_ls, pieces.sensitivity(x, active)), jnp.inf)
+    margin = jnp.where(
+      active > 0, kink_margin(mu_ls, pieces.sensitivity(x, active)), jnp.inf
+    )
     worst = jnp.argmin(margin)
     stationary = norm(grad + (jac * active[:, None]).T @ mu_ls) < (
-        RELEASE_TOLERANCE * scale)
+      RELEASE_TOLERANCE * scale
+    )
     release = stationary & (margin[worst] < 0)
     side = jnp.where(mu_ls[worst] < 0, -1.0, 1.0)
     x_off = x + (side * RELEASE_OFFSET - z[worst]) * jac[worst] / jnp.sum(
-        jac[worst] ** 2)
+      jac[worst] ** 2
+    )
     off = active.at[worst].set(0.0)
     x_new, active_new, mu_new, accepted = newton_step(
-        pieces, x, active, mu, shift, z, jac, grad)
+      pieces, x, active, mu, shift, z, jac, grad
+    )
     small = norm(x_new - x) <= NEWTON_TOLERANCE * (1.0 + norm(x))
     done = accepted & small & ~release
     shift = jnp.where(accepted, shift / 4.0, jnp.maximum(4.0 * shift, 1.0))
     shift = jnp.where(shift < 1e-6, 0.0, shift)
-    return (k + 1, jnp.where(release, x_off, x_new),
-            jnp.where(release, off, active_new),
-            jnp.where(release, mu_ls * off, mu_new), shift, done)
+    return (
+      k + 1,
+      jnp.where(release, x_off, x_new),
+      jnp.where(release, off, active_new),
+      jnp.where(release, mu_ls * off, mu_new),
+      shift,
+      done,
+    )
 
   def keep_going(carry):
     k, _, _, _, _, done = carry
     return (k < NEWTON_STEPS) & ~done
 
   _, jac, grad = local_model(pieces, x, active)
-  init = (0, x, active, multipliers(grad, jac, active),
-          jnp.zeros((), x.dtype), False)
+  init = (
+    0,
+    x,
+    active,
+    multipliers(grad, jac, active),
+    jnp.zeros((), x.dtype),
+    False,
+  )
   k, x, active, _, _, _ = jax.lax.while_loop(keep_going, step, init)
   _, jac, grad = local_model(pieces, x, active)
   return x, active, multipliers(grad, jac, active), k
@@ -372,12 +409,18 @@ def reduced_hessian_is_pd(matrix, jac, active):
   # The SVD gets zeros for non-finite input (LAPACK's iterative SVD may never
   # return on NaN); the answer is then False.
   finite = jnp.all(jnp.isfinite(jac)) & jnp.all(jnp.isfinite(matrix))
-  _, sv, vt = jnp.linalg.svd(jnp.where(finite, jac * active[:, None], 0.0),
-                             full_matrices=False)
-  basis = vt.T * (sv > 1e-10 * jnp.maximum(sv[0], 1e-300))     # U, n x k
+  _, sv, vt = jnp.linalg.svd(
+    jnp.where(finite, jac * active[:, None], 0.0), full_matrices=False
+  )
+  basis = vt.T * (sv > 1e-10 * jnp.maximum(sv[0], 1e-300))  # U, n x k
   mb = matrix @ basis
-  projected = (matrix - basis @ mb.T - mb @ basis.T
-               + basis @ (basis.T @ mb) @ basis.T + basis @ basis.T)
+  projected = (
+    matrix
+    - basis @ mb.T
+    - mb @ basis.T
+    + basis @ (basis.T @ mb) @ basis.T
+    + basis @ basis.T
+  )
   chol = jnp.linalg.cholesky(0.5 * (projected + projected.T))
   return finite & jnp.all(jnp.isfinite(chol))
 
@@ -390,9 +433,13 @@ def theta_statistics(loss, theta, task):
   """Loss scale at ``theta``: support loss, gradient norm; and ``H``."""
   flat, unravel = ravel_pytree(theta)
   support = lambda v: loss(unravel(v), task.support)[0]
-  return ({"support_loss_theta": support(flat),
-           "grad_norm_theta": norm(jax.grad(support)(flat))},
-          symmetric_hessian(support, flat))
+  return (
+    {
+      "support_loss_theta": support(flat),
+      "grad_norm_theta": norm(jax.grad(support)(flat)),
+    },
+    symmetric_hessian(support, flat),
+  )
 
 
 def converged_solution(loss, theta, task, lam, solve_lr, solve_steps):
@@ -403,42 +450,50 @@ def converged_solution(loss, theta, task, lam, solve_lr, solve_steps):
   ``(I + H/lam)^{-1} grad L_q(phi*)``.
   """
   flat_theta, unravel = ravel_pytree(theta)
-  objective = im.proximal_objective(lambda p, b: loss(p, b)[0], theta,
-                                    task.support, lam)
-  phi_gd = ravel_pytree(im.gd(solve_steps, solve_lr, backtrack=True).run(
-      objective, theta))[0]
+  objective = im.proximal_objective(
+    lambda p, b: loss(p, b)[0], theta, task.support, lam
+  )
+  phi_gd = ravel_pytree(
+    im.gd(solve_steps, solve_lr, backtrack=True).run(objective, theta)
+  )[0]
   z_gd = mlp_forward(unravel(phi_gd), task.support[0])[1]
   idx, active = kink_candidates(z_gd, KINK_TOLERANCE)
   pieces = Pieces(unravel, flat_theta, task.support, lam, idx)
   free = jnp.zeros_like(active)
   start = norm(jax.grad(pieces.prox)(flat_theta, free))
-  phi, active, mu, newton_steps = proximal_minimiser(pieces, phi_gd, active,
-                                                     start)
+  phi, active, mu, newton_steps = proximal_minimiser(
+    pieces, phi_gd, active, start
+  )
   z, jac, grad = local_model(pieces, phi, active)
   lag_hess = symmetric_hessian(
-      lambda v: pieces.support(v, active) + mu @ pieces.constraint(v, active),
-      phi) + lam * jnp.eye(phi.size, dtype=phi.dtype)
+    lambda v: pieces.support(v, active) + mu @ pieces.constraint(v, active), phi
+  ) + lam * jnp.eye(phi.size, dtype=phi.dtype)
   b = jax.grad(lambda v: loss(unravel(v), task.query)[0])(phi)
-  x = jnp.linalg.solve(kkt_matrix(lag_hess, jac, active),
-                       jnp.concatenate([b, jnp.zeros_like(mu)]))
-  margin = jnp.where(active > 0, kink_margin(
-      mu, pieces.sensitivity(phi, active)), 0.5)
+  x = jnp.linalg.solve(
+    kkt_matrix(lag_hess, jac, active), jnp.concatenate([b, jnp.zeros_like(mu)])
+  )
+  margin = jnp.where(
+    active > 0, kink_margin(mu, pieces.sensitivity(phi, active)), 0.5
+  )
   z_all = mlp_forward(unravel(phi), task.support[0])[1]
-  others = jnp.abs(z_all).at[idx].set(
-      jnp.where(active > 0, jnp.inf, jnp.abs(z_all[idx])))
+  others = (
+    jnp.abs(z_all)
+    .at[idx]
+    .set(jnp.where(active > 0, jnp.inf, jnp.abs(z_all[idx])))
+  )
   stats = {
-      "newton_steps": newton_steps,
-      "prox_grad_rel_gd": norm(jax.grad(pieces.prox)(phi_gd, free)) / start,
-      "prox_grad_rel_star": norm(jax.grad(pieces.prox)(phi, free)) / start,
-      "stationarity_rel_star": norm(grad + (jac * active[:, None]).T @ mu)
-                               / start,
-      "kinks": jnp.sum(active),
-      "kink_violation": jnp.max(jnp.abs(z * active)),
-      "kink_margin": jnp.min(margin),
-      "inactive_gap": jnp.min(others),
-      "reduced_pd": reduced_hessian_is_pd(lag_hess, jac, active),
+    "newton_steps": newton_steps,
+    "prox_grad_rel_gd": norm(jax.grad(pieces.prox)(phi_gd, free)) / start,
+    "prox_grad_rel_star": norm(jax.grad(pieces.prox)(phi, free)) / start,
+    "stationarity_rel_star": norm(grad + (jac * active[:, None]).T @ mu)
+    / start,
+    "kinks": jnp.sum(active),
+    "kink_violation": jnp.max(jnp.abs(z * active)),
+    "kink_margin": jnp.min(margin),
+    "inactive_gap": jnp.min(others),
+    "reduced_pd": reduced_hessian_is_pd(lag_hess, jac, active),
   }
-  return phi, lam * x[:phi.size], b, stats
+  return phi, lam * x[: phi.size], b, stats
 
 
 def task_diagnosis(loss, theta, task, lam, inner, solve_lr, solve_steps):
@@ -459,30 +514,40 @@ def task_diagnosis(loss, theta, task, lam, inner, solve_lr, solve_steps):
   algorithm = im.imaml(lam, inner, im.cg(5))
   phi_k = ravel_pytree(algorithm.adapt(loss, theta, task.support))[0]
   phi_star, g_exact, b_star, star = converged_solution(
-      loss, theta, task, lam, solve_lr, solve_steps)
+    loss, theta, task, lam, solve_lr, solve_steps
+  )
   start = norm(jax.grad(prox)(flat_theta))
   reach = norm(phi_star - flat_theta)
 
   # 2. A = I + H/lam at phi_K and at phi* (spectra on the host), as a pair.
-  a_k, a_star = eye + jax.vmap(lambda v: symmetric_hessian(support, v))(
-      jnp.stack([phi_k, phi_star])) / lam
+  a_k, a_star = (
+    eye
+    + jax.vmap(lambda v: symmetric_hessian(support, v))(
+      jnp.stack([phi_k, phi_star])
+    )
+    / lam
+  )
 
   # 3-4. The library's meta-gradient and its CG residual, against g*; the
   # same with the inner loop replaced by phi*.
   g_lib_tree, metrics = algorithm.task_gradient(loss, theta, task)
   g_lib = ravel_pytree(g_lib_tree)[0]
   star_tree = unravel(phi_star)
-  given = im.InnerSolver(run=lambda objective, x0, remat=False: star_tree,
-                         steps=1, name="phi*")
+  given = im.InnerSolver(
+    run=lambda objective, x0, remat=False: star_tree, steps=1, name="phi*"
+  )
   g_star_cg_tree, star_metrics = im.imaml(lam, given, im.cg(5)).task_gradient(
-      loss, theta, task)
+    loss, theta, task
+  )
   g_star_cg = ravel_pytree(g_star_cg_tree)[0]
   b_k = jax.grad(query)(phi_k)
   g_k_exact, g_star_smooth = jnp.linalg.solve(
-      jnp.stack([a_k, a_star]), jnp.stack([b_k, b_star])[..., None])[..., 0]
+    jnp.stack([a_k, a_star]), jnp.stack([b_k, b_star])[..., None]
+  )[..., 0]
 
   out = dict(star)
-  out.update({
+  out.update(
+    {
       "prox_grad_rel_k": norm(jax.grad(prox)(phi_k)) / start,
       "prox_grad_norm_k": norm(jax.grad(prox)(phi_k)),
       "inner_dist_rel": norm(phi_k - phi_star) / reach,
@@ -505,7 +570,8 @@ def task_diagnosis(loss, theta, task, lam, inner, solve_lr, solve_steps):
       "err_recipe_smooth": relative_error(g_lib, g_star_smooth),
       "err_converged_cg5_smooth": relative_error(g_star_cg, g_star_smooth),
       "meta_grad_norm_exact": norm(g_exact),
-  })
+    }
+  )
   return out, {"k": a_k, "star": a_star}
 
 
@@ -524,13 +590,15 @@ def load_points(workdir, template):
   if config.dataset != "sinusoid":
     raise SystemExit(f"{workdir} is a {config.dataset} run, not sinusoid")
   step, tree = ckpt_lib.load(path)
-  last = ckpt_lib.restore_into(template, tree["state"]["params"],
-                               what=f"{path} params")
+  last = ckpt_lib.restore_into(
+    template, tree["state"]["params"], what=f"{path} params"
+  )
   points = {f"last (step {step})": last}
   best_step = int(tree["best"]["step"])
   if 0 <= best_step < step:
     points[f"best (step {best_step})"] = ckpt_lib.restore_into(
-        template, tree["best"]["params"], what=f"{path} best params")
+      template, tree["best"]["params"], what=f"{path} best params"
+    )
   return config, points
 
 
@@ -538,12 +606,16 @@ def resolve_recipe(args, run_config):
   """The inner recipe: the flags, else the run's config, else the old one."""
   recipe = dict(OLD_RECIPE)
   if run_config is not None:
-    recipe = {"inner_steps": run_config.inner_steps,
-              "inner_lr": run_config.inner_lr,
-              "backtrack": run_config.inner_backtrack}
+    recipe = {
+      "inner_steps": run_config.inner_steps,
+      "inner_lr": run_config.inner_lr,
+      "backtrack": run_config.inner_backtrack,
+    }
     if run_config.inner != "gd":
-      raise SystemExit(f"the run's inner solver is {run_config.inner!r}; "
-                       "this script diagnoses gd only")
+      raise SystemExit(
+        f"the run's inner solver is {run_config.inner!r}; "
+        "this script diagnoses gd only"
+      )
   for key in recipe:
     if getattr(args, key) is not None:
       recipe[key] = getattr(args, key)
@@ -552,8 +624,7 @@ def resolve_recipe(args, run_config):
 
 def recipe_name(recipe):
   check = ", checked" if recipe["backtrack"] else ""
-  return (f"{recipe['inner_steps']} GD steps of {recipe['inner_lr']:g}"
-          f"{check}")
+  return f"{recipe['inner_steps']} GD steps of {recipe['inner_lr']:g}{check}"
 
 
 def make_diagnosis(loss, inner, solve_steps):
@@ -567,11 +638,19 @@ def make_diagnosis(loss, inner, solve_steps):
   thread asleep, the SVD waiting for its batch; seen in the test suite on
   the 2-core CPU).
   """
-  base = jax.jit(lambda theta, tasks: jax.vmap(
-      lambda t: theta_statistics(loss, theta, t))(tasks))
-  per_lam = jax.jit(lambda theta, tasks, lam, solve_lr: jax.lax.map(
-      lambda args: task_diagnosis(loss, theta, args[0], lam, inner, args[1],
-                                  solve_steps), (tasks, solve_lr)))
+  base = jax.jit(
+    lambda theta, tasks: jax.vmap(lambda t: theta_statistics(loss, theta, t))(
+      tasks
+    )
+  )
+  per_lam = jax.jit(
+    lambda theta, tasks, lam, solve_lr: jax.lax.map(
+      lambda args: task_diagnosis(
+        loss, theta, args[0], lam, inner, args[1], solve_steps
+      ),
+      (tasks, solve_lr),
+    )
+  )
   return base, per_lam
 
 
@@ -581,21 +660,27 @@ def diagnose_point(diagnosis, theta, tasks, lams):
   theta = to_float64(theta)
   base, hessians = jax.device_get(base_fn(theta, tasks))
   spectra = [spectrum(h) for h in hessians]
-  base.update({f"h_{k}_theta": np.array([s[k] for s in spectra])
-               for k in ("eig_min", "eig_max")})
+  base.update(
+    {
+      f"h_{k}_theta": np.array([s[k] for s in spectra])
+      for k in ("eig_min", "eig_max")
+    }
+  )
   rows = []
   for lam in lams:
     solve_lr = 1.0 / (lam + np.maximum(base["h_eig_max_theta"], 0.0))
     start = time.perf_counter()
-    stats, systems = jax.device_get(per_lam(
-        theta, tasks, jnp.float64(lam), jnp.asarray(solve_lr)))
+    stats, systems = jax.device_get(
+      per_lam(theta, tasks, jnp.float64(lam), jnp.asarray(solve_lr))
+    )
     for i in range(len(solve_lr)):
       row = {"lam": lam, "task": i}
       row.update({k: float(v[i]) for k, v in base.items()})
       row.update({k: float(v[i]) for k, v in stats.items()})
       for where, matrices in systems.items():
-        row.update({f"a_{k}_{where}": v
-                    for k, v in spectrum(matrices[i]).items()})
+        row.update(
+          {f"a_{k}_{where}": v for k, v in spectrum(matrices[i]).items()}
+        )
       rows.append(row)
     print(f"  lam {lam:g}: {time.perf_counter() - start:.1f} s", flush=True)
   return rows
@@ -603,17 +688,25 @@ def diagnose_point(diagnosis, theta, tasks, lams):
 
 def star_converged(row):
   """``phi*`` is a strict local minimiser to the tolerance (see docstring)."""
-  return (row["stationarity_rel_star"] < STAR_TOLERANCE
-          and row["kink_violation"] < 1e-10 and row["kink_margin"] > 0
-          and row["reduced_pd"] == 1)
+  return (
+    row["stationarity_rel_star"] < STAR_TOLERANCE
+    and row["kink_violation"] < 1e-10
+    and row["kink_margin"] > 0
+    and row["reduced_pd"] == 1
+  )
 
 
 def needs_star(key):
   """Whether a number is measured against ``phi*`` or ``g*``."""
-  return (key.startswith(("err_", "cos_", "inner_", "a_"))
-          and not key.endswith("_k")) or key in (
-              "star_dist", "support_loss_star", "query_loss_star",
-              "cg5_residual_star", "meta_grad_norm_exact")
+  return (
+    key.startswith(("err_", "cos_", "inner_", "a_")) and not key.endswith("_k")
+  ) or key in (
+    "star_dist",
+    "support_loss_star",
+    "query_loss_star",
+    "cg5_residual_star",
+    "meta_grad_norm_exact",
+  )
 
 
 def aggregate(rows, point):
@@ -630,14 +723,18 @@ def aggregate(rows, point):
     for key in group[0]:
       if key in ("lam", "task"):
         continue
-      values = np.array([r[key] for r in (converged if needs_star(key)
-                                          else group)] or [np.nan])
+      values = np.array(
+        [r[key] for r in (converged if needs_star(key) else group)] or [np.nan]
+      )
       agg[f"{key}_median"] = float(np.median(values))
       agg[f"{key}_min"] = float(values.min())
       agg[f"{key}_max"] = float(values.max())
-    agg["nonconvex_tasks"] = int(sum(
+    agg["nonconvex_tasks"] = int(
+      sum(
         r["a_eig_min_k"] < 0 or 1 + r["h_eig_min_theta"] / lam < 0
-        for r in group))
+        for r in group
+      )
+    )
     agg["star_converged_tasks"] = len(converged)
     agg["kink_tasks"] = int(sum(r["kinks"] > 0 for r in converged))
     out.append(agg)
@@ -659,9 +756,11 @@ def fmt(x, digits=2):
 
 
 def spread(row, key, digits=2):
-  return (f"{fmt(row[key + '_median'], digits)} "
-          f"[{fmt(row[key + '_min'], digits)}, "
-          f"{fmt(row[key + '_max'], digits)}]")
+  return (
+    f"{fmt(row[key + '_median'], digits)} "
+    f"[{fmt(row[key + '_min'], digits)}, "
+    f"{fmt(row[key + '_max'], digits)}]"
+  )
 
 
 def json_safe(x):
@@ -682,8 +781,9 @@ def json_number(x):
 def load_compare(path):
   with open(path) as f:
     result = json.load(f)
-  result["summary"] = [{k: json_number(v) for k, v in r.items()}
-                       for r in result["summary"]]
+  result["summary"] = [
+    {k: json_number(v) for k, v in r.items()} for r in result["summary"]
+  ]
   return result
 
 
@@ -693,46 +793,55 @@ def tables(summary, recipe):
   for point in dict.fromkeys(r["point"] for r in summary):
     group = [r for r in summary if r["point"] == point]
     lines += [
-        f"**{point}**, inner loop {recipe}: medians over {group[0]['tasks']} "
-        "tasks [min, max].", "",
-        "Meta-gradient, relative error ||g - g*|| / ||g*||:", "",
-        "| lam | recipe (phi_K, CG(5)) | cosine | phi_K, exact solve "
-        "| phi*, CG(5) | phi*, exact solve (kinks) | recipe vs g*_smooth "
-        "| phi*, CG(5) vs g*_smooth | CG(5) residual at phi_K |",
-        "|---|---|---|---|---|---|---|---|---|"]
+      f"**{point}**, inner loop {recipe}: medians over {group[0]['tasks']} "
+      "tasks [min, max].",
+      "",
+      "Meta-gradient, relative error ||g - g*|| / ||g*||:",
+      "",
+      "| lam | recipe (phi_K, CG(5)) | cosine | phi_K, exact solve "
+      "| phi*, CG(5) | phi*, exact solve (kinks) | recipe vs g*_smooth "
+      "| phi*, CG(5) vs g*_smooth | CG(5) residual at phi_K |",
+      "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in group:
       lines.append(
-          f"| {r['lam']:g} | {spread(r, 'err_recipe')} | "
-          f"{spread(r, 'cos_recipe', 3)} | "
-          f"{spread(r, 'err_recipe_exact_solve')} | "
-          f"{spread(r, 'err_converged_cg5')} | "
-          f"{spread(r, 'err_converged_smooth')} | "
-          f"{spread(r, 'err_recipe_smooth')} | "
-          f"{spread(r, 'err_converged_cg5_smooth')} | "
-          f"{spread(r, 'cg5_residual_k')} |")
+        f"| {r['lam']:g} | {spread(r, 'err_recipe')} | "
+        f"{spread(r, 'cos_recipe', 3)} | "
+        f"{spread(r, 'err_recipe_exact_solve')} | "
+        f"{spread(r, 'err_converged_cg5')} | "
+        f"{spread(r, 'err_converged_smooth')} | "
+        f"{spread(r, 'err_recipe_smooth')} | "
+        f"{spread(r, 'err_converged_cg5_smooth')} | "
+        f"{spread(r, 'cg5_residual_k')} |"
+      )
     lines += [
-        "", "Curvature, inner loop and the proximal minimiser:", "",
-        "| lam | eig(I + H/lam) at phi_K: min | max | negative fraction "
-        "| at phi*: min | max | condition number | ||phi_K - phi*|| / "
-        "||phi* - theta|| | ||grad G(phi_K)|| / ||grad G(theta)|| "
-        "| kinks at phi* | phi* converged | G not convex |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+      "",
+      "Curvature, inner loop and the proximal minimiser:",
+      "",
+      "| lam | eig(I + H/lam) at phi_K: min | max | negative fraction "
+      "| at phi*: min | max | condition number | ||phi_K - phi*|| / "
+      "||phi* - theta|| | ||grad G(phi_K)|| / ||grad G(theta)|| "
+      "| kinks at phi* | phi* converged | G not convex |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in group:
       lines.append(
-          f"| {r['lam']:g} | {spread(r, 'a_eig_min_k')} | "
-          f"{spread(r, 'a_eig_max_k')} | {spread(r, 'a_neg_frac_k', 3)} | "
-          f"{spread(r, 'a_eig_min_star')} | {spread(r, 'a_eig_max_star')} | "
-          f"{spread(r, 'a_cond_star')} | {spread(r, 'inner_dist_rel')} | "
-          f"{spread(r, 'prox_grad_rel_k')} | {spread(r, 'kinks', 0)} | "
-          f"{r['star_converged_tasks']}/{r['tasks']} | "
-          f"{r['nonconvex_tasks']}/{r['tasks']} |")
+        f"| {r['lam']:g} | {spread(r, 'a_eig_min_k')} | "
+        f"{spread(r, 'a_eig_max_k')} | {spread(r, 'a_neg_frac_k', 3)} | "
+        f"{spread(r, 'a_eig_min_star')} | {spread(r, 'a_eig_max_star')} | "
+        f"{spread(r, 'a_cond_star')} | {spread(r, 'inner_dist_rel')} | "
+        f"{spread(r, 'prox_grad_rel_k')} | {spread(r, 'kinks', 0)} | "
+        f"{r['star_converged_tasks']}/{r['tasks']} | "
+        f"{r['nonconvex_tasks']}/{r['tasks']} |"
+      )
     lines.append("")
   return lines
 
 
 def by_lam(group, key, stat="median"):
-  return ", ".join(f"{fmt(r[f'{key}_{stat}'])} (lam {r['lam']:g})"
-                   for r in group)
+  return ", ".join(
+    f"{fmt(r[f'{key}_{stat}'])} (lam {r['lam']:g})" for r in group
+  )
 
 
 def findings(summary, compare, recipe):
@@ -740,55 +849,75 @@ def findings(summary, compare, recipe):
   point = summary[0]["point"]
   group = [r for r in summary if r["point"] == point]
   lines = [
-      f"At the {point}, the median relative error of the meta-gradient is "
-      f"{by_lam(group, 'err_recipe')} with the inner loop {recipe}"]
+    f"At the {point}, the median relative error of the meta-gradient is "
+    f"{by_lam(group, 'err_recipe')} with the inner loop {recipe}"
+  ]
   for other in compare:
     rows = [r for r in other["summary"] if r["point"] == point]
     if rows:
-      lines[-1] += (f"; {by_lam(rows, 'err_recipe')} with "
-                    f"{other['recipe_name']}")
-  lines[-1] += (f"; with the converged phi* and CG(5) it is "
-                f"{by_lam(group, 'err_converged_cg5')}.")
+      lines[-1] += f"; {by_lam(rows, 'err_recipe')} with {other['recipe_name']}"
+  lines[-1] += (
+    f"; with the converged phi* and CG(5) it is "
+    f"{by_lam(group, 'err_converged_cg5')}."
+  )
   lines.append(
-      "At phi_K the smallest eigenvalue of I + H/lam is (median) "
-      f"{by_lam(group, 'a_eig_min_k')} and the largest "
-      f"{by_lam(group, 'a_eig_max_k')}.")
+    "At phi_K the smallest eigenvalue of I + H/lam is (median) "
+    f"{by_lam(group, 'a_eig_min_k')} and the largest "
+    f"{by_lam(group, 'a_eig_max_k')}."
+  )
   lines.append(
-      "The inner loop ends at ||phi_K - phi*|| / ||phi* - theta|| = "
-      f"{by_lam(group, 'inner_dist_rel')}.")
+    "The inner loop ends at ||phi_K - phi*|| / ||phi* - theta|| = "
+    f"{by_lam(group, 'inner_dist_rel')}."
+  )
   kinks = [r for r in group if r["kinks_max"] > 0]
   if kinks:
     lines.append(
-        "phi* lies on ReLU kinks (a hidden unit's pre-activation at a "
-        "support point is 0) on "
-        + ", ".join(f"{r['kink_tasks']}/{r['star_converged_tasks']} (lam "
-                    f"{r['lam']:g})" for r in kinks)
-        + " of the tasks where it converged"
-        + "; there the implicit formula (I + H/lam)^{-1} grad L_q at the "
-        "exact phi* misses the derivative of L_q(phi*(theta)) by (median) "
-        f"{by_lam(group, 'err_converged_smooth')}.")
+      "phi* lies on ReLU kinks (a hidden unit's pre-activation at a "
+      "support point is 0) on "
+      + ", ".join(
+        f"{r['kink_tasks']}/{r['star_converged_tasks']} (lam {r['lam']:g})"
+        for r in kinks
+      )
+      + " of the tasks where it converged"
+      + "; there the implicit formula (I + H/lam)^{-1} grad L_q at the "
+      "exact phi* misses the derivative of L_q(phi*(theta)) by (median) "
+      f"{by_lam(group, 'err_converged_smooth')}."
+    )
   nonconvex = [r for r in group if r["nonconvex_tasks"]]
   converged = all(r["star_converged_tasks"] == r["tasks"] for r in summary)
   worst = max(r["stationarity_rel_star_max"] for r in summary)
-  text = (("The proximal objective is not convex (I + H/lam has negative "
-           "eigenvalues at theta or phi_K) on " + ", ".join(
-               f"{r['nonconvex_tasks']}/{r['tasks']} tasks (lam "
-               f"{r['lam']:g})" for r in nonconvex)
-           + ", where phi* is the local minimiser that descent from theta "
-           "reaches; ") if nonconvex else
-          "I + H/lam is positive definite at theta and phi_K on every "
-          "task; ")
+  text = (
+    (
+      "The proximal objective is not convex (I + H/lam has negative "
+      "eigenvalues at theta or phi_K) on "
+      + ", ".join(
+        f"{r['nonconvex_tasks']}/{r['tasks']} tasks (lam {r['lam']:g})"
+        for r in nonconvex
+      )
+      + ", where phi* is the local minimiser that descent from theta "
+      "reaches; "
+    )
+    if nonconvex
+    else "I + H/lam is positive definite at theta and phi_K on every task; "
+  )
   if converged:
-    text += (f"phi* is stationary to {fmt(worst)} (relative, largest) and a "
-             "strict local minimiser on every task.")
+    text += (
+      f"phi* is stationary to {fmt(worst)} (relative, largest) and a "
+      "strict local minimiser on every task."
+    )
   else:
-    text += ("phi* is a strict local minimiser, stationary to "
-             f"{STAR_TOLERANCE:g}, on " + ", ".join(
-                 f"{r['star_converged_tasks']}/{r['tasks']} tasks "
-                 f"({r['point']}, lam {r['lam']:g})" for r in summary
-                 if r["star_converged_tasks"] < r["tasks"])
-             + " only (every task elsewhere); the numbers that need phi* "
-             "leave the other tasks out.")
+    text += (
+      "phi* is a strict local minimiser, stationary to "
+      f"{STAR_TOLERANCE:g}, on "
+      + ", ".join(
+        f"{r['star_converged_tasks']}/{r['tasks']} tasks "
+        f"({r['point']}, lam {r['lam']:g})"
+        for r in summary
+        if r["star_converged_tasks"] < r["tasks"]
+      )
+      + " only (every task elsewhere); the numbers that need phi* "
+      "leave the other tasks out."
+    )
   lines.append(text)
   return lines
 
@@ -798,43 +927,62 @@ def write_markdown(path, result, compare):
   setting = result["setting"]
   scale = [r for r in summary if r["lam"] == summary[0]["lam"]]
   lines = [
-      "# iMAML on sinusoid regression: inner loop, curvature and "
-      "meta-gradient accuracy vs lam", "",
-      f"Written by `benchmarks/sinusoid_diagnosis.py` ({setting['seconds']:.0f}"
-      " s), in float64, on "
-      f"{setting['tasks']} sinusoid tasks (10 support and 10 query points, "
-      f"task seed {setting['seed']}):", "",
-      "    " + setting["command"], ""]
+    "# iMAML on sinusoid regression: inner loop, curvature and "
+    "meta-gradient accuracy vs lam",
+    "",
+    f"Written by `benchmarks/sinusoid_diagnosis.py` ({setting['seconds']:.0f}"
+    " s), in float64, on "
+    f"{setting['tasks']} sinusoid tasks (10 support and 10 query points, "
+    f"task seed {setting['seed']}):",
+    "",
+    "    " + setting["command"],
+    "",
+  ]
   run = setting["run_config"]
   if run:
     lines += [
-        f"Trained points from `{setting['workdir']}`, a run with lam "
-        f"{run['lam']:g} and {run['inner_steps']} GD steps of "
-        f"{run['inner_lr']:g}" + (", checked" if run["inner_backtrack"]
-                                  else "") + ".", ""]
+      f"Trained points from `{setting['workdir']}`, a run with lam "
+      f"{run['lam']:g} and {run['inner_steps']} GD steps of "
+      f"{run['inner_lr']:g}"
+      + (", checked" if run["inner_backtrack"] else "")
+      + ".",
+      "",
+    ]
   lines += [
-      "phi_K: the inner loop under diagnosis; phi*: the proximal minimiser "
-      f"({setting['solve_steps']} checked GD steps from theta, then "
-      f"at most {NEWTON_STEPS} Newton steps on the ReLU kinks it sits on); "
-      "g*: the exact derivative of L_q(phi*(theta)) (a dense KKT solve; "
-      "(I + H(phi*)/lam)^{-1} grad L_q(phi*) where phi* is on no kink); "
-      "g*_smooth: (I + H(phi*)/lam)^{-1} grad L_q(phi*) by a dense solve, "
-      "the formula iMAML uses, at the exact phi* (on a kink, H is that of "
-      "the side autodiff takes); recipe: "
-      "`im.imaml(lam, inner, im.cg(5)).task_gradient`. H is the Hessian of "
-      "the support loss, G the proximal objective. Numbers measured "
-      "against phi* or g* are over the tasks where phi* converged (column "
-      "'phi* converged').", ""]
-  lines += ["Loss scale at theta (median [min, max]): " + "; ".join(
+    "phi_K: the inner loop under diagnosis; phi*: the proximal minimiser "
+    f"({setting['solve_steps']} checked GD steps from theta, then "
+    f"at most {NEWTON_STEPS} Newton steps on the ReLU kinks it sits on); "
+    "g*: the exact derivative of L_q(phi*(theta)) (a dense KKT solve; "
+    "(I + H(phi*)/lam)^{-1} grad L_q(phi*) where phi* is on no kink); "
+    "g*_smooth: (I + H(phi*)/lam)^{-1} grad L_q(phi*) by a dense solve, "
+    "the formula iMAML uses, at the exact phi* (on a kink, H is that of "
+    "the side autodiff takes); recipe: "
+    "`im.imaml(lam, inner, im.cg(5)).task_gradient`. H is the Hessian of "
+    "the support loss, G the proximal objective. Numbers measured "
+    "against phi* or g* are over the tasks where phi* converged (column "
+    "'phi* converged').",
+    "",
+  ]
+  lines += [
+    "Loss scale at theta (median [min, max]): "
+    + "; ".join(
       f"{r['point']}: support MSE {spread(r, 'support_loss_theta')}, "
       f"||grad|| {spread(r, 'grad_norm_theta')}, eig(H) from "
       f"{spread(r, 'h_eig_min_theta')} to {spread(r, 'h_eig_max_theta')}"
-      for r in scale) + ".", ""]
+      for r in scale
+    )
+    + ".",
+    "",
+  ]
   lines += [f"## Inner loop: {result['recipe_name']}", ""]
   lines += tables(summary, result["recipe_name"])
   for other in compare:
-    lines += [f"## Inner loop: {other['recipe_name']}", "",
-              f"From `{other['path']}` ({other['setting']['command']}).", ""]
+    lines += [
+      f"## Inner loop: {other['recipe_name']}",
+      "",
+      f"From `{other['path']}` ({other['setting']['command']}).",
+      "",
+    ]
     lines += tables(other["summary"], other["recipe_name"])
   lines += ["## What the numbers show", ""]
   lines += [" ".join(findings(summary, compare, result["recipe_name"])), ""]
@@ -844,11 +992,14 @@ def write_markdown(path, result, compare):
 
 def plot(path, result, compare):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
   recipes = [(result["recipe_name"], result["summary"])] + [
-      (o["recipe_name"], o["summary"]) for o in compare]
+    (o["recipe_name"], o["summary"]) for o in compare
+  ]
   points = list(dict.fromkeys(r["point"] for r in result["summary"]))
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
@@ -867,24 +1018,60 @@ def plot(path, result, compare):
       rows = [r for r in summary if r["point"] == point]
       if not rows:
         continue
-      line(axes[0], rows, "err_recipe", f"{name}, CG(5){suffix}",
-           colors[c], style)
-      line(axes[2], rows, "inner_dist_rel", f"{name}{suffix}", colors[c],
-           style)
+      line(
+        axes[0], rows, "err_recipe", f"{name}, CG(5){suffix}", colors[c], style
+      )
+      line(axes[2], rows, "inner_dist_rel", f"{name}{suffix}", colors[c], style)
       if c == 0:
-        line(axes[1], rows, "a_eig_min_k", f"min at phi_K ({name}){suffix}",
-             colors[0], style)
-        line(axes[1], rows, "a_eig_max_k", f"max at phi_K{suffix}",
-             colors[1], style)
-        line(axes[1], rows, "a_eig_min_star", f"min at phi*{suffix}",
-             colors[2], style)
-        line(axes[1], rows, "a_eig_max_star", f"max at phi*{suffix}",
-             colors[3], style)
+        line(
+          axes[1],
+          rows,
+          "a_eig_min_k",
+          f"min at phi_K ({name}){suffix}",
+          colors[0],
+          style,
+        )
+        line(
+          axes[1],
+          rows,
+          "a_eig_max_k",
+          f"max at phi_K{suffix}",
+          colors[1],
+          style,
+        )
+        line(
+          axes[1],
+          rows,
+          "a_eig_min_star",
+          f"min at phi*{suffix}",
+          colors[2],
+          style,
+        )
+        line(
+          axes[1],
+          rows,
+          "a_eig_max_star",
+          f"max at phi*{suffix}",
+          colors[3],
+          style,
+        )
     rows = [r for r in result["summary"] if r["point"] == point]
-    line(axes[0], rows, "err_converged_cg5", f"converged phi*, CG(5){suffix}",
-         "black", style)
-    line(axes[0], rows, "err_converged_cg5_smooth",
-         f"phi*, CG(5) vs g*_smooth: CG alone{suffix}", "gray", style)
+    line(
+      axes[0],
+      rows,
+      "err_converged_cg5",
+      f"converged phi*, CG(5){suffix}",
+      "black",
+      style,
+    )
+    line(
+      axes[0],
+      rows,
+      "err_converged_cg5_smooth",
+      f"phi*, CG(5) vs g*_smooth: CG alone{suffix}",
+      "gray",
+      style,
+    )
   axes[0].set_yscale("log")
   axes[0].set_ylabel("||g - g*|| / ||g*||")
   axes[0].set_title("meta-gradient: relative error against g*")
@@ -901,8 +1088,10 @@ def plot(path, result, compare):
     ax.minorticks_off()
     ax.set_xlabel("lam")
     ax.legend(fontsize=7)
-  fig.suptitle(f"Sinusoid iMAML, float64, {result['setting']['tasks']} tasks: "
-               "medians, bands from min to max over tasks")
+  fig.suptitle(
+    f"Sinusoid iMAML, float64, {result['setting']['tasks']} tasks: "
+    "medians, bands from min to max over tasks"
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -916,15 +1105,19 @@ def write_csv(path, summary):
 
 
 def print_summary(summary):
-  print(f"{'point':20s} {'lam':>5s} {'err recipe':>10s} {'err phi*':>9s} "
-        f"{'eigmin_K':>9s} {'eigmax_K':>9s} {'dist':>6s} {'kinks':>5s} "
-        f"{'converged':>9s}")
+  print(
+    f"{'point':20s} {'lam':>5s} {'err recipe':>10s} {'err phi*':>9s} "
+    f"{'eigmin_K':>9s} {'eigmax_K':>9s} {'dist':>6s} {'kinks':>5s} "
+    f"{'converged':>9s}"
+  )
   for r in summary:
-    print(f"{r['point'][:20]:20s} {r['lam']:5g} {r['err_recipe_median']:10.3g} "
-          f"{r['err_converged_cg5_median']:9.3g} "
-          f"{r['a_eig_min_k_median']:9.3g} {r['a_eig_max_k_median']:9.3g} "
-          f"{r['inner_dist_rel_median']:6.3f} {r['kinks_median']:5g} "
-          f"{r['star_converged_tasks']:>7d}/{r['tasks']}")
+    print(
+      f"{r['point'][:20]:20s} {r['lam']:5g} {r['err_recipe_median']:10.3g} "
+      f"{r['err_converged_cg5_median']:9.3g} "
+      f"{r['a_eig_min_k_median']:9.3g} {r['a_eig_max_k_median']:9.3g} "
+      f"{r['inner_dist_rel_median']:6.3f} {r['kinks_median']:5g} "
+      f"{r['star_converged_tasks']:>7d}/{r['tasks']}"
+    )
 
 
 def check_forward(net, params, x):
@@ -940,28 +1133,55 @@ def check_forward(net, params, x):
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--lams", type=float, nargs="+",
-                      default=[2.0, 10.0, 30.0, 100.0])
+  parser.add_argument(
+    "--lams", type=float, nargs="+", default=[2.0, 10.0, 30.0, 100.0]
+  )
   parser.add_argument("--tasks", type=int, default=8)
-  parser.add_argument("--seed", type=int, default=1,
-                      help="seed of the task sample")
-  parser.add_argument("--inner-steps", type=int, default=None,
-                      help="default: the run's, else 16")
-  parser.add_argument("--inner-lr", type=float, default=None,
-                      help="default: the run's, else 0.003")
-  parser.add_argument("--backtrack", action="store_true", default=None,
-                      help="checked GD (default: the run's, else plain)")
-  parser.add_argument("--solve-steps", type=int, default=5000,
-                      help="checked GD steps towards phi* before Newton")
-  parser.add_argument("--workdir", default=None,
-                      help="also diagnose this run's best and last params")
-  parser.add_argument("--compare", nargs="*", default=[],
-                      help="JSON results of other runs of this script")
-  parser.add_argument("--quick", action="store_true",
-                      help="2 tasks, lam 2 and 30, *_quick.* files")
-  parser.add_argument("--no-compile-cache", action="store_true",
-                      help="compile afresh instead of using imaml-train's "
-                           "persistent XLA cache")
+  parser.add_argument(
+    "--seed", type=int, default=1, help="seed of the task sample"
+  )
+  parser.add_argument(
+    "--inner-steps", type=int, default=None, help="default: the run's, else 16"
+  )
+  parser.add_argument(
+    "--inner-lr",
+    type=float,
+    default=None,
+    help="default: the run's, else 0.003",
+  )
+  parser.add_argument(
+    "--backtrack",
+    action="store_true",
+    default=None,
+    help="checked GD (default: the run's, else plain)",
+  )
+  parser.add_argument(
+    "--solve-steps",
+    type=int,
+    default=5000,
+    help="checked GD steps towards phi* before Newton",
+  )
+  parser.add_argument(
+    "--workdir",
+    default=None,
+    help="also diagnose this run's best and last params",
+  )
+  parser.add_argument(
+    "--compare",
+    nargs="*",
+    default=[],
+    help="JSON results of other runs of this script",
+  )
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="2 tasks, lam 2 and 30, *_quick.* files",
+  )
+  parser.add_argument(
+    "--no-compile-cache",
+    action="store_true",
+    help="compile afresh instead of using imaml-train's persistent XLA cache",
+  )
   parser.add_argument("--tag", default=None, help="output file suffix")
   parser.add_argument("--out", default=RESULTS, help="output folder")
   args = parser.parse_args(argv)
@@ -973,7 +1193,8 @@ def parse_args(argv):
 def main(argv=None):
   args = parse_args(argv)
   command = "python benchmarks/sinusoid_diagnosis.py " + " ".join(
-      argv if argv is not None else __import__("sys").argv[1:])
+    argv if argv is not None else __import__("sys").argv[1:]
+  )
   start = time.perf_counter()
   compare = []
   for path in args.compare:
@@ -984,22 +1205,25 @@ def main(argv=None):
     cli.enable_compile_cache(None)
   net = models.sinusoid_mlp()
   loss = models.regression_loss(net)
-  template = models.init_params(net, jax.random.key(0),
-                                jnp.zeros((K_SHOT, 1)))
+  template = models.init_params(net, jax.random.key(0), jnp.zeros((K_SHOT, 1)))
   points = {"initialisation": template}
   run_config = None
   if args.workdir:
     run_config, trained = load_points(args.workdir, template)
     points.update(trained)
   recipe = resolve_recipe(args, run_config)
-  inner = im.gd(recipe["inner_steps"], recipe["inner_lr"],
-                backtrack=recipe["backtrack"])
-  tasks = to_float64(data.sinusoid_tasks(jax.random.key(args.seed),
-                                         args.tasks, K_SHOT, Q_QUERY))
+  inner = im.gd(
+    recipe["inner_steps"], recipe["inner_lr"], backtrack=recipe["backtrack"]
+  )
+  tasks = to_float64(
+    data.sinusoid_tasks(jax.random.key(args.seed), args.tasks, K_SHOT, Q_QUERY)
+  )
   for theta in points.values():
     check_forward(net, to_float64(theta), tasks.support[0][0])
-  print(f"inner loop {recipe_name(recipe)}; lams {args.lams}; "
-        f"{args.tasks} tasks", flush=True)
+  print(
+    f"inner loop {recipe_name(recipe)}; lams {args.lams}; {args.tasks} tasks",
+    flush=True,
+  )
   diagnosis = make_diagnosis(loss, inner, args.solve_steps)
   rows, summary = [], []
   for point, theta in points.items():
@@ -1010,14 +1234,25 @@ def main(argv=None):
   seconds = time.perf_counter() - start
   print_summary(summary)
 
-  setting = dict(vars(args), recipe=recipe, seconds=seconds, command=command,
-                 run_config=(None if run_config is None
-                             else config_lib.to_dict(run_config)))
-  result = {"setting": setting, "recipe_name": recipe_name(recipe),
-            "summary": summary, "tasks": rows}
+  setting = dict(
+    vars(args),
+    recipe=recipe,
+    seconds=seconds,
+    command=command,
+    run_config=(None if run_config is None else config_lib.to_dict(run_config)),
+  )
+  result = {
+    "setting": setting,
+    "recipe_name": recipe_name(recipe),
+    "summary": summary,
+    "tasks": rows,
+  }
   os.makedirs(args.out, exist_ok=True)
-  stem = "sinusoid_diagnosis" + (f"_{args.tag}" if args.tag else "") + (
-      "_quick" if args.quick else "")
+  stem = (
+    "sinusoid_diagnosis"
+    + (f"_{args.tag}" if args.tag else "")
+    + ("_quick" if args.quick else "")
+  )
   stem = os.path.join(args.out, stem)
   with open(stem + ".json", "w") as f:
     json.dump(json_safe(result), f, indent=1)

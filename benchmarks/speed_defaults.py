@@ -26,6 +26,7 @@ The other version runs from a source tree given by ``--before`` (put on
 
 Writes ``benchmarks/results/speed_defaults_<tag>.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -119,8 +120,9 @@ for line in sys.stdin:
 class Worker:
   """A worker process for one case under one version."""
 
-  def __init__(self, case: str, label: str, pythonpath: str | None,
-               overrides: list[str]):
+  def __init__(
+    self, case: str, label: str, pythonpath: str | None, overrides: list[str]
+  ):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONWARNINGS"] = "ignore"
     if pythonpath:
@@ -129,9 +131,13 @@ class Worker:
     # From a neutral directory: ``python -c`` puts the working directory
     # first on sys.path, ahead of PYTHONPATH.
     self.proc = subprocess.Popen(
-        [sys.executable, "-c", _WORKER, case, *overrides], env=env,
-        cwd=os.path.dirname(os.path.abspath(pythonpath or os.sep)),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+      [sys.executable, "-c", _WORKER, case, *overrides],
+      env=env,
+      cwd=os.path.dirname(os.path.abspath(pythonpath or os.sep)),
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+    )
     self.info = self._read()
 
   def _read(self) -> dict:
@@ -163,70 +169,103 @@ def cpu_model() -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--before", required=True,
-                      help="source tree of the other version")
-  parser.add_argument("--cases", nargs="+",
-                      default=["train:omniglot_5w1s_imaml_gd", "library"])
-  parser.add_argument("--set", dest="overrides", nargs="+", default=[],
-                      metavar="KEY=VALUE")
+  parser.add_argument(
+    "--before", required=True, help="source tree of the other version"
+  )
+  parser.add_argument(
+    "--cases", nargs="+", default=["train:omniglot_5w1s_imaml_gd", "library"]
+  )
+  parser.add_argument(
+    "--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE"
+  )
   parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--steps", type=int, default=3,
-                      help="meta-steps per timing")
+  parser.add_argument(
+    "--steps", type=int, default=3, help="meta-steps per timing"
+  )
   parser.add_argument("--tag", default="cpu")
   parser.add_argument("--out", default=RESULTS)
   args = parser.parse_args()
   here = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
-  versions = (("before", os.path.abspath(args.before)),
-              ("this version", os.path.abspath(here)))
-  for label, path in versions:   # Each worker must import its own tree.
+  versions = (
+    ("before", os.path.abspath(args.before)),
+    ("this version", os.path.abspath(here)),
+  )
+  for label, path in versions:  # Each worker must import its own tree.
     probe = subprocess.run(
-        [sys.executable, "-c", "import imaml_jax; print(imaml_jax.__file__)"],
-        env=dict(os.environ, PYTHONPATH=path), capture_output=True,
-        text=True, check=True,
-        cwd=os.path.dirname(path)).stdout.strip()
+      [sys.executable, "-c", "import imaml_jax; print(imaml_jax.__file__)"],
+      env=dict(os.environ, PYTHONPATH=path),
+      capture_output=True,
+      text=True,
+      check=True,
+      cwd=os.path.dirname(path),
+    ).stdout.strip()
     if not probe.startswith(path):
       raise SystemExit(f"{label}: {path} imports {probe}")
-  print(f"CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} cores; load "
-        f"{os.getloadavg()}", flush=True)
+  print(
+    f"CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} cores; load "
+    f"{os.getloadavg()}",
+    flush=True,
+  )
   load_before = os.getloadavg()
   summary = []
   for case in args.cases:
-    workers = [Worker(case, label, path, args.overrides)
-               for label, path in versions]
+    workers = [
+      Worker(case, label, path, args.overrides) for label, path in versions
+    ]
     times = {w.label: [] for w in workers}
     for r in range(args.rounds):
-      for w in (workers if r % 2 == 0 else workers[::-1]):
+      for w in workers if r % 2 == 0 else workers[::-1]:
         per_task = w.time(args.steps) / (args.steps * w.info["tasks"])
         times[w.label].append(per_task)
-      print(f"{case} round {r}: " + ", ".join(
-          f"{k} {v[-1]:.4g}" for k, v in times.items()) + " s/task",
-            flush=True)
+      print(
+        f"{case} round {r}: "
+        + ", ".join(f"{k} {v[-1]:.4g}" for k, v in times.items())
+        + " s/task",
+        flush=True,
+      )
     for w in workers:
       w.close()
     medians = {k: statistics.median(v) for k, v in times.items()}
     # Each round's two timings ran back to back: their ratio is the paired
     # measure, less sensitive to the load drifting between rounds.
-    ratios = [b / n for b, n in zip(times["before"], times["this version"],
-                                    strict=True)]
-    entry = {"case": case, "overrides": args.overrides,
-             "s_per_task": medians, "all": times,
-             "devices": {w.label: w.info["devices"] for w in workers},
-             "setup_s": {w.label: w.info["compile_s"] for w in workers},
-             "speedup": statistics.median(ratios), "ratios": ratios}
+    ratios = [
+      b / n for b, n in zip(times["before"], times["this version"], strict=True)
+    ]
+    entry = {
+      "case": case,
+      "overrides": args.overrides,
+      "s_per_task": medians,
+      "all": times,
+      "devices": {w.label: w.info["devices"] for w in workers},
+      "setup_s": {w.label: w.info["compile_s"] for w in workers},
+      "speedup": statistics.median(ratios),
+      "ratios": ratios,
+    }
     summary.append(entry)
-    print(f"{case}: before {medians['before']:.4g} s/task on "
-          f"{entry['devices']['before']} device(s), this version "
-          f"{medians['this version']:.4g} on "
-          f"{entry['devices']['this version']}: x{entry['speedup']:.2f} "
-          "(median of the rounds' ratios)",
-          flush=True)
+    print(
+      f"{case}: before {medians['before']:.4g} s/task on "
+      f"{entry['devices']['before']} device(s), this version "
+      f"{medians['this version']:.4g} on "
+      f"{entry['devices']['this version']}: x{entry['speedup']:.2f} "
+      "(median of the rounds' ratios)",
+      flush=True,
+    )
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, f"speed_defaults_{args.tag}.json")
   with open(path, "w") as f:
-    json.dump({"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)),
-               "load_before": load_before, "load_after": os.getloadavg(),
-               "rounds": args.rounds, "steps": args.steps,
-               "results": summary}, f, indent=1)
+    json.dump(
+      {
+        "cpu": cpu_model(),
+        "cores": len(os.sched_getaffinity(0)),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "results": summary,
+      },
+      f,
+      indent=1,
+    )
   print(f"wrote {path}")
 
 

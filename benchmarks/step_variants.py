@@ -37,6 +37,7 @@ second of each, and writes ``benchmarks/results/step_variants_<platform>``
     XLA_FLAGS=--xla_force_host_platform_device_count=2 \
       python benchmarks/step_variants.py --variants chunked per_device
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,37 +47,45 @@ import time
 
 import jax
 import optax
+import throughput
 
 import imaml_jax as im
-
-import throughput
 
 VARIANTS = ("chunked", "vmapped", "per_device", "single", "scipy_cg")
 
 
 def scipy_cg(maxiter: int) -> im.LinearSolver:
   """``jax.scipy.sparse.linalg.cg`` with the residual measured by a product."""
+
   def solve(matvec, b):
     x, _ = jax.scipy.sparse.linalg.cg(matvec, b, tol=1e-10, maxiter=maxiter)
     return x, im.SolveInfo(residual=im.relative_residual(matvec, x, b))
+
   return im.LinearSolver(solve=solve, name=f"jax.scipy cg({maxiter})")
 
 
-def compile_variant(variant: str, setting: str, meta_batch: int,
-                    inner_steps: int | None):
+def compile_variant(
+  variant: str, setting: str, meta_batch: int, inner_steps: int | None
+):
   """Returns ``(compiled step, its arguments, tasks per step, compile s)``."""
   n_way, k_shot, default_steps = throughput.SETTINGS[setting]
   loss_fn, params = throughput.omniglot_problem(setting)
   algorithm = throughput.make_algorithm(
-      "imaml_gd", inner_steps or default_steps,
-      solver=scipy_cg(5) if variant == "scipy_cg" else None)
+    "imaml_gd",
+    inner_steps or default_steps,
+    solver=scipy_cg(5) if variant == "scipy_cg" else None,
+  )
   n_tasks = meta_batch if variant in ("chunked", "vmapped", "per_device") else 1
   per_device = variant == "per_device"
   init, step = im.make_meta_step(
-      loss_fn, optax.adam(1e-3), algorithm, has_aux=True,
-      pre_adaptation_metrics=False,
-      task_chunk=1 if variant in ("chunked", "per_device") else None,
-      axis_name=im.TASK_AXIS if per_device else None)
+    loss_fn,
+    optax.adam(1e-3),
+    algorithm,
+    has_aux=True,
+    pre_adaptation_metrics=False,
+    task_chunk=1 if variant in ("chunked", "per_device") else None,
+    axis_name=im.TASK_AXIS if per_device else None,
+  )
   state = init(params)
   tasks = throughput.random_tasks(n_way, k_shot, 15, n_tasks)
   if per_device:
@@ -110,19 +119,28 @@ def time_in_turns(compiled: dict, rounds: int, min_seconds: float):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--setting", default="5w1s",
-                      choices=list(throughput.SETTINGS))
-  parser.add_argument("--variants", nargs="+", default=None,
-                      choices=VARIANTS, help="default: all")
+  parser.add_argument(
+    "--setting", default="5w1s", choices=list(throughput.SETTINGS)
+  )
+  parser.add_argument(
+    "--variants", nargs="+", default=None, choices=VARIANTS, help="default: all"
+  )
   parser.add_argument("--meta-batch", type=int, default=32)
   parser.add_argument("--rounds", type=int, default=9)
-  parser.add_argument("--min-seconds", type=float, default=1.0,
-                      help="shortest measurement: a fast variant is called "
-                           "repeatedly until this much time has passed")
-  parser.add_argument("--quick", action="store_true",
-                      help="meta-batch 2, 2 inner steps, 2 rounds; only the "
-                           "chunked and single variants unless --variants "
-                           "is given")
+  parser.add_argument(
+    "--min-seconds",
+    type=float,
+    default=1.0,
+    help="shortest measurement: a fast variant is called "
+    "repeatedly until this much time has passed",
+  )
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="meta-batch 2, 2 inner steps, 2 rounds; only the "
+    "chunked and single variants unless --variants "
+    "is given",
+  )
   parser.add_argument("--out", default=throughput.RESULTS)
   args = parser.parse_args(argv)
   inner_steps = None
@@ -132,34 +150,51 @@ def main(argv=None):
   args.variants = args.variants or list(VARIANTS)
 
   if "per_device" in args.variants and jax.device_count() < 2:
-    parser.error("the per_device variant needs several devices; on a CPU set "
-                 "XLA_FLAGS=--xla_force_host_platform_device_count=2 (one "
-                 "per core) before running the script")
+    parser.error(
+      "the per_device variant needs several devices; on a CPU set "
+      "XLA_FLAGS=--xla_force_host_platform_device_count=2 (one "
+      "per core) before running the script"
+    )
   device = throughput.device_name()
   if jax.device_count() > 1:
     device += f", {jax.device_count()} devices"
-  print(f"device: {device}; jax {jax.__version__}; setting {args.setting}",
-        flush=True)
+  print(
+    f"device: {device}; jax {jax.__version__}; setting {args.setting}",
+    flush=True,
+  )
   compiled = {}
   for name in args.variants:
-    compiled[name] = compile_variant(name, args.setting, args.meta_batch,
-                                     inner_steps)
+    compiled[name] = compile_variant(
+      name, args.setting, args.meta_batch, inner_steps
+    )
     print(f"compiled {name} in {compiled[name][3]:.1f}s", flush=True)
   times = time_in_turns(compiled, args.rounds, args.min_seconds)
   rows = []
   for name, ts in times.items():
     n_tasks, step_s = compiled[name][2], statistics.median(ts)
-    rows.append({"variant": name, "setting": args.setting,
-                 "tasks_per_step": n_tasks, "rounds": args.rounds,
-                 "compile_s": round(compiled[name][3], 2),
-                 "step_s": step_s, "step_s_min": min(ts),
-                 "tasks_per_s": n_tasks / step_s})
-    print(f"{name:9s} {n_tasks:3d} tasks/step  step {step_s:8.4f}s "
-          f"(fastest {min(ts):.4f}s)  {n_tasks / step_s:7.2f} tasks/s",
-          flush=True)
+    rows.append(
+      {
+        "variant": name,
+        "setting": args.setting,
+        "tasks_per_step": n_tasks,
+        "rounds": args.rounds,
+        "compile_s": round(compiled[name][3], 2),
+        "step_s": step_s,
+        "step_s_min": min(ts),
+        "tasks_per_s": n_tasks / step_s,
+      }
+    )
+    print(
+      f"{name:9s} {n_tasks:3d} tasks/step  step {step_s:8.4f}s "
+      f"(fastest {min(ts):.4f}s)  {n_tasks / step_s:7.2f} tasks/s",
+      flush=True,
+    )
   os.makedirs(args.out, exist_ok=True)
-  stem = os.path.join(args.out, f"step_variants_{jax.devices()[0].platform}"
-                      f"{'_quick' if args.quick else ''}")
+  stem = os.path.join(
+    args.out,
+    f"step_variants_{jax.devices()[0].platform}"
+    f"{'_quick' if args.quick else ''}",
+  )
   meta = throughput.write_results(rows, stem, device, matmul=None)
   print(f"wrote {stem}.{{json,csv}}")
   return meta

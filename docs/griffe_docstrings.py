@@ -12,6 +12,7 @@ are parsed, and changes nothing in the package:
   which Markdown would show verbatim. They become code spans (``name``,
   ``B``).
 """
+
 from __future__ import annotations
 
 import re

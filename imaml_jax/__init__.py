@@ -2,6 +2,10 @@
 
 The public API; see the README for a tour.
 """
+
+# Subpackages: few-shot data and the paper's networks.
+from imaml_jax import data  # noqa: E402
+from imaml_jax import models  # noqa: E402
 from imaml_jax._src.adapt import adapt
 from imaml_jax._src.algorithms import MetaAlgorithm
 from imaml_jax._src.algorithms import adapt_all_but_norm
@@ -44,9 +48,6 @@ from imaml_jax._src.sharding import tasks_from_process_local_data
 from imaml_jax._src.sharding import use_cpu_cores
 from imaml_jax._src.types import Task
 
-# Subpackages: few-shot data and the paper's networks.
-from imaml_jax import data  # noqa: E402
-from imaml_jax import models  # noqa: E402
 # The sharded episode sampler lives in imaml_jax.data (the core, imaml_jax._src,
 # imports nothing from it); the top-level name is kept for existing callers.
 from imaml_jax.data import make_sharded_sampler  # noqa: E402

@@ -1,4 +1,5 @@
 """``python -m imaml_jax {train,eval} ...``; see :mod:`imaml_jax.train.cli`."""
+
 import sys
 
 from imaml_jax.train import cli

@@ -5,6 +5,7 @@
 Set ``IMAML_OMNIGLOT_DIR`` to draw the Omniglot example from the real test
 characters; without it, random images stand in.
 """
+
 import pathlib
 import sys
 
@@ -16,9 +17,12 @@ NOTEBOOK = pathlib.Path(__file__).with_name("quickstart.ipynb")
 
 def main() -> int:
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  NotebookClient(nb, timeout=1800, kernel_name="python3",
-                 resources={"metadata": {"path": str(NOTEBOOK.parent)}}
-                 ).execute()
+  NotebookClient(
+    nb,
+    timeout=1800,
+    kernel_name="python3",
+    resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+  ).execute()
   nbformat.write(nb, NOTEBOOK)
   print(f"wrote {NOTEBOOK} with outputs")
   return 0

@@ -14,16 +14,16 @@ files) and returns what the tests read; its tests get that through the
 those of the quick runs. Everything compiles with the XLA settings of
 ``fast_compile``.
 """
+
 from concurrent.futures import ThreadPoolExecutor
 
 import fast_compile
 
-fast_compile.use_in_process()   # Before JAX starts its backend.
+fast_compile.use_in_process()  # Before JAX starts its backend.
 
 # pylint: disable=wrong-import-position
 import jax
 import pytest
-
 import quick_runs
 
 
@@ -53,8 +53,11 @@ def _modules_with_jobs(items) -> list:
   for item in items:
     module = getattr(item, "module", None)
     jobs = getattr(module, "BACKGROUND_JOBS", None)
-    if (isinstance(jobs, dict) and _waits_for_background(item) == 1
-        and module not in modules):
+    if (
+      isinstance(jobs, dict)
+      and _waits_for_background(item) == 1
+      and module not in modules
+    ):
       modules.append(module)
   return modules
 

@@ -26,6 +26,7 @@ runs 3-4x slower, for the child processes that run a few steps each
 runs). LLVM at ``-O0`` alone is not used in this process: there, one test
 (the miniImageNet network's Hessian-vector product) came out NaN.
 """
+
 import os
 
 IN_PROCESS = "--xla_cpu_use_fusion_emitters=false"
@@ -34,8 +35,9 @@ CHILD = "--xla_backend_optimization_level=0 " + IN_PROCESS
 
 def _join(*flag_lists: str) -> str:
   """The flags of all lists, each once, in order."""
-  return " ".join(dict.fromkeys(f for flags in flag_lists
-                                for f in flags.split()))
+  return " ".join(
+    dict.fromkeys(f for flags in flag_lists for f in flags.split())
+  )
 
 
 def flags(*more: str) -> str:

@@ -1,4 +1,5 @@
 """Small problems with independent answers, shared by the core tests."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,15 +9,19 @@ def linreg_loss(w, batch):
   """``||X w - y||^2 / (2 n)``."""
   x, y = batch
   r = x @ w - y
-  return 0.5 * jnp.mean(r ** 2)
+  return 0.5 * jnp.mean(r**2)
 
 
 def linreg_task(seed, n_support=20, n_query=30, dim=5, dtype=np.float64):
   rng = np.random.default_rng(seed)
   w_true = rng.normal(size=dim)
+
   def batch(n):
     x = rng.normal(size=(n, dim))
-    return x.astype(dtype), (x @ w_true + 0.1 * rng.normal(size=n)).astype(dtype)
+    return x.astype(dtype), (x @ w_true + 0.1 * rng.normal(size=n)).astype(
+      dtype
+    )
+
   return batch(n_support), batch(n_query)
 
 

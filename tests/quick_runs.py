@@ -7,6 +7,7 @@ core, so they start in the background when the test session starts
 and their tests come last. They compile with the child settings of
 ``fast_compile``.
 """
+
 import os
 import signal
 import subprocess
@@ -21,21 +22,44 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 # name: the script and its arguments (each gets ``--out DIR/name``); the
 # longest first.
 QUICK_RUNS = {
-    "tables": ["tables.py", "--quick"],
-    "throughput": ["throughput.py", "--quick"],
-    "sinusoid_diagnosis": ["sinusoid_diagnosis.py", "--quick"],
-    "stability_diagnostics": ["stability_diagnostics.py", "--quick"],
-    "compile_time": ["compile_time.py", "--quick"],
-    "step_variants": ["step_variants.py", "--quick"],
-    "memory_vs_steps": ["memory_vs_steps.py", "--quick", "--algorithms",
-                        "maml"],
-    "curvature": ["curvature.py", "--quick", "--inner-lr", "0.1",
-                  "--inner", "gd", "hessian_free", "--cg-steps", "5", "20"],
-    "scaling": ["scaling.py", "--quick", "--devices", "2", "--host-devices",
-                "2", "--meta-batch", "4"],
-    "conv_formulations": ["conv_formulations.py", "--quick", "--repeats", "1",
-                          "--conv", "patches"],
-    "meta_gradient_accuracy": ["meta_gradient_accuracy.py", "--quick"],
+  "tables": ["tables.py", "--quick"],
+  "throughput": ["throughput.py", "--quick"],
+  "sinusoid_diagnosis": ["sinusoid_diagnosis.py", "--quick"],
+  "stability_diagnostics": ["stability_diagnostics.py", "--quick"],
+  "compile_time": ["compile_time.py", "--quick"],
+  "step_variants": ["step_variants.py", "--quick"],
+  "memory_vs_steps": ["memory_vs_steps.py", "--quick", "--algorithms", "maml"],
+  "curvature": [
+    "curvature.py",
+    "--quick",
+    "--inner-lr",
+    "0.1",
+    "--inner",
+    "gd",
+    "hessian_free",
+    "--cg-steps",
+    "5",
+    "20",
+  ],
+  "scaling": [
+    "scaling.py",
+    "--quick",
+    "--devices",
+    "2",
+    "--host-devices",
+    "2",
+    "--meta-batch",
+    "4",
+  ],
+  "conv_formulations": [
+    "conv_formulations.py",
+    "--quick",
+    "--repeats",
+    "1",
+    "--conv",
+    "patches",
+  ],
+  "meta_gradient_accuracy": ["meta_gradient_accuracy.py", "--quick"],
 }
 
 
@@ -51,10 +75,12 @@ def run_script(name, *args, timeout=420, attempts=2):
   hangs = []
   for attempt in range(1, attempts + 1):
     proc = subprocess.Popen(
-        [sys.executable, str(BENCHMARKS / name), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=fast_compile.environ(PYTHONUNBUFFERED="1",
-                                 PYTHONFAULTHANDLER="1"))
+      [sys.executable, str(BENCHMARKS / name), *args],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=fast_compile.environ(PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1"),
+    )
     try:
       stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -64,22 +90,27 @@ def run_script(name, *args, timeout=420, attempts=2):
       except subprocess.TimeoutExpired:
         proc.kill()
         stdout, stderr = proc.communicate()
-      hangs.append(f"{name} {' '.join(args)}: attempt {attempt} still "
-                   f"running after {timeout} s; its output:\n"
-                   f"{stdout[-2000:]}\n{stderr[-6000:]}")
+      hangs.append(
+        f"{name} {' '.join(args)}: attempt {attempt} still "
+        f"running after {timeout} s; its output:\n"
+        f"{stdout[-2000:]}\n{stderr[-6000:]}"
+      )
       continue
     assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
     if hangs:
-      warnings.warn("\n".join(hangs))
+      warnings.warn("\n".join(hangs), stacklevel=2)
     return stdout
   raise AssertionError("\n".join(hangs))
 
 
 def selected(test_names) -> list:
   """The runs that the selected tests (``test_<name>_quick...``) read."""
-  return [n for n in QUICK_RUNS
-          if any(t.startswith(f"test_{n}_quick") for t in test_names)
-          and (n != "tables" or os.environ.get("IMAML_OMNIGLOT_DIR"))]
+  return [
+    n
+    for n in QUICK_RUNS
+    if any(t.startswith(f"test_{n}_quick") for t in test_names)
+    and (n != "tables" or os.environ.get("IMAML_OMNIGLOT_DIR"))
+  ]
 
 
 def job(name):
@@ -90,4 +121,5 @@ def job(name):
   def run(out: Path) -> str:
     extra = ["--runs", str(out / "runs")] if name == "tables" else []
     return run_script(script, *args, *extra, "--out", str(out))
+
   return run

@@ -1,4 +1,3 @@
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,25 +5,34 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from jaxopt.implicit_diff import custom_root
 from jaxopt.linear_solve import solve_cg
+from problems import linreg_exact
+from problems import linreg_loss
+from problems import linreg_task
+from problems import mlp_init
+from problems import mlp_loss
+from problems import mlp_task
+from problems import rel_err
 
 import imaml_jax as im
-from problems import (linreg_exact, linreg_loss, linreg_task, mlp_init,
-                      mlp_loss, mlp_task, rel_err)
 
 CONVERGED_GD = im.gd(steps=300, lr=0.2)
 
 
-def imaml_grad_via_adapt(theta, support, query, lam, solver, inner=CONVERGED_GD,
-                         loss=linreg_loss):
+def imaml_grad_via_adapt(
+  theta, support, query, lam, solver, inner=CONVERGED_GD, loss=linreg_loss
+):
   def meta_loss(t):
-    return loss(im.adapt(loss, t, support, lam=lam, inner=inner,
-                         solver=solver), query)
+    return loss(
+      im.adapt(loss, t, support, lam=lam, inner=inner, solver=solver), query
+    )
+
   return jax.jit(jax.grad(meta_loss))(theta)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("solver", [im.dense(), im.cg(maxiter=100, tol=1e-15)],
-                         ids=["dense", "cg"])
+@pytest.mark.parametrize(
+  "solver", [im.dense(), im.cg(maxiter=100, tol=1e-15)], ids=["dense", "cg"]
+)
 def test_linear_regression_meta_gradient_matches_closed_form(x64, seed, solver):
   support, query = linreg_task(seed)
   lam = 2.0
@@ -40,9 +48,15 @@ def test_meta_gradient_error_shrinks_with_cg_steps(x64):
   theta = jnp.zeros(12)
   _, exact = linreg_exact(theta, support, query, lam)
   inner = im.gd(steps=2000, lr=0.1)
-  errors = [rel_err(imaml_grad_via_adapt(theta, support, query, lam,
-                                         im.cg(k, tol=0.0), inner), exact)
-            for k in (1, 2, 4, 8, 16)]
+  errors = [
+    rel_err(
+      imaml_grad_via_adapt(
+        theta, support, query, lam, im.cg(k, tol=0.0), inner
+      ),
+      exact,
+    )
+    for k in (1, 2, 4, 8, 16)
+  ]
   assert all(b < a for a, b in zip(errors, errors[1:])), errors
   assert errors[0] > 1e-2 and errors[-1] < 1e-10, errors
 
@@ -57,16 +71,20 @@ def test_mlp_implicit_gradient_matches_jaxopt_custom_root(x64):
     g = jax.grad(mlp_loss)(phi, support)
     return jax.tree.map(lambda a, p, t: a + lam * (p - t), g, phi, theta)
 
-  @custom_root(optimality, solve=lambda mv, b: solve_cg(mv, b, tol=1e-15,
-                                                             maxiter=500))
+  @custom_root(
+    optimality, solve=lambda mv, b: solve_cg(mv, b, tol=1e-15, maxiter=500)
+  )
   def jaxopt_adapt(init, theta):
     del init
     objective = im.proximal_objective(mlp_loss, theta, support, lam)
     return inner.run(objective, theta)
 
-  ours = jax.grad(lambda t: mlp_loss(
+  ours = jax.grad(
+    lambda t: mlp_loss(
       im.adapt(mlp_loss, t, support, lam=lam, inner=inner, solver=im.dense()),
-      query))(params)
+      query,
+    )
+  )(params)
   oracle = jax.grad(lambda t: mlp_loss(jaxopt_adapt(None, t), query))(params)
   assert rel_err(ours, oracle) < 1e-10
 
@@ -83,11 +101,19 @@ def test_mlp_implicit_gradient_matches_unrolled_differentiation(x64):
     return mlp_loss(inner.run(objective, t), query)
 
   def implicit(t):
-    return mlp_loss(im.adapt(mlp_loss, t, support, lam=lam, inner=inner,
-                             solver=im.cg(200, tol=1e-14)), query)
+    return mlp_loss(
+      im.adapt(
+        mlp_loss, t, support, lam=lam, inner=inner, solver=im.cg(200, tol=1e-14)
+      ),
+      query,
+    )
 
-  assert rel_err(jax.jit(jax.grad(implicit))(params),
-                 jax.jit(jax.grad(unrolled))(params)) < 1e-9
+  assert (
+    rel_err(
+      jax.jit(jax.grad(implicit))(params), jax.jit(jax.grad(unrolled))(params)
+    )
+    < 1e-9
+  )
 
 
 def test_support_and_lam_cotangents_match_unrolled_differentiation(x64):
@@ -100,8 +126,14 @@ def test_support_and_lam_cotangents_match_unrolled_differentiation(x64):
     return mlp_loss(inner.run(objective, params), query)
 
   def implicit(xs, lam):
-    phi = im.adapt(mlp_loss, params, (xs, support[1]), lam=lam, inner=inner,
-                   solver=im.dense())
+    phi = im.adapt(
+      mlp_loss,
+      params,
+      (xs, support[1]),
+      lam=lam,
+      inner=inner,
+      solver=im.dense(),
+    )
     return mlp_loss(phi, query)
 
   grad = lambda f: jax.jit(jax.grad(f, argnums=(0, 1)))(support[0], 2.0)
@@ -113,58 +145,80 @@ def test_support_and_lam_cotangents_match_unrolled_differentiation(x64):
 def test_integer_labels_in_support_are_allowed():
   x = jnp.ones((4, 3))
   labels = jnp.array([0, 1, 0, 1])
+
   def loss(w, batch):
     x, y = batch
     logits = x @ w
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), y])
-  g = jax.grad(lambda w: loss(im.adapt(loss, w, (x, labels), lam=1.0,
-                                       inner=im.gd(3, 0.1)), (x, labels)))(
-      jnp.zeros((3, 2)))
+
+  g = jax.grad(
+    lambda w: loss(
+      im.adapt(loss, w, (x, labels), lam=1.0, inner=im.gd(3, 0.1)), (x, labels)
+    )
+  )(jnp.zeros((3, 2)))
   assert g.shape == (3, 2) and bool(jnp.all(jnp.isfinite(g)))
 
 
 def test_composes_with_vmap_jit_and_grad_over_tasks(x64):
   tasks = [linreg_task(s) for s in range(4)]
-  stack = lambda i: jax.tree.map(lambda *a: jnp.stack(a),
-                                 *[t[i] for t in tasks])
+  stack = lambda i: jax.tree.map(
+    lambda *a: jnp.stack(a), *[t[i] for t in tasks]
+  )
   support, query = stack(0), stack(1)
   theta = jnp.full(5, 0.3)
   solver = im.cg(50, tol=1e-14)
-  per_task = jax.vmap(lambda s, q: imaml_grad_via_adapt(
-      theta, s, q, 2.0, solver))(support, query)
+  per_task = jax.vmap(
+    lambda s, q: imaml_grad_via_adapt(theta, s, q, 2.0, solver)
+  )(support, query)
   for i, (s, q) in enumerate(tasks):
     _, exact = linreg_exact(theta, s, q, 2.0)
     assert rel_err(per_task[i], exact) < 1e-10
 
 
-@jax.default_matmul_precision("highest")   # GPUs default to TF32 products.
+@jax.default_matmul_precision("highest")  # GPUs default to TF32 products.
 def test_float32_pytree_params_give_accurate_gradient():
   params = mlp_init(jax.random.PRNGKey(6), dtype=jnp.float32)
   support, query = mlp_task(jax.random.PRNGKey(7), dtype=jnp.float32)
-  grad = lambda solver, inner: jax.jit(jax.grad(lambda t: mlp_loss(
-      im.adapt(mlp_loss, t, support, lam=2.0, inner=inner, solver=solver),
-      query)))(params)
+  grad = lambda solver, inner: jax.jit(
+    jax.grad(
+      lambda t: mlp_loss(
+        im.adapt(mlp_loss, t, support, lam=2.0, inner=inner, solver=solver),
+        query,
+      )
+    )
+  )(params)
   g32 = grad(im.cg(30), im.gd(400, 0.2))
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(g32))
   with jax.enable_x64(True):
     p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
     s64, q64 = jax.tree.map(lambda a: a.astype(jnp.float64), (support, query))
-    g64 = jax.grad(lambda t: mlp_loss(im.adapt(
-        mlp_loss, t, s64, lam=2.0, inner=im.gd(400, 0.2), solver=im.dense()),
-        q64))(p64)
+    g64 = jax.grad(
+      lambda t: mlp_loss(
+        im.adapt(
+          mlp_loss, t, s64, lam=2.0, inner=im.gd(400, 0.2), solver=im.dense()
+        ),
+        q64,
+      )
+    )(p64)
     assert rel_err(g32, g64) < 1e-4
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
+@pytest.mark.parametrize(
+  "kwargs, error, message",
+  [
     ({"lam": 0.0}, ValueError, "lam"),
     ({"lam": -2.0}, ValueError, "lam"),
     ({"lam": jnp.ones(2)}, ValueError, "lam"),
     ({"lam": 2.0, "inner": "gd"}, TypeError, "inner"),
     ({"lam": 2.0, "solver": "cg"}, TypeError, "solver"),
     ({"lam": 2.0, "damping": -1.0}, ValueError, r"^damping must be >= 0"),
-    ({"lam": 2.0, "lam_damping": -10.0}, ValueError,
-     r"^lam_damping must be >= 0"),
-])
+    (
+      {"lam": 2.0, "lam_damping": -10.0},
+      ValueError,
+      r"^lam_damping must be >= 0",
+    ),
+  ],
+)
 def test_bad_adapt_arguments_raise_named_errors(kwargs, error, message):
   kwargs = {"inner": im.gd(2, 0.1), **kwargs}
   with pytest.raises(error, match=message):
@@ -173,12 +227,18 @@ def test_bad_adapt_arguments_raise_named_errors(kwargs, error, message):
 
 def test_integer_params_are_rejected():
   with pytest.raises(TypeError, match=r"params\['w'\].*floating"):
-    im.adapt(linreg_loss, {"w": jnp.zeros(5, jnp.int32)}, linreg_task(0)[0],
-             lam=1.0, inner=im.gd(2, 0.1))
+    im.adapt(
+      linreg_loss,
+      {"w": jnp.zeros(5, jnp.int32)},
+      linreg_task(0)[0],
+      lam=1.0,
+      inner=im.gd(2, 0.1),
+    )
 
 
-def dense_damped_cotangents(params, support, query, lam, phi, damping,
-                            lam_damping):
+def dense_damped_cotangents(
+  params, support, query, lam, phi, damping, lam_damping
+):
   """The damped backward pass by dense algebra in float64 (jax.hessian).
 
   ``x = ((1 + r) I + H/(lam + d))^{-1} grad L_q(phi)`` and, with that ``x``,
@@ -188,36 +248,51 @@ def dense_damped_cotangents(params, support, query, lam, phi, damping,
   flat_phi, unravel = ravel_pytree(phi)
   xs, ys = support
   hessian = jax.hessian(lambda p: mlp_loss(unravel(p), support))(flat_phi)
-  matrix = ((1 + damping) * jnp.eye(flat_phi.size)
-            + hessian / (lam + lam_damping))
+  matrix = (1 + damping) * jnp.eye(flat_phi.size) + hessian / (
+    lam + lam_damping
+  )
   q_grad = ravel_pytree(jax.grad(mlp_loss)(phi, query))[0]
   x = jnp.linalg.solve(matrix, q_grad)
-  mixed = jax.jacobian(lambda s: ravel_pytree(
-      jax.grad(mlp_loss)(phi, (s, ys)))[0])(xs)  # (n_params, *xs.shape)
+  mixed = jax.jacobian(
+    lambda s: ravel_pytree(jax.grad(mlp_loss)(phi, (s, ys)))[0]
+  )(xs)  # (n_params, *xs.shape)
   support_bar = -jnp.tensordot(x, mixed, axes=1) / lam
   lam_bar = -x @ (flat_phi - ravel_pytree(params)[0]) / lam
   return x, support_bar, lam_bar
 
 
-@pytest.mark.parametrize("damping, lam_damping", [(1.0, 10.0), (0.5, 0.0),
-                                                  (0.0, 3.0)])
-def test_damped_backward_pass_matches_dense_damped_solve(x64, damping,
-                                                         lam_damping):
+@pytest.mark.parametrize(
+  "damping, lam_damping", [(1.0, 10.0), (0.5, 0.0), (0.0, 3.0)]
+)
+def test_damped_backward_pass_matches_dense_damped_solve(
+  x64, damping, lam_damping
+):
   params = mlp_init(jax.random.PRNGKey(8))
   support, query = mlp_task(jax.random.PRNGKey(9))
-  lam, inner = 2.0, im.gd(40, 0.1)   # unconverged: the formulas still hold
-  phi = inner.run(im.proximal_objective(mlp_loss, params, support, lam),
-                  params)
+  lam, inner = 2.0, im.gd(40, 0.1)  # unconverged: the formulas still hold
+  phi = inner.run(im.proximal_objective(mlp_loss, params, support, lam), params)
 
   def meta_loss(theta, xs, lam):
-    return mlp_loss(im.adapt(mlp_loss, theta, (xs, support[1]), lam=lam,
-                             inner=inner, solver=im.dense(), damping=damping,
-                             lam_damping=lam_damping), query)
+    return mlp_loss(
+      im.adapt(
+        mlp_loss,
+        theta,
+        (xs, support[1]),
+        lam=lam,
+        inner=inner,
+        solver=im.dense(),
+        damping=damping,
+        lam_damping=lam_damping,
+      ),
+      query,
+    )
 
   g, gx, glam = jax.jit(jax.grad(meta_loss, argnums=(0, 1, 2)))(
-      params, support[0], lam)
+    params, support[0], lam
+  )
   x, support_bar, lam_bar = dense_damped_cotangents(
-      params, support, query, lam, phi, damping, lam_damping)
+    params, support, query, lam, phi, damping, lam_damping
+  )
   np.testing.assert_allclose(ravel_pytree(g)[0], x, rtol=1e-10, atol=1e-13)
   np.testing.assert_allclose(gx, support_bar, rtol=1e-10, atol=1e-13)
   np.testing.assert_allclose(glam, lam_bar, rtol=1e-10)
@@ -229,10 +304,13 @@ def test_authors_damping_is_a_scaled_stronger_proximal_system(x64):
   params = mlp_init(jax.random.PRNGKey(10))
   support, query = mlp_task(jax.random.PRNGKey(11))
   phi = im.gd(30, 0.1).run(
-      im.proximal_objective(mlp_loss, params, support, 2.0), params)
+    im.proximal_objective(mlp_loss, params, support, 2.0), params
+  )
   q_grad = jax.grad(mlp_loss)(phi, query)
-  solve = lambda **kw: im.dense().solve(im.proximal_system_operator(
-      lambda p: mlp_loss(p, support), phi, **kw), q_grad)[0]
+  solve = lambda **kw: im.dense().solve(
+    im.proximal_system_operator(lambda p: mlp_loss(p, support), phi, **kw),
+    q_grad,
+  )[0]
   damped = solve(lam=2.0, damping=1.0, lam_damping=10.0)
   stronger = solve(lam=24.0)
   assert rel_err(damped, jax.tree.map(lambda a: a / 2, stronger)) < 1e-12
@@ -244,13 +322,26 @@ def test_zero_damping_is_the_undamped_adapt_bit_for_bit():
 
   def grads(**damping):
     def meta_loss(theta, xs, lam):
-      return mlp_loss(im.adapt(mlp_loss, theta, (xs, support[1]), lam=lam,
-                               inner=im.gd(10, 0.1), **damping), query)
-    return jax.jit(jax.grad(meta_loss, argnums=(0, 1, 2)))(
-        params, support[0], 2.0)
+      return mlp_loss(
+        im.adapt(
+          mlp_loss,
+          theta,
+          (xs, support[1]),
+          lam=lam,
+          inner=im.gd(10, 0.1),
+          **damping,
+        ),
+        query,
+      )
 
-  for a, b in zip(jax.tree.leaves(grads()),
-                  jax.tree.leaves(grads(damping=0.0, lam_damping=0.0))):
+    return jax.jit(jax.grad(meta_loss, argnums=(0, 1, 2)))(
+      params, support[0], 2.0
+    )
+
+  for a, b in zip(
+    jax.tree.leaves(grads()),
+    jax.tree.leaves(grads(damping=0.0, lam_damping=0.0)),
+  ):
     np.testing.assert_array_equal(a, b)
 
 
@@ -258,17 +349,27 @@ def test_authors_inner_loop_composes_with_adapt_vmap_and_jit(x64):
   # Forward: K gradient steps on the task loss, then 0.8 phi_K + 0.2 theta.
   # Backward: the damped solve at that phi.
   tasks = [mlp_task(jax.random.PRNGKey(20 + i)) for i in range(3)]
-  stack = lambda i: jax.tree.map(lambda *a: jnp.stack(a),
-                                 *[t[i] for t in tasks])
+  stack = lambda i: jax.tree.map(
+    lambda *a: jnp.stack(a), *[t[i] for t in tasks]
+  )
   support, query = stack(0), stack(1)
   params = mlp_init(jax.random.PRNGKey(14))
   inner = im.gd_then_pull_back(steps=6, lr=0.1)
 
   def per_task(s, q):
     def meta_loss(theta):
-      phi = im.adapt(mlp_loss, theta, s, lam=2.0, inner=inner,
-                     solver=im.dense(), damping=1.0, lam_damping=10.0)
+      phi = im.adapt(
+        mlp_loss,
+        theta,
+        s,
+        lam=2.0,
+        inner=inner,
+        solver=im.dense(),
+        damping=1.0,
+        lam_damping=10.0,
+      )
       return mlp_loss(phi, q), phi
+
     return jax.grad(meta_loss, has_aux=True)(params)
 
   grads, phis = jax.jit(jax.vmap(per_task))(support, query)
@@ -278,5 +379,8 @@ def test_authors_inner_loop_composes_with_adapt_vmap_and_jit(x64):
     assert rel_err(jax.tree.map(lambda a: a[i], phis), phi) < 1e-14
     x, _, _ = dense_damped_cotangents(params, s, q, 2.0, phi, 1.0, 10.0)
     np.testing.assert_allclose(
-        ravel_pytree(jax.tree.map(lambda a: a[i], grads))[0], x, rtol=1e-10,
-        atol=1e-13)
+      ravel_pytree(jax.tree.map(lambda a: a[i], grads))[0],
+      x,
+      rtol=1e-10,
+      atol=1e-13,
+    )

@@ -3,10 +3,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from problems import linreg_exact
+from problems import linreg_loss
+from problems import linreg_task
+from problems import mlp_init
+from problems import mlp_loss
+from problems import mlp_task
+from problems import rel_err
 
 import imaml_jax as im
-from problems import (linreg_exact, linreg_loss, linreg_task, mlp_init,
-                      mlp_loss, mlp_task, rel_err)
 
 
 def aux(loss):
@@ -31,33 +36,40 @@ def test_maml_matches_grad_through_explicit_python_unroll(x64):
 
   def unrolled(p):
     for _ in range(steps):
-      p = jax.tree.map(lambda w, g: w - lr * g, p,
-                       jax.grad(mlp_loss)(p, support))
+      p = jax.tree.map(
+        lambda w, g: w - lr * g, p, jax.grad(mlp_loss)(p, support)
+      )
     return mlp_loss(p, query)
 
   expected = jax.grad(unrolled)(params)
   for remat in (False, True):
     alg = im.maml(im.gd(steps, lr), remat=remat)
-    g, metrics = jax.jit(lambda p: alg.task_gradient(
-        aux(mlp_loss), p, im.Task(support, query)))(params)
+    g, metrics = jax.jit(
+      lambda p: alg.task_gradient(aux(mlp_loss), p, im.Task(support, query))
+    )(params)
     assert rel_err(g, expected) < 1e-12
-    np.testing.assert_allclose(metrics["loss_after"], unrolled(params),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+      metrics["loss_after"], unrolled(params), rtol=1e-12
+    )
 
 
 def test_fomaml_maml_and_reptile_match_hand_derived_updates_on_quadratic(x64):
   loss, task, theta, a_mat, a, b = quadratic_task()
   steps, lr = 7, 0.2
-  contraction = np.linalg.matrix_power(np.eye(4) - lr * np.asarray(a_mat),
-                                       steps)
+  contraction = np.linalg.matrix_power(
+    np.eye(4) - lr * np.asarray(a_mat), steps
+  )
   phi = a + contraction @ (theta - a)  # closed form of 7 GD steps
   run = lambda alg: alg.task_gradient(aux(loss), theta, task)[0]
-  np.testing.assert_allclose(run(im.fomaml(im.gd(steps, lr))), phi - b,
-                             rtol=1e-12)
-  np.testing.assert_allclose(run(im.maml(im.gd(steps, lr))),
-                             contraction.T @ (phi - b), rtol=1e-12)
-  np.testing.assert_allclose(run(im.reptile(im.gd(steps, lr))), theta - phi,
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    run(im.fomaml(im.gd(steps, lr))), phi - b, rtol=1e-12
+  )
+  np.testing.assert_allclose(
+    run(im.maml(im.gd(steps, lr))), contraction.T @ (phi - b), rtol=1e-12
+  )
+  np.testing.assert_allclose(
+    run(im.reptile(im.gd(steps, lr))), theta - phi, rtol=1e-12
+  )
 
 
 def test_reptile_on_minibatches_steps_on_one_batch_a_step(x64):
@@ -72,16 +84,20 @@ def test_reptile_on_minibatches_steps_on_one_batch_a_step(x64):
     mat, centre = (a_mat, a) if t % 2 == 0 else (a_mat2, a2)
     phi = phi - lr * np.asarray(mat) @ (phi - np.asarray(centre))
   alg = im.reptile(im.gd(steps, lr), minibatches=True)
-  g, metrics = alg.task_gradient(aux(loss), theta, im.Task(batches,
-                                                           task.query))
+  g, metrics = alg.task_gradient(aux(loss), theta, im.Task(batches, task.query))
   np.testing.assert_allclose(g, theta - phi, rtol=1e-12)
-  np.testing.assert_allclose(metrics["loss_after"],
-                             loss(jnp.asarray(phi), task.query), rtol=1e-12)
+  np.testing.assert_allclose(
+    metrics["loss_after"], loss(jnp.asarray(phi), task.query), rtol=1e-12
+  )
   # Evaluation adapts on an ordinary support set: 5 GD steps in closed form.
-  contraction = np.linalg.matrix_power(np.eye(4) - lr * np.asarray(a_mat),
-                                       steps)
-  np.testing.assert_allclose(alg.adapt(aux(loss), theta, task.support),
-                             a + contraction @ (theta - a), rtol=1e-12)
+  contraction = np.linalg.matrix_power(
+    np.eye(4) - lr * np.asarray(a_mat), steps
+  )
+  np.testing.assert_allclose(
+    alg.adapt(aux(loss), theta, task.support),
+    a + contraction @ (theta - a),
+    rtol=1e-12,
+  )
 
 
 def test_imaml_on_quadratic_matches_closed_form(x64):
@@ -102,9 +118,11 @@ def test_imaml_task_gradient_equals_grad_through_adapt(x64):
   inner, solver = im.gd(20, 0.1), im.cg(5)
   alg = im.imaml(2.0, inner, solver)
   g, _ = alg.task_gradient(aux(mlp_loss), params, im.Task(support, query))
-  via_adapt = jax.grad(lambda p: mlp_loss(
-      im.adapt(mlp_loss, p, support, lam=2.0, inner=inner, solver=solver),
-      query))(params)
+  via_adapt = jax.grad(
+    lambda p: mlp_loss(
+      im.adapt(mlp_loss, p, support, lam=2.0, inner=inner, solver=solver), query
+    )
+  )(params)
   assert rel_err(g, via_adapt) < 1e-12
 
 
@@ -113,23 +131,30 @@ def test_imaml_linearized_products_give_the_same_gradient(x64):
   theta = jnp.ones(5)
   task = im.Task(support, query)
   g1, _ = im.imaml(2.0, im.gd(200, 0.2), im.cg(30)).task_gradient(
-      aux(linreg_loss), theta, task)
-  g2, _ = im.imaml(2.0, im.gd(200, 0.2), im.cg(30),
-                   linearize=True).task_gradient(aux(linreg_loss), theta, task)
+    aux(linreg_loss), theta, task
+  )
+  g2, _ = im.imaml(
+    2.0, im.gd(200, 0.2), im.cg(30), linearize=True
+  ).task_gradient(aux(linreg_loss), theta, task)
   _, exact = linreg_exact(theta, support, query, 2.0)
   assert rel_err(g1, exact) < 1e-10 and rel_err(g2, exact) < 1e-10
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda: im.imaml(2.0, im.hessian_free(3, 5), im.cg(20)),
     lambda: im.imaml(2.0, im.nesterov(60, 0.2, 0.5), im.neumann(60, 0.5)),
-])
-def test_other_inner_and_linear_solvers_reach_the_exact_meta_gradient(x64,
-                                                                      make):
+  ],
+)
+def test_other_inner_and_linear_solvers_reach_the_exact_meta_gradient(
+  x64, make
+):
   support, query = linreg_task(6)
   theta = jnp.zeros(5)
-  g, metrics = make().task_gradient(aux(linreg_loss), theta,
-                                    im.Task(support, query))
+  g, metrics = make().task_gradient(
+    aux(linreg_loss), theta, im.Task(support, query)
+  )
   _, exact = linreg_exact(theta, support, query, 2.0)
   assert rel_err(g, exact) < 1e-8
   assert float(metrics["residual"]) < 1e-8
@@ -155,13 +180,19 @@ def test_imaml_authors_recipe_equals_grad_through_adapt(x64):
   inner, solver = im.gd_then_pull_back(16, 0.1), im.cg(40, tol=1e-15)
   damping = dict(damping=1.0, lam_damping=10.0)
   alg = im.imaml(2.0, inner, solver, **damping)
-  g, metrics = jax.jit(lambda p: alg.task_gradient(
-      aux(mlp_loss), p, im.Task(support, query)))(params)
-  via_adapt = jax.grad(lambda p: mlp_loss(im.adapt(
-      mlp_loss, p, support, lam=2.0, inner=inner, solver=solver, **damping),
-      query))(params)
+  g, metrics = jax.jit(
+    lambda p: alg.task_gradient(aux(mlp_loss), p, im.Task(support, query))
+  )(params)
+  via_adapt = jax.grad(
+    lambda p: mlp_loss(
+      im.adapt(
+        mlp_loss, p, support, lam=2.0, inner=inner, solver=solver, **damping
+      ),
+      query,
+    )
+  )(params)
   assert rel_err(g, via_adapt) < 1e-12
-  assert float(metrics["residual"]) < 1e-12   # measured on the damped system
+  assert float(metrics["residual"]) < 1e-12  # measured on the damped system
   assert "damping=1.0, lam_damping=10.0" in alg.name
   assert "damping" not in im.imaml(2.0, im.gd(1, 0.1)).name
 
@@ -170,18 +201,22 @@ def test_imaml_with_zero_damping_is_unchanged_bit_for_bit():
   params = mlp_init(jax.random.PRNGKey(6), dtype=jnp.float32)
   support, query = mlp_task(jax.random.PRNGKey(7), dtype=jnp.float32)
   task = im.Task(support, query)
-  run = lambda alg: jax.jit(lambda p: alg.task_gradient(
-      aux(mlp_loss), p, task))(params)
+  run = lambda alg: jax.jit(
+    lambda p: alg.task_gradient(aux(mlp_loss), p, task)
+  )(params)
   plain = run(im.imaml(2.0, im.gd(10, 0.1)))
   zero = run(im.imaml(2.0, im.gd(10, 0.1), damping=0.0, lam_damping=0.0))
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(zero)):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     ({"damping": -1.0}, r"^damping must be >= 0"),
     ({"lam_damping": -10.0}, r"^lam_damping must be >= 0"),
-])
+  ],
+)
 def test_imaml_refuses_negative_damping_by_name(kwargs, message):
   with pytest.raises(ValueError, match=message):
     im.imaml(2.0, im.gd(1, 0.1), **kwargs)
@@ -213,11 +248,13 @@ def test_maml_adapting_some_parameters_matches_hand_unroll(x64):
 
   expected = jax.grad(unrolled)(params)
   alg = im.maml(im.gd(steps, lr), adapts=adapts)
-  g, metrics = jax.jit(lambda p: alg.task_gradient(
-      aux(mlp_loss), p, im.Task(support, query)))(params)
+  g, metrics = jax.jit(
+    lambda p: alg.task_gradient(aux(mlp_loss), p, im.Task(support, query))
+  )(params)
   assert rel_err(g, expected) < 1e-12
-  np.testing.assert_allclose(metrics["loss_after"], unrolled(params),
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    metrics["loss_after"], unrolled(params), rtol=1e-12
+  )
   # The fixed layer's meta-gradient includes how it shapes the inner steps:
   # it differs from the query gradient at the adapted parameters.
   phi = alg.adapt(aux(mlp_loss), params, support)
@@ -242,6 +279,7 @@ def test_fomaml_adapting_some_parameters_takes_the_query_gradient(x64):
 
 def test_adapt_all_but_norm_leaves_batch_norms_alone():
   from imaml_jax import models
+
   net = models.omniglot_convnet(5, variant="maml")
   x = jax.random.normal(jax.random.key(0), (5, 28, 28, 1))
   params = models.init_params(net, jax.random.key(1), x)
@@ -249,8 +287,10 @@ def test_adapt_all_but_norm_leaves_batch_norms_alone():
   alg = im.maml(im.gd(1, 0.4), adapts=im.adapt_all_but_norm)
   phi = alg.adapt(loss, params, (x, jnp.arange(5)))
   for name in params:
-    moved = any(np.any(a != b) for a, b in zip(
-        jax.tree.leaves(phi[name]), jax.tree.leaves(params[name])))
+    moved = any(
+      np.any(a != b)
+      for a, b in zip(jax.tree.leaves(phi[name]), jax.tree.leaves(params[name]))
+    )
     assert moved == (not name.startswith("norm")), name
 
 
@@ -265,21 +305,23 @@ def test_imaml_logs_negative_curvature_of_its_system(x64):
   # 2 I for S = I (one CG update solves it).
   _, task, theta, _, a, b = quadratic_task(seed=2)
   loss = lambda w, batch: 0.5 * (w - batch[1]) @ batch[0] @ (w - batch[1])
-  guarded = im.imaml(1.0, im.gd(1, 0.01),
-                     im.cg(5, stop_at_negative_curvature=True))
+  guarded = im.imaml(
+    1.0, im.gd(1, 0.01), im.cg(5, stop_at_negative_curvature=True)
+  )
   for scale, flagged, updates in [(-3.0, 1.0, 0.0), (1.0, 0.0, 1.0)]:
     task = im.Task((scale * jnp.eye(4), a), task.query)
     g, metrics = guarded.task_gradient(aux(loss), theta, task)
     assert float(metrics["negative_curvature"]) == flagged, scale
     assert float(metrics["solve_iterations"]) == updates, scale
-    phi = theta - 0.01 * scale * (theta - a)      # one step; prox term is 0
+    phi = theta - 0.01 * scale * (theta - a)  # one step; prox term is 0
     if flagged:
       np.testing.assert_allclose(g, phi - b, rtol=1e-12)  # kept b itself
     else:
       np.testing.assert_allclose(g, (phi - b) / 2.0, rtol=1e-12)
   # Solvers that do not look add no such metrics.
   _, metrics = im.imaml(1.0, im.gd(1, 0.01), im.cg(5)).task_gradient(
-      aux(loss), theta, task)
+    aux(loss), theta, task
+  )
   assert "negative_curvature" not in metrics
   assert "solve_iterations" not in metrics
 
@@ -290,10 +332,13 @@ def test_meta_step_averages_the_negative_curvature_metrics_over_tasks(x64):
   _, task, theta, _, a, b = quadratic_task(seed=2)
   loss = lambda w, batch: 0.5 * (w - batch[1]) @ batch[0] @ (w - batch[1])
   stack = lambda *xs: jnp.stack(xs)
-  tasks = im.Task((stack(-3.0 * jnp.eye(4), jnp.eye(4)), stack(a, a)),
-                  (stack(jnp.eye(4), jnp.eye(4)), stack(b, b)))
-  guarded = im.imaml(1.0, im.gd(1, 0.01),
-                     im.cg(5, stop_at_negative_curvature=True))
+  tasks = im.Task(
+    (stack(-3.0 * jnp.eye(4), jnp.eye(4)), stack(a, a)),
+    (stack(jnp.eye(4), jnp.eye(4)), stack(b, b)),
+  )
+  guarded = im.imaml(
+    1.0, im.gd(1, 0.01), im.cg(5, stop_at_negative_curvature=True)
+  )
   init, step = im.make_meta_step(loss, optax.sgd(0.1), guarded)
   _, metrics = jax.jit(step)(init(theta), tasks)
   assert float(metrics["negative_curvature"]) == 0.5

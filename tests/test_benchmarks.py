@@ -6,6 +6,7 @@ checked where the script makes a claim that a quick run can already show.
 The runs start with the test session and run beside the other tests
 (``quick_runs``, ``conftest.quick_run``); each test here waits for its own.
 """
+
 import collections
 import csv
 import doctest
@@ -19,6 +20,10 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from problems import linreg_loss
+from problems import linreg_task
+from quick_runs import BENCHMARKS
+from quick_runs import run_script
 from scipy import stats as scipy_stats
 
 import imaml_jax as im
@@ -26,9 +31,6 @@ from imaml_jax.train import cli
 from imaml_jax.train import config as config_lib
 from imaml_jax.train import experiment as exp_lib
 from imaml_jax.train import train as train_lib
-
-from problems import linreg_loss, linreg_task
-from quick_runs import BENCHMARKS, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -57,8 +59,12 @@ def compare_runs_failing(*args):
   """Runs ``compare_runs.py`` expected to refuse its arguments; returns the
   completed process (its exit status and stderr are for the test to check)."""
   return subprocess.run(
-      [sys.executable, str(BENCHMARKS / "compare_runs.py"), *args],
-      capture_output=True, text=True, timeout=120, check=False)
+    [sys.executable, str(BENCHMARKS / "compare_runs.py"), *args],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
 
 
 def test_meta_gradient_accuracy_quick(quick_run):
@@ -66,7 +72,7 @@ def test_meta_gradient_accuracy_quick(quick_run):
   rows = read_csv(out / "meta_gradient_accuracy_quick.csv")
   assert (out / "meta_gradient_accuracy_quick.png").stat().st_size > 0
   imaml = [float(r["rel_error"]) for r in rows if r["method"] == "imaml"]
-  assert min(imaml) < 1e-8         # The paper's claim, already in float64.
+  assert min(imaml) < 1e-8  # The paper's claim, already in float64.
 
 
 def test_stability_diagnostics_quick(quick_run):
@@ -88,7 +94,8 @@ def test_stability_diagnostics_quick(quick_run):
   assert [int(r["step"]) for r in rows] == [6000]
   for r in rows:
     assert float(r["param_norm"]) == pytest.approx(
-        logged[int(r["step"])]["param_norm"], rel=1e-6)
+      logged[int(r["step"])]["param_norm"], rel=1e-6
+    )
   assert all(float(r["eig_max"]) > 1.0 for r in rows)  # H/lam > 0 somewhere.
   assert all(0.0 <= float(r["indefinite_fraction_cg"]) <= 1.0 for r in rows)
   assert "eig(I + H/lam) in" in stdout
@@ -106,8 +113,9 @@ def test_sinusoid_diagnosis_quick(quick_run):
   _, out = quick_run("sinusoid_diagnosis")
   for ext in ("csv", "json", "md", "png"):
     assert (out / f"sinusoid_diagnosis_quick.{ext}").stat().st_size > 0
-  rows = {float(r["lam"]): r
-          for r in read_csv(out / "sinusoid_diagnosis_quick.csv")}
+  rows = {
+    float(r["lam"]): r for r in read_csv(out / "sinusoid_diagnosis_quick.csv")
+  }
   assert set(rows) == {2.0, 30.0}
   assert all(int(r["star_converged_tasks"]) == 2 for r in rows.values())
   # At lam 30 and the converged minimiser, CG(5) solves iMAML's system.
@@ -118,7 +126,7 @@ def test_throughput_quick(quick_run):
   stdout, out = quick_run("throughput")
   assert "tasks/s" in stdout
   result = json.loads((out / "throughput_cpu_quick.json").read_text())
-  row, = result["rows"]
+  (row,) = result["rows"]
   assert row["tasks_per_s"] > 0 and row["gflop_per_step"] > 0
   assert result["matmul_gflop_per_s"] > 0
   assert row["task_chunk"] == 1  # the CPU default: one task at a time
@@ -126,7 +134,9 @@ def test_throughput_quick(quick_run):
 
 def test_step_variants_quick(quick_run):
   stdout, out = quick_run("step_variants")
-  rows = {r["variant"]: r for r in read_csv(out / "step_variants_cpu_quick.csv")}
+  rows = {
+    r["variant"]: r for r in read_csv(out / "step_variants_cpu_quick.csv")
+  }
   assert set(rows) == {"chunked", "single"}
   assert int(rows["chunked"]["tasks_per_step"]) == 2
   assert int(rows["single"]["tasks_per_step"]) == 1
@@ -139,8 +149,9 @@ def test_memory_vs_steps_quick(quick_run):
   # iMAML's flat memory is tested in test_meta_step.
   _, out = quick_run("memory_vs_steps")
   rows = read_csv(out / "memory_vs_steps_cpu_quick.csv")
-  temp = {(r["algorithm"], int(r["inner_steps"])): float(r["temp_mb"])
-          for r in rows}
+  temp = {
+    (r["algorithm"], int(r["inner_steps"])): float(r["temp_mb"]) for r in rows
+  }
   assert set(temp) == {("maml", 1), ("maml", 4)}
   assert temp[("maml", 4)] > temp[("maml", 1)]
   assert (out / "memory_vs_steps_cpu_quick.png").stat().st_size > 0
@@ -167,14 +178,17 @@ def test_curvature_quick(quick_run):
   gd, hf = result["rows"]
   assert gd["inner"] == "gd(steps=4, lr=0.1)"
   assert hf["inner"] == (
-      "hessian_free(steps=4, cg_steps=5, stop_at_negative_curvature)")
+    "hessian_free(steps=4, cg_steps=5, stop_at_negative_curvature)"
+  )
   for row in (gd, hf):
     assert row["eig_max_max"] >= row["eig_min_min"]
     assert 0.0 <= row["indefinite_fraction"] <= 1.0
     assert row["objective_median"] > 0
     reported = {k for k in row if k.endswith("_met_negative_curvature_max")}
-    assert reported == {"cg5_met_negative_curvature_max",
-                        "cg20_met_negative_curvature_max"}
+    assert reported == {
+      "cg5_met_negative_curvature_max",
+      "cg20_met_negative_curvature_max",
+    }
     assert 0.0 <= row["indefinite_fraction_cg"] <= 1.0
 
 
@@ -187,8 +201,14 @@ def test_curvature_statistics_against_dense_linear_algebra(x64):
   task = collections.namedtuple("Task", "support query")(support, query)
   lam = 0.5
   stats = curvature.task_statistics(
-      linreg_loss, jnp.zeros(5), task, lam, im.gd(300, 0.2),
-      iterations=400, cg_steps=(1, 5))
+    linreg_loss,
+    jnp.zeros(5),
+    task,
+    lam,
+    im.gd(300, 0.2),
+    iterations=400,
+    cg_steps=(1, 5),
+  )
   xs = support[0]
   eigs = np.linalg.eigvalsh(np.eye(5) + xs.T @ xs / (len(xs) * lam))
   np.testing.assert_allclose(stats["eig_max"], eigs[-1], rtol=1e-8)
@@ -198,7 +218,7 @@ def test_curvature_statistics_against_dense_linear_algebra(x64):
   assert stats["inner_grad_norm"] < 1e-8
   assert stats["cg5_met_negative_curvature"] == 0.0
   assert stats["cg1_guarded_updates"] == 1.0
-  assert stats["cg5_guarded_updates"] == 5.0   # n = dim steps: no stop
+  assert stats["cg5_guarded_updates"] == 5.0  # n = dim steps: no stop
 
 
 def test_curvature_cg_proves_an_indefinite_system(x64):
@@ -212,11 +232,17 @@ def test_curvature_cg_proves_an_indefinite_system(x64):
   xs = support[0]
   lam = 0.5 * np.linalg.eigvalsh(xs.T @ xs / len(xs))[0]
   stats = curvature.task_statistics(
-      concave, jnp.zeros(4), task, lam, im.gd(1, 1e-9), iterations=400,
-      cg_steps=(4,))
+    concave,
+    jnp.zeros(4),
+    task,
+    lam,
+    im.gd(1, 1e-9),
+    iterations=400,
+    cg_steps=(4,),
+  )
   assert stats["eig_min"] < 0
   assert stats["cg4_met_negative_curvature"] == 1.0
-  assert stats["cg4_guarded_updates"] == 0.0   # the first direction
+  assert stats["cg4_guarded_updates"] == 0.0  # the first direction
 
 
 def test_curvature_refuses_a_non_positive_cg_count(capsys):
@@ -233,16 +259,18 @@ def test_tables_quick_trains_omniglot_end_to_end(quick_run):
     pytest.skip("IMAML_OMNIGLOT_DIR is not set")
   for name in ("images_background", "images_evaluation"):
     assert (Path(data_dir) / f"{name}.zip").is_file(), (
-        f"IMAML_OMNIGLOT_DIR={data_dir} lacks {name}.zip")
+      f"IMAML_OMNIGLOT_DIR={data_dir} lacks {name}.zip"
+    )
   stdout, out = quick_run("tables")
   assert "## Table 2: Omniglot" in stdout
   result = json.loads((out / "tables_quick.json").read_text())
-  cell, = [r for r in result["rows"]
-           if r["config"] == "omniglot_5w1s_imaml_gd"]
+  (cell,) = [
+    r for r in result["rows"] if r["config"] == "omniglot_5w1s_imaml_gd"
+  ]
   assert cell["test_tasks"] == 10 and 0 <= cell["accuracy"] <= 100
   assert cell["meta_steps"] == cell["meta_steps_target"] == 4
   assert cell["complete"] and cell["paper_accuracy"] == 99.16
-  assert "meta_batch=2 (32)" in cell["changes"]      # The reduced budget.
+  assert "meta_batch=2 (32)" in cell["changes"]  # The reduced budget.
   assert "(paper 99.16 ± 0.35)" in (out / "tables_quick.md").read_text()
   missing = [r for r in result["rows"] if "accuracy" not in r]
   assert len(missing) == len(result["rows"]) - 1
@@ -254,16 +282,18 @@ def test_tables_quick_trains_omniglot_end_to_end(quick_run):
   seen = json.loads((workdir / "eval_train.json").read_text())
   held_out = json.loads((workdir / "results.json").read_text())
   assert seen["split"] == "train" and seen["test"]["loss_after"]["n"] == 10
-  assert (seen["test"]["loss_after"]["mean"]
-          != held_out["test"]["loss_after"]["mean"])
+  assert (
+    seen["test"]["loss_after"]["mean"] != held_out["test"]["loss_after"]["mean"]
+  )
   with pytest.raises(SystemExit):
     cli.eval_main(["--workdir", str(workdir), "--split", "training"])
   assert held_out["protocol"]["name"] == "ours"
   assert held_out["protocol"]["q_query"] == 15
   # The authors' evaluation: their characters, one query image per class,
   # plain adaptation, the last parameters; in a file of its own.
-  assert cli.eval_main(["--workdir", str(workdir), "--protocol",
-                        "authors"]) == 0
+  assert (
+    cli.eval_main(["--workdir", str(workdir), "--protocol", "authors"]) == 0
+  )
   theirs = json.loads((workdir / "eval_protocol=authors.json").read_text())
   protocol = theirs["protocol"]
   assert protocol["name"] == "authors" and protocol["q_query"] == 1
@@ -271,7 +301,8 @@ def test_tables_quick_trains_omniglot_end_to_end(quick_run):
   assert "gd(steps=16, lr=0.1)" in protocol["adaptation"]
   assert theirs["split"] == "authors_test"
   assert protocol["characters_overlap"]["authors_meta_training"] == (
-      pytest.approx(310 / 423))
+    pytest.approx(310 / 423)
+  )
   accuracy = theirs["test"]["accuracy_after"]
   assert accuracy["n"] == 10
   # One query answer per class: each task scores a multiple of 1/5.
@@ -279,35 +310,45 @@ def test_tables_quick_trains_omniglot_end_to_end(quick_run):
   assert abs(answers - round(answers)) < 1e-3
   # The paper's measurement: their tasks, the run's own adaptation and its
   # best-validation parameters.
-  assert cli.eval_main(["--workdir", str(workdir), "--protocol",
-                        "paper"]) == 0
+  assert cli.eval_main(["--workdir", str(workdir), "--protocol", "paper"]) == 0
   paper = json.loads((workdir / "eval_protocol=paper.json").read_text())
   assert paper["split"] == "authors_test"
   assert paper["protocol"]["name"] == "paper"
   assert paper["protocol"]["q_query"] == 1
-  assert (paper["protocol"]["adaptation"]
-          == held_out["protocol"]["adaptation"])
+  assert paper["protocol"]["adaptation"] == held_out["protocol"]["adaptation"]
   assert paper["test_params"] == held_out["test_params"]
-  assert (paper["best_validation"]["step"]
-          == held_out["best_validation"]["step"])
+  assert paper["best_validation"]["step"] == held_out["best_validation"]["step"]
   ours_answers = paper["test"]["accuracy_after"]["mean"] * 10 * 5
   assert abs(ours_answers - round(ours_answers)) < 1e-3
-  assert (paper["test"]["loss_after"]["mean"]
-          != theirs["test"]["loss_after"]["mean"])
+  assert (
+    paper["test"]["loss_after"]["mean"] != theirs["test"]["loss_after"]["mean"]
+  )
   # tables.py shows it in Table 2 under the authors' protocol; with
   # --eval-authors it tests again only runs whose result is missing or stale.
   tables_out = out / "tables_with_authors"
-  stdout = run_script("tables.py", "--runs", str(out / "runs"),
-                      "--eval-authors", "--out", str(tables_out))
-  assert "under the authors' protocol" not in stdout     # Up to date.
-  row, = [r for r in json.loads((tables_out / "tables.json").read_text())[
-      "rows"] if r["config"] == "omniglot_5w1s_imaml_gd"]
+  stdout = run_script(
+    "tables.py",
+    "--runs",
+    str(out / "runs"),
+    "--eval-authors",
+    "--out",
+    str(tables_out),
+  )
+  assert "under the authors' protocol" not in stdout  # Up to date.
+  (row,) = [
+    r
+    for r in json.loads((tables_out / "tables.json").read_text())["rows"]
+    if r["config"] == "omniglot_5w1s_imaml_gd"
+  ]
   assert row["authors_accuracy"] == pytest.approx(100 * accuracy["mean"])
   assert row["authors_q_query"] == 1 and row["authors_step"] == 4
-  assert "test accuracy (%), the authors' protocol" in (
-      tables_out / "tables.md").read_text()
+  assert (
+    "test accuracy (%), the authors' protocol"
+    in (tables_out / "tables.md").read_text()
+  )
   config = config_lib.apply_test_time_overrides(
-      train_lib.load_run(workdir)[0], ["q_query=1"])
+    train_lib.load_run(workdir)[0], ["q_query=1"]
+  )
   images = exp_lib.load_authors_characters(config, data_dir).images
   chunk = next(exp_lib.authors_evaluation_chunks(config, images, 10, 0))
   assert chunk.query[0].shape == (10, config.n_way, 28, 28, 1)
@@ -320,11 +361,10 @@ def test_tables_quick_trains_omniglot_end_to_end(quick_run):
 
 
 def test_compare_runs_quick(tmp_path):
-  out = run_script("compare_runs.py", "--quick", "--out",
-                   str(tmp_path / "cmp"))
+  out = run_script("compare_runs.py", "--quick", "--out", str(tmp_path / "cmp"))
   assert "best validation 90.00% at 1000" in out
-  assert "train CG relative residual" in out     # Run "a" logs it.
-  assert "train tasks where CG met p^T A p <= 0" in out   # This too.
+  assert "train CG relative residual" in out  # Run "a" logs it.
+  assert "train tasks where CG met p^T A p <= 0" in out  # This too.
   rows = read_csv(tmp_path / "cmp.csv")
   assert {r["run"] for r in rows} == {"a", "b"} and len(rows) == 10
   assert (tmp_path / "cmp.png").stat().st_size > 0
@@ -336,20 +376,35 @@ def test_compare_runs_quick(tmp_path):
   assert [r["difference"] for r in paired] == ["a minus b", "a + b minus b"]
   assert float(paired[0]["mean"]) == pytest.approx(18.75)
   assert float(paired[0]["ci95"]) == pytest.approx(
-      1.96 * np.std([25, 25, 25, 0]) / 2)
+    1.96 * np.std([25, 25, 25, 0]) / 2
+  )
 
 
 def write_tested_run(folder, values, tasks="t"):
   """A work directory with validation metrics and per-task test scores."""
   folder.mkdir()
-  (folder / "metrics.jsonl").write_text(json.dumps(
-      {"step": 10, "split": "val", "accuracy_after": 0.5}) + "\n")
-  (folder / "results.json").write_text(json.dumps({
-      "test": {"accuracy_after": {"mean": float(np.mean(values)), "ci95": 0.0,
-                                  "n": len(values)}},
-      "budget": {"meta_steps": 10, "wall_time_s": 1.0, "device": "cpu"},
-      "test_per_task": {"metric": "accuracy_after", "values": list(values),
-                        "tasks_sha256": tasks}}))
+  (folder / "metrics.jsonl").write_text(
+    json.dumps({"step": 10, "split": "val", "accuracy_after": 0.5}) + "\n"
+  )
+  (folder / "results.json").write_text(
+    json.dumps(
+      {
+        "test": {
+          "accuracy_after": {
+            "mean": float(np.mean(values)),
+            "ci95": 0.0,
+            "n": len(values),
+          }
+        },
+        "budget": {"meta_steps": 10, "wall_time_s": 1.0, "device": "cpu"},
+        "test_per_task": {
+          "metric": "accuracy_after",
+          "values": list(values),
+          "tasks_sha256": tasks,
+        },
+      }
+    )
+  )
   return folder
 
 
@@ -359,25 +414,38 @@ def test_compare_runs_pairs_seed_means_task_by_task(tmp_path):
   rng = np.random.default_rng(0)
   hard = rng.uniform(0.5, 1.0, 200)
   seeds = [np.clip(hard + rng.normal(0, 0.05, 200), 0, 1) for _ in range(3)]
-  runs = [f"{label}={write_tested_run(tmp_path / label, v)}"
-          for label, v in zip(("a0", "a1", "b"), seeds)]
-  out = run_script("compare_runs.py", "--out", str(tmp_path / "cmp"), *runs,
-                   "--paired", "a0 + a1 minus b", "--paired", "b minus a1",
-                   "--paired", "a0 + a1 minus b + a1")
+  runs = [
+    f"{label}={write_tested_run(tmp_path / label, v)}"
+    for label, v in zip(("a0", "a1", "b"), seeds)
+  ]
+  out = run_script(
+    "compare_runs.py",
+    "--out",
+    str(tmp_path / "cmp"),
+    *runs,
+    "--paired",
+    "a0 + a1 minus b",
+    "--paired",
+    "b minus a1",
+    "--paired",
+    "a0 + a1 minus b + a1",
+  )
   diff = 100 * ((seeds[0] + seeds[1]) / 2 - seeds[2])
   first, second, third = read_csv(tmp_path / "cmp_paired.csv")
   assert float(first["mean"]) == pytest.approx(np.mean(diff))
   assert float(first["ci95"]) == pytest.approx(
-      1.96 * np.std(diff) / np.sqrt(200))
+    1.96 * np.std(diff) / np.sqrt(200)
+  )
   assert float(second["mean"]) == pytest.approx(
-      100 * np.mean(seeds[2] - seeds[1]))
+    100 * np.mean(seeds[2] - seeds[1])
+  )
   assert first["tasks"] == "200" and "| a0 + a1 minus b |" in out
   assert first["seed_ci95"] == "" and second["seed_ci95"] == ""  # One run.
   # Two runs a side: Welch's interval on the runs' mean accuracies.
   means = [100 * np.mean(v) for v in seeds]
   va = np.var(means[:2], ddof=1) / 2
   vb = np.var(means[1:], ddof=1) / 2
-  nu = (va + vb) ** 2 / (va ** 2 + vb ** 2)
+  nu = (va + vb) ** 2 / (va**2 + vb**2)
   half = scipy_stats.t.ppf(0.975, nu) * np.sqrt(va + vb)
   assert float(third["seed_ci95"]) == pytest.approx(half)
   assert "| a0 + a1 minus b + a1 |" in out and "(Welch)" in out
@@ -389,45 +457,75 @@ def test_compare_runs_pairs_an_eval_file_of_a_run(tmp_path):
   """``LABEL:FILE`` reads the per-task scores of an ``imaml-eval`` result
   in the run's directory (here: other test-time settings, same tasks)."""
   run = write_tested_run(tmp_path / "a", [0.5, 0.5, 1.0])
-  (run / "eval_eval_inner_steps=10.json").write_text(json.dumps(
-      {"test_per_task": {"metric": "accuracy_after", "values": [1.0, 0.5, 1.0],
-                         "tasks_sha256": "t"}}))
-  out = run_script("compare_runs.py", "--out", str(tmp_path / "cmp"),
-                   f"a={run}", "--paired",
-                   "a:eval_eval_inner_steps=10.json minus a")
+  (run / "eval_eval_inner_steps=10.json").write_text(
+    json.dumps(
+      {
+        "test_per_task": {
+          "metric": "accuracy_after",
+          "values": [1.0, 0.5, 1.0],
+          "tasks_sha256": "t",
+        }
+      }
+    )
+  )
+  out = run_script(
+    "compare_runs.py",
+    "--out",
+    str(tmp_path / "cmp"),
+    f"a={run}",
+    "--paired",
+    "a:eval_eval_inner_steps=10.json minus a",
+  )
   # Differences 50, 0, 0: mean 16.67, half-width 1.96 * 23.57 / sqrt(3).
   assert "| a:eval_eval_inner_steps=10.json minus a | +16.67 ± 26.67 |" in out
   done = compare_runs_failing(
-      "--out", str(tmp_path / "x"), f"a={run}", "--paired",
-      "a:eval_val.json minus a")
+    "--out",
+    str(tmp_path / "x"),
+    f"a={run}",
+    "--paired",
+    "a:eval_val.json minus a",
+  )
   assert done.returncode != 0 and "a:eval_val.json: no per-task scores" in (
-      done.stderr)
+    done.stderr
+  )
 
 
-@pytest.mark.parametrize("spec, tasks, message", [
+@pytest.mark.parametrize(
+  "spec, tasks, message",
+  [
     ("a minus c", "t", "names runs that were not given: c"),
     ("a minus b", "other", "not tested on the same tasks"),
     ("a + b minus a", "other", "cannot be averaged per task"),
     ("a - b", "t", 'a paired difference is "A minus B"'),
-])
+  ],
+)
 def test_compare_runs_names_a_bad_pairing(tmp_path, spec, tasks, message):
   a = write_tested_run(tmp_path / "a", [1.0, 0.5])
   b = write_tested_run(tmp_path / "b", [0.5, 0.5], tasks=tasks)
   done = compare_runs_failing(
-      "--out", str(tmp_path / "x"), f"a={a}", f"b={b}", "--paired", spec)
+    "--out", str(tmp_path / "x"), f"a={a}", f"b={b}", "--paired", spec
+  )
   assert done.returncode != 0 and message in done.stderr
-  assert not (tmp_path / "x.png").exists()     # Checked before plotting.
+  assert not (tmp_path / "x.png").exists()  # Checked before plotting.
 
 
 def test_compare_runs_needs_per_task_scores_to_pair(tmp_path):
   a = write_tested_run(tmp_path / "a", [1.0, 0.5])
   b = write_tested_run(tmp_path / "b", [0.5, 0.5])
   done = compare_runs_failing(
-      "--out", str(tmp_path / "x"), f"a={a}", f"b={b}", "--paired", "a minus b",
-      "--protocol", "authors")
+    "--out",
+    str(tmp_path / "x"),
+    f"a={a}",
+    f"b={b}",
+    "--paired",
+    "a minus b",
+    "--protocol",
+    "authors",
+  )
   assert done.returncode != 0
   assert "a: no per-task test scores under the authors' protocol" in (
-      done.stderr)
+    done.stderr
+  )
 
 
 def test_compare_runs_draws_against_tasks_seen(tmp_path):
@@ -438,11 +536,14 @@ def test_compare_runs_draws_against_tasks_seen(tmp_path):
     run = write_tested_run(tmp_path / label, [1.0, 0.5])
     (run / "config.json").write_text(json.dumps({"meta_batch": meta_batch}))
     runs.append(f"{label}={run}")
-  out = run_script("compare_runs.py", "--out", str(tmp_path / "cmp"), *runs,
-                   "--x", "tasks")
+  out = run_script(
+    "compare_runs.py", "--out", str(tmp_path / "cmp"), *runs, "--x", "tasks"
+  )
   rows = read_csv(tmp_path / "cmp.csv")
   assert [(r["run"], r["step"], r["tasks"]) for r in rows] == [
-      ("mb8", "10", "80"), ("mb4", "10", "40")]
+    ("mb8", "10", "80"),
+    ("mb4", "10", "40"),
+  ]
   assert "wrote" in out and (tmp_path / "cmp.png").stat().st_size > 0
   # The default axis is the meta-step, and the CSV has no tasks column.
   run_script("compare_runs.py", "--out", str(tmp_path / "steps"), *runs)
@@ -450,48 +551,61 @@ def test_compare_runs_draws_against_tasks_seen(tmp_path):
   # A run without a readable meta_batch is named before anything is drawn.
   (tmp_path / "mb4" / "config.json").write_text("{}")
   done = compare_runs_failing(
-      "--out", str(tmp_path / "x"), *runs, "--x", "tasks")
+    "--out", str(tmp_path / "x"), *runs, "--x", "tasks"
+  )
   assert done.returncode != 0 and "needs the run's meta_batch" in done.stderr
   assert "mb4" in done.stderr and not (tmp_path / "x.png").exists()
   # A boolean is not a meta-batch, though Python counts it an int.
   (tmp_path / "mb4" / "config.json").write_text('{"meta_batch": true}')
   done = compare_runs_failing(
-      "--out", str(tmp_path / "x"), *runs, "--x", "tasks")
+    "--out", str(tmp_path / "x"), *runs, "--x", "tasks"
+  )
   assert done.returncode != 0 and "must be a positive integer" in done.stderr
 
 
 def test_compare_runs_names_a_bad_run_argument(tmp_path):
   done = compare_runs_failing(
-      "--out", str(tmp_path / "x"), f"a={tmp_path / 'missing.jsonl'}")
+    "--out", str(tmp_path / "x"), f"a={tmp_path / 'missing.jsonl'}"
+  )
   assert done.returncode == 2 and "no such metrics file" in done.stderr
 
 
 def test_tables_tests_the_papers_ordering_at_equal_budget():
   tables = import_tables()
-  cell = lambda acc, ci, steps, **k: {"accuracy": acc, "ci95": ci,
-                                      "meta_steps": steps, **k}
-  by_key = {
-      ("omniglot", "5w1s", "imaml_hf"): cell(97.0, 0.3, 6000),
-      ("omniglot", "5w1s", "imaml_gd"): cell(96.5, 0.4, 6000,
-                                             authors_accuracy=90.0,
-                                             authors_ci95=1.0),
-      ("omniglot", "5w1s", "maml"): cell(95.0, 0.4, 6000,
-                                         authors_accuracy=97.5,
-                                         authors_ci95=0.5),
-      ("omniglot", "5w5s", "imaml_gd"): cell(95.0, 0.3, 1800),
-      ("omniglot", "5w5s", "maml"): cell(99.0, 0.3, 1200),  # Unequal budget.
+  cell = lambda acc, ci, steps, **k: {
+    "accuracy": acc,
+    "ci95": ci,
+    "meta_steps": steps,
+    **k,
   }
-  found = {(c["setting"], c["better"], c["worse"]): c["verdict"]
-           for c in tables.ordering(by_key)}
-  assert found == {("5w1s", "imaml_hf", "imaml_gd"):
-                   "unresolved (intervals overlap)",
-                   ("5w1s", "imaml_gd", "maml"): "holds"}
+  by_key = {
+    ("omniglot", "5w1s", "imaml_hf"): cell(97.0, 0.3, 6000),
+    ("omniglot", "5w1s", "imaml_gd"): cell(
+      96.5, 0.4, 6000, authors_accuracy=90.0, authors_ci95=1.0
+    ),
+    ("omniglot", "5w1s", "maml"): cell(
+      95.0, 0.4, 6000, authors_accuracy=97.5, authors_ci95=0.5
+    ),
+    ("omniglot", "5w5s", "imaml_gd"): cell(95.0, 0.3, 1800),
+    ("omniglot", "5w5s", "maml"): cell(99.0, 0.3, 1200),  # Unequal budget.
+  }
+  found = {
+    (c["setting"], c["better"], c["worse"]): c["verdict"]
+    for c in tables.ordering(by_key)
+  }
+  assert found == {
+    ("5w1s", "imaml_hf", "imaml_gd"): "unresolved (intervals overlap)",
+    ("5w1s", "imaml_gd", "maml"): "holds",
+  }
   theirs = tables.ordering(by_key, "authors_")
   assert [(c["better"], c["verdict"]) for c in theirs] == [
-      ("imaml_gd", "reversed")]
+    ("imaml_gd", "reversed")
+  ]
   assert theirs[0]["difference"] == pytest.approx(-7.5)
   text = "\n".join(tables.ordering_lines(by_key))
-  assert "| 5-way 1-shot | authors' | iMAML, GD >= MAML | -7.50 | 6000 |" in text
+  assert (
+    "| 5-way 1-shot | authors' | iMAML, GD >= MAML | -7.50 | 6000 |" in text
+  )
 
 
 def test_tables_pairs_runs_tested_on_the_same_tasks():
@@ -500,23 +614,30 @@ def test_tables_pairs_runs_tested_on_the_same_tasks():
   other tasks (another fingerprint) fall back to the intervals."""
   tables = import_tables()
   rng = np.random.default_rng(0)
-  hard = rng.uniform(0.6, 1.0, 600)          # Shared task difficulty.
+  hard = rng.uniform(0.6, 1.0, 600)  # Shared task difficulty.
   noise = rng.normal(0.0, 0.01, 600)
   worse = np.clip(hard + noise, 0, 1)
   better = np.clip(worse + 0.005, 0, 1)
-  per_task = lambda v, sha="t": {"metric": "accuracy_after",
-                                 "values": list(v), "tasks_sha256": sha}
+  per_task = lambda v, sha="t": {
+    "metric": "accuracy_after",
+    "values": list(v),
+    "tasks_sha256": sha,
+  }
   cell = lambda v, sha="t": {
-      "accuracy": 100 * np.mean(v), "meta_steps": 6000, "per_task":
-      per_task(v, sha), "ci95": 196 * np.std(v) / np.sqrt(v.size)}
-  by_key = {("omniglot", "5w1s", "imaml_gd"): cell(better),
-            ("omniglot", "5w1s", "maml"): cell(worse)}
+    "accuracy": 100 * np.mean(v),
+    "meta_steps": 6000,
+    "per_task": per_task(v, sha),
+    "ci95": 196 * np.std(v) / np.sqrt(v.size),
+  }
+  by_key = {
+    ("omniglot", "5w1s", "imaml_gd"): cell(better),
+    ("omniglot", "5w1s", "maml"): cell(worse),
+  }
   (c,) = tables.ordering(by_key)
   diff = 100 * (better - worse)
   assert c["verdict"] == "holds"
   assert c["difference"] == pytest.approx(np.mean(diff))
-  assert c["paired_ci95"] == pytest.approx(
-      1.96 * np.std(diff) / np.sqrt(600))
+  assert c["paired_ci95"] == pytest.approx(1.96 * np.std(diff) / np.sqrt(600))
   # The same scores without pairing: the runs' intervals overlap.
   assert c["paired_ci95"] < 0.1 < by_key[("omniglot", "5w1s", "maml")]["ci95"]
   by_key[("omniglot", "5w1s", "maml")] = cell(worse, sha="other tasks")
@@ -524,8 +645,10 @@ def test_tables_pairs_runs_tested_on_the_same_tasks():
   assert c["paired_ci95"] is None
   assert c["verdict"] == "unresolved (intervals overlap)"
   # A paired interval that contains 0.
-  by_key = {("omniglot", "5w1s", "imaml_gd"): cell(worse + noise),
-            ("omniglot", "5w1s", "maml"): cell(worse)}
+  by_key = {
+    ("omniglot", "5w1s", "imaml_gd"): cell(worse + noise),
+    ("omniglot", "5w1s", "maml"): cell(worse),
+  }
   (c,) = tables.ordering(by_key)
   assert c["verdict"] == "unresolved (paired interval contains 0)"
   text = "\n".join(tables.ordering_lines(by_key))
@@ -537,17 +660,25 @@ def test_tables_mark_and_leave_out_a_test_older_than_its_run():
   step and kept out of the ordering (it measured other parameters)."""
   tables = import_tables()
   cell = lambda steps, authors_step: {
-      "accuracy": 97.0, "ci95": 0.3, "meta_steps": steps, "complete": True,
-      "authors_accuracy": 90.0, "authors_ci95": 1.0,
-      "authors_step": authors_step, "paper_accuracy": 99.5,
-      "paper_ci95": 0.26}
-  by_key = {("omniglot", "5w1s", "imaml_hf"): cell(6000, 3000),
-            ("omniglot", "5w1s", "imaml_gd"): cell(6000, 6000)}
+    "accuracy": 97.0,
+    "ci95": 0.3,
+    "meta_steps": steps,
+    "complete": True,
+    "authors_accuracy": 90.0,
+    "authors_ci95": 1.0,
+    "authors_step": authors_step,
+    "paper_accuracy": 99.5,
+    "paper_ci95": 0.26,
+  }
+  by_key = {
+    ("omniglot", "5w1s", "imaml_hf"): cell(6000, 3000),
+    ("omniglot", "5w1s", "imaml_gd"): cell(6000, 6000),
+  }
   assert [c["better"] for c in tables.ordering(by_key)] == ["imaml_hf"]
   assert tables.ordering(by_key, "authors_") == []
-  assert tables.format_cell(by_key[("omniglot", "5w1s", "imaml_hf")],
-                            "authors_") == (
-                                "90.00 ± 1.00 at step 3000 (paper 99.5 ± 0.26)")
+  assert tables.format_cell(
+    by_key[("omniglot", "5w1s", "imaml_hf")], "authors_"
+  ) == ("90.00 ± 1.00 at step 3000 (paper 99.5 ± 0.26)")
   by_key[("omniglot", "5w1s", "imaml_hf")]["authors_step"] = 6000
   (c,) = tables.ordering(by_key, "authors_")
   assert c["meta_steps"] == 6000
@@ -579,9 +710,11 @@ def test_compare_runs_draws_every_run_past_forty(tmp_path, monkeypatch):
   runs = {f"run {i}": records for i in range(45)}
   drawn = []
   save = compare_runs.plt.Figure.savefig
+
   def count_then_save(fig, *args, **kwargs):
     drawn.append(len(fig.axes[0].lines))
     return save(fig, *args, **kwargs)
+
   monkeypatch.setattr(compare_runs.plt.Figure, "savefig", count_then_save)
   compare_runs.plot(runs, str(tmp_path / "runs.png"))
   assert drawn == [45]
@@ -589,12 +722,17 @@ def test_compare_runs_draws_every_run_past_forty(tmp_path, monkeypatch):
 
 def table2_gpu(*args, **env):
   return subprocess.run(
-      ["bash", str(BENCHMARKS / "table2_gpu.sh"), *args], capture_output=True,
-      text=True, timeout=60, env={**os.environ, **env})
+    ["bash", str(BENCHMARKS / "table2_gpu.sh"), *args],
+    capture_output=True,
+    text=True,
+    timeout=60,
+    env={**os.environ, **env},
+  )
 
 
 def test_table2_gpu_variant_cells_train_their_config_with_their_overrides(
-    tmp_path):
+  tmp_path,
+):
   """The dry run prints each cell's training command; every command names
   a registered config and overrides that the config accepts."""
   cells = ["20w1s_imaml_gd", "20w1s_imaml_gd_pullback", "20w5s_imaml_gd_cgstop"]
@@ -607,12 +745,16 @@ def test_table2_gpu_variant_cells_train_their_config_with_their_overrides(
     words = command.split()
     name = words[words.index("train") + 1]
     assert words[words.index("--workdir") + 1].endswith(f"omniglot_{cell}")
-    overrides = words[words.index("--set") + 1:]
-    configs.append(config_lib.apply_overrides(config_lib.get_config(name),
-                                              overrides))
+    overrides = words[words.index("--set") + 1 :]
+    configs.append(
+      config_lib.apply_overrides(config_lib.get_config(name), overrides)
+    )
   plain, pullback, cgstop = configs
   assert config_lib.differences(plain, pullback).keys() == {
-      "inner", "inner_lr", "inner_backtrack"}
+    "inner",
+    "inner_lr",
+    "inner_backtrack",
+  }
   assert (pullback.inner, pullback.inner_lr) == ("gd_then_pull_back", 0.1)
   assert cgstop.n_way == 20 and cgstop.k_shot == 5
   assert cgstop.cg_stop_at_negative_curvature
@@ -620,8 +762,9 @@ def test_table2_gpu_variant_cells_train_their_config_with_their_overrides(
 
 
 def test_table2_gpu_refuses_an_unknown_cell_before_any_work(tmp_path):
-  done = table2_gpu(str(tmp_path / "t2"), "290", "20w1s_imaml_gd",
-                    "20w1s_imaml_gd_pulback")
+  done = table2_gpu(
+    str(tmp_path / "t2"), "290", "20w1s_imaml_gd", "20w1s_imaml_gd_pulback"
+  )
   assert done.returncode == 2
   assert "unknown cell 20w1s_imaml_gd_pulback" in done.stderr
   assert not (tmp_path / "t2").exists()

@@ -1,4 +1,5 @@
 """Tests of the verified Omniglot download against a local HTTP server."""
+
 import functools
 import http.server
 import os
@@ -68,9 +69,10 @@ def served():
   thread = threading.Thread(target=server.serve_forever, daemon=True)
   thread.start()
   checksums = {
-      "md5": {n: imdata.file_checksum(directory / n, "md5") for n in ARCHIVES},
-      "sha256": {n: imdata.file_checksum(directory / n, "sha256")
-                 for n in ARCHIVES},
+    "md5": {n: imdata.file_checksum(directory / n, "md5") for n in ARCHIVES},
+    "sha256": {
+      n: imdata.file_checksum(directory / n, "sha256") for n in ARCHIVES
+    },
   }
   try:
     yield f"http://127.0.0.1:{server.server_address[1]}/", directory, checksums
@@ -92,8 +94,9 @@ def _reset_handler():
 def test_download_verifies_and_moves_into_place(served, tmp_path, algorithm):
   url, directory, checksums = served
   dest = tmp_path / "new" / "omniglot"
-  paths = imdata.download_omniglot(dest, base_url=url,
-                                   checksums=checksums[algorithm])
+  paths = imdata.download_omniglot(
+    dest, base_url=url, checksums=checksums[algorithm]
+  )
   assert [p.name for p in paths] == list(ARCHIVES)
   assert sorted(os.listdir(dest)) == sorted(ARCHIVES)  # no temporary files
   for name in ARCHIVES:
@@ -110,11 +113,13 @@ def test_downloaded_archives_load(served, tmp_path):
   imdata.download_omniglot(dest, base_url=url, checksums=checksums["sha256"])
   # Opening and indexing both archives is cheap; decoding is covered elsewhere.
   from imaml_jax.data import _omniglot
+
   for name, top in zip(ARCHIVES, _omniglot.OMNIGLOT_ARCHIVES):
     zf, index = _omniglot._open_archive(dest / name, top)
     zf.close()
-    assert len(index) == {"images_background": 964,
-                          "images_evaluation": 659}[top]
+    assert (
+      len(index) == {"images_background": 964, "images_evaluation": 659}[top]
+    )
 
 
 @pytest.mark.parametrize("mode", ["corrupt", "short"])
@@ -157,8 +162,9 @@ def test_http_error_leaves_nothing(served, tmp_path):
   url, _, checksums = served
   dest = tmp_path / "omniglot"
   with pytest.raises(OSError):
-    imdata.download_omniglot(dest, base_url=url + "missing/",
-                             checksums=checksums["md5"])
+    imdata.download_omniglot(
+      dest, base_url=url + "missing/", checksums=checksums["md5"]
+    )
   assert os.listdir(dest) == []
 
 

@@ -1,4 +1,5 @@
 """Tests of the Mini-ImageNet loaders on tiny fixtures in both formats."""
+
 import csv
 import pickle
 
@@ -10,10 +11,9 @@ from imaml_jax import data as imdata
 
 # split -> {class name: colour}; 3 / 2 / 2 classes of 4 images.
 CLASSES = {
-    "train": {"n03": (200, 30, 30), "n01": (30, 200, 30),
-              "n02": (30, 30, 200)},
-    "val": {"n05": (250, 250, 10), "n04": (10, 250, 250)},
-    "test": {"n06": (120, 120, 120), "n07": (250, 10, 250)},
+  "train": {"n03": (200, 30, 30), "n01": (30, 200, 30), "n02": (30, 30, 200)},
+  "val": {"n05": (250, 250, 10), "n04": (10, 250, 250)},
+  "test": {"n06": (120, 120, 120), "n07": (250, 10, 250)},
 }
 PER_CLASS = 4
 COUNTS = (3, 2, 2)
@@ -42,7 +42,8 @@ def csv_dir(tmp_path):
 
 def test_csv_loader(csv_dir):
   splits = imdata.load_mini_imagenet_csv(
-      csv_dir, images_per_class=PER_CLASS, n_classes=COUNTS)
+    csv_dir, images_per_class=PER_CLASS, n_classes=COUNTS
+  )
   for split, arr in zip(("train", "val", "test"), splits):
     n = len(CLASSES[split])
     assert arr.shape == (n, PER_CLASS, 84, 84, 3)
@@ -54,8 +55,10 @@ def test_csv_loader(csv_dir):
 
 def test_csv_loader_feeds_the_sampler(csv_dir):
   import jax
+
   splits = imdata.load_mini_imagenet_csv(
-      csv_dir, images_per_class=PER_CLASS, n_classes=None, image_size=8)
+    csv_dir, images_per_class=PER_CLASS, n_classes=None, image_size=8
+  )
   task = imdata.sample_tasks(jax.random.key(0), splits.train, 3, 1, 3, 2)
   assert task.support[0].shape == (2, 3, 8, 8, 3)
 
@@ -68,20 +71,25 @@ def test_csv_missing_split_file(csv_dir):
 
 def test_csv_missing_image_is_found_before_decoding(csv_dir, monkeypatch):
   (csv_dir / "images" / "n0600000002.jpg").unlink()
+
   def fail(*args, **kwargs):
     raise AssertionError("decoded before checking the files")
+
   monkeypatch.setattr(Image, "open", fail)
   with pytest.raises(FileNotFoundError, match="n0600000002.jpg.*test.csv"):
-    imdata.load_mini_imagenet_csv(csv_dir, images_per_class=PER_CLASS,
-                                  n_classes=COUNTS)
+    imdata.load_mini_imagenet_csv(
+      csv_dir, images_per_class=PER_CLASS, n_classes=COUNTS
+    )
 
 
 def test_csv_wrong_counts(csv_dir):
-  with pytest.raises(ValueError, match="class n01 has 4 images, expected "
-                                       "images_per_class=600"):
+  with pytest.raises(
+    ValueError, match="class n01 has 4 images, expected images_per_class=600"
+  ):
     imdata.load_mini_imagenet_csv(csv_dir)
-  with pytest.raises(ValueError, match="train.csv: found 3 classes, "
-                                       "expected 64"):
+  with pytest.raises(
+    ValueError, match="train.csv: found 3 classes, expected 64"
+  ):
     imdata.load_mini_imagenet_csv(csv_dir, images_per_class=PER_CLASS)
   with pytest.raises(ValueError, match="images_per_class"):
     imdata.load_mini_imagenet_csv(csv_dir, images_per_class=0)
@@ -89,16 +97,19 @@ def test_csv_wrong_counts(csv_dir):
 
 def test_csv_bad_header_and_corrupt_image(csv_dir):
   text = (csv_dir / "train.csv").read_text()
-  (csv_dir / "train.csv").write_text(text.replace("filename,label",
-                                                  "file,class"))
+  (csv_dir / "train.csv").write_text(
+    text.replace("filename,label", "file,class")
+  )
   with pytest.raises(ValueError, match="train.csv: expected the header"):
-    imdata.load_mini_imagenet_csv(csv_dir, images_per_class=PER_CLASS,
-                                  n_classes=COUNTS)
+    imdata.load_mini_imagenet_csv(
+      csv_dir, images_per_class=PER_CLASS, n_classes=COUNTS
+    )
   (csv_dir / "train.csv").write_text(text)
   (csv_dir / "images" / "n0100000001.jpg").write_bytes(b"not a jpeg")
   with pytest.raises(ValueError, match="n0100000001.jpg"):
-    imdata.load_mini_imagenet_csv(csv_dir, images_per_class=PER_CLASS,
-                                  n_classes=COUNTS)
+    imdata.load_mini_imagenet_csv(
+      csv_dir, images_per_class=PER_CLASS, n_classes=COUNTS
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -115,22 +126,28 @@ def write_pickle_fixture(root, protocol, numpy_indices=False):
     rows = rng.permutation(n)
     class_dict = {}
     for c, label in enumerate(classes):
-      idx = rows[c * PER_CLASS:(c + 1) * PER_CLASS]
+      idx = rows[c * PER_CLASS : (c + 1) * PER_CLASS]
       class_dict[label] = idx if numpy_indices else [int(i) for i in idx]
     with open(root / f"mini-imagenet-cache-{split}.pkl", "wb") as f:
-      pickle.dump({"image_data": image_data, "class_dict": class_dict}, f,
-                  protocol=protocol)
-    expected[split] = np.stack([image_data[np.asarray(class_dict[k])]
-                                for k in sorted(class_dict)])
+      pickle.dump(
+        {"image_data": image_data, "class_dict": class_dict},
+        f,
+        protocol=protocol,
+      )
+    expected[split] = np.stack(
+      [image_data[np.asarray(class_dict[k])] for k in sorted(class_dict)]
+    )
   return expected
 
 
-@pytest.mark.parametrize("protocol,numpy_indices", [(2, False), (4, True),
-                                                    (5, False)])
+@pytest.mark.parametrize(
+  "protocol,numpy_indices", [(2, False), (4, True), (5, False)]
+)
 def test_pickle_loader(tmp_path, protocol, numpy_indices):
   expected = write_pickle_fixture(tmp_path, protocol, numpy_indices)
   splits = imdata.load_mini_imagenet_pickle(
-      tmp_path, images_per_class=PER_CLASS, n_classes=COUNTS)
+    tmp_path, images_per_class=PER_CLASS, n_classes=COUNTS
+  )
   for split, arr in zip(("train", "val", "test"), splits):
     assert arr.dtype == np.uint8
     np.testing.assert_array_equal(arr, expected[split])
@@ -148,39 +165,63 @@ def test_pickle_with_code_is_refused(tmp_path):
   write_pickle_fixture(tmp_path, 4)
   marker = tmp_path / "pwned"
   with open(tmp_path / "mini-imagenet-cache-val.pkl", "wb") as f:
-    pickle.dump({"image_data": np.zeros((1, 84, 84, 3), np.uint8),
-                 "class_dict": {"x": [0]}, "evil": _Payload(str(marker))}, f)
+    pickle.dump(
+      {
+        "image_data": np.zeros((1, 84, 84, 3), np.uint8),
+        "class_dict": {"x": [0]},
+        "evil": _Payload(str(marker)),
+      },
+      f,
+    )
   with pytest.raises(ValueError, match="cache-val.pkl.*refusing.*open"):
-    imdata.load_mini_imagenet_pickle(tmp_path, images_per_class=PER_CLASS,
-                                     n_classes=COUNTS)
+    imdata.load_mini_imagenet_pickle(
+      tmp_path, images_per_class=PER_CLASS, n_classes=COUNTS
+    )
   assert not marker.exists()
 
 
 def test_pickle_bad_input(tmp_path):
   write_pickle_fixture(tmp_path, 4)
-  with pytest.raises(ValueError, match="cache-train.pkl: class n01 has 4 "
-                                       "images, expected images_per_class=5"):
-    imdata.load_mini_imagenet_pickle(tmp_path, images_per_class=5,
-                                     n_classes=None)
+  with pytest.raises(
+    ValueError,
+    match="cache-train.pkl: class n01 has 4 "
+    "images, expected images_per_class=5",
+  ):
+    imdata.load_mini_imagenet_pickle(
+      tmp_path, images_per_class=5, n_classes=None
+    )
   with pytest.raises(ValueError, match="found 3 classes, expected 64"):
     imdata.load_mini_imagenet_pickle(tmp_path, images_per_class=PER_CLASS)
   path = tmp_path / "mini-imagenet-cache-test.pkl"
   path.write_bytes(path.read_bytes()[:100])
   with pytest.raises(ValueError, match="cache-test.pkl"):
-    imdata.load_mini_imagenet_pickle(tmp_path, images_per_class=PER_CLASS,
-                                     n_classes=COUNTS)
+    imdata.load_mini_imagenet_pickle(
+      tmp_path, images_per_class=PER_CLASS, n_classes=COUNTS
+    )
   with open(path, "wb") as f:
-    pickle.dump({"image_data": np.zeros((4, 84, 84, 3), np.float32),
-                 "class_dict": {"a": [0, 1, 2, 3]}}, f)
+    pickle.dump(
+      {
+        "image_data": np.zeros((4, 84, 84, 3), np.float32),
+        "class_dict": {"a": [0, 1, 2, 3]},
+      },
+      f,
+    )
   with pytest.raises(ValueError, match="cache-test.pkl: 'image_data' must be"):
-    imdata.load_mini_imagenet_pickle(tmp_path, images_per_class=PER_CLASS,
-                                     n_classes=None)
+    imdata.load_mini_imagenet_pickle(
+      tmp_path, images_per_class=PER_CLASS, n_classes=None
+    )
   with open(path, "wb") as f:
-    pickle.dump({"image_data": np.zeros((4, 84, 84, 3), np.uint8),
-                 "class_dict": {"a": [0, 1, 2, 9]}}, f)
+    pickle.dump(
+      {
+        "image_data": np.zeros((4, 84, 84, 3), np.uint8),
+        "class_dict": {"a": [0, 1, 2, 9]},
+      },
+      f,
+    )
   with pytest.raises(ValueError, match="class a has indices outside 0..3"):
-    imdata.load_mini_imagenet_pickle(tmp_path, images_per_class=PER_CLASS,
-                                     n_classes=None)
+    imdata.load_mini_imagenet_pickle(
+      tmp_path, images_per_class=PER_CLASS, n_classes=None
+    )
   path.unlink()
   with pytest.raises(FileNotFoundError, match="cache-test.pkl"):
     imdata.load_mini_imagenet_pickle(tmp_path, images_per_class=PER_CLASS)

@@ -1,4 +1,5 @@
 """Tests of the Omniglot loader, cache, split, rotations and bad input."""
+
 import io
 import os
 import random
@@ -30,8 +31,11 @@ def real_omniglot_dir() -> Path:
   path = Path(value)
   if not path.is_absolute() and not path.exists():
     path = REPO / path
-  missing = [n for n in ("images_background.zip", "images_evaluation.zip")
-             if not (path / n).is_file()]
+  missing = [
+    n
+    for n in ("images_background.zip", "images_evaluation.zip")
+    if not (path / n).is_file()
+  ]
   if missing:
     pytest.fail(f"{ENV}={value} is set but {path} lacks {missing}")
   return path
@@ -48,8 +52,9 @@ def omniglot_data(omniglot_cache):
   path = real_omniglot_dir()
   start = time.perf_counter()
   data = imdata.load_omniglot(path, cache_dir=omniglot_cache)
-  sys.stderr.write(f"\nOmniglot first decode: "
-                   f"{time.perf_counter() - start:.1f} s\n")
+  sys.stderr.write(
+    f"\nOmniglot first decode: {time.perf_counter() - start:.1f} s\n"
+  )
   return data
 
 
@@ -62,14 +67,15 @@ def _png(seed: int, size: int = 105) -> bytes:
   rng = np.random.default_rng(seed)
   pixels = np.ones((size, size), bool)
   r, c = rng.integers(0, size - 30, 2)
-  pixels[r:r + 30, c:c + 30] = False
+  pixels[r : r + 30, c : c + 30] = False
   buf = io.BytesIO()
   Image.fromarray(pixels).convert("1").save(buf, format="PNG")
   return buf.getvalue()
 
 
-def make_archive(path: Path, top: str, chars, n_images: int = 20,
-                 seed: int = 0) -> Path:
+def make_archive(
+  path: Path, top: str, chars, n_images: int = 20, seed: int = 0
+) -> Path:
   """Writes ``top/<alphabet>/<character>/NNNN_KK.png`` for ``chars``."""
   with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
     for i, (alphabet, character) in enumerate(chars):
@@ -80,8 +86,11 @@ def make_archive(path: Path, top: str, chars, n_images: int = 20,
   return path
 
 
-BACKGROUND = [("Beta", "character02"), ("Beta", "character01"),
-              ("Alpha", "character01")]
+BACKGROUND = [
+  ("Beta", "character02"),
+  ("Beta", "character01"),
+  ("Alpha", "character01"),
+]
 EVALUATION = [("Gamma", "character01"), ("Gamma", "character02")]
 
 
@@ -90,8 +99,9 @@ def tiny_dir(tmp_path):
   d = tmp_path / "omniglot"
   d.mkdir()
   make_archive(d / "images_background.zip", "images_background", BACKGROUND)
-  make_archive(d / "images_evaluation.zip", "images_evaluation", EVALUATION,
-               seed=7)
+  make_archive(
+    d / "images_evaluation.zip", "images_evaluation", EVALUATION, seed=7
+  )
   return d
 
 
@@ -105,11 +115,16 @@ def test_tiny_archives_load_sorted_with_ink_high(tiny_dir, cache):
   assert data.images.shape == (5, 20, 28, 28, 1)
   assert data.images.dtype == np.uint8
   assert list(data.alphabets) == ["Alpha", "Beta", "Beta", "Gamma", "Gamma"]
-  assert list(data.characters) == ["character01", "character01",
-                                   "character02", "character01",
-                                   "character02"]
-  assert list(data.archives) == ["images_background"] * 3 + [
-      "images_evaluation"] * 2
+  assert list(data.characters) == [
+    "character01",
+    "character01",
+    "character02",
+    "character01",
+    "character02",
+  ]
+  assert (
+    list(data.archives) == ["images_background"] * 3 + ["images_evaluation"] * 2
+  )
   # A 30x30 ink square on 105x105 covers 8% of the image: ink is high.
   frac = data.images.astype(np.float64).mean() / 255
   assert 0.05 < frac < 0.12
@@ -162,8 +177,9 @@ def test_resize_settings_are_part_of_the_cache_key(tiny_dir, cache):
 
 def test_changed_archive_invalidates_the_cache(tiny_dir, cache):
   before = imdata.load_omniglot(tiny_dir, cache_dir=cache)
-  make_archive(tiny_dir / "images_evaluation.zip", "images_evaluation",
-               EVALUATION, seed=99)
+  make_archive(
+    tiny_dir / "images_evaluation.zip", "images_evaluation", EVALUATION, seed=99
+  )
   after = imdata.load_omniglot(tiny_dir, cache_dir=cache)
   np.testing.assert_array_equal(before.images[:3], after.images[:3])
   assert not np.array_equal(before.images[3:], after.images[3:])
@@ -213,8 +229,10 @@ def test_unwritable_cache_warns_and_still_loads(tiny_dir, tmp_path):
 @pytest.fixture
 def no_decode(monkeypatch):
   """Fails the test if any image is decoded."""
+
   def fail(*args, **kwargs):
     raise AssertionError("decoded an image before checking the input")
+
   monkeypatch.setattr(_omniglot, "_to_array", fail)
 
 
@@ -245,10 +263,12 @@ def test_corrupt_member_names_the_member(tiny_dir, cache):
   with zipfile.ZipFile(path) as zf:
     info = zf.getinfo(member)
   raw = bytearray(path.read_bytes())
-  name_len = int.from_bytes(raw[info.header_offset + 26:
-                                info.header_offset + 28], "little")
-  extra_len = int.from_bytes(raw[info.header_offset + 28:
-                                 info.header_offset + 30], "little")
+  name_len = int.from_bytes(
+    raw[info.header_offset + 26 : info.header_offset + 28], "little"
+  )
+  extra_len = int.from_bytes(
+    raw[info.header_offset + 28 : info.header_offset + 30], "little"
+  )
   start = info.header_offset + 30 + name_len + extra_len
   for i in range(start + 10, start + info.compress_size - 2):
     raw[i] ^= 0x5A
@@ -271,8 +291,12 @@ def test_no_images_under_top_folder(tiny_dir, cache, no_decode):
 
 
 def test_wrong_number_of_images_per_character(tiny_dir, cache, no_decode):
-  make_archive(tiny_dir / "images_background.zip", "images_background",
-               BACKGROUND, n_images=19)
+  make_archive(
+    tiny_dir / "images_background.zip",
+    "images_background",
+    BACKGROUND,
+    n_images=19,
+  )
   with pytest.raises(ValueError, match="has 19 images, expected 20"):
     imdata.load_omniglot(tiny_dir, cache_dir=cache)
 
@@ -308,21 +332,22 @@ def test_rotate_classes():
   for i in range(3):
     for r in range(4):
       np.testing.assert_array_equal(
-          rotated[4 * i + r], np.rot90(images[i], r, axes=(1, 2)))
+        rotated[4 * i + r], np.rot90(images[i], r, axes=(1, 2))
+      )
   with pytest.raises(ValueError, match="H == W"):
     imdata.rotate_classes(np.zeros((2, 3, 4, 5, 1)))
 
 
 def test_small_split_through_omniglot_splits(tiny_dir, cache):
-  splits = imdata.omniglot_splits(tiny_dir, n_train=3, n_val=1,
-                                  cache_dir=cache)
+  splits = imdata.omniglot_splits(tiny_dir, n_train=3, n_val=1, cache_dir=cache)
   assert [s.shape[0] for s in splits] == [8, 4, 8]
   data = imdata.load_omniglot(tiny_dir, cache_dir=cache)
   idx = imdata.omniglot_split_indices(data, n_train=3, n_val=1)
   for s, i in zip(splits, idx):
     np.testing.assert_array_equal(s, imdata.rotate_classes(data.images[i]))
-  plain = imdata.omniglot_splits(tiny_dir, n_train=3, n_val=1,
-                                 rotations=False, cache_dir=cache)
+  plain = imdata.omniglot_splits(
+    tiny_dir, n_train=3, n_val=1, rotations=False, cache_dir=cache
+  )
   assert [s.shape[0] for s in plain] == [2, 1, 2]
 
 
@@ -333,38 +358,39 @@ def test_small_split_through_omniglot_splits(tiny_dir, cache):
 def test_authors_permutation_is_pythons_seeded_shuffle():
   state = random.getstate()
   try:
-    random.seed(12345)            # As the authors' evaluation script does.
+    random.seed(12345)  # As the authors' evaluation script does.
     expected = list(range(1623))
     random.shuffle(expected)
   finally:
     random.setstate(state)
   np.testing.assert_array_equal(
-      imdata.authors_permutation(1623, imdata.AUTHORS_TEST_SEED), expected)
+    imdata.authors_permutation(1623, imdata.AUTHORS_TEST_SEED), expected
+  )
   assert not np.array_equal(imdata.authors_permutation(1623, 123), expected)
 
 
 def test_authors_split_on_tiny_archives(tiny_dir, cache):
   data = imdata.load_omniglot(tiny_dir, cache_dir=cache)
-  train, test = imdata.omniglot_authors_split_indices(data, seed=3,
-                                                      n_train=3)
-  order = imdata.authors_permutation(5, 3)   # rows are in name order
+  train, test = imdata.omniglot_authors_split_indices(data, seed=3, n_train=3)
+  order = imdata.authors_permutation(5, 3)  # rows are in name order
   np.testing.assert_array_equal(train, np.sort(order[:3]))
   np.testing.assert_array_equal(test, np.sort(order[3:]))
   # The rows' order does not change which characters are chosen.
   perm = np.array([4, 2, 0, 3, 1])
   shuffled = imdata.OmniglotData(*(field[perm] for field in data))
-  test_s = imdata.omniglot_authors_split_indices(shuffled, seed=3,
-                                                 n_train=3)[1]
+  test_s = imdata.omniglot_authors_split_indices(shuffled, seed=3, n_train=3)[1]
   np.testing.assert_array_equal(np.sort(perm[test_s]), test)
   np.testing.assert_array_equal(
-      imdata.omniglot_authors_test(tiny_dir, seed=3, n_train=3,
-                                   cache_dir=cache), data.images[test])
+    imdata.omniglot_authors_test(tiny_dir, seed=3, n_train=3, cache_dir=cache),
+    data.images[test],
+  )
   with pytest.raises(ValueError, match="n_train=5, n_characters=5"):
     imdata.omniglot_authors_split_indices(data, n_train=5)
 
 
 def test_rotate_task_classes_turns_each_class_once_in_both_sets():
   import imaml_jax as im
+
   rng = np.random.default_rng(0)
   n_tasks, n_way = 3, 4
   xs = rng.random((n_tasks, n_way * 2, 5, 5, 1)).astype(np.float32)
@@ -373,14 +399,17 @@ def test_rotate_task_classes_turns_each_class_once_in_both_sets():
   yq = np.tile(np.repeat(np.arange(n_way), 3), (n_tasks, 1))
   turns = rng.integers(0, 4, (n_tasks, n_way))
   task = imdata.rotate_task_classes(
-      im.Task(support=(xs, ys), query=(xq, yq)), turns)
-  for (x, y), (got, labels) in zip(((xs, ys), (xq, yq)),
-                                   (task.support, task.query)):
+    im.Task(support=(xs, ys), query=(xq, yq)), turns
+  )
+  for (x, y), (got, labels) in zip(
+    ((xs, ys), (xq, yq)), (task.support, task.query)
+  ):
     np.testing.assert_array_equal(labels, y)
     for t in range(n_tasks):
       for i in range(y.shape[1]):
         np.testing.assert_array_equal(
-            got[t, i], np.rot90(x[t, i], turns[t, y[t, i]], axes=(0, 1)))
+          got[t, i], np.rot90(x[t, i], turns[t, y[t, i]], axes=(0, 1))
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -406,29 +435,38 @@ def test_tfds_conversion_matches_the_zip_loader(tiny_dir, cache):
       for name in sorted(pngs, key=lambda n: (n[-6:], n)):
         _, alphabet, character, _ = name.split("/")
         rgb = np.asarray(Image.open(io.BytesIO(zf.read(name))).convert("RGB"))
-        examples.append({
+        examples.append(
+          {
             "image": rgb,
             "alphabet": np.int64(alphabet_names.index(alphabet)),
             "alphabet_char_id": np.int64(int(character[-2:]) - 1),
             "label": np.int64(0),
-        })
+          }
+        )
     splits[top] = examples
   converted = imdata.omniglot_from_tfds_examples(
-      splits, alphabet_names=alphabet_names)
+    splits, alphabet_names=alphabet_names
+  )
   loaded = imdata.load_omniglot(tiny_dir, cache_dir=cache)
   for a, b in zip(converted, loaded):
     np.testing.assert_array_equal(a, b)
 
 
 def test_tfds_conversion_rejects_incomplete_classes():
-  example = {"image": np.full((105, 105, 3), 255, np.uint8),
-             "alphabet": 0, "alphabet_char_id": 0, "label": 0}
+  example = {
+    "image": np.full((105, 105, 3), 255, np.uint8),
+    "alphabet": 0,
+    "alphabet_char_id": 0,
+    "label": 0,
+  }
   with pytest.raises(ValueError, match="Alpha/character01 has 3 images"):
     imdata.omniglot_from_tfds_examples(
-        {"images_background": [example] * 3}, alphabet_names=["Alpha"])
+      {"images_background": [example] * 3}, alphabet_names=["Alpha"]
+    )
   with pytest.raises(ValueError, match="unknown archive"):
-    imdata.omniglot_from_tfds_examples({"train": [example]},
-                                       alphabet_names=["Alpha"])
+    imdata.omniglot_from_tfds_examples(
+      {"train": [example]}, alphabet_names=["Alpha"]
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -468,8 +506,10 @@ def test_real_split_sizes_and_disjointness(omniglot_data):
   data = omniglot_data
   train, val, test = imdata.omniglot_split_indices(data, seed=0)
   assert (len(train), len(val), len(test)) == (1100, 100, 423)
-  names = [set(zip(data.archives[i], data.alphabets[i], data.characters[i]))
-           for i in (train, val, test)]
+  names = [
+    set(zip(data.archives[i], data.alphabets[i], data.characters[i]))
+    for i in (train, val, test)
+  ]
   assert not names[0] & names[2]
   assert not names[1] & names[2]
   assert not names[0] & names[1]
@@ -483,20 +523,30 @@ def test_real_split_sizes_and_disjointness(omniglot_data):
   perm = np.random.default_rng(5).permutation(1623)
   shuffled = imdata.OmniglotData(*(field[perm] for field in data))
   test_s = imdata.omniglot_split_indices(shuffled, seed=0)[2]
-  assert set(zip(shuffled.archives[test_s], shuffled.alphabets[test_s],
-                 shuffled.characters[test_s])) == names[2]
+  assert (
+    set(
+      zip(
+        shuffled.archives[test_s],
+        shuffled.alphabets[test_s],
+        shuffled.characters[test_s],
+      )
+    )
+    == names[2]
+  )
 
 
 @pytest.mark.slow
 def test_real_omniglot_splits(omniglot_data, omniglot_cache):
-  splits = imdata.omniglot_splits(real_omniglot_dir(), seed=0,
-                                  cache_dir=omniglot_cache)
+  splits = imdata.omniglot_splits(
+    real_omniglot_dir(), seed=0, cache_dir=omniglot_cache
+  )
   assert splits.train.shape == (4400, 20, 28, 28, 1)
   assert splits.val.shape == (400, 20, 28, 28, 1)
   assert splits.test.shape == (1692, 20, 28, 28, 1)
   test_idx = imdata.omniglot_split_indices(omniglot_data, seed=0)[2]
   np.testing.assert_array_equal(
-      splits.test, imdata.rotate_classes(omniglot_data.images[test_idx]))
+    splits.test, imdata.rotate_classes(omniglot_data.images[test_idx])
+  )
 
 
 @pytest.mark.slow
@@ -515,6 +565,6 @@ def test_real_authors_split_and_its_overlap(omniglot_data, omniglot_cache):
   ours = imdata.omniglot_split_indices(data, seed=0)
   assert [int(np.isin(test, idx).sum()) for idx in ours] == [281, 18, 124]
   np.testing.assert_array_equal(
-      imdata.omniglot_authors_test(real_omniglot_dir(),
-                                   cache_dir=omniglot_cache),
-      data.images[test])
+    imdata.omniglot_authors_test(real_omniglot_dir(), cache_dir=omniglot_cache),
+    data.images[test],
+  )

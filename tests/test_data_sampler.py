@@ -1,4 +1,5 @@
 """Tests of the on-device episode sampler."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,12 +30,12 @@ def decode(x):
   return cls, cls * N_PER_CLASS + pixels[..., 0, 1, 0]
 
 
-@pytest.mark.parametrize("n_way,k_shot,q_query", [(5, 1, 15),
-                                                  (12, 2, 18)])
+@pytest.mark.parametrize("n_way,k_shot,q_query", [(5, 1, 15), (12, 2, 18)])
 def test_episodes(n_way, k_shot, q_query):
   n_tasks = 16
-  task = imdata.sample_tasks(jax.random.key(0), id_images(), n_way, k_shot,
-                             q_query, n_tasks)
+  task = imdata.sample_tasks(
+    jax.random.key(0), id_images(), n_way, k_shot, q_query, n_tasks
+  )
   assert isinstance(task, Task)
   (xs, ys), (xq, yq) = task.support, task.query
   assert xs.shape == (n_tasks, n_way * k_shot, 2, 2, 1)
@@ -49,10 +50,12 @@ def test_episodes(n_way, k_shot, q_query):
   ys, yq = np.asarray(ys), np.asarray(yq)
   for t in range(n_tasks):
     # Labels: each of 0..n_way-1 exactly k_shot (q_query) times.
-    np.testing.assert_array_equal(np.bincount(ys[t], minlength=n_way),
-                                  [k_shot] * n_way)
-    np.testing.assert_array_equal(np.bincount(yq[t], minlength=n_way),
-                                  [q_query] * n_way)
+    np.testing.assert_array_equal(
+      np.bincount(ys[t], minlength=n_way), [k_shot] * n_way
+    )
+    np.testing.assert_array_equal(
+      np.bincount(yq[t], minlength=n_way), [q_query] * n_way
+    )
     # One class per label, the same in support and query, all distinct.
     label_to_class = {}
     for c, y in list(zip(cs[t], ys[t])) + list(zip(cq[t], yq[t])):
@@ -93,15 +96,18 @@ def test_runs_inside_jit_and_vmap():
     return jnp.sum(task.support[0]) + jnp.sum(task.query[1])
 
   eager = imdata.sample_tasks(jax.random.key(0), images, 4, 2, 3, 6)
-  assert np.isclose(step(jax.random.key(0), images),
-                    jnp.sum(eager.support[0]) + jnp.sum(eager.query[1]))
+  assert np.isclose(
+    step(jax.random.key(0), images),
+    jnp.sum(eager.support[0]) + jnp.sum(eager.query[1]),
+  )
   keys = jax.random.split(jax.random.key(0), 3)
-  batched = jax.vmap(
-      lambda k: imdata.sample_tasks(k, images, 4, 2, 3, 6))(keys)
+  batched = jax.vmap(lambda k: imdata.sample_tasks(k, images, 4, 2, 3, 6))(keys)
   assert batched.support[0].shape == (3, 6, 8, 2, 2, 1)
-  jax.tree.map(np.testing.assert_array_equal,
-               jax.tree.map(lambda a: a[1], batched),
-               imdata.sample_tasks(keys[1], images, 4, 2, 3, 6))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    jax.tree.map(lambda a: a[1], batched),
+    imdata.sample_tasks(keys[1], images, 4, 2, 3, 6),
+  )
 
 
 def test_sample_from_keys_matches_sample_tasks():
@@ -119,8 +125,11 @@ def test_evaluation_tasks_are_fixed():
   jax.tree.map(np.testing.assert_array_equal, a, b)
   c = imdata.evaluation_tasks(images, 5, 1, 3, n_tasks=30, seed=1)
   assert not np.array_equal(a.support[0], c.support[0])
-  chunks = list(imdata.evaluation_task_chunks(images, 5, 1, 3, n_tasks=30,
-                                              seed=0, chunk_size=8))
+  chunks = list(
+    imdata.evaluation_task_chunks(
+      images, 5, 1, 3, n_tasks=30, seed=0, chunk_size=8
+    )
+  )
   assert [ch.support[0].shape[0] for ch in chunks] == [8, 8, 8, 6]
   joined = jax.tree.map(lambda *xs: jnp.concatenate(xs), *chunks)
   jax.tree.map(np.testing.assert_array_equal, a, joined)
@@ -140,14 +149,17 @@ def test_edge_sizes_use_everything():
   assert task.query[0].shape == (2, 9, 2, 2, 1)
 
 
-@pytest.mark.parametrize("args,match", [
+@pytest.mark.parametrize(
+  "args,match",
+  [
     ((13, 1, 1, 2), "n_way=13 .* n_classes=12"),
     ((5, 10, 11, 2), r"k_shot \+ q_query = 10 \+ 11 = 21 .* n_per_class=20"),
     ((0, 1, 1, 2), "n_way must be positive"),
     ((5, -1, 1, 2), "k_shot must be positive"),
     ((5, 1, 0, 2), "q_query must be positive"),
     ((5, 1, 1, 0), "n_tasks must be positive"),
-])
+  ],
+)
 def test_bad_counts(args, match):
   with pytest.raises(ValueError, match=match):
     imdata.sample_tasks(jax.random.key(0), id_images(), *args)
@@ -162,14 +174,19 @@ def test_bad_counts_in_evaluation_helpers():
     imdata.evaluation_task_chunks(id_images(), 5, 1, 1, chunk_size=0)
 
 
-@pytest.mark.parametrize("n_way, k_shot, q_query, shots, batch, steps", [
-    (5, 1, 15, 10, 10, 5),    # Reptile's 5-way commands
-    (4, 2, 6, 5, 4, 7),       # wraps around the pool
-])
+@pytest.mark.parametrize(
+  "n_way, k_shot, q_query, shots, batch, steps",
+  [
+    (5, 1, 15, 10, 10, 5),  # Reptile's 5-way commands
+    (4, 2, 6, 5, 4, 7),  # wraps around the pool
+  ],
+)
 def test_reptile_minibatches_cover_each_tasks_first_images_evenly(
-    n_way, k_shot, q_query, shots, batch, steps):
-  tasks = imdata.sample_tasks(jax.random.key(3), id_images(), n_way, k_shot,
-                              q_query, 3)
+  n_way, k_shot, q_query, shots, batch, steps
+):
+  tasks = imdata.sample_tasks(
+    jax.random.key(3), id_images(), n_way, k_shot, q_query, 3
+  )
   got = imdata.reptile_minibatches(tasks, n_way, shots, batch, steps)
   assert got.support[0].shape[:3] == (3, steps, batch)
   assert got.query[0].shape == tasks.query[0].shape
@@ -179,19 +196,25 @@ def test_reptile_minibatches_cover_each_tasks_first_images_evenly(
   for i in range(3):
     # The pool: per class, its support images then its query images.
     per_class = np.concatenate(
-        [support_ids[i].reshape(n_way, k_shot),
-         query_ids[i].reshape(n_way, q_query)], axis=1)[:, :shots]
-    order = per_class.T.reshape(-1)          # shot by shot across classes
+      [
+        support_ids[i].reshape(n_way, k_shot),
+        query_ids[i].reshape(n_way, q_query),
+      ],
+      axis=1,
+    )[:, :shots]
+    order = per_class.T.reshape(-1)  # shot by shot across classes
     expected = order[np.arange(steps * batch) % order.size]
     np.testing.assert_array_equal(batch_ids[i].reshape(-1), expected)
     # Labels travel with their images.
-    labels = np.concatenate([np.asarray(tasks.support[1][i]),
-                             np.asarray(tasks.query[1][i])])
+    labels = np.concatenate(
+      [np.asarray(tasks.support[1][i]), np.asarray(tasks.query[1][i])]
+    )
     ids = np.concatenate([support_ids[i], query_ids[i]])
     label_of = dict(zip(ids.tolist(), labels.tolist()))
     np.testing.assert_array_equal(
-        np.asarray(got.support[1][i]).reshape(-1),
-        [label_of[j] for j in batch_ids[i].reshape(-1)])
+      np.asarray(got.support[1][i]).reshape(-1),
+      [label_of[j] for j in batch_ids[i].reshape(-1)],
+    )
   if batch % n_way == 0:  # then every mini-batch holds each class equally
     labels = np.asarray(got.support[1])
     for c in range(n_way):
@@ -200,8 +223,11 @@ def test_reptile_minibatches_cover_each_tasks_first_images_evenly(
 
 def test_reptile_minibatches_refuse_more_shots_than_a_task_holds():
   tasks = imdata.sample_tasks(jax.random.key(0), id_images(), 5, 1, 4, 2)
-  with pytest.raises(ValueError, match="10 training images per class are "
-                     "more than a task's k_shot \\+ q_query = 1 \\+ 4"):
+  with pytest.raises(
+    ValueError,
+    match="10 training images per class are "
+    "more than a task's k_shot \\+ q_query = 1 \\+ 4",
+  ):
     imdata.reptile_minibatches(tasks, 5, shots=10, batch_size=10, steps=5)
   with pytest.raises(ValueError, match="not a multiple of n_way = 3"):
     imdata.reptile_minibatches(tasks, 3, shots=2, batch_size=2, steps=1)

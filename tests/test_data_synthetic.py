@@ -1,4 +1,5 @@
 """Tests of the synthetic task families and the exact linear meta-gradient."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +31,9 @@ def test_sinusoid_shapes_and_ranges():
     coef, *_ = np.linalg.lstsq(basis, y[t], rcond=None)
     np.testing.assert_allclose(basis @ coef, y[t], atol=1e-4)
     amplitude = np.hypot(*coef)
-    phase = np.arctan2(-coef[1], coef[0])  # A sin(x - b): a = A cos b, c = -A sin b
+    phase = np.arctan2(
+      -coef[1], coef[0]
+    )  # A sin(x - b): a = A cos b, c = -A sin b
     assert 0.1 - 1e-4 <= amplitude <= 5.0 + 1e-4
     assert -1e-4 <= phase <= np.pi + 1e-4
 
@@ -44,8 +47,9 @@ def test_sinusoid_deterministic_and_jittable():
 
 
 def test_linear_regression_tasks():
-  task = imdata.linear_regression_tasks(jax.random.key(0), 3, 20, 30, 4,
-                                        noise=0.0)
+  task = imdata.linear_regression_tasks(
+    jax.random.key(0), 3, 20, 30, 4, noise=0.0
+  )
   (xs, ys), (xq, yq) = task.support, task.query
   assert xs.shape == (3, 20, 4) and ys.shape == (3, 20)
   assert xq.shape == (3, 30, 4) and yq.shape == (3, 30)
@@ -67,26 +71,32 @@ def _query_loss_at_solution(theta, task, lam):
 @pytest.mark.parametrize("lam", [0.5, 2.0, 10.0])
 def test_exact_meta_gradient_matches_finite_differences(enable_x64, lam):
   dim, n_tasks, eps = 5, 4, 1e-5
-  tasks = imdata.linear_regression_tasks(jax.random.key(2), n_tasks, 8, 12,
-                                         dim, noise=0.3)
+  tasks = imdata.linear_regression_tasks(
+    jax.random.key(2), n_tasks, 8, 12, dim, noise=0.3
+  )
   assert tasks.support[0].dtype == jnp.float64
   theta = jax.random.normal(jax.random.key(3), (dim,), jnp.float64)
-  grads = jax.vmap(imdata.linear_regression_exact_meta_gradient,
-                   in_axes=(None, 0, None))(theta, tasks, lam)
+  grads = jax.vmap(
+    imdata.linear_regression_exact_meta_gradient, in_axes=(None, 0, None)
+  )(theta, tasks, lam)
   assert grads.shape == (n_tasks, dim)
 
   @jax.jit
   def central_differences(theta, task):
     def along(e):
-      return (_query_loss_at_solution(theta + eps * e, task, lam)
-              - _query_loss_at_solution(theta - eps * e, task, lam)) / (2 * eps)
+      return (
+        _query_loss_at_solution(theta + eps * e, task, lam)
+        - _query_loss_at_solution(theta - eps * e, task, lam)
+      ) / (2 * eps)
+
     return jax.vmap(along)(jnp.eye(dim))
 
   fd = jax.vmap(central_differences, in_axes=(None, 0))(theta, tasks)
   np.testing.assert_allclose(grads, fd, rtol=1e-7, atol=1e-9)
   # Independent check: reverse-mode autodiff through the closed form.
-  auto = jax.vmap(jax.grad(_query_loss_at_solution),
-                  in_axes=(None, 0, None))(theta, tasks, lam)
+  auto = jax.vmap(jax.grad(_query_loss_at_solution), in_axes=(None, 0, None))(
+    theta, tasks, lam
+  )
   np.testing.assert_allclose(grads, auto, rtol=1e-10, atol=1e-12)
 
 
@@ -97,6 +107,9 @@ def test_inner_solution_is_stationary(enable_x64):
   lam = 2.0
   phi = imdata.linear_regression_inner_solution(theta, task.support, lam)
   grad = jax.grad(
-      lambda p: imdata.linear_regression_loss(p, task.support)
-      + 0.5 * lam * jnp.sum((p - theta) ** 2))(phi)
+    lambda p: (
+      imdata.linear_regression_loss(p, task.support)
+      + 0.5 * lam * jnp.sum((p - theta) ** 2)
+    )
+  )(phi)
   np.testing.assert_allclose(grad, 0.0, atol=1e-12)

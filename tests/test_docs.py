@@ -10,6 +10,7 @@
   A block preceded by the line ``<!-- docs-test: skip -->`` is shown but not
   run (for commands that need data or take long).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -26,11 +27,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 API_PAGES = DOCS / "reference"
-PACKAGES = ("imaml_jax", "imaml_jax.data", "imaml_jax.models",
-            "imaml_jax.train")
+PACKAGES = (
+  "imaml_jax",
+  "imaml_jax.data",
+  "imaml_jax.models",
+  "imaml_jax.train",
+)
 SKIP_MARK = "<!-- docs-test: skip -->"
 FENCE = re.compile(
-    r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)[ \t]*(?P<info>[^\n`]*)$")
+  r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)[ \t]*(?P<info>[^\n`]*)$"
+)
 
 
 def public_names(package: str) -> list[str]:
@@ -39,42 +45,65 @@ def public_names(package: str) -> list[str]:
   names = getattr(module, "__all__", None)
   if names is not None:
     return list(names)
-  return [name for name, value in vars(module).items()
-          if not name.startswith("_") and not inspect.ismodule(value)
-          and type(value).__module__ != "__future__"]
+  return [
+    name
+    for name, value in vars(module).items()
+    if not name.startswith("_")
+    and not inspect.ismodule(value)
+    and type(value).__module__ != "__future__"
+  ]
 
 
 def api_text() -> str:
-  return "\n".join(page.read_text(encoding="utf-8")
-                   for page in sorted(API_PAGES.glob("*.md")))
+  return "\n".join(
+    page.read_text(encoding="utf-8") for page in sorted(API_PAGES.glob("*.md"))
+  )
 
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_every_public_name_is_on_an_api_page(package):
   text = api_text()
-  missing = [name for name in public_names(package)
-             if not re.search(rf"(?<![\w.]){re.escape(package)}\.{name}(?!\w)",
-                              text)]
+  missing = [
+    name
+    for name in public_names(package)
+    if not re.search(rf"(?<![\w.]){re.escape(package)}\.{name}(?!\w)", text)
+  ]
   assert not missing, (
-      f"public names of {package} absent from docs/reference/*.md (add a "
-      f"'::: {package}.NAME' line to the right page): {missing}")
+    f"public names of {package} absent from docs/reference/*.md (add a "
+    f"'::: {package}.NAME' line to the right page): {missing}"
+  )
 
 
 def test_site_builds_strictly(tmp_path):
-  for module, what in (("mkdocs", "mkdocs"),
-                       ("material", "mkdocs-material"),
-                       ("mkdocstrings_handlers.python",
-                        "mkdocstrings[python]")):
+  for module, what in (
+    ("mkdocs", "mkdocs"),
+    ("material", "mkdocs-material"),
+    ("mkdocstrings_handlers.python", "mkdocstrings[python]"),
+  ):
     if not _installed(module):
       pytest.skip(f"{what} is not installed (pip install -e '.[docs]')")
   result = subprocess.run(
-      [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet",
-       "--config-file", str(REPO / "mkdocs.yml"), "--site-dir",
-       str(tmp_path / "site")],
-      cwd=REPO, capture_output=True, text=True, timeout=600,
-      env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    [
+      sys.executable,
+      "-m",
+      "mkdocs",
+      "build",
+      "--strict",
+      "--quiet",
+      "--config-file",
+      str(REPO / "mkdocs.yml"),
+      "--site-dir",
+      str(tmp_path / "site"),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+  )
   assert result.returncode == 0, (
-      f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr}")
+    f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr}"
+  )
   assert (tmp_path / "site" / "index.html").is_file()
   assert (tmp_path / "site" / "reference" / "core" / "index.html").is_file()
 
@@ -97,13 +126,16 @@ def python_blocks(page: Path) -> list[tuple[int, str]]:
       continue
     fence, indent = match["fence"], match["indent"]
     language = match["info"].strip().split(" ")[0].lstrip(".").lower()
-    previous = next((line.strip() for line in reversed(lines[:i])
-                     if line.strip()), "")
+    previous = next(
+      (line.strip() for line in reversed(lines[:i]) if line.strip()), ""
+    )
     start, i = i + 1, i + 1
     while i < len(lines) and not lines[i].strip().startswith(fence):
       i += 1
-    body = [line[len(indent):] if line.startswith(indent) else line
-            for line in lines[start:i]]
+    body = [
+      line[len(indent) :] if line.startswith(indent) else line
+      for line in lines[start:i]
+    ]
     if language == "python" and previous != SKIP_MARK:
       blocks.append((start + 1, "\n".join(body) + "\n"))
     i += 1
@@ -113,8 +145,9 @@ def python_blocks(page: Path) -> list[tuple[int, str]]:
 PAGES = sorted(page for page in DOCS.rglob("*.md") if python_blocks(page))
 
 
-@pytest.mark.parametrize("page", PAGES,
-                         ids=[str(p.relative_to(DOCS)) for p in PAGES])
+@pytest.mark.parametrize(
+  "page", PAGES, ids=[str(p.relative_to(DOCS)) for p in PAGES]
+)
 def test_page_examples_run(page, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   namespace = {"__name__": f"docs_{page.stem}"}
@@ -124,10 +157,27 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
 
 
 def test_block_parser(tmp_path):
-  page = "\n".join([
-      "text", "```python", "a = 1", "```", "", SKIP_MARK, "```python",
-      "raise SystemExit", "```", "```bash", "ls", "```", "- item",
-      "    ```python", "    b = a + 1", "    ```", ""])
+  page = "\n".join(
+    [
+      "text",
+      "```python",
+      "a = 1",
+      "```",
+      "",
+      SKIP_MARK,
+      "```python",
+      "raise SystemExit",
+      "```",
+      "```bash",
+      "ls",
+      "```",
+      "- item",
+      "    ```python",
+      "    b = a + 1",
+      "    ```",
+      "",
+    ]
+  )
   path = tmp_path / "p.md"
   path.write_text(page, encoding="utf-8")
   assert python_blocks(path) == [(3, "a = 1\n"), (15, "b = a + 1\n")]

@@ -4,29 +4,40 @@ import numpy as np
 import optax
 import pytest
 from jax.flatten_util import ravel_pytree
+from problems import linreg_exact
+from problems import linreg_loss
+from problems import linreg_task
+from problems import mlp_init
+from problems import mlp_loss
+from problems import mlp_task
+from problems import rel_err
 
 import imaml_jax as im
-from problems import (linreg_exact, linreg_loss, linreg_task, mlp_init,
-                      mlp_loss, mlp_task, rel_err)
 
 
 def proximal_linreg(seed, lam=2.0):
   support, query = linreg_task(seed)
   theta = np.random.default_rng(seed + 100).normal(size=5)
   phi, _ = linreg_exact(theta, support, query, lam)
-  objective = im.proximal_objective(linreg_loss, jnp.asarray(theta),
-                                    support, lam)
+  objective = im.proximal_objective(
+    linreg_loss, jnp.asarray(theta), support, lam
+  )
   return objective, jnp.asarray(theta), phi
 
 
-@pytest.mark.parametrize("inner, tol", [
+@pytest.mark.parametrize(
+  "inner, tol",
+  [
     (im.gd(steps=200, lr=0.2), 1e-12),
     (im.gd(steps=200, lr=0.2, backtrack=True), 1e-12),
     (im.nesterov(steps=100, lr=0.2, momentum=0.5), 1e-12),
     (im.hessian_free(steps=3, cg_steps=5), 1e-12),
-    (im.hessian_free(steps=3, cg_steps=5, stop_at_negative_curvature=True),
-     1e-12),
-])
+    (
+      im.hessian_free(steps=3, cg_steps=5, stop_at_negative_curvature=True),
+      1e-12,
+    ),
+  ],
+)
 def test_inner_solvers_reach_the_closed_form_proximal_point(x64, inner, tol):
   objective, theta, phi = proximal_linreg(0)
   assert rel_err(jax.jit(lambda t: inner.run(objective, t))(theta), phi) < tol
@@ -45,20 +56,31 @@ def test_hessian_free_line_search_handles_nonconvex_objective(x64):
   # Rosenbrock: indefinite Hessian away from the minimum; must still descend.
   f = lambda x: (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
   x0 = jnp.array([-1.2, 1.0])
-  values = [float(f(im.hessian_free(steps=k, cg_steps=2).run(f, x0)))
-            for k in (1, 5, 40)]
+  values = [
+    float(f(im.hessian_free(steps=k, cg_steps=2).run(f, x0)))
+    for k in (1, 5, 40)
+  ]
   assert values[0] < float(f(x0))
   assert values[0] >= values[1] >= values[2]
   assert values[2] < 1e-10
 
 
-@pytest.mark.parametrize("inner", [im.gd(5, 0.1), im.nesterov(5, 0.1, 0.9),
-                                   im.hessian_free(2, 3),
-                                   im.gd(5, 2.0, backtrack=True)])
+@pytest.mark.parametrize(
+  "inner",
+  [
+    im.gd(5, 0.1),
+    im.nesterov(5, 0.1, 0.9),
+    im.hessian_free(2, 3),
+    im.gd(5, 2.0, backtrack=True),
+  ],
+)
 def test_remat_changes_nothing_but_memory(x64, inner):
   objective, theta, _ = proximal_linreg(1)
-  np.testing.assert_allclose(inner.run(objective, theta, remat=True),
-                             inner.run(objective, theta), rtol=1e-14)
+  np.testing.assert_allclose(
+    inner.run(objective, theta, remat=True),
+    inner.run(objective, theta),
+    rtol=1e-14,
+  )
 
 
 def stiff_quadratic(curvatures=(0.5, 4.0, 40.0)):
@@ -71,8 +93,10 @@ def test_backtracking_gd_is_plain_gd_while_steps_decrease(x64):
   objective, theta, _ = proximal_linreg(2)
   for steps in (1, 7, 30):
     np.testing.assert_allclose(
-        im.gd(steps, 0.2, backtrack=True).run(objective, theta),
-        im.gd(steps, 0.2).run(objective, theta), rtol=1e-14)
+      im.gd(steps, 0.2, backtrack=True).run(objective, theta),
+      im.gd(steps, 0.2).run(objective, theta),
+      rtol=1e-14,
+    )
 
 
 def test_backtracking_gd_converges_where_plain_gd_diverges(x64):
@@ -83,16 +107,19 @@ def test_backtracking_gd_converges_where_plain_gd_diverges(x64):
   f, x0 = stiff_quadratic(), jnp.zeros(3)
   plain = im.gd(100, 0.1).run(f, x0)
   assert float(f(plain)) > 1e40
-  values = [float(f(im.gd(k, 0.1, backtrack=True).run(f, x0)))
-            for k in range(10, 200, 10)]
+  values = [
+    float(f(im.gd(k, 0.1, backtrack=True).run(f, x0)))
+    for k in range(10, 200, 10)
+  ]
   assert all(b <= a for a, b in zip(values, values[1:]))
-  np.testing.assert_allclose(im.gd(2000, 0.1, backtrack=True).run(f, x0),
-                             jnp.ones(3), atol=1e-10)
+  np.testing.assert_allclose(
+    im.gd(2000, 0.1, backtrack=True).run(f, x0), jnp.ones(3), atol=1e-10
+  )
 
 
 def test_backtracking_gd_rejects_nonfinite_steps(x64):
   # exp(x) overflows to inf at the first trial point; the step is rejected.
-  f = lambda x: jnp.sum(jnp.exp(x) - 20.0 * x)   # minimum at log 20
+  f = lambda x: jnp.sum(jnp.exp(x) - 20.0 * x)  # minimum at log 20
   x = im.gd(200, 1000.0, backtrack=True).run(f, jnp.zeros(2))
   assert bool(jnp.all(jnp.isfinite(x)))
   np.testing.assert_allclose(x, jnp.log(20.0) * jnp.ones(2), rtol=1e-8)
@@ -104,12 +131,17 @@ def test_backtracking_gd_is_per_task_under_vmap(x64):
   def run(c):
     f = lambda x: 0.5 * jnp.sum(c * (x - 1.0) ** 2)
     return im.gd(12, 0.1, backtrack=True).run(f, jnp.zeros(3))
+
   cs = jnp.array([[0.5, 4.0, 40.0], [0.5, 4.0, 8.0]])
   batched = jax.vmap(run)(cs)
   for i in range(2):
     np.testing.assert_allclose(batched[i], run(cs[i]), rtol=1e-14)
-  assert not np.allclose(batched[1], im.gd(12, 0.1 * 0.5).run(
-      lambda x: 0.5 * jnp.sum(cs[1] * (x - 1.0) ** 2), jnp.zeros(3)))
+  assert not np.allclose(
+    batched[1],
+    im.gd(12, 0.1 * 0.5).run(
+      lambda x: 0.5 * jnp.sum(cs[1] * (x - 1.0) ** 2), jnp.zeros(3)
+    ),
+  )
 
 
 def test_backtracking_gd_differentiates_like_the_accepted_steps(x64):
@@ -117,18 +149,22 @@ def test_backtracking_gd_differentiates_like_the_accepted_steps(x64):
   # piecewise constant, so the derivative is that of plain GD with the step
   # sizes actually taken. Here every step after the first rejection is
   # accepted: 1 rejected step at lr, then steps-1 at lr/2.
-  f_of = lambda a: (lambda x: 0.5 * jnp.sum(jnp.array([1.0, 30.0]) *
-                                            (x - a) ** 2))
+  f_of = lambda a: (
+    lambda x: 0.5 * jnp.sum(jnp.array([1.0, 30.0]) * (x - a) ** 2)
+  )
   x0 = jnp.zeros(2)
   checked = lambda a: jnp.sum(im.gd(8, 0.1, backtrack=True).run(f_of(a), x0))
   plain = lambda a: jnp.sum(im.gd(7, 0.05).run(f_of(a), x0))
   a = jnp.array([1.0, -2.0])
   np.testing.assert_allclose(checked(a), plain(a), rtol=1e-14)
-  np.testing.assert_allclose(jax.grad(checked)(a), jax.grad(plain)(a),
-                             rtol=1e-14)
+  np.testing.assert_allclose(
+    jax.grad(checked)(a), jax.grad(plain)(a), rtol=1e-14
+  )
 
 
-@pytest.mark.parametrize("factory, kwargs, message", [
+@pytest.mark.parametrize(
+  "factory, kwargs, message",
+  [
     (im.gd, {"steps": 0, "lr": 0.1}, "steps"),
     (im.gd, {"steps": 3, "lr": -0.1}, "lr"),
     (im.gd, {"steps": 3.0, "lr": 0.1}, "steps"),
@@ -145,7 +181,8 @@ def test_backtracking_gd_differentiates_like_the_accepted_steps(x64):
     (im.adam, {"steps": 3, "lr": 1e-3, "b1": 1.0}, "b1"),
     (im.adam, {"steps": 3, "lr": 1e-3, "b2": -0.1}, "b2"),
     (im.adam, {"steps": 3, "lr": 1e-3, "eps": 0.0}, "eps"),
-])
+  ],
+)
 def test_bad_inner_settings_are_named(factory, kwargs, message):
   with pytest.raises((ValueError, TypeError), match=message):
     factory(**kwargs)
@@ -170,8 +207,12 @@ def test_gd_then_pull_back_matches_hand_computation(x64):
     assert rel_err(got, expected) < 1e-14
   # At lr 0.1 and lam 2 the pull-back is 0.8 phi_K + 0.2 theta.
   phi_k = im.gd(4, 0.1).run(lambda p: mlp_loss(p, support), params)
-  assert rel_err(expected, jax.tree.map(lambda a, t: 0.8 * a + 0.2 * t,
-                                        phi_k, params)) < 1e-14
+  assert (
+    rel_err(
+      expected, jax.tree.map(lambda a, t: 0.8 * a + 0.2 * t, phi_k, params)
+    )
+    < 1e-14
+  )
 
 
 def test_gd_then_pull_back_under_vmap_and_jit(x64):
@@ -180,8 +221,13 @@ def test_gd_then_pull_back_under_vmap_and_jit(x64):
   thetas = jax.vmap(mlp_init)(jax.random.split(jax.random.PRNGKey(2), 3))
   lams = jnp.array([0.5, 2.0, 4.0])
   solver = im.gd_then_pull_back(5, 0.1)
-  run = jax.jit(jax.vmap(lambda t, s, lam: solver.run(
-      im.proximal_objective(mlp_loss, t, s, lam), t)))
+  run = jax.jit(
+    jax.vmap(
+      lambda t, s, lam: solver.run(
+        im.proximal_objective(mlp_loss, t, s, lam), t
+      )
+    )
+  )
   batched = run(thetas, support, lams)
   for i, s in enumerate(tasks):
     theta = jax.tree.map(lambda a: a[i], thetas)
@@ -191,11 +237,13 @@ def test_gd_then_pull_back_under_vmap_and_jit(x64):
 
 def test_gd_then_pull_back_needs_a_proximal_objective():
   with pytest.raises(TypeError, match="proximal objective"):
-    im.gd_then_pull_back(3, 0.1).run(lambda x: (x ** 2).sum(), jnp.ones(2))
+    im.gd_then_pull_back(3, 0.1).run(lambda x: (x**2).sum(), jnp.ones(2))
   with pytest.raises(TypeError, match="proximal objective"):
     im.maml(im.gd_then_pull_back(3, 0.1)).task_gradient(
-        lambda p, b: (linreg_loss(p, b), {}), jnp.zeros(5),
-        im.Task(*linreg_task(0)))
+      lambda p, b: (linreg_loss(p, b), {}),
+      jnp.zeros(5),
+      im.Task(*linreg_task(0)),
+    )
 
 
 def test_proximal_objective_carries_its_parts(x64):
@@ -205,10 +253,12 @@ def test_proximal_objective_carries_its_parts(x64):
   phi = theta + 1.0
   assert isinstance(objective, im.ProximalObjective)
   assert objective.lam == 1.5 and objective.center is theta
-  np.testing.assert_allclose(objective.task_loss(phi),
-                             linreg_loss(phi, support), rtol=1e-15)
   np.testing.assert_allclose(
-      objective(phi), linreg_loss(phi, support) + 0.75 * 5, rtol=1e-15)
+    objective.task_loss(phi), linreg_loss(phi, support), rtol=1e-15
+  )
+  np.testing.assert_allclose(
+    objective(phi), linreg_loss(phi, support) + 0.75 * 5, rtol=1e-15
+  )
 
 
 def adam_by_hand(grad, x0, steps, lr, b1, b2, eps):
@@ -219,8 +269,8 @@ def adam_by_hand(grad, x0, steps, lr, b1, b2, eps):
   for t in range(1, steps + 1):
     g = np.asarray(grad(x))
     m = b1 * m + (1 - b1) * g
-    v = b2 * v + (1 - b2) * g ** 2
-    x = x - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+    v = b2 * v + (1 - b2) * g**2
+    x = x - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
   return x
 
 
@@ -234,15 +284,17 @@ def test_adam_matches_numpy_algorithm_and_optax(x64, b1):
   expected = adam_by_hand(grad_flat, flat, 7, 0.01, b1, 0.99, 1e-8)
   for remat in (False, True):
     got = im.adam(7, 0.01, b1=b1, b2=0.99).run(loss, params, remat=remat)
-    np.testing.assert_allclose(ravel_pytree(got)[0],
-                               expected, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+      ravel_pytree(got)[0], expected, rtol=1e-12, atol=1e-14
+    )
   opt = optax.adam(0.01, b1=b1, b2=0.99, eps=1e-8)
   x, state = params, opt.init(params)
   for _ in range(7):
     updates, state = opt.update(jax.grad(loss)(x), state)
     x = optax.apply_updates(x, updates)
-  np.testing.assert_allclose(ravel_pytree(x)[0], expected,
-                             rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(
+    ravel_pytree(x)[0], expected, rtol=1e-12, atol=1e-14
+  )
 
 
 def test_adam_first_step_with_b1_zero_is_a_signed_step(x64):
@@ -250,7 +302,8 @@ def test_adam_first_step_with_b1_zero_is_a_signed_step(x64):
   # gradient's scale (here 1e-3 to 1e3).
   scales = jnp.array([1e-3, -1.0, 1e3])
   x = im.adam(1, 0.05, b1=0.0, eps=1e-12).run(
-      lambda x: jnp.sum(scales * x), jnp.zeros(3))
+    lambda x: jnp.sum(scales * x), jnp.zeros(3)
+  )
   np.testing.assert_allclose(x, -0.05 * jnp.sign(scales), rtol=1e-8)
 
 
@@ -274,9 +327,8 @@ def minibatch_linreg(num_batches=3, seed=0):
 def test_solvers_step_on_minibatch_t_at_step_t(x64, solver):
   objective, loss, (xs, ys) = minibatch_linreg()
   x0 = jnp.asarray(np.random.default_rng(1).normal(size=5))
-  steps, lr = 7, 0.05   # wraps around the 3 mini-batches
-  grad_at = lambda w, t: np.asarray(jax.grad(loss)(w, (xs[t % 3],
-                                                       ys[t % 3])))
+  steps, lr = 7, 0.05  # wraps around the 3 mini-batches
+  grad_at = lambda w, t: np.asarray(jax.grad(loss)(w, (xs[t % 3], ys[t % 3])))
   if solver == "gd":
     expected = np.asarray(x0)
     for t in range(steps):
@@ -284,8 +336,9 @@ def test_solvers_step_on_minibatch_t_at_step_t(x64, solver):
     inner = im.gd(steps, lr)
   else:
     calls = iter(range(steps))
-    expected = adam_by_hand(lambda w: grad_at(w, next(calls)), x0, steps,
-                            lr, 0.0, 0.999, 1e-8)
+    expected = adam_by_hand(
+      lambda w: grad_at(w, next(calls)), x0, steps, lr, 0.0, 0.999, 1e-8
+    )
     inner = im.adam(steps, lr, b1=0.0)
   for remat in (False, True):
     got = jax.jit(lambda w: inner.run(objective, w, remat=remat))(x0)
@@ -295,9 +348,10 @@ def test_solvers_step_on_minibatch_t_at_step_t(x64, solver):
   assert rel_err(fixed, expected) > 1e-3
 
 
-@pytest.mark.parametrize("inner", [im.gd(3, 0.1, backtrack=True),
-                                   im.nesterov(3, 0.1),
-                                   im.hessian_free(2, 2)])
+@pytest.mark.parametrize(
+  "inner",
+  [im.gd(3, 0.1, backtrack=True), im.nesterov(3, 0.1), im.hessian_free(2, 2)],
+)
 def test_fixed_objective_solvers_refuse_minibatches(inner):
   objective, _, _ = minibatch_linreg()
   with pytest.raises(TypeError, match="only im.gd .* and im.adam"):
@@ -312,8 +366,8 @@ def test_hessian_free_cg_stopping_at_negative_curvature(x64):
   # first iterate, the Cauchy step along -g.
   f = lambda x: 0.5 * x[0] ** 2 - 0.05 * x[1] ** 2 + 0.25 * x[1] ** 4
   x0 = jnp.array([1.0, 0.1])
-  g = np.array([1.0, -0.1 * 0.1 + 0.1 ** 3])
-  h = np.diag([1.0, -0.1 + 3 * 0.1 ** 2])
+  g = np.array([1.0, -0.1 * 0.1 + 0.1**3])
+  h = np.diag([1.0, -0.1 + 3 * 0.1**2])
   newton = np.asarray(x0) - np.linalg.solve(h, g)
   cauchy = np.asarray(x0) - (g @ g) / (g @ h @ g) * g
   plain = im.hessian_free(1, 2).run(f, x0)
@@ -322,14 +376,17 @@ def test_hessian_free_cg_stopping_at_negative_curvature(x64):
   np.testing.assert_allclose(guarded, cauchy, rtol=1e-12, atol=1e-14)
   assert rel_err(plain, guarded) > 0.1
   assert im.hessian_free(1, 2, stop_at_negative_curvature=True).name == (
-      "hessian_free(steps=1, cg_steps=2, stop_at_negative_curvature)")
+    "hessian_free(steps=1, cg_steps=2, stop_at_negative_curvature)"
+  )
 
 
 def test_hessian_free_defaults_to_the_configs_newton_steps():
   # 20 Newton steps of 5 CG, as the *_imaml_hf configs (5 left Omniglot's
   # proximal problem unsolved: benchmarks/results/hf_newton_steps_5w1s.md).
   from imaml_jax.train import config as config_lib
+
   hf = config_lib.get_config("omniglot_5w1s_imaml_hf")
   assert im.hessian_free().name == (
-      f"hessian_free(steps={hf.inner_steps}, cg_steps={hf.hf_cg_steps})")
+    f"hessian_free(steps={hf.inner_steps}, cg_steps={hf.hf_cg_steps})"
+  )
   assert im.hessian_free().steps == 20

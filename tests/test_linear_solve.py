@@ -2,9 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from problems import rel_err
 
 import imaml_jax as im
-from problems import rel_err
 
 
 def spd_system(seed, n=12, cond=30.0):
@@ -20,8 +20,11 @@ def test_three_solvers_agree_with_numpy_on_spd_system(x64):
   a, b = jnp.asarray(a), jnp.asarray(b)
   exact = np.linalg.solve(np.asarray(a), np.asarray(b))
   matvec = lambda v: a @ v
-  for solver in (im.dense(), im.cg(maxiter=50, tol=1e-14),
-                 im.neumann(terms=200, step=0.9)):
+  for solver in (
+    im.dense(),
+    im.cg(maxiter=50, tol=1e-14),
+    im.neumann(terms=200, step=0.9),
+  ):
     x, info = jax.jit(solver.solve, static_argnums=0)(matvec, b)
     assert rel_err(x, exact) < 1e-10, solver.name
     assert float(info.residual) < 1e-10, solver.name
@@ -31,8 +34,10 @@ def test_cg_error_shrinks_with_iterations(x64):
   a, b = spd_system(1, cond=100.0)
   exact = np.linalg.solve(a, b)
   a, b = jnp.asarray(a), jnp.asarray(b)
-  errors = [rel_err(im.cg(maxiter=k, tol=0.0).solve(lambda v: a @ v, b)[0],
-                    exact) for k in (1, 3, 6, 12, 30)]
+  errors = [
+    rel_err(im.cg(maxiter=k, tol=0.0).solve(lambda v: a @ v, b)[0], exact)
+    for k in (1, 3, 6, 12, 30)
+  ]
   assert all(e2 < e1 for e1, e2 in zip(errors, errors[1:])), errors
   assert errors[-1] < 1e-10
 
@@ -50,16 +55,19 @@ def test_residual_reveals_unconverged_solve(x64):
 def test_residual_matches_its_definition(x64):
   a, b = spd_system(3)
   a, b = jnp.asarray(a), jnp.asarray(b)
-  for solver in (im.cg(maxiter=3), im.cg(maxiter=3, exact_residual=True),
-                 im.cg(maxiter=3, stop_at_negative_curvature=True,
-                       exact_residual=True)):
+  for solver in (
+    im.cg(maxiter=3),
+    im.cg(maxiter=3, exact_residual=True),
+    im.cg(maxiter=3, stop_at_negative_curvature=True, exact_residual=True),
+  ):
     x, info = solver.solve(lambda v: a @ v, b)
     expected = np.linalg.norm(a @ x - b) / np.linalg.norm(b)
     np.testing.assert_allclose(float(info.residual), expected, rtol=1e-12)
   # The guarded loop reports its recurrence residual by default: equal in
   # exact arithmetic.
   x, info = im.cg(maxiter=3, stop_at_negative_curvature=True).solve(
-      lambda v: a @ v, b)
+    lambda v: a @ v, b
+  )
   expected = np.linalg.norm(a @ x - b) / np.linalg.norm(b)
   assert expected > 1e-3  # unconverged, so the comparison means something
   np.testing.assert_allclose(float(info.residual), expected, rtol=1e-9)
@@ -71,29 +79,43 @@ def test_default_cg_is_jax_scipy_cg(x64):
   a, b = spd_system(8, cond=200.0)
   a, b = jnp.asarray(a), jnp.asarray(b)
   matvec = lambda v: a @ v
-  for k, tol, atol in [(1, 0.0, 0.0), (2, 0.0, 0.0), (5, 0.0, 0.0),
-                       (12, 0.0, 0.0), (50, 1e-3, 0.0), (50, 0.0, 1e-2)]:
+  for k, tol, atol in [
+    (1, 0.0, 0.0),
+    (2, 0.0, 0.0),
+    (5, 0.0, 0.0),
+    (12, 0.0, 0.0),
+    (50, 1e-3, 0.0),
+    (50, 0.0, 1e-2),
+  ]:
     ours, _ = im.cg(k, tol=tol, atol=atol).solve(matvec, b)
-    theirs, _ = jax.scipy.sparse.linalg.cg(matvec, b, x0=b, tol=tol,
-                                           atol=atol, maxiter=k)
+    theirs, _ = jax.scipy.sparse.linalg.cg(
+      matvec, b, x0=b, tol=tol, atol=atol, maxiter=k
+    )
     np.testing.assert_array_equal(ours, theirs, err_msg=f"{k} {tol} {atol}")
     cold, _ = im.cg(k, tol=tol, atol=atol, warm_start=False).solve(matvec, b)
-    theirs, _ = jax.scipy.sparse.linalg.cg(matvec, b, tol=tol, atol=atol,
-                                           maxiter=k)
+    theirs, _ = jax.scipy.sparse.linalg.cg(
+      matvec, b, tol=tol, atol=atol, maxiter=k
+    )
     np.testing.assert_array_equal(cold, theirs, err_msg=f"{k} {tol} {atol}")
   # Early stopping kicked in: fewer than 50 iterations are less accurate.
   converged, _ = im.cg(50, tol=0.0).solve(matvec, b)
   early, _ = im.cg(50, tol=1e-3).solve(matvec, b)
   assert rel_err(early, converged) > 1e-9
+
   # Inside jit, and on a pytree.
   def tree_matvec(tree):
     out = a @ jnp.concatenate([tree["u"], tree["v"].ravel()])
     return {"u": out[:4], "v": out[4:].reshape(2, 4)}
+
   tree = {"u": b[:4], "v": b[4:].reshape(2, 4)}
   ours, _ = jax.jit(im.cg(5, tol=0.0).solve, static_argnums=0)(
-      tree_matvec, tree)
-  theirs, _ = jax.jit(lambda t: jax.scipy.sparse.linalg.cg(
-      tree_matvec, t, x0=t, tol=0.0, maxiter=5))(tree)
+    tree_matvec, tree
+  )
+  theirs, _ = jax.jit(
+    lambda t: jax.scipy.sparse.linalg.cg(
+      tree_matvec, t, x0=t, tol=0.0, maxiter=5
+    )
+  )(tree)
   for u, v in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
     np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-14)
   jaxpr = str(jax.make_jaxpr(lambda b: im.cg(5).solve(matvec, b))(b))
@@ -103,9 +125,11 @@ def test_default_cg_is_jax_scipy_cg(x64):
 def count_products(solver, a, b, maxiter):
   """Products with ``a`` executed in one jitted solve."""
   calls = []
+
   def matvec(v):
     jax.debug.callback(lambda: calls.append(1))
     return a @ v
+
   jax.block_until_ready(jax.jit(lambda b: solver(maxiter).solve(matvec, b))(b))
   return len(calls)
 
@@ -114,8 +138,9 @@ def test_products_per_solve(x64):
   a, b = spd_system(9, n=8, cond=50.0)
   a, b = jnp.asarray(a), jnp.asarray(b)
   plain = lambda **kw: lambda k: im.cg(k, tol=0.0, **kw)
-  guarded = lambda **kw: lambda k: im.cg(
-      k, tol=0.0, stop_at_negative_curvature=True, **kw)
+  guarded = lambda **kw: (
+    lambda k: im.cg(k, tol=0.0, stop_at_negative_curvature=True, **kw)
+  )
   for k in (1, 5):
     # jax.scipy's cg spends one product on A x0, one per iteration, and the
     # residual is measured with one more.
@@ -124,15 +149,22 @@ def test_products_per_solve(x64):
     assert count_products(plain(report_residual=False), a, b, k) == k + 1
     assert count_products(plain(warm_start=False), a, b, k) == k + 2
     # A residual flag per call: the product is spent only where it is true.
-    for flag, extra in ((True, 1), (False, 0), (jnp.bool_(True), 1),
-                        (jnp.bool_(False), 0)):
+    for flag, extra in (
+      (True, 1),
+      (False, 0),
+      (jnp.bool_(True), 1),
+      (jnp.bool_(False), 0),
+    ):
       calls = []
+
       def matvec(v, calls=calls):
         jax.debug.callback(lambda: calls.append(1))
         return a @ v
-      solve = jax.jit(lambda b, r, k=k: im.cg(k, tol=0.0).solve(
-          matvec, b, report_residual=r), static_argnums=(
-              (1,) if isinstance(flag, bool) else ()))
+
+      solve = jax.jit(
+        lambda b, r, k=k: im.cg(k, tol=0.0).solve(matvec, b, report_residual=r),
+        static_argnums=((1,) if isinstance(flag, bool) else ()),
+      )
       _, info = jax.block_until_ready(solve(b, flag))
       assert len(calls) == k + 1 + extra, (flag, calls)
       assert bool(np.isnan(info.residual)) == (not extra)
@@ -145,10 +177,12 @@ def test_products_per_solve(x64):
 def test_solvers_accept_pytrees(x64):
   a, b = spd_system(4, n=6, cond=1.5)
   a = jnp.asarray(a)
+
   def matvec(tree):
     flat = jnp.concatenate([tree["u"], tree["v"].ravel()])
     out = a @ flat
     return {"u": out[:2], "v": out[2:].reshape(2, 2)}
+
   rhs = {"u": jnp.asarray(b[:2]), "v": jnp.asarray(b[2:].reshape(2, 2))}
   exact = np.linalg.solve(np.asarray(a), b)
   for solver in (im.dense(), im.cg(50, tol=1e-14), im.neumann(100, 0.9)):
@@ -163,20 +197,25 @@ def test_zero_right_hand_side_gives_zero_and_zero_residual():
   assert float(info.residual) == 0.0
 
 
-@pytest.mark.parametrize("factory, kwargs, message", [
+@pytest.mark.parametrize(
+  "factory, kwargs, message",
+  [
     (im.cg, {"maxiter": 0}, "maxiter"),
     (im.cg, {"maxiter": 2.5}, "maxiter"),
     (im.cg, {"maxiter": 5, "tol": -1.0}, "tol"),
     (im.neumann, {"terms": 0}, "terms"),
     (im.neumann, {"terms": 3, "step": 0.0}, "step"),
-])
+  ],
+)
 def test_bad_solver_settings_are_named(factory, kwargs, message):
   with pytest.raises((ValueError, TypeError), match=message):
     factory(**kwargs)
 
 
-@pytest.mark.parametrize("solver", [im.cg(5), im.cg(5, report_residual=False),
-                                    im.neumann(5), im.dense()])
+@pytest.mark.parametrize(
+  "solver",
+  [im.cg(5), im.cg(5, report_residual=False), im.neumann(5), im.dense()],
+)
 def test_nonfinite_right_hand_side_is_not_turned_into_a_finite_answer(solver):
   x, _ = solver.solve(lambda v: 2.0 * v, jnp.array([1.0, jnp.nan, 2.0]))
   assert bool(jnp.all(jnp.isnan(x)))
@@ -209,7 +248,8 @@ def test_negative_curvature_guard_is_plain_cg_on_spd_systems(x64):
   for k in (1, 2, 5, 12):
     plain, _ = im.cg(k, tol=0.0, warm_start=False).solve(lambda v: a @ v, b)
     guarded, _ = im.cg(k, tol=0.0, stop_at_negative_curvature=True).solve(
-        lambda v: a @ v, b)
+      lambda v: a @ v, b
+    )
     assert rel_err(guarded, plain) < 1e-12, k
 
 
@@ -224,19 +264,20 @@ def test_negative_curvature_guard_stops_before_the_bad_step(x64):
   a, q, eig = indefinite_system(6)
   rng = np.random.default_rng(7)
   stopped_late = 0
-  for trial in range(20):
+  for _ in range(20):
     b = rng.normal(size=a.shape[0])
     expected, _, _ = numpy_cg_with_counts(a, b, maxiter=8)
-    x, _ = jax.jit(im.cg(8, tol=0.0, stop_at_negative_curvature=True).solve,
-                   static_argnums=0)(lambda v: a @ v, jnp.asarray(b))
-    np.testing.assert_allclose(np.asarray(x), expected, rtol=1e-10,
-                               atol=1e-12)
+    x, _ = jax.jit(
+      im.cg(8, tol=0.0, stop_at_negative_curvature=True).solve, static_argnums=0
+    )(lambda v: a @ v, jnp.asarray(b))
+    np.testing.assert_allclose(np.asarray(x), expected, rtol=1e-10, atol=1e-12)
     stopped_late += not np.allclose(expected, b)
-  assert stopped_late > 0        # Some solves took steps before stopping.
+  assert stopped_late > 0  # Some solves took steps before stopping.
   # The first direction b has negative curvature: the answer is b itself.
-  b = q[:, -1] + 0.1 * q[:, 0]   # b^T A b = -3 + 0.01 < 0
+  b = q[:, -1] + 0.1 * q[:, 0]  # b^T A b = -3 + 0.01 < 0
   x, _ = im.cg(8, stop_at_negative_curvature=True).solve(
-      lambda v: a @ v, jnp.asarray(b))
+    lambda v: a @ v, jnp.asarray(b)
+  )
   np.testing.assert_allclose(np.asarray(x), b, rtol=1e-12)
   # Plain CG steps along it and ends at the saddle A^{-1} b, which points
   # against b (b^T A^{-1} b = -1/3 + 0.01 < 0).
@@ -248,15 +289,22 @@ def test_negative_curvature_guard_under_vmap_and_on_pytrees(x64):
   a, _, _ = indefinite_system(8, n=6)
   rng = np.random.default_rng(9)
   bs = rng.normal(size=(5, 6))
+
   def matvec(tree):
     out = a @ jnp.concatenate([tree["u"], tree["v"].ravel()])
     return {"u": out[:2], "v": out[2:].reshape(2, 2)}
+
   solver = im.cg(6, tol=0.0, stop_at_negative_curvature=True)
-  trees = {"u": jnp.asarray(bs[:, :2]), "v": jnp.asarray(bs[:, 2:].reshape(5, 2, 2))}
+  trees = {
+    "u": jnp.asarray(bs[:, :2]),
+    "v": jnp.asarray(bs[:, 2:].reshape(5, 2, 2)),
+  }
   xs, _ = jax.vmap(lambda t: solver.solve(matvec, t))(trees)
   for i in range(5):
     expected, _, _ = numpy_cg_with_counts(a, bs[i], 6)
-    got = np.concatenate([np.asarray(xs["u"][i]), np.asarray(xs["v"][i]).ravel()])
+    got = np.concatenate(
+      [np.asarray(xs["u"][i]), np.asarray(xs["v"][i]).ravel()]
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -265,14 +313,15 @@ def test_negative_curvature_path_is_its_own_loop(x64):
   # negative curvature: jax.scipy's cg (the default path) takes it, the
   # guarded loop stops before it.
   a, q, _ = indefinite_system(6)
-  b = q[:, -1] + 0.1 * q[:, 0]   # b^T A b < 0: the very first step
+  b = q[:, -1] + 0.1 * q[:, 0]  # b^T A b < 0: the very first step
   a, b = jnp.asarray(a), jnp.asarray(b)
   matvec = lambda v: a @ v
   plain, _ = im.cg(8, tol=0.0, warm_start=False).solve(matvec, b)
   scipy, _ = jax.scipy.sparse.linalg.cg(matvec, b, tol=0.0, maxiter=8)
   np.testing.assert_array_equal(plain, scipy)
   guarded, _ = im.cg(8, tol=0.0, stop_at_negative_curvature=True).solve(
-      matvec, b)
+    matvec, b
+  )
   np.testing.assert_array_equal(guarded, b)
   assert rel_err(plain, b) > 1.0
   solver = im.cg(8, stop_at_negative_curvature=True)
@@ -285,8 +334,9 @@ def test_negative_curvature_path_is_its_own_loop(x64):
 def test_guarded_cg_reports_negative_curvature_and_updates_as_numpy(x64):
   a, q, _ = indefinite_system(6)
   rng = np.random.default_rng(10)
-  solve = jax.jit(im.cg(4, tol=0.0, stop_at_negative_curvature=True).solve,
-                  static_argnums=0)
+  solve = jax.jit(
+    im.cg(4, tol=0.0, stop_at_negative_curvature=True).solve, static_argnums=0
+  )
   seen = set()
   for trial in range(20):
     b = rng.normal(size=a.shape[0])
@@ -309,17 +359,20 @@ def test_guarded_cg_on_spd_systems_never_flags_and_counts_early_stops(x64):
   a, b = spd_system(11, cond=40.0)
   a, b = jnp.asarray(a), jnp.asarray(b)
   for k, tol in [(1, 0.0), (4, 0.0), (12, 0.0), (50, 1e-3), (50, 1e-8)]:
-    _, flagged, updates = numpy_cg_with_counts(np.asarray(a), np.asarray(b),
-                                               k, tol)
+    _, flagged, updates = numpy_cg_with_counts(
+      np.asarray(a), np.asarray(b), k, tol
+    )
     _, info = im.cg(k, tol=tol, stop_at_negative_curvature=True).solve(
-        lambda v: a @ v, b)
+      lambda v: a @ v, b
+    )
     assert not flagged and not bool(info.negative_curvature), (k, tol)
     assert int(info.iterations) == updates, (k, tol, updates)
   # Early stopping made the tolerance runs shorter than maxiter.
   assert numpy_cg_with_counts(np.asarray(a), np.asarray(b), 50, 1e-3)[2] < 12
   # A zero right-hand side needs no update.
   _, info = im.cg(5, stop_at_negative_curvature=True).solve(
-      lambda v: a @ v, jnp.zeros(12))
+    lambda v: a @ v, jnp.zeros(12)
+  )
   assert not bool(info.negative_curvature) and int(info.iterations) == 0
 
 
@@ -330,12 +383,14 @@ def test_guarded_cg_counts_under_vmap(x64):
   # after one or two updates, and two run all three.
   solver = im.cg(3, tol=0.0, stop_at_negative_curvature=True)
   _, info = jax.vmap(lambda b: solver.solve(lambda v: a @ v, b))(
-      jnp.asarray(bs))
+    jnp.asarray(bs)
+  )
   expected = [numpy_cg_with_counts(a, b, 3)[1:] for b in bs]
-  np.testing.assert_array_equal(info.negative_curvature,
-                                [e[0] for e in expected])
+  np.testing.assert_array_equal(
+    info.negative_curvature, [e[0] for e in expected]
+  )
   np.testing.assert_array_equal(info.iterations, [e[1] for e in expected])
-  assert 0 < sum(e[0] for e in expected) < 16   # a mix of both outcomes
+  assert 0 < sum(e[0] for e in expected) < 16  # a mix of both outcomes
 
 
 @pytest.mark.parametrize("solver", [im.cg(5), im.neumann(5), im.dense()])
@@ -359,11 +414,13 @@ def test_warm_start_beats_zero_start_at_equal_products(x64):
   a_norm = lambda e: float(np.sqrt(e @ a @ e))
   for k in (1, 3, 5):
     warm, _ = im.cg(k, tol=0.0).solve(matvec, jnp.asarray(b))
-    cold, _ = im.cg(k, tol=0.0, warm_start=False).solve(matvec,
-                                                        jnp.asarray(b))
+    cold, _ = im.cg(k, tol=0.0, warm_start=False).solve(matvec, jnp.asarray(b))
     best, _ = im.cg(k + 1, tol=0.0, stop_at_negative_curvature=True).solve(
-        matvec, jnp.asarray(b))
-    err = {n: a_norm(np.asarray(v) - exact)
-           for n, v in (("warm", warm), ("cold", cold), ("best", best))}
+      matvec, jnp.asarray(b)
+    )
+    err = {
+      n: a_norm(np.asarray(v) - exact)
+      for n, v in (("warm", warm), ("cold", cold), ("best", best))
+    }
     assert err["warm"] < 0.7 * err["cold"], (k, err)
     assert err["best"] <= err["warm"] * (1 + 1e-9), (k, err)

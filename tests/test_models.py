@@ -6,6 +6,7 @@ product as `jax.lax.conv_general_dilated`, alone and under `vmap` over tasks
 with per-task parameters. Test data come from NumPy and every JAX computation
 is jitted, because on a small CPU compiling op by op costs more than the maths.
 """
+
 import functools
 
 import flax.linen as nn
@@ -38,13 +39,15 @@ def _make_batch(kind, seed, n=5, n_way=5):
 def _random_like(seed, tree):
   leaves, treedef = jax.tree.flatten(tree)
   return jax.tree.unflatten(
-      treedef, [_normal(seed + i, a.shape, a.dtype) for i, a in enumerate(leaves)])
+    treedef, [_normal(seed + i, a.shape, a.dtype) for i, a in enumerate(leaves)]
+  )
 
 
 def _init(net, seed, x):
   """`models.init_params`, compiled as one program rather than op by op."""
   return jax.jit(functools.partial(models.init_params, net))(
-      jax.random.key(seed), x)
+    jax.random.key(seed), x
+  )
 
 
 def _tree_norm(tree):
@@ -60,7 +63,7 @@ def _task(tree, i):
   return jax.tree.map(lambda a: a[i], tree)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _loss_grad_hvp(kind, conv, vmapped=False):
   """Jitted `(params, v, batch) -> (loss, aux, grad, hvp)` for one network.
 
@@ -70,7 +73,9 @@ def _loss_grad_hvp(kind, conv, vmapped=False):
   loss_fn = models.classification_loss(_make_net(kind, conv))
 
   def f(params, v, batch):
-    value_and_grad = lambda p: jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
+    value_and_grad = lambda p: jax.value_and_grad(loss_fn, has_aux=True)(
+      p, batch
+    )
     ((loss, aux), grad), (_, hvp) = jax.jvp(value_and_grad, (params,), (v,))
     return loss, aux, grad, hvp
 
@@ -89,8 +94,16 @@ def test_conv3x3_matches_lax(formulation, stride):
   conv = jax.jit(models.conv3x3, static_argnames=("stride", "formulation"))
   got = conv(x, k, stride=stride, formulation=formulation)
   want = conv(x, k, stride=stride, formulation="lax")
-  assert got.shape == want.shape == (
-      2, models.conv_output_size(7, stride), models.conv_output_size(8, stride), 4)
+  assert (
+    got.shape
+    == want.shape
+    == (
+      2,
+      models.conv_output_size(7, stride),
+      models.conv_output_size(8, stride),
+      4,
+    )
+  )
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -108,6 +121,7 @@ def test_conv3x3_same_maths_float64(stride):
       def f(xk):
         out = models.conv3x3(*xk, stride=stride, formulation=formulation)
         return jnp.sum(jnp.tanh(out) ** 2)
+
       value, grad = jax.value_and_grad(f)(xk)
       hvp = jax.jvp(jax.grad(f), (xk,), (v,))[1]
       return value, grad, hvp
@@ -132,14 +146,16 @@ def test_unknown_formulation_raises():
   with pytest.raises(ValueError, match="formulation"):
     models.omniglot_convnet(5, conv="winograd")
   with pytest.raises(ValueError, match="formulation"):
-    models.conv3x3(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)),
-                   formulation="fft")
+    models.conv3x3(
+      jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), formulation="fft"
+    )
 
 
 def test_max_pool_matches_flax():
   x = _normal(0, (2, 21, 21, 3))
-  pool = jax.jit(lambda x: (models.max_pool_2x2(x),
-                            nn.max_pool(x, (2, 2), strides=(2, 2))))
+  pool = jax.jit(
+    lambda x: (models.max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+  )
   got, want = pool(x)
   assert got.shape == (2, 10, 10, 3)
   np.testing.assert_array_equal(got, want)
@@ -152,8 +168,9 @@ def test_batch_norm_uses_batch_statistics():
   norm = jax.jit(models.batch_norm)
   y = norm(x, scale, bias)
   # A per-channel constant shift of the input does not change the output.
-  np.testing.assert_allclose(norm(x + shift, scale, bias), y,
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    norm(x + shift, scale, bias), y, rtol=1e-4, atol=1e-4
+  )
   # With unit scale and zero bias: zero mean, unit variance per channel.
   z = np.asarray(norm(x, np.ones(3), np.zeros(3)))
   np.testing.assert_allclose(z.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
@@ -178,7 +195,8 @@ def test_network_output_depends_on_batch():
   assert not np.allclose(out[0], out2[0], atol=1e-3)
   # Training and evaluation are the same function: no mutable state.
   _, state = jax.eval_shape(
-      functools.partial(net.apply, mutable=True), {"params": params}, x)
+    functools.partial(net.apply, mutable=True), {"params": params}, x
+  )
   assert set(state) == {"params"}
 
 
@@ -187,24 +205,37 @@ def test_network_output_depends_on_batch():
 
 
 @pytest.mark.parametrize(
-    "make,x_shape,out_shape,n_params",
-    [
-        (lambda: models.omniglot_convnet(5), (5, 28, 28, 1), (5, 5),
-         3 * 3 * 64 * (1 + 3 * 64) + 4 * 2 * 64 + 256 * 5 + 5),
-        (lambda: models.omniglot_convnet(20), (3, 28, 28, 1), (3, 20),
-         3 * 3 * 64 * (1 + 3 * 64) + 4 * 2 * 64 + 256 * 20 + 20),
-        (lambda: models.miniimagenet_convnet(5), (2, 84, 84, 3), (2, 5),
-         3 * 3 * 32 * (3 + 3 * 32) + 4 * 2 * 32 + 800 * 5 + 5),
-        (models.sinusoid_mlp, (10, 1), (10, 1),
-         40 + 40 + 40 * 40 + 40 + 40 + 1),
-    ])
+  "make,x_shape,out_shape,n_params",
+  [
+    (
+      lambda: models.omniglot_convnet(5),
+      (5, 28, 28, 1),
+      (5, 5),
+      3 * 3 * 64 * (1 + 3 * 64) + 4 * 2 * 64 + 256 * 5 + 5,
+    ),
+    (
+      lambda: models.omniglot_convnet(20),
+      (3, 28, 28, 1),
+      (3, 20),
+      3 * 3 * 64 * (1 + 3 * 64) + 4 * 2 * 64 + 256 * 20 + 20,
+    ),
+    (
+      lambda: models.miniimagenet_convnet(5),
+      (2, 84, 84, 3),
+      (2, 5),
+      3 * 3 * 32 * (3 + 3 * 32) + 4 * 2 * 32 + 800 * 5 + 5,
+    ),
+    (models.sinusoid_mlp, (10, 1), (10, 1), 40 + 40 + 40 * 40 + 40 + 40 + 1),
+  ],
+)
 def test_shapes_and_collections(make, x_shape, out_shape, n_params):
   net = make()
   x = jnp.ones(x_shape)
   variables = jax.eval_shape(net.init, jax.random.key(0), x)
   assert set(variables) == {"params"}
   params = jax.eval_shape(
-      functools.partial(models.init_params, net), jax.random.key(0), x)
+    functools.partial(models.init_params, net), jax.random.key(0), x
+  )
   assert isinstance(params, dict)
   assert sum(a.size for a in jax.tree.leaves(params)) == n_params
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
@@ -218,11 +249,13 @@ def test_same_parameters_for_every_formulation():
   # called in the same order, so the same key gives the same parameters.
   x = jnp.ones((2, 28, 28, 1))
   trees = [
-      jax.eval_shape(
-          functools.partial(models.init_params,
-                            models.omniglot_convnet(5, conv=c)),
-          jax.random.key(3), x)
-      for c in FORMULATIONS]
+    jax.eval_shape(
+      functools.partial(models.init_params, models.omniglot_convnet(5, conv=c)),
+      jax.random.key(3),
+      x,
+    )
+    for c in FORMULATIONS
+  ]
   for tree in trees[1:]:
     assert tree == trees[0]
   assert trees[0]["conv1"]["kernel"].shape == (3, 3, 64, 64)
@@ -231,13 +264,14 @@ def test_same_parameters_for_every_formulation():
 def test_init_params_rejects_other_collections():
 
   class WithRunningAverages(nn.Module):
-
     @nn.compact
     def __call__(self, x):
       return nn.BatchNorm(use_running_average=False)(x)
 
   with pytest.raises(ValueError, match="batch_stats"):
-    models.init_params(WithRunningAverages(), jax.random.key(0), jnp.ones((2, 3)))
+    models.init_params(
+      WithRunningAverages(), jax.random.key(0), jnp.ones((2, 3))
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -245,17 +279,21 @@ def test_init_params_rejects_other_collections():
 
 
 class _Identity(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     return x
 
 
 def test_classification_loss_and_accuracy_by_hand():
-  logits = np.array([[2.0, 1.0, 0.0],
-                     [0.0, 3.0, 1.0],
-                     [1.0, 0.0, 0.5],   # predicts 0, label 2: wrong
-                     [0.0, 0.0, 1.0]], np.float32)
+  logits = np.array(
+    [
+      [2.0, 1.0, 0.0],
+      [0.0, 3.0, 1.0],
+      [1.0, 0.0, 0.5],  # predicts 0, label 2: wrong
+      [0.0, 0.0, 1.0],
+    ],
+    np.float32,
+  )
   y = np.array([0, 1, 2, 2])
   loss, aux = jax.jit(models.classification_loss(_Identity()))({}, (logits, y))
   lse = np.log(np.exp(logits).sum(-1))
@@ -311,10 +349,13 @@ def test_formulations_same_loss_grad_hvp_miniimagenet():
   params = _init(_make_net("miniimagenet", "lax"), 1, batch[0])
   v = _random_like(2, params)
   ref_loss, ref_aux, ref_grad, ref_hvp = _loss_grad_hvp("miniimagenet", "lax")(
-      params, v, batch)
+    params, v, batch
+  )
   assert np.isfinite(ref_loss) and np.isfinite(_tree_norm(ref_hvp))
   for conv in OTHER_FORMULATIONS:
-    loss, aux, grad, hvp = _loss_grad_hvp("miniimagenet", conv)(params, v, batch)
+    loss, aux, grad, hvp = _loss_grad_hvp("miniimagenet", conv)(
+      params, v, batch
+    )
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     np.testing.assert_allclose(aux["accuracy"], ref_aux["accuracy"])
     assert _tree_rel_err(grad, ref_grad) < 1e-4, conv
@@ -330,8 +371,10 @@ def test_formulations_under_vmap_over_tasks_omniglot():
   keys = jax.random.split(jax.random.key(1), n_tasks)
   params = jax.jit(jax.vmap(lambda k: models.init_params(net, k, xs[:n])))(keys)
   v = _random_like(2, params)
-  results = {conv: _loss_grad_hvp("omniglot", conv, vmapped=True)(params, v, batch)
-             for conv in FORMULATIONS}
+  results = {
+    conv: _loss_grad_hvp("omniglot", conv, vmapped=True)(params, v, batch)
+    for conv in FORMULATIONS
+  }
   ref = results["lax"]
   assert np.isfinite(_tree_norm(ref[3]))
   assert not np.allclose(ref[0][0], ref[0][1])  # The tasks really differ.
@@ -347,7 +390,8 @@ def test_formulations_under_vmap_over_tasks_omniglot():
   xs2 = batch[0].copy()
   xs2[1:] = 3.0 * xs2[1:] + 1.0
   again = _loss_grad_hvp("omniglot", FORMULATIONS[0], vmapped=True)(
-      params, v, (xs2, batch[1]))
+    params, v, (xs2, batch[1])
+  )
   first = results[FORMULATIONS[0]]
   np.testing.assert_allclose(again[0][0], first[0][0], rtol=1e-6)
   assert _tree_rel_err(_task(again[3], 0), _task(first[3], 0)) < 1e-6
@@ -360,24 +404,31 @@ def test_formulations_under_vmap_over_tasks_omniglot():
 
 def test_maml_variant_has_the_reference_network_parameters():
   x = jnp.ones((5, 28, 28, 1))
-  params = models.init_params(models.omniglot_convnet(5, variant="maml"),
-                              jax.random.key(0), x)
+  params = models.init_params(
+    models.omniglot_convnet(5, variant="maml"), jax.random.key(0), x
+  )
   # No batch-norm scale; the head sees the 64 channels averaged over space.
   assert {k: sorted(v) for k, v in params.items() if k.startswith("norm")} == {
-      f"norm{i}": ["bias"] for i in range(4)}
+    f"norm{i}": ["bias"] for i in range(4)
+  }
   assert params["head"]["kernel"].shape == (64, 5)
   assert sum(a.size for a in jax.tree.leaves(params)) == (
-      3 * 3 * 64 * (1 + 3 * 64) + 4 * 64 + 64 * 5 + 5)
+    3 * 3 * 64 * (1 + 3 * 64) + 4 * 64 + 64 * 5 + 5
+  )
   # Glorot uniform kernels: bound sqrt(6 / (9 Cin + 9 Cout)), variance
   # bound^2 / 3; standard normal head weights.
   kernel = np.asarray(params["conv1"]["kernel"])
   bound = np.sqrt(6 / (9 * 64 + 9 * 64))
   assert np.abs(kernel).max() <= bound
   np.testing.assert_allclose(kernel.var(), bound**2 / 3, rtol=0.05)
-  np.testing.assert_allclose(np.asarray(params["head"]["kernel"]).std(), 1.0,
-                             rtol=0.2)
-  mini = models.init_params(models.miniimagenet_convnet(5, variant="maml"),
-                            jax.random.key(0), jnp.ones((2, 84, 84, 3)))
+  np.testing.assert_allclose(
+    np.asarray(params["head"]["kernel"]).std(), 1.0, rtol=0.2
+  )
+  mini = models.init_params(
+    models.miniimagenet_convnet(5, variant="maml"),
+    jax.random.key(0),
+    jnp.ones((2, 84, 84, 3)),
+  )
   assert mini["head"]["kernel"].shape == (800, 5)
   assert np.abs(np.asarray(mini["head"]["kernel"])).max() <= np.sqrt(6 / 805)
 
@@ -392,16 +443,23 @@ def test_maml_variant_computes_the_reference_forward_pass():
   h = x
   for i in range(4):
     h = jax.lax.conv_general_dilated(
-        h, params[f"conv{i}"]["kernel"], (2, 2), ((1, 1), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=jax.lax.Precision.HIGHEST)
+      h,
+      params[f"conv{i}"]["kernel"],
+      (2, 2),
+      ((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST,
+    )
     mean, var = h.mean(axis=(0, 1, 2)), h.var(axis=(0, 1, 2))
-    h = jax.nn.relu((h - mean) / jnp.sqrt(var + 1e-3)
-                    + params[f"norm{i}"]["bias"])
-  expected = h.mean(axis=(1, 2)) @ params["head"]["kernel"] + params["head"][
-      "bias"]
-  np.testing.assert_allclose(net.apply({"params": params}, x), expected,
-                             rtol=1e-4, atol=1e-4)
+    h = jax.nn.relu(
+      (h - mean) / jnp.sqrt(var + 1e-3) + params[f"norm{i}"]["bias"]
+    )
+  expected = (
+    h.mean(axis=(1, 2)) @ params["head"]["kernel"] + params["head"]["bias"]
+  )
+  np.testing.assert_allclose(
+    net.apply({"params": params}, x), expected, rtol=1e-4, atol=1e-4
+  )
 
 
 def test_unknown_network_variant_raises():

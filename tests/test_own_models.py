@@ -8,6 +8,7 @@ are bitwise equal; ``adapts`` works under the default flattened step; models
 with running averages or non-array leaves are refused with errors that say
 what to do.
 """
+
 import equinox as eqx
 import flax.linen as nn
 import jax
@@ -30,19 +31,20 @@ N_TASKS = 8
 
 
 def sample(i, n_tasks=N_TASKS):
-  return sinusoid_tasks(jax.random.fold_in(jax.random.key(1), i), n_tasks,
-                        20, 10)
+  return sinusoid_tasks(
+    jax.random.fold_in(jax.random.key(1), i), n_tasks, 20, 10
+  )
 
 
 def imaml():
   return im.imaml(LAM, INNER, im.cg(5))
 
 
-def meta_train(loss_fn, params, algorithm, *, steps=STEPS, key=None,
-               **kwargs):
+def meta_train(loss_fn, params, algorithm, *, steps=STEPS, key=None, **kwargs):
   """``(state, before, after)``: the mean query losses of the last 20 steps."""
-  init, step = im.make_meta_step(loss_fn, optax.adam(3e-3), algorithm,
-                                 stochastic=key is not None, **kwargs)
+  init, step = im.make_meta_step(
+    loss_fn, optax.adam(3e-3), algorithm, stochastic=key is not None, **kwargs
+  )
   step = jax.jit(step)
   state = init(params)
   before, after = [], []
@@ -68,8 +70,9 @@ def init_mlp(key, sizes=(1, 32, 32, 1)):
   for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
     key, sub = jax.random.split(key)
     params[f"dense{i}"] = {
-        "kernel": jax.random.normal(sub, (m, n)) / jnp.sqrt(m),
-        "bias": jnp.zeros(n)}
+      "kernel": jax.random.normal(sub, (m, n)) / jnp.sqrt(m),
+      "bias": jnp.zeros(n),
+    }
   return params
 
 
@@ -90,13 +93,12 @@ def mse(params, batch):
 def mse_with_aux(params, batch):
   x, y = batch
   err = mlp(params, x) - y
-  return jnp.mean(err ** 2), {"mae": jnp.mean(jnp.abs(err))}
+  return jnp.mean(err**2), {"mae": jnp.mean(jnp.abs(err))}
 
 
 def test_plain_jax_model_meta_trains():
   params = init_mlp(jax.random.key(0))
-  state, before, after = meta_train(mse_with_aux, params, imaml(),
-                                    has_aux=True)
+  state, before, after = meta_train(mse_with_aux, params, imaml(), has_aux=True)
   assert after < before
   assert jax.tree.structure(state.params) == jax.tree.structure(params)
 
@@ -118,8 +120,13 @@ def test_curvature_estimate_sets_the_scale_of_lam():
   # when the inner step is divided by c.
   c = 10.0
   phi = im.adapt(mse, params, task.support, lam=LAM, inner=im.gd(16, 0.002))
-  phi_c = im.adapt(lambda p, b: c * mse(p, b), params, task.support,
-                   lam=c * LAM, inner=im.gd(16, 0.002 / c))
+  phi_c = im.adapt(
+    lambda p, b: c * mse(p, b),
+    params,
+    task.support,
+    lam=c * LAM,
+    inner=im.gd(16, 0.002 / c),
+  )
   assert max_abs_diff(phi, phi_c) < 1e-4
 
 
@@ -149,8 +156,9 @@ def test_linen_batch_statistics_norm_meta_trains():
   x = jnp.zeros((10, 1))
   params = models.init_params(net, jax.random.key(0), x)
   assert sorted(params) == ["dense0", "dense1", "dense2", "norm0", "norm1"]
-  _, before, after = meta_train(models.regression_loss(net), params, imaml(),
-                                has_aux=True)
+  _, before, after = meta_train(
+    models.regression_loss(net), params, imaml(), has_aux=True
+  )
   assert after < before
 
 
@@ -171,8 +179,10 @@ def test_flax_batch_norm_with_discarded_updates_equals_batch_stat_norm():
 
   batch = (x, jnp.sin(x))
   ours_loss = models.regression_loss(ours)
-  assert abs(float(flax_loss(params, batch))
-             - float(ours_loss(params, batch)[0])) < 1e-5
+  assert (
+    abs(float(flax_loss(params, batch)) - float(ours_loss(params, batch)[0]))
+    < 1e-5
+  )
   g_flax = jax.grad(flax_loss)(params, batch)
   g_ours = jax.grad(lambda p, b: ours_loss(p, b)[0])(params, batch)
   assert max_abs_diff(g_flax, g_ours) < 1e-4
@@ -183,8 +193,11 @@ def test_running_averages_are_refused_with_a_clear_error():
   variables = net.init(jax.random.key(0), jnp.zeros((10, 1)))
   assert sorted(variables) == ["batch_stats", "params"]
   init, _ = im.make_meta_step(lambda p, b: 0.0, optax.adam(1e-3), imaml())
-  with pytest.raises(TypeError, match=r"'batch_stats'.*variables\['params'\]"
-                     r".*BatchStatNorm.*use_running_average=False"):
+  with pytest.raises(
+    TypeError,
+    match=r"'batch_stats'.*variables\['params'\]"
+    r".*BatchStatNorm.*use_running_average=False",
+  ):
     init(variables)
   with pytest.raises(TypeError, match="batch_stats"):
     im.adapt(lambda p, b: 0.0, variables, None, lam=1.0, inner=INNER)
@@ -204,9 +217,11 @@ class NnxMLP(nnx.Module):
     self.n = len(hidden) + 1
     for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
       setattr(self, f"dense{i}", nnx.Linear(m, n, rngs=rngs))
-    self.norms = nnx.List([nnx.BatchNorm(w, use_running_average=False,
-                                         rngs=rngs) for w in hidden]
-                          if norm else [])
+    self.norms = nnx.List(
+      [nnx.BatchNorm(w, use_running_average=False, rngs=rngs) for w in hidden]
+      if norm
+      else []
+    )
 
   def __call__(self, x):
     for i in range(self.n):
@@ -223,6 +238,7 @@ def nnx_loss(graphdef, rest):
     x, y = batch
     model = nnx.merge(graphdef, params, rest, copy=True)
     return jnp.mean((model(x) - y) ** 2)
+
   return loss_fn
 
 
@@ -232,12 +248,12 @@ def test_nnx_model_with_batch_norm_meta_trains():
   # The running averages stay out of the meta-parameters.
   assert sorted(nnx.to_pure_dict(params)["norms"][0]) == ["bias", "scale"]
   assert sorted(nnx.to_pure_dict(rest)["norms"][0]) == ["mean", "var"]
-  state, before, after = meta_train(nnx_loss(graphdef, rest), params,
-                                    imaml())
+  state, before, after = meta_train(nnx_loss(graphdef, rest), params, imaml())
   assert after < before
   nnx.update(model, state.params)
-  assert jnp.array_equal(model.dense0.kernel[...],
-                         state.params["dense0"]["kernel"][...])
+  assert jnp.array_equal(
+    model.dense0.kernel[...], state.params["dense0"]["kernel"][...]
+  )
 
 
 def test_nnx_model_state_with_batch_stats_is_refused():
@@ -273,8 +289,7 @@ def test_linen_and_nnx_give_the_same_meta_gradient():
 
 
 def test_equinox_partition_meta_trains():
-  model = eqx.nn.MLP(1, 1, 32, 2, activation=jax.nn.relu,
-                     key=jax.random.key(0))
+  model = eqx.nn.MLP(1, 1, 32, 2, activation=jax.nn.relu, key=jax.random.key(0))
   params, static = eqx.partition(model, eqx.is_inexact_array)
 
   def loss_fn(params, batch):
@@ -291,8 +306,11 @@ def test_equinox_partition_meta_trains():
 def test_whole_equinox_module_error_says_to_partition():
   model = eqx.nn.MLP(1, 1, 8, 2, key=jax.random.key(0))
   init, _ = im.make_meta_step(lambda p, b: 0.0, optax.adam(1e-3), imaml())
-  with pytest.raises(TypeError, match=r"params\.activation .*not an array.*"
-                     r"eqx\.partition\(model, eqx\.is_inexact_array\)"):
+  with pytest.raises(
+    TypeError,
+    match=r"params\.activation .*not an array.*"
+    r"eqx\.partition\(model, eqx\.is_inexact_array\)",
+  ):
     init(model)
 
 
@@ -316,58 +334,69 @@ DROPOUT_NET = DropoutMLP()
 
 def dropout_loss(params, batch, key):
   x, y = batch
-  pred = DROPOUT_NET.apply({"params": params}, x, train=True,
-                           rngs={"dropout": key})
+  pred = DROPOUT_NET.apply(
+    {"params": params}, x, train=True, rngs={"dropout": key}
+  )
   err = pred - y
-  return jnp.mean(err ** 2), {"mae": jnp.mean(jnp.abs(err))}
+  return jnp.mean(err**2), {"mae": jnp.mean(jnp.abs(err))}
 
 
 def deterministic_loss(params, batch):
   x, y = batch
   pred = DROPOUT_NET.apply({"params": params}, x, train=False)
   err = pred - y
-  return jnp.mean(err ** 2), {"mae": jnp.mean(jnp.abs(err))}
+  return jnp.mean(err**2), {"mae": jnp.mean(jnp.abs(err))}
 
 
 def dropout_params():
-  return DROPOUT_NET.init(jax.random.key(0), jnp.zeros((1, 1)),
-                          train=False)["params"]
+  return DROPOUT_NET.init(jax.random.key(0), jnp.zeros((1, 1)), train=False)[
+    "params"
+  ]
 
 
 def test_dropout_meta_trains_and_evaluates():
   key = jax.random.key(42)
-  state, before, after = meta_train(dropout_loss, dropout_params(), imaml(),
-                                    key=key, has_aux=True)
+  state, before, after = meta_train(
+    dropout_loss, dropout_params(), imaml(), key=key, has_aux=True
+  )
   assert after < before
   held_out = sample(10_000, n_tasks=16)
-  evaluate = jax.jit(im.make_eval_step(dropout_loss, imaml(), has_aux=True,
-                                       stochastic=True))
+  evaluate = jax.jit(
+    im.make_eval_step(dropout_loss, imaml(), has_aux=True, stochastic=True)
+  )
   metrics = evaluate(state.params, held_out, jax.random.key(7))
   assert metrics["loss_after"].shape == (16,)
   assert float(metrics["loss_after"].mean()) < float(
-      metrics["loss_before"].mean())
+    metrics["loss_before"].mean()
+  )
   again = evaluate(state.params, held_out, jax.random.key(7))
   assert np.array_equal(metrics["loss_after"], again["loss_after"])
   # Dropout off at evaluation: the deterministic loss, no key.
-  plain = jax.jit(im.make_eval_step(deterministic_loss, imaml(),
-                                    has_aux=True))(state.params, held_out)
-  assert float(plain["loss_after"].mean()) < float(
-      plain["loss_before"].mean())
+  plain = jax.jit(im.make_eval_step(deterministic_loss, imaml(), has_aux=True))(
+    state.params, held_out
+  )
+  assert float(plain["loss_after"].mean()) < float(plain["loss_before"].mean())
 
 
 def test_dropout_masks_differ_per_task_and_reruns_are_bitwise_equal():
   one = jax.tree.map(lambda a: a[:1], sample(0))
   same = jax.tree.map(lambda a: jnp.repeat(a, 4, axis=0), one)  # 4 equal tasks
-  init, step = im.make_meta_step(dropout_loss, optax.adam(3e-3), imaml(),
-                                 has_aux=True, stochastic=True,
-                                 per_task_metrics=True)
+  init, step = im.make_meta_step(
+    dropout_loss,
+    optax.adam(3e-3),
+    imaml(),
+    has_aux=True,
+    stochastic=True,
+    per_task_metrics=True,
+  )
   step = jax.jit(step)
 
   def run(seed, n=3):
     state, out = init(dropout_params()), []
     for i in range(n):
-      state, metrics = step(state, same,
-                            jax.random.fold_in(jax.random.key(seed), i))
+      state, metrics = step(
+        state, same, jax.random.fold_in(jax.random.key(seed), i)
+      )
       out.append(metrics["per_task"]["loss_before"])
     return state, out
 
@@ -377,8 +406,9 @@ def test_dropout_masks_differ_per_task_and_reruns_are_bitwise_equal():
   # A new key each step: the masks of step 0 and step 1 differ.
   assert not np.array_equal(per_task[0], per_task[1])
   rerun, per_task_again = run(0)
-  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(rerun.params),
-                  strict=True):
+  for a, b in zip(
+    jax.tree.leaves(state.params), jax.tree.leaves(rerun.params), strict=True
+  ):
     assert np.array_equal(a, b)
   for a, b in zip(per_task, per_task_again, strict=True):
     assert np.array_equal(a, b)
@@ -387,8 +417,9 @@ def test_dropout_masks_differ_per_task_and_reruns_are_bitwise_equal():
 
 
 def test_stochastic_step_requires_a_key():
-  init, step = im.make_meta_step(dropout_loss, optax.adam(3e-3), imaml(),
-                                 has_aux=True, stochastic=True)
+  init, step = im.make_meta_step(
+    dropout_loss, optax.adam(3e-3), imaml(), has_aux=True, stochastic=True
+  )
   with pytest.raises(TypeError, match=r"step\(state, tasks, key\)"):
     step(init(dropout_params()), sample(0))
 
@@ -408,16 +439,18 @@ def test_adapts_predicate_under_the_flattened_step():
   tasks = sample(0)
 
   def meta_gradient(flatten):
-    init, step = im.make_meta_step(loss_fn, optax.sgd(1.0), algorithm,
-                                   has_aux=True, flatten=flatten)
+    init, step = im.make_meta_step(
+      loss_fn, optax.sgd(1.0), algorithm, has_aux=True, flatten=flatten
+    )
     state, _ = jax.jit(step)(init(params), tasks)
     return jax.tree.map(lambda a, b: a - b, params, state.params)
 
   flat, tree = meta_gradient(True), meta_gradient(False)
   assert max_abs_diff(flat, tree) < 1e-5
   everything = im.maml(im.gd(5, 0.01))
-  init, step = im.make_meta_step(loss_fn, optax.sgd(1.0), everything,
-                                 has_aux=True)
+  init, step = im.make_meta_step(
+    loss_fn, optax.sgd(1.0), everything, has_aux=True
+  )
   state, _ = jax.jit(step)(init(params), tasks)
   g_all = jax.tree.map(lambda a, b: a - b, params, state.params)
   assert max_abs_diff(flat, g_all) > 1e-4
@@ -427,6 +460,7 @@ def test_adapt_all_but_norm_meta_trains():
   net = NormMLP()
   params = models.init_params(net, jax.random.key(0), jnp.zeros((10, 1)))
   algorithm = im.maml(im.gd(5, 0.005), adapts=im.adapt_all_but_norm)
-  _, before, after = meta_train(models.regression_loss(net), params,
-                                algorithm, has_aux=True)
+  _, before, after = meta_train(
+    models.regression_loss(net), params, algorithm, has_aux=True
+  )
   assert after < before

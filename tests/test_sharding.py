@@ -8,6 +8,7 @@ joined by ``initialize_distributed`` (gloo collectives), as two hosts would.
 Both start in the background with the test session (``BACKGROUND_JOBS``,
 ``conftest._background``).
 """
+
 import ast
 import os
 import pathlib
@@ -15,18 +16,17 @@ import subprocess
 import sys
 import textwrap
 
+import fast_compile
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import two_hosts
 
 import imaml_jax as im
 from imaml_jax import data
 from imaml_jax._src import sharding as sh
-
-import fast_compile
-import two_hosts
 
 N_DEVICES = 8
 
@@ -242,17 +242,24 @@ def _run_multi_device(out: pathlib.Path) -> dict:
   env.pop("XLA_FLAGS", None)
   # Its results are compared with each other only, so it may compile fast.
   xla_flags = fast_compile.flags("--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(out), xla_flags],
-                        capture_output=True, text=True, env=env, timeout=600,
-                        check=False)
+  proc = subprocess.run(
+    [sys.executable, "-c", _SCRIPT, str(out), xla_flags],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=600,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   with np.load(out / "results.npz") as f:
     return dict(f)
 
 
 # Started with the test session (conftest._background).
-BACKGROUND_JOBS = {"two_processes": _run_two_processes,
-                   "multi_device": _run_multi_device}
+BACKGROUND_JOBS = {
+  "two_processes": _run_two_processes,
+  "multi_device": _run_multi_device,
+}
 
 
 @pytest.mark.slow
@@ -261,8 +268,9 @@ def test_two_processes_match_one(background):
   results = background("two_processes")
   r = results[0]
   loss = lambda w, b: jnp.mean((b[0] @ w - b[1]) ** 2)
-  init, step = im.make_meta_step(loss, optax.sgd(0.1),
-                                 im.imaml(2.0, im.gd(5, 0.1), im.cg(3)))
+  init, step = im.make_meta_step(
+    loss, optax.sgd(0.1), im.imaml(2.0, im.gd(5, 0.1), im.cg(3))
+  )
   tasks = im.Task((r["x"], r["y"]), (r["x"], r["y"]))
   want = jax.jit(step)(init(jnp.asarray(r["theta"])), tasks)[0].params
   assert not np.allclose(want, r["theta"])
@@ -279,8 +287,9 @@ def multi_device(background):
 
 def _state(results, name):
   prefix = name + "/state"
-  return {k[len(prefix):]: v for k, v in results.items()
-          if k.startswith(prefix)}
+  return {
+    k[len(prefix) :]: v for k, v in results.items() if k.startswith(prefix)
+  }
 
 
 def _assert_same_state(results, name, reference):
@@ -290,10 +299,16 @@ def _assert_same_state(results, name, reference):
   # six Adam steps that moves the state by up to a few 1e-5 (2.3e-5 measured
   # on Adam's first moment of a bias, with jax.scipy's CG in the step).
   for key in want:
-    np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=5e-5,
-                               err_msg=f"{name} vs {reference}: {key}")
-  np.testing.assert_allclose(results[name + "/loss_after"],
-                             results[reference + "/loss_after"], rtol=1e-5)
+    np.testing.assert_allclose(
+      got[key],
+      want[key],
+      rtol=1e-4,
+      atol=5e-5,
+      err_msg=f"{name} vs {reference}: {key}",
+    )
+  np.testing.assert_allclose(
+    results[name + "/loss_after"], results[reference + "/loss_after"], rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize("n_devices", [1, 2, 4, 8])
@@ -304,36 +319,45 @@ def test_sharded_step_matches_unsharded_step(multi_device, n_devices):
 
 @pytest.mark.parametrize("algorithm", ["imaml", "maml"])
 @pytest.mark.parametrize("n_devices", [2, 8])
-def test_per_device_step_matches_unsharded_step(multi_device, algorithm,
-                                                n_devices):
+def test_per_device_step_matches_unsharded_step(
+  multi_device, algorithm, n_devices
+):
   """shard_meta_step(per_device=True), each device mapping over its tasks."""
   name = f"{algorithm}_per_device_{n_devices}"
   _assert_same_state(multi_device, name, f"{algorithm}_unsharded")
   # Per-task metrics come back gathered, in task order.
-  np.testing.assert_allclose(multi_device[name + "/per_task"],
-                             multi_device[f"{algorithm}_unsharded/per_task"],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    multi_device[name + "/per_task"],
+    multi_device[f"{algorithm}_unsharded/per_task"],
+    rtol=1e-5,
+  )
   assert multi_device[name + "/per_task"].shape == (8,)
 
 
 @pytest.mark.parametrize("n_devices", [1, 2, 8])
 def test_stochastic_loss_gets_the_same_task_keys_on_any_device_count(
-    multi_device, n_devices):
+  multi_device, n_devices
+):
   """Dropout masks per task: distinct, and independent of the device count."""
   masks = multi_device["dropout_unsharded/mask"]
   assert len(set(masks.tolist())) == len(masks)  # every task its own mask
   name = f"dropout_per_device_{n_devices}"
   np.testing.assert_array_equal(multi_device[name + "/mask"], masks)
-  np.testing.assert_allclose(multi_device[name + "/w1"],
-                             multi_device["dropout_unsharded/w1"], rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    multi_device[name + "/w1"],
+    multi_device["dropout_unsharded/w1"],
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 @pytest.mark.parametrize("n_devices", [8, 2, 1])
-def test_checkpoint_from_8_devices_resumes_on_other_counts(multi_device,
-                                                           n_devices):
-  _assert_same_state(multi_device, f"resumed_on_{n_devices}",
-                     "unsharded_resumed")
+def test_checkpoint_from_8_devices_resumes_on_other_counts(
+  multi_device, n_devices
+):
+  _assert_same_state(
+    multi_device, f"resumed_on_{n_devices}", "unsharded_resumed"
+  )
   _assert_same_state(multi_device, f"resumed_on_{n_devices}", "resumed_on_8")
   assert int(multi_device[f"resumed_on_{n_devices}/state.step"]) == 6
 
@@ -353,8 +377,9 @@ def test_uneven_meta_batch_names_both_numbers(multi_device):
 
 def _regression_step():
   loss = lambda w, b: jnp.mean((b[0] @ w - b[1]) ** 2)
-  return im.make_meta_step(loss, optax.adam(1e-2),
-                           im.imaml(2.0, im.gd(5, 0.1), im.cg(3)))
+  return im.make_meta_step(
+    loss, optax.adam(1e-2), im.imaml(2.0, im.gd(5, 0.1), im.cg(3))
+  )
 
 
 def _regression_tasks(n, seed=0):
@@ -370,10 +395,12 @@ def test_one_device_mesh_matches_jit():
   tasks = _regression_tasks(4)
   want, want_metrics = jax.jit(step)(init(jnp.ones(3)), tasks)
   got, got_metrics = sh.shard_meta_step(step, mesh)(
-      sh.replicate(init(jnp.ones(3)), mesh), sh.shard_tasks(tasks, mesh))
+    sh.replicate(init(jnp.ones(3)), mesh), sh.shard_tasks(tasks, mesh)
+  )
   np.testing.assert_allclose(got.params, want.params, rtol=1e-6)
-  np.testing.assert_allclose(got_metrics["loss_after"],
-                             want_metrics["loss_after"], rtol=1e-6)
+  np.testing.assert_allclose(
+    got_metrics["loss_after"], want_metrics["loss_after"], rtol=1e-6
+  )
   assert got.params.sharding == sh.replicated_sharding(mesh)
 
 
@@ -427,8 +454,9 @@ def test_per_device_needs_a_step_that_averages_over_the_axis():
 
 def test_sharded_sampler_equals_sample_tasks_on_one_device():
   mesh = sh.task_mesh(1)
-  images = jax.random.randint(jax.random.key(1), (10, 5, 4, 4, 1), 0, 256
-                              ).astype(jnp.uint8)
+  images = jax.random.randint(
+    jax.random.key(1), (10, 5, 4, 4, 1), 0, 256
+  ).astype(jnp.uint8)
   sample = data.make_sharded_sampler(mesh, 3, 2, 1, 4)
   got = sample(jax.random.key(7), sh.replicate(images, mesh))
   want = data.sample_tasks(jax.random.key(7), images, 3, 2, 1, 4)
@@ -442,8 +470,9 @@ def test_sampler_rejects_bad_counts():
   with pytest.raises(ValueError, match="k_shot must be a Python int"):
     data.make_sharded_sampler(sh.task_mesh(), 5, 1.0, 1, 4)
   with pytest.raises(ValueError, match="3 tasks .* over 2 devices"):
-    data.make_sharded_sampler(jax.sharding.AbstractMesh((2,), ("tasks",)),
-                              5, 1, 1, 3)
+    data.make_sharded_sampler(
+      jax.sharding.AbstractMesh((2,), ("tasks",)), 5, 1, 1, 3
+    )
 
 
 def test_top_level_sampler_name_is_the_data_one():
@@ -475,7 +504,8 @@ def test_core_imports_nothing_above_it():
   for path in files:
     for name in _imported_modules(path):
       assert not (name.startswith(upper) or name == "imaml_jax"), (
-          f"{path.name} imports {name}")
+        f"{path.name} imports {name}"
+      )
 
 
 def test_replicate_keeps_prng_keys_and_structure():
@@ -483,8 +513,9 @@ def test_replicate_keeps_prng_keys_and_structure():
   tree = {"key": jax.random.key(3), "w": np.arange(3.0)}
   out = sh.replicate(tree, mesh)
   assert jax.random.key_impl(out["key"]) == jax.random.key_impl(tree["key"])
-  np.testing.assert_array_equal(jax.random.key_data(out["key"]),
-                                jax.random.key_data(tree["key"]))
+  np.testing.assert_array_equal(
+    jax.random.key_data(out["key"]), jax.random.key_data(tree["key"])
+  )
   assert out["w"].sharding.is_fully_replicated
 
 
@@ -551,21 +582,37 @@ def test_use_cpu_cores_splits_the_cpu_before_jax_starts():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
   for script in (_CORES_SCRIPT, _DEFAULT_SPLIT_SCRIPT):
-    proc = subprocess.run([sys.executable, "-c", script], env=env,
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+      [sys.executable, "-c", script],
+      env=env,
+      capture_output=True,
+      text=True,
+      check=False,
+    )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
   # A count the user set through XLA_FLAGS is kept.
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=3"
-  proc = subprocess.run([sys.executable, "-c", (
-      "from imaml_jax.train import config, runtime\n"
-      "assert runtime.split_cpu(config.get_config('sinusoid')) is None\n"
-      "import jax; print(len(jax.devices()))")], env=env,
-      capture_output=True, text=True, check=False)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      (
+        "from imaml_jax.train import config, runtime\n"
+        "assert runtime.split_cpu(config.get_config('sinusoid')) is None\n"
+        "import jax; print(len(jax.devices()))"
+      ),
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert proc.stdout.split() == ["3"], proc.stderr[-2000:]
 
 
 def test_cpu_device_count_divides_the_meta_batch():
   from imaml_jax.train import runtime  # pylint: disable=import-outside-toplevel
+
   assert runtime.cpu_device_count(32, 2) == 2
   assert runtime.cpu_device_count(25, 2) == 1
   assert runtime.cpu_device_count(30, 4) == 3

@@ -1,5 +1,6 @@
 """Sinusoid fit curves: the true sine recovered from a task's points, and the
 predictions before and after adaptation."""
+
 import dataclasses
 
 import jax
@@ -39,20 +40,27 @@ def test_fit_curves_match_network_and_adaptation(sinusoid_exp, tmp_path):
   # "before" is the network at theta; the same tasks as the test set's seed.
   net, _ = exp_lib.network(exp.config)
   np.testing.assert_allclose(
-      out["before"][0], net.apply({"params": params},
-                                  jnp.asarray(out["x"])[:, None])[:, 0],
-      rtol=1e-5, atol=1e-6)
-  tasks = next(exp_lib.evaluation_chunks(
-      dataclasses.replace(exp.config, eval_chunk=3), None, 3, 5))
-  np.testing.assert_allclose(out["support_x"],
-                             np.asarray(tasks.support[0])[..., 0])
+    out["before"][0],
+    net.apply({"params": params}, jnp.asarray(out["x"])[:, None])[:, 0],
+    rtol=1e-5,
+    atol=1e-6,
+  )
+  tasks = next(
+    exp_lib.evaluation_chunks(
+      dataclasses.replace(exp.config, eval_chunk=3), None, 3, 5
+    )
+  )
+  np.testing.assert_allclose(
+    out["support_x"], np.asarray(tasks.support[0])[..., 0]
+  )
   # The true curve passes through the support points.
   for i in range(3):
     c1, c2 = fits.sine_coefficients(out["support_x"][i], out["support_y"][i])
     np.testing.assert_allclose(
-        np.interp(out["support_x"][i], out["x"], out["true"][i]),
-        c1 * np.sin(out["support_x"][i]) + c2 * np.cos(out["support_x"][i]),
-        atol=0.05)
+      np.interp(out["support_x"][i], out["x"], out["true"][i]),
+      c1 * np.sin(out["support_x"][i]) + c2 * np.cos(out["support_x"][i]),
+      atol=0.05,
+    )
   # Adaptation lowers the support-fitted query error on average.
   assert out["mse_after"].mean() < out["mse_before"].mean()
   plots.plot_sinusoid_fits(out, tmp_path / "fits.png", title="t")

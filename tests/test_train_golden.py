@@ -15,6 +15,7 @@ When a change is meant to alter what training computes, rewrite the records
 with ``python tests/test_train_golden.py --write`` (with
 ``IMAML_OMNIGLOT_DIR`` set) and say why in the commit.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,30 +37,67 @@ from imaml_jax.train import metrics_log
 GOLDEN_DIR = Path(__file__).parent / "golden"
 # One thread, so that no reduction depends on how work is split over cores.
 GOLDEN_XLA_FLAGS = fast_compile.flags(
-    "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+  "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+)
 RUNS = {
-    "sinusoid": ["sinusoid", "--set", "meta_steps=6", "meta_batch=4",
-                 "task_chunk=2", "inner_steps=4", "log_every=2",
-                 "val_every=3", "val_tasks=10", "test_tasks=10",
-                 "eval_chunk=5", "checkpoint_every=2", "keep_checkpoints=2"],
-    "omniglot_5w1s": ["omniglot_5w1s_imaml_gd", "--set", "meta_steps=4",
-                      "meta_batch=2", "task_chunk=1", "log_every=2",
-                      "val_every=2", "val_tasks=4", "test_tasks=4",
-                      "eval_chunk=4", "checkpoint_every=2",
-                      "keep_checkpoints=2"],
+  "sinusoid": [
+    "sinusoid",
+    "--set",
+    "meta_steps=6",
+    "meta_batch=4",
+    "task_chunk=2",
+    "inner_steps=4",
+    "log_every=2",
+    "val_every=3",
+    "val_tasks=10",
+    "test_tasks=10",
+    "eval_chunk=5",
+    "checkpoint_every=2",
+    "keep_checkpoints=2",
+  ],
+  "omniglot_5w1s": [
+    "omniglot_5w1s_imaml_gd",
+    "--set",
+    "meta_steps=4",
+    "meta_batch=2",
+    "task_chunk=1",
+    "log_every=2",
+    "val_every=2",
+    "val_tasks=4",
+    "test_tasks=4",
+    "eval_chunk=4",
+    "checkpoint_every=2",
+    "keep_checkpoints=2",
+  ],
 }
 # Fields that measure time or name this machine's paths, not results.
-TIMING_FIELDS = ("wall_time_s", "train_time_s_this_run", "compile_time_s",
-                 "eval_compile_time_s", "steps_per_s")
+TIMING_FIELDS = (
+  "wall_time_s",
+  "train_time_s_this_run",
+  "compile_time_s",
+  "eval_compile_time_s",
+  "steps_per_s",
+)
 
 
 def run(name: str, workdir: Path) -> None:
   """Trains run ``name`` in ``workdir`` in a child process."""
   env = dict(os.environ, XLA_FLAGS=GOLDEN_XLA_FLAGS, JAX_PLATFORMS="cpu")
-  command = [sys.executable, "-m", "imaml_jax", "train", *RUNS[name],
-             "--workdir", str(workdir), "--devices", "1", "--no-progress"]
-  proc = subprocess.run(command, env=env, capture_output=True, text=True,
-                        timeout=600, check=False)
+  command = [
+    sys.executable,
+    "-m",
+    "imaml_jax",
+    "train",
+    *RUNS[name],
+    "--workdir",
+    str(workdir),
+    "--devices",
+    "1",
+    "--no-progress",
+  ]
+  proc = subprocess.run(
+    command, env=env, capture_output=True, text=True, timeout=600, check=False
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -83,21 +121,29 @@ def tree_sha256(tree) -> str:
 def checkpoint_record(path: Path) -> dict:
   """A checkpoint's step and a digest of each entry (but its clock)."""
   step, tree = ckpt_lib.load(path)
-  return {"step": step, **{key: tree_sha256(value)
-                           for key, value in sorted(tree.items())
-                           if key != "elapsed_s"}}
+  return {
+    "step": step,
+    **{
+      key: tree_sha256(value)
+      for key, value in sorted(tree.items())
+      if key != "elapsed_s"
+    },
+  }
 
 
 def fingerprint(workdir: Path) -> dict:
   """The golden record of a finished run in ``workdir``."""
   results = json.loads((workdir / "results.json").read_text())
-  budget = {k: v for k, v in results.pop("budget").items()
-            if k not in TIMING_FIELDS}
+  budget = {
+    k: v for k, v in results.pop("budget").items() if k not in TIMING_FIELDS
+  }
   return {
-      "metrics": metrics_log.read_records(workdir / "metrics.jsonl"),
-      "results": {**results, "budget": budget},
-      "checkpoints": [checkpoint_record(path) for _, path in
-                      ckpt_lib.list_checkpoints(workdir / "checkpoints")],
+    "metrics": metrics_log.read_records(workdir / "metrics.jsonl"),
+    "results": {**results, "budget": budget},
+    "checkpoints": [
+      checkpoint_record(path)
+      for _, path in ckpt_lib.list_checkpoints(workdir / "checkpoints")
+    ],
   }
 
 
@@ -106,8 +152,9 @@ def golden_path(name: str) -> Path:
 
 
 def _has_data(name: str) -> bool:
-  return (not name.startswith("omniglot")
-          or bool(os.environ.get("IMAML_OMNIGLOT_DIR")))
+  return not name.startswith("omniglot") or bool(
+    os.environ.get("IMAML_OMNIGLOT_DIR")
+  )
 
 
 def _job(name: str, out: Path) -> dict | None:
@@ -139,8 +186,7 @@ def write_golden_records() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     for name in sorted(RUNS):
       run(name, Path(tmp) / name)
-      text = json.dumps(fingerprint(Path(tmp) / name), indent=1,
-                        sort_keys=True)
+      text = json.dumps(fingerprint(Path(tmp) / name), indent=1, sort_keys=True)
       golden_path(name).write_text(text + "\n")
       print(f"wrote {golden_path(name)} ({len(text)} bytes)")
 

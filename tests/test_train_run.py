@@ -5,6 +5,7 @@ end-to-end Omniglot run is in test_benchmarks.py, through tables.py.)
 The runs share one small variant of the sinusoid config and a persistent
 compilation cache, so the step is compiled once for the whole module.
 """
+
 import json
 import os
 import shutil
@@ -26,18 +27,30 @@ from imaml_jax.train import protocols
 from imaml_jax.train import runtime
 from imaml_jax.train import workdir as workdir_lib
 
-SMALL = ["meta_steps=300", "meta_batch=4", "inner_steps=4", "log_every=10",
-         "val_every=100", "val_tasks=20", "test_tasks=20", "eval_chunk=20",
-         "checkpoint_every=10", "keep_checkpoints=3"]
+SMALL = [
+  "meta_steps=300",
+  "meta_batch=4",
+  "inner_steps=4",
+  "log_every=10",
+  "val_every=100",
+  "val_tasks=20",
+  "test_tasks=20",
+  "eval_chunk=20",
+  "checkpoint_every=10",
+  "keep_checkpoints=3",
+]
 
 
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
   """A persistent compilation cache for this module (and its subprocesses)."""
   from jax.experimental.compilation_cache import compilation_cache as cc
+
   path = str(tmp_path_factory.mktemp("jax_cache"))
-  old = (jax.config.jax_compilation_cache_dir,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
+  old = (
+    jax.config.jax_compilation_cache_dir,
+    jax.config.jax_persistent_cache_min_compile_time_secs,
+  )
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   cc.reset_cache()
@@ -48,13 +61,23 @@ def compile_cache(tmp_path_factory):
 
 
 def _train(workdir, *overrides, config="sinusoid"):
-  return cli.train_main([config, "--workdir", str(workdir), "--no-progress",
-                         "--set", *SMALL, *overrides])
+  return cli.train_main(
+    [
+      config,
+      "--workdir",
+      str(workdir),
+      "--no-progress",
+      "--set",
+      *SMALL,
+      *overrides,
+    ]
+  )
 
 
 def _final_params(workdir):
-  _, tree = ckpt_lib.load(ckpt_lib.latest_checkpoint(Path(workdir) /
-                                                     "checkpoints"))
+  _, tree = ckpt_lib.load(
+    ckpt_lib.latest_checkpoint(Path(workdir) / "checkpoints")
+  )
   return tree["state"]["params"]
 
 
@@ -92,9 +115,11 @@ def test_run_outputs(reference_run):
   per_task = results["test_per_task"]
   assert per_task["metric"] == "loss_after" and len(per_task["values"]) == 20
   assert np.mean(per_task["values"]) == pytest.approx(
-      results["test"]["loss_after"]["mean"], abs=1e-6)
+    results["test"]["loss_after"]["mean"], abs=1e-6
+  )
   assert np.std(per_task["values"]) == pytest.approx(
-      results["test"]["loss_after"]["std"], abs=1e-6)
+    results["test"]["loss_after"]["std"], abs=1e-6
+  )
   assert len(per_task["tasks_sha256"]) == 64
   assert (reference_run / "curves.png").stat().st_size > 0
   records = metrics_log.read_records(reference_run / "metrics.jsonl")
@@ -106,22 +131,41 @@ def test_run_outputs(reference_run):
 
 def test_same_seed_same_params(reference_run, tmp_path):
   assert _train(tmp_path / "again") == 0
-  _assert_same_params(_final_params(reference_run),
-                      _final_params(tmp_path / "again"))
+  _assert_same_params(
+    _final_params(reference_run), _final_params(tmp_path / "again")
+  )
   strip = lambda rs: [{k: v for k, v in r.items()} for r in rs]
   assert strip(metrics_log.read_records(tmp_path / "again/metrics.jsonl")) == (
-      strip(metrics_log.read_records(reference_run / "metrics.jsonl")))
+    strip(metrics_log.read_records(reference_run / "metrics.jsonl"))
+  )
 
 
-def test_sigkill_then_resume_matches_uninterrupted(reference_run, tmp_path,
-                                                   compile_cache):
+def test_sigkill_then_resume_matches_uninterrupted(
+  reference_run, tmp_path, compile_cache
+):
   workdir = tmp_path / "killed"
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compile_cache,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env = dict(
+    os.environ,
+    JAX_COMPILATION_CACHE_DIR=compile_cache,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
   proc = subprocess.Popen(
-      [sys.executable, "-m", "imaml_jax", "train", "sinusoid", "--workdir",
-       str(workdir), "--no-progress", "--set", *SMALL],
-      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    [
+      sys.executable,
+      "-m",
+      "imaml_jax",
+      "train",
+      "sinusoid",
+      "--workdir",
+      str(workdir),
+      "--no-progress",
+      "--set",
+      *SMALL,
+    ],
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+  )
   deadline = time.time() + 120
   try:
     while time.time() < deadline and proc.poll() is None:
@@ -147,22 +191,24 @@ def test_sigkill_then_resume_matches_uninterrupted(reference_run, tmp_path,
   assert results["budget"]["resumed_from_step"] == killed_at
 
 
-def test_corrupt_checkpoint_is_reported_not_overwritten(reference_run,
-                                                        tmp_path, capsys):
+def test_corrupt_checkpoint_is_reported_not_overwritten(
+  reference_run, tmp_path, capsys
+):
   workdir = tmp_path / "corrupt"
   shutil.copytree(reference_run, workdir)
   latest = ckpt_lib.latest_checkpoint(workdir / "checkpoints")
   data = latest.read_bytes()
-  latest.write_bytes(data[:len(data) // 2])
+  latest.write_bytes(data[: len(data) // 2])
   with pytest.raises(SystemExit) as info:
     _train(workdir)
   assert info.value.code == 2
   assert "truncated" in capsys.readouterr().err
-  assert latest.read_bytes() == data[:len(data) // 2]
+  assert latest.read_bytes() == data[: len(data) // 2]
 
 
-def test_finished_run_is_not_retrained_and_eval_matches(reference_run,
-                                                        tmp_path, capsys):
+def test_finished_run_is_not_retrained_and_eval_matches(
+  reference_run, tmp_path, capsys
+):
   workdir = tmp_path / "done"
   shutil.copytree(reference_run, workdir)
   assert cli.eval_main(["--workdir", str(workdir)]) == 0
@@ -172,7 +218,7 @@ def test_finished_run_is_not_retrained_and_eval_matches(reference_run,
   assert evaluated["test_last"] == results["test_last"]
   assert evaluated["test_per_task"] == results["test_per_task"]
   assert "loss_after" in capsys.readouterr().out
-  assert _train(workdir) == 0     # Nothing left to train: only the test.
+  assert _train(workdir) == 0  # Nothing left to train: only the test.
   again = json.loads((workdir / "results.json").read_text())
   assert again["budget"]["meta_steps_this_run"] == 0
   assert again["budget"]["compile_time_s"] == 0.0
@@ -185,31 +231,56 @@ def test_eval_with_test_time_overrides(reference_run, tmp_path, capsys):
   config = json.loads((workdir / "config.json").read_text())
   steps = config["eval_inner_steps"] or config["inner_steps"]
   # The same value as stored reproduces results.json, in its own file.
-  assert cli.eval_main(["--workdir", str(workdir), "--set",
-                        f"eval_inner_steps={steps}"]) == 0
+  assert (
+    cli.eval_main(
+      ["--workdir", str(workdir), "--set", f"eval_inner_steps={steps}"]
+    )
+    == 0
+  )
   same = json.loads(
-      (workdir / f"eval_eval_inner_steps={steps}.json").read_text())
+    (workdir / f"eval_eval_inner_steps={steps}.json").read_text()
+  )
   results = json.loads((workdir / "results.json").read_text())
   assert same["test"] == results["test"]
   assert same["test_time_overrides"] == [f"eval_inner_steps={steps}"]
   # Another value changes the adaptation, hence the test loss.
-  assert cli.eval_main(["--workdir", str(workdir), "--set",
-                        f"eval_inner_steps={steps + 5}"]) == 0
+  assert (
+    cli.eval_main(
+      ["--workdir", str(workdir), "--set", f"eval_inner_steps={steps + 5}"]
+    )
+    == 0
+  )
   more = json.loads(
-      (workdir / f"eval_eval_inner_steps={steps + 5}.json").read_text())
-  assert (more["test"]["loss_after"]["mean"]
-          != results["test"]["loss_after"]["mean"])
+    (workdir / f"eval_eval_inner_steps={steps + 5}.json").read_text()
+  )
+  assert (
+    more["test"]["loss_after"]["mean"] != results["test"]["loss_after"]["mean"]
+  )
   # Adapted differently, on the same tasks: the scores pair task by task.
-  assert (more["test_per_task"]["tasks_sha256"]
-          == results["test_per_task"]["tasks_sha256"])
+  assert (
+    more["test_per_task"]["tasks_sha256"]
+    == results["test_per_task"]["tasks_sha256"]
+  )
   assert more["test_per_task"]["values"] != results["test_per_task"]["values"]
   # Another test seed draws other tasks, and says so.
-  assert cli.eval_main(["--workdir", str(workdir), "--set",
-                        f"test_seed={config['test_seed'] + 1}"]) == 0
-  other = json.loads((workdir / f"eval_test_seed={config['test_seed'] + 1}"
-                      ".json").read_text())
-  assert (other["test_per_task"]["tasks_sha256"]
-          != results["test_per_task"]["tasks_sha256"])
+  assert (
+    cli.eval_main(
+      [
+        "--workdir",
+        str(workdir),
+        "--set",
+        f"test_seed={config['test_seed'] + 1}",
+      ]
+    )
+    == 0
+  )
+  other = json.loads(
+    (workdir / f"eval_test_seed={config['test_seed'] + 1}.json").read_text()
+  )
+  assert (
+    other["test_per_task"]["tasks_sha256"]
+    != results["test_per_task"]["tasks_sha256"]
+  )
   assert not (workdir / "eval.json").exists()
   # A training field cannot change at test time.
   capsys.readouterr()
@@ -219,13 +290,19 @@ def test_eval_with_test_time_overrides(reference_run, tmp_path, capsys):
   assert "meta_lr cannot change at test time" in capsys.readouterr().err
 
 
-def test_nonfinite_meta_gradients_stop_the_run(compile_cache, tmp_path,
-                                               capsys):
+def test_nonfinite_meta_gradients_stop_the_run(compile_cache, tmp_path, capsys):
   workdir = tmp_path / "nan"
   with pytest.raises(SystemExit) as info:
     # Plain GD: the sinusoid config's step check would reject the huge step.
-    _train(workdir, "algorithm=fomaml", "inner_steps=1", "inner_lr=1e30",
-           "inner_backtrack=false", "log_every=5", "max_consecutive_skips=5")
+    _train(
+      workdir,
+      "algorithm=fomaml",
+      "inner_steps=1",
+      "inner_lr=1e30",
+      "inner_backtrack=false",
+      "log_every=5",
+      "max_consecutive_skips=5",
+    )
   assert info.value.code == 3
   assert "non-finite" in capsys.readouterr().err
   records = metrics_log.read_records(workdir / "metrics.jsonl")
@@ -233,12 +310,25 @@ def test_nonfinite_meta_gradients_stop_the_run(compile_cache, tmp_path,
   assert records[-1]["consecutive_skips"] == 5
 
 
-def test_time_budget_stops_early_then_resumes_to_same_params(reference_run,
-                                                             tmp_path):
+def test_time_budget_stops_early_then_resumes_to_same_params(
+  reference_run, tmp_path
+):
   workdir = tmp_path / "budget"
-  assert cli.train_main(["sinusoid", "--workdir", str(workdir),
-                         "--no-progress", "--time-budget", "1e-9",
-                         "--set", *SMALL]) == 0
+  assert (
+    cli.train_main(
+      [
+        "sinusoid",
+        "--workdir",
+        str(workdir),
+        "--no-progress",
+        "--time-budget",
+        "1e-9",
+        "--set",
+        *SMALL,
+      ]
+    )
+    == 0
+  )
   results = json.loads((workdir / "results.json").read_text())
   budget = results["budget"]
   assert budget["stopped_by_time_budget"] is True
@@ -249,7 +339,7 @@ def test_time_budget_stops_early_then_resumes_to_same_params(reference_run,
   records = metrics_log.read_records(workdir / "metrics.jsonl")
   assert [r["step"] for r in records if r["split"] == "val"] == [1]
   assert np.isfinite(results["test"]["loss_after"]["mean"])
-  assert _train(workdir) == 0          # Same command, no budget: resumes.
+  assert _train(workdir) == 0  # Same command, no budget: resumes.
   results = json.loads((workdir / "results.json").read_text())
   assert results["budget"]["stopped_by_time_budget"] is False
   assert results["budget"]["resumed_from_step"] == 1
@@ -258,8 +348,9 @@ def test_time_budget_stops_early_then_resumes_to_same_params(reference_run,
 
 def test_time_budget_must_be_positive(tmp_path, capsys):
   with pytest.raises(SystemExit) as info:
-    cli.train_main(["sinusoid", "--workdir", str(tmp_path / "w"),
-                    "--time-budget", "0"])
+    cli.train_main(
+      ["sinusoid", "--workdir", str(tmp_path / "w"), "--time-budget", "0"]
+    )
   assert info.value.code == 2
   assert "--time-budget" in capsys.readouterr().err
   assert not (tmp_path / "w").exists()
@@ -269,8 +360,7 @@ def test_task_chunk_gives_the_same_training(compile_cache, tmp_path):
   # Two CG steps: in float32, later CG steps on this problem amplify the
   # rounding differences of a vmapped and a looped product (the same in
   # float64, see test_meta_step), which would hide a real discrepancy.
-  short = ["meta_steps=20", "val_every=0", "checkpoint_every=0",
-           "cg_steps=2"]
+  short = ["meta_steps=20", "val_every=0", "checkpoint_every=0", "cg_steps=2"]
   assert _train(tmp_path / "whole", *short) == 0
   assert _train(tmp_path / "chunked", *short, "task_chunk=1") == 0
   whole = jax.tree_util.tree_leaves(_final_params(tmp_path / "whole"))
@@ -283,11 +373,15 @@ def test_evaluate_workdir_refuses_an_unknown_split(reference_run, tmp_path):
   workdir = tmp_path / "done"
   shutil.copytree(reference_run, workdir)
   before = sorted(p.name for p in workdir.iterdir())
-  with pytest.raises(ValueError, match="split must be one of test, val, "
-                     "train, authors_test; got 'training'"):
+  with pytest.raises(
+    ValueError,
+    match="split must be one of test, val, train, authors_test; got 'training'",
+  ):
     protocols.evaluate_workdir(workdir, split="training")
-  with pytest.raises(ValueError, match="protocol must be one of ours, "
-                     "authors, paper; got 'theirs'"):
+  with pytest.raises(
+    ValueError,
+    match="protocol must be one of ours, authors, paper; got 'theirs'",
+  ):
     protocols.evaluate_workdir(workdir, protocol="theirs")
   assert sorted(p.name for p in workdir.iterdir()) == before  # Nothing written.
 
@@ -298,16 +392,15 @@ def test_eval_protocols_and_query_images(reference_run, tmp_path, capsys):
   before = sorted(p.name for p in workdir.iterdir())
   # The authors' evaluation is Omniglot's, and has no proximal term: refused
   # before anything is loaded or written, with exit code 2.
-  for args, message in ((["--protocol", "authors"], "Omniglot's"),
-                        (["--split", "authors_test"], "Omniglot's"),
-                        (["--protocol", "paper"], "Omniglot's"),
-                        (["--protocol", "paper", "--split", "val"],
-                         "split 'val' does not apply"),
-                        (["--protocol", "authors", "--set", "lam=0.5"],
-                         "lam=0.5 does not apply"),
-                        (["--protocol", "authors", "--split", "val"],
-                         "split 'val' does not apply"),
-                        (["--protocol", "theirs"], "invalid choice")):
+  for args, message in (
+    (["--protocol", "authors"], "Omniglot's"),
+    (["--split", "authors_test"], "Omniglot's"),
+    (["--protocol", "paper"], "Omniglot's"),
+    (["--protocol", "paper", "--split", "val"], "split 'val' does not apply"),
+    (["--protocol", "authors", "--set", "lam=0.5"], "lam=0.5 does not apply"),
+    (["--protocol", "authors", "--split", "val"], "split 'val' does not apply"),
+    (["--protocol", "theirs"], "invalid choice"),
+  ):
     with pytest.raises(SystemExit) as info:
       cli.eval_main(["--workdir", str(workdir), *args])
     assert info.value.code == 2
@@ -323,17 +416,19 @@ def test_eval_protocols_and_query_images(reference_run, tmp_path, capsys):
   assert result["protocol"]["parameters"] == result["test_params"]
   assert result["test_time_overrides"] == ["q_query=3"]
   stored = json.loads((workdir / "config.json").read_text())
-  assert stored["q_query"] == 10          # Training's setting is unchanged.
+  assert stored["q_query"] == 10  # Training's setting is unchanged.
 
 
 def test_format_test_reads_results_written_before_protocols():
   stats = {"mean": 0.25, "std": 0.1, "ci95": 0.01, "n": 20}
   old = {"test_params": "last", "test": {"loss_after": stats}}
   assert protocols.format_test(old).splitlines() == [
-      "test on last parameters, protocol ours:",
-      "  loss_after: 0.250 +- 0.010 (n=20)"]
+    "test on last parameters, protocol ours:",
+    "  loss_after: 0.250 +- 0.010 (n=20)",
+  ]
   assert protocols.format_test({**old, "split": "train"}).startswith(
-      "train-split tasks on last parameters, protocol ours:")
+    "train-split tasks on last parameters, protocol ours:"
+  )
 
 
 def test_sinusoid_config_learns(compile_cache, tmp_path):
@@ -341,10 +436,24 @@ def test_sinusoid_config_learns(compile_cache, tmp_path):
   (at step 1000 of the full run the query MSE is 0.65 after adaptation
   against 4.0 before; a recipe that does not learn stays near 4)."""
   workdir = tmp_path / "learns"
-  assert cli.train_main([
-      "sinusoid", "--workdir", str(workdir), "--no-progress", "--set",
-      "meta_steps=1000", "val_every=500", "val_tasks=50", "test_tasks=100",
-      "checkpoint_every=0", "keep_checkpoints=1"]) == 0
+  assert (
+    cli.train_main(
+      [
+        "sinusoid",
+        "--workdir",
+        str(workdir),
+        "--no-progress",
+        "--set",
+        "meta_steps=1000",
+        "val_every=500",
+        "val_tasks=50",
+        "test_tasks=100",
+        "checkpoint_every=0",
+        "keep_checkpoints=1",
+      ]
+    )
+    == 0
+  )
   results = json.loads((workdir / "results.json").read_text())
   before = results["test"]["loss_before"]["mean"]
   after = results["test"]["loss_after"]["mean"]
@@ -352,24 +461,31 @@ def test_sinusoid_config_learns(compile_cache, tmp_path):
   assert (workdir / "fits.png").stat().st_size > 0
 
 
-def test_checkpoint_from_before_a_metric_existed_restores(reference_run,
-                                                          tmp_path):
+def test_checkpoint_from_before_a_metric_existed_restores(
+  reference_run, tmp_path
+):
   """A checkpoint whose metric sums lack a metric added later (param_norm)
   restores with a zero sum for it; training can resume from it."""
-  step, tree = ckpt_lib.load(ckpt_lib.latest_checkpoint(
-      reference_run / "checkpoints"))
+  step, tree = ckpt_lib.load(
+    ckpt_lib.latest_checkpoint(reference_run / "checkpoints")
+  )
   assert "param_norm" in tree["sums"]["sums"]
   del tree["sums"]["sums"]["param_norm"]
   stored_config = json.loads(tree["config"])
   stored_config["meta_steps"] = 310
   tree["config"] = json.dumps(stored_config, sort_keys=True)
   old = ckpt_lib.save(tmp_path / "old", step, tree)
-  template = {"sums": {"param_norm": np.zeros((), np.float32),
-                       "loss_after": np.zeros((), np.float32)}}
+  template = {
+    "sums": {
+      "param_norm": np.zeros((), np.float32),
+      "loss_after": np.zeros((), np.float32),
+    }
+  }
   filled = workdir_lib.with_added_metrics(tree["sums"], template)
   assert float(filled["sums"]["param_norm"]) == 0.0
-  np.testing.assert_array_equal(filled["sums"]["loss_after"],
-                                tree["sums"]["sums"]["loss_after"])
+  np.testing.assert_array_equal(
+    filled["sums"]["loss_after"], tree["sums"]["sums"]["loss_after"]
+  )
   # Resuming a run from that checkpoint works (one more window of steps).
   workdir = tmp_path / "resumed"
   shutil.copytree(reference_run, workdir)
@@ -384,6 +500,7 @@ def test_checkpoint_from_before_a_metric_existed_restores(reference_run,
 
 def test_compiler_options_on_a_cpu_and_the_users_flags_win(monkeypatch):
   import jax.numpy as jnp
+
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
   options = runtime.compiler_options("cpu")
   assert options == {"xla_cpu_use_fusion_emitters": False}
@@ -406,15 +523,18 @@ def test_task_fingerprint_names_the_tasks_alone(config):
   fingerprint, whatever their eval_chunk; other tasks do not."""
   from imaml_jax.train import config as config_lib
   from imaml_jax.train import experiment as exp_lib
+
   images = None
-  if config != "sinusoid":   # 12 classes of 20 random 28x28 images.
+  if config != "sinusoid":  # 12 classes of 20 random 28x28 images.
     images = np.random.default_rng(0).integers(
-        0, 256, (12, 20, 28, 28, 1), dtype=np.uint8)
+      0, 256, (12, 20, 28, 28, 1), dtype=np.uint8
+    )
   other = "sinusoid_maml" if config == "sinusoid" else "omniglot_5w1s_maml"
 
   def fingerprint(name, chunk, seed, n_tasks=10):
-    cfg = config_lib.apply_overrides(config_lib.get_config(name),
-                                     [f"eval_chunk={chunk}"])
+    cfg = config_lib.apply_overrides(
+      config_lib.get_config(name), [f"eval_chunk={chunk}"]
+    )
     exp = exp_lib.build(cfg, None)
     return evaluation.Evaluator(exp).fingerprint(images, n_tasks, seed)
 
@@ -426,14 +546,26 @@ def test_task_fingerprint_names_the_tasks_alone(config):
 
 def test_window_means_count_only_the_steps_that_measured_the_residual():
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   from imaml_jax.train import steps  # pylint: disable=import-outside-toplevel
-  sums = steps.init_sums({"loss_after": None, "residual": None,
-                          "skipped": None})
-  for loss, residual, skipped in ((1.0, 0.5, 0), (2.0, np.nan, 0),
-                                  (9.0, 7.0, 1), (3.0, np.nan, 0)):
-    sums = steps.add_to_sums(sums, {
-        "loss_after": jnp.float32(loss), "residual": jnp.float32(residual),
-        "skipped": jnp.bool_(skipped)})
+
+  sums = steps.init_sums(
+    {"loss_after": None, "residual": None, "skipped": None}
+  )
+  for loss, residual, skipped in (
+    (1.0, 0.5, 0),
+    (2.0, np.nan, 0),
+    (9.0, 7.0, 1),
+    (3.0, np.nan, 0),
+  ):
+    sums = steps.add_to_sums(
+      sums,
+      {
+        "loss_after": jnp.float32(loss),
+        "residual": jnp.float32(residual),
+        "skipped": jnp.bool_(skipped),
+      },
+    )
   record = steps.window_record(4, runtime.to_host(sums))
   assert record["loss_after"] == 2.0 and record["residual"] == 0.5
   assert record["skipped"] == 1
@@ -443,5 +575,7 @@ def test_window_means_count_only_the_steps_that_measured_the_residual():
   old = {k: v for k, v in runtime.to_host(sums).items() if k != "measured"}
   filled = workdir_lib.with_added_metrics(old, runtime.to_host(sums))
   assert int(filled["measured"]["residual"]) == int(old["count"]) == 3
-  assert [steps.measures_residual(10)(type("S", (), {"step": s})())
-          for s in (0, 5, 10)] == [True, False, True]
+  assert [
+    steps.measures_residual(10)(type("S", (), {"step": s})())
+    for s in (0, 5, 10)
+  ] == [True, False, True]

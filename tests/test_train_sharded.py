@@ -12,6 +12,7 @@ background with the test session (``BACKGROUND_JOBS``,
 ``fast_compile`` (LLVM at -O0): the runs stay within the tolerance of the
 reference run in this process.
 """
+
 import json
 import os
 import subprocess
@@ -19,16 +20,15 @@ import sys
 import textwrap
 from pathlib import Path
 
+import fast_compile
 import jax
 import numpy as np
 import pytest
+import two_hosts
 
 from imaml_jax.train import checkpoint as ckpt_lib
 from imaml_jax.train import cli
 from imaml_jax.train import metrics_log
-
-import fast_compile
-import two_hosts
 
 # lam=50: the sinusoid config's own lam=2 leaves the CG solve of the
 # meta-gradient far from converged at initialisation (relative residual
@@ -36,9 +36,19 @@ import two_hosts
 # another summation order, changes the meta-gradient by up to 20%; with
 # lam=50 the solve converges (residual about 1e-4) and runs on different
 # device counts stay within about 1e-6 of each other.
-TINY = ["meta_steps=12", "meta_batch=8", "inner_steps=4", "lam=50",
-        "log_every=3", "val_every=6", "val_tasks=8", "test_tasks=8",
-        "eval_chunk=8", "checkpoint_every=3", "keep_checkpoints=10"]
+TINY = [
+  "meta_steps=12",
+  "meta_batch=8",
+  "inner_steps=4",
+  "lam=50",
+  "log_every=3",
+  "val_every=6",
+  "val_tasks=8",
+  "test_tasks=8",
+  "eval_chunk=8",
+  "checkpoint_every=3",
+  "keep_checkpoints=10",
+]
 RESUME_AT = 6
 
 _SCRIPT = textwrap.dedent("""
@@ -89,8 +99,9 @@ _SCRIPT = textwrap.dedent("""
 
 
 def _final_state(workdir):
-  _, tree = ckpt_lib.load(ckpt_lib.latest_checkpoint(Path(workdir) /
-                                                     "checkpoints"))
+  _, tree = ckpt_lib.load(
+    ckpt_lib.latest_checkpoint(Path(workdir) / "checkpoints")
+  )
   return tree["state"]
 
 
@@ -111,10 +122,12 @@ def _assert_close(got, want):
   leaves_want = jax.tree_util.tree_flatten_with_path(want["params"])[0]
   assert [p for p, _ in leaves_got] == [p for p, _ in leaves_want]
   for (path, x), (_, y) in zip(leaves_got, leaves_want):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=3e-4,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      x, y, rtol=1e-5, atol=3e-4, err_msg=jax.tree_util.keystr(path)
+    )
     assert np.mean(np.abs(np.asarray(x) - np.asarray(y))) < 2e-5, (
-        jax.tree_util.keystr(path))
+      jax.tree_util.keystr(path)
+    )
 
 
 def _first_checkpoint_params(workdir):
@@ -128,12 +141,19 @@ def _results(workdir):
 
 def _run_four_devices(out: Path) -> Path:
   """Background job: the 4-device script; returns its output folder."""
-  env = dict(os.environ, XLA_FLAGS=fast_compile.flags(
-      "--xla_force_host_platform_device_count=4"))
+  env = dict(
+    os.environ,
+    XLA_FLAGS=fast_compile.flags("--xla_force_host_platform_device_count=4"),
+  )
   proc = subprocess.run(
-      [sys.executable, "-c", _SCRIPT, str(out), str(RESUME_AT), *TINY],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-      timeout=600, check=False)
+    [sys.executable, "-c", _SCRIPT, str(out), str(RESUME_AT), *TINY],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env=env,
+    timeout=600,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stdout
   return out
 
@@ -143,8 +163,12 @@ def one_device(tmp_path_factory):
   """A single-device run's work directory (default flags, this process)."""
   workdir = tmp_path_factory.mktemp("one_device") / "run"
   assert jax.device_count() == 1
-  assert cli.train_main(["sinusoid", "--workdir", str(workdir),
-                         "--no-progress", "--set", *TINY]) == 0
+  assert (
+    cli.train_main(
+      ["sinusoid", "--workdir", str(workdir), "--no-progress", "--set", *TINY]
+    )
+    == 0
+  )
   return workdir
 
 
@@ -155,12 +179,12 @@ def four_devices(background):
 
 
 def test_four_devices_match_one(one_device, four_devices):
-  got, want = _final_state(four_devices / "devices_4"), _final_state(
-      one_device)
+  got, want = _final_state(four_devices / "devices_4"), _final_state(one_device)
   assert int(got["step"]) == 12
   assert not np.allclose(  # Training moved the parameters.
-      got["params"]["dense0"]["kernel"],
-      _first_checkpoint_params(one_device)["dense0"]["kernel"])
+    got["params"]["dense0"]["kernel"],
+    _first_checkpoint_params(one_device)["dense0"]["kernel"],
+  )
   _assert_close(got, want)
   budget = _results(four_devices / "devices_4")["budget"]
   assert budget["devices"] == 4 and budget["processes"] == 1
@@ -193,13 +217,17 @@ def test_resume_from_four_devices_on_two(one_device, four_devices):
         assert got[key] == pytest.approx(want[key], rel=1e-4), (key, got)
 
 
-@pytest.mark.parametrize("name,message", [
+@pytest.mark.parametrize(
+  "name,message",
+  [
     ("uneven", "6 tasks does not divide evenly over 4 devices"),
     ("uneven_all", "6 tasks does not divide evenly over 4 devices"),
     ("too_many", "asked for 5 devices but 4 are available"),
-])
-def test_bad_device_requests_exit_2_writing_nothing(four_devices, name,
-                                                    message):
+  ],
+)
+def test_bad_device_requests_exit_2_writing_nothing(
+  four_devices, name, message
+):
   error = json.loads((four_devices / "errors.json").read_text())[name]
   assert error["code"] == 2
   assert message in error["stderr"]
@@ -227,8 +255,10 @@ def _run_two_processes(out: Path) -> list[Path]:
 
 
 # Started with the test session (conftest._background).
-BACKGROUND_JOBS = {"four_devices": _run_four_devices,
-                   "two_processes": _run_two_processes}
+BACKGROUND_JOBS = {
+  "four_devices": _run_four_devices,
+  "two_processes": _run_two_processes,
+}
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ run a script as process 0 and process 1 on this machine; each gets two
 forced host devices (and the child settings of ``fast_compile``) and the
 coordinator's port.
 """
+
 import os
 import socket
 import subprocess
@@ -22,13 +23,21 @@ def free_port() -> int:
 def run(script: str, args_of, timeout: float) -> None:
   """Runs ``python -c script PID PORT *args_of(PID)`` for PID 0 and 1 at the
   same time; asserts that both exit with 0 (else shows their output)."""
-  env = dict(os.environ, XLA_FLAGS=fast_compile.flags(
-      "--xla_force_host_platform_device_count=2"))
+  env = dict(
+    os.environ,
+    XLA_FLAGS=fast_compile.flags("--xla_force_host_platform_device_count=2"),
+  )
   port = str(free_port())
-  procs = [subprocess.Popen(
+  procs = [
+    subprocess.Popen(
       [sys.executable, "-c", script, str(pid), port, *map(str, args_of(pid))],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-           for pid in (0, 1)]
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=env,
+    )
+    for pid in (0, 1)
+  ]
   try:
     logs = [p.communicate(timeout=timeout)[0] for p in procs]
   finally:

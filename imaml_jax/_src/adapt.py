@@ -13,9 +13,10 @@ system ``(I + H/lam) x = phi_bar`` with Hessian-vector products, and memory
 does not depend on the number of inner steps. Optionally that system is
 damped as in the authors' public code (``damping``, ``lam_damping``).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,19 +40,31 @@ def scalar_loss(loss_fn: Callable, has_aux: bool) -> Callable:
 def check_hyperparameters(inner, solver, lam) -> None:
   """Type checks shared by :func:`adapt` and the iMAML algorithm."""
   if not isinstance(inner, inner_lib.InnerSolver):
-    raise TypeError("inner must be an inner algorithm such as im.gd(16, 0.1), "
-                    f"got {type(inner).__name__}.")
+    raise TypeError(
+      "inner must be an inner algorithm such as im.gd(16, 0.1), "
+      f"got {type(inner).__name__}."
+    )
   if not isinstance(solver, linear_solve.LinearSolver):
-    raise TypeError("solver must be a linear solver such as im.cg(5), "
-                    f"got {type(solver).__name__}.")
+    raise TypeError(
+      "solver must be a linear solver such as im.cg(5), "
+      f"got {type(solver).__name__}."
+    )
   validation.check_positive_scalar("lam", lam)
 
 
-def adapt(loss_fn: Callable, params: PyTree, support: PyTree, *, lam,
-          inner: inner_lib.InnerSolver,
-          solver: linear_solve.LinearSolver | None = None,
-          has_aux: bool = False, linearize: bool = False,
-          damping=0.0, lam_damping=0.0) -> PyTree:
+def adapt(
+  loss_fn: Callable,
+  params: PyTree,
+  support: PyTree,
+  *,
+  lam,
+  inner: inner_lib.InnerSolver,
+  solver: linear_solve.LinearSolver | None = None,
+  has_aux: bool = False,
+  linearize: bool = False,
+  damping=0.0,
+  lam_damping=0.0,
+) -> PyTree:
   r"""Adapts ``params`` to a task by proximal regularisation, implicitly differentiable.
 
   Runs ``inner`` from ``params`` on the proximal objective
@@ -150,8 +163,13 @@ def adapt(loss_fn: Callable, params: PyTree, support: PyTree, *, lam,
   def bwd(residuals, phi_bar):
     phi, params, support, lam = residuals
     matvec = hvp_lib.proximal_system_operator(
-        lambda p: loss(p, support), phi, lam, linearize=linearize,
-        damping=damping, lam_damping=lam_damping)
+      lambda p: loss(p, support),
+      phi,
+      lam,
+      linearize=linearize,
+      damping=damping,
+      lam_damping=lam_damping,
+    )
     x, _ = solver.solve(matvec, phi_bar)
     support_bar = _support_cotangent(loss, phi, support, x, lam)
     lam_bar = -tu.tree_vdot(x, tu.tree_sub(phi, params)) / lam

@@ -6,9 +6,11 @@ dict of scalar metrics. :func:`imaml_jax.make_meta_step` vmaps it over a batch
 of tasks and averages. All losses here are normalised to return
 ``(scalar, aux_dict)``.
 """
+
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 
@@ -17,7 +19,8 @@ from imaml_jax._src import hvp as hvp_lib
 from imaml_jax._src import inner as inner_lib
 from imaml_jax._src import linear_solve
 from imaml_jax._src import tree_util as tu
-from imaml_jax._src.types import PyTree, Task
+from imaml_jax._src.types import PyTree
+from imaml_jax._src.types import Task
 
 AuxLoss = Callable[[PyTree, PyTree], tuple[jax.Array, dict]]
 
@@ -72,17 +75,21 @@ class AdaptedSplit(NamedTuple):
 def check_aux(aux) -> None:
   """Raises a TypeError unless ``aux`` is a dict of scalars (metrics)."""
   if not isinstance(aux, dict):
-    raise TypeError("a loss with has_aux=True returns (loss, aux) with aux a "
-                    f"dict of scalar metrics; got aux of type "
-                    f"{type(aux).__name__}.")
+    raise TypeError(
+      "a loss with has_aux=True returns (loss, aux) with aux a "
+      f"dict of scalar metrics; got aux of type "
+      f"{type(aux).__name__}."
+    )
   for name, value in aux.items():
     if getattr(value, "shape", None) != () and not isinstance(
-        value, (int, float)):
+      value, (int, float)
+    ):
       raise TypeError(
-          f"aux[{name!r}] must be a scalar metric (it is averaged over "
-          f"tasks and logged); got {type(value).__name__} of shape "
-          f"{getattr(value, 'shape', None)}. Return arrays and other state "
-          "from the loss some other way, or reduce them to a scalar.")
+        f"aux[{name!r}] must be a scalar metric (it is averaged over "
+        f"tasks and logged); got {type(value).__name__} of shape "
+        f"{getattr(value, 'shape', None)}. Return arrays and other state "
+        "from the loss some other way, or reduce them to a scalar."
+      )
 
 
 def query_metrics(loss_value, aux: dict, suffix: str) -> dict:
@@ -110,20 +117,23 @@ def _plain_adapt(inner: inner_lib.InnerSolver, adapts: Adapts | None = None):
   still receive the gradient of everything that depends on them).
   """
 
-  def adapt(loss: AuxLoss, params: PyTree, support: PyTree, *,
-            remat: bool = False):
+  def adapt(
+    loss: AuxLoss, params: PyTree, support: PyTree, *, remat: bool = False
+  ):
     if adapts is None:
       return inner.run(lambda p: loss(p, support)[0], params, remat=remat)
     moving, fixed, join = split_by_adapts(params, adapts)
-    moved = inner.run(lambda p: loss(join(p, fixed), support)[0],
-                      moving, remat=remat)
+    moved = inner.run(
+      lambda p: loss(join(p, fixed), support)[0], moving, remat=remat
+    )
     return join(moved, fixed)
 
   return adapt
 
 
-def split_by_adapts(params: PyTree, adapts: Adapts) -> tuple[
-    PyTree, PyTree, Callable[[PyTree, PyTree], PyTree]]:
+def split_by_adapts(
+  params: PyTree, adapts: Adapts
+) -> tuple[PyTree, PyTree, Callable[[PyTree, PyTree], PyTree]]:
   """``(moving, fixed, join)``: the parameters ``adapts`` selects, the rest.
 
   ``join(moving, fixed)`` rebuilds parameters of the caller's layout. An
@@ -146,14 +156,18 @@ def split_by_adapts(params: PyTree, adapts: Adapts) -> tuple[
 
 def _check_inner(inner) -> None:
   if not isinstance(inner, inner_lib.InnerSolver):
-    raise TypeError("inner must be an inner algorithm such as im.gd(16, 0.1), "
-                    f"got {type(inner).__name__}.")
+    raise TypeError(
+      "inner must be an inner algorithm such as im.gd(16, 0.1), "
+      f"got {type(inner).__name__}."
+    )
 
 
 def _check_adapts(adapts: Adapts | None) -> None:
   if adapts is not None and not callable(adapts):
-    raise TypeError("adapts must be None or a predicate on a parameter's key "
-                    f"path (a tuple of keys); got {type(adapts).__name__}.")
+    raise TypeError(
+      "adapts must be None or a predicate on a parameter's key "
+      f"path (a tuple of keys); got {type(adapts).__name__}."
+    )
 
 
 def _adapts_name(adapts: Adapts | None) -> str:
@@ -179,10 +193,15 @@ def adapt_all_but_norm(path: tuple) -> bool:
   return not (path and str(path[0]).startswith("norm"))
 
 
-def imaml(lam, inner: inner_lib.InnerSolver,
-          solver: linear_solve.LinearSolver | None = None, *,
-          linearize: bool = False, damping=0.0,
-          lam_damping=0.0) -> MetaAlgorithm:
+def imaml(
+  lam,
+  inner: inner_lib.InnerSolver,
+  solver: linear_solve.LinearSolver | None = None,
+  *,
+  linearize: bool = False,
+  damping=0.0,
+  lam_damping=0.0,
+) -> MetaAlgorithm:
   r"""Implicit MAML (Rajeswaran et al., 2019, Algorithm 2).
 
   For each task: ``phi = inner`` applied to the proximal objective
@@ -231,17 +250,25 @@ def imaml(lam, inner: inner_lib.InnerSolver,
 
   def adapt(loss: AuxLoss, params: PyTree, support: PyTree):
     objective = inner_lib.proximal_objective(
-        lambda p, b: loss(p, b)[0], params, support, lam)
+      lambda p, b: loss(p, b)[0], params, support, lam
+    )
     return inner.run(objective, params)
 
-  def task_gradient(loss: AuxLoss, params: PyTree, task: Task, *,
-                    report_residual=None):
+  def task_gradient(
+    loss: AuxLoss, params: PyTree, task: Task, *, report_residual=None
+  ):
     phi = jax.lax.stop_gradient(adapt(loss, params, task.support))
     (q_loss, q_aux), q_grad = jax.value_and_grad(loss, has_aux=True)(
-        phi, task.query)
+      phi, task.query
+    )
     matvec = hvp_lib.proximal_system_operator(
-        lambda p: loss(p, task.support)[0], phi, lam, linearize=linearize,
-        damping=damping, lam_damping=lam_damping)
+      lambda p: loss(p, task.support)[0],
+      phi,
+      lam,
+      linearize=linearize,
+      damping=damping,
+      lam_damping=lam_damping,
+    )
     if report_residual is None:  # The solver's own default.
       g, info = solver.solve(matvec, q_grad)
     else:
@@ -250,22 +277,31 @@ def imaml(lam, inner: inner_lib.InnerSolver,
     metrics["residual"] = info.residual
     if info.negative_curvature is not None:
       metrics["negative_curvature"] = info.negative_curvature.astype(
-          info.residual.dtype)
+        info.residual.dtype
+      )
     if info.iterations is not None:
-      metrics["solve_iterations"] = info.iterations.astype(
-          info.residual.dtype)
+      metrics["solve_iterations"] = info.iterations.astype(info.residual.dtype)
     return g, metrics
 
-  damped = "" if hvp_lib.is_undamped(damping, lam_damping) else (
-      f", damping={damping}, lam_damping={lam_damping}")
+  damped = (
+    ""
+    if hvp_lib.is_undamped(damping, lam_damping)
+    else (f", damping={damping}, lam_damping={lam_damping}")
+  )
   return MetaAlgorithm(
-      task_gradient=task_gradient, adapt=adapt,
-      name=f"imaml(lam={lam}, {inner.name}, {solver.name}{damped})",
-      reports_residual=True)
+    task_gradient=task_gradient,
+    adapt=adapt,
+    name=f"imaml(lam={lam}, {inner.name}, {solver.name}{damped})",
+    reports_residual=True,
+  )
 
 
-def maml(inner: inner_lib.InnerSolver, *,
-         remat: bool = False, adapts: Adapts | None = None) -> MetaAlgorithm:
+def maml(
+  inner: inner_lib.InnerSolver,
+  *,
+  remat: bool = False,
+  adapts: Adapts | None = None,
+) -> MetaAlgorithm:
   r"""Second-order MAML (Finn et al., 2017).
 
   ``phi = inner`` run on ``L_support`` alone (no proximal term) from
@@ -290,17 +326,20 @@ def maml(inner: inner_lib.InnerSolver, *,
     def adapted_query_loss(p):
       return loss(plain(loss, p, task.support, remat=remat), task.query)
 
-    (q_loss, q_aux), g = jax.value_and_grad(
-        adapted_query_loss, has_aux=True)(params)
+    (q_loss, q_aux), g = jax.value_and_grad(adapted_query_loss, has_aux=True)(
+      params
+    )
     return g, query_metrics(q_loss, q_aux, "after")
 
   name = f"maml({inner.name}, remat={remat}{_adapts_name(adapts)})"
-  return MetaAlgorithm(task_gradient=task_gradient, adapt=plain, name=name,
-                       adapts=adapts)
+  return MetaAlgorithm(
+    task_gradient=task_gradient, adapt=plain, name=name, adapts=adapts
+  )
 
 
-def fomaml(inner: inner_lib.InnerSolver, *,
-           adapts: Adapts | None = None) -> MetaAlgorithm:
+def fomaml(
+  inner: inner_lib.InnerSolver, *, adapts: Adapts | None = None
+) -> MetaAlgorithm:
   r"""First-order MAML (Finn et al., 2017, Section 5.2).
 
   ``phi = inner`` run on ``L_support`` alone from ``theta``; the
@@ -315,17 +354,20 @@ def fomaml(inner: inner_lib.InnerSolver, *,
 
   def task_gradient(loss: AuxLoss, params: PyTree, task: Task):
     phi = jax.lax.stop_gradient(plain(loss, params, task.support))
-    (q_loss, q_aux), g = jax.value_and_grad(loss, has_aux=True)(phi,
-                                                                task.query)
+    (q_loss, q_aux), g = jax.value_and_grad(loss, has_aux=True)(phi, task.query)
     return g, query_metrics(q_loss, q_aux, "after")
 
-  return MetaAlgorithm(task_gradient=task_gradient, adapt=plain,
-                       name=f"fomaml({inner.name}{_adapts_name(adapts)})",
-                       adapts=adapts)
+  return MetaAlgorithm(
+    task_gradient=task_gradient,
+    adapt=plain,
+    name=f"fomaml({inner.name}{_adapts_name(adapts)})",
+    adapts=adapts,
+  )
 
 
-def reptile(inner: inner_lib.InnerSolver, *,
-            minibatches: bool = False) -> MetaAlgorithm:
+def reptile(
+  inner: inner_lib.InnerSolver, *, minibatches: bool = False
+) -> MetaAlgorithm:
   r"""Reptile (Nichol, Achiam and Schulman, 2018), batched version.
 
   ``phi = inner`` run on ``L_support`` alone from ``theta``; the per-task
@@ -353,8 +395,9 @@ def reptile(inner: inner_lib.InnerSolver, *,
   plain = _plain_adapt(inner)
 
   def adapt_on_minibatches(loss: AuxLoss, params: PyTree, batches: PyTree):
-    objective = inner_lib.MinibatchObjective(lambda p, b: loss(p, b)[0],
-                                             batches)
+    objective = inner_lib.MinibatchObjective(
+      lambda p, b: loss(p, b)[0], batches
+    )
     return inner.run(objective, params)
 
   train_adapt = adapt_on_minibatches if minibatches else plain
@@ -365,5 +408,8 @@ def reptile(inner: inner_lib.InnerSolver, *,
     return tu.tree_sub(params, phi), query_metrics(q_loss, q_aux, "after")
 
   suffix = ", minibatches" if minibatches else ""
-  return MetaAlgorithm(task_gradient=task_gradient, adapt=plain,
-                       name=f"reptile({inner.name}{suffix})")
+  return MetaAlgorithm(
+    task_gradient=task_gradient,
+    adapt=plain,
+    name=f"reptile({inner.name}{suffix})",
+  )

@@ -1,7 +1,8 @@
 """Hessian-vector products by forward-over-reverse differentiation."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -36,8 +37,9 @@ def hvp(fun: Callable[[PyTree], jax.Array], x: PyTree, v: PyTree) -> PyTree:
   return jax.jvp(jax.grad(fun), (x,), (v,))[1]
 
 
-def hvp_operator(fun: Callable[[PyTree], jax.Array], x: PyTree, *,
-                 linearize: bool = False) -> Callable[[PyTree], PyTree]:
+def hvp_operator(
+  fun: Callable[[PyTree], jax.Array], x: PyTree, *, linearize: bool = False
+) -> Callable[[PyTree], PyTree]:
   """Returns ``v -> H v`` for the Hessian of ``fun`` at ``x``.
 
   With ``linearize=True`` the gradient is linearised once with
@@ -69,9 +71,15 @@ def is_undamped(damping, lam_damping) -> bool:
   return _is_zero(damping) and _is_zero(lam_damping)
 
 
-def proximal_system_operator(loss: Callable[[PyTree], jax.Array], phi: PyTree,
-                             lam, *, linearize: bool = False,
-                             damping=0.0, lam_damping=0.0):
+def proximal_system_operator(
+  loss: Callable[[PyTree], jax.Array],
+  phi: PyTree,
+  lam,
+  *,
+  linearize: bool = False,
+  damping=0.0,
+  lam_damping=0.0,
+):
   r"""The matrix-free operator ``v -> (I + H / lam) v``, or its damped form.
 
   ``H`` is the Hessian of ``loss`` at the adapted parameters ``phi``. This is
@@ -120,5 +128,6 @@ def proximal_system_operator(loss: Callable[[PyTree], jax.Array], phi: PyTree,
     return lambda v: tu.tree_axpy(1.0 / lam, h(v), v)
   identity_scale = 1.0 + damping
   hessian_scale = 1.0 / (lam + lam_damping)
-  return lambda v: tu.tree_axpy(hessian_scale, h(v),
-                                tu.tree_scale(identity_scale, v))
+  return lambda v: tu.tree_axpy(
+    hessian_scale, h(v), tu.tree_scale(identity_scale, v)
+  )

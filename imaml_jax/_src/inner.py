@@ -16,10 +16,13 @@ loss, the centre ``theta`` and ``lam``), so a solver may treat them apart:
 :func:`gd_then_pull_back`, the inner loop of the authors' public code, steps
 on the task loss alone and then on the proximal term alone.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,12 +71,16 @@ class ProximalObjective:
 
   def __call__(self, phi: PyTree) -> jax.Array:
     return self.task_loss(phi) + 0.5 * self.lam * tu.tree_sq_norm(
-        tu.tree_sub(phi, self.center))
+      tu.tree_sub(phi, self.center)
+    )
 
 
-def proximal_objective(loss: Callable[[PyTree, PyTree], jax.Array],
-                       params: PyTree, batch: PyTree,
-                       lam) -> ProximalObjective:
+def proximal_objective(
+  loss: Callable[[PyTree, PyTree], jax.Array],
+  params: PyTree,
+  batch: PyTree,
+  lam,
+) -> ProximalObjective:
   r"""``phi -> loss(phi, batch) + lam/2 ||phi - params||^2`` (paper, Eq. 4).
 
   Returns a :class:`ProximalObjective`: a callable that also carries
@@ -87,8 +94,9 @@ def proximal_objective(loss: Callable[[PyTree, PyTree], jax.Array],
     >>> f(jnp.ones(2)), f.task_loss(jnp.ones(2)), f.lam
     (Array(4., dtype=float32), Array(2., dtype=float32), 2.0)
   """
-  return ProximalObjective(task_loss=lambda phi: loss(phi, batch),
-                           center=params, lam=lam)
+  return ProximalObjective(
+    task_loss=lambda phi: loss(phi, batch), center=params, lam=lam
+  )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -127,14 +135,16 @@ class MinibatchObjective:
     """``phi -> loss(phi, B_{t mod M})``; ``t`` may be traced."""
     index = t % self.num_batches
     batch = jax.tree_util.tree_map(
-        lambda b: jax.lax.dynamic_index_in_dim(b, index, keepdims=False),
-        self.batches)
+      lambda b: jax.lax.dynamic_index_in_dim(b, index, keepdims=False),
+      self.batches,
+    )
     return lambda phi: self.loss(phi, batch)
 
   def __call__(self, phi: PyTree) -> jax.Array:
     raise TypeError(
-        "a MinibatchObjective changes from step to step; only im.gd (without "
-        "backtrack) and im.adam step on it, use one of them.")
+      "a MinibatchObjective changes from step to step; only im.gd (without "
+      "backtrack) and im.adam step on it, use one of them."
+    )
 
 
 def _gradient_at(objective) -> Callable[[PyTree, jax.Array], PyTree]:
@@ -151,8 +161,14 @@ def _scan_steps(step, x0, steps: int, remat: bool):
   return final
 
 
-def gd(steps: int, lr: float, *, backtrack: bool = False,
-       shrink: float = 0.5, armijo: float = 1e-4) -> InnerSolver:
+def gd(
+  steps: int,
+  lr: float,
+  *,
+  backtrack: bool = False,
+  shrink: float = 0.5,
+  armijo: float = 1e-4,
+) -> InnerSolver:
   r"""Gradient descent: ``x_{t+1} = x_t - lr * grad f(x_t)`` for ``steps`` steps.
 
   The inner solver of "iMAML, GD" in the paper (16 steps at 5-way, 25 at
@@ -221,8 +237,7 @@ def gd(steps: int, lr: float, *, backtrack: bool = False,
         x, t = carry
         return tu.tree_axpy(-lr, grad(x, t), x), t + 1
 
-      return _scan_steps(step, (x0, jnp.zeros((), jnp.int32)), steps,
-                         remat)[0]
+      return _scan_steps(step, (x0, jnp.zeros((), jnp.int32)), steps, remat)[0]
 
     value_and_grad = jax.value_and_grad(objective)
 
@@ -240,9 +255,12 @@ def gd(steps: int, lr: float, *, backtrack: bool = False,
     def checked_step(carry):
       x, f, g, eta = carry
       accept, x_new, f_new, g_new = trial(carry, value_and_grad)
-      return (tu.tree_where(accept, x_new, x), jnp.where(accept, f_new, f),
-              tu.tree_where(accept, g_new, g),
-              jnp.where(accept, eta, eta * shrink))
+      return (
+        tu.tree_where(accept, x_new, x),
+        jnp.where(accept, f_new, f),
+        tu.tree_where(accept, g_new, g),
+        jnp.where(accept, eta, eta * shrink),
+      )
 
     f0, g0 = value_and_grad(x0)
     eta0 = jnp.asarray(lr, jnp.result_type(f0))
@@ -255,8 +273,7 @@ def gd(steps: int, lr: float, *, backtrack: bool = False,
   return InnerSolver(run=run, steps=steps, name=name + ")")
 
 
-def nesterov(steps: int, lr: float,
-             momentum: float = 0.9) -> InnerSolver:
+def nesterov(steps: int, lr: float, momentum: float = 0.9) -> InnerSolver:
   r"""Nesterov's accelerated gradient with constant momentum.
 
   .. math::
@@ -269,8 +286,9 @@ def nesterov(steps: int, lr: float,
   """
   validation.check_positive_int("nesterov steps", steps)
   validation.check_positive_scalar("nesterov lr", lr)
-  validation.check_positive_scalar("nesterov momentum", momentum,
-                                   allow_zero=True)
+  validation.check_positive_scalar(
+    "nesterov momentum", momentum, allow_zero=True
+  )
   if float(momentum) >= 1:
     raise ValueError(f"nesterov momentum must be < 1, got {momentum}.")
 
@@ -285,12 +303,21 @@ def nesterov(steps: int, lr: float,
     x, _ = _scan_steps(step, (x0, x0), steps, remat)
     return x
 
-  return InnerSolver(run=run, steps=steps,
-                     name=f"nesterov(steps={steps}, lr={lr}, momentum={momentum})")
+  return InnerSolver(
+    run=run,
+    steps=steps,
+    name=f"nesterov(steps={steps}, lr={lr}, momentum={momentum})",
+  )
 
 
-def adam(steps: int, lr: float, *, b1: float = 0.9,
-         b2: float = 0.999, eps: float = 1e-8) -> InnerSolver:
+def adam(
+  steps: int,
+  lr: float,
+  *,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+) -> InnerSolver:
   r"""Adam (Kingma and Ba, 2015) from a fresh state for each run.
 
   .. math::
@@ -344,20 +371,27 @@ def adam(steps: int, lr: float, *, b1: float = 0.9,
       t = t + 1
       m = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, m, g)
       v = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, v, g)
-      m_scale = 1 / (1 - b1 ** t)
-      v_scale = 1 / (1 - b2 ** t)
+      m_scale = 1 / (1 - b1**t)
+      v_scale = 1 / (1 - b2**t)
       x = jax.tree_util.tree_map(
-          lambda x, m, v: x - (lr * m * m_scale / (
-              jnp.sqrt(v * v_scale) + eps)).astype(x.dtype), x, m, v)
+        lambda x, m, v: (
+          x - (lr * m * m_scale / (jnp.sqrt(v * v_scale) + eps)).astype(x.dtype)
+        ),
+        x,
+        m,
+        v,
+      )
       return x, m, v, t
 
     zeros = tu.tree_zeros_like(x0)
-    x, _, _, _ = _scan_steps(step, (x0, zeros, zeros, jnp.zeros((), jnp.int32)),
-                             steps, remat)
+    x, _, _, _ = _scan_steps(
+      step, (x0, zeros, zeros, jnp.zeros((), jnp.int32)), steps, remat
+    )
     return x
 
-  return InnerSolver(run=run, steps=steps,
-                     name=f"adam(steps={steps}, lr={lr}, b1={b1}, b2={b2})")
+  return InnerSolver(
+    run=run, steps=steps, name=f"adam(steps={steps}, lr={lr}, b1={b1}, b2={b2})"
+  )
 
 
 def _pull_back(phi: PyTree, center: PyTree, lam, lr) -> PyTree:
@@ -420,10 +454,11 @@ def gd_then_pull_back(steps: int, lr: float) -> InnerSolver:
   def run(objective: ProximalObjective, x0: PyTree, *, remat: bool = False):
     if not isinstance(objective, ProximalObjective):
       raise TypeError(
-          "gd_then_pull_back needs a proximal objective built by "
-          "im.proximal_objective (it steps on the task loss and on the "
-          f"proximal term separately), got {type(objective).__name__}; it "
-          "applies to iMAML, not to MAML, first-order MAML or Reptile.")
+        "gd_then_pull_back needs a proximal objective built by "
+        "im.proximal_objective (it steps on the task loss and on the "
+        f"proximal term separately), got {type(objective).__name__}; it "
+        "applies to iMAML, not to MAML, first-order MAML or Reptile."
+      )
     grad = jax.grad(objective.task_loss)
 
     def step(x):
@@ -432,14 +467,20 @@ def gd_then_pull_back(steps: int, lr: float) -> InnerSolver:
     phi = _scan_steps(step, x0, steps, remat)
     return _pull_back(phi, objective.center, objective.lam, lr)
 
-  return InnerSolver(run=run, steps=steps,
-                     name=f"gd_then_pull_back(steps={steps}, lr={lr})")
+  return InnerSolver(
+    run=run, steps=steps, name=f"gd_then_pull_back(steps={steps}, lr={lr})"
+  )
 
 
-def hessian_free(steps: int = 20, cg_steps: int = 5, *,
-                 stop_at_negative_curvature: bool = False,
-                 max_backtracks: int = 10, shrink: float = 0.5,
-                 armijo: float = 1e-4) -> InnerSolver:
+def hessian_free(
+  steps: int = 20,
+  cg_steps: int = 5,
+  *,
+  stop_at_negative_curvature: bool = False,
+  max_backtracks: int = 10,
+  shrink: float = 0.5,
+  armijo: float = 1e-4,
+) -> InnerSolver:
   r"""Hessian-free (truncated Newton-CG) inner solver, "iMAML, Hessian-Free".
 
   Each of ``steps`` iterations:
@@ -494,23 +535,30 @@ def hessian_free(steps: int = 20, cg_steps: int = 5, *,
   if not float(shrink) < 1:
     raise ValueError(f"hessian_free shrink must be < 1, got {shrink}.")
   newton_cg = linear_solve.cg(
-      cg_steps, tol=0.0, stop_at_negative_curvature=stop_at_negative_curvature,
-      report_residual=False)
+    cg_steps,
+    tol=0.0,
+    stop_at_negative_curvature=stop_at_negative_curvature,
+    report_residual=False,
+  )
 
   def run(objective: Objective, x0: PyTree, *, remat: bool = False):
     grad = jax.grad(objective)
 
     def step(x):
       g = grad(x)
-      d, _ = newton_cg.solve(lambda v: hvp_lib.hvp(objective, x, v),
-                             tu.tree_scale(-1.0, g))
+      d, _ = newton_cg.solve(
+        lambda v: hvp_lib.hvp(objective, x, v), tu.tree_scale(-1.0, g)
+      )
       slope = tu.tree_vdot(g, d)
       descent = slope < 0
       d = tu.tree_where(descent, d, tu.tree_scale(-1.0, g))
       slope = jnp.where(descent, slope, -tu.tree_sq_norm(g))
-      alpha = _backtracking(objective, jax.lax.stop_gradient(x),
-                            jax.lax.stop_gradient(d),
-                            jax.lax.stop_gradient(slope))
+      alpha = _backtracking(
+        objective,
+        jax.lax.stop_gradient(x),
+        jax.lax.stop_gradient(d),
+        jax.lax.stop_gradient(slope),
+      )
       return tu.tree_axpy(alpha, d, x)
 
     return _scan_steps(step, x0, steps, remat)
@@ -532,11 +580,15 @@ def hessian_free(steps: int = 20, cg_steps: int = 5, *,
       return (j + 1, jnp.where(ok, alpha, alpha * shrink), ok)
 
     _, alpha, accepted = jax.lax.while_loop(
-        cond, body, (jnp.zeros((), jnp.int32), jnp.ones((), dtype),
-                     jnp.zeros((), bool)))
+      cond,
+      body,
+      (jnp.zeros((), jnp.int32), jnp.ones((), dtype), jnp.zeros((), bool)),
+    )
     return jnp.where(accepted, alpha, jnp.zeros((), dtype))
 
   guarded = ", stop_at_negative_curvature" if stop_at_negative_curvature else ""
   return InnerSolver(
-      run=run, steps=steps,
-      name=f"hessian_free(steps={steps}, cg_steps={cg_steps}{guarded})")
+    run=run,
+    steps=steps,
+    name=f"hessian_free(steps={steps}, cg_steps={cg_steps}{guarded})",
+  )

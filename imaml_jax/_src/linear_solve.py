@@ -15,9 +15,10 @@ solver tracks it), so an unconverged solve is visible instead of silent.
 because ``jax.scipy`` has no way to stop at a direction of non-positive
 curvature.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -93,8 +94,10 @@ def _measured_residual(matvec, x, b, report) -> jax.Array:
   if isinstance(report, (bool, np.bool_)):
     return relative_residual(matvec, x, b).astype(nan.dtype) if report else nan
   return jax.lax.cond(
-      report, lambda: relative_residual(matvec, x, b).astype(nan.dtype),
-      lambda: nan)
+    report,
+    lambda: relative_residual(matvec, x, b).astype(nan.dtype),
+    lambda: nan,
+  )
 
 
 def _finish(matvec, x, b, report_residual, residual=None, **counts):
@@ -119,10 +122,9 @@ def _finish(matvec, x, b, report_residual, residual=None, **counts):
   return x, SolveInfo(residual=residual, **counts)
 
 
-def _cg_stopping_at_negative_curvature(matvec: MatVec, b: PyTree,
-                                       maxiter: int, tol: float, atol: float
-                                       ) -> tuple[PyTree, jax.Array,
-                                                  jax.Array, jax.Array]:
+def _cg_stopping_at_negative_curvature(
+  matvec: MatVec, b: PyTree, maxiter: int, tol: float, atol: float
+) -> tuple[PyTree, jax.Array, jax.Array, jax.Array]:
   """CG from ``x0 = 0`` that stops at non-positive curvature.
 
   Returns ``(x, ||r||^2, negative, updates)`` with ``r`` CG's recurrence
@@ -156,22 +158,37 @@ def _cg_stopping_at_negative_curvature(matvec: MatVec, b: PyTree,
     rr_next = tu.tree_sq_norm(r_next).astype(dtype)
     p_next = tu.tree_axpy(rr_next / jnp.where(rr > 0, rr, 1), p, r_next)
     x_stop = tu.tree_where(k == 0, b, x)
-    return (k + 1, tu.tree_where(negative, x_stop, x_next),
-            tu.tree_where(negative, r, r_next),
-            tu.tree_where(negative, p, p_next),
-            jnp.where(negative, rr, rr_next), negative)
+    return (
+      k + 1,
+      tu.tree_where(negative, x_stop, x_next),
+      tu.tree_where(negative, r, r_next),
+      tu.tree_where(negative, p, p_next),
+      jnp.where(negative, rr, rr_next),
+      negative,
+    )
 
-  init = (jnp.zeros((), jnp.int32), tu.tree_zeros_like(b), b, b, rr0,
-          jnp.zeros((), bool))
+  init = (
+    jnp.zeros((), jnp.int32),
+    tu.tree_zeros_like(b),
+    b,
+    b,
+    rr0,
+    jnp.zeros((), bool),
+  )
   k, x, _, _, rr, negative = jax.lax.while_loop(keep_going, step, init)
   return x, rr, negative, k - negative.astype(k.dtype)
 
 
-def cg(maxiter: int = 5, tol: float = 1e-10, *, atol: float = 0.0,
-       stop_at_negative_curvature: bool = False,
-       report_residual: bool = True,
-       exact_residual: bool = False,
-       warm_start: bool = True) -> LinearSolver:
+def cg(
+  maxiter: int = 5,
+  tol: float = 1e-10,
+  *,
+  atol: float = 0.0,
+  stop_at_negative_curvature: bool = False,
+  report_residual: bool = True,
+  exact_residual: bool = False,
+  warm_start: bool = True,
+) -> LinearSolver:
   r"""Conjugate gradient, for the symmetric system ``(I + H/lam) x = b``.
 
   Runs CG from ``x_0`` (``b`` by default, see below) for at most ``maxiter``
@@ -263,31 +280,45 @@ def cg(maxiter: int = 5, tol: float = 1e-10, *, atol: float = 0.0,
   validation.check_positive_scalar("cg atol", atol, allow_zero=True)
 
   def solve(matvec: MatVec, b: PyTree, report_residual=report_residual):
-    x, _ = jax.scipy.sparse.linalg.cg(matvec, b,
-                                      x0=b if warm_start else None,
-                                      tol=tol, atol=atol, maxiter=maxiter)
+    x, _ = jax.scipy.sparse.linalg.cg(
+      matvec,
+      b,
+      x0=b if warm_start else None,
+      tol=tol,
+      atol=atol,
+      maxiter=maxiter,
+    )
     return _finish(matvec, x, b, report_residual)
 
-  def solve_guarded(matvec: MatVec, b: PyTree,
-                    report_residual=report_residual):
+  def solve_guarded(matvec: MatVec, b: PyTree, report_residual=report_residual):
     x, rr, negative, updates = _cg_stopping_at_negative_curvature(
-        matvec, b, maxiter, tol, atol)
+      matvec, b, maxiter, tol, atol
+    )
     own = None
     if not exact_residual:  # Free: CG's own recurrence residual.
       own, report_residual = _relative(rr, b), True
-    return _finish(matvec, x, b, report_residual, own,
-                   negative_curvature=negative, iterations=updates)
+    return _finish(
+      matvec,
+      x,
+      b,
+      report_residual,
+      own,
+      negative_curvature=negative,
+      iterations=updates,
+    )
 
   if stop_at_negative_curvature:
     return LinearSolver(
-        solve=solve_guarded,
-        name=f"cg({maxiter}, stop_at_negative_curvature=True)")
+      solve=solve_guarded,
+      name=f"cg({maxiter}, stop_at_negative_curvature=True)",
+    )
   cold = "" if warm_start else ", warm_start=False"
   return LinearSolver(solve=solve, name=f"cg({maxiter}{cold})")
 
 
-def neumann(terms: int = 10, step: float = 1.0, *,
-            report_residual: bool = True) -> LinearSolver:
+def neumann(
+  terms: int = 10, step: float = 1.0, *, report_residual: bool = True
+) -> LinearSolver:
   r"""Truncated Neumann series (Richardson iteration).
 
   .. math:: x_K = \alpha \sum_{k=0}^{K-1} (I - \alpha A)^k b,

@@ -1,7 +1,10 @@
 """The jit-compilable meta-training step, vmapped over a batch of tasks."""
+
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,8 @@ from jax.flatten_util import ravel_pytree
 from imaml_jax._src import algorithms
 from imaml_jax._src import tree_util as tu
 from imaml_jax._src import validation
-from imaml_jax._src.types import PyTree, Task
+from imaml_jax._src.types import PyTree
+from imaml_jax._src.types import Task
 
 
 class MetaState(NamedTuple):
@@ -61,8 +65,9 @@ def with_key_in_batch(loss: algorithms.AuxLoss) -> algorithms.AuxLoss:
   return lambda params, batch_and_key: loss(params, *batch_and_key)
 
 
-def task_keys(key: jax.Array, n_tasks: int,
-              axis_name: str | None = None) -> jax.Array:
+def task_keys(
+  key: jax.Array, n_tasks: int, axis_name: str | None = None
+) -> jax.Array:
   r"""One PRNG key per task of the batch: ``k_i = fold_in(key, i)``.
 
   ``i`` is the task's index in the whole batch; inside a step split over the
@@ -84,8 +89,9 @@ def task_keys(key: jax.Array, n_tasks: int,
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
 
 
-def keyed_tasks(tasks: Task, key: jax.Array, n_tasks: int,
-                axis_name: str | None = None) -> Task:
+def keyed_tasks(
+  tasks: Task, key: jax.Array, n_tasks: int, axis_name: str | None = None
+) -> Task:
   """``Task((support, k_support), (query, k_query))`` with per-task keys.
 
   Task ``i``'s key :func:`task_keys` is split into one key for its support
@@ -95,40 +101,50 @@ def keyed_tasks(tasks: Task, key: jax.Array, n_tasks: int,
   """
   check_key(key)
   pairs = jax.vmap(jax.random.split)(task_keys(key, n_tasks, axis_name))
-  return Task(support=(tasks.support, pairs[:, 0]),
-              query=(tasks.query, pairs[:, 1]))
+  return Task(
+    support=(tasks.support, pairs[:, 0]), query=(tasks.query, pairs[:, 1])
+  )
 
 
 def check_key(key) -> None:
   """Raises a TypeError naming the problem unless ``key`` is one PRNG key."""
   if key is None:
-    raise TypeError("this step was built with stochastic=True: call it as "
-                    "step(state, tasks, key) with a PRNG key such as "
-                    "jax.random.key(seed).")
+    raise TypeError(
+      "this step was built with stochastic=True: call it as "
+      "step(state, tasks, key) with a PRNG key such as "
+      "jax.random.key(seed)."
+    )
   dtype = getattr(key, "dtype", None)
   typed = dtype is not None and jax.dtypes.issubdtype(
-      dtype, jax.dtypes.prng_key)
+    dtype, jax.dtypes.prng_key
+  )
   if typed and key.shape == ():
     return
   if not typed and dtype == jnp.uint32 and getattr(key, "shape", None) == (2,):
     return
-  raise TypeError("key must be one PRNG key (jax.random.key(seed), or "
-                  "jax.random.PRNGKey(seed)); got "
-                  f"{type(key).__name__} of shape {getattr(key, 'shape', ())} "
-                  f"and dtype {dtype}.")
+  raise TypeError(
+    "key must be one PRNG key (jax.random.key(seed), or "
+    "jax.random.PRNGKey(seed)); got "
+    f"{type(key).__name__} of shape {getattr(key, 'shape', ())} "
+    f"and dtype {dtype}."
+  )
 
 
-def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
-                   algorithm: algorithms.MetaAlgorithm, *,
-                   has_aux: bool = False, per_task_metrics: bool = False,
-                   skip_nonfinite: bool = True,
-                   pre_adaptation_metrics: bool = True,
-                   task_chunk: int | None = None,
-                   axis_name: str | None = None,
-                   flatten: bool = True,
-                   stochastic: bool = False,
-                   report_residual: bool | Callable[[MetaState], jax.Array]
-                   | None = None) -> MetaStep:
+def make_meta_step(
+  loss_fn: Callable,
+  optimizer: optax.GradientTransformation,
+  algorithm: algorithms.MetaAlgorithm,
+  *,
+  has_aux: bool = False,
+  per_task_metrics: bool = False,
+  skip_nonfinite: bool = True,
+  pre_adaptation_metrics: bool = True,
+  task_chunk: int | None = None,
+  axis_name: str | None = None,
+  flatten: bool = True,
+  stochastic: bool = False,
+  report_residual: bool | Callable[[MetaState], jax.Array] | None = None,
+) -> MetaStep:
   r"""Builds pure ``init`` and ``step`` functions for meta-training.
 
   ``step(state, tasks)`` computes every task's meta-gradient with
@@ -224,8 +240,10 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     (1, ['grad_norm', 'loss_after'])
   """
   if not isinstance(algorithm, algorithms.MetaAlgorithm):
-    raise TypeError("algorithm must be built by im.imaml, im.maml, im.fomaml "
-                    f"or im.reptile, got {type(algorithm).__name__}.")
+    raise TypeError(
+      "algorithm must be built by im.imaml, im.maml, im.fomaml "
+      f"or im.reptile, got {type(algorithm).__name__}."
+    )
   if not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
   loss = with_aux(loss_fn, has_aux)
@@ -234,17 +252,19 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
 
   def init(params: PyTree) -> MetaState:
     validation.check_floating_params(params)
-    return MetaState(params=params, opt_state=optimizer.init(params),
-                     step=jnp.zeros((), jnp.int32),
-                     skipped=jnp.zeros((), jnp.int32))
+    return MetaState(
+      params=params,
+      opt_state=optimizer.init(params),
+      step=jnp.zeros((), jnp.int32),
+      skipped=jnp.zeros((), jnp.int32),
+    )
 
   def task_gradient(params, task, measure):
     options = {}
     if algorithm.reports_residual and measure is not None:
       options["report_residual"] = measure
     if flatten:
-      g, metrics = flat_task_gradient(algorithm, loss, params, task,
-                                      **options)
+      g, metrics = flat_task_gradient(algorithm, loss, params, task, **options)
     else:
       g, metrics = algorithm.task_gradient(loss, params, task, **options)
     if pre_adaptation_metrics:
@@ -259,14 +279,20 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     if stochastic:
       tasks = keyed_tasks(tasks, key, n_tasks, axis_name)
     elif key is not None:
-      raise TypeError("step got a key, but the loss is deterministic: build "
-                      "the step with make_meta_step(..., stochastic=True) "
-                      "for a loss_fn(params, batch, key).")
-    measure = (report_residual(state) if callable(report_residual)
-               else report_residual)
+      raise TypeError(
+        "step got a key, but the loss is deterministic: build "
+        "the step with make_meta_step(..., stochastic=True) "
+        "for a loss_fn(params, batch, key)."
+      )
+    measure = (
+      report_residual(state) if callable(report_residual) else report_residual
+    )
     grads, per_task = map_over_tasks(
-        lambda task: task_gradient(state.params, task, measure), tasks,
-        task_chunk, n_tasks)
+      lambda task: task_gradient(state.params, task, measure),
+      tasks,
+      task_chunk,
+      n_tasks,
+    )
     grad = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
     if axis_name is not None:
       grad = jax.lax.pmean(grad, axis_name)
@@ -286,16 +312,21 @@ def make_meta_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     metrics["skipped"] = skipped
     if per_task_metrics:
       metrics["per_task"] = per_task
-    new_state = MetaState(params=params, opt_state=opt_state,
-                          step=state.step + 1, skipped=state.skipped + skipped)
+    new_state = MetaState(
+      params=params,
+      opt_state=opt_state,
+      step=state.step + 1,
+      skipped=state.skipped + skipped,
+    )
     return new_state, metrics
 
   step.axis_name = axis_name  # Checked by shard_meta_step(per_device=True).
   return MetaStep(init, step)
 
 
-def map_over_tasks(fn: Callable, tasks: Task, task_chunk: int | None,
-                   n_tasks: int):
+def map_over_tasks(
+  fn: Callable, tasks: Task, task_chunk: int | None, n_tasks: int
+):
   """``fn`` applied to every task of a batch, stacked on a leading axis.
 
   ``task_chunk=None`` vmaps the whole batch; otherwise ``lax.map`` runs over
@@ -324,32 +355,44 @@ def ravel_params(params: PyTree, adapts: algorithms.Adapts | None = None):
   fixed_flat, unravel_fixed = ravel_pytree(fixed)
 
   def unravel(split: algorithms.AdaptedSplit) -> PyTree:
-    return tu.combine(unravel_adapted(split.adapted),
-                      unravel_fixed(split.fixed))
+    return tu.combine(
+      unravel_adapted(split.adapted), unravel_fixed(split.fixed)
+    )
 
   return algorithms.AdaptedSplit(adapted_flat, fixed_flat), unravel
 
 
-def flat_loss(loss: algorithms.AuxLoss, params: PyTree,
-              adapts: algorithms.Adapts | None = None):
+def flat_loss(
+  loss: algorithms.AuxLoss,
+  params: PyTree,
+  adapts: algorithms.Adapts | None = None,
+):
   """``(theta_flat, loss_flat, unravel)``: ``loss_flat(v, batch) = loss(unravel(v), batch)``."""
   theta_flat, unravel = ravel_params(params, adapts)
   return theta_flat, (lambda v, batch: loss(unravel(v), batch)), unravel
 
 
-def flat_task_gradient(algorithm: algorithms.MetaAlgorithm,
-                       loss: algorithms.AuxLoss, params: PyTree, task: Task,
-                       **options):
+def flat_task_gradient(
+  algorithm: algorithms.MetaAlgorithm,
+  loss: algorithms.AuxLoss,
+  params: PyTree,
+  task: Task,
+  **options,
+):
   """``algorithm.task_gradient`` run on the raveled parameters."""
   theta_flat, loss_flat, unravel = flat_loss(loss, params, algorithm.adapts)
-  g, metrics = algorithm.task_gradient(loss_flat, theta_flat, task,
-                                       **options)
+  g, metrics = algorithm.task_gradient(loss_flat, theta_flat, task, **options)
   return unravel(g), metrics
 
 
-def make_eval_step(loss_fn: Callable, algorithm: algorithms.MetaAlgorithm, *,
-                   has_aux: bool = False, flatten: bool = True,
-                   stochastic: bool = False):
+def make_eval_step(
+  loss_fn: Callable,
+  algorithm: algorithms.MetaAlgorithm,
+  *,
+  has_aux: bool = False,
+  flatten: bool = True,
+  stochastic: bool = False,
+):
   """Builds ``evaluate(params, tasks) -> metrics`` for held-out tasks.
 
   Each task is adapted on its support set with the algorithm's own adaptation
@@ -367,14 +410,14 @@ def make_eval_step(loss_fn: Callable, algorithm: algorithms.MetaAlgorithm, *,
 
   def one(params, task):
     if flatten:
-      theta_flat, loss_flat, unravel = flat_loss(loss, params,
-                                                 algorithm.adapts)
+      theta_flat, loss_flat, unravel = flat_loss(loss, params, algorithm.adapts)
       phi = unravel(algorithm.adapt(loss_flat, theta_flat, task.support))
     else:
       phi = algorithm.adapt(loss, params, task.support)
     metrics = algorithms.query_metrics(*loss(phi, task.query), "after")
-    metrics.update(algorithms.query_metrics(*loss(params, task.query),
-                                            "before"))
+    metrics.update(
+      algorithms.query_metrics(*loss(params, task.query), "before")
+    )
     return metrics
 
   def evaluate(params: PyTree, tasks: Task, key: jax.Array | None = None):
@@ -382,8 +425,10 @@ def make_eval_step(loss_fn: Callable, algorithm: algorithms.MetaAlgorithm, *,
     if stochastic:
       tasks = keyed_tasks(tasks, key, n_tasks)
     elif key is not None:
-      raise TypeError("evaluate got a key, but the loss is deterministic: "
-                      "build it with make_eval_step(..., stochastic=True).")
+      raise TypeError(
+        "evaluate got a key, but the loss is deterministic: "
+        "build it with make_eval_step(..., stochastic=True)."
+      )
     return jax.vmap(one, in_axes=(None, 0))(params, tasks)
 
   return evaluate

@@ -60,25 +60,32 @@ Example:
   >>> int(state.step)
   1
 """
+
 from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 from imaml_jax._src import validation
-from imaml_jax._src.types import PyTree, Task
+from imaml_jax._src.types import PyTree
+from imaml_jax._src.types import Task
 
 TASK_AXIS = "tasks"
 
 
-def task_mesh(devices: int | Sequence[jax.Device] | None = None, *,
-              axis: str = TASK_AXIS) -> Mesh:
+def task_mesh(
+  devices: int | Sequence[jax.Device] | None = None, *, axis: str = TASK_AXIS
+) -> Mesh:
   """A 1-D device mesh whose single axis carries the task batch.
 
   Args:
@@ -103,13 +110,13 @@ def task_mesh(devices: int | Sequence[jax.Device] | None = None, *,
   available = jax.devices()
   if devices is None:
     devices = available
-  elif isinstance(devices, (int, np.integer)) and not isinstance(devices,
-                                                                  bool):
+  elif isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
     if not 1 <= devices <= len(available):
       raise ValueError(
-          f"asked for {devices} devices but {len(available)} are available "
-          f"({available[0].platform}); the count must be between 1 and "
-          f"{len(available)}.")
+        f"asked for {devices} devices but {len(available)} are available "
+        f"({available[0].platform}); the count must be between 1 and "
+        f"{len(available)}."
+      )
     devices = available[:devices]
   devices = list(devices)
   if not devices:
@@ -130,8 +137,9 @@ def task_sharding(mesh: Mesh, axis: str = TASK_AXIS) -> NamedSharding:
 
 def _check_axis(mesh: Mesh, axis: str) -> None:
   if axis not in mesh.shape:
-    raise ValueError(f"mesh has no axis named {axis!r}; its axes are "
-                     f"{tuple(mesh.axis_names)}.")
+    raise ValueError(
+      f"mesh has no axis named {axis!r}; its axes are {tuple(mesh.axis_names)}."
+    )
 
 
 def check_divisible(n_tasks: int, mesh: Mesh, axis: str = TASK_AXIS) -> None:
@@ -145,9 +153,10 @@ def check_divisible(n_tasks: int, mesh: Mesh, axis: str = TASK_AXIS) -> None:
   n_devices = mesh.shape[axis]
   if n_tasks % n_devices:
     raise ValueError(
-        f"the meta-batch of {n_tasks} tasks does not divide evenly over "
-        f"{n_devices} devices (mesh axis {axis!r}); use a meta-batch that is "
-        f"a multiple of {n_devices} or a mesh whose size divides {n_tasks}.")
+      f"the meta-batch of {n_tasks} tasks does not divide evenly over "
+      f"{n_devices} devices (mesh axis {axis!r}); use a meta-batch that is "
+      f"a multiple of {n_devices} or a mesh whose size divides {n_tasks}."
+    )
 
 
 def _put(x, sharding: NamedSharding):
@@ -158,14 +167,16 @@ def _put(x, sharding: NamedSharding):
   on every process; each process then places the pieces its own devices hold.
   """
   if sharding.is_fully_addressable or (
-      isinstance(x, jax.Array) and not x.is_fully_addressable):
+    isinstance(x, jax.Array) and not x.is_fully_addressable
+  ):
     return jax.device_put(x, sharding)
   if jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key):
     data = _put(jax.random.key_data(x), sharding)
     return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
   host = np.asarray(x)
-  return jax.make_array_from_callback(host.shape, sharding,
-                                      lambda index: host[index])
+  return jax.make_array_from_callback(
+    host.shape, sharding, lambda index: host[index]
+  )
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
@@ -222,8 +233,9 @@ def shard_tasks(tasks: Task, mesh: Mesh, *, axis: str = TASK_AXIS) -> Task:
   return jax.tree.map(lambda x: _put(x, sharding), tasks)
 
 
-def tasks_from_process_local_data(tasks: Task, mesh: Mesh, *,
-                                  axis: str = TASK_AXIS) -> Task:
+def tasks_from_process_local_data(
+  tasks: Task, mesh: Mesh, *, axis: str = TASK_AXIS
+) -> Task:
   """Assembles a global task batch from every process's own slice.
 
   For multi-host input pipelines: process ``p`` of ``P`` passes its
@@ -248,8 +260,11 @@ def tasks_from_process_local_data(tasks: Task, mesh: Mesh, *,
   check_divisible(n_global, mesh, axis)
   sharding = task_sharding(mesh, axis)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(
-          sharding, np.asarray(x), (n_global,) + np.shape(x)[1:]), tasks)
+    lambda x: jax.make_array_from_process_local_data(
+      sharding, np.asarray(x), (n_global,) + np.shape(x)[1:]
+    ),
+    tasks,
+  )
 
 
 def constrain_tasks(tasks: Task, mesh: Mesh, *, axis: str = TASK_AXIS) -> Task:
@@ -270,11 +285,13 @@ def constrain_tasks(tasks: Task, mesh: Mesh, *, axis: str = TASK_AXIS) -> Task:
   check_divisible(validation.check_task_batch(tasks), mesh, axis)
   sharding = task_sharding(mesh, axis)
   return jax.tree.map(
-      lambda x: jax.lax.with_sharding_constraint(x, sharding), tasks)
+    lambda x: jax.lax.with_sharding_constraint(x, sharding), tasks
+  )
 
 
-def per_device_step(step: Callable, mesh: Mesh, axis: str = TASK_AXIS, *,
-                    keyed: bool = False) -> Callable:
+def per_device_step(
+  step: Callable, mesh: Mesh, axis: str = TASK_AXIS, *, keyed: bool = False
+) -> Callable:
   """``step`` run by each device on its own tasks under ``jax.shard_map``.
 
   ``step`` must come from ``make_meta_step(..., axis_name=axis)``; see
@@ -288,19 +305,30 @@ def per_device_step(step: Callable, mesh: Mesh, axis: str = TASK_AXIS, *,
   """
   if getattr(step, "axis_name", None) != axis:
     raise ValueError(
-        "per_device=True needs a step built with make_meta_step(..., "
-        f"axis_name={axis!r}), which averages over the devices; this step "
-        f"has axis_name={getattr(step, 'axis_name', None)!r}.")
+      "per_device=True needs a step built with make_meta_step(..., "
+      f"axis_name={axis!r}), which averages over the devices; this step "
+      f"has axis_name={getattr(step, 'axis_name', None)!r}."
+    )
   in_specs = (PartitionSpec(), PartitionSpec(axis))
   if keyed:
     in_specs += (PartitionSpec(),)
-  return jax.shard_map(step, mesh=mesh, in_specs=in_specs,
-                       out_specs=PartitionSpec(), check_vma=False)
+  return jax.shard_map(
+    step,
+    mesh=mesh,
+    in_specs=in_specs,
+    out_specs=PartitionSpec(),
+    check_vma=False,
+  )
 
 
-def shard_meta_step(step: Callable, mesh: Mesh, *, axis: str = TASK_AXIS,
-                    donate_state: bool = False,
-                    per_device: bool = False) -> Callable:
+def shard_meta_step(
+  step: Callable,
+  mesh: Mesh,
+  *,
+  axis: str = TASK_AXIS,
+  donate_state: bool = False,
+  per_device: bool = False,
+) -> Callable:
   r"""Jits a meta-step to run data-parallel over tasks on ``mesh``.
 
   ``step`` is the ``step(state, tasks) -> (state, metrics)`` of
@@ -371,15 +399,19 @@ def shard_meta_step(step: Callable, mesh: Mesh, *, axis: str = TASK_AXIS,
 
   def compiled(keyed: bool) -> Callable:
     if keyed not in jitted:
-      fn = per_device_step(step, mesh, axis, keyed=keyed) if per_device else (
-          step)
+      fn = (
+        per_device_step(step, mesh, axis, keyed=keyed) if per_device else (step)
+      )
       replicated = replicated_sharding(mesh)
       in_shardings = (replicated, task_sharding(mesh, axis))
       if keyed:
         in_shardings += (replicated,)
-      jitted[keyed] = jax.jit(fn, in_shardings=in_shardings,
-                              out_shardings=replicated,
-                              donate_argnums=(0,) if donate_state else ())
+      jitted[keyed] = jax.jit(
+        fn,
+        in_shardings=in_shardings,
+        out_shardings=replicated,
+        donate_argnums=(0,) if donate_state else (),
+      )
     return jitted[keyed]
 
   def check(tasks):
@@ -456,24 +488,28 @@ def use_cpu_cores(n: int | None = None) -> int:
   n = available_cores() if n is None else n
   validation.check_positive_int("use_cpu_cores n", n)
   from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+
   if xla_bridge.backends_are_initialized():
     have = len(jax.devices("cpu"))
     if have == n:
       return n
     raise RuntimeError(
-        f"use_cpu_cores({n}) must run before JAX starts its backends, but "
-        f"they are already running with {have} CPU device(s). Call it right "
-        "after the imports, before any JAX computation or jax.devices(), or "
-        f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before "
-        "starting Python.")
+      f"use_cpu_cores({n}) must run before JAX starts its backends, but "
+      f"they are already running with {have} CPU device(s). Call it right "
+      "after the imports, before any JAX computation or jax.devices(), or "
+      f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before "
+      "starting Python."
+    )
   jax.config.update("jax_num_cpu_devices", n)
   return n
 
 
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None,
-                           **kwargs: Any) -> None:
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  **kwargs: Any,
+) -> None:
   """Joins this process to a multi-host JAX job (``jax.distributed``).
 
   A thin wrapper of ``jax.distributed.initialize``: call it once per process,
@@ -505,21 +541,27 @@ def initialize_distributed(coordinator_address: str | None = None,
     >>> # On host i of 2 (same script everywhere):
     >>> initialize_distributed("10.0.0.1:1234", 2, i)  # doctest: +SKIP
   """
-  given = [v is not None for v in (coordinator_address, num_processes,
-                                    process_id)]
+  given = [
+    v is not None for v in (coordinator_address, num_processes, process_id)
+  ]
   if any(given) and not all(given):
     raise ValueError(
-        "give all of coordinator_address, num_processes and process_id, or "
-        f"none of them to detect a cluster; got coordinator_address="
-        f"{coordinator_address!r}, num_processes={num_processes!r}, "
-        f"process_id={process_id!r}.")
+      "give all of coordinator_address, num_processes and process_id, or "
+      f"none of them to detect a cluster; got coordinator_address="
+      f"{coordinator_address!r}, num_processes={num_processes!r}, "
+      f"process_id={process_id!r}."
+    )
   if all(given):
     validation.check_positive_int("num_processes", num_processes)
     if not 0 <= process_id < num_processes:
-      raise ValueError(f"process_id must be in 0..{num_processes - 1}, got "
-                       f"{process_id}.")
+      raise ValueError(
+        f"process_id must be in 0..{num_processes - 1}, got {process_id}."
+      )
     if num_processes == 1:
       return
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes,
-                             process_id=process_id, **kwargs)
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=process_id,
+    **kwargs,
+  )

@@ -1,8 +1,9 @@
 """Small arithmetic on pytrees of arrays (parameters, gradients, solver vectors)."""
+
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -71,12 +72,14 @@ def _result_dtype(a: PyTree):
 
 def key_path(path) -> tuple:
   """A ``jax.tree_util`` key path as plain keys: ``("conv0", "kernel")``."""
-  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
-               for k in path)
+  return tuple(
+    getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path
+  )
 
 
-def partition(tree: PyTree, keep: Callable[[tuple], bool]) -> tuple[
-    PyTree, PyTree]:
+def partition(
+  tree: PyTree, keep: Callable[[tuple], bool]
+) -> tuple[PyTree, PyTree]:
   """Splits ``tree`` by a predicate on each leaf's key path.
 
   Returns ``(kept, rest)``, both shaped like ``tree``: ``kept`` holds the
@@ -93,7 +96,8 @@ def partition(tree: PyTree, keep: Callable[[tuple], bool]) -> tuple[
     {'a': 1.0, 'b': 2.0}
   """
   flags = jax.tree_util.tree_map_with_path(
-      lambda path, _: bool(keep(key_path(path))), tree)
+    lambda path, _: bool(keep(key_path(path))), tree
+  )
   kept = jax.tree.map(lambda x, k: x if k else None, tree, flags)
   rest = jax.tree.map(lambda x, k: None if k else x, tree, flags)
   return kept, rest
@@ -101,5 +105,6 @@ def partition(tree: PyTree, keep: Callable[[tuple], bool]) -> tuple[
 
 def combine(a: PyTree, b: PyTree) -> PyTree:
   """Merges the two parts of :func:`partition`: each leaf from whichever has it."""
-  return jax.tree.map(lambda x, y: y if x is None else x, a, b,
-                      is_leaf=lambda x: x is None)
+  return jax.tree.map(
+    lambda x, y: y if x is None else x, a, b, is_leaf=lambda x: x is None
+  )

@@ -1,7 +1,9 @@
 """Containers shared by every part of the library."""
+
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 PyTree = Any
 

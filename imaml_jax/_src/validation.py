@@ -1,4 +1,5 @@
 """Checks of user input that run in Python, before any tracing-heavy work."""
+
 from __future__ import annotations
 
 import numbers
@@ -12,8 +13,10 @@ import numpy as np
 def check_positive_int(name: str, value) -> int:
   """Returns ``value`` if it is an integer >= 1, else raises a named error."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"{name} must be a positive integer, got {value!r} "
-                    f"of type {type(value).__name__}.")
+    raise TypeError(
+      f"{name} must be a positive integer, got {value!r} "
+      f"of type {type(value).__name__}."
+    )
   if value < 1:
     raise ValueError(f"{name} must be >= 1, got {value}.")
   return int(value)
@@ -36,8 +39,10 @@ def check_positive_scalar(name: str, value, *, allow_zero: bool = False):
     raise TypeError(f"{name} must be a number, got {value!r}.") from e
   if arr.ndim != 0:
     raise ValueError(f"{name} must be a scalar, got shape {arr.shape}.")
-  if not (np.issubdtype(arr.dtype, np.floating)
-          or np.issubdtype(arr.dtype, np.integer)):
+  if not (
+    np.issubdtype(arr.dtype, np.floating)
+    or np.issubdtype(arr.dtype, np.integer)
+  ):
     raise TypeError(f"{name} must be a real number, got dtype {arr.dtype}.")
   v = float(arr)
   if not v == v:  # NaN
@@ -49,41 +54,48 @@ def check_positive_scalar(name: str, value, *, allow_zero: bool = False):
 
 
 _SPLIT_HINT = (
-    "The meta-parameters must be a pytree of floating arrays and nothing "
-    "else; keep the rest of a model out of them and close over it in the "
-    "loss. Equinox: params, static = eqx.partition(model, "
-    "eqx.is_inexact_array), and eqx.combine(params, static) in the loss. "
-    "Flax NNX: graphdef, params, rest = nnx.split(model, nnx.Param, ...), "
-    "and nnx.merge(graphdef, params, rest, copy=True) in the loss. Flax "
-    "linen: variables['params'].")
+  "The meta-parameters must be a pytree of floating arrays and nothing "
+  "else; keep the rest of a model out of them and close over it in the "
+  "loss. Equinox: params, static = eqx.partition(model, "
+  "eqx.is_inexact_array), and eqx.combine(params, static) in the loss. "
+  "Flax NNX: graphdef, params, rest = nnx.split(model, nnx.Param, ...), "
+  "and nnx.merge(graphdef, params, rest, copy=True) in the loss. Flax "
+  "linen: variables['params']."
+)
 
 _BATCH_STATS_HINT = (
-    "Running averages are state, not meta-parameters: the meta-step neither "
-    "differentiates nor updates them. Meta-learn variables['params'] only and "
-    "normalise with the statistics of the batch at hand: "
-    "imaml_jax.models.BatchStatNorm, or flax.linen.BatchNorm("
-    "use_running_average=False) applied with mutable=['batch_stats'] and the "
-    "returned updates discarded.")
+  "Running averages are state, not meta-parameters: the meta-step neither "
+  "differentiates nor updates them. Meta-learn variables['params'] only and "
+  "normalise with the statistics of the batch at hand: "
+  "imaml_jax.models.BatchStatNorm, or flax.linen.BatchNorm("
+  "use_running_average=False) applied with mutable=['batch_stats'] and the "
+  "returned updates discarded."
+)
 
 _NNX_STATE_HINT = (
-    "Only Params are meta-parameters; a BatchStat, RNG state or any other "
-    "NNX variable is not. Split the model with graphdef, params, rest = "
-    "nnx.split(model, nnx.Param, ...), meta-learn params, and in the loss "
-    "call nnx.merge(graphdef, params, rest, copy=True). A batch norm must "
-    "then normalise with batch statistics: nnx.BatchNorm("
-    "use_running_average=False), whose running averages the meta-step does "
-    "not update.")
+  "Only Params are meta-parameters; a BatchStat, RNG state or any other "
+  "NNX variable is not. Split the model with graphdef, params, rest = "
+  "nnx.split(model, nnx.Param, ...), meta-learn params, and in the loss "
+  "call nnx.merge(graphdef, params, rest, copy=True). A batch norm must "
+  "then normalise with batch statistics: nnx.BatchNorm("
+  "use_running_average=False), whose running averages the meta-step does "
+  "not update."
+)
 
 
 def _is_nnx_variable(node) -> bool:
   """Whether ``node`` is a Flax NNX ``Variable`` (without importing Flax)."""
-  return any(c.__name__ == "Variable" and c.__module__.startswith("flax.nnx")
-             for c in type(node).__mro__)
+  return any(
+    c.__name__ == "Variable" and c.__module__.startswith("flax.nnx")
+    for c in type(node).__mro__
+  )
 
 
 def _is_nnx_param(node) -> bool:
-  return any(c.__name__ == "Param" and c.__module__.startswith("flax.nnx")
-             for c in type(node).__mro__)
+  return any(
+    c.__name__ == "Param" and c.__module__.startswith("flax.nnx")
+    for c in type(node).__mro__
+  )
 
 
 def _describe_leaf(leaf) -> str:
@@ -92,9 +104,11 @@ def _describe_leaf(leaf) -> str:
   if dtype is None:
     return f"got {type(leaf).__name__}, which is not an array"
   if jnp.issubdtype(dtype, jax.dtypes.prng_key):
-    return (f"got a PRNG key array (dtype {dtype}); a loss that needs "
-            "randomness takes its key from make_meta_step(..., "
-            "stochastic=True)")
+    return (
+      f"got a PRNG key array (dtype {dtype}); a loss that needs "
+      "randomness takes its key from make_meta_step(..., "
+      "stochastic=True)"
+    )
   return f"got {type(leaf).__name__} with dtype {dtype}"
 
 
@@ -108,14 +122,17 @@ def check_floating_params(params, name: str = "params") -> None:
   """
   if isinstance(params, Mapping) and "batch_stats" in params:
     raise TypeError(
-        f"{name} holds a Flax 'batch_stats' collection (collections "
-        f"{sorted(map(str, params))}). " + _BATCH_STATS_HINT)
+      f"{name} holds a Flax 'batch_stats' collection (collections "
+      f"{sorted(map(str, params))}). " + _BATCH_STATS_HINT
+    )
   nodes = jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_nnx_variable)
   for path, node in nodes:
     if _is_nnx_variable(node) and not _is_nnx_param(node):
       where = jax.tree_util.keystr(path) or "<root>"
-      raise TypeError(f"{name}{where} is a Flax NNX {type(node).__name__}, "
-                      "not a Param. " + _NNX_STATE_HINT)
+      raise TypeError(
+        f"{name}{where} is a Flax NNX {type(node).__name__}, "
+        "not a Param. " + _NNX_STATE_HINT
+      )
   leaves = jax.tree_util.tree_leaves_with_path(params)
   if not leaves:
     raise ValueError(f"{name} is an empty pytree: there is nothing to adapt.")
@@ -124,8 +141,9 @@ def check_floating_params(params, name: str = "params") -> None:
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
       where = jax.tree_util.keystr(path) or "<root>"
       raise TypeError(
-          f"{name}{where} must be a floating-point array to be differentiated, "
-          f"{_describe_leaf(leaf)}. " + _SPLIT_HINT)
+        f"{name}{where} must be a floating-point array to be differentiated, "
+        f"{_describe_leaf(leaf)}. " + _SPLIT_HINT
+      )
 
 
 def leading_axis_sizes(tree) -> set[int]:
@@ -134,8 +152,10 @@ def leading_axis_sizes(tree) -> set[int]:
   for leaf in jax.tree.leaves(tree):
     shape = jnp.shape(leaf)
     if not shape:
-      raise ValueError("every leaf of a task batch needs a leading task axis; "
-                       f"found a scalar leaf {leaf!r}.")
+      raise ValueError(
+        "every leaf of a task batch needs a leading task axis; "
+        f"found a scalar leaf {leaf!r}."
+      )
     sizes.add(shape[0])
   return sizes
 
@@ -150,15 +170,21 @@ def check_task_batch(tasks) -> int:
   if not support or not query:
     raise ValueError("a task batch needs non-empty support and query pytrees.")
   if len(support) != 1:
-    raise ValueError("the support leaves disagree on the number of tasks "
-                     f"(leading axis sizes {sorted(support)}).")
+    raise ValueError(
+      "the support leaves disagree on the number of tasks "
+      f"(leading axis sizes {sorted(support)})."
+    )
   if len(query) != 1:
-    raise ValueError("the query leaves disagree on the number of tasks "
-                     f"(leading axis sizes {sorted(query)}).")
+    raise ValueError(
+      "the query leaves disagree on the number of tasks "
+      f"(leading axis sizes {sorted(query)})."
+    )
   (n_support,), (n_query,) = support, query
   if n_support != n_query:
-    raise ValueError(f"support has {n_support} tasks but query has {n_query}; "
-                     "they must hold the same tasks along the leading axis.")
+    raise ValueError(
+      f"support has {n_support} tasks but query has {n_query}; "
+      "they must hold the same tasks along the leading axis."
+    )
   if n_support == 0:
     raise ValueError("a task batch must hold at least one task, got 0.")
   return n_support

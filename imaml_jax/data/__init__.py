@@ -6,6 +6,7 @@ an array on device, and :func:`make_sharded_sampler` draws them on the devices
 of a mesh, each device its own share. The synthetic families return
 :class:`~imaml_jax.Task` batches directly.
 """
+
 from imaml_jax.data import synthetic
 from imaml_jax.data._download import OMNIGLOT_MD5
 from imaml_jax.data._download import OMNIGLOT_URL
@@ -34,9 +35,9 @@ from imaml_jax.data._omniglot import rotate_task_classes
 from imaml_jax.data._sampler import evaluation_task_chunks
 from imaml_jax.data._sampler import evaluation_tasks
 from imaml_jax.data._sampler import make_sharded_sampler
-from imaml_jax.data._sampler import sample_tasks
 from imaml_jax.data._sampler import reptile_minibatch_rows
 from imaml_jax.data._sampler import reptile_minibatches
+from imaml_jax.data._sampler import sample_tasks
 from imaml_jax.data._sampler import sample_tasks_from_keys
 from imaml_jax.data.synthetic import linear_regression_exact_meta_gradient
 from imaml_jax.data.synthetic import linear_regression_inner_solution

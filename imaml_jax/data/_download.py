@@ -1,4 +1,5 @@
 """Verified downloads of the official Omniglot archives."""
+
 from __future__ import annotations
 
 import hashlib
@@ -7,14 +8,14 @@ import os
 import tempfile
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 OMNIGLOT_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
 # MD5 of the official archives, as published with most Omniglot loaders.
 OMNIGLOT_MD5 = {
-    "images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
-    "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811",
+  "images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
+  "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811",
 }
 _ALGORITHMS = {32: "md5", 40: "sha1", 64: "sha256"}
 
@@ -23,8 +24,9 @@ def _algorithm(checksum: str) -> str:
   algorithm = _ALGORITHMS.get(len(checksum))
   if algorithm is None:
     raise ValueError(
-        f"cannot tell the hash algorithm of checksum {checksum!r}: expected "
-        "32 (md5), 40 (sha1) or 64 (sha256) hexadecimal digits")
+      f"cannot tell the hash algorithm of checksum {checksum!r}: expected "
+      "32 (md5), 40 (sha1) or 64 (sha256) hexadecimal digits"
+    )
   return algorithm
 
 
@@ -39,13 +41,16 @@ def file_checksum(path: str | os.PathLike, algorithm: str = "md5") -> str:
 
 def _fetch(url: str, dest: Path, checksum: str | None, timeout: float) -> None:
   """Downloads ``url`` into a temporary file next to ``dest``, then renames."""
-  fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part",
-                             dir=dest.parent)
+  fd, tmp = tempfile.mkstemp(
+    prefix=f".{dest.name}.", suffix=".part", dir=dest.parent
+  )
   try:
     digest = hashlib.new(_algorithm(checksum)) if checksum else None
     received = 0
-    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(
-        url, timeout=timeout) as response:
+    with (
+      os.fdopen(fd, "wb") as out,
+      urllib.request.urlopen(url, timeout=timeout) as response,
+    ):
       expected_length = response.headers.get("Content-Length")
       for block in iter(lambda: response.read(1 << 16), b""):
         out.write(block)
@@ -55,14 +60,17 @@ def _fetch(url: str, dest: Path, checksum: str | None, timeout: float) -> None:
       out.flush()
       os.fsync(out.fileno())
     if expected_length is not None and received != int(expected_length):
-      raise OSError(f"download of {dest.name} from {url} is truncated: "
-                    f"received {received} of {expected_length} bytes; the "
-                    "download was deleted")
+      raise OSError(
+        f"download of {dest.name} from {url} is truncated: "
+        f"received {received} of {expected_length} bytes; the "
+        "download was deleted"
+      )
     if digest is not None and digest.hexdigest() != checksum.lower():
       raise ValueError(
-          f"checksum mismatch for {dest.name} (from {url}): expected "
-          f"{_algorithm(checksum)} {checksum.lower()}, got "
-          f"{digest.hexdigest()}; the download was deleted")
+        f"checksum mismatch for {dest.name} (from {url}): expected "
+        f"{_algorithm(checksum)} {checksum.lower()}, got "
+        f"{digest.hexdigest()}; the download was deleted"
+      )
     os.replace(tmp, dest)
   except http.client.HTTPException as e:
     _remove(tmp)
@@ -80,11 +88,11 @@ def _remove(path: str) -> None:
 
 
 def download_omniglot(
-    data_dir: str | os.PathLike,
-    *,
-    base_url: str = OMNIGLOT_URL,
-    checksums: Mapping[str, str | None] | None = None,
-    timeout: float = 60.0,
+  data_dir: str | os.PathLike,
+  *,
+  base_url: str = OMNIGLOT_URL,
+  checksums: Mapping[str, str | None] | None = None,
+  timeout: float = 60.0,
 ) -> tuple[Path, ...]:
   """Downloads ``images_background.zip`` and ``images_evaluation.zip``.
 
@@ -121,8 +129,10 @@ def download_omniglot(
   names = list(OMNIGLOT_MD5)
   unknown = [n for n in names if n not in checksums]
   if unknown:
-    raise ValueError(f"no checksum given for {', '.join(unknown)} (pass None "
-                     "to skip verification explicitly)")
+    raise ValueError(
+      f"no checksum given for {', '.join(unknown)} (pass None "
+      "to skip verification explicitly)"
+    )
   for name in names:
     if checksums[name] is not None:
       _algorithm(checksums[name])
@@ -132,8 +142,9 @@ def download_omniglot(
     dest = data_dir / name
     checksum = checksums[name]
     present = dest.is_file() and (
-        checksum is None
-        or file_checksum(dest, _algorithm(checksum)) == checksum.lower())
+      checksum is None
+      or file_checksum(dest, _algorithm(checksum)) == checksum.lower()
+    )
     if not present:
       url = urllib.parse.urljoin(base_url.rstrip("/") + "/", name)
       _fetch(url, dest, checksum, timeout)

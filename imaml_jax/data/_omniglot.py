@@ -26,6 +26,7 @@ greyscale first makes the filter actually apply. ``resample="box"`` (exact
 area averaging, no overshoot) is available as well; the choice is part of the
 cache key.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,11 @@ import tempfile
 import warnings
 import zipfile
 import zlib
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -52,8 +56,8 @@ CACHE_ENV_VAR = "IMAML_CACHE_DIR"
 # Bump when the decoding changes in a way the cache key does not capture.
 _CACHE_FORMAT = 1
 _RESAMPLE = {
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
+  "lanczos": Image.Resampling.LANCZOS,
+  "box": Image.Resampling.BOX,
 }
 
 
@@ -125,12 +129,10 @@ def _file_sha256(path: Path) -> str:
 def _cache_key(paths: Sequence[Path], image_size: int, resample: str) -> str:
   """Hash of the decoding settings and the archives' contents."""
   spec = {
-      "format": _CACHE_FORMAT,
-      "image_size": image_size,
-      "resample": resample,
-      "archives": [
-          [p.name, p.stat().st_size, _file_sha256(p)] for p in paths
-      ],
+    "format": _CACHE_FORMAT,
+    "image_size": image_size,
+    "resample": resample,
+    "archives": [[p.name, p.stat().st_size, _file_sha256(p)] for p in paths],
   }
   text = json.dumps(spec, sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()
@@ -140,7 +142,8 @@ def _save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
   """Writes ``arrays`` to ``path`` through a temporary file and a rename."""
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(
-      prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+  )
   try:
     with os.fdopen(fd, "wb") as f:
       np.savez_compressed(f, **arrays)
@@ -156,8 +159,7 @@ def _save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     raise
 
 
-def _load_cache(path: Path, key: str,
-                image_size: int) -> OmniglotData | None:
+def _load_cache(path: Path, key: str, image_size: int) -> OmniglotData | None:
   """Reads a cache file; returns ``None`` if it is absent, stale or corrupt."""
   if not path.exists():
     return None
@@ -166,20 +168,25 @@ def _load_cache(path: Path, key: str,
       if str(f["key"]) != key:
         raise ValueError("cache key mismatch")
       data = OmniglotData(
-          images=f["images"],
-          alphabets=f["alphabets"],
-          characters=f["characters"],
-          archives=f["archives"],
+        images=f["images"],
+        alphabets=f["alphabets"],
+        characters=f["characters"],
+        archives=f["archives"],
       )
     n = data.images.shape[0]
     expected = (n, OMNIGLOT_IMAGES_PER_CHARACTER, image_size, image_size, 1)
-    if (data.images.dtype != np.uint8 or data.images.shape != expected
-        or any(a.shape != (n,) for a in data[1:])):
+    if (
+      data.images.dtype != np.uint8
+      or data.images.shape != expected
+      or any(a.shape != (n,) for a in data[1:])
+    ):
       raise ValueError("unexpected array shapes")
     return data
   except Exception as e:  # pylint: disable=broad-except
-    warnings.warn(f"Ignoring unreadable Omniglot cache {path} ({e!r}); "
-                  "it will be rebuilt.")
+    warnings.warn(
+      f"Ignoring unreadable Omniglot cache {path} ({e!r}); it will be rebuilt.",
+      stacklevel=2,
+    )
     return None
 
 
@@ -193,27 +200,34 @@ def _archive_paths(data_dir: str | os.PathLike) -> list[Path]:
   missing = [str(p) for p in paths if not p.is_file()]
   if missing:
     raise FileNotFoundError(
-        f"Omniglot archive(s) not found: {', '.join(missing)}. Expected "
-        f"{' and '.join(n + '.zip' for n in OMNIGLOT_ARCHIVES)} in "
-        f"{data_dir}; imaml_jax.data.download_omniglot(data_dir) fetches them.")
+      f"Omniglot archive(s) not found: {', '.join(missing)}. Expected "
+      f"{' and '.join(n + '.zip' for n in OMNIGLOT_ARCHIVES)} in "
+      f"{data_dir}; imaml_jax.data.download_omniglot(data_dir) fetches them."
+    )
   return paths
 
 
 def _is_metadata(member: str) -> bool:
   base = member.rsplit("/", 1)[-1]
-  return (member.startswith("__MACOSX/") or base.startswith("._")
-          or base == ".DS_Store" or member.endswith("/"))
+  return (
+    member.startswith("__MACOSX/")
+    or base.startswith("._")
+    or base == ".DS_Store"
+    or member.endswith("/")
+  )
 
 
-def _index_archive(zf: zipfile.ZipFile, path: Path,
-                   top: str) -> list[tuple[str, str, list[str]]]:
+def _index_archive(
+  zf: zipfile.ZipFile, path: Path, top: str
+) -> list[tuple[str, str, list[str]]]:
   """Lists ``(alphabet, character, sorted png members)`` and checks layout.
 
   Only the zip's central directory is read, so layout errors are reported
   before any image is decoded.
   """
-  pattern = re.compile(rf"^{re.escape(top)}/([^/]+)/([^/]+)/([^/]+\.png)$",
-                       re.IGNORECASE)
+  pattern = re.compile(
+    rf"^{re.escape(top)}/([^/]+)/([^/]+)/([^/]+\.png)$", re.IGNORECASE
+  )
   groups: dict[tuple[str, str], list[str]] = {}
   for member in zf.namelist():
     if _is_metadata(member):
@@ -222,30 +236,35 @@ def _index_archive(zf: zipfile.ZipFile, path: Path,
     if match is None:
       if member.lower().endswith(".png"):
         raise ValueError(
-            f"{path}: unexpected member {member!r}; expected the official "
-            f"layout {top}/<Alphabet>/<character>/<image>.png")
+          f"{path}: unexpected member {member!r}; expected the official "
+          f"layout {top}/<Alphabet>/<character>/<image>.png"
+        )
       continue
     groups.setdefault((match[1], match[2]), []).append(member)
   if not groups:
     raise ValueError(
-        f"{path}: no images found under the top-level folder '{top}/'; "
-        f"expected {top}/<Alphabet>/<character>/<image>.png")
+      f"{path}: no images found under the top-level folder '{top}/'; "
+      f"expected {top}/<Alphabet>/<character>/<image>.png"
+    )
   for (alphabet, character), members in groups.items():
     if len(members) != OMNIGLOT_IMAGES_PER_CHARACTER:
       raise ValueError(
-          f"{path}: {top}/{alphabet}/{character} has {len(members)} images, "
-          f"expected {OMNIGLOT_IMAGES_PER_CHARACTER}")
+        f"{path}: {top}/{alphabet}/{character} has {len(members)} images, "
+        f"expected {OMNIGLOT_IMAGES_PER_CHARACTER}"
+      )
   return [(a, c, sorted(m)) for (a, c), m in sorted(groups.items())]
 
 
-def _to_array(image: Image.Image, image_size: int, resample: str,
-              ink_is_dark: bool = True) -> np.ndarray:
+def _to_array(
+  image: Image.Image, image_size: int, resample: str, ink_is_dark: bool = True
+) -> np.ndarray:
   """Greyscale, ink-high, resized ``uint8[image_size, image_size]``."""
   grey = np.asarray(image.convert("L"), dtype=np.uint8)
   if ink_is_dark:
     grey = 255 - grey
   small = Image.fromarray(grey, mode="L").resize(
-      (image_size, image_size), resample=_RESAMPLE[resample])
+    (image_size, image_size), resample=_RESAMPLE[resample]
+  )
   return np.asarray(small, dtype=np.uint8)
 
 
@@ -254,8 +273,9 @@ def _open_archive(path: Path, top: str):
   try:
     zf = zipfile.ZipFile(path)
   except (zipfile.BadZipFile, OSError, EOFError) as e:
-    raise ValueError(f"{path} is not a readable zip archive "
-                     f"(corrupt or truncated?): {e}") from e
+    raise ValueError(
+      f"{path} is not a readable zip archive (corrupt or truncated?): {e}"
+    ) from e
   try:
     return zf, _index_archive(zf, path, top)
   except BaseException:
@@ -263,22 +283,35 @@ def _open_archive(path: Path, top: str):
     raise
 
 
-def _decode_archive(zf: zipfile.ZipFile, index, path: Path, top: str,
-                    image_size: int, resample: str):
+def _decode_archive(
+  zf: zipfile.ZipFile,
+  index,
+  path: Path,
+  top: str,
+  image_size: int,
+  resample: str,
+):
   """Decodes an indexed archive to images and metadata (in sorted order)."""
   images = np.empty(
-      (len(index), OMNIGLOT_IMAGES_PER_CHARACTER, image_size, image_size, 1),
-      dtype=np.uint8)
+    (len(index), OMNIGLOT_IMAGES_PER_CHARACTER, image_size, image_size, 1),
+    dtype=np.uint8,
+  )
   for i, (_, _, members) in enumerate(index):
     for j, member in enumerate(members):
       try:
         with Image.open(io.BytesIO(zf.read(member))) as image:
           images[i, j, :, :, 0] = _to_array(image, image_size, resample)
-      except (zipfile.BadZipFile, zlib.error, OSError, EOFError,
-              ValueError) as e:
+      except (
+        zipfile.BadZipFile,
+        zlib.error,
+        OSError,
+        EOFError,
+        ValueError,
+      ) as e:
         raise ValueError(
-            f"{path}: cannot decode member {member!r} "
-            f"(corrupt or truncated archive?): {e}") from e
+          f"{path}: cannot decode member {member!r} "
+          f"(corrupt or truncated archive?): {e}"
+        ) from e
   alphabets = np.array([a for a, _, _ in index], dtype=str)
   characters = np.array([c for _, c, _ in index], dtype=str)
   archives = np.array([top] * len(index), dtype=str)
@@ -290,16 +323,17 @@ def _check_resize_args(image_size: int, resample: str) -> None:
     raise ValueError(f"image_size must be a positive int, got {image_size!r}")
   if resample not in _RESAMPLE:
     raise ValueError(
-        f"resample must be one of {sorted(_RESAMPLE)}, got {resample!r}")
+      f"resample must be one of {sorted(_RESAMPLE)}, got {resample!r}"
+    )
 
 
 def load_omniglot(
-    data_dir: str | os.PathLike,
-    *,
-    image_size: int = 28,
-    resample: str = "lanczos",
-    cache_dir: str | os.PathLike | None = None,
-    use_cache: bool = True,
+  data_dir: str | os.PathLike,
+  *,
+  image_size: int = 28,
+  resample: str = "lanczos",
+  cache_dir: str | os.PathLike | None = None,
+  use_cache: bool = True,
 ) -> OmniglotData:
   """Loads all 1623 Omniglot characters from the two official zip archives.
 
@@ -350,8 +384,10 @@ def load_omniglot(
   try:
     for p, top in zip(paths, OMNIGLOT_ARCHIVES):
       opened.append(_open_archive(p, top))
-    parts = [_decode_archive(zf, index, p, top, image_size, resample)
-             for (zf, index), p, top in zip(opened, paths, OMNIGLOT_ARCHIVES)]
+    parts = [
+      _decode_archive(zf, index, p, top, image_size, resample)
+      for (zf, index), p, top in zip(opened, paths, OMNIGLOT_ARCHIVES)
+    ]
   finally:
     for zf, _ in opened:
       zf.close()
@@ -360,7 +396,9 @@ def load_omniglot(
     try:
       _save_npz_atomic(cache_path, {"key": np.array(key), **data._asdict()})
     except OSError as e:
-      warnings.warn(f"Could not write the Omniglot cache {cache_path}: {e}")
+      warnings.warn(
+        f"Could not write the Omniglot cache {cache_path}: {e}", stacklevel=2
+      )
   return data
 
 
@@ -369,11 +407,11 @@ def load_omniglot(
 
 
 def omniglot_from_tfds_examples(
-    splits: Mapping[str, Iterable[Mapping[str, np.ndarray]]],
-    *,
-    alphabet_names: Sequence[str],
-    image_size: int = 28,
-    resample: str = "lanczos",
+  splits: Mapping[str, Iterable[Mapping[str, np.ndarray]]],
+  *,
+  alphabet_names: Sequence[str],
+  image_size: int = 28,
+  resample: str = "lanczos",
 ) -> OmniglotData:
   """Converts TFDS ``omniglot`` examples to the :class:`OmniglotData` form.
 
@@ -405,8 +443,9 @@ def omniglot_from_tfds_examples(
   groups: dict[tuple[int, str, str], list[np.ndarray]] = {}
   for archive, examples in splits.items():
     if archive not in OMNIGLOT_ARCHIVES:
-      raise ValueError(f"unknown archive {archive!r}; expected one of "
-                       f"{OMNIGLOT_ARCHIVES}")
+      raise ValueError(
+        f"unknown archive {archive!r}; expected one of {OMNIGLOT_ARCHIVES}"
+      )
     rank = OMNIGLOT_ARCHIVES.index(archive)
     for ex in examples:
       alphabet = alphabet_names[int(ex["alphabet"])]
@@ -416,7 +455,8 @@ def omniglot_from_tfds_examples(
         pixels = pixels[..., 0]
       image = Image.fromarray(pixels)
       groups.setdefault((rank, alphabet, character), []).append(
-          _to_array(image, image_size, resample))
+        _to_array(image, image_size, resample)
+      )
   if not groups:
     raise ValueError("no TFDS examples were given")
   keys = sorted(groups)
@@ -424,22 +464,23 @@ def omniglot_from_tfds_examples(
     n = len(groups[rank, alphabet, character])
     if n != OMNIGLOT_IMAGES_PER_CHARACTER:
       raise ValueError(
-          f"{OMNIGLOT_ARCHIVES[rank]}/{alphabet}/{character} has {n} images, "
-          f"expected {OMNIGLOT_IMAGES_PER_CHARACTER}")
+        f"{OMNIGLOT_ARCHIVES[rank]}/{alphabet}/{character} has {n} images, "
+        f"expected {OMNIGLOT_IMAGES_PER_CHARACTER}"
+      )
   images = np.stack([np.stack(groups[k]) for k in keys])[..., None]
   return OmniglotData(
-      images=images,
-      alphabets=np.array([a for _, a, _ in keys], dtype=str),
-      characters=np.array([c for _, _, c in keys], dtype=str),
-      archives=np.array([OMNIGLOT_ARCHIVES[r] for r, _, _ in keys], dtype=str),
+    images=images,
+    alphabets=np.array([a for _, a, _ in keys], dtype=str),
+    characters=np.array([c for _, _, c in keys], dtype=str),
+    archives=np.array([OMNIGLOT_ARCHIVES[r] for r, _, _ in keys], dtype=str),
   )
 
 
 def load_omniglot_tfds(
-    *,
-    data_dir: str | None = None,
-    image_size: int = 28,
-    resample: str = "lanczos",
+  *,
+  data_dir: str | None = None,
+  image_size: int = 28,
+  resample: str = "lanczos",
 ) -> OmniglotData:
   """Loads Omniglot through ``tensorflow-datasets`` (optional dependency).
 
@@ -462,19 +503,21 @@ def load_omniglot_tfds(
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError(
-        "load_omniglot_tfds needs tensorflow-datasets, which is not "
-        "installed. Install the optional 'tfds' extra: "
-        "pip install imaml_jax[tfds]  (or use load_omniglot with the "
-        "official zip archives).") from e
+      "load_omniglot_tfds needs tensorflow-datasets, which is not "
+      "installed. Install the optional 'tfds' extra: "
+      "pip install imaml_jax[tfds]  (or use load_omniglot with the "
+      "official zip archives)."
+    ) from e
   builder = tfds.builder("omniglot", data_dir=data_dir)
   builder.download_and_prepare()
   names = builder.info.features["alphabet"].names
   splits = {
-      "images_background": tfds.as_numpy(builder.as_dataset(split="train")),
-      "images_evaluation": tfds.as_numpy(builder.as_dataset(split="test")),
+    "images_background": tfds.as_numpy(builder.as_dataset(split="train")),
+    "images_evaluation": tfds.as_numpy(builder.as_dataset(split="test")),
   }
   return omniglot_from_tfds_examples(
-      splits, alphabet_names=names, image_size=image_size, resample=resample)
+    splits, alphabet_names=names, image_size=image_size, resample=resample
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -483,17 +526,26 @@ def load_omniglot_tfds(
 
 def _name_order(data: OmniglotData) -> np.ndarray:
   """Row indices sorted by ``(archive, alphabet, character)`` name."""
-  return np.lexsort((data.characters, data.alphabets,
-                     [OMNIGLOT_ARCHIVES.index(a) if a in OMNIGLOT_ARCHIVES
-                      else len(OMNIGLOT_ARCHIVES) for a in data.archives]))
+  return np.lexsort(
+    (
+      data.characters,
+      data.alphabets,
+      [
+        OMNIGLOT_ARCHIVES.index(a)
+        if a in OMNIGLOT_ARCHIVES
+        else len(OMNIGLOT_ARCHIVES)
+        for a in data.archives
+      ],
+    )
+  )
 
 
 def omniglot_split_indices(
-    data: OmniglotData,
-    *,
-    seed: int = 0,
-    n_train: int = 1200,
-    n_val: int = 100,
+  data: OmniglotData,
+  *,
+  seed: int = 0,
+  n_train: int = 1200,
+  n_val: int = 100,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Row indices of the meta-train, validation and test characters.
 
@@ -526,12 +578,16 @@ def omniglot_split_indices(
   n = len(data.alphabets)
   if n_val < 0 or n_train <= n_val or n_train >= n:
     raise ValueError(
-        f"need 0 <= n_val < n_train < n_characters; got n_val={n_val}, "
-        f"n_train={n_train}, n_characters={n}")
+      f"need 0 <= n_val < n_train < n_characters; got n_val={n_val}, "
+      f"n_train={n_train}, n_characters={n}"
+    )
   shuffled = _name_order(data)[np.random.default_rng(seed).permutation(n)]
   n_meta = n_train - n_val
-  return (np.sort(shuffled[:n_meta]), np.sort(shuffled[n_meta:n_train]),
-          np.sort(shuffled[n_train:]))
+  return (
+    np.sort(shuffled[:n_meta]),
+    np.sort(shuffled[n_meta:n_train]),
+    np.sort(shuffled[n_train:]),
+  )
 
 
 def rotate_classes(images: np.ndarray) -> np.ndarray:
@@ -555,23 +611,26 @@ def rotate_classes(images: np.ndarray) -> np.ndarray:
   """
   images = np.asarray(images)
   if images.ndim != 5 or images.shape[2] != images.shape[3]:
-    raise ValueError("expected [n, n_per_class, H, W, C] with H == W, got "
-                     f"shape {images.shape}")
-  rotated = np.stack([np.rot90(images, k, axes=(2, 3)) for k in range(4)],
-                     axis=1)
+    raise ValueError(
+      "expected [n, n_per_class, H, W, C] with H == W, got "
+      f"shape {images.shape}"
+    )
+  rotated = np.stack(
+    [np.rot90(images, k, axes=(2, 3)) for k in range(4)], axis=1
+  )
   return rotated.reshape((-1,) + images.shape[1:])
 
 
 def omniglot_splits(
-    data_dir: str | os.PathLike,
-    *,
-    seed: int = 0,
-    n_train: int = 1200,
-    n_val: int = 100,
-    rotations: bool = True,
-    image_size: int = 28,
-    resample: str = "lanczos",
-    cache_dir: str | os.PathLike | None = None,
+  data_dir: str | os.PathLike,
+  *,
+  seed: int = 0,
+  n_train: int = 1200,
+  n_val: int = 100,
+  rotations: bool = True,
+  image_size: int = 28,
+  resample: str = "lanczos",
+  cache_dir: str | os.PathLike | None = None,
 ) -> Splits:
   """The standard Omniglot train / validation / test class arrays.
 
@@ -599,12 +658,18 @@ def omniglot_splits(
     (4400, 20, 28, 28, 1)
   """
   if n_val < 0 or n_train <= n_val:
-    raise ValueError(f"need 0 <= n_val < n_train; got n_val={n_val}, "
-                     f"n_train={n_train}")
-  data = load_omniglot(data_dir, image_size=image_size, resample=resample,
-                       cache_dir=cache_dir)
-  parts = [data.images[idx] for idx in omniglot_split_indices(
-      data, seed=seed, n_train=n_train, n_val=n_val)]
+    raise ValueError(
+      f"need 0 <= n_val < n_train; got n_val={n_val}, n_train={n_train}"
+    )
+  data = load_omniglot(
+    data_dir, image_size=image_size, resample=resample, cache_dir=cache_dir
+  )
+  parts = [
+    data.images[idx]
+    for idx in omniglot_split_indices(
+      data, seed=seed, n_train=n_train, n_val=n_val
+    )
+  ]
   if rotations:
     parts = [rotate_classes(p) for p in parts]
   return Splits(*parts)
@@ -647,10 +712,10 @@ def authors_permutation(n: int, seed: int) -> np.ndarray:
 
 
 def omniglot_authors_split_indices(
-    data: OmniglotData,
-    *,
-    seed: int = AUTHORS_TEST_SEED,
-    n_train: int = AUTHORS_N_TRAIN,
+  data: OmniglotData,
+  *,
+  seed: int = AUTHORS_TEST_SEED,
+  n_train: int = AUTHORS_N_TRAIN,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Row indices of the characters the authors' scripts train and test on.
 
@@ -695,20 +760,22 @@ def omniglot_authors_split_indices(
   """
   n = len(data.alphabets)
   if not 0 < n_train < n:
-    raise ValueError(f"need 0 < n_train < n_characters; got n_train="
-                     f"{n_train}, n_characters={n}")
+    raise ValueError(
+      f"need 0 < n_train < n_characters; got n_train="
+      f"{n_train}, n_characters={n}"
+    )
   shuffled = _name_order(data)[authors_permutation(n, seed)]
   return np.sort(shuffled[:n_train]), np.sort(shuffled[n_train:])
 
 
 def omniglot_authors_test(
-    data_dir: str | os.PathLike,
-    *,
-    seed: int = AUTHORS_TEST_SEED,
-    n_train: int = AUTHORS_N_TRAIN,
-    image_size: int = 28,
-    resample: str = "lanczos",
-    cache_dir: str | os.PathLike | None = None,
+  data_dir: str | os.PathLike,
+  *,
+  seed: int = AUTHORS_TEST_SEED,
+  n_train: int = AUTHORS_N_TRAIN,
+  image_size: int = 28,
+  resample: str = "lanczos",
+  cache_dir: str | os.PathLike | None = None,
 ) -> np.ndarray:
   """The test characters of the authors' evaluation script, unrotated.
 
@@ -736,10 +803,12 @@ def omniglot_authors_test(
     >>> omniglot_authors_test("data/omniglot").shape  # doctest: +SKIP
     (423, 20, 28, 28, 1)
   """
-  data = load_omniglot(data_dir, image_size=image_size, resample=resample,
-                       cache_dir=cache_dir)
-  return data.images[omniglot_authors_split_indices(
-      data, seed=seed, n_train=n_train)[1]]
+  data = load_omniglot(
+    data_dir, image_size=image_size, resample=resample, cache_dir=cache_dir
+  )
+  return data.images[
+    omniglot_authors_split_indices(data, seed=seed, n_train=n_train)[1]
+  ]
 
 
 def rotate_task_classes(task, turns):
@@ -771,10 +840,13 @@ def rotate_task_classes(task, turns):
     Array([[1., 3.],
            [0., 2.]], dtype=float32)
   """
+
   def rotate(x, y):
     if x.ndim != 5 or x.shape[2] != x.shape[3]:
-      raise ValueError("expected images [n_tasks, n, H, W, C] with H == W, "
-                       f"got shape {x.shape}")
+      raise ValueError(
+        "expected images [n_tasks, n, H, W, C] with H == W, "
+        f"got shape {x.shape}"
+      )
     k = jnp.take_along_axis(turns, y, axis=1)[..., None, None, None]
     out = x
     for r in range(1, 4):
@@ -783,5 +855,4 @@ def rotate_task_classes(task, turns):
 
   turns = jnp.asarray(turns)
   (xs, ys), (xq, yq) = task.support, task.query
-  return task._replace(support=(rotate(xs, ys), ys), query=(rotate(xq, yq),
-                                                            yq))
+  return task._replace(support=(rotate(xs, ys), ys), query=(rotate(xq, yq), yq))

@@ -1,13 +1,16 @@
 """On-device sampling of N-way K-shot classification episodes."""
+
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec
 
 from imaml_jax._src import sharding
 from imaml_jax._src.types import Task
@@ -15,8 +18,12 @@ from imaml_jax._src.types import Task
 
 def _check_sizes(n_way, k_shot, q_query, n_tasks) -> None:
   """Validates that the static episode sizes are positive Python ints."""
-  counts = {"n_way": n_way, "k_shot": k_shot, "q_query": q_query,
-            "n_tasks": n_tasks}
+  counts = {
+    "n_way": n_way,
+    "k_shot": k_shot,
+    "q_query": q_query,
+    "n_tasks": n_tasks,
+  }
   for name, value in counts.items():
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
       raise ValueError(f"{name} must be a Python int, got {value!r}")
@@ -28,17 +35,22 @@ def _check_counts(images_shape, n_way, k_shot, q_query, n_tasks=1) -> None:
   """Validates the static episode sizes against ``images_shape``."""
   _check_sizes(n_way, k_shot, q_query, n_tasks)
   if len(images_shape) < 3:
-    raise ValueError("images must be [n_classes, n_per_class, ...], got shape "
-                     f"{tuple(images_shape)}")
+    raise ValueError(
+      "images must be [n_classes, n_per_class, ...], got shape "
+      f"{tuple(images_shape)}"
+    )
   n_classes, n_per_class = images_shape[:2]
   if n_way > n_classes:
-    raise ValueError(f"n_way={n_way} is larger than the number of classes "
-                     f"n_classes={n_classes}")
+    raise ValueError(
+      f"n_way={n_way} is larger than the number of classes "
+      f"n_classes={n_classes}"
+    )
   if k_shot + q_query > n_per_class:
     raise ValueError(
-        f"k_shot + q_query = {k_shot} + {q_query} = {k_shot + q_query} is "
-        f"larger than the number of images per class n_per_class="
-        f"{n_per_class}")
+      f"k_shot + q_query = {k_shot} + {q_query} = {k_shot + q_query} is "
+      f"larger than the number of images per class n_per_class="
+      f"{n_per_class}"
+    )
 
 
 def _sample_one(key, images, n_way, k_shot, q_query):
@@ -60,22 +72,28 @@ def _sample_one(key, images, n_way, k_shot, q_query):
   bits = jax.random.bits(key, (n_classes + n_image_bits + n_way,), jnp.uint32)
   rand = (bits >> 8).astype(jnp.float32)  # exact integers in [0, 2^24)
   classes = jax.lax.top_k(rand[:n_classes], n_way)[1]
-  image_rand = rand[n_classes:n_classes + n_image_bits]
-  draws = jnp.argsort(image_rand.reshape(n_way, n_per_class),
-                      axis=-1)[:, :n_draw]                 # [n_way, k + q]
-  labels = jnp.argsort(rand[n_classes + n_image_bits:]).astype(jnp.int32)
+  image_rand = rand[n_classes : n_classes + n_image_bits]
+  draws = jnp.argsort(image_rand.reshape(n_way, n_per_class), axis=-1)[
+    :, :n_draw
+  ]  # [n_way, k + q]
+  labels = jnp.argsort(rand[n_classes + n_image_bits :]).astype(jnp.int32)
   x = images[classes[:, None], draws].astype(jnp.float32) / 255.0
   y = jnp.broadcast_to(labels[:, None], (n_way, n_draw))
-  support = (x[:, :k_shot].reshape((n_way * k_shot,) + image_shape),
-             y[:, :k_shot].reshape(n_way * k_shot))
-  query = (x[:, k_shot:].reshape((n_way * q_query,) + image_shape),
-           y[:, k_shot:].reshape(n_way * q_query))
+  support = (
+    x[:, :k_shot].reshape((n_way * k_shot,) + image_shape),
+    y[:, :k_shot].reshape(n_way * k_shot),
+  )
+  query = (
+    x[:, k_shot:].reshape((n_way * q_query,) + image_shape),
+    y[:, k_shot:].reshape(n_way * q_query),
+  )
   return support, query
 
 
 @functools.partial(jax.jit, static_argnames=("n_way", "k_shot", "q_query"))
-def sample_tasks_from_keys(keys, images, n_way: int, k_shot: int,
-                           q_query: int) -> Task:
+def sample_tasks_from_keys(
+  keys, images, n_way: int, k_shot: int, q_query: int
+) -> Task:
   """Like :func:`sample_tasks`, with one PRNG key per task given explicitly.
 
   Args:
@@ -91,14 +109,17 @@ def sample_tasks_from_keys(keys, images, n_way: int, k_shot: int,
   n_tasks = keys.shape[0]
   _check_counts(images.shape, n_way, k_shot, q_query, n_tasks)
   support, query = jax.vmap(
-      lambda k: _sample_one(k, images, n_way, k_shot, q_query))(keys)
+    lambda k: _sample_one(k, images, n_way, k_shot, q_query)
+  )(keys)
   return Task(support=support, query=query)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("n_way", "k_shot", "q_query", "n_tasks"))
-def sample_tasks(key, images, n_way: int, k_shot: int, q_query: int,
-                 n_tasks: int) -> Task:
+@functools.partial(
+  jax.jit, static_argnames=("n_way", "k_shot", "q_query", "n_tasks")
+)
+def sample_tasks(
+  key, images, n_way: int, k_shot: int, q_query: int, n_tasks: int
+) -> Task:
   """Samples a batch of N-way K-shot classification tasks on device.
 
   For each task (its own key from ``jax.random.split(key, n_tasks)``):
@@ -151,9 +172,15 @@ def sample_tasks(key, images, n_way: int, k_shot: int, q_query: int,
   return sample_tasks_from_keys(keys, images, n_way, k_shot, q_query)
 
 
-def make_sharded_sampler(mesh: Mesh, n_way: int, k_shot: int, q_query: int,
-                         n_tasks: int, *,
-                         axis: str = sharding.TASK_AXIS) -> Callable:
+def make_sharded_sampler(
+  mesh: Mesh,
+  n_way: int,
+  k_shot: int,
+  q_query: int,
+  n_tasks: int,
+  *,
+  axis: str = sharding.TASK_AXIS,
+) -> Callable:
   """An N-way K-shot episode sampler whose tasks are drawn on their devices.
 
   ``sample(key, images)`` returns exactly the tasks of
@@ -199,10 +226,13 @@ def make_sharded_sampler(mesh: Mesh, n_way: int, k_shot: int, q_query: int,
   sharding.check_divisible(n_tasks, mesh, axis)
   keys_sharding = sharding.task_sharding(mesh, axis)
   local_sample = jax.shard_map(
-      lambda keys, images: sample_tasks_from_keys(keys, images, n_way, k_shot,
-                                                  q_query),
-      mesh=mesh, in_specs=(PartitionSpec(axis), PartitionSpec()),
-      out_specs=PartitionSpec(axis))
+    lambda keys, images: sample_tasks_from_keys(
+      keys, images, n_way, k_shot, q_query
+    ),
+    mesh=mesh,
+    in_specs=(PartitionSpec(axis), PartitionSpec()),
+    out_specs=PartitionSpec(axis),
+  )
 
   @jax.jit
   def sample(key, images) -> Task:
@@ -216,12 +246,17 @@ def make_sharded_sampler(mesh: Mesh, n_way: int, k_shot: int, q_query: int,
 def _evaluation_keys(n_tasks: int, seed: int):
   # A fixed key implementation, so the tasks do not depend on the
   # ``jax_default_prng_impl`` setting.
-  return jax.random.split(
-      jax.random.key(seed, impl="threefry2x32"), n_tasks)
+  return jax.random.split(jax.random.key(seed, impl="threefry2x32"), n_tasks)
 
 
-def evaluation_tasks(images, n_way: int, k_shot: int, q_query: int,
-                     n_tasks: int = 600, seed: int = 0) -> Task:
+def evaluation_tasks(
+  images,
+  n_way: int,
+  k_shot: int,
+  q_query: int,
+  n_tasks: int = 600,
+  seed: int = 0,
+) -> Task:
   """A fixed set of evaluation tasks, identical across runs and machines.
 
   The tasks are :func:`sample_tasks_from_keys` with the keys
@@ -249,13 +284,20 @@ def evaluation_tasks(images, n_way: int, k_shot: int, q_query: int,
   """
   images = jnp.asarray(images)
   _check_counts(images.shape, n_way, k_shot, q_query, n_tasks)
-  return sample_tasks_from_keys(_evaluation_keys(n_tasks, seed), images,
-                                n_way, k_shot, q_query)
+  return sample_tasks_from_keys(
+    _evaluation_keys(n_tasks, seed), images, n_way, k_shot, q_query
+  )
 
 
-def evaluation_task_chunks(images, n_way: int, k_shot: int, q_query: int,
-                           n_tasks: int = 600, seed: int = 0,
-                           chunk_size: int = 100) -> Iterator[Task]:
+def evaluation_task_chunks(
+  images,
+  n_way: int,
+  k_shot: int,
+  q_query: int,
+  n_tasks: int = 600,
+  seed: int = 0,
+  chunk_size: int = 100,
+) -> Iterator[Task]:
   """Yields :func:`evaluation_tasks` in chunks of at most ``chunk_size``.
 
   Concatenating the chunks along the task axis gives exactly
@@ -280,14 +322,17 @@ def evaluation_task_chunks(images, n_way: int, k_shot: int, q_query: int,
   if chunk_size <= 0:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}")
   keys = _evaluation_keys(n_tasks, seed)
-  return (sample_tasks_from_keys(keys[start:start + chunk_size], images,
-                                 n_way, k_shot, q_query)
-          for start in range(0, n_tasks, chunk_size))
+  return (
+    sample_tasks_from_keys(
+      keys[start : start + chunk_size], images, n_way, k_shot, q_query
+    )
+    for start in range(0, n_tasks, chunk_size)
+  )
 
 
-def reptile_minibatch_rows(n_way: int, k_shot: int, q_query: int,
-                           shots: int, batch_size: int,
-                           steps: int) -> np.ndarray:
+def reptile_minibatch_rows(
+  n_way: int, k_shot: int, q_query: int, shots: int, batch_size: int, steps: int
+) -> np.ndarray:
   """``int[steps, batch_size]``: rows of ``concat(support, query)`` a step.
 
   The pool holds the first ``shots`` images of each class (the support
@@ -304,21 +349,31 @@ def reptile_minibatch_rows(n_way: int, k_shot: int, q_query: int,
   """
   if shots > k_shot + q_query:
     raise ValueError(
-        f"Reptile's {shots} training images per class are more than a "
-        f"task's k_shot + q_query = {k_shot} + {q_query}.")
-  for name, value in (("shots", shots), ("batch_size", batch_size),
-                      ("steps", steps), ("n_way", n_way)):
+      f"Reptile's {shots} training images per class are more than a "
+      f"task's k_shot + q_query = {k_shot} + {q_query}."
+    )
+  for name, value in (
+    ("shots", shots),
+    ("batch_size", batch_size),
+    ("steps", steps),
+    ("n_way", n_way),
+  ):
     if value < 1:
       raise ValueError(f"{name} must be >= 1, got {value}.")
   shot, cls = np.divmod(np.arange(n_way * shots), n_way)
-  pool = np.where(shot < k_shot, cls * k_shot + shot,
-                  n_way * k_shot + cls * q_query + shot - k_shot)
+  pool = np.where(
+    shot < k_shot,
+    cls * k_shot + shot,
+    n_way * k_shot + cls * q_query + shot - k_shot,
+  )
   return pool[np.arange(steps * batch_size) % pool.size].reshape(
-      steps, batch_size)
+    steps, batch_size
+  )
 
 
-def reptile_minibatches(tasks: Task, n_way: int, shots: int,
-                        batch_size: int, steps: int) -> Task:
+def reptile_minibatches(
+  tasks: Task, n_way: int, shots: int, batch_size: int, steps: int
+) -> Task:
   """Reptile's training mini-batches from a batch of N-way tasks.
 
   Replaces each task's support set by ``steps`` mini-batches of
@@ -328,10 +383,11 @@ def reptile_minibatches(tasks: Task, n_way: int, shots: int,
   ``imaml_jax.reptile(..., minibatches=True)``. The query set is kept for
   metrics; the first ``shots - k_shot`` query images per class are then
   also training images, so the training metrics measure fit, and only
-  validation and test tasks measure adaptation. Reptile's commands train on 10 images per class in mini-batches
-  of 10 (5-way) or 20 (20-way) (``openai/supervised-reptile``, README); it
-  shuffles the images, where this reads them in a fixed order across the
-  classes, which the random draw of a task's images already makes random.
+  validation and test tasks measure adaptation. Reptile's commands train on
+  10 images per class in mini-batches of 10 (5-way) or 20 (20-way)
+  (``openai/supervised-reptile``, README); it shuffles the images, where
+  this reads them in a fixed order across the classes, which the random
+  draw of a task's images already makes random.
 
   Args:
     tasks: a batch of tasks from :func:`sample_tasks` (class-major support
@@ -356,12 +412,17 @@ def reptile_minibatches(tasks: Task, n_way: int, shots: int,
   k_shot, rem_k = divmod(x_support.shape[1], n_way)
   q_query, rem_q = divmod(x_query.shape[1], n_way)
   if rem_k or rem_q:
-    raise ValueError(f"a task's {x_support.shape[1]} support and "
-                     f"{x_query.shape[1]} query examples are not a multiple "
-                     f"of n_way = {n_way}.")
-  rows = jnp.asarray(reptile_minibatch_rows(n_way, k_shot, q_query, shots,
-                                            batch_size, steps))
+    raise ValueError(
+      f"a task's {x_support.shape[1]} support and "
+      f"{x_query.shape[1]} query examples are not a multiple "
+      f"of n_way = {n_way}."
+    )
+  rows = jnp.asarray(
+    reptile_minibatch_rows(n_way, k_shot, q_query, shots, batch_size, steps)
+  )
   support = jax.tree_util.tree_map(
-      lambda s, q: jnp.concatenate([s, q], axis=1)[:, rows],
-      tasks.support, tasks.query)
+    lambda s, q: jnp.concatenate([s, q], axis=1)[:, rows],
+    tasks.support,
+    tasks.query,
+  )
   return Task(support=support, query=tasks.query)

@@ -2,6 +2,7 @@
 
 All functions are pure and jittable (counts are static Python ints).
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,18 +20,26 @@ def _check_positive(**counts) -> None:
       raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "n_tasks", "k_shot", "q_query", "amplitude_range", "phase_range",
-    "input_range"))
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "n_tasks",
+    "k_shot",
+    "q_query",
+    "amplitude_range",
+    "phase_range",
+    "input_range",
+  ),
+)
 def sinusoid_tasks(
-    key,
-    n_tasks: int,
-    k_shot: int,
-    q_query: int,
-    *,
-    amplitude_range: tuple[float, float] = (0.1, 5.0),
-    phase_range: tuple[float, float] = (0.0, jnp.pi),
-    input_range: tuple[float, float] = (-5.0, 5.0),
+  key,
+  n_tasks: int,
+  k_shot: int,
+  q_query: int,
+  *,
+  amplitude_range: tuple[float, float] = (0.1, 5.0),
+  phase_range: tuple[float, float] = (0.0, jnp.pi),
+  input_range: tuple[float, float] = (-5.0, 5.0),
 ) -> Task:
   """Sinusoid regression tasks of MAML (Finn et al., 2017, section 5.1).
 
@@ -70,21 +79,23 @@ def sinusoid_tasks(
   phase = scale(u[:, 1:2], phase_range)
   x = scale(u[:, 2:], input_range)
   y = amplitude * jnp.sin(x - phase)
-  return Task(support=(x[:, :k_shot], y[:, :k_shot]),
-              query=(x[:, k_shot:], y[:, k_shot:]))
+  return Task(
+    support=(x[:, :k_shot], y[:, :k_shot]), query=(x[:, k_shot:], y[:, k_shot:])
+  )
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "n_tasks", "n_support", "n_query", "dim", "dtype"))
+@functools.partial(
+  jax.jit, static_argnames=("n_tasks", "n_support", "n_query", "dim", "dtype")
+)
 def linear_regression_tasks(
-    key,
-    n_tasks: int,
-    n_support: int,
-    n_query: int,
-    dim: int,
-    *,
-    noise: float = 0.1,
-    dtype=None,
+  key,
+  n_tasks: int,
+  n_support: int,
+  n_query: int,
+  dim: int,
+  *,
+  noise: float = 0.1,
+  dtype=None,
 ) -> Task:
   """Linear regression tasks, whose iMAML meta-gradient is known exactly.
 
@@ -113,19 +124,22 @@ def linear_regression_tasks(
     >>> task.support[0].shape, task.support[1].shape
     ((8, 20, 5), (8, 20))
   """
-  _check_positive(n_tasks=n_tasks, n_support=n_support, n_query=n_query,
-                  dim=dim)
+  _check_positive(
+    n_tasks=n_tasks, n_support=n_support, n_query=n_query, dim=dim
+  )
   if dtype is None:
     dtype = jnp.zeros(()).dtype  # the default float under the current config
   n = n_support + n_query
   # One draw for weights, inputs and noise (a single PRNG call compiles fast).
   z = jax.random.normal(key, (n_tasks, dim + n * dim + n), dtype)
   w = z[:, :dim]
-  x = z[:, dim:dim + n * dim].reshape(n_tasks, n, dim)
-  eps = z[:, dim + n * dim:]
+  x = z[:, dim : dim + n * dim].reshape(n_tasks, n, dim)
+  eps = z[:, dim + n * dim :]
   y = jnp.sum(x * w[:, None, :], axis=-1) + jnp.asarray(noise, dtype) * eps
-  return Task(support=(x[:, :n_support], y[:, :n_support]),
-              query=(x[:, n_support:], y[:, n_support:]))
+  return Task(
+    support=(x[:, :n_support], y[:, :n_support]),
+    query=(x[:, n_support:], y[:, n_support:]),
+  )
 
 
 def _spd_solve(a, b):

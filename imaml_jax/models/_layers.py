@@ -4,9 +4,11 @@ Every layer is a small pure function on arrays plus, where it owns parameters, a
 thin `flax.linen` module that creates them. The pure functions are what the
 modules call, so the maths can be tested without Flax.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -26,8 +28,9 @@ _PAD = 1  # Every convolution here is 3x3 with one pixel of zero padding.
 def _check_formulation(formulation: str) -> None:
   if formulation not in CONV_FORMULATIONS:
     raise ValueError(
-        f"Unknown convolution formulation {formulation!r}; expected one of "
-        f"{CONV_FORMULATIONS}.")
+      f"Unknown convolution formulation {formulation!r}; expected one of "
+      f"{CONV_FORMULATIONS}."
+    )
 
 
 def conv_output_size(size: int, stride: int) -> int:
@@ -63,12 +66,12 @@ def _shifted_views(x: Array, stride: int) -> list[Array]:
 
 
 def conv3x3(
-    x: Array,
-    kernel: Array,
-    *,
-    stride: int = 1,
-    formulation: str = DEFAULT_CONV,
-    precision: Precision = None,
+  x: Array,
+  kernel: Array,
+  *,
+  stride: int = 1,
+  formulation: str = DEFAULT_CONV,
+  precision: Precision = None,
 ) -> Array:
   """3x3 convolution with zero padding 1, in one of several formulations.
 
@@ -114,19 +117,22 @@ def conv3x3(
   _check_formulation(formulation)
   if kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
     raise ValueError(
-        f"kernel shape {kernel.shape} does not fit input shape {x.shape}; "
-        "expected (3, 3, Cin, Cout).")
+      f"kernel shape {kernel.shape} does not fit input shape {x.shape}; "
+      "expected (3, 3, Cin, Cout)."
+    )
   b, h, w, cin = x.shape
   cout = kernel.shape[-1]
   ho, wo = conv_output_size(h, stride), conv_output_size(w, stride)
 
   if formulation == "lax":
     return lax.conv_general_dilated(
-        x, kernel,
-        window_strides=(stride, stride),
-        padding=((_PAD, _PAD), (_PAD, _PAD)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=precision)
+      x,
+      kernel,
+      window_strides=(stride, stride),
+      padding=((_PAD, _PAD), (_PAD, _PAD)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=precision,
+    )
 
   # formulation == "patches"
   patches = jnp.concatenate(_shifted_views(x, stride), axis=-1)
@@ -136,11 +142,11 @@ def conv3x3(
 
 
 def batch_norm(
-    x: Array,
-    scale: Array,
-    bias: Array,
-    *,
-    epsilon: float = 1e-5,
+  x: Array,
+  scale: Array,
+  bias: Array,
+  *,
+  epsilon: float = 1e-5,
 ) -> Array:
   """Normalises each channel with the statistics of the batch it is given.
 
@@ -195,7 +201,7 @@ def max_pool_2x2(x: Array) -> Array:
   """
   b, h, w, c = x.shape
   ho, wo = h // 2, w // 2
-  x = x[:, :2 * ho, :2 * wo, :].reshape(b, ho, 2, wo, 2, c)
+  x = x[:, : 2 * ho, : 2 * wo, :].reshape(b, ho, 2, wo, 2, c)
   return jnp.max(x, axis=(2, 4))
 
 
@@ -224,10 +230,18 @@ class Conv3x3(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = self.param(
-        "kernel", self.kernel_init, (3, 3, x.shape[-1], self.features),
-        jnp.float32)
-    return conv3x3(x, kernel.astype(x.dtype), stride=self.stride,
-                   formulation=self.conv, precision=self.precision)
+      "kernel",
+      self.kernel_init,
+      (3, 3, x.shape[-1], self.features),
+      jnp.float32,
+    )
+    return conv3x3(
+      x,
+      kernel.astype(x.dtype),
+      stride=self.stride,
+      formulation=self.conv,
+      precision=self.precision,
+    )
 
 
 class BatchStatNorm(nn.Module):
@@ -250,8 +264,12 @@ class BatchStatNorm(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     c = x.shape[-1]
-    scale = (self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-             if self.use_scale else jnp.ones((c,), jnp.float32))
+    scale = (
+      self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+      if self.use_scale
+      else jnp.ones((c,), jnp.float32)
+    )
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    return batch_norm(x, scale.astype(x.dtype), bias.astype(x.dtype),
-                      epsilon=self.epsilon)
+    return batch_norm(
+      x, scale.astype(x.dtype), bias.astype(x.dtype), epsilon=self.epsilon
+    )

@@ -6,9 +6,11 @@ the returned functions are pure, can be differentiated twice (e.g.
 forward-over-reverse Hessian-vector products) and `jax.vmap`-ed over a leading
 task axis of `params` and `batch`.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -86,7 +88,8 @@ def regression_loss(net: nn.Module) -> LossFn:
     pred = net.apply({"params": params}, x)
     if pred.size != y.size:
       raise ValueError(
-          f"prediction shape {pred.shape} does not match target shape {y.shape}")
+        f"prediction shape {pred.shape} does not match target shape {y.shape}"
+      )
     pred = pred.reshape(y.shape)
     return jnp.mean(jnp.square(pred - y)), {}
 

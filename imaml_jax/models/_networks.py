@@ -1,7 +1,9 @@
 """The networks of the few-shot benchmarks (Finn et al. 2017; Rajeswaran et al. 2019)."""
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -62,19 +64,29 @@ class ConvNet(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     for i in range(self.n_blocks):
-      x = _layers.Conv3x3(self.features, stride=self.stride, conv=self.conv,
-                          precision=self.precision,
-                          kernel_init=self.kernel_init, name=f"conv{i}")(x)
-      x = _layers.BatchStatNorm(epsilon=self.norm_epsilon,
-                                use_scale=self.norm_scale, name=f"norm{i}")(x)
+      x = _layers.Conv3x3(
+        self.features,
+        stride=self.stride,
+        conv=self.conv,
+        precision=self.precision,
+        kernel_init=self.kernel_init,
+        name=f"conv{i}",
+      )(x)
+      x = _layers.BatchStatNorm(
+        epsilon=self.norm_epsilon, use_scale=self.norm_scale, name=f"norm{i}"
+      )(x)
       x = nn.relu(x)
       if self.pool:
         x = _layers.max_pool_2x2(x)
     if self.global_pool:
       x = x.mean(axis=(1, 2))
     x = x.reshape(x.shape[0], -1)
-    return nn.Dense(self.n_way, precision=self.precision,
-                    kernel_init=self.head_init, name="head")(x)
+    return nn.Dense(
+      self.n_way,
+      precision=self.precision,
+      kernel_init=self.head_init,
+      name="head",
+    )(x)
 
 
 NETWORK_VARIANTS = ("standard", "maml")
@@ -83,17 +95,21 @@ NETWORK_VARIANTS = ("standard", "maml")
 def _variant_fields(variant: str, *, global_pool: bool) -> dict:
   """`ConvNet` fields of a network variant (see `omniglot_convnet`)."""
   if variant not in NETWORK_VARIANTS:
-    raise ValueError(f"variant must be one of {', '.join(NETWORK_VARIANTS)}; "
-                     f"got {variant!r}.")
+    raise ValueError(
+      f"variant must be one of {', '.join(NETWORK_VARIANTS)}; got {variant!r}."
+    )
   if variant == "standard":
     return {}
   # MAML's reference code (github.com/cbfinn/maml): maml.py
   # construct_conv_weights and forward_conv; utils.py conv_block, normalize.
   glorot = nn.initializers.glorot_uniform()
-  return dict(norm_scale=False, norm_epsilon=1e-3, global_pool=global_pool,
-              kernel_init=glorot,
-              head_init=(nn.initializers.normal(1.0) if global_pool
-                         else glorot))
+  return dict(
+    norm_scale=False,
+    norm_epsilon=1e-3,
+    global_pool=global_pool,
+    kernel_init=glorot,
+    head_init=(nn.initializers.normal(1.0) if global_pool else glorot),
+  )
 
 
 class MLP(nn.Module):
@@ -117,11 +133,11 @@ class MLP(nn.Module):
 
 
 def omniglot_convnet(
-    n_way: int,
-    *,
-    conv: str = _layers.DEFAULT_CONV,
-    precision: _layers.Precision = None,
-    variant: str = "standard",
+  n_way: int,
+  *,
+  conv: str = _layers.DEFAULT_CONV,
+  precision: _layers.Precision = None,
+  variant: str = "standard",
 ) -> ConvNet:
   """The Omniglot network of MAML and iMAML.
 
@@ -159,17 +175,24 @@ def omniglot_convnet(
     ((64, 5), ['bias'])
   """
   _layers._check_formulation(conv)
-  return ConvNet(n_way=n_way, features=64, n_blocks=4, stride=2, pool=False,
-                 conv=conv, precision=precision,
-                 **_variant_fields(variant, global_pool=True))
+  return ConvNet(
+    n_way=n_way,
+    features=64,
+    n_blocks=4,
+    stride=2,
+    pool=False,
+    conv=conv,
+    precision=precision,
+    **_variant_fields(variant, global_pool=True),
+  )
 
 
 def miniimagenet_convnet(
-    n_way: int,
-    *,
-    conv: str = _layers.DEFAULT_CONV,
-    precision: _layers.Precision = None,
-    variant: str = "standard",
+  n_way: int,
+  *,
+  conv: str = _layers.DEFAULT_CONV,
+  precision: _layers.Precision = None,
+  variant: str = "standard",
 ) -> ConvNet:
   """The mini-ImageNet network of MAML and iMAML.
 
@@ -200,9 +223,16 @@ def miniimagenet_convnet(
     (800, 5)
   """
   _layers._check_formulation(conv)
-  return ConvNet(n_way=n_way, features=32, n_blocks=4, stride=1, pool=True,
-                 conv=conv, precision=precision,
-                 **_variant_fields(variant, global_pool=False))
+  return ConvNet(
+    n_way=n_way,
+    features=32,
+    n_blocks=4,
+    stride=1,
+    pool=True,
+    conv=conv,
+    precision=precision,
+    **_variant_fields(variant, global_pool=False),
+  )
 
 
 def sinusoid_mlp() -> MLP:
@@ -248,6 +278,7 @@ def init_params(net: nn.Module, key: Array, example_x: Array) -> dict:
   extra = set(variables) - {"params"}
   if extra:
     raise ValueError(
-        f"{type(net).__name__} has non-parameter collections {sorted(extra)}; "
-        "only 'params' is supported.")
+      f"{type(net).__name__} has non-parameter collections {sorted(extra)}; "
+      "only 'params' is supported."
+    )
   return dict(variables["params"])

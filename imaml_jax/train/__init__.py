@@ -11,6 +11,7 @@ Example:
   >>> cfg = train.get_config("sinusoid")
   >>> train.train_and_evaluate(cfg, "runs/sinusoid")  # doctest: +SKIP
 """
+
 from imaml_jax.train.checkpoint import CheckpointError
 from imaml_jax.train.config import Config
 from imaml_jax.train.config import ConfigError
@@ -33,24 +34,24 @@ from imaml_jax.train.workdir import WorkdirError
 from imaml_jax.train.workdir import load_run
 
 __all__ = [
-    "CONFIG_FILE",
-    "CheckpointError",
-    "Config",
-    "ConfigError",
-    "DataError",
-    "DeviceError",
-    "TrainingDiverged",
-    "WorkdirError",
-    "apply_overrides",
-    "compiler_options",
-    "config_names",
-    "evaluate_workdir",
-    "get_config",
-    "init_sums",
-    "load_run",
-    "make_mesh",
-    "make_train_step",
-    "metric_shapes",
-    "summarize",
-    "train_and_evaluate",
+  "CONFIG_FILE",
+  "CheckpointError",
+  "Config",
+  "ConfigError",
+  "DataError",
+  "DeviceError",
+  "TrainingDiverged",
+  "WorkdirError",
+  "apply_overrides",
+  "compiler_options",
+  "config_names",
+  "evaluate_workdir",
+  "get_config",
+  "init_sums",
+  "load_run",
+  "make_mesh",
+  "make_train_step",
+  "metric_shapes",
+  "summarize",
+  "train_and_evaluate",
 ]

@@ -33,6 +33,7 @@ Example:
   >>> step, tree["w"]
   (7, array([0., 1., 2.]))
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -95,8 +96,9 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
 
 def _to_numpy(tree: Any) -> Any:
   state = flax.serialization.to_state_dict(tree)
-  return jax.tree.map(lambda x: x if isinstance(x, str) else np.asarray(x),
-                      state)
+  return jax.tree.map(
+    lambda x: x if isinstance(x, str) else np.asarray(x), state
+  )
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -133,8 +135,9 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
   _fsync_dir(path.parent)
 
 
-def save(directory: str | os.PathLike, step: int, tree: Any, *,
-         keep: int | None = None) -> Path:
+def save(
+  directory: str | os.PathLike, step: int, tree: Any, *, keep: int | None = None
+) -> Path:
   """Writes ``tree`` as checkpoint ``step`` atomically; keeps the newest ``keep``.
 
   Args:
@@ -151,9 +154,13 @@ def save(directory: str | os.PathLike, step: int, tree: Any, *,
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   payload = flax.serialization.msgpack_serialize(_to_numpy(tree))
-  header = {"format": FORMAT, "version": VERSION, "step": int(step),
-            "size": len(payload),
-            "sha256": hashlib.sha256(payload).hexdigest()}
+  header = {
+    "format": FORMAT,
+    "version": VERSION,
+    "step": int(step),
+    "size": len(payload),
+    "sha256": hashlib.sha256(payload).hexdigest(),
+  }
   path = checkpoint_path(directory, step)
   write_atomic(path, json.dumps(header).encode() + b"\n" + payload)
   if keep is not None:
@@ -184,16 +191,22 @@ def load(path: str | os.PathLike) -> tuple[int, Any]:
   except ValueError:
     header = None
   if not isinstance(header, dict) or header.get("format") != FORMAT:
-    raise CheckpointError(f"{path} is not an imaml_jax checkpoint (bad "
-                          "header); the file is corrupt or truncated.")
+    raise CheckpointError(
+      f"{path} is not an imaml_jax checkpoint (bad "
+      "header); the file is corrupt or truncated."
+    )
   if header.get("version") != VERSION:
-    raise CheckpointError(f"{path} has checkpoint version "
-                          f"{header.get('version')}; this imaml_jax reads "
-                          f"version {VERSION}.")
+    raise CheckpointError(
+      f"{path} has checkpoint version "
+      f"{header.get('version')}; this imaml_jax reads "
+      f"version {VERSION}."
+    )
   if len(payload) != header.get("size"):
-    raise CheckpointError(f"{path} is truncated or corrupt: expected "
-                          f"{header.get('size')} payload bytes, found "
-                          f"{len(payload)}.")
+    raise CheckpointError(
+      f"{path} is truncated or corrupt: expected "
+      f"{header.get('size')} payload bytes, found "
+      f"{len(payload)}."
+    )
   if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
     raise CheckpointError(f"{path} is corrupt: SHA-256 checksum mismatch.")
   try:
@@ -218,24 +231,29 @@ def restore_into(template: Any, restored: Any, *, what: str = "checkpoint"):
     CheckpointError: different structure, shapes or dtypes.
   """
   want = jax.tree_util.tree_flatten_with_path(
-      flax.serialization.to_state_dict(template))[0]
+    flax.serialization.to_state_dict(template)
+  )[0]
   got = jax.tree_util.tree_flatten_with_path(restored)[0]
   want_keys = [jax.tree_util.keystr(p) for p, _ in want]
   got_keys = [jax.tree_util.keystr(p) for p, _ in got]
   if want_keys != got_keys:
     extra = sorted(set(got_keys) - set(want_keys))
     missing = sorted(set(want_keys) - set(got_keys))
-    raise CheckpointError(f"{what} does not match this run's structure: "
-                          f"unexpected entries {extra}, missing {missing}.")
+    raise CheckpointError(
+      f"{what} does not match this run's structure: "
+      f"unexpected entries {extra}, missing {missing}."
+    )
   for key, (_, w), (_, g) in zip(want_keys, want, got):
     w, g = np.asarray(w), np.asarray(g)
     if g.shape != w.shape or g.dtype != w.dtype:
       raise CheckpointError(
-          f"{what} entry {key} has shape {g.shape} and dtype {g.dtype}; "
-          f"this run expects {w.shape} {w.dtype}.")
+        f"{what} entry {key} has shape {g.shape} and dtype {g.dtype}; "
+        f"this run expects {w.shape} {w.dtype}."
+      )
   try:
     out = flax.serialization.from_state_dict(template, restored)
   except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f"{what} does not match this run's structure: "
-                          f"{e}") from e
+    raise CheckpointError(
+      f"{what} does not match this run's structure: {e}"
+    ) from e
   return out

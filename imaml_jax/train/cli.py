@@ -38,11 +38,12 @@ system all hosts share, and only process 0 writes to it.
 Example:
   >>> train_main(["sinusoid", "--workdir", "/tmp/sin"])  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import imaml_jax as im
 from imaml_jax.train import checkpoint as ckpt_lib
@@ -57,9 +58,13 @@ from imaml_jax.train import workdir as workdir_lib
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 AUTO = "auto"
-_INPUT_ERRORS = (config_lib.ConfigError, exp_lib.DataError,
-                 workdir_lib.WorkdirError, ckpt_lib.CheckpointError,
-                 runtime.DeviceError)
+_INPUT_ERRORS = (
+  config_lib.ConfigError,
+  exp_lib.DataError,
+  workdir_lib.WorkdirError,
+  ckpt_lib.CheckpointError,
+  runtime.DeviceError,
+)
 
 
 def _fail(prog: str, message: str, code: int) -> None:
@@ -69,36 +74,60 @@ def _fail(prog: str, message: str, code: int) -> None:
 
 def train_parser(prog: str = "imaml-train") -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog=prog, description="Meta-train a named config, then test it.")
-  parser.add_argument("config", nargs="?",
-                      help="config name (see --list), e.g. sinusoid or "
-                           "omniglot_5w1s_imaml_gd")
-  parser.add_argument("--workdir", help="run directory (resumes if it "
-                      "holds a run of the same config)")
-  parser.add_argument("--data-dir", default=None,
-                      help="dataset directory (default: $IMAML_OMNIGLOT_DIR "
-                           "or $IMAML_MINI_IMAGENET_DIR)")
-  parser.add_argument("--set", dest="overrides", action="extend", nargs="+",
-                      default=[], metavar="KEY=VALUE",
-                      help="override a config field, e.g. --set "
-                           "meta_steps=100 meta_batch=4")
-  parser.add_argument("--list", action="store_true",
-                      help="list the config names and exit")
-  parser.add_argument("--no-progress", action="store_true",
-                      help="no progress bar")
-  parser.add_argument("--time-budget", type=float, default=None,
-                      metavar="SECONDS",
-                      help="stop meta-training after SECONDS of training in "
-                           "this invocation, checkpoint and test; the same "
-                           "command resumes later")
-  parser.add_argument("--compile-cache", default=None, metavar="DIR",
-                      help="persistent XLA compilation cache: a rerun of "
-                           "the same step loads it instead of compiling "
-                           "(default: $IMAML_CACHE_DIR/xla, else "
-                           "~/.cache/imaml_jax/xla; a cache already set "
-                           "through JAX's own configuration is kept)")
-  parser.add_argument("--no-compile-cache", action="store_true",
-                      help="compile every step afresh")
+    prog=prog, description="Meta-train a named config, then test it."
+  )
+  parser.add_argument(
+    "config",
+    nargs="?",
+    help="config name (see --list), e.g. sinusoid or omniglot_5w1s_imaml_gd",
+  )
+  parser.add_argument(
+    "--workdir",
+    help="run directory (resumes if it holds a run of the same config)",
+  )
+  parser.add_argument(
+    "--data-dir",
+    default=None,
+    help="dataset directory (default: $IMAML_OMNIGLOT_DIR "
+    "or $IMAML_MINI_IMAGENET_DIR)",
+  )
+  parser.add_argument(
+    "--set",
+    dest="overrides",
+    action="extend",
+    nargs="+",
+    default=[],
+    metavar="KEY=VALUE",
+    help="override a config field, e.g. --set meta_steps=100 meta_batch=4",
+  )
+  parser.add_argument(
+    "--list", action="store_true", help="list the config names and exit"
+  )
+  parser.add_argument(
+    "--no-progress", action="store_true", help="no progress bar"
+  )
+  parser.add_argument(
+    "--time-budget",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="stop meta-training after SECONDS of training in "
+    "this invocation, checkpoint and test; the same "
+    "command resumes later",
+  )
+  parser.add_argument(
+    "--compile-cache",
+    default=None,
+    metavar="DIR",
+    help="persistent XLA compilation cache: a rerun of "
+    "the same step loads it instead of compiling "
+    "(default: $IMAML_CACHE_DIR/xla, else "
+    "~/.cache/imaml_jax/xla; a cache already set "
+    "through JAX's own configuration is kept)",
+  )
+  parser.add_argument(
+    "--no-compile-cache", action="store_true", help="compile every step afresh"
+  )
   _add_device_arguments(parser)
   return parser
 
@@ -110,7 +139,9 @@ def enable_compile_cache(path: str | None) -> str | None:
   ``JAX_COMPILATION_CACHE_DIR``) untouched. Returns the directory in use.
   """
   import jax  # pylint: disable=import-outside-toplevel
+
   from imaml_jax import data  # pylint: disable=import-outside-toplevel
+
   current = jax.config.jax_compilation_cache_dir
   if current:
     return current
@@ -121,20 +152,39 @@ def enable_compile_cache(path: str | None) -> str | None:
 
 def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
   group = parser.add_argument_group("devices and hosts")
-  group.add_argument("--devices", type=int, default=None, metavar="N",
-                     help="train on the first N devices, splitting each "
-                          "meta-batch over them (default: all devices of "
-                          "all processes); meta_batch must be a multiple "
-                          "of N")
-  group.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                     help="join a multi-host job whose process 0 listens "
-                          "at HOST:PORT (give --num-processes and "
-                          "--process-id too), or 'auto' to detect the "
-                          "cluster (SLURM, Cloud TPU)")
-  group.add_argument("--num-processes", type=int, default=None, metavar="P",
-                     help="number of processes of the multi-host job")
-  group.add_argument("--process-id", type=int, default=None, metavar="I",
-                     help="this process's index, 0 .. P-1")
+  group.add_argument(
+    "--devices",
+    type=int,
+    default=None,
+    metavar="N",
+    help="train on the first N devices, splitting each "
+    "meta-batch over them (default: all devices of "
+    "all processes); meta_batch must be a multiple "
+    "of N",
+  )
+  group.add_argument(
+    "--coordinator",
+    default=None,
+    metavar="HOST:PORT",
+    help="join a multi-host job whose process 0 listens "
+    "at HOST:PORT (give --num-processes and "
+    "--process-id too), or 'auto' to detect the "
+    "cluster (SLURM, Cloud TPU)",
+  )
+  group.add_argument(
+    "--num-processes",
+    type=int,
+    default=None,
+    metavar="P",
+    help="number of processes of the multi-host job",
+  )
+  group.add_argument(
+    "--process-id",
+    type=int,
+    default=None,
+    metavar="I",
+    help="this process's index, 0 .. P-1",
+  )
 
 
 def check_device_arguments(args: argparse.Namespace) -> str | None:
@@ -145,30 +195,39 @@ def check_device_arguments(args: argparse.Namespace) -> str | None:
   """
   if args.devices is not None and args.devices < 1:
     return f"--devices must be >= 1; got {args.devices}."
-  given = {"--num-processes": args.num_processes,
-           "--process-id": args.process_id}
+  given = {
+    "--num-processes": args.num_processes,
+    "--process-id": args.process_id,
+  }
   if args.coordinator is None:
     extra = [flag for flag, value in given.items() if value is not None]
     if extra:
-      return (f"{' and '.join(extra)} given without --coordinator; a "
-              "multi-host run needs --coordinator HOST:PORT (process 0's "
-              "address), --num-processes and --process-id.")
+      return (
+        f"{' and '.join(extra)} given without --coordinator; a "
+        "multi-host run needs --coordinator HOST:PORT (process 0's "
+        "address), --num-processes and --process-id."
+      )
     return None
   if args.coordinator == AUTO:
     extra = [flag for flag, value in given.items() if value is not None]
     if extra:
-      return (f"--coordinator auto detects the cluster; drop "
-              f"{' and '.join(extra)}, or give --coordinator HOST:PORT.")
+      return (
+        f"--coordinator auto detects the cluster; drop "
+        f"{' and '.join(extra)}, or give --coordinator HOST:PORT."
+      )
     return None
   missing = [flag for flag, value in given.items() if value is None]
   if missing:
-    return (f"--coordinator {args.coordinator} needs {' and '.join(missing)}"
-            " too.")
+    return (
+      f"--coordinator {args.coordinator} needs {' and '.join(missing)} too."
+    )
   if args.num_processes < 1:
     return f"--num-processes must be >= 1; got {args.num_processes}."
   if not 0 <= args.process_id < args.num_processes:
-    return (f"--process-id must be in 0..{args.num_processes - 1}; got "
-            f"{args.process_id}.")
+    return (
+      f"--process-id must be in 0..{args.num_processes - 1}; got "
+      f"{args.process_id}."
+    )
   return None
 
 
@@ -184,87 +243,123 @@ def join_processes(args: argparse.Namespace) -> None:
     if args.coordinator == AUTO:
       im.initialize_distributed()
     else:
-      im.initialize_distributed(args.coordinator, args.num_processes,
-                                args.process_id)
+      im.initialize_distributed(
+        args.coordinator, args.num_processes, args.process_id
+      )
   except (ValueError, RuntimeError) as e:
     raise runtime.DeviceError(
-        f"cannot join the multi-host job (--coordinator "
-        f"{args.coordinator}): {e}") from e
+      f"cannot join the multi-host job (--coordinator {args.coordinator}): {e}"
+    ) from e
 
 
 def eval_parser(prog: str = "imaml-eval") -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog=prog, description="Test a run's best-validation and last "
-                             "parameters on the held-out test tasks.")
+    prog=prog,
+    description="Test a run's best-validation and last "
+    "parameters on the held-out test tasks.",
+  )
   parser.add_argument("--workdir", required=True, help="run directory")
-  parser.add_argument("--data-dir", default=None,
-                      help="dataset directory (default: $IMAML_OMNIGLOT_DIR "
-                           "or $IMAML_MINI_IMAGENET_DIR)")
-  parser.add_argument("--tasks", type=int, default=None,
-                      help="number of test tasks (default: the config's)")
-  parser.add_argument("--set", dest="overrides", action="extend", nargs="+",
-                      default=[], metavar="KEY=VALUE",
-                      help="test with another value of a test-time field ("
-                           f"{', '.join(config_lib.TEST_TIME_FIELDS)}), e.g. "
-                           "--set eval_inner_steps=32; the result goes to "
-                           "eval_<KEY>=<VALUE>.json")
-  parser.add_argument("--split", choices=protocols.EVAL_SPLITS,
-                      default=None,
-                      help="characters to draw the tasks from: the held-out "
-                           "test split (the default of protocol ours), "
-                           "validation, the meta-training split, or the "
-                           "authors' test characters (authors_test, the "
-                           "default of protocol authors); the result goes "
-                           "to eval_<SPLIT>.json for a split other than the "
-                           "protocol's")
-  parser.add_argument("--protocol", choices=protocols.EVAL_PROTOCOLS,
-                      default="ours",
-                      help="ours (default): held-out characters, the "
-                           "config's query images per class, the run's own "
-                           "adaptation, best-validation parameters; "
-                           "authors (Omniglot): the iMAML authors' "
-                           "evaluation script, i.e. their test characters "
-                           "(mostly meta-training ones), K query images per "
-                           "class, 16 plain SGD steps of 0.1 on the support "
-                           "loss for iMAML, last parameters; the result "
-                           "goes to eval_protocol=authors.json; paper "
-                           "(Omniglot): the tasks that measured the paper's "
-                           "Table 2 (the authors' test characters, K query "
-                           "images per class) with the run's own adaptation "
-                           "and best-validation parameters; the result goes "
-                           "to eval_protocol=paper.json")
+  parser.add_argument(
+    "--data-dir",
+    default=None,
+    help="dataset directory (default: $IMAML_OMNIGLOT_DIR "
+    "or $IMAML_MINI_IMAGENET_DIR)",
+  )
+  parser.add_argument(
+    "--tasks",
+    type=int,
+    default=None,
+    help="number of test tasks (default: the config's)",
+  )
+  parser.add_argument(
+    "--set",
+    dest="overrides",
+    action="extend",
+    nargs="+",
+    default=[],
+    metavar="KEY=VALUE",
+    help="test with another value of a test-time field ("
+    f"{', '.join(config_lib.TEST_TIME_FIELDS)}), e.g. "
+    "--set eval_inner_steps=32; the result goes to "
+    "eval_<KEY>=<VALUE>.json",
+  )
+  parser.add_argument(
+    "--split",
+    choices=protocols.EVAL_SPLITS,
+    default=None,
+    help="characters to draw the tasks from: the held-out "
+    "test split (the default of protocol ours), "
+    "validation, the meta-training split, or the "
+    "authors' test characters (authors_test, the "
+    "default of protocol authors); the result goes "
+    "to eval_<SPLIT>.json for a split other than the "
+    "protocol's",
+  )
+  parser.add_argument(
+    "--protocol",
+    choices=protocols.EVAL_PROTOCOLS,
+    default="ours",
+    help="ours (default): held-out characters, the "
+    "config's query images per class, the run's own "
+    "adaptation, best-validation parameters; "
+    "authors (Omniglot): the iMAML authors' "
+    "evaluation script, i.e. their test characters "
+    "(mostly meta-training ones), K query images per "
+    "class, 16 plain SGD steps of 0.1 on the support "
+    "loss for iMAML, last parameters; the result "
+    "goes to eval_protocol=authors.json; paper "
+    "(Omniglot): the tasks that measured the paper's "
+    "Table 2 (the authors' test characters, K query "
+    "images per class) with the run's own adaptation "
+    "and best-validation parameters; the result goes "
+    "to eval_protocol=paper.json",
+  )
   return parser
 
 
-def train_main(argv: Sequence[str] | None = None,
-               prog: str = "imaml-train") -> int:
+def train_main(
+  argv: Sequence[str] | None = None, prog: str = "imaml-train"
+) -> int:
   """``imaml-train``: returns 0, or raises ``SystemExit`` with the code."""
   args = train_parser(prog).parse_args(argv)
   if args.list:
     print("\n".join(config_lib.config_names()))
     return 0
   if not args.config:
-    _fail(prog, "a config name is required; valid configs: "
-          f"{', '.join(config_lib.config_names())}.", EXIT_BAD_INPUT)
+    _fail(
+      prog,
+      "a config name is required; valid configs: "
+      f"{', '.join(config_lib.config_names())}.",
+      EXIT_BAD_INPUT,
+    )
   if not args.workdir:
     _fail(prog, "--workdir is required.", EXIT_BAD_INPUT)
   problem = check_device_arguments(args)
   if problem:
     _fail(prog, problem, EXIT_BAD_INPUT)
   if args.time_budget is not None and not args.time_budget > 0:
-    _fail(prog, f"--time-budget must be positive; got {args.time_budget}.",
-          EXIT_BAD_INPUT)
+    _fail(
+      prog,
+      f"--time-budget must be positive; got {args.time_budget}.",
+      EXIT_BAD_INPUT,
+    )
   try:
-    config = config_lib.apply_overrides(config_lib.get_config(args.config),
-                                        args.overrides)
+    config = config_lib.apply_overrides(
+      config_lib.get_config(args.config), args.overrides
+    )
     if not args.no_compile_cache:
       enable_compile_cache(args.compile_cache)
     runtime.split_cpu(config, args.devices)
     join_processes(args)
     mesh = runtime.make_mesh(config, args.devices)
-    train_lib.train_and_evaluate(config, args.workdir, args.data_dir,
-                                 mesh=mesh, progress=not args.no_progress,
-                                 time_budget_s=args.time_budget)
+    train_lib.train_and_evaluate(
+      config,
+      args.workdir,
+      args.data_dir,
+      mesh=mesh,
+      progress=not args.no_progress,
+      time_budget_s=args.time_budget,
+    )
   except _INPUT_ERRORS as e:
     _fail(prog, str(e), EXIT_BAD_INPUT)
   except periodic.TrainingDiverged as e:
@@ -272,16 +367,22 @@ def train_main(argv: Sequence[str] | None = None,
   return 0
 
 
-def eval_main(argv: Sequence[str] | None = None,
-              prog: str = "imaml-eval") -> int:
+def eval_main(
+  argv: Sequence[str] | None = None, prog: str = "imaml-eval"
+) -> int:
   """``imaml-eval``: returns 0, or raises ``SystemExit`` with the code."""
   args = eval_parser(prog).parse_args(argv)
   if args.tasks is not None and args.tasks < 1:
     _fail(prog, f"--tasks must be >= 1; got {args.tasks}.", EXIT_BAD_INPUT)
   try:
-    protocols.evaluate_workdir(args.workdir, args.data_dir,
-                               n_tasks=args.tasks, overrides=args.overrides,
-                               split=args.split, protocol=args.protocol)
+    protocols.evaluate_workdir(
+      args.workdir,
+      args.data_dir,
+      n_tasks=args.tasks,
+      overrides=args.overrides,
+      split=args.split,
+      protocol=args.protocol,
+    )
   except _INPUT_ERRORS as e:
     _fail(prog, str(e), EXIT_BAD_INPUT)
   return 0
@@ -295,7 +396,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
       print("usage: python -m imaml_jax {train,eval} ...")
       return 0
-    _fail("python -m imaml_jax", "expected a command, train or eval "
-          "(usage: python -m imaml_jax {train,eval} ...).", EXIT_BAD_INPUT)
+    _fail(
+      "python -m imaml_jax",
+      "expected a command, train or eval "
+      "(usage: python -m imaml_jax {train,eval} ...).",
+      EXIT_BAD_INPUT,
+    )
   command = argv[0]
   return commands[command](argv[1:], prog=f"python -m imaml_jax {command}")

@@ -141,12 +141,15 @@ Example:
   >>> config_lib.apply_overrides(cfg, ["meta_batch=4"]).meta_batch
   4
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import typing
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable
+from collections.abc import Mapping
+from typing import Any
 
 from imaml_jax import models
 
@@ -310,25 +313,29 @@ class Config:
 def _choice(name: str, value: str, choices: Iterable[str]) -> None:
   choices = tuple(choices)
   if value not in choices:
-    raise ConfigError(f"{name} must be one of {', '.join(choices)}; got "
-                      f"{value!r}.")
+    raise ConfigError(
+      f"{name} must be one of {', '.join(choices)}; got {value!r}."
+    )
 
 
 def _check_reptile_minibatches(config: Config) -> None:
   if config.algorithm != "reptile" or config.dataset == "sinusoid":
     raise ConfigError(
-        "reptile_train_shots and reptile_inner_batch apply to "
-        "algorithm='reptile' on Omniglot or mini-ImageNet; got "
-        f"algorithm={config.algorithm!r}, dataset={config.dataset!r}.")
+      "reptile_train_shots and reptile_inner_batch apply to "
+      "algorithm='reptile' on Omniglot or mini-ImageNet; got "
+      f"algorithm={config.algorithm!r}, dataset={config.dataset!r}."
+    )
   if not (config.reptile_train_shots and config.reptile_inner_batch):
     raise ConfigError(
-        "reptile_train_shots and reptile_inner_batch go together; got "
-        f"{config.reptile_train_shots} and {config.reptile_inner_batch}.")
+      "reptile_train_shots and reptile_inner_batch go together; got "
+      f"{config.reptile_train_shots} and {config.reptile_inner_batch}."
+    )
   if config.inner not in ("gd", "adam") or config.inner_backtrack:
     raise ConfigError(
-        "Reptile's mini-batches need inner='adam' or inner='gd' without "
-        f"inner_backtrack; got inner={config.inner!r}"
-        + (" with inner_backtrack." if config.inner_backtrack else "."))
+      "Reptile's mini-batches need inner='adam' or inner='gd' without "
+      f"inner_backtrack; got inner={config.inner!r}"
+      + (" with inner_backtrack." if config.inner_backtrack else ".")
+    )
 
 
 def check_training(config: Config) -> None:
@@ -343,8 +350,9 @@ def check_training(config: Config) -> None:
   """
   if config.reptile_train_shots > config.k_shot + config.q_query:
     raise ConfigError(
-        f"reptile_train_shots = {config.reptile_train_shots} is more than "
-        f"a task's k_shot + q_query = {config.k_shot} + {config.q_query}.")
+      f"reptile_train_shots = {config.reptile_train_shots} is more than "
+      f"a task's k_shot + q_query = {config.k_shot} + {config.q_query}."
+    )
 
 
 def validate(config: Config) -> Config:
@@ -366,14 +374,28 @@ def validate(config: Config) -> Config:
   _choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
   _choice("conv", config.conv, models.CONV_FORMULATIONS)
   _choice("network", config.network, models.NETWORK_VARIANTS)
-  minimum = {"n_way": 1, "k_shot": 1, "q_query": 1, "cg_steps": 1,
-             "inner_steps": 1, "hf_cg_steps": 1, "eval_inner_steps": 0,
-             "meta_batch": 1, "task_chunk": 0, "meta_steps": 1, "log_every": 1,
-             "val_every": 0,
-             "val_tasks": 1, "test_tasks": 1, "eval_chunk": 1,
-             "checkpoint_every": 0, "keep_checkpoints": 1,
-             "max_consecutive_skips": 1, "reptile_train_shots": 0,
-             "reptile_inner_batch": 0}
+  minimum = {
+    "n_way": 1,
+    "k_shot": 1,
+    "q_query": 1,
+    "cg_steps": 1,
+    "inner_steps": 1,
+    "hf_cg_steps": 1,
+    "eval_inner_steps": 0,
+    "meta_batch": 1,
+    "task_chunk": 0,
+    "meta_steps": 1,
+    "log_every": 1,
+    "val_every": 0,
+    "val_tasks": 1,
+    "test_tasks": 1,
+    "eval_chunk": 1,
+    "checkpoint_every": 0,
+    "keep_checkpoints": 1,
+    "max_consecutive_skips": 1,
+    "reptile_train_shots": 0,
+    "reptile_inner_batch": 0,
+  }
   for field, low in minimum.items():
     value = getattr(config, field)
     if value < low:
@@ -386,35 +408,50 @@ def validate(config: Config) -> Config:
     value = getattr(config, field)
     if not value >= 0:
       raise ConfigError(f"{field} must be >= 0; got {value}.")
-  if (config.dataset == "omniglot"
-      and config.k_shot + config.q_query > OMNIGLOT_DRAWINGS):
+  if (
+    config.dataset == "omniglot"
+    and config.k_shot + config.q_query > OMNIGLOT_DRAWINGS
+  ):
     raise ConfigError(
-        f"k_shot + q_query = {config.k_shot} + {config.q_query} is more than "
-        f"the {OMNIGLOT_DRAWINGS} drawings of an Omniglot character.")
+      f"k_shot + q_query = {config.k_shot} + {config.q_query} is more than "
+      f"the {OMNIGLOT_DRAWINGS} drawings of an Omniglot character."
+    )
   if config.algorithm != "imaml" and (config.cg_damping or config.lam_damping):
-    raise ConfigError(f"cg_damping and lam_damping apply to algorithm='imaml' "
-                      f"only; got algorithm={config.algorithm!r}.")
+    raise ConfigError(
+      f"cg_damping and lam_damping apply to algorithm='imaml' "
+      f"only; got algorithm={config.algorithm!r}."
+    )
   if config.inner == "gd_then_pull_back" and config.algorithm != "imaml":
-    raise ConfigError(f"inner='gd_then_pull_back' applies to algorithm='imaml' "
-                      f"only (it pulls back towards theta with lam); got "
-                      f"algorithm={config.algorithm!r}.")
+    raise ConfigError(
+      f"inner='gd_then_pull_back' applies to algorithm='imaml' "
+      f"only (it pulls back towards theta with lam); got "
+      f"algorithm={config.algorithm!r}."
+    )
   if config.reptile_train_shots or config.reptile_inner_batch:
     _check_reptile_minibatches(config)
   if config.network != "standard" and config.dataset == "sinusoid":
-    raise ConfigError(f"network={config.network!r} is a conv net; the "
-                      "sinusoid dataset has one network only.")
+    raise ConfigError(
+      f"network={config.network!r} is a conv net; the "
+      "sinusoid dataset has one network only."
+    )
   if not config.adapt_norm and config.algorithm not in ("maml", "fomaml"):
-    raise ConfigError(f"adapt_norm=False applies to algorithm='maml' or "
-                      f"'fomaml' only; got algorithm={config.algorithm!r}.")
+    raise ConfigError(
+      f"adapt_norm=False applies to algorithm='maml' or "
+      f"'fomaml' only; got algorithm={config.algorithm!r}."
+    )
   if not config.adapt_norm and config.dataset == "sinusoid":
-    raise ConfigError("adapt_norm=False needs a network with batch norms; the "
-                      "sinusoid network has none.")
+    raise ConfigError(
+      "adapt_norm=False needs a network with batch norms; the "
+      "sinusoid network has none."
+    )
   if config.inner_backtrack and config.inner != "gd":
-    raise ConfigError(f"inner_backtrack applies to inner='gd' only; got "
-                      f"inner={config.inner!r}.")
+    raise ConfigError(
+      f"inner_backtrack applies to inner='gd' only; got inner={config.inner!r}."
+    )
   if not 0 <= config.inner_momentum < 1:
     raise ConfigError(
-        f"inner_momentum must be in [0, 1); got {config.inner_momentum}.")
+      f"inner_momentum must be in [0, 1); got {config.inner_momentum}."
+    )
   return config
 
 
@@ -432,44 +469,87 @@ def _register(config: Config) -> None:
   _REGISTRY[config.name] = validate(config)
 
 
-def _table_config(base: Config, suffix: str, n_way: int,
-                  inner_lr: float, maml_steps: tuple[int, int],
-                  maml_lr: float, maml_batch: int,
-                  reptile_steps: int) -> Config:
+def _table_config(
+  base: Config,
+  suffix: str,
+  n_way: int,
+  inner_lr: float,
+  maml_steps: tuple[int, int],
+  maml_lr: float,
+  maml_batch: int,
+  reptile_steps: int,
+) -> Config:
   """One cell of Table 2 or 3 (see the module docstring for the sources)."""
   if suffix == "imaml_gd":
     return dataclasses.replace(
-        base, algorithm="imaml", inner="gd",
-        inner_steps=16 if n_way <= 5 else 25, inner_lr=inner_lr,
-        inner_backtrack=True, adam_eps=1e-3)
+      base,
+      algorithm="imaml",
+      inner="gd",
+      inner_steps=16 if n_way <= 5 else 25,
+      inner_lr=inner_lr,
+      inner_backtrack=True,
+      adam_eps=1e-3,
+    )
   if suffix == "imaml_hf":
-    return dataclasses.replace(base, algorithm="imaml", inner="hessian_free",
-                               inner_steps=20, hf_cg_steps=5, adam_eps=1e-3)
+    return dataclasses.replace(
+      base,
+      algorithm="imaml",
+      inner="hessian_free",
+      inner_steps=20,
+      hf_cg_steps=5,
+      adam_eps=1e-3,
+    )
   if suffix in ("maml", "fomaml"):
     train_steps, eval_steps = maml_steps
     return dataclasses.replace(
-        base, algorithm=suffix, inner="gd", inner_steps=train_steps,
-        eval_inner_steps=eval_steps, inner_lr=maml_lr, meta_batch=maml_batch,
-        meta_steps=60_000)
+      base,
+      algorithm=suffix,
+      inner="gd",
+      inner_steps=train_steps,
+      eval_inner_steps=eval_steps,
+      inner_lr=maml_lr,
+      meta_batch=maml_batch,
+      meta_steps=60_000,
+    )
   if suffix == "reptile":
     return dataclasses.replace(
-        base, algorithm="reptile", inner="adam", inner_steps=reptile_steps,
-        eval_inner_steps=50, inner_lr=5e-4 if n_way > 5 else 1e-3,
-        optimizer="sgd", meta_lr=1.0, lr_schedule="linear", meta_batch=5,
-        meta_steps=200_000 if n_way > 5 else 100_000,
-        reptile_train_shots=15 if base.dataset == "miniimagenet" else 10,
-        reptile_inner_batch=20 if n_way > 5 else 10)
+      base,
+      algorithm="reptile",
+      inner="adam",
+      inner_steps=reptile_steps,
+      eval_inner_steps=50,
+      inner_lr=5e-4 if n_way > 5 else 1e-3,
+      optimizer="sgd",
+      meta_lr=1.0,
+      lr_schedule="linear",
+      meta_batch=5,
+      meta_steps=200_000 if n_way > 5 else 100_000,
+      reptile_train_shots=15 if base.dataset == "miniimagenet" else 10,
+      reptile_inner_batch=20 if n_way > 5 else 10,
+    )
   raise AssertionError(suffix)
 
 
 def _authors_config(base: Config, n_way: int) -> Config:
   """The authors' public recipe for one Omniglot setting (module docstring)."""
   return dataclasses.replace(
-      base, algorithm="imaml", inner="gd_then_pull_back",
-      inner_steps=16 if n_way <= 5 else 25, inner_lr=0.1,
-      inner_backtrack=False, lam=2.0, cg_steps=5, cg_damping=1.0,
-      lam_damping=10.0, optimizer="adam", meta_lr=1e-3, adam_eps=1e-3,
-      lr_schedule="constant", meta_batch=32, meta_steps=20_000)
+    base,
+    algorithm="imaml",
+    inner="gd_then_pull_back",
+    inner_steps=16 if n_way <= 5 else 25,
+    inner_lr=0.1,
+    inner_backtrack=False,
+    lam=2.0,
+    cg_steps=5,
+    cg_damping=1.0,
+    lam_damping=10.0,
+    optimizer="adam",
+    meta_lr=1e-3,
+    adam_eps=1e-3,
+    lr_schedule="constant",
+    meta_batch=32,
+    meta_steps=20_000,
+  )
 
 
 def _build_registry() -> None:
@@ -484,20 +564,42 @@ def _build_registry() -> None:
       maml = dict(maml_steps=(5, 5), maml_lr=0.1, maml_batch=16)
     for suffix in ALGORITHM_SUFFIXES:
       name = f"omniglot_{n_way}w{k_shot}s_{suffix}"
-      _register(dataclasses.replace(
-          _table_config(base, suffix, n_way,
-                        inner_lr=0.05 if suffix == "imaml_gd" else 0.1,
-                        reptile_steps=5 if n_way == 5 else 10, **maml),
-          name=name))
-    _register(dataclasses.replace(
+      _register(
+        dataclasses.replace(
+          _table_config(
+            base,
+            suffix,
+            n_way,
+            inner_lr=0.05 if suffix == "imaml_gd" else 0.1,
+            reptile_steps=5 if n_way == 5 else 10,
+            **maml,
+          ),
+          name=name,
+        )
+      )
+    _register(
+      dataclasses.replace(
         _authors_config(base, n_way),
-        name=f"omniglot_{n_way}w{k_shot}s_imaml_gd_authors"))
+        name=f"omniglot_{n_way}w{k_shot}s_imaml_gd_authors",
+      )
+    )
   mini = Config(dataset="miniimagenet", n_way=5, k_shot=1, q_query=15)
   for suffix in ALGORITHM_SUFFIXES:
-    _register(dataclasses.replace(
-        _table_config(mini, suffix, 5, inner_lr=0.01, maml_steps=(5, 10),
-                      maml_lr=0.01, maml_batch=4, reptile_steps=8),
-        name=f"miniimagenet_5w1s_{suffix}"))
+    _register(
+      dataclasses.replace(
+        _table_config(
+          mini,
+          suffix,
+          5,
+          inner_lr=0.01,
+          maml_steps=(5, 10),
+          maml_lr=0.01,
+          maml_batch=4,
+          reptile_steps=8,
+        ),
+        name=f"miniimagenet_5w1s_{suffix}",
+      )
+    )
   # Sinusoid regression (Finn et al. Section 5.1: 10-shot, meta-batch 25,
   # Adam 1e-3) with iMAML-GD: 16 checked gradient steps, 5 CG steps [P].
   # lam 30, inner lr 0.005 [D]: lam must be on the scale of the MSE loss's
@@ -513,17 +615,38 @@ def _build_registry() -> None:
   # loop stable as meta-training sharpens the loss (plain GD at lam 100
   # diverged).
   sinusoid = Config(
-      name="sinusoid", dataset="sinusoid", k_shot=10, q_query=10,
-      algorithm="imaml", inner="gd", inner_steps=16, inner_lr=0.005,
-      inner_backtrack=True, lam=30.0,
-      cg_steps=5, meta_batch=25, meta_steps=3000, log_every=50,
-      val_every=500, val_tasks=100, test_tasks=600, eval_chunk=100,
-      checkpoint_every=500)
+    name="sinusoid",
+    dataset="sinusoid",
+    k_shot=10,
+    q_query=10,
+    algorithm="imaml",
+    inner="gd",
+    inner_steps=16,
+    inner_lr=0.005,
+    inner_backtrack=True,
+    lam=30.0,
+    cg_steps=5,
+    meta_batch=25,
+    meta_steps=3000,
+    log_every=50,
+    val_every=500,
+    val_tasks=100,
+    test_tasks=600,
+    eval_chunk=100,
+    checkpoint_every=500,
+  )
   _register(sinusoid)
   # MAML's own sinusoid setting: one inner step of size 0.01 [F].
-  _register(dataclasses.replace(sinusoid, name="sinusoid_maml",
-                                algorithm="maml", inner_steps=1,
-                                inner_lr=0.01, inner_backtrack=False))
+  _register(
+    dataclasses.replace(
+      sinusoid,
+      name="sinusoid_maml",
+      algorithm="maml",
+      inner_steps=1,
+      inner_lr=0.01,
+      inner_backtrack=False,
+    )
+  )
 
 
 _build_registry()
@@ -543,8 +666,10 @@ def get_config(name: str) -> Config:
   if name not in _REGISTRY:
     close = difflib.get_close_matches(name, _REGISTRY, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"unknown config {name!r}.{hint} Valid configs: "
-                      f"{', '.join(config_names())}.")
+    raise ConfigError(
+      f"unknown config {name!r}.{hint} Valid configs: "
+      f"{', '.join(config_names())}."
+    )
   return _REGISTRY[name]
 
 
@@ -571,8 +696,7 @@ def _parse_scalar(text: str, kind: type, key: str):
     if kind is float:
       return float(text)
   except ValueError:
-    raise ConfigError(
-        f"{key} expects {kind.__name__}; got {text!r}.") from None
+    raise ConfigError(f"{key} expects {kind.__name__}; got {text!r}.") from None
   return text
 
 
@@ -589,8 +713,9 @@ def parse_value(key: str, text: str):
   kind = _field_types()[key]
   if typing.get_origin(kind) is tuple:
     elem = typing.get_args(kind)[0]
-    return tuple(_parse_scalar(part, elem, key)
-                 for part in text.split(",") if part.strip())
+    return tuple(
+      _parse_scalar(part, elem, key) for part in text.split(",") if part.strip()
+    )
   return _parse_scalar(text, kind, key)
 
 
@@ -599,8 +724,9 @@ def _check_key(key: str) -> None:
   if key not in fields:
     close = difflib.get_close_matches(key, fields, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"unknown config field {key!r}.{hint} Fields: "
-                      f"{', '.join(fields)}.")
+    raise ConfigError(
+      f"unknown config field {key!r}.{hint} Fields: {', '.join(fields)}."
+    )
 
 
 def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
@@ -639,12 +765,19 @@ def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
 # finished run can be tested again with other values (``imaml-eval --set``).
 # Some also act in training (inner_lr, lam, q_query, ...); under imaml-eval
 # only their use on the test tasks changes.
-TEST_TIME_FIELDS = ("eval_inner_steps", "inner_lr", "inner_backtrack", "lam",
-                    "q_query", "test_seed")
+TEST_TIME_FIELDS = (
+  "eval_inner_steps",
+  "inner_lr",
+  "inner_backtrack",
+  "lam",
+  "q_query",
+  "test_seed",
+)
 
 
-def apply_test_time_overrides(config: Config,
-                              overrides: Iterable[str]) -> Config:
+def apply_test_time_overrides(
+  config: Config, overrides: Iterable[str]
+) -> Config:
   """:func:`apply_overrides` restricted to :data:`TEST_TIME_FIELDS`.
 
   Raises:
@@ -660,23 +793,34 @@ def apply_test_time_overrides(config: Config,
     key = item.partition("=")[0].strip()
     if key in dataclasses.asdict(config) and key not in TEST_TIME_FIELDS:
       raise ConfigError(
-          f"{key} cannot change at test time; the fields that can are "
-          f"{', '.join(TEST_TIME_FIELDS)}.")
+        f"{key} cannot change at test time; the fields that can are "
+        f"{', '.join(TEST_TIME_FIELDS)}."
+      )
   return apply_overrides(config, overrides)
 
 
 def to_dict(config: Config) -> dict[str, Any]:
   """A JSON-compatible dict of every field (tuples become lists)."""
-  return {k: list(v) if isinstance(v, tuple) else v
-          for k, v in dataclasses.asdict(config).items()}
+  return {
+    k: list(v) if isinstance(v, tuple) else v
+    for k, v in dataclasses.asdict(config).items()
+  }
 
 
 # Fields added after the first release, with the value that reproduces what
 # runs stored before them did. A stored config may lack these (and only these).
-_ADDED_FIELDS = {"task_chunk": 0, "inner_backtrack": False, "adam_eps": 1e-8,
-                 "cg_damping": 0.0, "lam_damping": 0.0, "network": "standard",
-                 "adapt_norm": True, "reptile_train_shots": 0,
-                 "reptile_inner_batch": 0, "weight_decay": 0.0}
+_ADDED_FIELDS = {
+  "task_chunk": 0,
+  "inner_backtrack": False,
+  "adam_eps": 1e-8,
+  "cg_damping": 0.0,
+  "lam_damping": 0.0,
+  "network": "standard",
+  "adapt_norm": True,
+  "reptile_train_shots": 0,
+  "reptile_inner_batch": 0,
+  "weight_decay": 0.0,
+}
 
 
 def from_dict(values: Mapping[str, Any]) -> Config:
@@ -691,12 +835,19 @@ def from_dict(values: Mapping[str, Any]) -> Config:
   unknown = sorted(set(values) - set(fields))
   missing = sorted(set(fields) - set(values) - set(_ADDED_FIELDS))
   if unknown or missing:
-    raise ConfigError(f"stored config does not match this version of "
-                      f"imaml_jax: unknown fields {unknown}, missing {missing}.")
-  values = {**{k: v for k, v in _ADDED_FIELDS.items() if k not in values},
-            **values}
-  return validate(Config(**{
-      k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}))
+    raise ConfigError(
+      f"stored config does not match this version of "
+      f"imaml_jax: unknown fields {unknown}, missing {missing}."
+    )
+  values = {
+    **{k: v for k, v in _ADDED_FIELDS.items() if k not in values},
+    **values,
+  }
+  return validate(
+    Config(
+      **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    )
+  )
 
 
 def differences(a: Config, b: Config) -> dict[str, tuple[Any, Any]]:

@@ -16,6 +16,7 @@ task's score of the reported test is kept too (``results["test_per_task"]``,
 :func:`per_task_record`) with a fingerprint of the task set, so two runs
 tested on the same tasks can be compared task by task (paired).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,13 +47,16 @@ def summarize(per_task: dict[str, np.ndarray]) -> dict[str, dict]:
     values = np.asarray(values, np.float64)
     n = values.size
     std = float(np.std(values))
-    out[key] = {"mean": float(np.mean(values)), "std": std,
-                "ci95": 1.96 * std / math.sqrt(n), "n": int(n)}
+    out[key] = {
+      "mean": float(np.mean(values)),
+      "std": std,
+      "ci95": 1.96 * std / math.sqrt(n),
+      "n": int(n),
+    }
   return out
 
 
-def per_task_record(per_task: dict[str, np.ndarray], tasks_sha256: str
-                    ) -> dict:
+def per_task_record(per_task: dict[str, np.ndarray], tasks_sha256: str) -> dict:
   """The ``"test_per_task"`` entry of a results file: the selection metric
   (:func:`score_key`) of every test task, in task order, and the task set's
   fingerprint (:meth:`Evaluator.fingerprint`).
@@ -68,8 +72,11 @@ def per_task_record(per_task: dict[str, np.ndarray], tasks_sha256: str
   """
   key, _ = score_key(per_task)
   values = np.asarray(per_task[key], np.float64)
-  return {"metric": key, "values": [round(float(v), 6) for v in values],
-          "tasks_sha256": tasks_sha256}
+  return {
+    "metric": key,
+    "values": [round(float(v), 6) for v in values],
+    "tasks_sha256": tasks_sha256,
+  }
 
 
 def score_key(metric_names: Iterable[str]) -> tuple[str, bool]:
@@ -104,12 +111,12 @@ class Evaluator:
   (:func:`imaml_jax.train.experiment.evaluation_chunks` by default).
   """
 
-  def __init__(self, exp: exp_lib.Experiment,
-               chunks: Callable | None = None):
+  def __init__(self, exp: exp_lib.Experiment, chunks: Callable | None = None):
     self._exp = exp
     self._chunks = chunks or exp_lib.evaluation_chunks
-    self._fn = jax.jit(im.make_eval_step(exp.loss, exp.eval_algorithm,
-                                         has_aux=True))
+    self._fn = jax.jit(
+      im.make_eval_step(exp.loss, exp.eval_algorithm, has_aux=True)
+    )
     self._compiled = {}
     self.compile_time_s = 0.0
 
@@ -122,7 +129,8 @@ class Evaluator:
       if key not in self._compiled:
         start = time.perf_counter()
         self._compiled[key] = self._fn.lower(params, chunk).compile(
-            compiler_options=runtime.compiler_options())
+          compiler_options=runtime.compiler_options()
+        )
         self.compile_time_s += time.perf_counter() - start
       parts.append(self._compiled[key](params, chunk))
     parts = jax.device_get(parts)
@@ -138,10 +146,13 @@ class Evaluator:
     array). Two results with the same fingerprint were measured on the same
     tasks, so their per-task scores can be compared task by task.
     """
-    def leaves():   # Each chunk's arrays, on the host.
+
+    def leaves():  # Each chunk's arrays, on the host.
       for chunk in self._chunks(self._exp.config, images, n_tasks, seed):
-        yield [np.ascontiguousarray(x)
-               for x in jax.device_get(jax.tree.leaves(chunk))]
+        yield [
+          np.ascontiguousarray(x)
+          for x in jax.device_get(jax.tree.leaves(chunk))
+        ]
 
     first = next(leaves())
     digest = hashlib.sha256()
@@ -162,6 +173,7 @@ class FinalTest(NamedTuple):
     test_params: ``"best_validation"`` or ``"last"``: what ``test`` reports.
     params: the parameters ``test`` was measured on.
   """
+
   test: dict
   test_last: dict
   test_per_task: dict
@@ -169,8 +181,16 @@ class FinalTest(NamedTuple):
   params: Any
 
 
-def final_test(evaluator: Evaluator, images, n_tasks: int, seed: int, *,
-               last_params, step: int, best: dict | None) -> FinalTest:
+def final_test(
+  evaluator: Evaluator,
+  images,
+  n_tasks: int,
+  seed: int,
+  *,
+  last_params,
+  step: int,
+  best: dict | None,
+) -> FinalTest:
   """Tests the last parameters and, if given, the best-validation ones.
 
   The best-validation parameters are tested only when they come from
@@ -196,7 +216,13 @@ def final_test(evaluator: Evaluator, images, n_tasks: int, seed: int, *,
   if use_best and int(best["step"]) < step:
     params = best["params"]
     test = evaluator(params, images, n_tasks, seed)
-  test_per_task = per_task_record(test, evaluator.fingerprint(
-      images, n_tasks, seed))
-  return FinalTest(summarize(test), summarize(test_last), test_per_task,
-                   "best_validation" if use_best else "last", params)
+  test_per_task = per_task_record(
+    test, evaluator.fingerprint(images, n_tasks, seed)
+  )
+  return FinalTest(
+    summarize(test),
+    summarize(test_last),
+    test_per_task,
+    "best_validation" if use_best else "last",
+    params,
+  )

@@ -15,11 +15,15 @@ Example:
   >>> tasks.support[0].shape
   (25, 10, 1)
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +38,9 @@ from imaml_jax.train import config as config_lib
 OMNIGLOT_ENV = "IMAML_OMNIGLOT_DIR"
 MINI_IMAGENET_ENV = "IMAML_MINI_IMAGENET_DIR"
 _ENV = {"omniglot": OMNIGLOT_ENV, "miniimagenet": MINI_IMAGENET_ENV}
-_MINI_PICKLES = tuple(f"mini-imagenet-cache-{s}.pkl"
-                      for s in ("train", "val", "test"))
+_MINI_PICKLES = tuple(
+  f"mini-imagenet-cache-{s}.pkl" for s in ("train", "val", "test")
+)
 _MINI_CSVS = ("train.csv", "val.csv", "test.csv")
 
 
@@ -79,13 +84,19 @@ class Experiment(NamedTuple):
 def network(config: config_lib.Config):
   """``(module, example_input)`` for the config's dataset."""
   if config.dataset == "omniglot":
-    return (models.omniglot_convnet(config.n_way, conv=config.conv,
-                                    variant=config.network),
-            jnp.zeros((config.n_way * config.k_shot, 28, 28, 1)))
+    return (
+      models.omniglot_convnet(
+        config.n_way, conv=config.conv, variant=config.network
+      ),
+      jnp.zeros((config.n_way * config.k_shot, 28, 28, 1)),
+    )
   if config.dataset == "miniimagenet":
-    return (models.miniimagenet_convnet(config.n_way, conv=config.conv,
-                                        variant=config.network),
-            jnp.zeros((config.n_way * config.k_shot, 84, 84, 3)))
+    return (
+      models.miniimagenet_convnet(
+        config.n_way, conv=config.conv, variant=config.network
+      ),
+      jnp.zeros((config.n_way * config.k_shot, 84, 84, 3)),
+    )
   return models.sinusoid_mlp(), jnp.zeros((config.k_shot, 1))
 
 
@@ -102,25 +113,33 @@ def inner_solver(config: config_lib.Config, steps: int) -> im.InnerSolver:
   return im.hessian_free(steps, config.hf_cg_steps)
 
 
-def algorithm(config: config_lib.Config, *,
-              evaluation: bool = False) -> im.MetaAlgorithm:
+def algorithm(
+  config: config_lib.Config, *, evaluation: bool = False
+) -> im.MetaAlgorithm:
   """The meta-algorithm; ``evaluation`` uses ``eval_inner_steps`` if set."""
   steps = config.inner_steps
   if evaluation and config.eval_inner_steps:
     steps = config.eval_inner_steps
   inner = inner_solver(config, steps)
   if config.algorithm == "imaml":
-    return im.imaml(config.lam, inner, im.cg(
+    return im.imaml(
+      config.lam,
+      inner,
+      im.cg(
         config.cg_steps,
-        stop_at_negative_curvature=config.cg_stop_at_negative_curvature),
-        damping=config.cg_damping, lam_damping=config.lam_damping)
+        stop_at_negative_curvature=config.cg_stop_at_negative_curvature,
+      ),
+      damping=config.cg_damping,
+      lam_damping=config.lam_damping,
+    )
   adapts = None if config.adapt_norm else im.adapt_all_but_norm
   if config.algorithm == "maml":
     return im.maml(inner, remat=config.maml_remat, adapts=adapts)
   if config.algorithm == "fomaml":
     return im.fomaml(inner, adapts=adapts)
-  return im.reptile(inner, minibatches=bool(config.reptile_train_shots
-                                           and not evaluation))
+  return im.reptile(
+    inner, minibatches=bool(config.reptile_train_shots and not evaluation)
+  )
 
 
 def optimizer(config: config_lib.Config) -> optax.GradientTransformation:
@@ -149,8 +168,9 @@ def optimizer(config: config_lib.Config) -> optax.GradientTransformation:
 # Data.
 
 
-def resolve_data_dir(config: config_lib.Config,
-                     data_dir: str | os.PathLike | None) -> Path | None:
+def resolve_data_dir(
+  config: config_lib.Config, data_dir: str | os.PathLike | None
+) -> Path | None:
   """Finds and checks the data directory, reading nothing but file names.
 
   Args:
@@ -171,8 +191,10 @@ def resolve_data_dir(config: config_lib.Config,
   if data_dir is None or str(data_dir) == "":
     data_dir = os.environ.get(env)
     if not data_dir:
-      raise DataError(f"no {config.dataset} data directory: pass --data-dir "
-                      f"or set the environment variable {env}.")
+      raise DataError(
+        f"no {config.dataset} data directory: pass --data-dir "
+        f"or set the environment variable {env}."
+      )
   path = Path(data_dir).expanduser()
   if not path.is_dir():
     raise DataError(f"data directory {path} does not exist.")
@@ -181,16 +203,20 @@ def resolve_data_dir(config: config_lib.Config,
     missing = [w for w in wanted if not (path / w).is_file()]
     if missing:
       raise DataError(
-          f"{path} lacks the Omniglot archive(s) {', '.join(missing)}; "
-          "imaml_jax.data.download_omniglot(dir) fetches them.")
+        f"{path} lacks the Omniglot archive(s) {', '.join(missing)}; "
+        "imaml_jax.data.download_omniglot(dir) fetches them."
+      )
     return path
   if all((path / f).is_file() for f in _MINI_PICKLES):
     return path
-  if all((path / f).is_file() for f in _MINI_CSVS) and (path / "images").is_dir():
+  if (
+    all((path / f).is_file() for f in _MINI_CSVS) and (path / "images").is_dir()
+  ):
     return path
   raise DataError(
-      f"{path} holds neither the mini-ImageNet pickles ({', '.join(_MINI_PICKLES)}) "
-      f"nor the CSV splits ({', '.join(_MINI_CSVS)}) with an images/ folder.")
+    f"{path} holds neither the mini-ImageNet pickles ({', '.join(_MINI_PICKLES)}) "
+    f"nor the CSV splits ({', '.join(_MINI_CSVS)}) with an images/ folder."
+  )
 
 
 def load_data(config: config_lib.Config, data_dir: Path | None) -> Data:
@@ -222,10 +248,19 @@ def sampler(config: config_lib.Config) -> Callable:
   """``sample(key, train_data) -> Task``: a jittable batch of training tasks."""
   if config.dataset == "sinusoid":
     return lambda key, _: data_lib.sinusoid_tasks(
-        key, config.meta_batch, config.k_shot, config.q_query)
-  return lambda key, images: training_tasks(config, data_lib.sample_tasks(
-      key, images, config.n_way, config.k_shot, config.q_query,
-      config.meta_batch))
+      key, config.meta_batch, config.k_shot, config.q_query
+    )
+  return lambda key, images: training_tasks(
+    config,
+    data_lib.sample_tasks(
+      key,
+      images,
+      config.n_way,
+      config.k_shot,
+      config.q_query,
+      config.meta_batch,
+    ),
+  )
 
 
 def training_tasks(config: config_lib.Config, tasks: im.Task) -> im.Task:
@@ -238,12 +273,17 @@ def training_tasks(config: config_lib.Config, tasks: im.Task) -> im.Task:
   if not config.reptile_train_shots:
     return tasks
   return data_lib.reptile_minibatches(
-      tasks, config.n_way, config.reptile_train_shots,
-      config.reptile_inner_batch, config.inner_steps)
+    tasks,
+    config.n_way,
+    config.reptile_train_shots,
+    config.reptile_inner_batch,
+    config.inner_steps,
+  )
 
 
-def evaluation_chunks(config: config_lib.Config, images, n_tasks: int,
-                      seed: int) -> Iterator[im.Task]:
+def evaluation_chunks(
+  config: config_lib.Config, images, n_tasks: int, seed: int
+) -> Iterator[im.Task]:
   """A fixed set of ``n_tasks`` evaluation tasks, in ``eval_chunk`` pieces.
 
   The same ``(n_tasks, seed)`` gives the same tasks on every run: for images,
@@ -253,13 +293,23 @@ def evaluation_chunks(config: config_lib.Config, images, n_tasks: int,
   """
   if config.dataset != "sinusoid":
     yield from data_lib.evaluation_task_chunks(
-        images, config.n_way, config.k_shot, config.q_query, n_tasks=n_tasks,
-        seed=seed, chunk_size=config.eval_chunk)
+      images,
+      config.n_way,
+      config.k_shot,
+      config.q_query,
+      n_tasks=n_tasks,
+      seed=seed,
+      chunk_size=config.eval_chunk,
+    )
     return
-  tasks = data_lib.sinusoid_tasks(jax.random.key(seed, impl="threefry2x32"),
-                                  n_tasks, config.k_shot, config.q_query)
+  tasks = data_lib.sinusoid_tasks(
+    jax.random.key(seed, impl="threefry2x32"),
+    n_tasks,
+    config.k_shot,
+    config.q_query,
+  )
   for start in range(0, n_tasks, config.eval_chunk):
-    yield jax.tree.map(lambda x, s=start: x[s:s + config.eval_chunk], tasks)
+    yield jax.tree.map(lambda x, s=start: x[s : s + config.eval_chunk], tasks)
 
 
 def build(config: config_lib.Config, data: Data | None) -> Experiment:
@@ -267,18 +317,23 @@ def build(config: config_lib.Config, data: Data | None) -> Experiment:
   net, example_x = network(config)
   if data is None:
     data = Data(None, None, None)
-  data = Data(*(None if d is None else jax.device_put(np.asarray(d))
-                for d in data))
+  data = Data(
+    *(None if d is None else jax.device_put(np.asarray(d)) for d in data)
+  )
   return Experiment(
-      config=config,
-      loss=(models.regression_loss(net) if config.dataset == "sinusoid"
-            else models.classification_loss(net)),
-      init_params=lambda key: models.init_params(net, key, example_x),
-      optimizer=optimizer(config),
-      algorithm=algorithm(config),
-      eval_algorithm=algorithm(config, evaluation=True),
-      data=data,
-      sample=sampler(config))
+    config=config,
+    loss=(
+      models.regression_loss(net)
+      if config.dataset == "sinusoid"
+      else models.classification_loss(net)
+    ),
+    init_params=lambda key: models.init_params(net, key, example_x),
+    optimizer=optimizer(config),
+    algorithm=algorithm(config),
+    eval_algorithm=algorithm(config, evaluation=True),
+    data=data,
+    sample=sampler(config),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -294,25 +349,34 @@ def tasks_description(config: config_lib.Config, split: str) -> str:
     'the 423 test characters of split_seed 0, never'
   """
   if config.dataset == "sinusoid":
-    return (f"fresh sinusoid tasks from seed test_seed={config.test_seed} "
-            "(the split names no classes)")
+    return (
+      f"fresh sinusoid tasks from seed test_seed={config.test_seed} "
+      "(the split names no classes)"
+    )
   if config.dataset == "miniimagenet":
-    return (f"the {split} classes of the Ravi & Larochelle split of "
-            "mini-ImageNet")
+    return (
+      f"the {split} classes of the Ravi & Larochelle split of mini-ImageNet"
+    )
   if split == "authors_test":
-    return (f"the {1623 - data_lib.AUTHORS_N_TRAIN} test characters of the "
-            "authors' evaluation script: those after the first "
-            f"{data_lib.AUTHORS_N_TRAIN} of Python's random.shuffle with "
-            f"seed {data_lib.AUTHORS_TEST_SEED} of the 1623 characters "
-            "sorted by (archive, alphabet, character); each class of a task "
-            "turned by its own random multiple of 90 degrees")
+    return (
+      f"the {1623 - data_lib.AUTHORS_N_TRAIN} test characters of the "
+      "authors' evaluation script: those after the first "
+      f"{data_lib.AUTHORS_N_TRAIN} of Python's random.shuffle with "
+      f"seed {data_lib.AUTHORS_TEST_SEED} of the 1623 characters "
+      "sorted by (archive, alphabet, character); each class of a task "
+      "turned by its own random multiple of 90 degrees"
+    )
   counts = {"train": 1100, "val": 100, "test": 423}
-  roles = {"train": "meta-trained on",
-           "val": "used for model selection, never meta-trained on",
-           "test": "never meta-trained on or used for model selection"}
-  return (f"the {counts[split]} {split} characters of split_seed "
-          f"{config.split_seed}, {roles[split]}; each of the four "
-          "rotations of a character a class of its own")
+  roles = {
+    "train": "meta-trained on",
+    "val": "used for model selection, never meta-trained on",
+    "test": "never meta-trained on or used for model selection",
+  }
+  return (
+    f"the {counts[split]} {split} characters of split_seed "
+    f"{config.split_seed}, {roles[split]}; each of the four "
+    "rotations of a character a class of its own"
+  )
 
 
 class AuthorsCharacters(NamedTuple):
@@ -330,8 +394,9 @@ class AuthorsCharacters(NamedTuple):
   overlap: dict
 
 
-def load_authors_characters(config: config_lib.Config,
-                            data_dir: Path) -> AuthorsCharacters:
+def load_authors_characters(
+  config: config_lib.Config, data_dir: Path
+) -> AuthorsCharacters:
   """The test characters of the authors' evaluation script (Omniglot).
 
   :func:`imaml_jax.data.omniglot_authors_split_indices` with the
@@ -349,15 +414,19 @@ def load_authors_characters(config: config_lib.Config,
   test = data_lib.omniglot_authors_split_indices(data)[1]
   ours = data_lib.omniglot_split_indices(data, seed=config.split_seed)
   theirs = data_lib.omniglot_authors_split_indices(
-      data, seed=data_lib.AUTHORS_TRAIN_SEED)[0]
+    data, seed=data_lib.AUTHORS_TRAIN_SEED
+  )[0]
   names = ("meta_training", "validation", "test", "authors_meta_training")
-  overlap = {name: float(np.isin(test, idx).mean())
-             for name, idx in zip(names, (*ours, theirs))}
+  overlap = {
+    name: float(np.isin(test, idx).mean())
+    for name, idx in zip(names, (*ours, theirs))
+  }
   return AuthorsCharacters(data.images[test], overlap)
 
 
-def authors_evaluation_chunks(config: config_lib.Config, images, n_tasks: int,
-                              seed: int) -> Iterator[im.Task]:
+def authors_evaluation_chunks(
+  config: config_lib.Config, images, n_tasks: int, seed: int
+) -> Iterator[im.Task]:
   """:func:`evaluation_chunks` with each class turned as the authors do.
 
   The tasks are those of :func:`evaluation_chunks` on unrotated characters;
@@ -372,7 +441,7 @@ def authors_evaluation_chunks(config: config_lib.Config, images, n_tasks: int,
   start = 0
   for chunk in evaluation_chunks(config, images, n_tasks, seed):
     size = chunk.support[1].shape[0]
-    yield data_lib.rotate_task_classes(chunk, turns[start:start + size])
+    yield data_lib.rotate_task_classes(chunk, turns[start : start + size])
     start += size
 
 
@@ -399,8 +468,10 @@ def authors_overrides(config: config_lib.Config) -> list[str]:
   """
   out = [f"q_query={config.k_shot}"]
   if config.algorithm == "imaml":
-    out += [f"eval_inner_steps={AUTHORS_EVAL_STEPS}",
-            f"inner_lr={AUTHORS_EVAL_LR}"]
+    out += [
+      f"eval_inner_steps={AUTHORS_EVAL_STEPS}",
+      f"inner_lr={AUTHORS_EVAL_LR}",
+    ]
   return out
 
 

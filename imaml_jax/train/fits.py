@@ -19,6 +19,7 @@ Example:
   >>> round(float(np.hypot(*c)), 6)   # the amplitude
   3.0
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,13 +36,20 @@ def sine_coefficients(x: np.ndarray, y: np.ndarray) -> np.ndarray:
   """``(c_1, c_2)`` with ``y = c_1 sin x + c_2 cos x``, by least squares."""
   x = np.asarray(x, np.float64).ravel()
   design = np.stack([np.sin(x), np.cos(x)], axis=1)
-  coefficients, *_ = np.linalg.lstsq(design, np.asarray(y, np.float64).ravel(),
-                                     rcond=None)
+  coefficients, *_ = np.linalg.lstsq(
+    design, np.asarray(y, np.float64).ravel(), rcond=None
+  )
   return coefficients
 
 
-def fit_curves(exp: exp_lib.Experiment, params: Any, *, n_tasks: int = 4,
-               seed: int = 0, points: int = 200) -> dict[str, np.ndarray]:
+def fit_curves(
+  exp: exp_lib.Experiment,
+  params: Any,
+  *,
+  n_tasks: int = 4,
+  seed: int = 0,
+  points: int = 200,
+) -> dict[str, np.ndarray]:
   """Curves of ``n_tasks`` held-out sinusoid tasks before and after adaptation.
 
   Args:
@@ -63,22 +71,31 @@ def fit_curves(exp: exp_lib.Experiment, params: Any, *, n_tasks: int = 4,
   """
   config = exp.config
   if config.dataset != "sinusoid":
-    raise ValueError(f"fit curves are for sinusoid runs; this run's dataset "
-                     f"is {config.dataset!r}.")
+    raise ValueError(
+      f"fit curves are for sinusoid runs; this run's dataset "
+      f"is {config.dataset!r}."
+    )
   if n_tasks < 1 or points < 2:
-    raise ValueError(f"need n_tasks >= 1 and points >= 2; got {n_tasks} and "
-                     f"{points}.")
-  tasks = next(exp_lib.evaluation_chunks(
-      dataclasses.replace(config, eval_chunk=n_tasks), None, n_tasks, seed))
+    raise ValueError(
+      f"need n_tasks >= 1 and points >= 2; got {n_tasks} and {points}."
+    )
+  tasks = next(
+    exp_lib.evaluation_chunks(
+      dataclasses.replace(config, eval_chunk=n_tasks), None, n_tasks, seed
+    )
+  )
   net, _ = exp_lib.network(config)
   grid = jnp.linspace(-5.0, 5.0, points)[:, None]
 
   def one(task):
     phi = exp.eval_algorithm.adapt(exp.loss, params, task.support)
     predict = lambda p: net.apply({"params": p}, grid)[:, 0]
-    return {"before": predict(params), "after": predict(phi),
-            "mse_before": exp.loss(params, task.query)[0],
-            "mse_after": exp.loss(phi, task.query)[0]}
+    return {
+      "before": predict(params),
+      "after": predict(phi),
+      "mse_before": exp.loss(params, task.query)[0],
+      "mse_after": exp.loss(phi, task.query)[0],
+    }
 
   out = jax.device_get(jax.jit(jax.vmap(one))(tasks))
   support_x, support_y = jax.device_get(task_points(tasks.support))
@@ -86,11 +103,18 @@ def fit_curves(exp: exp_lib.Experiment, params: Any, *, n_tasks: int = 4,
   x = np.asarray(grid[:, 0])
   true = []
   for i in range(n_tasks):
-    c1, c2 = sine_coefficients(np.concatenate([support_x[i], query_x[i]]),
-                               np.concatenate([support_y[i], query_y[i]]))
+    c1, c2 = sine_coefficients(
+      np.concatenate([support_x[i], query_x[i]]),
+      np.concatenate([support_y[i], query_y[i]]),
+    )
     true.append(c1 * np.sin(x) + c2 * np.cos(x))
-  return {"x": x, "true": np.stack(true), "support_x": support_x,
-          "support_y": support_y, **{k: np.asarray(v) for k, v in out.items()}}
+  return {
+    "x": x,
+    "true": np.stack(true),
+    "support_x": support_x,
+    "support_y": support_y,
+    **{k: np.asarray(v) for k, v in out.items()},
+  }
 
 
 def task_points(batch) -> tuple[jax.Array, jax.Array]:

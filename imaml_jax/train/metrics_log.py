@@ -15,6 +15,7 @@ Example:
   >>> [r["step"] for r in read_records(path)]
   [10, 20]
 """
+
 from __future__ import annotations
 
 import json

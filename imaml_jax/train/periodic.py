@@ -31,6 +31,7 @@ Example:
   step 3
   step 4
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -73,6 +74,7 @@ class LoopState:
     stopped: whether the time budget stopped the loop at this step.
     window: the latest training record written, if any.
   """
+
   step: int
   state: Any
   sums: Any
@@ -136,6 +138,7 @@ class PeriodicAction:
     off_the_clock: whether the action's time is left out of the training
       time.
   """
+
   off_the_clock = False
 
   def __init__(self, every: int):
@@ -168,8 +171,13 @@ class TimeBudget(PeriodicAction):
   this step is the last.
   """
 
-  def __init__(self, budget_s: float | None, log_every: int, clock: Clock,
-               log: Callable[[str], None]):
+  def __init__(
+    self,
+    budget_s: float | None,
+    log_every: int,
+    clock: Clock,
+    log: Callable[[str], None],
+  ):
     super().__init__(log_every)
     self.budget_s = budget_s
     self.clock = clock
@@ -192,9 +200,11 @@ class TimeBudget(PeriodicAction):
   def run(self, loop: LoopState) -> None:
     loop.stopped = loop.step < loop.meta_steps and self.spent(loop.sums)
     if loop.stopped:
-      self.log(f"step {loop.step}: time budget of {self.budget_s:g} s spent; "
-               f"stopping before meta_steps={loop.meta_steps} (run the same "
-               "command again to resume).")
+      self.log(
+        f"step {loop.step}: time budget of {self.budget_s:g} s spent; "
+        f"stopping before meta_steps={loop.meta_steps} (run the same "
+        "command again to resume)."
+      )
 
 
 class WindowLog(PeriodicAction):
@@ -212,8 +222,9 @@ class WindowLog(PeriodicAction):
     super().__init__(every)
     self.metrics = metrics
     self.mesh = mesh
-    self.skipped_total = (int(runtime.to_host(loop.state.skipped))
-                          - int(runtime.to_host(loop.sums["skipped"])))
+    self.skipped_total = int(runtime.to_host(loop.state.skipped)) - int(
+      runtime.to_host(loop.sums["skipped"])
+    )
 
   def run(self, loop: LoopState) -> None:
     host_sums = runtime.to_host(loop.sums)
@@ -242,9 +253,14 @@ class ProgressBar(PeriodicAction):
   def __init__(self, every: int, loop: LoopState, enabled: bool):
     super().__init__(every)
     self.shown = loop.step
-    self.bar = tqdm.tqdm(total=loop.meta_steps, initial=loop.step,
-                         unit="step", disable=not enabled,
-                         dynamic_ncols=True, smoothing=0.1)
+    self.bar = tqdm.tqdm(
+      total=loop.meta_steps,
+      initial=loop.step,
+      unit="step",
+      disable=not enabled,
+      dynamic_ncols=True,
+      smoothing=0.1,
+    )
 
   def run(self, loop: LoopState) -> None:
     self.bar.update(loop.step - self.shown)
@@ -267,9 +283,10 @@ class DivergenceGuard(PeriodicAction):
     skips = loop.window["consecutive_skips"]
     if skips >= self.max_skips:
       raise TrainingDiverged(
-          f"stopped at step {loop.step}: the last {skips} meta-steps were "
-          "skipped for non-finite meta-gradients (max_consecutive_skips="
-          f"{self.max_skips}). Lower inner_lr or meta_lr.")
+        f"stopped at step {loop.step}: the last {skips} meta-steps were "
+        "skipped for non-finite meta-gradients (max_consecutive_skips="
+        f"{self.max_skips}). Lower inner_lr or meta_lr."
+      )
 
 
 class Validation(PeriodicAction):
@@ -286,12 +303,18 @@ class Validation(PeriodicAction):
     metrics: the metrics log.
     log: where the status line goes.
   """
+
   off_the_clock = True
 
-  def __init__(self, config: config_lib.Config,
-               evaluator: evaluation.Evaluator, images,
-               select: tuple[str, bool], metrics,
-               log: Callable[[str], None]):
+  def __init__(
+    self,
+    config: config_lib.Config,
+    evaluator: evaluation.Evaluator,
+    images,
+    select: tuple[str, bool],
+    metrics,
+    log: Callable[[str], None],
+  ):
     super().__init__(config.val_every)
     self.config = config
     self.evaluator = evaluator
@@ -305,29 +328,45 @@ class Validation(PeriodicAction):
 
   def run(self, loop: LoopState) -> None:
     params = runtime.first_replica(loop.state.params)
-    summary = evaluation.summarize(self.evaluator(
-        params, self.images, self.config.val_tasks, self.config.val_seed))
+    summary = evaluation.summarize(
+      self.evaluator(
+        params, self.images, self.config.val_tasks, self.config.val_seed
+      )
+    )
     score = summary[self.select_key]["mean"]
-    improved = evaluation.improves(score, float(loop.best["score"]),
-                                   self.higher_better)
+    improved = evaluation.improves(
+      score, float(loop.best["score"]), self.higher_better
+    )
     if improved and math.isfinite(score):
-      loop.best = {"params": jax.tree.map(jnp.copy, params),
-                   "score": np.float64(score), "step": np.int64(loop.step)}
+      loop.best = {
+        "params": jax.tree.map(jnp.copy, params),
+        "score": np.float64(score),
+        "step": np.int64(loop.step),
+      }
     record = {"step": loop.step, "split": "val"}
     record.update({k: v["mean"] for k, v in summary.items()})
     record["best"] = bool(improved)
     self.metrics.write(record)
-    self.log(f"step {loop.step}: validation {self.select_key} = {score:.4f}"
-             f"{' (best)' if improved else ''}")
+    self.log(
+      f"step {loop.step}: validation {self.select_key} = {score:.4f}"
+      f"{' (best)' if improved else ''}"
+    )
 
 
 class Checkpointing(PeriodicAction):
   """Writes a checkpoint of the loop (lead process only), keeping the
   newest ``config.keep_checkpoints``."""
+
   off_the_clock = True
 
-  def __init__(self, config: config_lib.Config, directory: Path, metrics,
-               clock: Clock, lead: bool):
+  def __init__(
+    self,
+    config: config_lib.Config,
+    directory: Path,
+    metrics,
+    clock: Clock,
+    lead: bool,
+  ):
     super().__init__(config.checkpoint_every)
     self.config = config
     self.directory = directory
@@ -340,14 +379,20 @@ class Checkpointing(PeriodicAction):
       return
     elapsed_s = self.clock.elapsed_s()
     self.metrics.flush()
-    tree = workdir_lib.checkpoint_tree(loop.state, loop.sums, loop.best,
-                                       loop.base_key, self.config, elapsed_s)
-    ckpt_lib.save(self.directory, loop.step, runtime.to_host(tree),
-                  keep=self.config.keep_checkpoints)
+    tree = workdir_lib.checkpoint_tree(
+      loop.state, loop.sums, loop.best, loop.base_key, self.config, elapsed_s
+    )
+    ckpt_lib.save(
+      self.directory,
+      loop.step,
+      runtime.to_host(tree),
+      keep=self.config.keep_checkpoints,
+    )
 
 
-def run_loop(step_fn: Callable, train_data, loop: LoopState,
-             actions: list, clock: Clock) -> LoopState:
+def run_loop(
+  step_fn: Callable, train_data, loop: LoopState, actions: list, clock: Clock
+) -> LoopState:
   """Steps ``loop`` until it is done, calling every action after each step.
 
   Actions run in order; those ``off_the_clock`` do not count as training
@@ -356,8 +401,9 @@ def run_loop(step_fn: Callable, train_data, loop: LoopState,
   clock.start_training()
   try:
     while not loop.done:
-      loop.state, loop.sums = step_fn(loop.state, loop.sums, train_data,
-                                      loop.base_key)
+      loop.state, loop.sums = step_fn(
+        loop.state, loop.sums, train_data, loop.base_key
+      )
       loop.step += 1
       for action in actions:
         aside = action.off_the_clock

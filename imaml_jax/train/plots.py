@@ -4,6 +4,7 @@ Example:
   >>> plot_curves("runs/sinusoid/metrics.jsonl",
   ...             "runs/sinusoid/curves.png")  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import os
@@ -18,13 +19,19 @@ from imaml_jax.train import metrics_log  # pylint: disable=wrong-import-position
 
 def curves(records: list[dict], split: str, key: str) -> tuple[list, list]:
   """``(steps, values)`` of ``key`` in the records of ``split``."""
-  points = [(r["step"], r[key]) for r in records
-            if r.get("split") == split and key in r]
+  points = [
+    (r["step"], r[key]) for r in records if r.get("split") == split and key in r
+  ]
   return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike,
-                *, title: str = "", loss_name: str = "loss") -> bool:
+def plot_curves(
+  metrics_path: str | os.PathLike,
+  out_path: str | os.PathLike,
+  *,
+  title: str = "",
+  loss_name: str = "loss",
+) -> bool:
   """Draws query loss (and accuracy, if logged) against the meta-step.
 
   Training curves are window means of the query metrics after adaptation;
@@ -40,8 +47,9 @@ def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike,
   panels = [("loss_after", f"query {loss_name} after adaptation")]
   if any("accuracy_after" in r for r in records):
     panels.append(("accuracy_after", "query accuracy after adaptation"))
-  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False
+  )
   for ax, (key, label) in zip(axes[0], panels):
     for split, style in (("train", "-"), ("val", "o-")):
       steps, values = curves(records, split, key)
@@ -61,8 +69,9 @@ def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike,
   return True
 
 
-def plot_sinusoid_fits(fits: dict, out_path: str | os.PathLike, *,
-                       title: str = "") -> None:
+def plot_sinusoid_fits(
+  fits: dict, out_path: str | os.PathLike, *, title: str = ""
+) -> None:
   """Draws each task's true sine, support points and the two predictions.
 
   Args:
@@ -73,21 +82,31 @@ def plot_sinusoid_fits(fits: dict, out_path: str | os.PathLike, *,
   n_tasks = len(fits["true"])
   cols = min(n_tasks, 4)
   rows = -(-n_tasks // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows),
-                           squeeze=False, sharex=True)
+  fig, axes = plt.subplots(
+    rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False, sharex=True
+  )
   for i, ax in enumerate(axes.ravel()):
     if i >= n_tasks:
       ax.axis("off")
       continue
     x = fits["x"]
     ax.plot(x, fits["true"][i], color="black", lw=1.5, label="true")
-    ax.plot(x, fits["before"][i], "--", color="tab:gray",
-            label="before adaptation")
+    ax.plot(
+      x, fits["before"][i], "--", color="tab:gray", label="before adaptation"
+    )
     ax.plot(x, fits["after"][i], color="tab:red", label="after adaptation")
-    ax.plot(fits["support_x"][i], fits["support_y"][i], "o", color="tab:blue",
-            markersize=4, label="support points")
-    ax.set_title(f"query MSE {fits['mse_before'][i]:.2f} -> "
-                 f"{fits['mse_after'][i]:.2f}", fontsize=9)
+    ax.plot(
+      fits["support_x"][i],
+      fits["support_y"][i],
+      "o",
+      color="tab:blue",
+      markersize=4,
+      label="support points",
+    )
+    ax.set_title(
+      f"query MSE {fits['mse_before'][i]:.2f} -> {fits['mse_after'][i]:.2f}",
+      fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.set_xlabel("x")
   axes[0, 0].legend(fontsize=7, loc="lower left")

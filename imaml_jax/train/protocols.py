@@ -19,14 +19,16 @@ meta-training split (``characters_overlap`` in the result says how many), so
 ``paper`` measures, as the paper did, partly on classes seen in training;
 ``ours`` measures generalisation to unseen classes; ``authors`` also swaps
 in their script's adaptation (16 plain gradient steps on the support loss,
-lam 0), which suits parameters trained with their inner loop only. :func:`evaluate_workdir` tests a
-run's checkpoint under a protocol (``imaml-eval``) with the same final test
-as the end of training (:func:`imaml_jax.train.evaluation.final_test`).
+lam 0), which suits parameters trained with their inner loop only.
+:func:`evaluate_workdir` tests a run's checkpoint under a protocol
+(``imaml-eval``) with the same final test as the end of training
+(:func:`imaml_jax.train.evaluation.final_test`).
 
 Example:
   >>> eval_file_name(protocol="authors")
   'eval_protocol=authors.json'
 """
+
 from __future__ import annotations
 
 import os
@@ -48,17 +50,27 @@ from imaml_jax.train import workdir as workdir_lib
 
 EVAL_SPLITS = ("test", "val", "train", "authors_test")
 # Evaluation protocols and the split each draws its test tasks from.
-PROTOCOL_SPLITS = {"ours": "test", "authors": "authors_test",
-                   "paper": "authors_test"}
+PROTOCOL_SPLITS = {
+  "ours": "test",
+  "authors": "authors_test",
+  "paper": "authors_test",
+}
 EVAL_PROTOCOLS = tuple(PROTOCOL_SPLITS)
-AUTHORS_SOURCE = ("github.com/aravindr93/imaml_dev at commit 6a2a669: "
-                  "examples/measure_accuracy.py with the command of "
-                  "examples/README.md, implicit_maml/dataset.py")
+AUTHORS_SOURCE = (
+  "github.com/aravindr93/imaml_dev at commit 6a2a669: "
+  "examples/measure_accuracy.py with the command of "
+  "examples/README.md, implicit_maml/dataset.py"
+)
 
 
-def protocol_record(name: str, config: config_lib.Config, split: str,
-                    adaptation: str, parameters: str,
-                    overlap: dict | None = None) -> dict:
+def protocol_record(
+  name: str,
+  config: config_lib.Config,
+  split: str,
+  adaptation: str,
+  parameters: str,
+  overlap: dict | None = None,
+) -> dict:
   """The ``"protocol"`` entry of a results file: how its tasks were tested.
 
   Args:
@@ -75,9 +87,13 @@ def protocol_record(name: str, config: config_lib.Config, split: str,
     >>> protocol_record("ours", cfg, "test", "imaml(...)", "last")["q_query"]
     10
   """
-  record = {"name": name, "q_query": config.q_query,
-            "tasks": exp_lib.tasks_description(config, split),
-            "adaptation": adaptation, "parameters": parameters}
+  record = {
+    "name": name,
+    "q_query": config.q_query,
+    "tasks": exp_lib.tasks_description(config, split),
+    "adaptation": adaptation,
+    "parameters": parameters,
+  }
   if overlap is not None:
     record["characters_overlap"] = overlap
   if name in ("authors", "paper"):
@@ -101,20 +117,29 @@ def format_test(results: dict) -> str:
   """
   split = results.get("split", "test")
   protocol = results.get("protocol", {}).get("name", "ours")
-  where = ("test" if split in ("test", PROTOCOL_SPLITS.get(protocol))
-           else f"{split}-split tasks")
-  lines = [f"{where} on {results['test_params']} parameters, protocol "
-           f"{protocol}:"]
+  where = (
+    "test"
+    if split in ("test", PROTOCOL_SPLITS.get(protocol))
+    else f"{split}-split tasks"
+  )
+  lines = [
+    f"{where} on {results['test_params']} parameters, protocol {protocol}:"
+  ]
   for name, stats in results["test"].items():
     scale = 100 if name.startswith("accuracy") else 1
     unit = "%" if scale == 100 else ""
-    lines.append(f"  {name}: {scale * stats['mean']:.3f}{unit} +- "
-                 f"{scale * stats['ci95']:.3f}{unit} (n={stats['n']})")
+    lines.append(
+      f"  {name}: {scale * stats['mean']:.3f}{unit} +- "
+      f"{scale * stats['ci95']:.3f}{unit} (n={stats['n']})"
+    )
   return "\n".join(lines)
 
 
-def eval_file_name(overrides: Sequence[str] = (), split: str | None = None,
-                   protocol: str = "ours") -> str:
+def eval_file_name(
+  overrides: Sequence[str] = (),
+  split: str | None = None,
+  protocol: str = "ours",
+) -> str:
   """``eval.json``, or ``eval_`` + protocol, split and overrides + ``.json``.
 
   The protocol appears as ``protocol=<name>`` unless it is ``ours``; the
@@ -132,13 +157,15 @@ def eval_file_name(overrides: Sequence[str] = (), split: str | None = None,
   parts = [] if protocol == "ours" else [f"protocol={protocol}"]
   if split not in (None, PROTOCOL_SPLITS.get(protocol)):
     parts.append(split)
-  parts += [re.sub(r"[^A-Za-z0-9_.=-]", "_", o.replace(" ", ""))
-            for o in overrides]
+  parts += [
+    re.sub(r"[^A-Za-z0-9_.=-]", "_", o.replace(" ", "")) for o in overrides
+  ]
   return "_".join(["eval", *parts]) + ".json"
 
 
-def check_protocol(protocol: str, split: str | None,
-                   overrides: Sequence[str]) -> str:
+def check_protocol(
+  protocol: str, split: str | None, overrides: Sequence[str]
+) -> str:
   """Validates the protocol and split names; returns the split to use.
 
   Raises:
@@ -147,55 +174,70 @@ def check_protocol(protocol: str, split: str | None,
   """
   if protocol not in EVAL_PROTOCOLS:
     raise config_lib.ConfigError(
-        f"protocol must be one of {', '.join(EVAL_PROTOCOLS)}; got "
-        f"{protocol!r}.")
+      f"protocol must be one of {', '.join(EVAL_PROTOCOLS)}; got {protocol!r}."
+    )
   if split is not None and split not in EVAL_SPLITS:
     raise config_lib.ConfigError(
-        f"split must be one of {', '.join(EVAL_SPLITS)}; got {split!r}.")
+      f"split must be one of {', '.join(EVAL_SPLITS)}; got {split!r}."
+    )
   own = PROTOCOL_SPLITS[protocol]
   if protocol != "ours" and split not in (None, own):
     raise config_lib.ConfigError(
-        f"protocol {protocol!r} draws its tasks from the authors' test "
-        f"characters (split {own}); split {split!r} does not apply.")
+      f"protocol {protocol!r} draws its tasks from the authors' test "
+      f"characters (split {own}); split {split!r} does not apply."
+    )
   if protocol == "authors":
-    fixed = [o for o in overrides
-             if o.partition("=")[0].strip() in exp_lib.AUTHORS_FIXED_FIELDS]
+    fixed = [
+      o
+      for o in overrides
+      if o.partition("=")[0].strip() in exp_lib.AUTHORS_FIXED_FIELDS
+    ]
     if fixed:
       raise config_lib.ConfigError(
-          f"protocol 'authors' adapts on the support loss alone, without a "
-          f"proximal term or a step check; {', '.join(fixed)} does not "
-          "apply.")
+        f"protocol 'authors' adapts on the support loss alone, without a "
+        f"proximal term or a step check; {', '.join(fixed)} does not "
+        "apply."
+      )
   return own if split is None else split
 
 
-def _check_dataset(protocol: str, split: str,
-                   config: config_lib.Config) -> None:
-  if ((protocol != "ours" or split == "authors_test")
-      and config.dataset != "omniglot"):
+def _check_dataset(
+  protocol: str, split: str, config: config_lib.Config
+) -> None:
+  if (
+    protocol != "ours" or split == "authors_test"
+  ) and config.dataset != "omniglot":
     raise config_lib.ConfigError(
-        f"the authors' evaluation and characters are Omniglot's; this run's "
-        f"dataset is {config.dataset!r}.")
+      f"the authors' evaluation and characters are Omniglot's; this run's "
+      f"dataset is {config.dataset!r}."
+    )
 
 
-def _test_images(exp: exp_lib.Experiment, split: str,
-                 config: config_lib.Config, data_dir):
+def _test_images(
+  exp: exp_lib.Experiment, split: str, config: config_lib.Config, data_dir
+):
   """``(images, chunks, overlap)`` of the split the tasks are drawn from."""
   if split != "authors_test":
     return getattr(exp.data, split), None, None
   authors = exp_lib.load_authors_characters(config, data_dir)
-  return (jax.device_put(authors.images), exp_lib.authors_evaluation_chunks,
-          authors.overlap)
+  return (
+    jax.device_put(authors.images),
+    exp_lib.authors_evaluation_chunks,
+    authors.overlap,
+  )
 
 
-def _adaptation(exp: exp_lib.Experiment, protocol: str,
-                test_config: config_lib.Config):
+def _adaptation(
+  exp: exp_lib.Experiment, protocol: str, test_config: config_lib.Config
+):
   """``(exp, description)``: the experiment adapting as the protocol does."""
   if protocol != "authors":
     return exp, exp.eval_algorithm.name
-  exp = exp._replace(
-      eval_algorithm=exp_lib.authors_eval_algorithm(test_config))
-  return exp, (f"{exp.eval_algorithm.name}: its inner solver on the support "
-               "loss alone (lam 0: no proximal term, no pull-back)")
+  exp = exp._replace(eval_algorithm=exp_lib.authors_eval_algorithm(test_config))
+  return exp, (
+    f"{exp.eval_algorithm.name}: its inner solver on the support "
+    "loss alone (lam 0: no proximal term, no pull-back)"
+  )
 
 
 def protocol_overrides(protocol: str, config: config_lib.Config) -> list[str]:
@@ -213,32 +255,41 @@ def protocol_overrides(protocol: str, config: config_lib.Config) -> list[str]:
   return []
 
 
-def restore_parameters(path, config: config_lib.Config,
-                       exp: exp_lib.Experiment):
+def restore_parameters(
+  path, config: config_lib.Config, exp: exp_lib.Experiment
+):
   """``(step, last_params, best)`` of checkpoint ``path``.
 
   The training metrics' sums play no part in a test: they are restored with
   the metric names the checkpoint holds, so a run saved before a metric was
   added can still be tested.
   """
-  init, _ = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
-                              has_aux=True)
+  init, _ = im.make_meta_step(
+    exp.loss, exp.optimizer, exp.algorithm, has_aux=True
+  )
   state = init(exp.init_params(jax.random.key(0)))
-  best = {"params": state.params, "score": np.float64(np.nan),
-          "step": np.int64(-1)}
+  best = {
+    "params": state.params,
+    "score": np.float64(np.nan),
+    "step": np.int64(-1),
+  }
   stored_metrics = ckpt_lib.load(path)[1].get("sums", {}).get("sums", {})
   step, state, _, best, _, _ = workdir_lib.restore(
-      path, config, state, steps_lib.init_sums(stored_metrics), best)
+    path, config, state, steps_lib.init_sums(stored_metrics), best
+  )
   return step, state.params, best
 
 
-def evaluate_workdir(workdir: str | os.PathLike,
-                     data_dir: str | os.PathLike | None = None, *,
-                     n_tasks: int | None = None,
-                     overrides: Sequence[str] = (),
-                     split: str | None = None,
-                     protocol: str = "ours",
-                     log: Callable[[str], None] = print) -> dict:
+def evaluate_workdir(
+  workdir: str | os.PathLike,
+  data_dir: str | os.PathLike | None = None,
+  *,
+  n_tasks: int | None = None,
+  overrides: Sequence[str] = (),
+  split: str | None = None,
+  protocol: str = "ours",
+  log: Callable[[str], None] = print,
+) -> dict:
   """Tests a run's checkpoint under an evaluation protocol.
 
   ``protocol="ours"`` (default): tasks from the held-out test characters
@@ -291,8 +342,9 @@ def evaluate_workdir(workdir: str | os.PathLike,
   config, latest = workdir_lib.load_run(workdir)
   _check_dataset(protocol, split, config)
   base = protocol_overrides(protocol, config)
-  test_config = config_lib.apply_test_time_overrides(config,
-                                                     [*base, *overrides])
+  test_config = config_lib.apply_test_time_overrides(
+    config, [*base, *overrides]
+  )
   data_dir = exp_lib.resolve_data_dir(config, data_dir)
   # Test-time fields change only the adaptation, not the parameters.
   exp = exp_lib.build(test_config, exp_lib.load_data(config, data_dir))
@@ -300,24 +352,34 @@ def evaluate_workdir(workdir: str | os.PathLike,
   exp, adaptation = _adaptation(exp, protocol, test_config)
   step, last_params, best = restore_parameters(latest, config, exp)
   outcome = evaluation.final_test(
-      evaluation.Evaluator(exp, chunks), images, n_tasks or config.test_tasks,
-      test_config.test_seed, last_params=last_params, step=step,
-      best=None if protocol == "authors" else best)
+    evaluation.Evaluator(exp, chunks),
+    images,
+    n_tasks or config.test_tasks,
+    test_config.test_seed,
+    last_params=last_params,
+    step=step,
+    best=None if protocol == "authors" else best,
+  )
   results = {
-      "checkpoint": str(latest), "step": step,
-      "split": split,
-      "protocol": protocol_record(protocol, test_config, split, adaptation,
-                                  outcome.test_params, overlap),
-      "test_time_overrides": list(overrides),
-      "test_params": outcome.test_params,
-      "best_validation": {"step": int(best["step"]),
-                          "score": float(best["score"])},
-      "test": outcome.test,
-      "test_last": outcome.test_last,
-      "test_per_task": outcome.test_per_task,
+    "checkpoint": str(latest),
+    "step": step,
+    "split": split,
+    "protocol": protocol_record(
+      protocol, test_config, split, adaptation, outcome.test_params, overlap
+    ),
+    "test_time_overrides": list(overrides),
+    "test_params": outcome.test_params,
+    "best_validation": {
+      "step": int(best["step"]),
+      "score": float(best["score"]),
+    },
+    "test": outcome.test,
+    "test_last": outcome.test_last,
+    "test_per_task": outcome.test_per_task,
   }
-  workdir_lib.write_json(Path(workdir).expanduser()
-                         / eval_file_name(overrides, split, protocol),
-                         results)
+  workdir_lib.write_json(
+    Path(workdir).expanduser() / eval_file_name(overrides, split, protocol),
+    results,
+  )
   log(format_test(results))
   return results

@@ -27,6 +27,7 @@ configs' default, is one task at a time on a CPU: :func:`task_chunk`).
 (``XLA_FLAGS=--xla_force_host_platform_device_count``, or
 ``jax_num_cpu_devices``) is kept.
 """
+
 from __future__ import annotations
 
 import os
@@ -72,16 +73,18 @@ def make_mesh(config: config_lib.Config, devices: int | None = None):
     im.check_divisible(config.meta_batch, mesh)
   except ValueError as e:
     raise config_lib.ConfigError(
-        f"{e} Pass --devices with a divisor of {config.meta_batch}, or "
-        "--set meta_batch=... with a multiple of the device count.") from e
+      f"{e} Pass --devices with a divisor of {config.meta_batch}, or "
+      "--set meta_batch=... with a multiple of the device count."
+    ) from e
   return mesh
 
 
 CPU_DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
-def cpu_device_count(meta_batch: int, cores: int,
-                     devices: int | None = None) -> int:
+def cpu_device_count(
+  meta_batch: int, cores: int, devices: int | None = None
+) -> int:
   """How many devices to split a CPU of ``cores`` cores into for a run.
 
   ``devices`` (``--devices``) if given, capped at ``cores`` (asking for
@@ -99,8 +102,9 @@ def cpu_device_count(meta_batch: int, cores: int,
   return max(d for d in range(1, max(cores, 1) + 1) if meta_batch % d == 0)
 
 
-def split_cpu(config: config_lib.Config, devices: int | None = None
-              ) -> int | None:
+def split_cpu(
+  config: config_lib.Config, devices: int | None = None
+) -> int | None:
   """Splits the CPU into one JAX device per core before JAX starts.
 
   Calls :func:`imaml_jax.use_cpu_cores` with :func:`cpu_device_count`.
@@ -114,16 +118,21 @@ def split_cpu(config: config_lib.Config, devices: int | None = None
     The number of CPU devices set, or ``None``.
   """
   from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-  if (CPU_DEVICE_FLAG in os.environ.get("XLA_FLAGS", "")
-      or jax.config.jax_num_cpu_devices >= 0
-      or xla_bridge.backends_are_initialized()):
+
+  if (
+    CPU_DEVICE_FLAG in os.environ.get("XLA_FLAGS", "")
+    or jax.config.jax_num_cpu_devices >= 0
+    or xla_bridge.backends_are_initialized()
+  ):
     return None
-  return im.use_cpu_cores(cpu_device_count(
-      config.meta_batch, sharding_lib.available_cores(), devices))
+  return im.use_cpu_cores(
+    cpu_device_count(config.meta_batch, sharding_lib.available_cores(), devices)
+  )
 
 
-def task_chunk(config: config_lib.Config, platform: str | None = None
-               ) -> int | None:
+def task_chunk(
+  config: config_lib.Config, platform: str | None = None
+) -> int | None:
   """The ``task_chunk`` of a training meta-step (``None``: vmap the batch).
 
   A positive ``config.task_chunk`` is used as it is. ``0`` (auto, the
@@ -174,8 +183,9 @@ def compiler_options(platform: str | None = None) -> dict:
   if platform != "cpu":
     return {}
   flags = os.environ.get("XLA_FLAGS", "")
-  return {k: v for k, v in CPU_COMPILER_OPTIONS.items()
-          if f"--{k}" not in flags}
+  return {
+    k: v for k, v in CPU_COMPILER_OPTIONS.items() if f"--{k}" not in flags
+  }
 
 
 def device_name(mesh=None) -> str:
@@ -198,8 +208,10 @@ def _local_leaf(x):
 
 def to_host(tree) -> Any:
   """``tree`` as numpy arrays (replicated arrays: this process's copy)."""
-  return jax.tree.map(lambda x: x if isinstance(x, str) else np.asarray(x),
-                      jax.device_get(jax.tree.map(_local_leaf, tree)))
+  return jax.tree.map(
+    lambda x: x if isinstance(x, str) else np.asarray(x),
+    jax.device_get(jax.tree.map(_local_leaf, tree)),
+  )
 
 
 def first_replica(tree) -> Any:
@@ -212,4 +224,5 @@ def lead_decides(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
   return bool(multihost_utils.broadcast_one_to_all(np.bool_(flag)))

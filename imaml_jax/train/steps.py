@@ -14,6 +14,7 @@ Example:
   >>> window_record(10, sums)["loss_after"]
   0.5
 """
+
 from __future__ import annotations
 
 import time
@@ -64,13 +65,19 @@ def init_sums(metric_shapes: dict) -> dict:
     metric_shapes: the meta-step's metrics (:func:`metric_shapes`); only
       their names are used.
   """
-  return {"sums": {k: jnp.zeros((), jnp.float32) for k in metric_shapes
-                   if k != "skipped"},
-          "count": jnp.zeros((), jnp.int32),
-          "skipped": jnp.zeros((), jnp.int32),
-          "consecutive": jnp.zeros((), jnp.int32),
-          "measured": {k: jnp.zeros((), jnp.int32) for k in metric_shapes
-                       if k in OCCASIONAL_METRICS}}
+  return {
+    "sums": {
+      k: jnp.zeros((), jnp.float32) for k in metric_shapes if k != "skipped"
+    },
+    "count": jnp.zeros((), jnp.int32),
+    "skipped": jnp.zeros((), jnp.int32),
+    "consecutive": jnp.zeros((), jnp.int32),
+    "measured": {
+      k: jnp.zeros((), jnp.int32)
+      for k in metric_shapes
+      if k in OCCASIONAL_METRICS
+    },
+  }
 
 
 def add_to_sums(sums: dict, metrics: dict) -> dict:
@@ -79,14 +86,16 @@ def add_to_sums(sums: dict, metrics: dict) -> dict:
   ok = skipped == 0
   counted = {k: ok & ~jnp.isnan(metrics[k]) for k in sums["measured"]}
   return {
-      "sums": {k: v + jnp.where(counted.get(k, ok),
-                                metrics[k].astype(jnp.float32), 0.0)
-               for k, v in sums["sums"].items()},
-      "count": sums["count"] + ok.astype(jnp.int32),
-      "skipped": sums["skipped"] + skipped,
-      "consecutive": jnp.where(ok, 0, sums["consecutive"] + 1),
-      "measured": {k: v + counted[k].astype(jnp.int32)
-                   for k, v in sums["measured"].items()},
+    "sums": {
+      k: v + jnp.where(counted.get(k, ok), metrics[k].astype(jnp.float32), 0.0)
+      for k, v in sums["sums"].items()
+    },
+    "count": sums["count"] + ok.astype(jnp.int32),
+    "skipped": sums["skipped"] + skipped,
+    "consecutive": jnp.where(ok, 0, sums["consecutive"] + 1),
+    "measured": {
+      k: v + counted[k].astype(jnp.int32) for k, v in sums["measured"].items()
+    },
   }
 
 
@@ -131,10 +140,15 @@ def metric_shapes(exp: exp_lib.Experiment, state, key) -> dict:
   Returns:
     ``{name: jax.ShapeDtypeStruct}`` for every metric of the meta-step.
   """
-  _, meta_step = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
-                                   has_aux=True)
-  return jax.eval_shape(lambda s, d, k: meta_step(s, exp.sample(k, d))[1],
-                        state, exp.data.train, key)
+  _, meta_step = im.make_meta_step(
+    exp.loss, exp.optimizer, exp.algorithm, has_aux=True
+  )
+  return jax.eval_shape(
+    lambda s, d, k: meta_step(s, exp.sample(k, d))[1],
+    state,
+    exp.data.train,
+    key,
+  )
 
 
 def task_sampler(exp: exp_lib.Experiment, mesh=None) -> Callable:
@@ -150,12 +164,14 @@ def task_sampler(exp: exp_lib.Experiment, mesh=None) -> Callable:
   config = exp.config
   if config.dataset == "sinusoid":
     return lambda key, data: im.constrain_tasks(exp.sample(key, data), mesh)
-  sample = im.data.make_sharded_sampler(mesh, config.n_way, config.k_shot,
-                                        config.q_query, config.meta_batch)
+  sample = im.data.make_sharded_sampler(
+    mesh, config.n_way, config.k_shot, config.q_query, config.meta_batch
+  )
   if not config.reptile_train_shots:
     return sample
   return lambda key, data: im.constrain_tasks(
-      exp_lib.training_tasks(config, sample(key, data)), mesh)
+    exp_lib.training_tasks(config, sample(key, data)), mesh
+  )
 
 
 def make_train_step(exp: exp_lib.Experiment, mesh=None) -> Callable:
@@ -176,10 +192,14 @@ def make_train_step(exp: exp_lib.Experiment, mesh=None) -> Callable:
   chunk = runtime.task_chunk(exp.config, platform)
   per_device = chunk is not None and mesh is not None and mesh.size > 1
   _, meta_step = im.make_meta_step(
-      exp.loss, exp.optimizer, exp.algorithm, has_aux=True,
-      task_chunk=chunk,
-      report_residual=measures_residual(exp.config.log_every),
-      axis_name=im.TASK_AXIS if per_device else None)
+    exp.loss,
+    exp.optimizer,
+    exp.algorithm,
+    has_aux=True,
+    task_chunk=chunk,
+    report_residual=measures_residual(exp.config.log_every),
+    axis_name=im.TASK_AXIS if per_device else None,
+  )
   if per_device:
     meta_step = sharding_lib.per_device_step(meta_step, mesh)
   sample = task_sampler(exp, mesh)
@@ -192,8 +212,9 @@ def make_train_step(exp: exp_lib.Experiment, mesh=None) -> Callable:
   return train_step
 
 
-def compile_train_step(train_step: Callable, mesh, *args
-                       ) -> tuple[Callable, float]:
+def compile_train_step(
+  train_step: Callable, mesh, *args
+) -> tuple[Callable, float]:
   """Compiles ``train_step`` for ``args`` replicated over ``mesh``.
 
   The state and sums (the first two arguments) are donated. On a CPU the
@@ -205,8 +226,14 @@ def compile_train_step(train_step: Callable, mesh, *args
   start = time.perf_counter()
   replicated = im.replicated_sharding(mesh)
   platform = runtime.device_name(mesh).split(":")[0]
-  compiled = jax.jit(train_step, donate_argnums=(0, 1),
-                     in_shardings=replicated, out_shardings=replicated
-                     ).lower(*args).compile(
-                         compiler_options=runtime.compiler_options(platform))
+  compiled = (
+    jax.jit(
+      train_step,
+      donate_argnums=(0, 1),
+      in_shardings=replicated,
+      out_shardings=replicated,
+    )
+    .lower(*args)
+    .compile(compiler_options=runtime.compiler_options(platform))
+  )
   return compiled, time.perf_counter() - start

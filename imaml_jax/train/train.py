@@ -15,6 +15,7 @@ Example:
   >>> results = train.train_and_evaluate(cfg, "/tmp/run")  # doctest: +SKIP
   >>> results["test"]["loss_after"]["mean"]  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import os
@@ -54,27 +55,48 @@ from imaml_jax.train.workdir import load_run
 from imaml_jax.train.workdir import with_added_metrics
 
 __all__ = [
-    # The recipe and its parts.
-    "STATISTICS", "budget_record", "compile_step", "results_record",
-    "start_or_resume", "train_and_evaluate",
-    # Importable from here as before the modules were split.
-    "CONFIG_FILE", "DeviceError", "EVAL_PROTOCOLS", "EVAL_SPLITS",
-    "Evaluator", "TrainingDiverged", "WorkdirError", "compiler_options",
-    "evaluate_workdir", "format_test", "init_sums", "load_run",
-    "make_mesh", "make_train_step", "metric_shapes", "summarize",
-    "with_added_metrics",
+  # The recipe and its parts.
+  "STATISTICS",
+  "budget_record",
+  "compile_step",
+  "results_record",
+  "start_or_resume",
+  "train_and_evaluate",
+  # Importable from here as before the modules were split.
+  "CONFIG_FILE",
+  "DeviceError",
+  "EVAL_PROTOCOLS",
+  "EVAL_SPLITS",
+  "Evaluator",
+  "TrainingDiverged",
+  "WorkdirError",
+  "compiler_options",
+  "evaluate_workdir",
+  "format_test",
+  "init_sums",
+  "load_run",
+  "make_mesh",
+  "make_train_step",
+  "metric_shapes",
+  "summarize",
+  "with_added_metrics",
 ]
 
-STATISTICS = ("mean over tasks; ci95 = 1.96 * std / sqrt(n), population std "
-              "(ddof=0)")
+STATISTICS = (
+  "mean over tasks; ci95 = 1.96 * std / sqrt(n), population std (ddof=0)"
+)
 
 
-def train_and_evaluate(config: config_lib.Config,
-                       workdir: str | os.PathLike,
-                       data_dir: str | os.PathLike | None = None, *,
-                       mesh=None, progress: bool = True,
-                       log: Callable[[str], None] | None = None,
-                       time_budget_s: float | None = None) -> dict:
+def train_and_evaluate(
+  config: config_lib.Config,
+  workdir: str | os.PathLike,
+  data_dir: str | os.PathLike | None = None,
+  *,
+  mesh=None,
+  progress: bool = True,
+  log: Callable[[str], None] | None = None,
+  time_budget_s: float | None = None,
+) -> dict:
   """Meta-trains ``config`` in ``workdir`` (resuming if possible) and tests.
 
   Args:
@@ -107,8 +129,9 @@ def train_and_evaluate(config: config_lib.Config,
   clock = periodic.Clock()
   _check_request(config, time_budget_s)
   mesh = runtime.make_mesh(config) if mesh is None else mesh
-  workdir, data_dir, latest = workdir_lib.prepare(config, workdir, data_dir,
-                                                  mesh)
+  workdir, data_dir, latest = workdir_lib.prepare(
+    config, workdir, data_dir, mesh
+  )
   lead = runtime.is_lead()
   log = (log or tqdm.tqdm.write) if lead else (lambda _: None)
   exp = exp_lib.build(config, exp_lib.load_data(config, data_dir))
@@ -118,31 +141,50 @@ def train_and_evaluate(config: config_lib.Config,
   # Everything is checked; from here on the work directory is written.
   metrics = workdir_lib.open_run(workdir, config, start_step, lead)
   loop.state, loop.sums, train_data, loop.base_key = im.replicate(
-      (loop.state, loop.sums, exp.data.train, loop.base_key), mesh)
+    (loop.state, loop.sums, exp.data.train, loop.base_key), mesh
+  )
   exp = exp._replace(data=exp.data._replace(train=None))  # Frees the copy.
   loop.best = dict(loop.best, params=jax.device_put(loop.best["params"]))
   step_fn, compile_time = compile_step(exp, mesh, loop, train_data, log)
   evaluator = evaluation.Evaluator(exp)
-  actions = [   # Run in this order after every step.
-      periodic.TimeBudget(time_budget_s, config.log_every, clock, log),
-      periodic.WindowLog(config.log_every, metrics, mesh, loop),
-      periodic.ProgressBar(config.log_every, loop, progress and lead),
-      periodic.DivergenceGuard(config.log_every,
-                               config.max_consecutive_skips),
-      periodic.Validation(config, evaluator, exp.data.val, select, metrics,
-                          log),
-      periodic.Checkpointing(config, workdir / workdir_lib.CHECKPOINT_DIR,
-                             metrics, clock, lead)]
+  actions = [  # Run in this order after every step.
+    periodic.TimeBudget(time_budget_s, config.log_every, clock, log),
+    periodic.WindowLog(config.log_every, metrics, mesh, loop),
+    periodic.ProgressBar(config.log_every, loop, progress and lead),
+    periodic.DivergenceGuard(config.log_every, config.max_consecutive_skips),
+    periodic.Validation(config, evaluator, exp.data.val, select, metrics, log),
+    periodic.Checkpointing(
+      config, workdir / workdir_lib.CHECKPOINT_DIR, metrics, clock, lead
+    ),
+  ]
   periodic.run_loop(step_fn, train_data, loop, actions, clock)
   train_time = clock.trained_s()
 
   outcome = evaluation.final_test(
-      evaluator, exp.data.test, config.test_tasks, config.test_seed,
-      last_params=runtime.first_replica(loop.state.params), step=loop.step,
-      best=loop.best)
-  results = results_record(exp, loop, outcome, select[0], budget_record(
-      loop, start_step, latest is not None, clock, train_time, compile_time,
-      evaluator.compile_time_s, mesh))
+    evaluator,
+    exp.data.test,
+    config.test_tasks,
+    config.test_seed,
+    last_params=runtime.first_replica(loop.state.params),
+    step=loop.step,
+    best=loop.best,
+  )
+  results = results_record(
+    exp,
+    loop,
+    outcome,
+    select[0],
+    budget_record(
+      loop,
+      start_step,
+      latest is not None,
+      clock,
+      train_time,
+      compile_time,
+      evaluator.compile_time_s,
+      mesh,
+    ),
+  )
   if lead:
     workdir_lib.write_json(workdir / workdir_lib.RESULTS_FILE, results)
     workdir_lib.write_plots(workdir, exp, outcome.params)
@@ -150,16 +192,19 @@ def train_and_evaluate(config: config_lib.Config,
   return results
 
 
-def _check_request(config: config_lib.Config,
-                   time_budget_s: float | None) -> None:
+def _check_request(
+  config: config_lib.Config, time_budget_s: float | None
+) -> None:
   if time_budget_s is not None and not time_budget_s > 0:
     raise config_lib.ConfigError(
-        f"time_budget_s must be positive, got {time_budget_s!r}.")
+      f"time_budget_s must be positive, got {time_budget_s!r}."
+    )
   config_lib.check_training(config)
 
 
-def start_or_resume(exp: exp_lib.Experiment, latest,
-                    log: Callable[[str], None]):
+def start_or_resume(
+  exp: exp_lib.Experiment, latest, log: Callable[[str], None]
+):
   """The loop's first state: fresh, or restored from checkpoint ``latest``.
 
   Returns:
@@ -168,87 +213,126 @@ def start_or_resume(exp: exp_lib.Experiment, latest,
     the wall seconds the run took before this invocation.
   """
   config = exp.config
-  init, _ = im.make_meta_step(exp.loss, exp.optimizer, exp.algorithm,
-                              has_aux=True)
+  init, _ = im.make_meta_step(
+    exp.loss, exp.optimizer, exp.algorithm, has_aux=True
+  )
   init_key, base_key = jax.random.split(jax.random.key(config.seed))
   state = init(exp.init_params(init_key))
   shapes = steps_lib.metric_shapes(exp, state, base_key)
   sums = steps_lib.init_sums(shapes)
   # A host copy: the device buffers of ``state`` are donated to each step.
-  best = {"params": runtime.to_host(state.params),
-          "score": np.float64(np.nan), "step": np.int64(-1)}
+  best = {
+    "params": runtime.to_host(state.params),
+    "score": np.float64(np.nan),
+    "step": np.int64(-1),
+  }
   step, elapsed_before = 0, 0.0
   if latest is not None:
     step, state, sums, best, base_key, elapsed_before = workdir_lib.restore(
-        latest, config, state, sums, best)
+      latest, config, state, sums, best
+    )
     log(f"Resuming from {latest} (step {step}).")
   workdir_lib.check_same_start(step)
-  loop = periodic.LoopState(step=step, state=state, sums=sums, best=best,
-                            base_key=base_key, meta_steps=config.meta_steps)
+  loop = periodic.LoopState(
+    step=step,
+    state=state,
+    sums=sums,
+    best=best,
+    base_key=base_key,
+    meta_steps=config.meta_steps,
+  )
   return loop, evaluation.score_key(shapes), elapsed_before
 
 
-def compile_step(exp: exp_lib.Experiment, mesh, loop: periodic.LoopState,
-                 train_data, log: Callable[[str], None]):
+def compile_step(
+  exp: exp_lib.Experiment,
+  mesh,
+  loop: periodic.LoopState,
+  train_data,
+  log: Callable[[str], None],
+):
   """``(step_fn, compile_seconds)``; ``(None, 0.0)`` if no step is left."""
   if loop.done:
     return None, 0.0
   step_fn, seconds = steps_lib.compile_train_step(
-      steps_lib.make_train_step(exp, mesh), mesh, loop.state, loop.sums,
-      train_data, loop.base_key)
-  log(f"{exp.config.name}: {exp.algorithm.name} on {mesh.size} "
-      f"{runtime.device_name(mesh)} device(s); train step compiled in "
-      f"{seconds:.1f} s.")
+    steps_lib.make_train_step(exp, mesh),
+    mesh,
+    loop.state,
+    loop.sums,
+    train_data,
+    loop.base_key,
+  )
+  log(
+    f"{exp.config.name}: {exp.algorithm.name} on {mesh.size} "
+    f"{runtime.device_name(mesh)} device(s); train step compiled in "
+    f"{seconds:.1f} s."
+  )
   return step_fn, seconds
 
 
-def budget_record(loop: periodic.LoopState, start_step: int, resumed: bool,
-                  clock: periodic.Clock, train_time_s: float,
-                  compile_time_s: float, eval_compile_time_s: float,
-                  mesh) -> dict:
+def budget_record(
+  loop: periodic.LoopState,
+  start_step: int,
+  resumed: bool,
+  clock: periodic.Clock,
+  train_time_s: float,
+  compile_time_s: float,
+  eval_compile_time_s: float,
+  mesh,
+) -> dict:
   """The ``"budget"`` entry of the results: steps, times, devices."""
-  counts = runtime.to_host({"step": loop.state.step,
-                            "skipped": loop.state.skipped})
+  counts = runtime.to_host(
+    {"step": loop.state.step, "skipped": loop.state.skipped}
+  )
   steps_done = loop.step - start_step
   return {
-      "meta_steps": int(counts["step"]),
-      "meta_steps_this_run": steps_done,
-      "meta_steps_target": loop.meta_steps,
-      "stopped_by_time_budget": loop.stopped,
-      "skipped_steps": int(counts["skipped"]),
-      "wall_time_s": clock.elapsed_s(),
-      "train_time_s_this_run": train_time_s,
-      "compile_time_s": compile_time_s,
-      "eval_compile_time_s": eval_compile_time_s,
-      "steps_per_s": (steps_done / train_time_s if train_time_s > 0
-                      else None),
-      "device": runtime.device_name(mesh),
-      "devices": mesh.size,
-      "processes": jax.process_count(),
-      "resumed_from_step": start_step if resumed else None,
+    "meta_steps": int(counts["step"]),
+    "meta_steps_this_run": steps_done,
+    "meta_steps_target": loop.meta_steps,
+    "stopped_by_time_budget": loop.stopped,
+    "skipped_steps": int(counts["skipped"]),
+    "wall_time_s": clock.elapsed_s(),
+    "train_time_s_this_run": train_time_s,
+    "compile_time_s": compile_time_s,
+    "eval_compile_time_s": eval_compile_time_s,
+    "steps_per_s": (steps_done / train_time_s if train_time_s > 0 else None),
+    "device": runtime.device_name(mesh),
+    "devices": mesh.size,
+    "processes": jax.process_count(),
+    "resumed_from_step": start_step if resumed else None,
   }
 
 
-def results_record(exp: exp_lib.Experiment, loop: periodic.LoopState,
-                   outcome: evaluation.FinalTest, select_key: str,
-                   budget: dict) -> dict:
+def results_record(
+  exp: exp_lib.Experiment,
+  loop: periodic.LoopState,
+  outcome: evaluation.FinalTest,
+  select_key: str,
+  budget: dict,
+) -> dict:
   """The results of a run (``results.json``)."""
   best_step = int(loop.best["step"])
   return {
-      "config": config_lib.to_dict(exp.config),
-      "algorithm": exp.algorithm.name,
-      "test": outcome.test,
-      "test_last": outcome.test_last,
-      "test_per_task": outcome.test_per_task,
-      "test_params": outcome.test_params,
-      "protocol": protocols.protocol_record(
-          "ours", exp.config, "test", exp.eval_algorithm.name,
-          outcome.test_params),
-      "test_note": ("the best validation was at the last step: test and "
-                    "test_last are the same parameters"
-                    if best_step == loop.step else None),
-      "best_validation": {"step": best_step, "metric": select_key,
-                          "score": float(loop.best["score"])},
-      "statistics": STATISTICS,
-      "budget": budget,
+    "config": config_lib.to_dict(exp.config),
+    "algorithm": exp.algorithm.name,
+    "test": outcome.test,
+    "test_last": outcome.test_last,
+    "test_per_task": outcome.test_per_task,
+    "test_params": outcome.test_params,
+    "protocol": protocols.protocol_record(
+      "ours", exp.config, "test", exp.eval_algorithm.name, outcome.test_params
+    ),
+    "test_note": (
+      "the best validation was at the last step: test and "
+      "test_last are the same parameters"
+      if best_step == loop.step
+      else None
+    ),
+    "best_validation": {
+      "step": best_step,
+      "metric": select_key,
+      "score": float(loop.best["score"]),
+    },
+    "statistics": STATISTICS,
+    "budget": budget,
   }

@@ -16,6 +16,7 @@ of the same config resumes from its latest checkpoint (:func:`restore`),
 also one written before a training metric existed
 (:func:`with_added_metrics`). Only process 0 writes (:func:`open_run`).
 """
+
 from __future__ import annotations
 
 import json
@@ -77,21 +78,29 @@ def check_workdir(config: config_lib.Config, workdir: Path) -> Path | None:
     stored = _stored_config(stored_path)
     diff = config_lib.differences(stored, config)
     if diff:
-      lines = "; ".join(f"{k}: stored {a!r}, requested {b!r}"
-                        for k, (a, b) in diff.items())
+      lines = "; ".join(
+        f"{k}: stored {a!r}, requested {b!r}" for k, (a, b) in diff.items()
+      )
       raise WorkdirError(
-          f"workdir {workdir} holds a run of config {stored.name!r} with "
-          f"different settings ({lines}). Use another --workdir, or repeat "
-          "the stored config and overrides to resume.")
+        f"workdir {workdir} holds a run of config {stored.name!r} with "
+        f"different settings ({lines}). Use another --workdir, or repeat "
+        "the stored config and overrides to resume."
+      )
   latest = ckpt_lib.latest_checkpoint(workdir / CHECKPOINT_DIR)
   if latest is not None and not stored_path.exists():
-    raise WorkdirError(f"workdir {workdir} has checkpoints but no "
-                       f"{CONFIG_FILE}; refusing to guess its config.")
+    raise WorkdirError(
+      f"workdir {workdir} has checkpoints but no "
+      f"{CONFIG_FILE}; refusing to guess its config."
+    )
   return latest
 
 
-def prepare(config: config_lib.Config, workdir: str | os.PathLike,
-            data_dir: str | os.PathLike | None = None, mesh=None):
+def prepare(
+  config: config_lib.Config,
+  workdir: str | os.PathLike,
+  data_dir: str | os.PathLike | None = None,
+  mesh=None,
+):
   """Checks the request without writing anything.
 
   Args:
@@ -116,7 +125,7 @@ def prepare(config: config_lib.Config, workdir: str | os.PathLike,
   workdir = Path(workdir).expanduser()
   latest = check_workdir(config, workdir)
   if latest is not None:
-    ckpt_lib.load(latest)   # Fails early on a corrupt file.
+    ckpt_lib.load(latest)  # Fails early on a corrupt file.
   return workdir, data_dir, latest
 
 
@@ -145,22 +154,30 @@ def check_same_start(step: int) -> None:
   if jax.process_count() == 1:
     return
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   try:
     multihost_utils.assert_equal(
-        np.int64(step), "processes resume from different checkpoints")
+      np.int64(step), "processes resume from different checkpoints"
+    )
   except AssertionError as e:
     raise WorkdirError(
-        f"{e}: every process must see the same work directory (a shared "
-        "file system).") from e
+      f"{e}: every process must see the same work directory (a shared "
+      "file system)."
+    ) from e
 
 
-def checkpoint_tree(state, sums, best, base_key, config: config_lib.Config,
-                    elapsed_s: float) -> dict:
+def checkpoint_tree(
+  state, sums, best, base_key, config: config_lib.Config, elapsed_s: float
+) -> dict:
   """What a checkpoint holds: the loop's state and the run's identity."""
-  return {"state": state, "sums": sums, "best": best,
-          "base_key": jax.random.key_data(base_key),
-          "config": json.dumps(config_lib.to_dict(config), sort_keys=True),
-          "elapsed_s": np.float64(elapsed_s)}
+  return {
+    "state": state,
+    "sums": sums,
+    "best": best,
+    "base_key": jax.random.key_data(base_key),
+    "config": json.dumps(config_lib.to_dict(config), sort_keys=True),
+    "elapsed_s": np.float64(elapsed_s),
+  }
 
 
 def with_added_metrics(stored_sums: dict, template: dict) -> dict:
@@ -188,8 +205,9 @@ def with_added_metrics(stored_sums: dict, template: dict) -> dict:
   return out
 
 
-def _check_checkpoint_config(path: Path, tree: dict,
-                             config: config_lib.Config) -> None:
+def _check_checkpoint_config(
+  path: Path, tree: dict, config: config_lib.Config
+) -> None:
   try:
     stored = config_lib.from_dict(json.loads(tree["config"]))
   except (KeyError, TypeError, ValueError) as e:
@@ -197,8 +215,9 @@ def _check_checkpoint_config(path: Path, tree: dict,
   diff = config_lib.differences(stored, config)
   if diff:
     raise ckpt_lib.CheckpointError(
-        f"{path} was written by a run with a different config "
-        f"({', '.join(diff)} differ).")
+      f"{path} was written by a run with a different config "
+      f"({', '.join(diff)} differ)."
+    )
 
 
 def restore(path: Path, config: config_lib.Config, state, sums, best):
@@ -214,8 +233,9 @@ def restore(path: Path, config: config_lib.Config, state, sums, best):
   _check_checkpoint_config(path, tree, config)
   try:
     state = ckpt_lib.restore_into(state, tree["state"], what=f"{path} state")
-    sums = ckpt_lib.restore_into(sums, with_added_metrics(tree["sums"], sums),
-                                 what=f"{path} sums")
+    sums = ckpt_lib.restore_into(
+      sums, with_added_metrics(tree["sums"], sums), what=f"{path} sums"
+    )
     best = ckpt_lib.restore_into(best, tree["best"], what=f"{path} best")
     base_key = jax.random.wrap_key_data(np.asarray(tree["base_key"]))
     elapsed = float(tree["elapsed_s"])
@@ -225,7 +245,8 @@ def restore(path: Path, config: config_lib.Config, state, sums, best):
     raise ckpt_lib.CheckpointError(f"{path} is incompatible: {e}") from e
   if int(state.step) != step:
     raise ckpt_lib.CheckpointError(
-        f"{path}: header step {step} != state step {int(state.step)}.")
+      f"{path}: header step {step} != state step {int(state.step)}."
+    )
   return step, state, sums, best, base_key, elapsed
 
 
@@ -242,8 +263,7 @@ class _NoLog:
     pass
 
 
-def open_run(workdir: Path, config: config_lib.Config, step: int,
-             lead: bool):
+def open_run(workdir: Path, config: config_lib.Config, step: int, lead: bool):
   """Starts writing ``workdir`` for a run resuming at ``step``.
 
   On the lead process: creates the checkpoint directory (dropping
@@ -259,8 +279,9 @@ def open_run(workdir: Path, config: config_lib.Config, step: int,
     ckpt_dir = workdir / CHECKPOINT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_lib.remove_stale_temporaries(ckpt_dir)
-    write_json(workdir / CONFIG_FILE, config_lib.to_dict(config),
-               sort_keys=True)
+    write_json(
+      workdir / CONFIG_FILE, config_lib.to_dict(config), sort_keys=True
+    )
     metrics = metrics_log.MetricsLog(workdir / METRICS_FILE)
   metrics.truncate(step)
   return metrics
@@ -268,21 +289,27 @@ def open_run(workdir: Path, config: config_lib.Config, step: int,
 
 def write_json(path: Path, value: Any, sort_keys: bool = False) -> None:
   """Writes ``value`` as indented JSON, atomically."""
-  ckpt_lib.write_atomic(path, json.dumps(value, indent=2,
-                                         sort_keys=sort_keys).encode())
+  ckpt_lib.write_atomic(
+    path, json.dumps(value, indent=2, sort_keys=sort_keys).encode()
+  )
 
 
 def write_plots(workdir: Path, exp: exp_lib.Experiment, test_params) -> None:
   """The learning curves, and for sinusoid the fits of held-out tasks."""
   from imaml_jax.train import plots  # pylint: disable=import-outside-toplevel
+
   config = exp.config
-  plots.plot_curves(workdir / METRICS_FILE, workdir / CURVES_FILE,
-                    title=config.name, loss_name=(
-                        "MSE" if config.dataset == "sinusoid" else "loss"))
+  plots.plot_curves(
+    workdir / METRICS_FILE,
+    workdir / CURVES_FILE,
+    title=config.name,
+    loss_name=("MSE" if config.dataset == "sinusoid" else "loss"),
+  )
   if config.dataset == "sinusoid":
     from imaml_jax.train import fits  # pylint: disable=import-outside-toplevel
+
     plots.plot_sinusoid_fits(
-        fits.fit_curves(exp, test_params, seed=config.test_seed),
-        workdir / FITS_FILE,
-        title=f"{config.name}: held-out tasks, {config.k_shot} support "
-              "points")
+      fits.fit_curves(exp, test_params, seed=config.test_seed),
+      workdir / FITS_FILE,
+      title=f"{config.name}: held-out tasks, {config.k_shot} support points",
+    )
