@@ -44,7 +44,10 @@ from imaml_jax.train import metrics_log  # pylint: disable=wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
-DEFAULT_RUN = os.path.join(HERE, "runs", "stability_5w1s_constant_eps1e-3")
+# The published model's run: the one whose checkpoint the repository keeps.
+DEFAULT_RUN = os.path.join(
+  HERE, "runs_gpu_h200", "stability_5w1s_constant_eps1e-3_mb32"
+)
 METRICS = (
   "param_norm",
   "loss_before",

@@ -140,28 +140,38 @@ def test_same_seed_same_params(reference_run, tmp_path):
   )
 
 
-def test_sigkill_then_resume_matches_uninterrupted(
-  reference_run, tmp_path, compile_cache
-):
-  workdir = tmp_path / "killed"
+def _cli_command(workdir):
+  """The small sinusoid run as a user starts it, on one device (the command
+  would otherwise split the CPU into one device per core)."""
+  return [
+    sys.executable,
+    "-m",
+    "imaml_jax",
+    "train",
+    "sinusoid",
+    "--workdir",
+    str(workdir),
+    "--no-progress",
+    "--devices",
+    "1",
+    "--set",
+    *SMALL,
+  ]
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, compile_cache):
   env = dict(
     os.environ,
     JAX_COMPILATION_CACHE_DIR=compile_cache,
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
   )
+  reference = tmp_path / "uninterrupted"
+  subprocess.run(
+    _cli_command(reference), env=env, check=True, capture_output=True
+  )
+  workdir = tmp_path / "killed"
   proc = subprocess.Popen(
-    [
-      sys.executable,
-      "-m",
-      "imaml_jax",
-      "train",
-      "sinusoid",
-      "--workdir",
-      str(workdir),
-      "--no-progress",
-      "--set",
-      *SMALL,
-    ],
+    _cli_command(workdir),
     env=env,
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
@@ -181,12 +191,15 @@ def test_sigkill_then_resume_matches_uninterrupted(
   killed_at = ckpt_lib.list_checkpoints(workdir / "checkpoints")[-1][0]
   assert killed_at < 300 and not (workdir / "results.json").exists()
 
-  assert _train(workdir) == 0
-  _assert_same_params(_final_params(reference_run), _final_params(workdir))
+  # The same command resumes it, to bitwise the same parameters and records.
+  subprocess.run(
+    _cli_command(workdir), env=env, check=True, capture_output=True
+  )
+  _assert_same_params(_final_params(reference), _final_params(workdir))
   records = metrics_log.read_records(workdir / "metrics.jsonl")
   keys = [(r["split"], r["step"]) for r in records]
   assert len(keys) == len(set(keys)), "a step was logged twice"
-  assert records == metrics_log.read_records(reference_run / "metrics.jsonl")
+  assert records == metrics_log.read_records(reference / "metrics.jsonl")
   results = json.loads((workdir / "results.json").read_text())
   assert results["budget"]["resumed_from_step"] == killed_at
 

@@ -221,7 +221,6 @@ def test_resume_from_four_devices_on_two(one_device, four_devices):
   "name,message",
   [
     ("uneven", "6 tasks does not divide evenly over 4 devices"),
-    ("uneven_all", "6 tasks does not divide evenly over 4 devices"),
     ("too_many", "asked for 5 devices but 4 are available"),
   ],
 )
@@ -232,6 +231,14 @@ def test_bad_device_requests_exit_2_writing_nothing(
   assert error["code"] == 2
   assert message in error["stderr"]
   assert not error["exists"]
+
+
+def test_default_cpu_devices_divide_the_meta_batch(four_devices):
+  """Without --devices, a CPU run takes as many of its devices as divide
+  meta_batch: 3 of 4 for 6 tasks, rather than refusing."""
+  error = json.loads((four_devices / "errors.json").read_text())["uneven_all"]
+  assert error["code"] == 0, error["stderr"]
+  assert _results(four_devices / "uneven_all")["budget"]["devices"] == 3
 
 
 # Two processes of two CPU devices each, one training run over 4 devices.
