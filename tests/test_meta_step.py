@@ -500,3 +500,11 @@ def test_residual_is_measured_only_on_the_steps_asked_for(x64):
     assert all(r < 1e-10 for r in seen[name]), seen
   assert all(np.isnan(r) for r in seen["never"]), seen
   assert np.isnan(seen["odd"][0]) and seen["odd"][1] < 1e-10, seen
+
+
+def test_report_residual_is_refused_where_there_is_no_linear_solve():
+  loss = lambda w, b: jnp.sum(w * b)
+  with pytest.raises(ValueError, match="report_residual applies to implicit"):
+    im.make_meta_step(
+      loss, optax.sgd(0.1), im.maml(im.gd(1, 0.1)), report_residual=False
+    )

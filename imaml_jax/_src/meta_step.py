@@ -213,7 +213,8 @@ def make_meta_step(
       then NaN). A function of the :class:`MetaState`, e.g. ``lambda s:
       s.step % 100 == 0``: on the steps where it returns true, through
       ``lax.cond`` (the product is skipped on the others, whose
-      ``residual`` is NaN). Ignored by algorithms without a linear solve.
+      ``residual`` is NaN). Refused (ValueError) for algorithms without a
+      linear solve, where it could not act.
 
   Returns:
     A :class:`MetaStep` ``(init, step)``: ``init(params) -> MetaState`` and
@@ -246,6 +247,11 @@ def make_meta_step(
     )
   if not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+  if report_residual is not None and not algorithm.reports_residual:
+    raise ValueError(
+      f"report_residual applies to implicit algorithms (im.imaml), whose "
+      f"meta-gradient is a linear solve; {algorithm.name} solves none."
+    )
   loss = with_aux(loss_fn, has_aux)
   if stochastic:
     loss = with_key_in_batch(loss)
@@ -260,9 +266,7 @@ def make_meta_step(
     )
 
   def task_gradient(params, task, measure):
-    options = {}
-    if algorithm.reports_residual and measure is not None:
-      options["report_residual"] = measure
+    options = {} if measure is None else {"report_residual": measure}
     if flatten:
       g, metrics = flat_task_gradient(algorithm, loss, params, task, **options)
     else:

@@ -197,7 +197,12 @@ def make_train_step(exp: exp_lib.Experiment, mesh=None) -> Callable:
     exp.algorithm,
     has_aux=True,
     task_chunk=chunk,
-    report_residual=measures_residual(exp.config.log_every),
+    # Only an implicit algorithm has a residual to measure.
+    report_residual=(
+      measures_residual(exp.config.log_every)
+      if exp.algorithm.reports_residual
+      else None
+    ),
     axis_name=im.TASK_AXIS if per_device else None,
   )
   if per_device:
