@@ -419,6 +419,28 @@ def test_stochastic_step_and_eval_step_refuse_a_missing_or_stray_key():
     evaluate(params, tasks)
 
 
+def test_stochastic_step_refuses_reptile_on_minibatches():
+  """A task's key has no mini-batch axis to step through."""
+  loss, _, _ = _dropout_problem()
+  alg = im.reptile(im.gd(2, 0.05), minibatches=True)
+  with pytest.raises(ValueError, match="stochastic=True does not apply"):
+    im.make_meta_step(loss, optax.sgd(0.1), alg, has_aux=True, stochastic=True)
+  # Without the key, and without mini-batches with it, the step builds.
+  im.make_meta_step(
+    lambda p, b: loss(p, b, jax.random.key(0)),
+    optax.sgd(0.1),
+    alg,
+    has_aux=True,
+  )
+  im.make_meta_step(
+    loss,
+    optax.sgd(0.1),
+    im.reptile(im.gd(2, 0.05)),
+    has_aux=True,
+    stochastic=True,
+  )
+
+
 def test_make_meta_step_returns_a_named_pair():
   built = im.make_meta_step(
     lambda w, b: jnp.sum(w * b[0]), optax.sgd(0.1), im.fomaml(im.gd(1, 0.1))

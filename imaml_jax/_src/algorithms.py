@@ -43,6 +43,10 @@ class MetaAlgorithm(NamedTuple):
       ``report_residual`` (a bool, or a boolean scalar array traced inside
       ``jit``) that says whether to measure its linear solve's residual
       (:func:`imaml`); :func:`imaml_jax.make_meta_step` passes it.
+    support_minibatches: whether ``task_gradient`` reads each leaf of a
+      task's support set as a stack of mini-batches
+      (``reptile(minibatches=True)``); such an algorithm cannot take a
+      stochastic loss's key, which has no mini-batch axis.
   """
 
   task_gradient: Callable[..., tuple[PyTree, dict]]
@@ -50,6 +54,7 @@ class MetaAlgorithm(NamedTuple):
   name: str
   adapts: Callable[[tuple], bool] | None = None
   reports_residual: bool = False
+  support_minibatches: bool = False
 
 
 class AdaptedSplit(NamedTuple):
@@ -412,4 +417,5 @@ def reptile(
     task_gradient=task_gradient,
     adapt=plain,
     name=f"reptile({inner.name}{suffix})",
+    support_minibatches=minibatches,
   )

@@ -252,6 +252,13 @@ def make_meta_step(
       f"report_residual applies to implicit algorithms (im.imaml), whose "
       f"meta-gradient is a linear solve; {algorithm.name} solves none."
     )
+  if stochastic and algorithm.support_minibatches:
+    raise ValueError(
+      f"stochastic=True does not apply to {algorithm.name}: it steps "
+      "through the support set's mini-batches, and a task's key has no "
+      "mini-batch axis. Draw the randomness into the mini-batches when "
+      "building them, or use reptile(inner) without minibatches."
+    )
   loss = with_aux(loss_fn, has_aux)
   if stochastic:
     loss = with_key_in_batch(loss)
