@@ -13,10 +13,16 @@ and the budget actually used: meta-steps done against the config's target,
 wall time and device. A cell whose run stopped before its target (a time
 budget, or still running) is marked with ``*``; a missing run is ``-``.
 
-Table 2 comes twice: under this library's protocol (``results.json``: held-out
-characters, 15 query images per class) and under the iMAML authors' protocol
-(``eval_protocol=authors.json`` of ``imaml-eval --protocol authors``, which
-``--eval-authors`` makes for every run that lacks an up-to-date one). The row
+Table 2 comes three times, once per measurement (``imaml-eval --protocol``):
+the paper's (``eval_protocol=paper.json``: the tasks that measured the
+paper's table, with the run's own adaptation and best-validation
+parameters), ours (``results.json``, or ``eval.json`` where ``imaml-eval``
+tested the same parameters on more tasks: held-out characters, 15 query
+images per class) and the iMAML authors' script (``eval_protocol=authors.json``).
+``--eval PROTOCOL ... --tasks N`` first runs ``imaml-eval`` for every
+Omniglot run whose result under a protocol is missing, older than the run's
+last step, without per-task scores or on fewer than ``N`` tasks
+(``--eval-authors`` is ``--eval authors``). The row
 "iMAML, GD (authors' recipe)" is the config ``*_imaml_gd_authors``; the paper's
 iMAML-GD numbers stand beside both iMAML-GD rows.
 
@@ -34,7 +40,8 @@ Writes ``benchmarks/results/tables.{md,csv,json}`` (or ``--out``).
     python benchmarks/tables.py --runs runs
     python benchmarks/tables.py --runs runs --train omniglot_5w1s_imaml_gd \\
         --time-budget 3600
-    python benchmarks/tables.py --runs benchmarks/runs --eval-authors \
+    python benchmarks/tables.py --runs benchmarks/runs \
+        --eval paper ours authors --tasks 3000 \
         --out benchmarks/results --tag _cpu
     python benchmarks/tables.py --quick     # a tiny 5w1s run, for the tests
 """
@@ -78,12 +85,24 @@ ALGORITHMS = {  # config suffix: the paper's row name
   "imaml_gd_authors": "iMAML, GD (authors' recipe)",
   "imaml_hf": "iMAML, Hessian-Free",
 }
-# The result file of ``imaml-eval --protocol authors`` in a run directory.
-AUTHORS_EVAL = "eval_protocol=authors.json"
+# The result files of ``imaml-eval --protocol NAME`` in a run directory,
+# by the prefix of their keys in a row ("" for ours).
+PROTOCOL_EVALS = {
+  "measured_paper_": "eval_protocol=paper.json",
+  "authors_": "eval_protocol=authors.json",
+}
+AUTHORS_EVAL = PROTOCOL_EVALS["authors_"]
 # The result file of ``imaml-eval`` (our protocol, no test-time overrides).
 OURS_EVAL = "eval.json"
+# Each measurement: (prefix of its keys in a row, ``--protocol`` name, the
+# name the tables give it), in the order the tables show them.
+PROTOCOLS = (
+  ("measured_paper_", "paper", "paper's"),
+  ("", "ours", "ours"),
+  ("authors_", "authors", "authors'"),
+)
 # Per-task scores: kept in the rows for the paired tests, not written out.
-PER_TASK_KEYS = ("per_task", "authors_per_task")
+PER_TASK_KEYS = ("per_task", "authors_per_task", "measured_paper_per_task")
 # The paper's Table 2 (Omniglot) and Table 3 (mini-ImageNet 5-way 1-shot):
 # (mean, 95% half-width) in percent.
 PAPER = {
@@ -140,10 +159,13 @@ def read_run(run_dir: Path) -> dict | None:
   """Test result, budget and per-task scores of one ``imaml-train`` work
   directory under both protocols, or ``None`` if it has no ``results.json``.
 
-  Our protocol's per-task scores (``per_task``) come from ``results.json``,
-  or from ``eval.json`` for a run whose results predate them; the authors'
-  (``authors_*``) from ``eval_protocol=authors.json`` where ``imaml-eval``
-  made one.
+  Our protocol's result comes from ``results.json``, or from ``eval.json``
+  where ``imaml-eval`` tested the same parameters on more tasks (or kept the
+  per-task scores that an older ``results.json`` lacks); the paper's
+  measurement (``measured_paper_*``; ``paper_*`` are the paper's own
+  numbers) and the authors' (``authors_*``) from
+  ``eval_protocol=paper.json`` and ``eval_protocol=authors.json`` where
+  ``imaml-eval`` made them.
   """
   found = read_run_and_config(run_dir)
   return None if found is None else found[0]
@@ -177,21 +199,23 @@ def read_run_and_config(run_dir: Path) -> tuple[dict, dict | None] | None:
     "device": budget["device"],
     "test_params": results.get("test_params"),
   }
-  per_task = results.get("test_per_task") or ours_eval_per_task(
-    run_dir / OURS_EVAL, cell
-  )
+  per_task = results.get("test_per_task")
   if per_task:
     cell["per_task"] = per_task
-  cell.update(read_authors_eval(run_dir / AUTHORS_EVAL))
+  cell.update(ours_eval(run_dir / OURS_EVAL, cell))
+  for prefix, name in PROTOCOL_EVALS.items():
+    cell.update(read_protocol_eval(run_dir / name, prefix))
   return cell, results.get("config")
 
 
-def ours_eval_per_task(path: Path, cell: dict) -> dict | None:
-  """Per-task scores of ``imaml-eval`` under our protocol, for a run whose
-  ``results.json`` predates them: only if that test was of the same
-  parameters (same step and choice) on as many tasks."""
+def ours_eval(path: Path, cell: dict) -> dict:
+  """What ``imaml-eval``'s test under our protocol (``eval.json``) adds to a
+  run's ``results.json`` entry ``cell``: nothing unless it tested the same
+  parameters (same step and choice, no test-time overrides) on the test
+  split; then its accuracy where it used more tasks, else its per-task
+  scores where ``results.json`` predates them (on as many tasks)."""
   if not path.is_file():
-    return None
+    return {}
   try:
     result = json.loads(path.read_text())
   except ValueError as e:
@@ -202,14 +226,27 @@ def ours_eval_per_task(path: Path, cell: dict) -> dict | None:
     and result.get("protocol", {}).get("name") == "ours"
     and result.get("split") == "test"
     and not result.get("test_time_overrides")
-    and result.get("test", {}).get("accuracy_after", {}).get("n")
-    == cell["test_tasks"]
   )
-  return result.get("test_per_task") if same else None
+  accuracy = result.get("test", {}).get("accuracy_after", {})
+  if not same or not accuracy:
+    return {}
+  if accuracy["n"] > cell["test_tasks"]:
+    update = {
+      "accuracy": 100 * accuracy["mean"],
+      "ci95": 100 * accuracy["ci95"],
+      "test_tasks": accuracy["n"],
+    }
+    if result.get("test_per_task"):
+      update["per_task"] = result["test_per_task"]
+    return update
+  if accuracy["n"] == cell["test_tasks"] and "per_task" not in cell:
+    return {"per_task": result.get("test_per_task")}
+  return {}
 
 
-def read_authors_eval(path: Path) -> dict:
-  """The run's test under the authors' protocol, if ``imaml-eval`` made one."""
+def read_protocol_eval(path: Path, prefix: str) -> dict:
+  """The run's test under another protocol (``prefix``: ``"measured_paper_"`` or
+  ``"authors_"``), if ``imaml-eval`` made one: its keys prefixed."""
   if not path.is_file():
     return {}
   try:
@@ -218,17 +255,17 @@ def read_authors_eval(path: Path) -> dict:
     protocol = result["protocol"]
   except (ValueError, KeyError) as e:
     raise SystemExit(
-      f"{path}: not a result of imaml-eval --protocol authors ({e})"
+      f"{path}: not a result of imaml-eval --protocol {prefix[:-1]} ({e})"
     ) from None
   cell = {
-    "authors_accuracy": 100 * accuracy["mean"],
-    "authors_ci95": 100 * accuracy["ci95"],
-    "authors_test_tasks": accuracy["n"],
-    "authors_q_query": protocol["q_query"],
-    "authors_step": result.get("step"),
+    f"{prefix}accuracy": 100 * accuracy["mean"],
+    f"{prefix}ci95": 100 * accuracy["ci95"],
+    f"{prefix}test_tasks": accuracy["n"],
+    f"{prefix}q_query": protocol["q_query"],
+    f"{prefix}step": result.get("step"),
   }
   if result.get("test_per_task"):
-    cell["authors_per_task"] = result["test_per_task"]
+    cell[f"{prefix}per_task"] = result["test_per_task"]
   return cell
 
 
@@ -270,7 +307,7 @@ def build_rows(runs: Path) -> list[dict]:
 
 def tested_step(row: dict, prefix: str = "") -> int:
   """The meta-step whose training a cell's test under a protocol reflects:
-  the run's own for ours, the step ``imaml-eval`` tested for the authors'
+  the run's own for ours, the step ``imaml-eval`` tested for the others
   (older than the run's when the run went on after that test)."""
   step = row.get(prefix + "step") if prefix else None
   return row["meta_steps"] if step is None else step
@@ -278,8 +315,8 @@ def tested_step(row: dict, prefix: str = "") -> int:
 
 def format_cell(row: dict, prefix: str = "") -> str:
   """``mean ± ci95`` of the cell under a protocol (``prefix``: "" for ours,
-  ``"authors_"`` for the authors'), and the paper's number; a test older
-  than the run's last step names its step.
+  ``"measured_paper_"`` or ``"authors_"`` for the others), and the paper's
+  number; a test older than the run's last step names its step.
 
   Example:
     >>> row = {"paper_accuracy": 99.5, "paper_ci95": 0.26, "complete": False,
@@ -423,7 +460,7 @@ def ordering_lines(by_key: dict) -> list[str]:
     "|---|---|---|---|---|---|",
   ]
   found = False
-  for prefix, protocol in (("", "ours"), ("authors_", "authors'")):
+  for prefix, _, protocol in PROTOCOLS:
     for c in ordering(by_key, prefix):
       found = True
       difference = f"{c['difference']:+.2f}"
@@ -442,6 +479,18 @@ def ordering_lines(by_key: dict) -> list[str]:
 def markdown(rows: list[dict]) -> str:
   by_key = {(r["benchmark"], r["setting"], r["algorithm"]): r for r in rows}
   lines = [
+    "## Table 2: Omniglot, test accuracy (%), the paper's measurement",
+    "",
+    "`imaml-eval --protocol paper`: the tasks that measured the paper's "
+    "table (the test characters of the authors' evaluation script, two "
+    "thirds of them among our meta-training characters; K query images "
+    "per class), the run's own adaptation, best-validation parameters. "
+    "The measurement to compare with the paper's numbers.",
+    "",
+  ]
+  lines += omniglot_table(by_key, "measured_paper_")
+  lines += [
+    "",
     "## Table 2: Omniglot, test accuracy (%), our protocol",
     "",
     "Held-out characters (none seen in meta-training or validation), "
@@ -454,11 +503,10 @@ def markdown(rows: list[dict]) -> str:
     "",
     "## Table 2: Omniglot, test accuracy (%), the authors' protocol",
     "",
-    "`imaml-eval --protocol authors` on the same runs: the test "
-    "characters of the authors' evaluation script (two thirds of "
-    "them among our meta-training characters), K query images per "
-    "class, adaptation as their script does it (16 SGD steps of 0.1 "
-    "on the support loss alone for iMAML), last parameters.",
+    "`imaml-eval --protocol authors` on the same runs: the tasks of the "
+    "paper's measurement, adapted as the authors' evaluation script "
+    "adapts (16 SGD steps of 0.1 on the support loss alone for iMAML), "
+    "last parameters.",
     "",
   ]
   lines += omniglot_table(by_key, "authors_")
@@ -515,31 +563,39 @@ def train(names, runs: Path, time_budget, overrides, data_dir) -> None:
     cli.train_main(argv)
 
 
-def eval_authors(runs: Path, rows: list[dict], data_dir) -> None:
-  """Tests every Omniglot run under the authors' protocol where its result is
-  missing, older than the run's last step, or without per-task scores."""
-  for row in rows:
-    if row["benchmark"] != "omniglot" or "accuracy" not in row:
-      continue
-    if (
-      row.get("authors_step") == row["meta_steps"] and "authors_per_task" in row
-    ):
-      continue
-    workdir = runs / row["config"]
-    print(f"testing {workdir} under the authors' protocol", flush=True)
-    run_eval(workdir, data_dir, "--protocol", "authors")
+def needs_eval(row: dict, prefix: str, tasks: int | None) -> bool:
+  """Whether a run's test under a protocol is missing, older than the run's
+  last step, without per-task scores, or on fewer than ``tasks`` tasks.
+
+  Example:
+    >>> row = {"meta_steps": 10, "authors_step": 10, "authors_per_task": {},
+    ...        "authors_test_tasks": 600}
+    >>> needs_eval(row, "authors_", None), needs_eval(row, "authors_", 3000)
+    (False, True)
+  """
+  if prefix and row.get(prefix + "step") != row["meta_steps"]:
+    return True
+  if prefix + "per_task" not in row:
+    return True
+  return tasks is not None and row[prefix + "test_tasks"] < tasks
 
 
-def eval_per_task(runs: Path, rows: list[dict], data_dir) -> None:
-  """Tests again under our protocol (``imaml-eval``, ``eval.json``) every
-  run whose result has no per-task scores, for the paired ordering test.
-  The same parameters and tasks give the same accuracy as ``results.json``."""
-  for row in rows:
-    if "accuracy" not in row or "per_task" in row:
-      continue
-    workdir = runs / row["config"]
-    print(f"testing {workdir} again for its per-task scores", flush=True)
-    run_eval(workdir, data_dir)
+def eval_protocols(
+  runs: Path, rows: list[dict], data_dir, protocols, tasks: int | None
+) -> None:
+  """Tests every Omniglot run under each of ``protocols`` where
+  :func:`needs_eval` says so, on ``tasks`` tasks (the config's if ``None``)."""
+  prefixes = {name: prefix for prefix, name, _ in PROTOCOLS}
+  for name in protocols:
+    for row in rows:
+      if row["benchmark"] != "omniglot" or "accuracy" not in row:
+        continue
+      if not needs_eval(row, prefixes[name], tasks):
+        continue
+      workdir = runs / row["config"]
+      print(f"testing {workdir} under protocol {name}", flush=True)
+      extra = [] if tasks is None else ["--tasks", str(tasks)]
+      run_eval(workdir, data_dir, "--protocol", name, *extra)
 
 
 def run_eval(workdir: Path, data_dir, *args: str) -> None:
@@ -583,18 +639,32 @@ def main(argv=None):
     help="overrides for --train",
   )
   parser.add_argument(
+    "--eval",
+    nargs="+",
+    default=[],
+    choices=[name for _, name, _ in PROTOCOLS],
+    metavar="PROTOCOL",
+    help="first test every Omniglot run under these protocols "
+    "(imaml-eval --protocol: paper, ours, authors) where that "
+    "result is missing, stale, without per-task scores or on fewer "
+    "than --tasks tasks",
+  )
+  parser.add_argument(
+    "--tasks",
+    type=int,
+    default=None,
+    help="test tasks of --eval (default: each config's)",
+  )
+  parser.add_argument(
     "--eval-authors",
     action="store_true",
-    help="first test every Omniglot run under the authors' "
-    "protocol (imaml-eval --protocol authors) where "
-    "that result is missing or stale",
+    help="the same as --eval authors",
   )
   parser.add_argument(
     "--eval-per-task",
     action="store_true",
-    help="first test again (imaml-eval, eval.json) every "
-    "run whose results.json has no per-task scores, "
-    "for the paired ordering test",
+    help="the same as --eval ours: per-task scores for the "
+    "paired ordering test where results.json lacks them",
   )
   parser.add_argument("--data-dir", default=None)
   parser.add_argument(
@@ -607,6 +677,17 @@ def main(argv=None):
   parser.add_argument("--tag", default="")
   args = parser.parse_args(argv)
   runs = Path(args.runs)
+  if args.tasks is not None and args.tasks < 1:
+    parser.error(f"--tasks must be >= 1, got {args.tasks}")
+  if args.tasks is not None and not (
+    args.eval or args.eval_authors or args.eval_per_task
+  ):
+    parser.error("--tasks applies to --eval")
+  protocols = list(args.eval)
+  if args.eval_per_task and "ours" not in protocols:
+    protocols.append("ours")
+  if args.eval_authors and "authors" not in protocols:
+    protocols.append("authors")
   if args.quick:
     args.train = ["omniglot_5w1s_imaml_gd"]
     args.overrides = [
@@ -625,11 +706,8 @@ def main(argv=None):
     parser.error(f"not a Table 2/3 config: {', '.join(unknown)}")
   train(args.train, runs, args.time_budget, args.overrides, args.data_dir)
   rows = build_rows(runs)
-  if args.eval_per_task:
-    eval_per_task(runs, rows, args.data_dir)
-  if args.eval_authors:
-    eval_authors(runs, rows, args.data_dir)
-  if args.eval_per_task or args.eval_authors:
+  if protocols:
+    eval_protocols(runs, rows, args.data_dir, protocols, args.tasks)
     rows = build_rows(runs)
   text = markdown(rows)
   rows = [without_per_task(r) for r in rows]

@@ -336,7 +336,7 @@ def test_tables_quick_trains_omniglot_end_to_end(quick_run):
     "--out",
     str(tables_out),
   )
-  assert "under the authors' protocol" not in stdout  # Up to date.
+  assert "under protocol" not in stdout  # Up to date.
   (row,) = [
     r
     for r in json.loads((tables_out / "tables.json").read_text())["rows"]
@@ -684,6 +684,96 @@ def test_tables_mark_and_leave_out_a_test_older_than_its_run():
   by_key[("omniglot", "5w1s", "imaml_hf")]["authors_step"] = 6000
   (c,) = tables.ordering(by_key, "authors_")
   assert c["meta_steps"] == 6000
+
+
+def test_tables_read_every_protocol_and_prefer_more_test_tasks(tmp_path):
+  """A run's three measurements: ours from results.json unless imaml-eval
+  tested the same parameters on more tasks (eval.json), the paper's and
+  the authors' from their files; each table and the ordering show them,
+  and --eval asks again where a result has fewer tasks than --tasks."""
+  tables = import_tables()
+
+  def accuracy(mean, n):
+    return {"mean": mean, "std": 0.1, "ci95": 0.196 / np.sqrt(n), "n": n}
+
+  def per_task(value, n):
+    return {
+      "metric": "accuracy_after",
+      "values": [value] * n,
+      "tasks_sha256": f"tasks-{n}",
+    }
+
+  def write(path, record):
+    path.write_text(json.dumps(record))
+
+  budget = {
+    "meta_steps": 6000,
+    "meta_steps_target": 6000,
+    "wall_time_s": 60.0,
+    "device": "cpu:cpu",
+  }
+  for name, ours, paper in (
+    ("omniglot_5w1s_imaml_gd", 0.96, 0.985),
+    ("omniglot_5w1s_maml", 0.95, 0.97),
+  ):
+    run = tmp_path / name
+    run.mkdir()
+    write(
+      run / "results.json",
+      {
+        "test": {"accuracy_after": accuracy(ours - 0.01, 600)},
+        "budget": budget,
+        "test_params": "best_validation",
+        "test_per_task": per_task(ours - 0.01, 600),
+      },
+    )
+    ours_eval = {
+      "step": 6000,
+      "test_params": "best_validation",
+      "split": "test",
+      "protocol": {"name": "ours", "q_query": 15},
+      "test_time_overrides": [],
+      "test": {"accuracy_after": accuracy(ours, 3000)},
+      "test_per_task": per_task(ours, 3000),
+    }
+    write(run / "eval.json", ours_eval)
+    for file, mean in (
+      ("eval_protocol=paper.json", paper),
+      ("eval_protocol=authors.json", paper - 0.1),
+    ):
+      write(
+        run / file,
+        {
+          "step": 6000,
+          "protocol": {"name": file[14:-5], "q_query": 1},
+          "test": {"accuracy_after": accuracy(mean, 3000)},
+          "test_per_task": per_task(mean, 3000),
+        },
+      )
+  rows = tables.build_rows(tmp_path)
+  by_key = {(r["benchmark"], r["setting"], r["algorithm"]): r for r in rows}
+  gd = by_key[("omniglot", "5w1s", "imaml_gd")]
+  assert gd["accuracy"] == pytest.approx(96.0) and gd["test_tasks"] == 3000
+  assert gd["measured_paper_accuracy"] == pytest.approx(98.5)
+  assert gd["authors_accuracy"] == pytest.approx(88.5)
+  assert gd["paper_accuracy"] == 99.16  # The paper's own number, kept apart.
+  text = tables.markdown(rows)
+  paper_table = text.split("## Table 2")[1]
+  assert "the paper's measurement" in paper_table
+  assert "98.50 ± 0.36 (paper 99.16 ± 0.35)" in paper_table
+  assert "| 5-way 1-shot | paper's | iMAML, GD >= MAML | +1.50 ± 0.00" in text
+  for prefix in ("", "measured_paper_", "authors_"):
+    assert not tables.needs_eval(gd, prefix, 3000)
+    assert tables.needs_eval(gd, prefix, 6000)
+  # A test of other parameters (an older step) leaves results.json's.
+  ours_eval["step"] = 5000
+  write(tmp_path / "omniglot_5w1s_imaml_gd" / "eval.json", ours_eval)
+  (gd,) = [
+    r
+    for r in tables.build_rows(tmp_path)
+    if r["config"] == "omniglot_5w1s_imaml_gd"
+  ]
+  assert gd["accuracy"] == pytest.approx(95.0) and gd["test_tasks"] == 600
 
 
 @pytest.mark.parametrize("name", ["tables", "compare_runs"])
