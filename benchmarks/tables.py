@@ -21,8 +21,7 @@ tested the same parameters on more tasks: held-out characters, 15 query
 images per class) and the iMAML authors' script (``eval_protocol=authors.json``).
 ``--eval PROTOCOL ... --tasks N`` first runs ``imaml-eval`` for every
 Omniglot run whose result under a protocol is missing, older than the run's
-last step, without per-task scores or on fewer than ``N`` tasks
-(``--eval-authors`` is ``--eval authors``). The row
+last step, without per-task scores or on fewer than ``N`` tasks. The row
 "iMAML, GD (authors' recipe)" is the config ``*_imaml_gd_authors``; the paper's
 iMAML-GD numbers stand beside both iMAML-GD rows.
 
@@ -31,7 +30,7 @@ tested per setting and protocol. Where both runs of a pair keep every test
 task's score (``test_per_task``, written by ``imaml-train`` and ``imaml-eval``)
 and were tested on the same tasks (equal task fingerprints), the test is
 paired: the 95% interval of the mean per-task difference; otherwise a pair is
-unresolved when the two runs' intervals overlap. ``--eval-per-task`` first
+unresolved when the two runs' intervals overlap. ``--eval ours`` first
 re-tests (``imaml-eval``, ``eval.json``) every run whose ``results.json``
 predates the per-task scores.
 
@@ -91,7 +90,6 @@ PROTOCOL_EVALS = {
   "measured_paper_": "eval_protocol=paper.json",
   "authors_": "eval_protocol=authors.json",
 }
-AUTHORS_EVAL = PROTOCOL_EVALS["authors_"]
 # The result file of ``imaml-eval`` (our protocol, no test-time overrides).
 OURS_EVAL = "eval.json"
 # Each measurement: (prefix of its keys in a row, ``--protocol`` name, the
@@ -655,17 +653,6 @@ def main(argv=None):
     default=None,
     help="test tasks of --eval (default: each config's)",
   )
-  parser.add_argument(
-    "--eval-authors",
-    action="store_true",
-    help="the same as --eval authors",
-  )
-  parser.add_argument(
-    "--eval-per-task",
-    action="store_true",
-    help="the same as --eval ours: per-task scores for the "
-    "paired ordering test where results.json lacks them",
-  )
   parser.add_argument("--data-dir", default=None)
   parser.add_argument(
     "--quick",
@@ -679,15 +666,8 @@ def main(argv=None):
   runs = Path(args.runs)
   if args.tasks is not None and args.tasks < 1:
     parser.error(f"--tasks must be >= 1, got {args.tasks}")
-  if args.tasks is not None and not (
-    args.eval or args.eval_authors or args.eval_per_task
-  ):
+  if args.tasks is not None and not args.eval:
     parser.error("--tasks applies to --eval")
-  protocols = list(args.eval)
-  if args.eval_per_task and "ours" not in protocols:
-    protocols.append("ours")
-  if args.eval_authors and "authors" not in protocols:
-    protocols.append("authors")
   if args.quick:
     args.train = ["omniglot_5w1s_imaml_gd"]
     args.overrides = [
@@ -706,8 +686,8 @@ def main(argv=None):
     parser.error(f"not a Table 2/3 config: {', '.join(unknown)}")
   train(args.train, runs, args.time_budget, args.overrides, args.data_dir)
   rows = build_rows(runs)
-  if protocols:
-    eval_protocols(runs, rows, args.data_dir, protocols, args.tasks)
+  if args.eval:
+    eval_protocols(runs, rows, args.data_dir, args.eval, args.tasks)
     rows = build_rows(runs)
   text = markdown(rows)
   rows = [without_per_task(r) for r in rows]

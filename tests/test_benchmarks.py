@@ -326,13 +326,14 @@ def test_tables_quick_trains_omniglot_end_to_end(quick_run):
     paper["test"]["loss_after"]["mean"] != theirs["test"]["loss_after"]["mean"]
   )
   # tables.py shows it in Table 2 under the authors' protocol; with
-  # --eval-authors it tests again only runs whose result is missing or stale.
+  # --eval authors it tests again only runs whose result is missing or stale.
   tables_out = out / "tables_with_authors"
   stdout = run_script(
     "tables.py",
     "--runs",
     str(out / "runs"),
-    "--eval-authors",
+    "--eval",
+    "authors",
     "--out",
     str(tables_out),
   )

@@ -262,8 +262,8 @@ def gd(
     def checked_step(carry):
       """The first call evaluates ``x_0`` itself and keeps it, so that the
       loop holds the only ``value_and_grad`` of the objective: XLA compiles
-      each call site apart, and one before the loop added about 5% to the
-      compile time of the Omniglot training step."""
+      each call site apart, and one before the loop was a second copy of
+      the objective's gradient to compile."""
       x, f, g, eta, _ = carry
       accept, x_new, f_new, g_new = trial(carry, value_and_grad)
       return (

@@ -72,6 +72,16 @@ def _fail(prog: str, message: str, code: int) -> None:
   raise SystemExit(code)
 
 
+def add_data_dir_argument(parser: argparse.ArgumentParser) -> None:
+  """``--data-dir``, shared by ``imaml-train`` and ``imaml-eval``."""
+  parser.add_argument(
+    "--data-dir",
+    default=None,
+    help="dataset directory (default: $IMAML_OMNIGLOT_DIR "
+    "or $IMAML_MINI_IMAGENET_DIR)",
+  )
+
+
 def train_parser(prog: str = "imaml-train") -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog=prog, description="Meta-train a named config, then test it."
@@ -85,12 +95,7 @@ def train_parser(prog: str = "imaml-train") -> argparse.ArgumentParser:
     "--workdir",
     help="run directory (resumes if it holds a run of the same config)",
   )
-  parser.add_argument(
-    "--data-dir",
-    default=None,
-    help="dataset directory (default: $IMAML_OMNIGLOT_DIR "
-    "or $IMAML_MINI_IMAGENET_DIR)",
-  )
+  add_data_dir_argument(parser)
   parser.add_argument(
     "--set",
     dest="overrides",
@@ -259,12 +264,7 @@ def eval_parser(prog: str = "imaml-eval") -> argparse.ArgumentParser:
     "parameters on the held-out test tasks.",
   )
   parser.add_argument("--workdir", required=True, help="run directory")
-  parser.add_argument(
-    "--data-dir",
-    default=None,
-    help="dataset directory (default: $IMAML_OMNIGLOT_DIR "
-    "or $IMAML_MINI_IMAGENET_DIR)",
-  )
+  add_data_dir_argument(parser)
   parser.add_argument(
     "--tasks",
     type=int,
