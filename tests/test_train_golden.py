@@ -16,8 +16,10 @@ moment of the sinusoid run, whose backtracking inner loop amplifies it).
 The CG residual, a difference of nearly equal vectors, is compared to
 ``1e-4`` absolute. A 1% change of the parameters fails the test
 (``test_assert_close_catches_what_matters``). The runs
-use the command's persistent compilation cache (``$IMAML_CACHE_DIR/xla``),
-so a rerun mostly loads its compiled steps (the same executables). The two
+keep a persistent compilation cache of their own
+(``$IMAML_CACHE_DIR/xla-golden``, :func:`golden_compile_cache`), so a rerun
+mostly loads its compiled steps (the same executables) and never one that
+another command compiled under other flags. The two
 runs start in the background when the session starts (``BACKGROUND_JOBS``,
 see ``conftest``), side by side.
 
@@ -90,6 +92,19 @@ TIMING_FIELDS = (
 )
 
 
+def golden_compile_cache() -> Path:
+  """A compilation cache for the golden runs alone.
+
+  JAX's persistent cache can hand a step compiled by another command
+  (several threads, other flags) to a one-thread golden run: reductions
+  then split differently and a near-tie in a test task's logits flips one
+  answer (seen: the 4-task test accuracy's interval moved by 3%). A cache
+  of their own keeps reruns fast and their executables their own.
+  """
+  base = os.environ.get("IMAML_CACHE_DIR") or tempfile.gettempdir()
+  return Path(base) / "xla-golden"
+
+
 def run(name: str, workdir: Path) -> None:
   """Trains run ``name`` in ``workdir`` in a child process."""
   env = dict(os.environ, XLA_FLAGS=GOLDEN_XLA_FLAGS, JAX_PLATFORMS="cpu")
@@ -104,6 +119,8 @@ def run(name: str, workdir: Path) -> None:
     "--devices",
     "1",
     "--no-progress",
+    "--compile-cache",
+    str(golden_compile_cache()),
   ]
   proc = subprocess.run(
     command, env=env, capture_output=True, text=True, timeout=600, check=False
