@@ -22,7 +22,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
   2>&1 | tee "$out/device.txt"
 "$py" -c "import jax; print('jax', jax.__version__, jax.devices())" \
   2>&1 | tee -a "$out/device.txt"
-common="log_every=100 val_every=1000 checkpoint_every=4000 keep_checkpoints=6"
+common="log_every=100 log_residual=true val_every=1000 checkpoint_every=4000"
+common="$common keep_checkpoints=6"
 
 run() {  # run LABEL FIELD=VALUE ...
   local label=$1; shift

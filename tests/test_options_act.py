@@ -168,6 +168,7 @@ ACTS = {
   "meta_steps": ("sinusoid", ["meta_steps=3"]),
   "seed": ("sinusoid", ["seed=1"]),
   "log_every": ("sinusoid", ["log_every=2"]),
+  "log_residual": ("sinusoid", ["log_residual=true"]),
   "val_every": ("sinusoid", ["val_every=1"]),
   "val_tasks": ("sinusoid", ["val_tasks=4"]),
   "val_seed": ("sinusoid", ["val_seed=2"]),

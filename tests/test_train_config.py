@@ -423,6 +423,25 @@ def test_stored_configs_from_before_damping_run_the_paper_system():
   }
 
 
+def test_stored_configs_from_before_log_residual_resume_with_its_default():
+  """log_residual changes only what is logged: a run stored before it
+  existed resumes with the same command (its default, false)."""
+  cfg = config_lib.get_config("omniglot_5w1s_imaml_gd")
+  old = config_lib.to_dict(cfg)
+  del old["log_residual"]
+  assert config_lib.differences(cfg, config_lib.from_dict(old)) == {}
+
+
+def test_log_residual_applies_to_imaml_only():
+  config_lib.apply_overrides(
+    config_lib.get_config("sinusoid"), ["log_residual=true"]
+  )
+  with pytest.raises(config_lib.ConfigError, match="log_residual applies"):
+    config_lib.apply_overrides(
+      config_lib.get_config("sinusoid_maml"), ["log_residual=true"]
+    )
+
+
 def test_stored_configs_from_before_weight_decay_run_without_it():
   cfg = config_lib.apply_overrides(
     config_lib.get_config("omniglot_5w1s_imaml_gd"), ["weight_decay=0.1"]

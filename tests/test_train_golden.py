@@ -66,6 +66,7 @@ RUNS = {
     "eval_chunk=5",
     "checkpoint_every=2",
     "keep_checkpoints=2",
+    "log_residual=true",
   ],
   "omniglot_5w1s": [
     "omniglot_5w1s_imaml_gd",
@@ -80,6 +81,7 @@ RUNS = {
     "eval_chunk=4",
     "checkpoint_every=2",
     "keep_checkpoints=2",
+    "log_residual=true",
   ],
 }
 # Fields that measure time or name this machine's paths, not results.

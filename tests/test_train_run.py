@@ -557,6 +557,26 @@ def test_task_fingerprint_names_the_tasks_alone(config):
   assert fingerprint(config, 10, 0, n_tasks=9) != reference
 
 
+def test_residual_is_logged_only_with_log_residual(reference_run, tmp_path):
+  """The default run spends no product on CG's residual and logs none;
+  ``log_residual=true`` logs it in every window, a small relative residual
+  (the sinusoid system at lam 30 is well conditioned)."""
+  train = [
+    r
+    for r in metrics_log.read_records(reference_run / "metrics.jsonl")
+    if r["split"] == "train"
+  ]
+  assert train and not any("residual" in r for r in train)
+  assert _train(tmp_path / "logged", "meta_steps=30", "log_residual=true") == 0
+  logged = [
+    r
+    for r in metrics_log.read_records(tmp_path / "logged/metrics.jsonl")
+    if r["split"] == "train"
+  ]
+  assert [r["step"] for r in logged] == [10, 20, 30]
+  assert all(0 < r["residual"] < 0.05 for r in logged), logged
+
+
 def test_window_means_count_only_the_steps_that_measured_the_residual():
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 

@@ -29,8 +29,8 @@ from imaml_jax.train import experiment as exp_lib
 from imaml_jax.train import runtime
 
 # Metrics measured only on some steps (NaN on the others): the linear
-# solve's residual, measured on the first step of each logging window
-# (:func:`measures_residual`).
+# solve's residual, measured with ``log_residual`` on the first step of each
+# logging window (:func:`measures_residual`), and never without it.
 OCCASIONAL_METRICS = ("residual",)
 
 
@@ -50,6 +50,21 @@ def measures_residual(log_every: int) -> Callable:
     True
   """
   return lambda state: state.step % log_every == 0
+
+
+def residual_schedule(exp: exp_lib.Experiment) -> Callable | bool | None:
+  """``report_residual`` of the trainer's meta-step.
+
+  :func:`measures_residual` with ``log_residual``; ``False`` for an implicit
+  algorithm without it (no product is spent, and none is compiled: the
+  window records then leave ``residual`` out, unless the solver tracks its
+  own for free); ``None`` for an algorithm that solves no linear system.
+  """
+  if not exp.algorithm.reports_residual:
+    return None
+  if exp.config.log_residual:
+    return measures_residual(exp.config.log_every)
+  return False
 
 
 def init_sums(metric_shapes: dict) -> dict:
@@ -197,12 +212,7 @@ def make_train_step(exp: exp_lib.Experiment, mesh=None) -> Callable:
     exp.algorithm,
     has_aux=True,
     task_chunk=chunk,
-    # Only an implicit algorithm has a residual to measure.
-    report_residual=(
-      measures_residual(exp.config.log_every)
-      if exp.algorithm.reports_residual
-      else None
-    ),
+    report_residual=residual_schedule(exp),
     axis_name=im.TASK_AXIS if per_device else None,
   )
   if per_device:
