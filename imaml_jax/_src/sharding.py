@@ -487,9 +487,10 @@ def use_cpu_cores(n: int | None = None) -> int:
   """
   n = available_cores() if n is None else n
   validation.check_positive_int("use_cpu_cores n", n)
-  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-
-  if xla_bridge.backends_are_initialized():
+  try:
+    # JAX refuses the setting once its backends run.
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError:
     have = len(jax.devices("cpu"))
     if have == n:
       return n
@@ -499,8 +500,7 @@ def use_cpu_cores(n: int | None = None) -> int:
       "after the imports, before any JAX computation or jax.devices(), or "
       f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before "
       "starting Python."
-    )
-  jax.config.update("jax_num_cpu_devices", n)
+    ) from None
   return n
 
 

@@ -110,24 +110,27 @@ def split_cpu(
   Calls :func:`imaml_jax.use_cpu_cores` with :func:`cpu_device_count`.
   Does nothing (returns ``None``) when the user set the count
   (``XLA_FLAGS`` names ``--xla_force_host_platform_device_count``, or
-  ``jax_num_cpu_devices`` is set) or JAX's backends already started (a
-  command called from a Python session that has run JAX: its devices are
-  used as they are). Other backends than the CPU's are not affected.
+  ``jax_num_cpu_devices`` is set) or JAX's backends already started with
+  another number of CPU devices (a command called from a Python session
+  that has run JAX: its devices are used as they are). Other backends
+  than the CPU's are not affected.
 
   Returns:
     The number of CPU devices set, or ``None``.
   """
-  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-
   if (
     CPU_DEVICE_FLAG in os.environ.get("XLA_FLAGS", "")
     or jax.config.jax_num_cpu_devices >= 0
-    or xla_bridge.backends_are_initialized()
   ):
     return None
-  return im.use_cpu_cores(
-    cpu_device_count(config.meta_batch, sharding_lib.available_cores(), devices)
-  )
+  try:
+    return im.use_cpu_cores(
+      cpu_device_count(
+        config.meta_batch, sharding_lib.available_cores(), devices
+      )
+    )
+  except RuntimeError:  # JAX already runs: its devices are used as they are.
+    return None
 
 
 def task_chunk(
