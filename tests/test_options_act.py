@@ -722,6 +722,24 @@ def _indefinite(solver):
 
 KEY = jax.random.key(3)
 
+
+def _with_two_dropout_keys(build):
+  """``build`` (a step or an evaluation) of first-order MAML on a dropout
+  loss, with the step key ``KEY`` and with another: another key, other
+  dropout masks, another result."""
+
+  def outcome(key):
+    return lambda: build(
+      im.fomaml(GD),
+      loss=_dropout_aux_loss,
+      key=key,
+      stochastic=True,
+      has_aux=True,
+    )
+
+  return outcome(KEY), outcome(jax.random.key(4))
+
+
 # (factory, parameter): (outcome with the default or a first value, outcome
 # with another value). The two must differ: in value, or in the metrics
 # reported (report_residual, per_task_metrics, pre_adaptation_metrics,
@@ -947,22 +965,7 @@ DIFFERS = {
   ),
   # The loss draws its dropout from the key given to the step: another key,
   # another update.
-  ("make_meta_step", "stochastic"): (
-    lambda: _meta_step(
-      im.fomaml(GD),
-      loss=_dropout_aux_loss,
-      key=KEY,
-      stochastic=True,
-      has_aux=True,
-    ),
-    lambda: _meta_step(
-      im.fomaml(GD),
-      loss=_dropout_aux_loss,
-      key=jax.random.key(4),
-      stochastic=True,
-      has_aux=True,
-    ),
-  ),
+  ("make_meta_step", "stochastic"): _with_two_dropout_keys(_meta_step),
   ("make_eval_step", "loss_fn"): (
     lambda: _evaluation(im.fomaml(GD)),
     lambda: _evaluation(
@@ -978,22 +981,7 @@ DIFFERS = {
     lambda: _evaluation(im.fomaml(GD)),
     lambda: _evaluation(im.fomaml(GD), loss=_aux_loss, has_aux=True),
   ),
-  ("make_eval_step", "stochastic"): (
-    lambda: _evaluation(
-      im.fomaml(GD),
-      loss=_dropout_aux_loss,
-      key=KEY,
-      stochastic=True,
-      has_aux=True,
-    ),
-    lambda: _evaluation(
-      im.fomaml(GD),
-      loss=_dropout_aux_loss,
-      key=jax.random.key(4),
-      stochastic=True,
-      has_aux=True,
-    ),
-  ),
+  ("make_eval_step", "stochastic"): _with_two_dropout_keys(_evaluation),
   ("adapt", "loss_fn"): (
     lambda: _adapted(),
     lambda: _adapted(loss=lambda p, b: 2 * problems.mlp_loss(p, b)),
