@@ -357,12 +357,39 @@ def omniglot_table(by_key: dict, prefix: str) -> list[str]:
 CLAIMS = (("imaml_hf", "imaml_gd"), ("imaml_gd", "maml"))
 
 
+def shared_tasks(a: dict | None, b: dict | None) -> int | None:
+  """How many tasks two per-task records were both tested on, first ones
+  first, or ``None`` if none are known to be shared.
+
+  Equal fingerprints share every task. A record on more tasks shares its
+  first ``m`` with one on ``m`` tasks when its ``prefix_sha256[m]`` (the
+  fingerprint of its first ``m`` tasks as it drew them) is the other's
+  fingerprint. The metric must be the same.
+
+  Example:
+    >>> r = lambda n, d, **k: {"metric": "accuracy_after",
+    ...                        "values": [1.0] * n, "tasks_sha256": d, **k}
+    >>> shared_tasks(r(2, "x"), r(2, "x")), shared_tasks(r(2, "x"), r(2, "y"))
+    (2, None)
+    >>> shared_tasks(r(3, "z", prefix_sha256={"2": "x"}), r(2, "x"))
+    2
+  """
+  if not a or not b or a.get("metric") != b.get("metric"):
+    return None
+  short, long = sorted((a, b), key=lambda r: len(r["values"]))
+  n = len(short["values"])
+  if len(long["values"]) == n:
+    return n if a.get("tasks_sha256") == b.get("tasks_sha256") else None
+  prefix = long.get("prefix_sha256", {}).get(str(n))
+  return n if prefix is not None and prefix == short["tasks_sha256"] else None
+
+
 def paired_difference(
   a: dict | None, b: dict | None
 ) -> tuple[float, float] | None:
   """Mean and 95% half-width (points) of the per-task accuracy difference
-  ``a - b``, or ``None`` unless both hold per-task scores of the same
-  metric on the same tasks (equal fingerprints and counts).
+  ``a - b`` over the tasks both were tested on (:func:`shared_tasks`), or
+  ``None`` if they share none.
 
   Each task is tested by both runs, so the difference's interval is
   ``1.96 * std(a_i - b_i) / sqrt(n)`` (population std, as every interval of
@@ -375,12 +402,11 @@ def paired_difference(
     ...                                         t([0.75, 0.25]))]
     [25.0, 0.0]
   """
-  if not a or not b or a.get("tasks_sha256") != b.get("tasks_sha256"):
-    return None
-  if a.get("metric") != b.get("metric") or len(a["values"]) != len(b["values"]):
+  n = shared_tasks(a, b)
+  if n is None:
     return None
   diff = train_lib.summarize(
-    {"d": 100 * (np.asarray(a["values"]) - np.asarray(b["values"]))}
+    {"d": 100 * (np.asarray(a["values"][:n]) - np.asarray(b["values"][:n]))}
   )["d"]
   return diff["mean"], diff["ci95"]
 
@@ -405,9 +431,8 @@ def ordering(by_key: dict, prefix: str = "") -> list[dict]:
       if step != tested_step(b, prefix) or a["meta_steps"] != b["meta_steps"]:
         continue
       diff = a[key] - b[key]
-      paired = paired_difference(
-        a.get(prefix + "per_task"), b.get(prefix + "per_task")
-      )
+      per_task = a.get(prefix + "per_task"), b.get(prefix + "per_task")
+      paired = paired_difference(*per_task)
       if paired is not None:
         diff, half = paired
         verdict = (
@@ -434,6 +459,7 @@ def ordering(by_key: dict, prefix: str = "") -> list[dict]:
           "worse": worse,
           "difference": diff,
           "paired_ci95": half,
+          "paired_tasks": None if half is None else shared_tasks(*per_task),
           "meta_steps": step,
           "verdict": verdict,
         }
@@ -463,7 +489,9 @@ def ordering_lines(by_key: dict) -> list[str]:
       found = True
       difference = f"{c['difference']:+.2f}"
       if c["paired_ci95"] is not None:
-        difference += f" ± {c['paired_ci95']:.2f} (paired)"
+        difference += (
+          f" ± {c['paired_ci95']:.2f} (paired, {c['paired_tasks']:,} tasks)"
+        )
       lines.append(
         f"| {SETTING_TITLES[c['setting']]} | {protocol} | "
         f"{ALGORITHMS[c['better']]} >= {ALGORITHMS[c['worse']]} | "

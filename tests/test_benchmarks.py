@@ -655,7 +655,44 @@ def test_tables_pairs_runs_tested_on_the_same_tasks():
   (c,) = tables.ordering(by_key)
   assert c["verdict"] == "unresolved (paired interval contains 0)"
   text = "\n".join(tables.ordering_lines(by_key))
-  assert f"± {c['paired_ci95']:.2f} (paired)" in text
+  assert f"± {c['paired_ci95']:.2f} (paired, 600 tasks)" in text
+
+
+def test_tables_pair_a_test_with_the_first_tasks_of_a_longer_one():
+  """A run tested on 1,000 tasks pairs with one tested on 600 over the first
+  600, when its fingerprint of those 600 is the other's; not otherwise."""
+  tables = import_tables()
+  rng = np.random.default_rng(1)
+  worse = rng.uniform(0.6, 1.0, 1000)
+  better = np.clip(worse[:600] + 0.01, 0, 1)
+  longer = {
+    "metric": "accuracy_after",
+    "values": list(worse),
+    "tasks_sha256": "all 1000",
+    "prefix_sha256": {"600": "first 600"},
+  }
+  shorter = {
+    "metric": "accuracy_after",
+    "values": list(better),
+    "tasks_sha256": "first 600",
+  }
+  assert tables.shared_tasks(shorter, longer) == 600
+  mean, half = tables.paired_difference(shorter, longer)
+  diff = 100 * (better - worse[:600])
+  assert mean == pytest.approx(np.mean(diff))
+  assert half == pytest.approx(1.96 * np.std(diff) / np.sqrt(600))
+  assert tables.paired_difference(longer, shorter)[0] == pytest.approx(-mean)
+  # Other first tasks, a count without a recorded prefix, another metric.
+  assert (
+    tables.shared_tasks({**shorter, "tasks_sha256": "other"}, longer) is None
+  )
+  assert (
+    tables.shared_tasks({**shorter, "values": list(better[:500])}, longer)
+    is None
+  )
+  assert (
+    tables.shared_tasks({**shorter, "metric": "loss_after"}, longer) is None
+  )
 
 
 def test_tables_mark_and_leave_out_a_test_older_than_its_run():

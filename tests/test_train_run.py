@@ -557,6 +557,39 @@ def test_task_fingerprint_names_the_tasks_alone(config):
   assert fingerprint(config, 10, 0, n_tasks=9) != reference
 
 
+@pytest.mark.parametrize("config", ["sinusoid", "omniglot_5w1s_imaml_gd"])
+def test_prefix_fingerprints_are_those_of_the_shorter_task_sets(config):
+  """The fingerprint of the first m of n tasks, as the n-task set draws
+  them, is the fingerprint of the m-task set: the test tasks do not depend
+  on how many are drawn, so shorter and longer tests can be paired."""
+  from imaml_jax.train import config as config_lib
+  from imaml_jax.train import experiment as exp_lib
+
+  images = None
+  if config != "sinusoid":
+    images = np.random.default_rng(0).integers(
+      0, 256, (12, 20, 28, 28, 1), dtype=np.uint8
+    )
+  cfg = config_lib.apply_overrides(
+    config_lib.get_config(config), ["eval_chunk=4"]
+  )
+  evaluator = evaluation.Evaluator(exp_lib.build(cfg, None))
+  digests = evaluator.fingerprints(images, 10, 0, prefixes=(3, 8, 10, 20))
+  assert sorted(digests) == [3, 8, 10]
+  for m in (3, 8, 10):
+    assert digests[m] == evaluator.fingerprint(images, m, 0)
+  assert digests[3] != evaluation.Evaluator(
+    exp_lib.build(cfg, None)
+  ).fingerprint(images, 3, 1)
+  # The authors' tasks (classes turned, drawn for the whole set at once).
+  authors = evaluation.Evaluator(
+    exp_lib.build(cfg, None), exp_lib.authors_evaluation_chunks
+  )
+  if config != "sinusoid":
+    digests = authors.fingerprints(images, 10, 0, prefixes=(3,))
+    assert digests[3] == authors.fingerprint(images, 3, 0)
+
+
 def test_residual_is_logged_only_with_log_residual(reference_run, tmp_path):
   """The default run spends no product on CG's residual and logs none;
   ``log_residual=true`` logs it in every window, a small relative residual

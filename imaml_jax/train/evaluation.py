@@ -56,7 +56,17 @@ def summarize(per_task: dict[str, np.ndarray]) -> dict[str, dict]:
   return out
 
 
-def per_task_record(per_task: dict[str, np.ndarray], tasks_sha256: str) -> dict:
+# Task counts whose fingerprint a test on more tasks also records
+# (``prefix_sha256``): a result on 6,000 tasks can then be paired with one on
+# 3,000 over the tasks they share.
+PREFIX_TASK_COUNTS = (600, 1000, 3000, 6000)
+
+
+def per_task_record(
+  per_task: dict[str, np.ndarray],
+  tasks_sha256: str,
+  prefix_sha256: dict[int, str] | None = None,
+) -> dict:
   """The ``"test_per_task"`` entry of a results file: the selection metric
   (:func:`score_key`) of every test task, in task order, and the task set's
   fingerprint (:meth:`Evaluator.fingerprint`).
@@ -65,18 +75,26 @@ def per_task_record(per_task: dict[str, np.ndarray], tasks_sha256: str) -> dict:
   compared task by task: the 95% interval of the mean of paired differences,
   ``1.96 * std(a - b) / sqrt(n)``, is narrower than the two runs' own
   intervals added whenever their per-task scores are correlated.
+  ``prefix_sha256`` (``{m: digest}``, :meth:`Evaluator.fingerprints`) adds
+  the fingerprints of the first ``m`` tasks, so that a test on fewer tasks
+  can be paired with the first ones of this one.
 
   Example:
     >>> per_task_record({"accuracy_after": np.array([1.0, 0.5])}, "ab")
     {'metric': 'accuracy_after', 'values': [1.0, 0.5], 'tasks_sha256': 'ab'}
+    >>> per_task_record({"loss_after": np.array([2.0])}, "cd", {1: "cd"})
+    {'metric': 'loss_after', 'values': [2.0], 'tasks_sha256': 'cd', 'prefix_sha256': {'1': 'cd'}}
   """
   key, _ = score_key(per_task)
   values = np.asarray(per_task[key], np.float64)
-  return {
+  record = {
     "metric": key,
     "values": [round(float(v), 6) for v in values],
     "tasks_sha256": tasks_sha256,
   }
+  if prefix_sha256:
+    record["prefix_sha256"] = {str(m): d for m, d in prefix_sha256.items()}
+  return record
 
 
 def score_key(metric_names: Iterable[str]) -> tuple[str, bool]:
@@ -146,6 +164,23 @@ class Evaluator:
     array). Two results with the same fingerprint were measured on the same
     tasks, so their per-task scores can be compared task by task.
     """
+    return self.fingerprints(images, n_tasks, seed)[n_tasks]
+
+  def fingerprints(
+    self, images, n_tasks: int, seed: int, prefixes=()
+  ) -> dict[int, str]:
+    """:meth:`fingerprint` of the ``n_tasks`` tasks and of their first ``m``.
+
+    For each ``m`` of ``prefixes`` below ``n_tasks``, the digest of the
+    first ``m`` tasks *as drawn for this set*: it equals
+    ``fingerprint(images, m, seed)`` exactly when a test on ``m`` tasks
+    draws the same tasks as the first ``m`` of this one, which is what
+    makes pairing their per-task scores sound.
+
+    Returns:
+      ``{m: digest}`` for those ``m`` and ``n_tasks``.
+    """
+    counts = sorted({m for m in prefixes if 0 < m < n_tasks} | {n_tasks})
 
     def leaves():  # Each chunk's arrays, on the host.
       for chunk in self._chunks(self._exp.config, images, n_tasks, seed):
@@ -155,12 +190,17 @@ class Evaluator:
         ]
 
     first = next(leaves())
-    digest = hashlib.sha256()
+    digests = {m: hashlib.sha256() for m in counts}
     for i, leaf in enumerate(first):
-      digest.update(f"{leaf.dtype}{(n_tasks, *leaf.shape[1:])}".encode())
+      for m, digest in digests.items():
+        digest.update(f"{leaf.dtype}{(m, *leaf.shape[1:])}".encode())
+      done = 0
       for chunk in leaves():
-        digest.update(chunk[i].tobytes())
-    return digest.hexdigest()
+        for m, digest in digests.items():
+          if done < m:
+            digest.update(chunk[i][: m - done].tobytes())
+        done += chunk[i].shape[0]
+    return {m: digest.hexdigest() for m, digest in digests.items()}
 
 
 class FinalTest(NamedTuple):
@@ -216,8 +256,11 @@ def final_test(
   if use_best and int(best["step"]) < step:
     params = best["params"]
     test = evaluator(params, images, n_tasks, seed)
+  digests = evaluator.fingerprints(images, n_tasks, seed, PREFIX_TASK_COUNTS)
   test_per_task = per_task_record(
-    test, evaluator.fingerprint(images, n_tasks, seed)
+    test,
+    digests.pop(n_tasks),
+    digests,
   )
   return FinalTest(
     summarize(test),
