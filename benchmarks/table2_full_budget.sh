@@ -69,7 +69,7 @@ EOF
 evaluate() {  # evaluate DIR LOG: the three measurements, 3,000 tasks each
   local protocol
   for protocol in ours paper authors; do
-    "$py" -m imaml_jax eval --workdir "$1" --tasks "$eval_tasks" \
+    "$py" -m imaml_jax eval --workdir "$1" --tasks "$eval_tasks" --no-progress \
       --protocol "$protocol" >> "$2" 2>&1
     echo "eval --protocol $protocol: exit $?" >> "$2"
   done

@@ -626,7 +626,7 @@ def eval_protocols(
 
 def run_eval(workdir: Path, data_dir, *args: str) -> None:
   """``imaml-eval --workdir WORKDIR [--data-dir DATA_DIR] ARGS``."""
-  argv = ["--workdir", str(workdir), *args]
+  argv = ["--workdir", str(workdir), "--no-progress", *args]
   if data_dir:
     argv += ["--data-dir", data_dir]
   cli.eval_main(argv)

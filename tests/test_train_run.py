@@ -238,6 +238,23 @@ def test_finished_run_is_not_retrained_and_eval_matches(
   assert again["test"] == results["test"]
 
 
+def test_eval_shows_its_progress_unless_asked_not_to(
+  reference_run, tmp_path, capsys
+):
+  """imaml-eval counts the tested tasks on standard error (20 here, in
+  one chunk); --no-progress keeps it quiet, with the same result."""
+  workdir = tmp_path / "done"
+  shutil.copytree(reference_run, workdir)
+  assert cli.eval_main(["--workdir", str(workdir)]) == 0
+  shown = capsys.readouterr()
+  assert "20/20" in shown.err and "task" in shown.err, shown.err
+  first = json.loads((workdir / "eval.json").read_text())
+  assert cli.eval_main(["--workdir", str(workdir), "--no-progress"]) == 0
+  quiet = capsys.readouterr()
+  assert "task" not in quiet.err and "loss_after" in quiet.out
+  assert json.loads((workdir / "eval.json").read_text()) == first
+
+
 def test_eval_with_test_time_overrides(reference_run, tmp_path, capsys):
   workdir = tmp_path / "done"
   shutil.copytree(reference_run, workdir)

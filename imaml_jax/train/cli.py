@@ -296,6 +296,11 @@ def eval_parser(prog: str = "imaml-eval") -> argparse.ArgumentParser:
     "protocol's",
   )
   parser.add_argument(
+    "--no-progress",
+    action="store_true",
+    help="no progress bar of the tested tasks",
+  )
+  parser.add_argument(
     "--protocol",
     choices=protocols.EVAL_PROTOCOLS,
     default="ours",
@@ -382,6 +387,7 @@ def eval_main(
       overrides=args.overrides,
       split=args.split,
       protocol=args.protocol,
+      progress=not args.no_progress,
     )
   except _INPUT_ERRORS as e:
     _fail(prog, str(e), EXIT_BAD_INPUT)

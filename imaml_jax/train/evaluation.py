@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+import tqdm
 
 import imaml_jax as im
 from imaml_jax.train import experiment as exp_lib
@@ -127,11 +128,20 @@ class Evaluator:
 
   ``chunks(config, images, n_tasks, seed)`` yields the tasks
   (:func:`imaml_jax.train.experiment.evaluation_chunks` by default).
+  With ``progress`` a tqdm bar counts the tested tasks (each chunk is
+  waited for, so the bar shows finished work).
   """
 
-  def __init__(self, exp: exp_lib.Experiment, chunks: Callable | None = None):
+  def __init__(
+    self,
+    exp: exp_lib.Experiment,
+    chunks: Callable | None = None,
+    *,
+    progress: bool = False,
+  ):
     self._exp = exp
     self._chunks = chunks or exp_lib.evaluation_chunks
+    self._progress = progress
     self._fn = jax.jit(
       im.make_eval_step(exp.loss, exp.eval_algorithm, has_aux=True)
     )
@@ -141,6 +151,14 @@ class Evaluator:
   def __call__(self, params, images, n_tasks: int, seed: int) -> dict:
     """Per-task metrics (numpy arrays of length ``n_tasks``)."""
     parts = []
+    bar = tqdm.tqdm(
+      total=n_tasks,
+      unit="task",
+      desc="test",
+      disable=not self._progress,
+      leave=False,
+      dynamic_ncols=True,
+    )
     for chunk in self._chunks(self._exp.config, images, n_tasks, seed):
       shape = jax.tree.map(lambda x: x.shape, chunk)
       key = jax.tree_util.tree_structure(chunk), tuple(jax.tree.leaves(shape))
@@ -151,6 +169,10 @@ class Evaluator:
         )
         self.compile_time_s += time.perf_counter() - start
       parts.append(self._compiled[key](params, chunk))
+      if self._progress:
+        jax.block_until_ready(parts[-1])
+        bar.update(jax.tree.leaves(chunk)[0].shape[0])
+    bar.close()
     parts = jax.device_get(parts)
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 

@@ -289,6 +289,7 @@ def evaluate_workdir(
   split: str | None = None,
   protocol: str = "ours",
   log: Callable[[str], None] = print,
+  progress: bool = False,
 ) -> dict:
   """Tests a run's checkpoint under an evaluation protocol.
 
@@ -329,7 +330,9 @@ def evaluate_workdir(
   Every split uses ``test_seed`` and ``n_tasks`` tasks. Writes
   ``workdir/eval.json`` (or the :func:`eval_file_name` of the protocol,
   split and overrides) and returns the same dict; its ``protocol`` entry
-  names the protocol and its settings.
+  names the protocol and its settings. ``progress`` shows a bar of the
+  tested tasks on standard error (``imaml-eval`` does, unless
+  ``--no-progress``): a test of thousands of tasks can take an hour.
 
   Raises:
     ConfigError: an unknown protocol or split, a split the protocol does
@@ -352,7 +355,7 @@ def evaluate_workdir(
   exp, adaptation = _adaptation(exp, protocol, test_config)
   step, last_params, best = restore_parameters(latest, config, exp)
   outcome = evaluation.final_test(
-    evaluation.Evaluator(exp, chunks),
+    evaluation.Evaluator(exp, chunks, progress=progress),
     images,
     n_tasks or config.test_tasks,
     test_config.test_seed,
