@@ -384,6 +384,17 @@ def shared_tasks(a: dict | None, b: dict | None) -> int | None:
   return n if prefix is not None and prefix == short["tasks_sha256"] else None
 
 
+def _paired(a: dict | None, b: dict | None) -> tuple[float, float, int] | None:
+  """:func:`paired_difference` and the number of tasks it is over."""
+  n = shared_tasks(a, b)
+  if n is None:
+    return None
+  diff = train_lib.summarize(
+    {"d": 100 * (np.asarray(a["values"][:n]) - np.asarray(b["values"][:n]))}
+  )["d"]
+  return diff["mean"], diff["ci95"], n
+
+
 def paired_difference(
   a: dict | None, b: dict | None
 ) -> tuple[float, float] | None:
@@ -402,13 +413,8 @@ def paired_difference(
     ...                                         t([0.75, 0.25]))]
     [25.0, 0.0]
   """
-  n = shared_tasks(a, b)
-  if n is None:
-    return None
-  diff = train_lib.summarize(
-    {"d": 100 * (np.asarray(a["values"][:n]) - np.asarray(b["values"][:n]))}
-  )["d"]
-  return diff["mean"], diff["ci95"]
+  paired = _paired(a, b)
+  return None if paired is None else paired[:2]
 
 
 def ordering(by_key: dict, prefix: str = "") -> list[dict]:
@@ -431,10 +437,10 @@ def ordering(by_key: dict, prefix: str = "") -> list[dict]:
       if step != tested_step(b, prefix) or a["meta_steps"] != b["meta_steps"]:
         continue
       diff = a[key] - b[key]
-      per_task = a.get(prefix + "per_task"), b.get(prefix + "per_task")
-      paired = paired_difference(*per_task)
+      paired = _paired(a.get(prefix + "per_task"), b.get(prefix + "per_task"))
+      tasks = None
       if paired is not None:
-        diff, half = paired
+        diff, half, tasks = paired
         verdict = (
           "holds"
           if diff - half > 0
@@ -459,7 +465,7 @@ def ordering(by_key: dict, prefix: str = "") -> list[dict]:
           "worse": worse,
           "difference": diff,
           "paired_ci95": half,
-          "paired_tasks": None if half is None else shared_tasks(*per_task),
+          "paired_tasks": tasks,
           "meta_steps": step,
           "verdict": verdict,
         }

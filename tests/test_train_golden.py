@@ -51,6 +51,9 @@ GOLDEN_DIR = Path(__file__).parent / "golden"
 GOLDEN_XLA_FLAGS = fast_compile.flags(
   "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 )
+# Both runs set log_residual=true, so that the records also check the
+# residual's path (the default step is the same program without its
+# branch, and tests/test_train_run.py checks what it logs).
 RUNS = {
   "sinusoid": [
     "sinusoid",

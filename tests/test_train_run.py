@@ -625,6 +625,22 @@ def test_residual_is_logged_only_with_log_residual(reference_run, tmp_path):
   ]
   assert [r["step"] for r in logged] == [10, 20, 30]
   assert all(0 < r["residual"] < 0.05 for r in logged), logged
+  # CG with the curvature stop tracks its recurrence residual for free and
+  # logs it without being asked.
+  assert (
+    _train(
+      tmp_path / "guarded",
+      "meta_steps=20",
+      "cg_stop_at_negative_curvature=true",
+    )
+    == 0
+  )
+  guarded = [
+    r
+    for r in metrics_log.read_records(tmp_path / "guarded/metrics.jsonl")
+    if r["split"] == "train"
+  ]
+  assert len(guarded) == 2 and all(0 < r["residual"] < 0.05 for r in guarded)
 
 
 def test_window_means_count_only_the_steps_that_measured_the_residual():
