@@ -15,11 +15,13 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from problems import linreg_exact
 from problems import linreg_loss
 from problems import linreg_task
 from quick_runs import BENCHMARKS
@@ -245,6 +247,76 @@ def test_curvature_cg_proves_an_indefinite_system(x64):
   assert stats["eig_min"] < 0
   assert stats["cg4_met_negative_curvature"] == 1.0
   assert stats["cg4_guarded_updates"] == 0.0  # the first direction
+
+
+def test_meta_gradient_omniglot_quick(quick_run):
+  """Reads the published run's checkpoint: both parameter sets, each with
+  the run's gradient, its two parts and the reference's own check."""
+  stdout, out = quick_run("meta_gradient_omniglot")
+  rows = read_csv(out / "meta_gradient_omniglot_quick.csv")
+  assert [r["parameters"] for r in rows] == [
+    "best (step 15500)",
+    "last (step 20000)",
+  ]
+  for r in rows:
+    for name in ("run", "inner_part", "cg_part", "star_check"):
+      assert -1.0 <= float(r[f"{name}_mean_cosine"]) <= 1.0 + 1e-9
+      assert float(r[f"{name}_mean_rel_error"]) >= 0.0
+    assert float(r["run_mean_rel_error"]) > 0.0  # 16 steps, CG(5): inexact.
+    assert -1.0 <= float(r["star_batch_to_batch_cosine"]) <= 1.0 + 1e-9
+  assert "batch mean against g*" in stdout
+
+
+def test_meta_gradient_omniglot_against_closed_form(x64):
+  """On linear regression ``phi*`` and ``g* = (I + H/lam)^{-1} grad
+  L_q(phi*)`` have closed forms: the reference matches them, the inner
+  loop's part is the exact solve at the run's ``phi_K`` (three plain
+  steps, written out in numpy), and the report finds the run's one CG step
+  inexact and the reference converged."""
+  mg = import_benchmark("meta_gradient_omniglot")
+  lam, lr = 0.5, 0.2
+  support, query = linreg_task(0, dim=5)
+  task = collections.namedtuple("Task", "support query")(support, query)
+  loss = lambda w, batch: (linreg_loss(w, batch), {"accuracy": jnp.zeros(())})
+  config = types.SimpleNamespace(
+    lam=lam, inner_lr=lr, cg_steps=1, cg_damping=0.0, lam_damping=0.0
+  )
+  args = types.SimpleNamespace(ref_inner_steps=400, ref_cg_steps=5)
+  run = im.imaml(lam, im.gd(3, lr), im.cg(1))
+  theta = jnp.asarray(np.random.default_rng(1).normal(size=5))
+  grads, scalars = mg.task_numbers(config, loss, run, theta, task, args)
+
+  phi_star, g_star = linreg_exact(theta, support, query, lam)
+  np.testing.assert_allclose(grads["star"], g_star, rtol=1e-8)
+  np.testing.assert_allclose(grads["star_check"], g_star, rtol=1e-8)
+  xs, ys = support
+  xq, yq = query
+  h = xs.T @ xs / len(ys)
+  prox_grad = lambda p: xs.T @ (xs @ p - ys) / len(ys) + lam * (p - theta)
+  phi_k = np.asarray(theta)
+  for _ in range(3):
+    phi_k = phi_k - lr * prox_grad(phi_k)
+  g_k = np.linalg.solve(np.eye(5) + h / lam, xq.T @ (xq @ phi_k - yq) / len(yq))
+  np.testing.assert_allclose(grads["inner_part"], g_k, rtol=1e-8)
+  np.testing.assert_allclose(
+    scalars["prox_grad_rel_k"],
+    np.linalg.norm(prox_grad(phi_k)) / np.linalg.norm(prox_grad(theta)),
+    rtol=1e-8,
+  )
+  assert scalars["prox_grad_rel_star"] < 1e-8
+  assert (
+    scalars["cg_residual_ref_at_star"]
+    < 1e-8
+    < 1e-3
+    < scalars["cg_residual_run"]
+  )
+
+  batch = {k: np.asarray(v)[None] for k, v in grads.items()}
+  report = mg.batch_report(batch)
+  assert report["star_check_mean_rel_error"] < 1e-8
+  assert report["run_mean_rel_error"] > 1e-3
+  assert report["cg_part_mean_rel_error"] > 1e-3  # one CG step at phi*
+  assert report["run_mean_cosine"] < 1.0
 
 
 def test_curvature_refuses_a_non_positive_cg_count(capsys):
