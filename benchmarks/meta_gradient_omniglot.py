@@ -51,8 +51,8 @@ from jax.flatten_util import ravel_pytree
 
 import imaml_jax as im
 from imaml_jax import train
-from imaml_jax.train import checkpoint as ckpt_lib
 from imaml_jax.train import experiment as exp_lib
+from imaml_jax.train import protocols
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -70,15 +70,21 @@ def given(phi) -> im.InnerSolver:
   )
 
 
-def relative_proximal_gradient(support_loss, theta, lam, phi):
-  """``||grad G(phi)|| / ||grad G(theta)||`` for the proximal objective."""
-  objective = im.proximal_objective(support_loss, theta, None, lam)
-  grad_norm = lambda p: jnp.linalg.norm(ravel_pytree(jax.grad(objective)(p))[0])
-  return grad_norm(phi) / grad_norm(theta)
+def run_solver(config) -> im.LinearSolver:
+  """The run's CG, as its config sets it (``cg_steps``, the curvature stop)."""
+  return im.cg(
+    config.cg_steps,
+    stop_at_negative_curvature=config.cg_stop_at_negative_curvature,
+  )
 
 
 def task_numbers(config, loss, run_algorithm, theta, task, args):
-  """The five gradients of one task (flat) and its scalar diagnostics."""
+  """The five gradients of one task (flat) and its scalar diagnostics.
+
+  The run's gradient is the run's system solved at its own ``phi_K``
+  (``run_algorithm.adapt``), which is what ``run_algorithm.task_gradient``
+  computes; ``phi_K`` is run once and serves the inner loop's part too.
+  """
   support_loss = lambda p, _: loss(p, task.support)[0]
   objective = im.proximal_objective(support_loss, theta, None, config.lam)
   reference = im.gd(args.ref_inner_steps, config.inner_lr, backtrack=True)
@@ -86,39 +92,38 @@ def task_numbers(config, loss, run_algorithm, theta, task, args):
   phi_star = reference.run(objective, theta)
   phi_check = reference.run(objective, phi_star)
 
-  def gradient(phi, cg_steps):
+  def gradient(phi, solver):
     algorithm = im.imaml(
       config.lam,
       given(phi),
-      im.cg(cg_steps),
+      solver,
       damping=config.cg_damping,
       lam_damping=config.lam_damping,
     )
     g, metrics = algorithm.task_gradient(loss, theta, task)
     return ravel_pytree(g)[0], metrics
 
-  g_run, run_metrics = run_algorithm.task_gradient(loss, theta, task)
-  g_inner, inner_metrics = gradient(phi_k, args.ref_cg_steps)
-  g_cg, _ = gradient(phi_star, config.cg_steps)
-  g_star, star_metrics = gradient(phi_star, args.ref_cg_steps)
-  g_check, check_metrics = gradient(phi_check, 2 * args.ref_cg_steps)
+  def proximal_gradient_norm(phi):
+    return jnp.linalg.norm(ravel_pytree(jax.grad(objective)(phi))[0])
+
+  exact, exact_check = im.cg(args.ref_cg_steps), im.cg(2 * args.ref_cg_steps)
+  g_run, run_metrics = gradient(phi_k, run_solver(config))
+  g_inner, inner_metrics = gradient(phi_k, exact)
+  g_cg, _ = gradient(phi_star, run_solver(config))
+  g_star, star_metrics = gradient(phi_star, exact)
+  g_check, check_metrics = gradient(phi_check, exact_check)
+  at_theta = proximal_gradient_norm(theta)
   gradients = {
-    "run": ravel_pytree(g_run)[0],
+    "run": g_run,
     "inner_part": g_inner,
     "cg_part": g_cg,
     "star": g_star,
     "star_check": g_check,
   }
   scalars = {
-    "prox_grad_rel_k": relative_proximal_gradient(
-      support_loss, theta, config.lam, phi_k
-    ),
-    "prox_grad_rel_star": relative_proximal_gradient(
-      support_loss, theta, config.lam, phi_star
-    ),
-    "prox_grad_rel_check": relative_proximal_gradient(
-      support_loss, theta, config.lam, phi_check
-    ),
+    "prox_grad_rel_k": proximal_gradient_norm(phi_k) / at_theta,
+    "prox_grad_rel_star": proximal_gradient_norm(phi_star) / at_theta,
+    "prox_grad_rel_check": proximal_gradient_norm(phi_check) / at_theta,
     "cg_residual_run": run_metrics["residual"],
     "cg_residual_ref_at_k": inner_metrics["residual"],
     "cg_residual_ref_at_star": star_metrics["residual"],
@@ -157,24 +162,15 @@ def batch_report(gradients: dict) -> dict:
   return out
 
 
-def load_points(workdir, template) -> tuple[dict, str]:
-  """The run's last and (if earlier) best-validation meta-parameters."""
-  _, path = train.load_run(workdir)
-  step, tree = ckpt_lib.load(path)
-  points = {
-    f"last (step {step})": ckpt_lib.restore_into(
-      template, tree["state"]["params"], what=f"{path} params"
-    )
-  }
-  best_step = int(tree["best"]["step"])
-  if 0 <= best_step < step:
-    points = {
-      f"best (step {best_step})": ckpt_lib.restore_into(
-        template, tree["best"]["params"], what=f"{path} best params"
-      ),
-      **points,
-    }
-  return points, str(path)
+def load_points(path, config, exp) -> dict:
+  """The last and (if earlier) best-validation meta-parameters of checkpoint
+  ``path``, restored as ``imaml-eval`` restores them."""
+  step, last, best = protocols.restore_parameters(path, config, exp)
+  points = {}
+  if 0 <= int(best["step"]) < step:
+    points[f"best (step {int(best['step'])})"] = best["params"]
+  points[f"last (step {step})"] = last
+  return points
 
 
 def random_images(config) -> np.ndarray:
@@ -216,7 +212,11 @@ def main(argv=None):
   if args.batches < 1 or args.ref_inner_steps < 1 or args.ref_cg_steps < 1:
     parser.error("--batches, --ref-inner-steps and --ref-cg-steps must be >= 1")
 
-  config, _ = train.load_run(args.workdir)
+  try:
+    stored, path = train.load_run(args.workdir)
+  except train.WorkdirError as e:
+    parser.error(str(e))
+  config = stored
   if config.dataset != "omniglot" or config.algorithm != "imaml":
     parser.error(
       f"{args.workdir} is a {config.dataset} {config.algorithm} run; this "
@@ -230,7 +230,7 @@ def main(argv=None):
     data_dir = exp_lib.resolve_data_dir(config, args.data_dir)
     images = exp_lib.load_data(config, data_dir).train
   exp = exp_lib.build(config, None)
-  points, path = load_points(args.workdir, exp.init_params(jax.random.key(0)))
+  points = load_points(path, stored, exp)
   images = jnp.asarray(images)
   per_task = jax.jit(
     jax.vmap(

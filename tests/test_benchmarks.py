@@ -279,12 +279,21 @@ def test_meta_gradient_omniglot_against_closed_form(x64):
   task = collections.namedtuple("Task", "support query")(support, query)
   loss = lambda w, batch: (linreg_loss(w, batch), {"accuracy": jnp.zeros(())})
   config = types.SimpleNamespace(
-    lam=lam, inner_lr=lr, cg_steps=1, cg_damping=0.0, lam_damping=0.0
+    lam=lam,
+    inner_lr=lr,
+    cg_steps=1,
+    cg_stop_at_negative_curvature=False,
+    cg_damping=0.0,
+    lam_damping=0.0,
   )
   args = types.SimpleNamespace(ref_inner_steps=400, ref_cg_steps=5)
   run = im.imaml(lam, im.gd(3, lr), im.cg(1))
   theta = jnp.asarray(np.random.default_rng(1).normal(size=5))
   grads, scalars = mg.task_numbers(config, loss, run, theta, task, args)
+  # The run's gradient is the run's own task gradient, computed once.
+  np.testing.assert_allclose(
+    grads["run"], run.task_gradient(loss, theta, task)[0], rtol=1e-12
+  )
 
   phi_star, g_star = linreg_exact(theta, support, query, lam)
   np.testing.assert_allclose(grads["star"], g_star, rtol=1e-8)
@@ -317,6 +326,31 @@ def test_meta_gradient_omniglot_against_closed_form(x64):
   assert report["run_mean_rel_error"] > 1e-3
   assert report["cg_part_mean_rel_error"] > 1e-3  # one CG step at phi*
   assert report["run_mean_cosine"] < 1.0
+
+
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (["--batches", "0"], "must be >= 1"),
+    (["--ref-cg-steps", "0"], "must be >= 1"),
+    (["--workdir", "{tmp}/none"], "holds no run"),
+    (["--workdir", "{tmp}/sinusoid"], "is a sinusoid imaml run"),
+  ],
+)
+def test_meta_gradient_omniglot_refuses_bad_requests(
+  tmp_path, capsys, argv, message
+):
+  """Refused by name before any data is read or anything compiled."""
+  mg = import_benchmark("meta_gradient_omniglot")
+  run = tmp_path / "sinusoid"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "config.json").write_text(
+    json.dumps(config_lib.to_dict(config_lib.get_config("sinusoid")))
+  )
+  (run / "checkpoints" / "checkpoint_000000001.ckpt").write_bytes(b"")
+  with pytest.raises(SystemExit):
+    mg.main([a.format(tmp=tmp_path) for a in argv])
+  assert message in capsys.readouterr().err
 
 
 def test_curvature_refuses_a_non_positive_cg_count(capsys):
