@@ -1004,3 +1004,87 @@ def test_table2_gpu_refuses_an_unknown_cell_before_any_work(tmp_path):
   assert done.returncode == 2
   assert "unknown cell 20w1s_imaml_gd_pulback" in done.stderr
   assert not (tmp_path / "t2").exists()
+
+
+def table2_full_budget(*args, **env):
+  return subprocess.run(
+    ["bash", str(BENCHMARKS / "table2_full_budget.sh"), *args],
+    capture_output=True,
+    text=True,
+    timeout=60,
+    env={**os.environ, "PYTHON": sys.executable, **env},
+  )
+
+
+def test_table2_full_budget_dry_run_prints_each_cells_training_command(
+  tmp_path,
+):
+  """Every default cell continues its own run directory with its config;
+  the diagnostic cell ``CELL+KEY=VALUE`` changes only that field."""
+  out = tmp_path / "full"
+  done = table2_full_budget(str(out), "420", TABLE2_FULL_DRY_RUN="1")
+  assert done.returncode == 0, done.stderr
+  lines = done.stdout.splitlines()
+  assert [line.split(":")[0] for line in lines] == [
+    f"omniglot_{cell}"
+    for cell in (
+      "20w1s_imaml_gd",
+      "20w1s_maml",
+      "5w1s_imaml_hf",
+      "5w5s_imaml_gd",
+      "5w5s_maml",
+      "20w5s_imaml_gd",
+      "20w5s_maml",
+      "5w1s_imaml_gd+inner_steps=64",
+    )
+  ]
+  assert not out.exists()
+  configs = {}
+  for line in lines:
+    cell, command = line.split(": ", 1)
+    assert f"would continue benchmarks/runs_gpu_full/{cell} for " in command
+    words = command.split(": ", 1)[1].split()
+    assert words[words.index("--workdir") + 1] == str(out / cell)
+    # The slice's seconds less the time already spent in it.
+    assert 360 < int(words[words.index("--time-budget") + 1]) <= 420
+    name = words[words.index("train") + 1]
+    overrides = words[words.index("--set") + 1 :]
+    configs[cell] = config_lib.apply_overrides(
+      config_lib.get_config(name), overrides
+    )
+  for config in configs.values():
+    assert config.task_chunk == 0 and config.keep_checkpoints == 1
+  # The diagnostic is the published model's config (the registered one at
+  # the paper's budget) with 64 inner steps; the rest are the slice's
+  # logging and checkpoint settings.
+  diagnostic = configs["omniglot_5w1s_imaml_gd+inner_steps=64"]
+  registered = config_lib.get_config("omniglot_5w1s_imaml_gd")
+  assert diagnostic.inner_steps == 64 and registered.inner_steps == 16
+  assert (diagnostic.meta_steps, diagnostic.meta_batch) == (20000, 32)
+  assert set(config_lib.differences(diagnostic, registered)) <= {
+    "inner_steps",
+    "log_every",
+    "val_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "task_chunk",
+    "log_residual",
+  }
+
+
+@pytest.mark.parametrize(
+  ("cell", "message"),
+  [
+    ("5w1s_imaml_gx", "unknown config 'omniglot_5w1s_imaml_gx'"),
+    ("5w1s_imaml_gd+inner_stepz=64", "unknown config field 'inner_stepz'"),
+    ("5w1s_imaml_gd+inner_steps=0", "inner_steps must be >= 1"),
+  ],
+)
+def test_table2_full_budget_refuses_a_bad_cell_before_any_work(
+  tmp_path, cell, message
+):
+  out = tmp_path / "full"
+  done = table2_full_budget(str(out), "420", "20w1s_imaml_gd", cell)
+  assert done.returncode == 2
+  assert f"cell {cell}: " in done.stderr and message in done.stderr
+  assert not out.exists()
