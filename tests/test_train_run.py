@@ -238,6 +238,78 @@ def test_finished_run_is_not_retrained_and_eval_matches(
   assert again["test"] == results["test"]
 
 
+class _CountingEvaluator:
+  """Scores parameters ``p`` as ``p`` on every task; counts the tests."""
+
+  def __init__(self):
+    self.tested = []
+
+  def __call__(self, params, images, n_tasks, seed):
+    self.tested.append(params)
+    return {"accuracy_after": np.full(n_tasks, float(params))}
+
+  def fingerprints(self, images, n_tasks, seed, counts):
+    return {m: f"tasks{m}" for m in (*counts, n_tasks)}
+
+
+@pytest.mark.parametrize(
+  ("best_step", "test_last", "tested", "last_mean"),
+  [
+    (2, True, [0.9, 0.5], 0.5),  # An earlier best: both tested.
+    (2, False, [0.9], None),  # --skip-last: the best alone.
+    (4, False, [0.5], 0.5),  # Best at the last step: one test, both.
+    (-1, False, [0.5], 0.5),  # No validation: the last parameters.
+  ],
+)
+def test_final_test_skips_the_last_parameters_only_when_asked(
+  best_step, test_last, tested, last_mean
+):
+  evaluator = _CountingEvaluator()
+  best = {"params": 0.9 if best_step < 4 else 0.5, "step": best_step}
+  outcome = evaluation.final_test(
+    evaluator,
+    None,
+    5,
+    0,
+    last_params=0.5,
+    step=4,
+    best=best,
+    test_last=test_last,
+  )
+  assert evaluator.tested == tested
+  assert outcome.test["accuracy_after"]["mean"] == tested[0]
+  assert outcome.params == tested[0]
+  if last_mean is None:
+    assert outcome.test_last is None
+  else:
+    assert outcome.test_last["accuracy_after"]["mean"] == last_mean
+  assert outcome.test_params == ("last" if best_step < 0 else "best_validation")
+  assert outcome.test_per_task["values"] == [tested[0]] * 5
+
+
+def test_eval_skip_last_tests_the_reported_parameters_alone(tmp_path):
+  """A run whose best validation (step 1) comes before its last step (2):
+  a meta learning rate of 1e-30 leaves the parameters, and so every
+  validation score, unchanged, and only a better score replaces the best.
+  imaml-eval --skip-last reports the same test and leaves out the last
+  parameters'; without it both are tested."""
+  workdir = tmp_path / "run"
+  assert _train(workdir, "meta_steps=2", "val_every=1", "meta_lr=1e-30") == 0
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["best_validation"]["step"] == 1
+  assert results["test_last"] is not None
+  assert cli.eval_main(["--workdir", str(workdir), "--skip-last"]) == 0
+  skipped = json.loads((workdir / "eval.json").read_text())
+  assert skipped["test_params"] == "best_validation"
+  assert skipped["test"] == results["test"]
+  assert skipped["test_per_task"] == results["test_per_task"]
+  assert skipped["test_last"] is None
+  assert cli.eval_main(["--workdir", str(workdir)]) == 0
+  both = json.loads((workdir / "eval.json").read_text())
+  assert both["test"] == results["test"]
+  assert both["test_last"] == results["test_last"]
+
+
 def test_eval_shows_its_progress_unless_asked_not_to(
   reference_run, tmp_path, capsys
 ):

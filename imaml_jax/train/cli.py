@@ -9,7 +9,7 @@ Usage::
   imaml-train --list
   imaml-eval --workdir DIR [--data-dir DIR] [--tasks N] [--set key=value ...]
              [--split test|val|train|authors_test]
-             [--protocol ours|paper|authors]
+             [--protocol ours|paper|authors] [--skip-last]
   python -m imaml_jax train ...   # same as imaml-train
   python -m imaml_jax eval ...    # same as imaml-eval
 
@@ -319,6 +319,13 @@ def eval_parser(prog: str = "imaml-eval") -> argparse.ArgumentParser:
     "and best-validation parameters; the result goes "
     "to eval_protocol=paper.json",
   )
+  parser.add_argument(
+    "--skip-last",
+    action="store_true",
+    help="test only the reported parameters: where the best "
+    "validation came before the last step, do not test the last "
+    "parameters too (half the time; test_last is then null)",
+  )
   return parser
 
 
@@ -388,6 +395,7 @@ def eval_main(
       split=args.split,
       protocol=args.protocol,
       progress=not args.no_progress,
+      test_last=not args.skip_last,
     )
   except _INPUT_ERRORS as e:
     _fail(prog, str(e), EXIT_BAD_INPUT)

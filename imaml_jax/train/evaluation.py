@@ -7,7 +7,8 @@ validation score (:func:`score_key`: highest accuracy, or lowest query loss
 where the loss has no accuracy, e.g. the sinusoid MSE) are kept. The final
 test (:func:`final_test`, the same for ``imaml-train`` and ``imaml-eval``)
 reports these best-validation parameters first (``results["test"]``) and the
-last parameters too (``results["test_last"]``).
+last parameters too (``results["test_last"]``; ``imaml-eval --skip-last``
+leaves them out where they differ, which halves a long test).
 
 Test statistics (:func:`summarize`): mean over tasks and the 95% interval
 half-width ``1.96 * std / sqrt(n)`` with the population standard deviation
@@ -230,14 +231,15 @@ class FinalTest(NamedTuple):
 
   Attributes:
     test: summaries (:func:`summarize`) of the reported parameters.
-    test_last: summaries of the last parameters.
+    test_last: summaries of the last parameters, or ``None`` where they
+      were not tested (``test_last=False``).
     test_per_task: :func:`per_task_record` of the reported test.
     test_params: ``"best_validation"`` or ``"last"``: what ``test`` reports.
     params: the parameters ``test`` was measured on.
   """
 
   test: dict
-  test_last: dict
+  test_last: dict | None
   test_per_task: dict
   test_params: str
   params: Any
@@ -252,12 +254,15 @@ def final_test(
   last_params,
   step: int,
   best: dict | None,
+  test_last: bool = True,
 ) -> FinalTest:
   """Tests the last parameters and, if given, the best-validation ones.
 
   The best-validation parameters are tested only when they come from
   before the last step (otherwise they are the last ones); the reported
-  test is theirs whenever a validation took place.
+  test is theirs whenever a validation took place. ``test_last=False``
+  then leaves the last parameters untested, which halves the time of a
+  test whose best validation came before the last step.
 
   Args:
     evaluator: the evaluator of the run's experiment.
@@ -268,16 +273,21 @@ def final_test(
     step: the last step.
     best: ``{"params", "step", ...}`` of the best validation (``step`` -1
       if there was none), or ``None`` to report the last parameters.
+    test_last: also test the last parameters where the best-validation
+      ones are reported and differ from them.
 
   Returns:
     A :class:`FinalTest`.
   """
   use_best = best is not None and int(best["step"]) >= 0
-  test_last = evaluator(last_params, images, n_tasks, seed)
-  test, params = test_last, last_params
-  if use_best and int(best["step"]) < step:
+  earlier_best = use_best and int(best["step"]) < step
+  if earlier_best:
     params = best["params"]
     test = evaluator(params, images, n_tasks, seed)
+    last = evaluator(last_params, images, n_tasks, seed) if test_last else None
+  else:
+    params = last_params
+    test = last = evaluator(params, images, n_tasks, seed)
   digests = evaluator.fingerprints(images, n_tasks, seed, PREFIX_TASK_COUNTS)
   test_per_task = per_task_record(
     test,
@@ -286,7 +296,7 @@ def final_test(
   )
   return FinalTest(
     summarize(test),
-    summarize(test_last),
+    None if last is None else summarize(last),
     test_per_task,
     "best_validation" if use_best else "last",
     params,

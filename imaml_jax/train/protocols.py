@@ -290,6 +290,7 @@ def evaluate_workdir(
   protocol: str = "ours",
   log: Callable[[str], None] = print,
   progress: bool = False,
+  test_last: bool = True,
 ) -> dict:
   """Tests a run's checkpoint under an evaluation protocol.
 
@@ -333,6 +334,10 @@ def evaluate_workdir(
   names the protocol and its settings. ``progress`` shows a bar of the
   tested tasks on standard error (``imaml-eval`` does, unless
   ``--no-progress``): a test of thousands of tasks can take an hour.
+  ``test_last=False`` (``imaml-eval --skip-last``) tests only the reported
+  parameters: where the best validation came before the last step the
+  last parameters are not tested too, which halves the time, and
+  ``test_last`` is ``None``.
 
   Raises:
     ConfigError: an unknown protocol or split, a split the protocol does
@@ -362,6 +367,7 @@ def evaluate_workdir(
     last_params=last_params,
     step=step,
     best=None if protocol == "authors" else best,
+    test_last=test_last,
   )
   results = {
     "checkpoint": str(latest),
