@@ -364,7 +364,10 @@ def shared_tasks(a: dict | None, b: dict | None) -> int | None:
   Equal fingerprints share every task. A record on more tasks shares its
   first ``m`` with one on ``m`` tasks when its ``prefix_sha256[m]`` (the
   fingerprint of its first ``m`` tasks as it drew them) is the other's
-  fingerprint. The metric must be the same.
+  fingerprint. Otherwise two records share their first ``m`` tasks for
+  the largest ``m`` at which both recorded the same prefix fingerprint
+  (tests on 9,000 and 21,000 tasks pair over the first 6,000). The metric
+  must be the same.
 
   Example:
     >>> r = lambda n, d, **k: {"metric": "accuracy_after",
@@ -373,15 +376,27 @@ def shared_tasks(a: dict | None, b: dict | None) -> int | None:
     (2, None)
     >>> shared_tasks(r(3, "z", prefix_sha256={"2": "x"}), r(2, "x"))
     2
+    >>> shared_tasks(r(5, "u", prefix_sha256={"1": "w", "2": "x"}),
+    ...              r(4, "v", prefix_sha256={"1": "w", "2": "x"}))
+    2
   """
   if not a or not b or a.get("metric") != b.get("metric"):
     return None
   short, long = sorted((a, b), key=lambda r: len(r["values"]))
   n = len(short["values"])
-  if len(long["values"]) == n:
-    return n if a.get("tasks_sha256") == b.get("tasks_sha256") else None
-  prefix = long.get("prefix_sha256", {}).get(str(n))
-  return n if prefix is not None and prefix == short["tasks_sha256"] else None
+  digest = short.get("tasks_sha256")
+  if digest is not None and digest in (
+    long.get("tasks_sha256"),
+    long.get("prefix_sha256", {}).get(str(n)),
+  ):
+    return n
+  long_prefixes = long.get("prefix_sha256", {})
+  common = [
+    int(m)
+    for m, digest in short.get("prefix_sha256", {}).items()
+    if int(m) < n and long_prefixes.get(m) == digest
+  ]
+  return max(common, default=None)
 
 
 def _paired(a: dict | None, b: dict | None) -> tuple[float, float, int] | None:

@@ -801,6 +801,37 @@ def test_tables_pair_a_test_with_the_first_tasks_of_a_longer_one():
   )
 
 
+def test_tables_pair_two_longer_tests_over_their_common_first_tasks():
+  """Tests on 9,000 and 21,000 tasks (neither count a recorded prefix of
+  the other) pair over the largest prefix both fingerprinted alike."""
+  tables = import_tables()
+  rng = np.random.default_rng(2)
+  a, b = rng.uniform(0.6, 1.0, 9000), rng.uniform(0.6, 1.0, 21000)
+
+  def record(values, digest, prefixes):
+    return {
+      "metric": "accuracy_after",
+      "values": list(values),
+      "tasks_sha256": digest,
+      "prefix_sha256": prefixes,
+    }
+
+  shared = {"600": "p600", "3000": "p3000", "6000": "p6000"}
+  nine = record(a, "all 9000", shared)
+  many = record(b, "all 21000", shared)
+  assert tables.shared_tasks(nine, many) == tables.shared_tasks(many, nine)
+  assert tables.shared_tasks(nine, many) == 6000
+  mean, half = tables.paired_difference(nine, many)
+  diff = 100 * (a[:6000] - b[:6000])
+  assert mean == pytest.approx(np.mean(diff))
+  assert half == pytest.approx(1.96 * np.std(diff) / np.sqrt(6000))
+  # The largest prefix that agrees; none when none does.
+  other = record(b, "all 21000", {**shared, "6000": "elsewhere"})
+  assert tables.shared_tasks(nine, other) == 3000
+  apart = record(b, "x", {m: "y" + m for m in shared})
+  assert tables.shared_tasks(nine, apart) is None
+
+
 def test_tables_mark_and_leave_out_a_test_older_than_its_run():
   """An authors'-protocol test made before the run went on is shown with its
   step and kept out of the ordering (it measured other parameters)."""
