@@ -70,14 +70,6 @@ def given(phi) -> im.InnerSolver:
   )
 
 
-def run_solver(config) -> im.LinearSolver:
-  """The run's CG, as its config sets it (``cg_steps``, the curvature stop)."""
-  return im.cg(
-    config.cg_steps,
-    stop_at_negative_curvature=config.cg_stop_at_negative_curvature,
-  )
-
-
 def task_numbers(config, loss, run_algorithm, theta, task, args):
   """The five gradients of one task (flat) and its scalar diagnostics.
 
@@ -106,10 +98,11 @@ def task_numbers(config, loss, run_algorithm, theta, task, args):
   def proximal_gradient_norm(phi):
     return jnp.linalg.norm(ravel_pytree(jax.grad(objective)(phi))[0])
 
+  runs_cg = exp_lib.linear_solver(config)
   exact, exact_check = im.cg(args.ref_cg_steps), im.cg(2 * args.ref_cg_steps)
-  g_run, run_metrics = gradient(phi_k, run_solver(config))
+  g_run, run_metrics = gradient(phi_k, runs_cg)
   g_inner, inner_metrics = gradient(phi_k, exact)
-  g_cg, _ = gradient(phi_star, run_solver(config))
+  g_cg, _ = gradient(phi_star, runs_cg)
   g_star, star_metrics = gradient(phi_star, exact)
   g_check, check_metrics = gradient(phi_check, exact_check)
   at_theta = proximal_gradient_norm(theta)

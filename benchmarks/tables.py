@@ -357,17 +357,26 @@ def omniglot_table(by_key: dict, prefix: str) -> list[str]:
 CLAIMS = (("imaml_hf", "imaml_gd"), ("imaml_gd", "maml"))
 
 
+def _fingerprints(record: dict) -> dict[int, str]:
+  """``{m: fingerprint of the record's first m tasks}``: its recorded
+  prefixes and, at its own task count, its whole task set."""
+  prints = {int(m): d for m, d in record.get("prefix_sha256", {}).items()}
+  if record.get("tasks_sha256") is not None:
+    prints[len(record["values"])] = record["tasks_sha256"]
+  return prints
+
+
 def shared_tasks(a: dict | None, b: dict | None) -> int | None:
   """How many tasks two per-task records were both tested on, first ones
   first, or ``None`` if none are known to be shared.
 
-  Equal fingerprints share every task. A record on more tasks shares its
-  first ``m`` with one on ``m`` tasks when its ``prefix_sha256[m]`` (the
-  fingerprint of its first ``m`` tasks as it drew them) is the other's
-  fingerprint. Otherwise two records share their first ``m`` tasks for
-  the largest ``m`` at which both recorded the same prefix fingerprint
-  (tests on 9,000 and 21,000 tasks pair over the first 6,000). The metric
-  must be the same.
+  Each record fingerprints its whole task set (``tasks_sha256``) and its
+  first ``m`` tasks for a few counts ``m`` (``prefix_sha256``, as it drew
+  them). Two records share their first ``m`` tasks for the largest ``m``
+  that both fingerprinted alike: all of them at equal fingerprints, the
+  shorter one's when the longer one's prefix of that length is its
+  fingerprint, otherwise a common prefix (tests on 9,000 and 21,000 tasks
+  pair over the first 6,000). The metric must be the same.
 
   Example:
     >>> r = lambda n, d, **k: {"metric": "accuracy_after",
@@ -382,21 +391,9 @@ def shared_tasks(a: dict | None, b: dict | None) -> int | None:
   """
   if not a or not b or a.get("metric") != b.get("metric"):
     return None
-  short, long = sorted((a, b), key=lambda r: len(r["values"]))
-  n = len(short["values"])
-  digest = short.get("tasks_sha256")
-  if digest is not None and digest in (
-    long.get("tasks_sha256"),
-    long.get("prefix_sha256", {}).get(str(n)),
-  ):
-    return n
-  long_prefixes = long.get("prefix_sha256", {})
-  common = [
-    int(m)
-    for m, digest in short.get("prefix_sha256", {}).items()
-    if int(m) < n and long_prefixes.get(m) == digest
-  ]
-  return max(common, default=None)
+  theirs = _fingerprints(b)
+  shared = [m for m, d in _fingerprints(a).items() if theirs.get(m) == d]
+  return max(shared, default=None)
 
 
 def _paired(a: dict | None, b: dict | None) -> tuple[float, float, int] | None:

@@ -832,6 +832,27 @@ def test_tables_pair_two_longer_tests_over_their_common_first_tasks():
   assert tables.shared_tasks(nine, apart) is None
 
 
+def test_tables_eval_tests_only_the_reported_parameters(monkeypatch, tmp_path):
+  """``tables.py --eval`` runs ``imaml-eval --skip-last`` on each run whose
+  result is missing, with the protocol and task count asked for."""
+  tables = import_tables()
+  calls = []
+  monkeypatch.setattr(tables.cli, "eval_main", calls.append)
+  row = {
+    "benchmark": "omniglot",
+    "accuracy": 97.0,
+    "config": "omniglot_5w1s_imaml_gd",
+    "meta_steps": 10,
+  }
+  tables.eval_protocols(tmp_path, [row], None, ["paper", "ours"], 3000)
+  assert len(calls) == 2
+  for argv, protocol in zip(calls, ("paper", "ours")):
+    args = cli.eval_parser().parse_args(argv)
+    assert args.skip_last and args.protocol == protocol
+    assert args.tasks == 3000
+    assert args.workdir == str(tmp_path / "omniglot_5w1s_imaml_gd")
+
+
 def test_tables_mark_and_leave_out_a_test_older_than_its_run():
   """An authors'-protocol test made before the run went on is shown with its
   step and kept out of the ordering (it measured other parameters)."""
@@ -987,14 +1008,20 @@ def test_compare_runs_draws_every_run_past_forty(tmp_path, monkeypatch):
   assert drawn == [45]
 
 
-def table2_gpu(*args, **env):
+def run_shell_script(script, *args, **env):
+  """``bash benchmarks/SCRIPT ARGS`` with ``env`` added, this Python as its
+  ``PYTHON``; the completed process."""
   return subprocess.run(
-    ["bash", str(BENCHMARKS / "table2_gpu.sh"), *args],
+    ["bash", str(BENCHMARKS / script), *args],
     capture_output=True,
     text=True,
     timeout=60,
-    env={**os.environ, **env},
+    env={**os.environ, "PYTHON": sys.executable, **env},
   )
+
+
+def table2_gpu(*args, **env):
+  return run_shell_script("table2_gpu.sh", *args, **env)
 
 
 def test_table2_gpu_variant_cells_train_their_config_with_their_overrides(
@@ -1038,13 +1065,7 @@ def test_table2_gpu_refuses_an_unknown_cell_before_any_work(tmp_path):
 
 
 def table2_full_budget(*args, **env):
-  return subprocess.run(
-    ["bash", str(BENCHMARKS / "table2_full_budget.sh"), *args],
-    capture_output=True,
-    text=True,
-    timeout=60,
-    env={**os.environ, "PYTHON": sys.executable, **env},
-  )
+  return run_shell_script("table2_full_budget.sh", *args, **env)
 
 
 def test_table2_full_budget_dry_run_prints_each_cells_training_command(
@@ -1085,14 +1106,16 @@ def test_table2_full_budget_dry_run_prints_each_cells_training_command(
     )
   for config in configs.values():
     assert config.task_chunk == 0 and config.keep_checkpoints == 1
-  # The diagnostic is the published model's config (the registered one at
-  # the paper's budget) with 64 inner steps; the rest are the slice's
-  # logging and checkpoint settings.
+  # The diagnostic is the published model's config (as its run stored it)
+  # with 64 inner steps; the rest are the slice's logging and checkpoint
+  # settings.
   diagnostic = configs["omniglot_5w1s_imaml_gd+inner_steps=64"]
-  registered = config_lib.get_config("omniglot_5w1s_imaml_gd")
-  assert diagnostic.inner_steps == 64 and registered.inner_steps == 16
+  published = config_lib.from_dict(
+    json.loads((STABILITY_RUN / "config.json").read_text())
+  )
+  assert diagnostic.inner_steps == 64 and published.inner_steps == 16
   assert (diagnostic.meta_steps, diagnostic.meta_batch) == (20000, 32)
-  assert set(config_lib.differences(diagnostic, registered)) <= {
+  assert set(config_lib.differences(diagnostic, published)) <= {
     "inner_steps",
     "log_every",
     "val_every",

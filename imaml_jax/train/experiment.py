@@ -113,6 +113,15 @@ def inner_solver(config: config_lib.Config, steps: int) -> im.InnerSolver:
   return im.hessian_free(steps, config.hf_cg_steps)
 
 
+def linear_solver(config: config_lib.Config) -> im.LinearSolver:
+  """iMAML's solver of the implicit system: CG with ``cg_steps`` steps,
+  stopping at negative curvature if ``cg_stop_at_negative_curvature``."""
+  return im.cg(
+    config.cg_steps,
+    stop_at_negative_curvature=config.cg_stop_at_negative_curvature,
+  )
+
+
 def algorithm(
   config: config_lib.Config, *, evaluation: bool = False
 ) -> im.MetaAlgorithm:
@@ -125,10 +134,7 @@ def algorithm(
     return im.imaml(
       config.lam,
       inner,
-      im.cg(
-        config.cg_steps,
-        stop_at_negative_curvature=config.cg_stop_at_negative_curvature,
-      ),
+      linear_solver(config),
       damping=config.cg_damping,
       lam_damping=config.lam_damping,
     )
