@@ -624,11 +624,28 @@ def needs_eval(row: dict, prefix: str, tasks: int | None) -> bool:
   return tasks is not None and row[prefix + "test_tasks"] < tasks
 
 
+def can_extend(row: dict, prefix: str) -> bool:
+  """Whether a run's recorded test under a protocol is of its last step and
+  has per-task scores, so that ``imaml-eval --extend`` tests only the tasks
+  it lacks.
+
+  Example:
+    >>> row = {"meta_steps": 10, "authors_step": 10, "authors_per_task": {}}
+    >>> can_extend(row, "authors_"), can_extend({**row, "meta_steps": 20}, "authors_")
+    (True, False)
+  """
+  current = not prefix or row.get(prefix + "step") == row["meta_steps"]
+  return current and prefix + "per_task" in row
+
+
 def eval_protocols(
   runs: Path, rows: list[dict], data_dir, protocols, tasks: int | None
 ) -> None:
   """Tests every Omniglot run under each of ``protocols`` where
-  :func:`needs_eval` says so, on ``tasks`` tasks (the config's if ``None``)."""
+  :func:`needs_eval` says so, on ``tasks`` tasks (the config's if ``None``).
+
+  A current test on fewer tasks is extended (:func:`can_extend`); where
+  ``imaml-eval`` refuses to extend it, every task is tested."""
   prefixes = {name: prefix for prefix, name, _ in PROTOCOLS}
   for name in protocols:
     for row in rows:
@@ -640,7 +657,17 @@ def eval_protocols(
       print(f"testing {workdir} under protocol {name}", flush=True)
       extra = [] if tasks is None else ["--tasks", str(tasks)]
       # The tables read the reported test alone.
-      run_eval(workdir, data_dir, "--protocol", name, "--skip-last", *extra)
+      args = ["--protocol", name, "--skip-last", *extra]
+      if not can_extend(row, prefixes[name]):
+        run_eval(workdir, data_dir, *args)
+        continue
+      try:
+        run_eval(workdir, data_dir, *args, "--extend")
+      except SystemExit as e:
+        if e.code != 2:
+          raise
+        print(f"testing every task of {workdir} again", flush=True)
+        run_eval(workdir, data_dir, *args)
 
 
 def run_eval(workdir: Path, data_dir, *args: str) -> None:

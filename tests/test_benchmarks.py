@@ -851,6 +851,46 @@ def test_tables_eval_tests_only_the_reported_parameters(monkeypatch, tmp_path):
     assert args.skip_last and args.protocol == protocol
     assert args.tasks == 3000
     assert args.workdir == str(tmp_path / "omniglot_5w1s_imaml_gd")
+    assert not args.extend  # Nothing recorded to extend.
+
+
+def test_tables_eval_extends_a_current_test_on_fewer_tasks(
+  monkeypatch, tmp_path, capsys
+):
+  """A recorded test of the run's last step on 600 tasks is extended to
+  3,000 (``imaml-eval --extend``); a refused extension (exit 2) is followed
+  by a test of every task; a test of an earlier step is not extended."""
+  tables = import_tables()
+  calls = []
+
+  def eval_main(argv):
+    calls.append(cli.eval_parser().parse_args(argv))
+    if calls[-1].extend and refuse:
+      raise SystemExit(2)
+
+  monkeypatch.setattr(tables.cli, "eval_main", eval_main)
+  row = {
+    "benchmark": "omniglot",
+    "accuracy": 97.0,
+    "config": "omniglot_5w1s_imaml_gd",
+    "meta_steps": 10,
+    "measured_paper_step": 10,
+    "measured_paper_per_task": {},
+    "measured_paper_test_tasks": 600,
+  }
+  refuse = False
+  tables.eval_protocols(tmp_path, [row], None, ["paper"], 3000)
+  assert [(a.extend, a.tasks) for a in calls] == [(True, 3000)]
+  calls.clear()
+  refuse = True
+  tables.eval_protocols(tmp_path, [row], None, ["paper"], 3000)
+  assert [a.extend for a in calls] == [True, False]
+  assert "testing every task" in capsys.readouterr().out
+  calls.clear()
+  tables.eval_protocols(
+    tmp_path, [{**row, "measured_paper_step": 5}], None, ["paper"], 3000
+  )
+  assert [a.extend for a in calls] == [False]
 
 
 def test_tables_mark_and_leave_out_a_test_older_than_its_run():

@@ -244,9 +244,9 @@ class _CountingEvaluator:
   def __init__(self):
     self.tested = []
 
-  def __call__(self, params, images, n_tasks, seed):
+  def __call__(self, params, images, n_tasks, seed, start=0):
     self.tested.append(params)
-    return {"accuracy_after": np.full(n_tasks, float(params))}
+    return {"accuracy_after": np.full(n_tasks - start, float(params))}
 
   def fingerprints(self, images, n_tasks, seed, counts):
     return {m: f"tasks{m}" for m in (*counts, n_tasks)}
@@ -287,14 +287,23 @@ def test_final_test_skips_the_last_parameters_only_when_asked(
   assert outcome.test_per_task["values"] == [tested[0]] * 5
 
 
-def test_eval_skip_last_tests_the_reported_parameters_alone(tmp_path):
+@pytest.fixture(scope="module")
+def earlier_best_run(compile_cache, tmp_path_factory):
   """A run whose best validation (step 1) comes before its last step (2):
   a meta learning rate of 1e-30 leaves the parameters, and so every
-  validation score, unchanged, and only a better score replaces the best.
-  imaml-eval --skip-last reports the same test and leaves out the last
+  validation score, unchanged, and only a better score replaces the best."""
+  workdir = tmp_path_factory.mktemp("earlier_best") / "run"
+  assert _train(workdir, "meta_steps=2", "val_every=1", "meta_lr=1e-30") == 0
+  return workdir
+
+
+def test_eval_skip_last_tests_the_reported_parameters_alone(
+  earlier_best_run, tmp_path
+):
+  """imaml-eval --skip-last reports the same test and leaves out the last
   parameters'; without it both are tested."""
   workdir = tmp_path / "run"
-  assert _train(workdir, "meta_steps=2", "val_every=1", "meta_lr=1e-30") == 0
+  shutil.copytree(earlier_best_run, workdir)
   results = json.loads((workdir / "results.json").read_text())
   assert results["best_validation"]["step"] == 1
   assert results["test_last"] is not None
@@ -308,6 +317,165 @@ def test_eval_skip_last_tests_the_reported_parameters_alone(tmp_path):
   both = json.loads((workdir / "eval.json").read_text())
   assert both["test"] == results["test"]
   assert both["test_last"] == results["test_last"]
+
+
+def test_pooled_summaries_are_those_of_the_joined_tasks():
+  """pool_summaries of two parts equals summarize of their concatenation."""
+  rng = np.random.default_rng(0)
+  a = {"accuracy_after": rng.random(7), "loss_after": rng.normal(3, 2, 7)}
+  b = {"accuracy_after": rng.random(12), "loss_after": rng.normal(0, 1, 12)}
+  joined = {k: np.concatenate([a[k], b[k]]) for k in a}
+  pooled = evaluation.pool_summaries(
+    evaluation.summarize(a), evaluation.summarize(b)
+  )
+  expected = evaluation.summarize(joined)
+  for key, stats in expected.items():
+    assert pooled[key]["n"] == stats["n"] == 19
+    for name in ("mean", "std", "ci95"):
+      assert pooled[key][name] == pytest.approx(stats[name], rel=1e-12)
+  with pytest.raises(ValueError, match="metrics"):
+    evaluation.pool_summaries(
+      evaluation.summarize(a),
+      evaluation.summarize({"loss_after": b["loss_after"]}),
+    )
+
+
+def test_final_test_extends_a_recorded_test_of_the_reported_parameters():
+  """With --skip-last the recorded best-validation test is extended alone;
+  the pooled mean is that of the recorded and the new tasks together."""
+  evaluator = _CountingEvaluator()
+  recorded = {
+    "test": evaluation.summarize({"accuracy_after": np.full(2, 0.6)}),
+    "test_last": None,
+    "test_per_task": {"values": [0.6, 0.6], "tasks_sha256": "tasks2"},
+  }
+  outcome = evaluation.final_test(
+    evaluator,
+    None,
+    5,
+    0,
+    last_params=0.5,
+    step=4,
+    best={"params": 0.9, "step": 2},
+    test_last=False,
+    recorded=recorded,
+  )
+  assert evaluator.tested == [0.9]
+  assert outcome.test_last is None
+  assert outcome.test["accuracy_after"]["mean"] == pytest.approx(
+    (2 * 0.6 + 3 * 0.9) / 5
+  )
+  assert outcome.test_per_task["values"] == [0.6, 0.6, 0.9, 0.9, 0.9]
+  assert outcome.test_per_task["prefix_sha256"]["2"] == "tasks2"
+
+
+def _eval(workdir, *args):
+  return cli.eval_main(["--workdir", str(workdir), "--no-progress", *args])
+
+
+def test_eval_extend_tests_only_the_new_tasks(earlier_best_run, tmp_path):
+  """imaml-eval --extend grows a 10-task test to 50 by testing the 40 new
+  tasks alone (from the middle of the first chunk of 20): the result is
+  that of testing all 50 from scratch (the same per-task scores and
+  fingerprint, summaries equal up to rounding)."""
+  fresh, grown = tmp_path / "fresh", tmp_path / "grown"
+  shutil.copytree(earlier_best_run, fresh)
+  shutil.copytree(earlier_best_run, grown)
+  assert _eval(fresh, "--tasks", "50") == 0
+  expected = json.loads((fresh / "eval.json").read_text())
+  assert _eval(grown, "--tasks", "10") == 0
+  tested = []
+  original = evaluation.Evaluator.__call__
+
+  def counting(self, params, images, n_tasks, seed, start=0):
+    tested.append((n_tasks, start))
+    return original(self, params, images, n_tasks, seed, start=start)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(evaluation.Evaluator, "__call__", counting)
+    assert _eval(grown, "--tasks", "50", "--extend") == 0
+  # The best and the last parameters, each on the 40 new tasks alone.
+  assert tested == [(50, 10), (50, 10)]
+  result = json.loads((grown / "eval.json").read_text())
+  assert result["extended_from"] == 10
+  assert result["test_per_task"]["values"] == pytest.approx(
+    expected["test_per_task"]["values"], abs=2e-6
+  )
+  assert (
+    result["test_per_task"]["tasks_sha256"]
+    == (expected["test_per_task"]["tasks_sha256"])
+  )
+  assert result["test_per_task"]["prefix_sha256"]["10"]
+  for key in ("test", "test_last"):
+    for metric, stats in expected[key].items():
+      assert result[key][metric]["n"] == 50
+      for name in ("mean", "std", "ci95"):
+        assert result[key][metric][name] == pytest.approx(
+          stats[name], rel=1e-5, abs=1e-6
+        ), (key, metric, name)
+  # Asking again for as many tasks tests none and changes no number.
+  tested.clear()
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(evaluation.Evaluator, "__call__", counting)
+    assert _eval(grown, "--tasks", "50", "--extend") == 0
+  assert tested == []
+  again = json.loads((grown / "eval.json").read_text())
+  assert again["test"] == result["test"]
+  assert again["test_per_task"]["values"] == result["test_per_task"]["values"]
+
+
+def test_eval_extend_without_a_recorded_test_tests_every_task(
+  reference_run, tmp_path, capsys
+):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_run, workdir)
+  assert _eval(workdir, "--set", "q_query=3", "--extend") == 0
+  assert "no recorded eval_q_query=3.json to extend" in capsys.readouterr().out
+  result = json.loads((workdir / "eval_q_query=3.json").read_text())
+  assert result["test"]["loss_after"]["n"] == 20
+  assert "extended_from" not in result
+
+
+@pytest.mark.parametrize(
+  ("change", "args", "message"),
+  [
+    (lambda r: r.update(step=7), (), "its step is 7, this test's is 2"),
+    (
+      lambda r: r["protocol"].update(q_query=5),
+      (),
+      "its protocol is",
+    ),
+    (
+      lambda r: r["test_per_task"].update(tasks_sha256="0" * 64),
+      (),
+      "the recorded test's 20 tasks are not the first 20",
+    ),
+    (lambda r: None, ("--tasks", "10"), "has 20 tasks, more than the 10"),
+    (
+      lambda r: r.update(test_last=None),
+      (),
+      "left out the last parameters (--skip-last)",
+    ),
+    (lambda r: r.pop("test_per_task"), (), "records no per-task scores"),
+  ],
+)
+def test_eval_extend_refuses_a_recorded_test_of_something_else(
+  earlier_best_run, tmp_path, capsys, change, args, message
+):
+  """Each mismatch is named, with exit code 2, and the recorded file is
+  left as it was."""
+  workdir = tmp_path / "run"
+  shutil.copytree(earlier_best_run, workdir)
+  assert _eval(workdir) == 0
+  recorded = json.loads((workdir / "eval.json").read_text())
+  change(recorded)
+  text = json.dumps(recorded)
+  (workdir / "eval.json").write_text(text)
+  with pytest.raises(SystemExit) as info:
+    _eval(workdir, "--tasks", "30", "--extend", *args)
+  assert info.value.code == 2
+  assert message in capsys.readouterr().err
+  assert (workdir / "eval.json").read_text() == text
 
 
 def test_eval_shows_its_progress_unless_asked_not_to(

@@ -18,6 +18,8 @@ from imaml_jax.train.config import ConfigError
 from imaml_jax.train.config import apply_overrides
 from imaml_jax.train.config import config_names
 from imaml_jax.train.config import get_config
+from imaml_jax.train.evaluation import RecordedTestError
+from imaml_jax.train.evaluation import pool_summaries
 from imaml_jax.train.evaluation import summarize
 from imaml_jax.train.experiment import DataError
 from imaml_jax.train.periodic import TrainingDiverged
@@ -40,6 +42,7 @@ __all__ = [
   "ConfigError",
   "DataError",
   "DeviceError",
+  "RecordedTestError",
   "TrainingDiverged",
   "WorkdirError",
   "apply_overrides",
@@ -52,6 +55,7 @@ __all__ = [
   "make_mesh",
   "make_train_step",
   "metric_shapes",
+  "pool_summaries",
   "summarize",
   "train_and_evaluate",
 ]

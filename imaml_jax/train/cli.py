@@ -9,7 +9,7 @@ Usage::
   imaml-train --list
   imaml-eval --workdir DIR [--data-dir DIR] [--tasks N] [--set key=value ...]
              [--split test|val|train|authors_test]
-             [--protocol ours|paper|authors] [--skip-last]
+             [--protocol ours|paper|authors] [--skip-last] [--extend]
   python -m imaml_jax train ...   # same as imaml-train
   python -m imaml_jax eval ...    # same as imaml-eval
 
@@ -48,6 +48,7 @@ from collections.abc import Sequence
 import imaml_jax as im
 from imaml_jax.train import checkpoint as ckpt_lib
 from imaml_jax.train import config as config_lib
+from imaml_jax.train import evaluation
 from imaml_jax.train import experiment as exp_lib
 from imaml_jax.train import periodic
 from imaml_jax.train import protocols
@@ -64,6 +65,7 @@ _INPUT_ERRORS = (
   workdir_lib.WorkdirError,
   ckpt_lib.CheckpointError,
   runtime.DeviceError,
+  evaluation.RecordedTestError,
 )
 
 
@@ -326,6 +328,14 @@ def eval_parser(prog: str = "imaml-eval") -> argparse.ArgumentParser:
     "validation came before the last step, do not test the last "
     "parameters too (half the time; test_last is then null)",
   )
+  parser.add_argument(
+    "--extend",
+    action="store_true",
+    help="add tasks to the recorded test in the result file: where it "
+    "tested the first M of the --tasks N tasks (same checkpoint, protocol "
+    "and settings), test only the N - M new ones and pool them with it, "
+    "which gives the test of all N; without such a file, test every task",
+  )
   return parser
 
 
@@ -396,6 +406,7 @@ def eval_main(
       protocol=args.protocol,
       progress=not args.no_progress,
       test_last=not args.skip_last,
+      extend=args.extend,
     )
   except _INPUT_ERRORS as e:
     _fail(prog, str(e), EXIT_BAD_INPUT)

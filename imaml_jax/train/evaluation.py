@@ -16,6 +16,11 @@ half-width ``1.96 * std / sqrt(n)`` with the population standard deviation
 task's score of the reported test is kept too (``results["test_per_task"]``,
 :func:`per_task_record`) with a fingerprint of the task set, so two runs
 tested on the same tasks can be compared task by task (paired).
+
+A recorded test can be extended to more tasks (``imaml-eval --extend``,
+``final_test(recorded=...)``): the tasks do not depend on how many are
+drawn, so only the new ones are tested and the summaries are pooled
+(:func:`pool_summaries`), which gives the test of all of them.
 """
 
 from __future__ import annotations
@@ -51,6 +56,50 @@ def summarize(per_task: dict[str, np.ndarray]) -> dict[str, dict]:
     std = float(np.std(values))
     out[key] = {
       "mean": float(np.mean(values)),
+      "std": std,
+      "ci95": 1.96 * std / math.sqrt(n),
+      "n": int(n),
+    }
+  return out
+
+
+class RecordedTestError(ValueError):
+  """A recorded test that cannot be extended to the test asked for."""
+
+
+def pool_summaries(first: dict, second: dict) -> dict:
+  """The :func:`summarize` of two task sets together, from theirs alone.
+
+  With counts ``n1, n2``, means ``m1, m2`` and population variances
+  ``s1**2, s2**2``, the pooled ``n = n1 + n2`` tasks have the mean
+  ``m = (n1 m1 + n2 m2) / n`` and the population variance
+  ``(n1 (s1**2 + (m1 - m)**2) + n2 (s2**2 + (m2 - m)**2)) / n``; the 95%
+  half-width is ``1.96 * std / sqrt(n)`` as in :func:`summarize`. The two
+  must hold the same metrics (:class:`RecordedTestError` otherwise).
+
+  Example:
+    >>> a = summarize({"accuracy_after": np.array([1.0, 0.0])})
+    >>> b = summarize({"accuracy_after": np.array([1.0, 1.0])})
+    >>> pool_summaries(a, b)["accuracy_after"]["mean"]
+    0.75
+  """
+  if set(first) != set(second):
+    raise RecordedTestError(
+      f"the recorded test's metrics ({', '.join(sorted(first))}) are not "
+      f"this test's ({', '.join(sorted(second))})."
+    )
+  out = {}
+  for key, a in first.items():
+    b = second[key]
+    n = a["n"] + b["n"]
+    mean = (a["n"] * a["mean"] + b["n"] * b["mean"]) / n
+    variance = (
+      a["n"] * (a["std"] ** 2 + (a["mean"] - mean) ** 2)
+      + b["n"] * (b["std"] ** 2 + (b["mean"] - mean) ** 2)
+    ) / n
+    std = math.sqrt(variance)
+    out[key] = {
+      "mean": mean,
       "std": std,
       "ci95": 1.96 * std / math.sqrt(n),
       "n": int(n),
@@ -149,31 +198,46 @@ class Evaluator:
     self._compiled = {}
     self.compile_time_s = 0.0
 
-  def __call__(self, params, images, n_tasks: int, seed: int) -> dict:
-    """Per-task metrics (numpy arrays of length ``n_tasks``)."""
+  def __call__(
+    self, params, images, n_tasks: int, seed: int, start: int = 0
+  ) -> dict:
+    """Per-task metrics of tasks ``start, ..., n_tasks - 1`` of the set.
+
+    The set is that of ``n_tasks`` tasks; the first ``start`` are drawn but
+    not tested (numpy arrays of length ``n_tasks - start``).
+    """
     parts = []
     bar = tqdm.tqdm(
-      total=n_tasks,
+      total=n_tasks - start,
       unit="task",
       desc="test",
       disable=not self._progress,
       leave=False,
       dynamic_ncols=True,
     )
+    drawn = 0
     for chunk in self._chunks(self._exp.config, images, n_tasks, seed):
+      size = jax.tree.leaves(chunk)[0].shape[0]
+      drawn += size
+      if drawn <= start:
+        continue
+      if drawn - size < start:  # The chunk holding task ``start``.
+        chunk = jax.tree.map(lambda x, s=start - drawn + size: x[s:], chunk)
       shape = jax.tree.map(lambda x: x.shape, chunk)
       key = jax.tree_util.tree_structure(chunk), tuple(jax.tree.leaves(shape))
       if key not in self._compiled:
-        start = time.perf_counter()
+        began = time.perf_counter()
         self._compiled[key] = self._fn.lower(params, chunk).compile(
           compiler_options=runtime.compiler_options()
         )
-        self.compile_time_s += time.perf_counter() - start
+        self.compile_time_s += time.perf_counter() - began
       parts.append(self._compiled[key](params, chunk))
       if self._progress:
         jax.block_until_ready(parts[-1])
         bar.update(jax.tree.leaves(chunk)[0].shape[0])
     bar.close()
+    if not parts:
+      raise ValueError(f"no tasks from {start} to {n_tasks}")
     parts = jax.device_get(parts)
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -245,6 +309,42 @@ class FinalTest(NamedTuple):
   params: Any
 
 
+def reported_parameters(best: dict | None) -> str:
+  """``"best_validation"`` where a validation took place, else ``"last"``.
+
+  Example:
+    >>> reported_parameters({"step": 3}), reported_parameters(None)
+    ('best_validation', 'last')
+  """
+  used = best is not None and int(best["step"]) >= 0
+  return "best_validation" if used else "last"
+
+
+def _tasks_to_reuse(recorded: dict, n_tasks: int, need_last: bool) -> int:
+  """How many tasks a recorded test covers, checked against the new one."""
+  tested = len(recorded["test_per_task"]["values"])
+  if tested > n_tasks:
+    raise RecordedTestError(
+      f"the recorded test has {tested} tasks, more than the {n_tasks} asked "
+      "for; ask for at least as many, or test from scratch."
+    )
+  if need_last and recorded.get("test_last") is None:
+    raise RecordedTestError(
+      "the recorded test left out the last parameters (--skip-last); extend "
+      "it with --skip-last too, or test from scratch."
+    )
+  return tested
+
+
+def _joined(recorded: dict | None, new: dict | None, start: int) -> dict:
+  """Pooled summaries of a recorded test and ``new`` per-task metrics."""
+  if new is None:
+    return recorded
+  if recorded is None or start == 0:
+    return summarize(new)
+  return pool_summaries(recorded, summarize(new))
+
+
 def final_test(
   evaluator: Evaluator,
   images,
@@ -255,6 +355,7 @@ def final_test(
   step: int,
   best: dict | None,
   test_last: bool = True,
+  recorded: dict | None = None,
 ) -> FinalTest:
   """Tests the last parameters and, if given, the best-validation ones.
 
@@ -263,6 +364,14 @@ def final_test(
   test is theirs whenever a validation took place. ``test_last=False``
   then leaves the last parameters untested, which halves the time of a
   test whose best validation came before the last step.
+
+  ``recorded`` (the ``"test"``, ``"test_last"`` and ``"test_per_task"`` of
+  an earlier result on the first ``m <= n_tasks`` of these tasks, with the
+  same parameters and adaptation) extends that test: only tasks ``m`` and
+  on are tested, and each summary is pooled with the recorded one
+  (:func:`pool_summaries`), which is the summary of all ``n_tasks`` up to
+  rounding. The recorded tasks are checked to be the first ``m`` of these
+  (by fingerprint) before any task is tested.
 
   Args:
     evaluator: the evaluator of the run's experiment.
@@ -275,29 +384,59 @@ def final_test(
       if there was none), or ``None`` to report the last parameters.
     test_last: also test the last parameters where the best-validation
       ones are reported and differ from them.
+    recorded: an earlier test of the same parameters to extend, or
+      ``None`` to test all ``n_tasks``.
 
   Returns:
     A :class:`FinalTest`.
+
+  Raises:
+    RecordedTestError: ``recorded`` has more tasks than ``n_tasks``, other
+      tasks than the first ones of these, other metrics, or no test of the
+      last parameters where one is asked for.
   """
-  use_best = best is not None and int(best["step"]) >= 0
-  earlier_best = use_best and int(best["step"]) < step
+  test_params = reported_parameters(best)
+  earlier_best = test_params == "best_validation" and int(best["step"]) < step
+  prefixes = PREFIX_TASK_COUNTS
+  start = 0
+  if recorded is not None:
+    start = _tasks_to_reuse(recorded, n_tasks, earlier_best and test_last)
+    prefixes = (*prefixes, start)
+  digests = evaluator.fingerprints(images, n_tasks, seed, prefixes)
+  if recorded is not None and (
+    digests[start] != recorded["test_per_task"]["tasks_sha256"]
+  ):
+    raise RecordedTestError(
+      f"the recorded test's {start} tasks are not the first {start} of "
+      f"these {n_tasks} (their fingerprints differ); test from scratch."
+    )
+  recorded = recorded or {"test": None, "test_last": None}
+
+  def test(params):  # The new tasks' metrics, or None if there are none.
+    if start == n_tasks:
+      return None
+    return evaluator(params, images, n_tasks, seed, start=start)
+
+  params = best["params"] if earlier_best else last_params
+  new = test(params)
+  summary = _joined(recorded["test"], new, start)
+  last = summary
   if earlier_best:
-    params = best["params"]
-    test = evaluator(params, images, n_tasks, seed)
-    last = evaluator(last_params, images, n_tasks, seed) if test_last else None
-  else:
-    params = last_params
-    test = last = evaluator(params, images, n_tasks, seed)
-  digests = evaluator.fingerprints(images, n_tasks, seed, PREFIX_TASK_COUNTS)
-  test_per_task = per_task_record(
-    test,
-    digests.pop(n_tasks),
-    digests,
-  )
+    last = (
+      _joined(recorded["test_last"], test(last_params), start)
+      if test_last
+      else None
+    )
+  values = [] if start == 0 else recorded["test_per_task"]["values"]
+  metric, _ = score_key(summary)
+  if new is not None:
+    values = [*values, *per_task_record(new, "")["values"]]
   return FinalTest(
-    summarize(test),
-    None if last is None else summarize(last),
-    test_per_task,
-    "best_validation" if use_best else "last",
+    summary,
+    last,
+    per_task_record(
+      {metric: np.asarray(values)}, digests.pop(n_tasks), digests
+    ),
+    test_params,
     params,
   )

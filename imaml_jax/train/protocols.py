@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable
@@ -291,6 +292,7 @@ def evaluate_workdir(
   log: Callable[[str], None] = print,
   progress: bool = False,
   test_last: bool = True,
+  extend: bool = False,
 ) -> dict:
   """Tests a run's checkpoint under an evaluation protocol.
 
@@ -339,12 +341,24 @@ def evaluate_workdir(
   last parameters are not tested too, which halves the time, and
   ``test_last`` is ``None``.
 
+  ``extend=True`` (``imaml-eval --extend``) adds tasks to the result file
+  this test would write: where it holds a test of the first ``m`` of the
+  ``n_tasks`` tasks, of the same checkpoint, best validation, protocol
+  settings and overrides, only tasks ``m`` and on are tested and pooled
+  with it (``evaluation.final_test(recorded=...)``), which is the test of
+  all ``n_tasks`` up to rounding; ``extended_from`` records ``m``. Without
+  such a file every task is tested. A 3,000-task test grows to 6,000 in
+  the time of 3,000 more.
+
   Raises:
     ConfigError: an unknown protocol or split, a split the protocol does
       not draw from, an override of a field that is not a test-time field
       (or that the protocol fixes), or the authors' characters for a run
       that is not on Omniglot; all before anything is loaded.
     WorkdirError, DataError, CheckpointError: as for training.
+    RecordedTestError: with ``extend``, a recorded test of another
+      checkpoint, protocol setting or task set, or of more tasks; before
+      any task is tested.
   """
   split = check_protocol(protocol, split, overrides)
   config, latest = workdir_lib.load_run(workdir)
@@ -359,6 +373,31 @@ def evaluate_workdir(
   images, chunks, overlap = _test_images(exp, split, config, data_dir)
   exp, adaptation = _adaptation(exp, protocol, test_config)
   step, last_params, best = restore_parameters(latest, config, exp)
+  reported = None if protocol == "authors" else best
+  protocol_entry = protocol_record(
+    protocol,
+    test_config,
+    split,
+    adaptation,
+    evaluation.reported_parameters(reported),
+    overlap,
+  )
+  path = Path(workdir).expanduser() / eval_file_name(overrides, split, protocol)
+  recorded = None
+  if extend and path.exists():
+    recorded = workdir_lib.read_json(path)
+    _check_extensible(
+      recorded,
+      path.name,
+      {
+        "step": step,
+        "best_validation step": int(best["step"]),
+        "protocol": protocol_entry,
+        "test_time_overrides": list(overrides),
+      },
+    )
+  elif extend:
+    log(f"no recorded {path.name} to extend: testing every task.")
   outcome = evaluation.final_test(
     evaluation.Evaluator(exp, chunks, progress=progress),
     images,
@@ -366,16 +405,15 @@ def evaluate_workdir(
     test_config.test_seed,
     last_params=last_params,
     step=step,
-    best=None if protocol == "authors" else best,
+    best=reported,
     test_last=test_last,
+    recorded=recorded,
   )
   results = {
     "checkpoint": str(latest),
     "step": step,
     "split": split,
-    "protocol": protocol_record(
-      protocol, test_config, split, adaptation, outcome.test_params, overlap
-    ),
+    "protocol": protocol_entry,
     "test_time_overrides": list(overrides),
     "test_params": outcome.test_params,
     "best_validation": {
@@ -386,9 +424,35 @@ def evaluate_workdir(
     "test_last": outcome.test_last,
     "test_per_task": outcome.test_per_task,
   }
-  workdir_lib.write_json(
-    Path(workdir).expanduser() / eval_file_name(overrides, split, protocol),
-    results,
-  )
+  if recorded is not None:
+    results["extended_from"] = len(recorded["test_per_task"]["values"])
+  workdir_lib.write_json(path, results)
   log(format_test(results))
   return results
+
+
+def _check_extensible(recorded: dict, name: str, expected: dict) -> None:
+  """Raises ``RecordedTestError`` naming what ``recorded`` tested otherwise.
+
+  ``expected`` maps a description to this test's value: the recorded
+  ``step``, ``best_validation`` step, ``protocol`` entry and
+  ``test_time_overrides`` must be equal (compared as JSON values).
+  """
+  found = {
+    "step": recorded.get("step"),
+    "best_validation step": recorded.get("best_validation", {}).get("step"),
+    "protocol": recorded.get("protocol"),
+    "test_time_overrides": recorded.get("test_time_overrides"),
+  }
+  if "test_per_task" not in recorded:
+    raise evaluation.RecordedTestError(
+      f"cannot extend {name}: it records no per-task scores; test from "
+      "scratch (without --extend)."
+    )
+  for key, value in expected.items():
+    value = json.loads(json.dumps(value))
+    if found[key] != value:
+      raise evaluation.RecordedTestError(
+        f"cannot extend {name}: its {key} is {found[key]!r}, this test's "
+        f"is {value!r}; test from scratch (without --extend)."
+      )
