@@ -617,9 +617,7 @@ def needs_eval(row: dict, prefix: str, tasks: int | None) -> bool:
     >>> needs_eval(row, "authors_", None), needs_eval(row, "authors_", 3000)
     (False, True)
   """
-  if prefix and row.get(prefix + "step") != row["meta_steps"]:
-    return True
-  if prefix + "per_task" not in row:
+  if not can_extend(row, prefix):
     return True
   return tasks is not None and row[prefix + "test_tasks"] < tasks
 
