@@ -303,7 +303,7 @@ def build_rows(runs: Path) -> list[dict]:
   return rows
 
 
-def tested_step(row: dict, prefix: str = "") -> int:
+def step_under_test(row: dict, prefix: str = "") -> int:
   """The meta-step whose training a cell's test under a protocol reflects:
   the run's own for ours, the step ``imaml-eval`` tested for the others
   (older than the run's when the run went on after that test)."""
@@ -330,7 +330,7 @@ def format_cell(row: dict, prefix: str = "") -> str:
   if f"{prefix}accuracy" not in row:
     return f"- (paper {paper})"
   mark = "" if row["complete"] else "*"
-  step = tested_step(row, prefix)
+  step = step_under_test(row, prefix)
   if step != row["meta_steps"]:
     mark += f" at step {step}"
   return (
@@ -432,11 +432,11 @@ def paired_difference(
 def ordering(by_key: dict, prefix: str = "") -> list[dict]:
   """The paper's ordering tested on every Omniglot setting where both cells
   of a pair were trained and tested at the same meta-step (``prefix`` as
-  :func:`format_cell`; see :func:`tested_step`). With per-task scores of both runs on the same tasks
-  (:func:`paired_difference`) a pair holds or is reversed when the paired
-  95% interval of the difference excludes 0, and is unresolved when it
-  contains 0; without them it is unresolved when the two runs' own 95%
-  intervals overlap."""
+  :func:`format_cell`; see :func:`step_under_test`). With per-task scores
+  of both runs on the same tasks (:func:`paired_difference`) a pair holds
+  or is reversed when the paired 95% interval of the difference excludes 0,
+  and is unresolved when it contains 0; without them it is unresolved when
+  the two runs' own 95% intervals overlap."""
   out = []
   for setting in SETTINGS:
     for better, worse in CLAIMS:
@@ -445,8 +445,10 @@ def ordering(by_key: dict, prefix: str = "") -> list[dict]:
       key = prefix + "accuracy"
       if key not in a or key not in b:
         continue
-      step = tested_step(a, prefix)
-      if step != tested_step(b, prefix) or a["meta_steps"] != b["meta_steps"]:
+      step = step_under_test(a, prefix)
+      if (
+        step != step_under_test(b, prefix) or a["meta_steps"] != b["meta_steps"]
+      ):
         continue
       diff = a[key] - b[key]
       paired = _paired(a.get(prefix + "per_task"), b.get(prefix + "per_task"))

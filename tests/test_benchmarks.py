@@ -18,6 +18,7 @@ import sys
 import types
 from pathlib import Path
 
+import fast_compile
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -1164,6 +1165,52 @@ def test_table2_full_budget_dry_run_prints_each_cells_training_command(
     "task_chunk",
     "log_residual",
   }
+
+
+def test_table2_full_budget_quick_trains_tests_and_then_skips_a_cell(
+  tmp_path,
+):
+  """The smoke test a GPU slice relies on, end to end on Omniglot: a cell
+  trains to its last meta-step, is tested under the three measurements and
+  comes back into the tree; the same command then leaves it alone."""
+  if not os.environ.get("IMAML_OMNIGLOT_DIR"):
+    pytest.skip("IMAML_OMNIGLOT_DIR is not set")
+  out = tmp_path / "full"
+
+  def slice_():
+    return subprocess.run(
+      ["bash", str(BENCHMARKS / "table2_full_budget.sh"), str(out), "300"]
+      + ["5w1s_maml"],
+      capture_output=True,
+      text=True,
+      timeout=400,
+      env=fast_compile.environ(PYTHON=sys.executable, TABLE2_FULL_QUICK="1"),
+    )
+
+  done = slice_()
+  assert done.returncode == 0, done.stdout + done.stderr
+  log = (out / "omniglot_5w1s_maml.log").read_text()
+  for line in ("train: exit 0", "eval --protocol ours: exit 0"):
+    assert line in log
+  for protocol in ("paper", "authors"):
+    assert f"eval --protocol {protocol}: exit 0" in log
+  cell = out / "root" / "omniglot_5w1s_maml"
+  results = json.loads((cell / "results.json").read_text())
+  assert results["budget"]["meta_steps"] == 4
+  for name, params in (
+    ("eval.json", "best_validation"),
+    ("eval_protocol=paper.json", "best_validation"),
+    ("eval_protocol=authors.json", "last"),
+  ):
+    tested = json.loads((cell / name).read_text())
+    assert tested["step"] == 4 and tested["test_params"] == params
+    assert tested["test"]["accuracy_after"]["n"] == 10
+
+  again = slice_()
+  assert again.returncode == 0, again.stdout + again.stderr
+  assert again.stdout.splitlines() == [
+    "omniglot_5w1s_maml: finished and tested"
+  ]
 
 
 @pytest.mark.parametrize(
