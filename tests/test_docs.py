@@ -5,10 +5,11 @@
   ``__init__`` imports, submodules aside) is named on an API page under
   ``docs/reference/``.
 * ``mkdocs build --strict`` succeeds (warnings are errors).
-* The ```` ```python ```` blocks of every page under ``docs/`` run: the blocks
-  of one page in order, in one namespace, in a temporary working directory.
-  A block preceded by the line ``<!-- docs-test: skip -->`` is shown but not
-  run (for commands that need data or take long).
+* The ```` ```python ```` blocks of the README and of every page under
+  ``docs/`` run: the blocks of one page in order, in one namespace, in a
+  temporary working directory. A block preceded by the line
+  ``<!-- docs-test: skip -->`` is shown but not run (for commands that need
+  data or take long).
 """
 
 from __future__ import annotations
@@ -142,11 +143,15 @@ def python_blocks(page: Path) -> list[tuple[int, str]]:
   return blocks
 
 
-PAGES = sorted(page for page in DOCS.rglob("*.md") if python_blocks(page))
+PAGES = sorted(
+  page
+  for page in [REPO / "README.md", *DOCS.rglob("*.md")]
+  if python_blocks(page)
+)
 
 
 @pytest.mark.parametrize(
-  "page", PAGES, ids=[str(p.relative_to(DOCS)) for p in PAGES]
+  "page", PAGES, ids=[str(p.relative_to(REPO)) for p in PAGES]
 )
 def test_page_examples_run(page, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
