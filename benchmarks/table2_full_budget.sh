@@ -2,6 +2,7 @@
 # Table 2's cells at the paper's budgets on one GPU, continued slice by slice.
 #
 #   IMAML_OMNIGLOT_DIR=... bash benchmarks/table2_full_budget.sh OUT_DIR [SLICE_S] [CELL ...]
+#   bash benchmarks/table2_full_budget.sh --unpack OUT_DIR   # a slice's results into the tree
 #
 # GPU time comes in slices of minutes. Each invocation continues the first
 # unfinished cell, in the order below, from the run directory committed under
@@ -24,27 +25,105 @@ CELLS=(20w1s_imaml_gd 20w1s_maml 5w1s_imaml_hf 5w5s_imaml_gd 5w5s_maml
 # (benchmarks/results/meta_gradient_omniglot.md): the same config with 64
 # inner steps, at the same budget.
 #
-# Results come back in OUT_DIR/omniglot_CELL/ (config, metrics, results,
-# evaluation files, log, last checkpoint only). Bring them into the tree and
-# commit them, checkpoint included while the cell is unfinished (list it
-# under "Unfinished runs" in docs/models.md; a finished cell's checkpoint is
-# a published model there):
-#   cp -r OUT_DIR/omniglot_* benchmarks/runs_gpu_full/
-# The same command then continues where the slice stopped.
+# Results come back in as few files as a GPU machine lets through: one
+# archive per cell that the slice ran, OUT_DIR/omniglot_CELL.tar.gz (its run
+# directory: config, metrics, results, evaluation files, log, last
+# checkpoint only; a '+' of the cell's name becomes '__' in the file name and
+# a '=' becomes '-'), the compiled steps of those cells, OUT_DIR/xla.tar.gz,
+# and the slice's summary, OUT_DIR/slice.log. Bring them into the tree,
+# each archive replacing its cell's run directory:
+#   bash benchmarks/table2_full_budget.sh --unpack OUT_DIR
+# and commit the run directories, checkpoint included while the cell is
+# unfinished (list it under "Unfinished runs" in docs/models.md; a finished
+# cell's checkpoint is a published model there). The same command then
+# continues where the slice stopped.
+#
+# Compiling a cell's steps took 25-110 s of a slice on an H200
+# (benchmarks/results/table2_gpu_h200.md). Each cell keeps its compiled
+# steps in JAX's persistent cache under benchmarks/runs_gpu_full/xla/CELL
+# (ignored by git), which the next slice loads instead of compiling when
+# that folder travels with it to the GPU machine. A cell's cache is dropped
+# once the cell is finished and tested.
 #
 # TABLE2_FULL_QUICK=1: a smoke test on a CPU (4 meta-steps a cell, 10 test
-# tasks, run directories under OUT_DIR/root instead of the committed ones).
+# tasks, run directories under OUT_DIR/root instead of the committed ones,
+# unpacked there at the end).
 # TABLE2_FULL_DRY_RUN=1 prints each training command it would run and runs
 # nothing.
 set -u
-out=${1:?usage: table2_full_budget.sh OUT_DIR [SLICE_S] [CELL ...]}
-slice=${2:-420}
-shift $(( $# >= 2 ? 2 : 1 ))
-[ $# -gt 0 ] && CELLS=("$@")
+usage="usage: table2_full_budget.sh OUT_DIR [SLICE_S] [CELL ...] | --unpack DIR"
+out=${1:?$usage}
 cd "$(dirname "$0")/.." || exit 2
 py=${PYTHON:-python3}
 quick=${TABLE2_FULL_QUICK:-0}
+dry=${TABLE2_FULL_DRY_RUN:-0}
 root=benchmarks/runs_gpu_full
+
+finished() {  # finished DIR: its results.json records the last meta-step
+  "$py" - "$1/results.json" <<'EOF'
+import json, sys
+try:
+  budget = json.load(open(sys.argv[1]))["budget"]
+except (OSError, KeyError, ValueError):
+  sys.exit(1)
+sys.exit(0 if budget["meta_steps"] >= budget["meta_steps_target"] else 1)
+EOF
+}
+
+tested() {  # tested DIR: finished, and tested under the paper's measurement
+  finished "$1" && [ -f "$1/eval_protocol=paper.json" ]
+}
+
+archive_of() {  # archive_of NAME: its archive's file name
+  local name=${1//+/__}
+  echo "${name//=/-}.tar.gz"
+}
+
+cell_folder() {  # cell_folder ARCHIVE: the one folder it holds, a cell's
+  local top
+  top=$(tar -tzf "$1" | cut -d/ -f1 | sort -u)
+  if [[ $top != omniglot_* || $top == *[[:space:]/]* || $top == *..* ]]; then
+    echo "table2_full_budget.sh: $1 does not hold one cell's run" \
+      "directory (it holds: $top)" >&2
+    return 2
+  fi
+  echo "$top"
+}
+
+unpack() {  # unpack FROM ROOT: each archive of FROM replaces its cell in ROOT
+  local from=$1 into=$2 archive top found=0
+  for archive in "$from"/omniglot_*.tar.gz; do
+    [ -f "$archive" ] || continue
+    found=1
+    top=$(cell_folder "$archive") || return 2
+    mkdir -p "$into" && rm -rf "${into:?}/$top" &&
+      tar -xzf "$archive" -C "$into" || return 2
+    echo "$top: unpacked into $into"
+  done
+  if [ -f "$from/xla.tar.gz" ]; then
+    mkdir -p "$into/xla" || return 2
+    for top in $(tar -tzf "$from/xla.tar.gz" | cut -d/ -f2 | sort -u); do
+      [[ $top == omniglot_* ]] && rm -rf "${into:?}/xla/$top"
+    done
+    tar -xzf "$from/xla.tar.gz" -C "$into/xla" || return 2
+  fi
+  # A cell finished and tested needs its compiled steps no more.
+  for top in "$into"/xla/omniglot_*; do
+    if [ -d "$top" ] && tested "$into/${top##*/}"; then rm -rf "$top"; fi
+  done
+  if [ "$found" = 0 ]; then
+    echo "table2_full_budget.sh: no omniglot_*.tar.gz in $from" >&2
+    return 2
+  fi
+}
+
+if [ "$out" = --unpack ]; then
+  unpack "${2:?$usage}" "$root"
+  exit $?
+fi
+slice=${2:-420}
+shift $(( $# >= 2 ? 2 : 1 ))
+[ $# -gt 0 ] && CELLS=("$@")
 common="log_every=100 val_every=1000 checkpoint_every=1000 keep_checkpoints=1"
 common="$common task_chunk=0"
 eval_tasks=3000
@@ -73,39 +152,34 @@ for cell in sys.argv[1:]:
     sys.exit(f"table2_full_budget.sh: cell {cell}: {error}")
 EOF
 
-finished() {  # finished DIR: its results.json records the last meta-step
-  "$py" - "$1/results.json" <<'EOF'
-import json, sys
-try:
-  budget = json.load(open(sys.argv[1]))["budget"]
-except (OSError, KeyError, ValueError):
-  sys.exit(1)
-sys.exit(0 if budget["meta_steps"] >= budget["meta_steps_target"] else 1)
-EOF
-}
-
-evaluate() {  # evaluate DIR LOG: the three measurements, 3,000 tasks each
+evaluate() {  # evaluate DIR LOG CACHE: the three measurements, 3,000 tasks
   local protocol
   for protocol in ours paper authors; do
-    "$py" -m imaml_jax eval --workdir "$1" --tasks "$eval_tasks" --no-progress \
-      --protocol "$protocol" >> "$2" 2>&1
+    "$py" -m imaml_jax eval --workdir "$1" --tasks "$eval_tasks" \
+      --no-progress --protocol "$protocol" --compile-cache "$3" >> "$2" 2>&1
     echo "eval --protocol $protocol: exit $?" >> "$2"
   done
 }
 
-[ "${TABLE2_FULL_DRY_RUN:-0}" = 1 ] || mkdir -p "$out"
+say() {  # say LINE: to stdout and to the slice's summary
+  echo "$1"
+  [ "$dry" = 1 ] || echo "$1" >> "$out/slice.log"
+}
+
+[ "$dry" = 1 ] || mkdir -p "$out/xla"
+ran=0
 start=$(date +%s)
 for cell in "${CELLS[@]}"; do
   name=omniglot_$cell
-  dir="$out/$name" log="$out/$name.log"
-  if finished "$root/$name" && [ -f "$root/$name/eval_protocol=paper.json" ]
-  then
-    echo "$name: finished and tested"
+  dir="$out/$name" cache="$out/xla/$name"
+  log="$out/$(archive_of "$name" | sed 's/\.tar\.gz$//').log"
+  if tested "$root/$name"; then
+    say "$name: finished and tested"
     continue
   fi
   left=$(( slice - ($(date +%s) - start) ))
   if [ "$left" -lt 60 ]; then
-    echo "$name: left for the next slice"
+    say "$name: left for the next slice"
     continue
   fi
   # iMAML's cells log CG's residual, which explains a missed target.
@@ -113,23 +187,38 @@ for cell in "${CELLS[@]}"; do
   [[ $cell == *imaml* ]] && extra="log_residual=true"
   # shellcheck disable=SC2206
   train=("$py" -m imaml_jax train "$(config_of "$cell")" --workdir "$dir"
-         --no-progress --time-budget "$left"
+         --no-progress --time-budget "$left" --compile-cache "$cache"
          --set $common $extra $(overrides_of "$cell"))
-  if [ "${TABLE2_FULL_DRY_RUN:-0}" = 1 ]; then
+  if [ "$dry" = 1 ]; then
     echo "$name: would continue $root/$name for ${left} s: ${train[*]}"
     continue
   fi
-  rm -rf "$dir"
+  ran=1
+  rm -rf "$dir" "$cache"
   if [ -d "$root/$name" ]; then cp -r "$root/$name" "$dir"; fi
-  echo "$name: training for at most ${left} s ($(date -u +%H:%M:%S))"
+  if [ -d "$root/xla/$name" ]; then cp -r "$root/xla/$name" "$cache"; fi
+  say "$name: training for at most ${left} s ($(date -u +%H:%M:%S))"
   timeout --signal=INT --kill-after=20 $((left + 240)) "${train[@]}" \
     >> "$log" 2>&1
   echo "train: exit $?" >> "$log"
   if finished "$dir"; then
-    evaluate "$dir" "$log"
+    evaluate "$dir" "$log" "$cache"
   fi
-  cp "$log" "$dir/" 2>/dev/null
-  # The smoke test brings its results into its own tree, as one would.
-  if [ "$quick" = 1 ]; then mkdir -p "$root"; cp -r "$dir" "$root/"; fi
-  grep -E "accuracy_after|exit|stopped|Resuming" "$log" | tail -n 12
+  grep -E "compiled|accuracy_after|exit|stopped|Resuming" "$log" |
+    tail -n 14 | tee -a "$out/slice.log"
+  if [ -d "$dir" ]; then
+    cp "$log" "$dir/$name.log"
+    tar -czf "$out/$(archive_of "$name")" -C "$out" "$name" &&
+      rm -rf "${dir:?}" "$log"
+  fi
 done
+[ "$dry" = 1 ] && exit 0
+# The compiled steps of the cells this slice ran, in one file.
+if [ -n "$(ls -A "$out/xla")" ]; then
+  tar -czf "$out/xla.tar.gz" -C "$out/xla" . && rm -rf "${out:?}/xla"
+  say "compiled steps: $(du -h "$out/xla.tar.gz" | cut -f1) in xla.tar.gz"
+else
+  rmdir "$out/xla"
+fi
+# The smoke test brings its results into its own tree, as one would.
+if [ "$quick" = 1 ] && [ "$ran" = 1 ]; then unpack "$out" "$root"; fi

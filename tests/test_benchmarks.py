@@ -11,10 +11,13 @@ import collections
 import csv
 import doctest
 import importlib
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import types
 from pathlib import Path
 
@@ -1171,8 +1174,10 @@ def test_table2_full_budget_quick_trains_tests_and_then_skips_a_cell(
   tmp_path,
 ):
   """The smoke test a GPU slice relies on, end to end on Omniglot: a cell
-  trains to its last meta-step, is tested under the three measurements and
-  comes back into the tree; the same command then leaves it alone."""
+  trains to its last meta-step and is tested under the three measurements;
+  its run directory and compiled steps come back as archives, few enough
+  for a GPU machine to return, and are unpacked into the tree; the same
+  command then leaves the cell alone."""
   if not os.environ.get("IMAML_OMNIGLOT_DIR"):
     pytest.skip("IMAML_OMNIGLOT_DIR is not set")
   out = tmp_path / "full"
@@ -1189,12 +1194,15 @@ def test_table2_full_budget_quick_trains_tests_and_then_skips_a_cell(
 
   done = slice_()
   assert done.returncode == 0, done.stdout + done.stderr
-  log = (out / "omniglot_5w1s_maml.log").read_text()
-  for line in ("train: exit 0", "eval --protocol ours: exit 0"):
-    assert line in log
-  for protocol in ("paper", "authors"):
-    assert f"eval --protocol {protocol}: exit 0" in log
+  returned = sorted(p.name for p in out.iterdir() if p.is_file())
+  assert returned == ["omniglot_5w1s_maml.tar.gz", "slice.log", "xla.tar.gz"]
+  summary = (out / "slice.log").read_text()
+  for line in ("train: exit 0", "compiled steps: "):
+    assert line in summary
   cell = out / "root" / "omniglot_5w1s_maml"
+  log = (cell / "omniglot_5w1s_maml.log").read_text()
+  for protocol in ("ours", "paper", "authors"):
+    assert f"eval --protocol {protocol}: exit 0" in log
   results = json.loads((cell / "results.json").read_text())
   assert results["budget"]["meta_steps"] == 4
   for name, params in (
@@ -1205,12 +1213,94 @@ def test_table2_full_budget_quick_trains_tests_and_then_skips_a_cell(
     tested = json.loads((cell / name).read_text())
     assert tested["step"] == 4 and tested["test_params"] == params
     assert tested["test"]["accuracy_after"]["n"] == 10
+  assert [p.name for p in (cell / "checkpoints").iterdir()] == [
+    "checkpoint_000000004.ckpt"
+  ]
+  # The compiled steps came back, and went once the cell was tested.
+  with tarfile.open(out / "xla.tar.gz") as archive:
+    assert any(
+      n.startswith("./omniglot_5w1s_maml/jit_") for n in archive.getnames()
+    )
+  assert not (out / "root" / "xla" / "omniglot_5w1s_maml").exists()
 
   again = slice_()
   assert again.returncode == 0, again.stdout + again.stderr
   assert again.stdout.splitlines() == [
     "omniglot_5w1s_maml: finished and tested"
   ]
+
+
+def _cell_archive(path: Path, folder: str, files: dict) -> None:
+  with tarfile.open(path, "w:gz") as archive:
+    for name, text in files.items():
+      data = text.encode()
+      info = tarfile.TarInfo(f"{folder}/{name}")
+      info.size = len(data)
+      archive.addfile(info, io.BytesIO(data))
+
+
+def test_table2_full_budget_unpack_replaces_each_cells_run_directory(
+  tmp_path,
+):
+  """``--unpack`` puts each archive's run directory in place of the tree's
+  (no stale checkpoint left beside the new one), keeps the compiled steps
+  of an unfinished cell, and refuses an archive that is not one cell's."""
+  repo = tmp_path / "repo"
+  shutil.copytree(BENCHMARKS, repo / "benchmarks", ignore=_no_runs)
+  root = repo / "benchmarks" / "runs_gpu_full"
+  diagnostic = "omniglot_5w1s_imaml_gd+inner_steps=64"
+  stale = root / diagnostic / "checkpoints" / "checkpoint_000001000.ckpt"
+  stale.parent.mkdir(parents=True)
+  stale.write_text("old")
+  unfinished = {"meta_steps": 2000, "meta_steps_target": 20000}
+  slice_out = tmp_path / "slice"
+  slice_out.mkdir()
+  _cell_archive(
+    slice_out / "omniglot_5w1s_imaml_gd__inner_steps-64.tar.gz",
+    diagnostic,
+    {
+      "results.json": json.dumps({"budget": unfinished}),
+      "checkpoints/checkpoint_000002000.ckpt": "new",
+    },
+  )
+  _cell_archive(
+    slice_out / "xla.tar.gz", f"./{diagnostic}", {"jit_step-1-cache": "x"}
+  )
+
+  def unpack(source):
+    return subprocess.run(
+      ["bash", str(repo / "benchmarks" / "table2_full_budget.sh"), "--unpack"]
+      + [str(source)],
+      capture_output=True,
+      text=True,
+      timeout=60,
+      env={**os.environ, "PYTHON": sys.executable},
+    )
+
+  done = unpack(slice_out)
+  assert done.returncode == 0, done.stderr
+  assert (
+    done.stdout == f"{diagnostic}: unpacked into {root.relative_to(repo)}\n"
+  )
+  assert [p.name for p in (root / diagnostic / "checkpoints").iterdir()] == [
+    "checkpoint_000002000.ckpt"
+  ]
+  assert (root / "xla" / diagnostic / "jit_step-1-cache").read_text() == "x"
+
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  _cell_archive(bad / "omniglot_x.tar.gz", "elsewhere", {"a": "b"})
+  done = unpack(bad)
+  assert done.returncode == 2
+  assert "does not hold one cell's run directory" in done.stderr
+  assert not (root / "elsewhere").exists()
+  done = unpack(tmp_path / "empty")
+  assert done.returncode == 2 and "no omniglot_*.tar.gz in" in done.stderr
+
+
+def _no_runs(folder, names):
+  """``shutil.copytree``'s ``ignore``: the scripts, not the run folders."""
+  return [n for n in names if n.startswith("runs") or n == "results"]
 
 
 @pytest.mark.parametrize(

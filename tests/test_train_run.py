@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import fast_compile
 import jax
 import numpy as np
 import pytest
@@ -493,6 +494,36 @@ def test_eval_shows_its_progress_unless_asked_not_to(
   quiet = capsys.readouterr()
   assert "task" not in quiet.err and "loss_after" in quiet.out
   assert json.loads((workdir / "eval.json").read_text()) == first
+
+
+def test_eval_keeps_its_compiled_steps_in_the_cache_it_is_given(
+  reference_run, tmp_path
+):
+  """``imaml-eval --compile-cache DIR`` stores the compiled test step in
+  DIR, and a second test of the run loads it instead of compiling: it adds
+  no entry. ``--no-compile-cache`` writes nothing there."""
+  workdir = tmp_path / "done"
+  shutil.copytree(reference_run, workdir)
+  cache = tmp_path / "xla"
+
+  def evaluate(*flags):
+    done = subprocess.run(
+      [sys.executable, "-m", "imaml_jax", "eval", "--workdir", str(workdir)]
+      + ["--no-progress", "--skip-last", *flags],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=fast_compile.environ(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"),
+    )
+    assert done.returncode == 0, done.stderr
+    return (
+      sorted(p.name for p in cache.glob("*-cache")) if cache.exists() else []
+    )
+
+  assert evaluate("--no-compile-cache", "--compile-cache", str(cache)) == []
+  first = evaluate("--compile-cache", str(cache))
+  assert any(name.startswith("jit_evaluate") for name in first), first
+  assert evaluate("--compile-cache", str(cache)) == first
 
 
 def test_eval_with_test_time_overrides(reference_run, tmp_path, capsys):

@@ -10,13 +10,15 @@ Usage::
   imaml-eval --workdir DIR [--data-dir DIR] [--tasks N] [--set key=value ...]
              [--split test|val|train|authors_test]
              [--protocol ours|paper|authors] [--skip-last] [--extend]
+             [--compile-cache DIR | --no-compile-cache]
   python -m imaml_jax train ...   # same as imaml-train
   python -m imaml_jax eval ...    # same as imaml-eval
 
 ``--data-dir`` defaults to ``$IMAML_OMNIGLOT_DIR`` (Omniglot) or
 ``$IMAML_MINI_IMAGENET_DIR`` (mini-ImageNet). Compiled steps are kept in
 JAX's persistent compilation cache (``$IMAML_CACHE_DIR/xla`` by default), so
-running a config again, or resuming it, skips most of the compilation.
+running a config again, resuming it, or testing it again, skips most of the
+compilation.
 Exit codes: 0 done; 2 bad input (unknown config or field, wrong value type,
 missing data, a work directory holding another run, a corrupt checkpoint, more
 devices than there are, a meta-batch that does not split evenly over the
@@ -122,6 +124,13 @@ def train_parser(prog: str = "imaml-train") -> argparse.ArgumentParser:
     "this invocation, checkpoint and test; the same "
     "command resumes later",
   )
+  _add_compile_cache_arguments(parser)
+  _add_device_arguments(parser)
+  return parser
+
+
+def _add_compile_cache_arguments(parser: argparse.ArgumentParser) -> None:
+  """``--compile-cache DIR`` and ``--no-compile-cache``."""
   parser.add_argument(
     "--compile-cache",
     default=None,
@@ -135,8 +144,6 @@ def train_parser(prog: str = "imaml-train") -> argparse.ArgumentParser:
   parser.add_argument(
     "--no-compile-cache", action="store_true", help="compile every step afresh"
   )
-  _add_device_arguments(parser)
-  return parser
 
 
 def enable_compile_cache(path: str | None) -> str | None:
@@ -336,6 +343,7 @@ def eval_parser(prog: str = "imaml-eval") -> argparse.ArgumentParser:
     "and settings), test only the N - M new ones and pool them with it, "
     "which gives the test of all N; without such a file, test every task",
   )
+  _add_compile_cache_arguments(parser)
   return parser
 
 
@@ -396,6 +404,8 @@ def eval_main(
   args = eval_parser(prog).parse_args(argv)
   if args.tasks is not None and args.tasks < 1:
     _fail(prog, f"--tasks must be >= 1; got {args.tasks}.", EXIT_BAD_INPUT)
+  if not args.no_compile_cache:
+    enable_compile_cache(args.compile_cache)
   try:
     protocols.evaluate_workdir(
       args.workdir,
