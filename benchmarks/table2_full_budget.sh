@@ -4,13 +4,18 @@
 #   IMAML_OMNIGLOT_DIR=... bash benchmarks/table2_full_budget.sh OUT_DIR [SLICE_S] [CELL ...]
 #   bash benchmarks/table2_full_budget.sh --unpack OUT_DIR   # a slice's results into the tree
 #
-# GPU time comes in slices of minutes. Each invocation continues the first
-# unfinished cell, in the order below, from the run directory committed under
-# benchmarks/runs_gpu_full/ (its last checkpoint), trains it for at most
-# SLICE_S seconds (default 420), and, if the cell reaches its last meta-step
-# within the slice, tests it under the three measurements on 3,000 tasks and
-# goes on to the next cell with the time left. Cells run one at a time, each
-# with the whole device (task_chunk=0 vmaps the meta-batch).
+# GPU time comes in slices of minutes. Each invocation ends within SLICE_S
+# seconds of wall-clock time (default 480: with a machine's start, inside a
+# 10-minute command and a 15-minute allowance of device time). It continues
+# the first unfinished cell, in the order below, from the run directory
+# committed under benchmarks/runs_gpu_full/ (its last checkpoint) and trains
+# it for the slice's time less TABLE2_FULL_RESERVE_S (default 180: compiling,
+# validation, checkpoints and the run's own final test, which the training
+# budget does not count). A cell that reaches its last meta-step is tested
+# under the three measurements on 3,000 tasks if TABLE2_FULL_EVAL_S (default
+# 150) are left, else in the next slice; then the next cell gets the time
+# left. Cells run one at a time, each with the whole device (task_chunk=0
+# vmaps the meta-batch).
 #
 # The budgets are the configs' own, i.e. the paper's: iMAML 20,000 meta-steps
 # of 32 tasks; MAML 60,000 of 32 (5-way) or 16 (20-way), MAML's. Order:
@@ -70,8 +75,16 @@ sys.exit(0 if budget["meta_steps"] >= budget["meta_steps_target"] else 1)
 EOF
 }
 
-tested() {  # tested DIR: finished, and tested under the paper's measurement
-  finished "$1" && [ -f "$1/eval_protocol=paper.json" ]
+result_of() {  # result_of PROTOCOL: the file imaml-eval writes for it
+  if [ "$1" = ours ]; then echo eval.json; else echo "eval_protocol=$1.json"; fi
+}
+
+tested() {  # tested DIR: finished, and tested under the three measurements
+  local protocol
+  finished "$1" || return 1
+  for protocol in ours paper authors; do
+    [ -f "$1/$(result_of "$protocol")" ] || return 1
+  done
 }
 
 archive_of() {  # archive_of NAME: its archive's file name
@@ -121,7 +134,9 @@ if [ "$out" = --unpack ]; then
   unpack "${2:?$usage}" "$root"
   exit $?
 fi
-slice=${2:-420}
+slice=${2:-480}
+reserve=${TABLE2_FULL_RESERVE_S:-180}
+eval_s=${TABLE2_FULL_EVAL_S:-150}
 shift $(( $# >= 2 ? 2 : 1 ))
 [ $# -gt 0 ] && CELLS=("$@")
 common="log_every=100 val_every=1000 checkpoint_every=1000 keep_checkpoints=1"
@@ -152,10 +167,17 @@ for cell in sys.argv[1:]:
     sys.exit(f"table2_full_budget.sh: cell {cell}: {error}")
 EOF
 
-evaluate() {  # evaluate DIR LOG CACHE: the three measurements, 3,000 tasks
-  local protocol
+evaluate() {  # evaluate DIR LOG CACHE: the measurements it lacks, 3,000 tasks
+  local protocol left
   for protocol in ours paper authors; do
-    "$py" -m imaml_jax eval --workdir "$1" --tasks "$eval_tasks" \
+    [ -f "$1/$(result_of "$protocol")" ] && continue
+    left=$(( slice - ($(date +%s) - start) - 15 ))
+    if [ "$left" -lt 30 ]; then
+      echo "eval --protocol $protocol: left for the next slice" >> "$2"
+      continue
+    fi
+    timeout --signal=INT --kill-after=5 "$left" \
+      "$py" -m imaml_jax eval --workdir "$1" --tasks "$eval_tasks" \
       --no-progress --protocol "$protocol" --compile-cache "$3" >> "$2" 2>&1
     echo "eval --protocol $protocol: exit $?" >> "$2"
   done
@@ -178,7 +200,7 @@ for cell in "${CELLS[@]}"; do
     continue
   fi
   left=$(( slice - ($(date +%s) - start) ))
-  if [ "$left" -lt 60 ]; then
+  if [ "$left" -lt $(( reserve + 60 )) ]; then
     say "$name: left for the next slice"
     continue
   fi
@@ -187,27 +209,33 @@ for cell in "${CELLS[@]}"; do
   [[ $cell == *imaml* ]] && extra="log_residual=true"
   # shellcheck disable=SC2206
   train=("$py" -m imaml_jax train "$(config_of "$cell")" --workdir "$dir"
-         --no-progress --time-budget "$left" --compile-cache "$cache"
+         --no-progress --time-budget $(( left - reserve ))
+         --compile-cache "$cache"
          --set $common $extra $(overrides_of "$cell"))
   if [ "$dry" = 1 ]; then
-    echo "$name: would continue $root/$name for ${left} s: ${train[*]}"
+    echo "$name: would continue $root/$name: ${train[*]}"
     continue
   fi
   ran=1
   rm -rf "$dir" "$cache"
   if [ -d "$root/$name" ]; then cp -r "$root/$name" "$dir"; fi
   if [ -d "$root/xla/$name" ]; then cp -r "$root/xla/$name" "$cache"; fi
-  say "$name: training for at most ${left} s ($(date -u +%H:%M:%S))"
-  timeout --signal=INT --kill-after=20 $((left + 240)) "${train[@]}" \
+  say "$name: training for $(( left - reserve )) s ($(date -u +%H:%M:%S))"
+  # The training budget counts training alone; the slice's end is a hard stop.
+  timeout --signal=INT --kill-after=10 $(( left - 30 )) "${train[@]}" \
     >> "$log" 2>&1
   echo "train: exit $?" >> "$log"
   if finished "$dir"; then
-    evaluate "$dir" "$log" "$cache"
+    if [ $(( slice - ($(date +%s) - start) )) -ge "$eval_s" ]; then
+      evaluate "$dir" "$log" "$cache"
+    else
+      say "$name: finished; tested in the next slice"
+    fi
   fi
   grep -E "compiled|accuracy_after|exit|stopped|Resuming" "$log" |
     tail -n 14 | tee -a "$out/slice.log"
   if [ -d "$dir" ]; then
-    cp "$log" "$dir/$name.log"
+    cat "$log" >> "$dir/$name.log"  # after the earlier slices' logs
     tar -czf "$out/$(archive_of "$name")" -C "$out" "$name" &&
       rm -rf "${dir:?}" "$log"
   fi
