@@ -423,6 +423,8 @@ def test_eval_extend_tests_only_the_new_tasks(earlier_best_run, tmp_path):
   again = json.loads((grown / "eval.json").read_text())
   assert again["test"] == result["test"]
   assert again["test_per_task"]["values"] == result["test_per_task"]["values"]
+  # It still records the extension from 10, not one from 50 to 50.
+  assert again["extended_from"] == 10
 
 
 def test_eval_extend_without_a_recorded_test_tests_every_task(

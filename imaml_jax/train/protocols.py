@@ -136,6 +136,30 @@ def format_test(results: dict) -> str:
   return "\n".join(lines)
 
 
+def _extension_record(recorded: dict, per_task: dict) -> dict:
+  """``{"extended_from": m}`` for a recorded test of ``m`` tasks that grew
+  to those of ``per_task``; a test that did not grow keeps the record it
+  had (none, or the size it was extended from before).
+
+  Example:
+    >>> _extension_record({"test_per_task": {"values": [1, 2]}},
+    ...                   {"values": [1, 2, 3]})
+    {'extended_from': 2}
+    >>> _extension_record(
+    ...   {"test_per_task": {"values": [1, 2, 3]}, "extended_from": 2},
+    ...   {"values": [1, 2, 3]})
+    {'extended_from': 2}
+    >>> _extension_record({"test_per_task": {"values": [1]}}, {"values": [1]})
+    {}
+  """
+  m = len(recorded["test_per_task"]["values"])
+  if m < len(per_task["values"]):
+    return {"extended_from": m}
+  if "extended_from" in recorded:
+    return {"extended_from": recorded["extended_from"]}
+  return {}
+
+
 def eval_file_name(
   overrides: Sequence[str] = (),
   split: str | None = None,
@@ -346,7 +370,9 @@ def evaluate_workdir(
   ``n_tasks`` tasks, of the same checkpoint, best validation, protocol
   settings and overrides, only tasks ``m`` and on are tested and pooled
   with it (``evaluation.final_test(recorded=...)``), which is the test of
-  all ``n_tasks`` up to rounding; ``extended_from`` records ``m``. Without
+  all ``n_tasks`` up to rounding; ``extended_from`` records ``m`` (where
+  ``m`` is ``n_tasks`` nothing is tested and the file keeps what it
+  recorded). Without
   such a file every task is tested. A 3,000-task test grows to 6,000 in
   the time of 3,000 more.
 
@@ -425,7 +451,7 @@ def evaluate_workdir(
     "test_per_task": outcome.test_per_task,
   }
   if recorded is not None:
-    results["extended_from"] = len(recorded["test_per_task"]["values"])
+    results.update(_extension_record(recorded, outcome.test_per_task))
   workdir_lib.write_json(path, results)
   log(format_test(results))
   return results
