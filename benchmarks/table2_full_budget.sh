@@ -104,10 +104,12 @@ cell_folder() {  # cell_folder ARCHIVE: the one folder it holds, a cell's
 }
 
 unpack() {  # unpack FROM ROOT: each archive of FROM replaces its cell in ROOT
-  local from=$1 into=$2 archive top found=0
+  local from=$1 into=$2 archive top
+  if ! compgen -G "$from/omniglot_*.tar.gz" > /dev/null; then
+    echo "table2_full_budget.sh: no omniglot_*.tar.gz in $from" >&2
+    return 2
+  fi
   for archive in "$from"/omniglot_*.tar.gz; do
-    [ -f "$archive" ] || continue
-    found=1
     top=$(cell_folder "$archive") || return 2
     mkdir -p "$into" && rm -rf "${into:?}/$top" &&
       tar -xzf "$archive" -C "$into" || return 2
@@ -124,10 +126,6 @@ unpack() {  # unpack FROM ROOT: each archive of FROM replaces its cell in ROOT
   for top in "$into"/xla/omniglot_*; do
     if [ -d "$top" ] && tested "$into/${top##*/}"; then rm -rf "$top"; fi
   done
-  if [ "$found" = 0 ]; then
-    echo "table2_full_budget.sh: no omniglot_*.tar.gz in $from" >&2
-    return 2
-  fi
 }
 
 if [ "$out" = --unpack ]; then
