@@ -87,9 +87,9 @@ tested() {  # tested DIR: finished, and tested under the three measurements
   done
 }
 
-archive_of() {  # archive_of NAME: its archive's file name
+file_name_of() {  # file_name_of NAME: NAME with '+' -> '__' and '=' -> '-'
   local name=${1//+/__}
-  echo "${name//=/-}.tar.gz"
+  echo "${name//=/-}"
 }
 
 cell_folder() {  # cell_folder ARCHIVE: the one folder it holds, a cell's
@@ -192,7 +192,7 @@ start=$(date +%s)
 for cell in "${CELLS[@]}"; do
   name=omniglot_$cell
   dir="$out/$name" cache="$out/xla/$name"
-  log="$out/$(archive_of "$name" | sed 's/\.tar\.gz$//').log"
+  log="$out/$(file_name_of "$name").log"
   if tested "$root/$name"; then
     say "$name: finished and tested"
     continue
@@ -234,7 +234,7 @@ for cell in "${CELLS[@]}"; do
     tail -n 14 | tee -a "$out/slice.log"
   if [ -d "$dir" ]; then
     cat "$log" >> "$dir/$name.log"  # after the earlier slices' logs
-    tar -czf "$out/$(archive_of "$name")" -C "$out" "$name" &&
+    tar -czf "$out/$(file_name_of "$name").tar.gz" -C "$out" "$name" &&
       rm -rf "${dir:?}" "$log"
   fi
 done

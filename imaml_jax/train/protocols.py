@@ -371,8 +371,8 @@ def evaluate_workdir(
   settings and overrides, only tasks ``m`` and on are tested and pooled
   with it (``evaluation.final_test(recorded=...)``), which is the test of
   all ``n_tasks`` up to rounding; ``extended_from`` records ``m`` (where
-  ``m`` is ``n_tasks`` nothing is tested and the file keeps what it
-  recorded). Without
+  ``m`` is ``n_tasks`` nothing is tested, and the file keeps its scores and
+  the ``extended_from`` it had). Without
   such a file every task is tested. A 3,000-task test grows to 6,000 in
   the time of 3,000 more.
 
