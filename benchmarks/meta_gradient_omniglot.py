@@ -27,13 +27,23 @@ the query loss and accuracy at ``phi_K`` and ``phi*``, and, for scale, the
 cosine between the mean ``g*`` of two independent batches: how much the
 meta-gradient changes from one batch of tasks to the next.
 
+``--variant KEY=VALUE[,KEY=VALUE]`` (repeatable) measures, against the same
+``g*``, the gradient of the run's config with inner-loop or CG fields
+changed (``VARIANT_FIELDS``), such as ``inner_steps=64`` or
+``inner=nesterov``: how exact the meta-gradient would be with another inner
+loop at the same meta-parameters. One row a parameter set and variant, the
+run's own first, in ``meta_gradient_omniglot[_<tag>]_variants.csv``.
+
     python benchmarks/meta_gradient_omniglot.py     # the published model
     python benchmarks/meta_gradient_omniglot.py --workdir benchmarks/runs/omniglot_5w1s_imaml_gd \\
         --tag 5w1s_cpu
+    python benchmarks/meta_gradient_omniglot.py --tag inner_loops \\
+        --variant inner_steps=32 --variant inner_steps=64 --variant inner=nesterov
     python benchmarks/meta_gradient_omniglot.py --quick   # random images
 
 Writes ``benchmarks/results/meta_gradient_omniglot[_<tag>].{csv,json}``
-(one row a parameter set; the JSON also holds each task's numbers).
+(one row a parameter set; the JSON also holds each task's numbers: its
+scalars, and each gradient's norm and relative error against ``g*``).
 """
 
 from __future__ import annotations
@@ -61,6 +71,24 @@ DEFAULT_RUN = os.path.join(
   HERE, "runs_gpu_h200", "stability_5w1s_constant_eps1e-3_mb32"
 )
 GRADIENTS = ("run", "inner_part", "cg_part", "star", "star_check")
+# What --variant may change: how the inner loop and CG run, not the problem
+# they solve (lam, the damping and the data stay the run's).
+VARIANT_FIELDS = (
+  "inner",
+  "inner_steps",
+  "inner_lr",
+  "inner_backtrack",
+  "inner_momentum",
+  "hf_cg_steps",
+  "cg_steps",
+  "cg_stop_at_negative_curvature",
+)
+VARIANT_SCALARS = (
+  "prox_grad_rel",
+  "cg_residual",
+  "query_loss",
+  "query_accuracy",
+)
 
 
 def given(phi) -> im.InnerSolver:
@@ -70,12 +98,15 @@ def given(phi) -> im.InnerSolver:
   )
 
 
-def task_numbers(config, loss, run_algorithm, theta, task, args):
+def task_numbers(config, loss, run_algorithm, theta, task, args, variants=()):
   """The five gradients of one task (flat) and its scalar diagnostics.
 
   The run's gradient is the run's system solved at its own ``phi_K``
   (``run_algorithm.adapt``), which is what ``run_algorithm.task_gradient``
   computes; ``phi_K`` is run once and serves the inner loop's part too.
+  Each of ``variants``, an ``(algorithm, linear solver)`` pair, adds the
+  gradient ``variant<i>`` computed the same way with its inner loop and
+  solver, and its scalars ``variant<i>_<name>`` (``VARIANT_SCALARS``).
   """
   support_loss = lambda p, _: loss(p, task.support)[0]
   objective = im.proximal_objective(support_loss, theta, None, config.lam)
@@ -126,6 +157,15 @@ def task_numbers(config, loss, run_algorithm, theta, task, args):
     "query_accuracy_k": run_metrics["accuracy_after"],
     "query_accuracy_star": star_metrics["accuracy_after"],
   }
+  for i, (algorithm, solver) in enumerate(variants):
+    phi_v = algorithm.adapt(loss, theta, task.support)
+    gradients[f"variant{i}"], metrics = gradient(phi_v, solver)
+    scalars[f"variant{i}_prox_grad_rel"] = (
+      proximal_gradient_norm(phi_v) / at_theta
+    )
+    scalars[f"variant{i}_cg_residual"] = metrics["residual"]
+    scalars[f"variant{i}_query_loss"] = metrics["loss_after"]
+    scalars[f"variant{i}_query_accuracy"] = metrics["accuracy_after"]
   return gradients, scalars
 
 
@@ -138,10 +178,11 @@ def relative_error(a, reference) -> float:
 
 
 def batch_report(gradients: dict) -> dict:
-  """Errors against ``g*``: per task (median) and of the batch means."""
+  """Errors against ``g*``: per task (median) and of the batch means, for
+  every gradient of ``gradients`` but ``g*`` itself."""
   star = gradients["star"].astype(np.float64)
   out = {}
-  for name in GRADIENTS:
+  for name in gradients:
     if name == "star":
       continue
     g = gradients[name].astype(np.float64)
@@ -152,6 +193,21 @@ def batch_report(gradients: dict) -> dict:
     out[f"{name}_task_cosine_min"] = float(np.min(per_task_cos))
     out[f"{name}_mean_rel_error"] = relative_error(g.mean(0), star.mean(0))
     out[f"{name}_mean_cosine"] = cosine(g.mean(0), star.mean(0))
+  return out
+
+
+def task_errors(batches: list[dict]) -> dict:
+  """Per task, over the batches in order: the norm of every gradient
+  (``<name>_norm``) and its relative error against ``g*``
+  (``<name>_rel_error``), as lists."""
+  out = {}
+  for name in batches[0]:
+    g = np.concatenate([b[name] for b in batches]).astype(np.float64)
+    out[f"{name}_norm"] = np.linalg.norm(g, axis=1).tolist()
+    if name != "star":
+      star = np.concatenate([b["star"] for b in batches]).astype(np.float64)
+      error = np.linalg.norm(g - star, axis=1) / np.linalg.norm(star, axis=1)
+      out[f"{name}_rel_error"] = error.tolist()
   return out
 
 
@@ -199,11 +255,23 @@ def main(argv=None):
     action="store_true",
     help="random images, 2 tasks a batch, 20 reference steps, CG(10)",
   )
+  parser.add_argument(
+    "--variant",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE[,KEY=VALUE]",
+    help="also the gradient of the run's config with these fields changed "
+    f"({', '.join(VARIANT_FIELDS)}), e.g. inner_steps=64; repeatable",
+  )
   parser.add_argument("--tag", default=None)
   parser.add_argument("--out", default=RESULTS)
   args = parser.parse_args(argv)
   if args.batches < 1 or args.ref_inner_steps < 1 or args.ref_cg_steps < 1:
     parser.error("--batches, --ref-inner-steps and --ref-cg-steps must be >= 1")
+  try:
+    variant_overrides = [parse_variant(text) for text in args.variant]
+  except ValueError as e:
+    parser.error(str(e))
 
   try:
     stored, path = train.load_run(args.workdir)
@@ -215,6 +283,13 @@ def main(argv=None):
       f"{args.workdir} is a {config.dataset} {config.algorithm} run; this "
       "script diagnoses Omniglot iMAML runs"
     )
+  try:
+    variants = [
+      train.apply_overrides(config, overrides)
+      for overrides in variant_overrides
+    ]
+  except train.ConfigError as e:
+    parser.error(f"--variant: {e}")
   if args.quick:
     args.ref_inner_steps, args.ref_cg_steps = 20, 10
     config = train.apply_overrides(config, ["meta_batch=2"])
@@ -222,13 +297,16 @@ def main(argv=None):
   else:
     data_dir = exp_lib.resolve_data_dir(config, args.data_dir)
     images = exp_lib.load_data(config, data_dir).train
+  variant_solvers = [
+    (exp_lib.algorithm(v), exp_lib.linear_solver(v)) for v in variants
+  ]
   exp = exp_lib.build(config, None)
   points = load_points(path, stored, exp)
   images = jnp.asarray(images)
   per_task = jax.jit(
     jax.vmap(
       lambda theta, task: task_numbers(
-        config, exp.loss, exp.algorithm, theta, task, args
+        config, exp.loss, exp.algorithm, theta, task, args, variant_solvers
       ),
       in_axes=(None, 0),
     )
@@ -239,7 +317,7 @@ def main(argv=None):
     f"checked GD steps, CG({args.ref_cg_steps}); {args.batches} batches of "
     f"{config.meta_batch} meta-training tasks; checkpoint {path}"
   )
-  rows, tasks_out = [], {}
+  rows, variant_rows, tasks_out = [], [], {}
   for label, theta in points.items():
     start = time.perf_counter()
     batches = []
@@ -249,13 +327,15 @@ def main(argv=None):
       batches.append((gradients, scalars))
     row = {"parameters": label, "tasks": args.batches * config.meta_batch}
     reports = [batch_report(g) for g, _ in batches]
-    for key in reports[0]:
-      row[key] = float(np.median([r[key] for r in reports]))
+    report = {k: float(np.median([r[k] for r in reports])) for k in reports[0]}
+    row.update({k: v for k, v in report.items() if not k.startswith("variant")})
     scalars = {
       k: np.concatenate([np.asarray(s[k]) for _, s in batches])
       for k in batches[0][1]
     }
     for key, values in scalars.items():
+      if key.startswith("variant"):
+        continue
       row[f"{key}_median"] = float(np.median(values))
       row[f"{key}_mean"] = float(np.mean(values))
       row[f"{key}_max"] = float(np.max(values))
@@ -273,8 +353,75 @@ def main(argv=None):
     row["seconds"] = time.perf_counter() - start
     rows.append(row)
     tasks_out[label] = {k: v.tolist() for k, v in scalars.items()}
+    tasks_out[label].update(task_errors([g for g, _ in batches]))
     print(summary_line(row))
-  write(args, rows, tasks_out, config)
+    for i, variant in enumerate([config, *variants]):
+      prefix = "run" if i == 0 else f"variant{i - 1}"
+      variant_rows.append(
+        variant_row(label, variant, config, prefix, report, scalars)
+      )
+      print("  " + variant_line(variant_rows[-1]))
+  write(args, rows, tasks_out, config, variant_rows if variants else [])
+
+
+def parse_variant(text: str) -> list[str]:
+  """``"inner_steps=64,inner=nesterov"`` -> its overrides, each a field of
+  ``VARIANT_FIELDS``.
+
+  Raises:
+    ValueError: an item that is not ``KEY=VALUE`` or a field outside them.
+  """
+  overrides = [item.strip() for item in text.split(",") if item.strip()]
+  if not overrides:
+    raise ValueError(f"--variant {text!r} changes nothing")
+  for item in overrides:
+    key, sep, _ = item.partition("=")
+    if not sep or key.strip() not in VARIANT_FIELDS:
+      raise ValueError(
+        f"--variant {item!r}: give KEY=VALUE with KEY one of "
+        f"{', '.join(VARIANT_FIELDS)}"
+      )
+  return overrides
+
+
+def variant_row(label, variant, config, prefix, report, scalars) -> dict:
+  """One parameter set's numbers for the run's gradient (``prefix`` "run")
+  or a variant's: its error against ``g*`` and its scalars' means."""
+  changed = {
+    k: getattr(variant, k)
+    for k in VARIANT_FIELDS
+    if getattr(variant, k) != getattr(config, k)
+  }
+  own = {
+    "prox_grad_rel": "prox_grad_rel_k",
+    "cg_residual": "cg_residual_run",
+    "query_loss": "query_loss_k",
+    "query_accuracy": "query_accuracy_k",
+  }
+  row = {
+    "parameters": label,
+    "variant": ", ".join(f"{k}={v}" for k, v in changed.items())
+    or "as trained",
+    "algorithm": exp_lib.algorithm(variant).name,
+  }
+  for key in ("mean_rel_error", "mean_cosine", "task_rel_error_median"):
+    row[key] = report[f"{prefix}_{key}"]
+  for name in VARIANT_SCALARS:
+    key = own[name] if prefix == "run" else f"{prefix}_{name}"
+    row[f"{name}_median"] = float(np.median(scalars[key]))
+    row[f"{name}_mean"] = float(np.mean(scalars[key]))
+  return row
+
+
+def variant_line(row: dict) -> str:
+  return (
+    f"{row['variant']} ({row['algorithm']}): batch mean against g* "
+    f"{row['mean_rel_error']:.3f} (cos {row['mean_cosine']:.4f}), per task "
+    f"median {row['task_rel_error_median']:.3f}; |grad G| rel. "
+    f"{row['prox_grad_rel_median']:.2e}; CG residual "
+    f"{row['cg_residual_median']:.3f}; query loss {row['query_loss_mean']:.4f}, "
+    f"accuracy {row['query_accuracy_mean']:.4f}"
+  )
 
 
 def summary_line(row: dict) -> str:
@@ -299,7 +446,7 @@ def summary_line(row: dict) -> str:
   return text + f" ({row['seconds']:.0f} s)"
 
 
-def write(args, rows, tasks_out, config) -> None:
+def write(args, rows, tasks_out, config, variant_rows=()) -> None:
   os.makedirs(args.out, exist_ok=True)
   stem = "meta_gradient_omniglot"
   if args.tag:
@@ -311,6 +458,11 @@ def write(args, rows, tasks_out, config) -> None:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
+  if variant_rows:  # per parameter set: the run's own row, its variants'
+    with open(stem + "_variants.csv", "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=list(variant_rows[0]))
+      writer.writeheader()
+      writer.writerows(variant_rows)
   with open(stem + ".json", "w") as f:
     json.dump(
       {
@@ -323,12 +475,15 @@ def write(args, rows, tasks_out, config) -> None:
         "ref_cg_steps": args.ref_cg_steps,
         "backend": jax.default_backend(),
         "rows": rows,
+        "variants": list(variant_rows),
         "tasks": tasks_out,
       },
       f,
       indent=1,
     )
   print(f"wrote {stem}.csv and {stem}.json")
+  if variant_rows:
+    print(f"wrote {stem}_variants.csv")
 
 
 if __name__ == "__main__":

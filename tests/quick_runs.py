@@ -26,7 +26,12 @@ QUICK_RUNS = {
   "throughput": ["throughput.py", "--quick"],
   "sinusoid_diagnosis": ["sinusoid_diagnosis.py", "--quick"],
   "stability_diagnostics": ["stability_diagnostics.py", "--quick"],
-  "meta_gradient_omniglot": ["meta_gradient_omniglot.py", "--quick"],
+  "meta_gradient_omniglot": [
+    "meta_gradient_omniglot.py",
+    "--quick",
+    "--variant",
+    "inner_steps=20",
+  ],
   "compile_time": ["compile_time.py", "--quick"],
   "step_variants": ["step_variants.py", "--quick"],
   "memory_vs_steps": ["memory_vs_steps.py", "--quick", "--algorithms", "maml"],

@@ -269,6 +269,43 @@ def test_meta_gradient_omniglot_quick(quick_run):
     assert float(r["run_mean_rel_error"]) > 0.0  # 16 steps, CG(5): inexact.
     assert -1.0 <= float(r["star_batch_to_batch_cosine"]) <= 1.0 + 1e-9
   assert "batch mean against g*" in stdout
+  # --variant inner_steps=20: per parameter set the run's own row, then it.
+  variants = read_csv(out / "meta_gradient_omniglot_quick_variants.csv")
+  assert [(r["parameters"], r["variant"]) for r in variants] == [
+    (rows[0]["parameters"], "as trained"),
+    (rows[0]["parameters"], "inner_steps=20"),
+    (rows[1]["parameters"], "as trained"),
+    (rows[1]["parameters"], "inner_steps=20"),
+  ]
+  for own, variant, r in zip(variants[::2], variants[1::2], rows):
+    assert own["mean_rel_error"] == r["run_mean_rel_error"]
+    assert own["prox_grad_rel_median"] == r["prox_grad_rel_k_median"]
+    assert "gd(steps=16," in own["algorithm"]
+    assert "gd(steps=20," in variant["algorithm"]
+    assert float(variant["mean_rel_error"]) != float(own["mean_rel_error"])
+  per_task = json.loads((out / "meta_gradient_omniglot_quick.json").read_text())
+  for r in rows:
+    numbers = per_task["tasks"][r["parameters"]]
+    for name in ("run", "variant0", "star_check"):
+      assert len(numbers[f"{name}_rel_error"]) == int(r["tasks"])
+      assert min(numbers[f"{name}_norm"]) > 0.0
+    assert len(numbers["star_norm"]) == int(r["tasks"])
+
+
+def test_meta_gradient_omniglot_task_errors():
+  """Per task, in batch order: norms, and errors against ``g*``."""
+  mg = import_benchmark("meta_gradient_omniglot")
+  star = np.array([[3.0, 4.0], [1.0, 0.0]])
+  run = np.array([[3.0, 0.0], [1.0, 0.0]])
+  batches = [
+    {"star": star[:1], "run": run[:1]},
+    {"star": star[1:], "run": run[1:]},
+  ]
+  out = mg.task_errors(batches)
+  np.testing.assert_allclose(out["star_norm"], [5.0, 1.0])
+  np.testing.assert_allclose(out["run_norm"], [3.0, 1.0])
+  np.testing.assert_allclose(out["run_rel_error"], [0.8, 0.0])
+  assert "star_rel_error" not in out
 
 
 def test_meta_gradient_omniglot_against_closed_form(x64):
@@ -293,7 +330,13 @@ def test_meta_gradient_omniglot_against_closed_form(x64):
   args = types.SimpleNamespace(ref_inner_steps=400, ref_cg_steps=5)
   run = im.imaml(lam, im.gd(3, lr), im.cg(1))
   theta = jnp.asarray(np.random.default_rng(1).normal(size=5))
-  grads, scalars = mg.task_numbers(config, loss, run, theta, task, args)
+  # Variants: the run's own inner loop and CG again, then an inner loop
+  # and CG long enough to be exact (CG(5) is exact in 5 dimensions).
+  converged = im.imaml(lam, im.gd(400, lr), im.cg(5))
+  variants = ((run, im.cg(1)), (converged, im.cg(5)))
+  grads, scalars = mg.task_numbers(
+    config, loss, run, theta, task, args, variants
+  )
   # The run's gradient is the run's own task gradient, computed once.
   np.testing.assert_allclose(
     grads["run"], run.task_gradient(loss, theta, task)[0], rtol=1e-12
@@ -324,8 +367,22 @@ def test_meta_gradient_omniglot_against_closed_form(x64):
     < scalars["cg_residual_run"]
   )
 
+  np.testing.assert_allclose(grads["variant0"], grads["run"], rtol=1e-12)
+  for name in ("prox_grad_rel", "cg_residual", "query_loss"):
+    own = {"prox_grad_rel": "prox_grad_rel_k", "cg_residual": "cg_residual_run"}
+    np.testing.assert_allclose(
+      scalars[f"variant0_{name}"],
+      scalars[own.get(name, "query_loss_k")],
+      rtol=1e-12,
+    )
+  np.testing.assert_allclose(grads["variant1"], g_star, rtol=1e-8)
+  assert scalars["variant1_prox_grad_rel"] < 1e-8
+  assert scalars["variant1_cg_residual"] < 1e-8
+
   batch = {k: np.asarray(v)[None] for k, v in grads.items()}
   report = mg.batch_report(batch)
+  assert report["variant0_mean_rel_error"] == report["run_mean_rel_error"]
+  assert report["variant1_mean_rel_error"] < 1e-8
   assert report["star_check_mean_rel_error"] < 1e-8
   assert report["run_mean_rel_error"] > 1e-3
   assert report["cg_part_mean_rel_error"] > 1e-3  # one CG step at phi*
@@ -339,6 +396,13 @@ def test_meta_gradient_omniglot_against_closed_form(x64):
     (["--ref-cg-steps", "0"], "must be >= 1"),
     (["--workdir", "{tmp}/none"], "holds no run"),
     (["--workdir", "{tmp}/sinusoid"], "is a sinusoid imaml run"),
+    (["--variant", "lam=3"], "KEY one of inner, inner_steps"),
+    (["--variant", "inner_steps"], "give KEY=VALUE"),
+    (["--variant", ","], "changes nothing"),
+    (
+      ["--workdir", "{tmp}/omniglot", "--variant", "inner_steps=0"],
+      "--variant:",
+    ),
   ],
 )
 def test_meta_gradient_omniglot_refuses_bad_requests(
@@ -352,6 +416,11 @@ def test_meta_gradient_omniglot_refuses_bad_requests(
     json.dumps(config_lib.to_dict(config_lib.get_config("sinusoid")))
   )
   (run / "checkpoints" / "checkpoint_000000001.ckpt").write_bytes(b"")
+  omniglot = tmp_path / "omniglot"
+  (omniglot / "checkpoints").mkdir(parents=True)
+  config = config_lib.get_config("omniglot_5w1s_imaml_gd")
+  (omniglot / "config.json").write_text(json.dumps(config_lib.to_dict(config)))
+  (omniglot / "checkpoints" / "checkpoint_000000001.ckpt").write_bytes(b"")
   with pytest.raises(SystemExit):
     mg.main([a.format(tmp=tmp_path) for a in argv])
   assert message in capsys.readouterr().err
