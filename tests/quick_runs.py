@@ -32,6 +32,7 @@ QUICK_RUNS = {
     "--variant",
     "inner_steps=20",
   ],
+  "inner_loop_stall": ["inner_loop_stall.py", "--quick"],
   "compile_time": ["compile_time.py", "--quick"],
   "step_variants": ["step_variants.py", "--quick"],
   "memory_vs_steps": ["memory_vs_steps.py", "--quick", "--algorithms", "maml"],

@@ -426,6 +426,98 @@ def test_meta_gradient_omniglot_refuses_bad_requests(
   assert message in capsys.readouterr().err
 
 
+def test_inner_loop_stall_quick(quick_run):
+  """The published model's last parameters on random images: every
+  quantity, proximal gradients first, then each probe by its step size."""
+  stdout, out = quick_run("inner_loop_stall")
+  rows = read_csv(out / "inner_loop_stall_quick.csv")
+  names = [r["quantity"] for r in rows]
+  assert names[:5] == [
+    "prox_grad_rel_checked",
+    "prox_grad_rel_newton_cg",
+    "prox_grad_rel_plain_lr0.01",
+    "prox_grad_rel_plain_lr0.02",
+    "prox_grad_rel_restarted",
+  ]
+  assert names[5:11] == [f"armijo_ratio_k{k}" for k in (0, 2, 4, 6, 8, 10)]
+  assert names[11:] == [f"felt_curvature_k{k}" for k in (0, 2, 4, 6, 8, 10)]
+  for r in rows:
+    assert float(r["min"]) <= float(r["median"]) <= float(r["max"])
+  # Random images give a smooth objective at small steps: the ratio -> 1.
+  assert 0.9 < float(rows[10]["median"]) <= 1.0 + 1e-6
+  assert "last (step 20000)" in stdout
+
+
+def test_inner_loop_stall_step_probe_closed_forms(x64):
+  """On a quadratic the felt curvature is ``g^T A g / ||g||^2`` at every
+  step size; next to the kink of ``|x| + lam/2 (x - 0.1)^2`` a large step
+  raises the objective and the felt curvature falls to ``lam`` only for
+  steps that stay on the smooth side."""
+  stall = import_benchmark("inner_loop_stall")
+  a = jnp.array([1.0, 4.0])
+  quadratic = lambda x: 0.5 * jnp.sum(a * x**2)
+  phi = jnp.array([1.0, 1.0])
+  out = stall.step_probe(quadratic, phi, 0.1, (0, 3))
+  g = a * phi
+  curvature = float(g @ (a * g) / (g @ g))
+  for k in (0, 3):
+    np.testing.assert_allclose(
+      out[f"felt_curvature_k{k}"], curvature, rtol=1e-12
+    )
+    eta = 0.1 * 0.5**k
+    np.testing.assert_allclose(
+      out[f"armijo_ratio_k{k}"], 1 - eta * curvature / 2, rtol=1e-12
+    )
+
+  lam = 2.0
+  kink = lambda x: jnp.sum(jnp.abs(x) + lam / 2 * (x - 0.1) ** 2)
+  x = jnp.array([1e-3])
+  out = stall.step_probe(kink, x, 0.05, (0, 9))
+  grad = 1.0 + lam * (1e-3 - 0.1)
+  stepped = 1e-3 - 0.05 * grad  # across the kink
+  value = lambda y: abs(y) + lam / 2 * (y - 0.1) ** 2
+  ratio = (value(1e-3) - value(stepped)) / (0.05 * grad**2)
+  assert ratio < 0
+  np.testing.assert_allclose(out["armijo_ratio_k0"], ratio, rtol=1e-10)
+  assert out["felt_curvature_k0"] > 20 * lam
+  np.testing.assert_allclose(out["felt_curvature_k9"], lam, rtol=1e-8)
+
+
+def test_inner_loop_stall_probe_task_on_a_quadratic(x64):
+  """A smooth, well-conditioned proximal objective: every method
+  converges, and the restarted loop no worse than the first."""
+  stall = import_benchmark("inner_loop_stall")
+  a = jnp.array([0.5, 1.0, 3.0])
+  theta = jnp.array([1.0, -2.0, 0.5])
+  objective = lambda x: (
+    0.5 * jnp.sum(a * (x - 1.0) ** 2) + jnp.sum((x - theta) ** 2)
+  )
+  settings = types.SimpleNamespace(
+    steps=200, lr=0.05, halvings=(0,), plain_steps=1000, plain_lr=(0.05,)
+  )
+  out = stall.probe_task(objective, theta, settings)
+  assert out["prox_grad_rel_checked"] < 1e-6
+  assert out["prox_grad_rel_restarted"] < 1e-10
+  assert out["prox_grad_rel_plain_lr0.05"] < 1e-10
+  assert out["prox_grad_rel_newton_cg"] < 1e-10
+
+
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (["--steps", "0"], "must be >= 1"),
+    (["--halvings", "-1"], "--halvings must be >= 0"),
+    (["--plain-lr", "0"], "--plain-lr positive"),
+    (["--workdir", "{tmp}/none"], "holds no run"),
+  ],
+)
+def test_inner_loop_stall_refuses_bad_requests(tmp_path, capsys, argv, message):
+  stall = import_benchmark("inner_loop_stall")
+  with pytest.raises(SystemExit):
+    stall.main([a.format(tmp=tmp_path) for a in argv])
+  assert message in capsys.readouterr().err
+
+
 def test_curvature_refuses_a_non_positive_cg_count(capsys):
   curvature = import_benchmark("curvature")
   with pytest.raises(SystemExit):
