@@ -103,18 +103,42 @@ def quantity_order(name: str) -> tuple:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default=mg.DEFAULT_RUN)
-  parser.add_argument("--steps", type=int, default=200)
   parser.add_argument(
-    "--halvings", type=int, nargs="+", default=[0, 2, 4, 6, 8, 10]
+    "--workdir", default=mg.DEFAULT_RUN, help="an Omniglot iMAML run"
   )
-  parser.add_argument("--plain-steps", type=int, default=1000)
-  parser.add_argument("--plain-lr", type=float, nargs="+", default=[0.01, 0.02])
-  parser.add_argument("--seed", type=int, default=1)
-  parser.add_argument("--data-dir", default=None)
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--tag", default=None)
-  parser.add_argument("--out", default=RESULTS)
+  parser.add_argument(
+    "--steps", type=int, default=200, help="checked GD steps before the probe"
+  )
+  parser.add_argument(
+    "--halvings",
+    type=int,
+    nargs="+",
+    default=[0, 2, 4, 6, 8, 10],
+    help="probe steps of the run's inner lr times 2^-k for these k",
+  )
+  parser.add_argument(
+    "--plain-steps", type=int, default=1000, help="plain GD steps from theta"
+  )
+  parser.add_argument(
+    "--plain-lr",
+    type=float,
+    nargs="+",
+    default=[0.01, 0.02],
+    help="plain GD step sizes",
+  )
+  parser.add_argument("--seed", type=int, default=1, help="task sampling")
+  parser.add_argument(
+    "--data-dir",
+    default=None,
+    help="Omniglot folder (default: $IMAML_OMNIGLOT_DIR)",
+  )
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="random images, 2 tasks, 5 steps (a smoke test)",
+  )
+  parser.add_argument("--tag", default=None, help="suffix of the file names")
+  parser.add_argument("--out", default=RESULTS, help="output folder")
   args = parser.parse_args(argv)
   if args.steps < 1 or args.plain_steps < 1:
     parser.error("--steps and --plain-steps must be >= 1")
