@@ -144,23 +144,12 @@ def main(argv=None):
     parser.error("--steps and --plain-steps must be >= 1")
   if min(args.halvings) < 0 or min(args.plain_lr) <= 0:
     parser.error("--halvings must be >= 0 and --plain-lr positive")
-  try:
-    config, path = train.load_run(args.workdir)
-  except train.WorkdirError as e:
-    parser.error(str(e))
-  if config.dataset != "omniglot" or config.algorithm != "imaml":
-    parser.error(
-      f"{args.workdir} is a {config.dataset} {config.algorithm} run; this "
-      "script probes Omniglot iMAML runs"
-    )
+  config, path = mg.load_imaml_run(parser, args.workdir)
+  sampled = config
   if args.quick:
     args.steps, args.plain_steps = 5, 5
     sampled = train.apply_overrides(config, ["meta_batch=2"])
-    images = mg.random_images(config)
-  else:
-    sampled = config
-    data_dir = exp_lib.resolve_data_dir(config, args.data_dir)
-    images = exp_lib.load_data(config, data_dir).train
+  images = mg.meta_training_images(config, args.data_dir, args.quick)
   args.lr = config.inner_lr
   exp = exp_lib.build(sampled, None)
   label, theta = list(mg.load_points(path, config, exp).items())[-1]

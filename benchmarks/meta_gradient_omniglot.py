@@ -200,13 +200,14 @@ def task_errors(batches: list[dict]) -> dict:
   """Per task, over the batches in order: the norm of every gradient
   (``<name>_norm``) and its relative error against ``g*``
   (``<name>_rel_error``), as lists."""
+  star = np.concatenate([b["star"] for b in batches]).astype(np.float64)
+  star_norm = np.linalg.norm(star, axis=1)
   out = {}
   for name in batches[0]:
     g = np.concatenate([b[name] for b in batches]).astype(np.float64)
     out[f"{name}_norm"] = np.linalg.norm(g, axis=1).tolist()
     if name != "star":
-      star = np.concatenate([b["star"] for b in batches]).astype(np.float64)
-      error = np.linalg.norm(g - star, axis=1) / np.linalg.norm(star, axis=1)
+      error = np.linalg.norm(g - star, axis=1) / star_norm
       out[f"{name}_rel_error"] = error.tolist()
   return out
 
@@ -220,6 +221,30 @@ def load_points(path, config, exp) -> dict:
     points[f"best (step {int(best['step'])})"] = best["params"]
   points[f"last (step {step})"] = last
   return points
+
+
+def load_imaml_run(parser, workdir):
+  """The config and last checkpoint of the Omniglot iMAML run in
+  ``workdir``; anything else is refused through ``parser.error``."""
+  try:
+    config, path = train.load_run(workdir)
+  except train.WorkdirError as e:
+    parser.error(str(e))
+  if config.dataset != "omniglot" or config.algorithm != "imaml":
+    parser.error(
+      f"{workdir} is a {config.dataset} {config.algorithm} run; this "
+      "script diagnoses Omniglot iMAML runs"
+    )
+  return config, path
+
+
+def meta_training_images(config, data_dir, quick: bool):
+  """The meta-training images the run drew its tasks from, or random ones
+  of their shape with ``quick``."""
+  if quick:
+    return random_images(config)
+  data_dir = exp_lib.resolve_data_dir(config, data_dir)
+  return exp_lib.load_data(config, data_dir).train
 
 
 def random_images(config) -> np.ndarray:
@@ -273,16 +298,8 @@ def main(argv=None):
   except ValueError as e:
     parser.error(str(e))
 
-  try:
-    stored, path = train.load_run(args.workdir)
-  except train.WorkdirError as e:
-    parser.error(str(e))
+  stored, path = load_imaml_run(parser, args.workdir)
   config = stored
-  if config.dataset != "omniglot" or config.algorithm != "imaml":
-    parser.error(
-      f"{args.workdir} is a {config.dataset} {config.algorithm} run; this "
-      "script diagnoses Omniglot iMAML runs"
-    )
   try:
     variants = [
       train.apply_overrides(config, overrides)
@@ -293,10 +310,7 @@ def main(argv=None):
   if args.quick:
     args.ref_inner_steps, args.ref_cg_steps = 20, 10
     config = train.apply_overrides(config, ["meta_batch=2"])
-    images = random_images(config)
-  else:
-    data_dir = exp_lib.resolve_data_dir(config, args.data_dir)
-    images = exp_lib.load_data(config, data_dir).train
+  images = meta_training_images(config, args.data_dir, args.quick)
   variant_solvers = [
     (exp_lib.algorithm(v), exp_lib.linear_solver(v)) for v in variants
   ]

@@ -368,12 +368,14 @@ def test_meta_gradient_omniglot_against_closed_form(x64):
   )
 
   np.testing.assert_allclose(grads["variant0"], grads["run"], rtol=1e-12)
-  for name in ("prox_grad_rel", "cg_residual", "query_loss"):
-    own = {"prox_grad_rel": "prox_grad_rel_k", "cg_residual": "cg_residual_run"}
+  own = {
+    "prox_grad_rel": "prox_grad_rel_k",
+    "cg_residual": "cg_residual_run",
+    "query_loss": "query_loss_k",
+  }
+  for name, run_name in own.items():
     np.testing.assert_allclose(
-      scalars[f"variant0_{name}"],
-      scalars[own.get(name, "query_loss_k")],
-      rtol=1e-12,
+      scalars[f"variant0_{name}"], scalars[run_name], rtol=1e-12
     )
   np.testing.assert_allclose(grads["variant1"], g_star, rtol=1e-8)
   assert scalars["variant1_prox_grad_rel"] < 1e-8
