@@ -239,6 +239,97 @@ def test_finished_run_is_not_retrained_and_eval_matches(
   assert again["test"] == results["test"]
 
 
+# A meta learning rate so small that Adam's steps vanish in float32: a run
+# with it keeps the parameters it starts from, bit for bit.
+FROZEN = [
+  "meta_steps=10",
+  "val_every=10",
+  "checkpoint_every=10",
+  "meta_lr=1e-30",
+]
+
+
+@pytest.mark.parametrize("which", ["best", "last"])
+def test_init_from_starts_from_the_source_runs_parameters(
+  reference_run, tmp_path, capsys, which
+):
+  workdir = tmp_path / "fine_tuned"
+  init = [f"init_from={reference_run}", f"init_params={which}"]
+  assert _train(workdir, *FROZEN, *init) == 0
+  _, tree = ckpt_lib.load(
+    ckpt_lib.latest_checkpoint(reference_run / "checkpoints")
+  )
+  source = (
+    tree["best"]["params"] if which == "best" else tree["state"]["params"]
+  )
+  _assert_same_params(_final_params(workdir), source)
+  origin = json.loads((workdir / "results.json").read_text())[
+    "initialised_from"
+  ]
+  reference = json.loads((reference_run / "results.json").read_text())
+  step = reference["best_validation"]["step"] if which == "best" else 300
+  assert origin == {
+    "workdir": str(reference_run),
+    "checkpoint": "checkpoint_000000300.ckpt",
+    "params": which,
+    "step": step,
+    "source_config": "sinusoid",
+    "source_meta_steps": 300,
+  }
+  assert f"Starting from {reference_run}" in capsys.readouterr().out
+  if which == "best":
+    # The same parameters on the same test tasks: the source's test.
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["test"] == reference["test"]
+  # The same command resumes the run from its own checkpoint, keeping the
+  # record of where it started.
+  assert _train(workdir, *FROZEN, *init) == 0
+  again = json.loads((workdir / "results.json").read_text())
+  assert again["initialised_from"] == origin
+  assert again["budget"]["meta_steps_this_run"] == 0
+
+
+def test_init_from_refuses_what_it_cannot_start_from(
+  reference_run, tmp_path, capsys
+):
+  def refusal(*overrides):
+    workdir = tmp_path / "refused"
+    with pytest.raises(SystemExit) as info:
+      _train(workdir, *FROZEN, *overrides)
+    assert info.value.code == 2
+    assert not workdir.exists(), "a refused request wrote its work directory"
+    return capsys.readouterr().err
+
+  assert "holds no run" in refusal(f"init_from={tmp_path / 'nowhere'}")
+  assert "this run's own work directory" in refusal(
+    f"init_from={tmp_path / 'refused'}"
+  )
+  assert "needs init_from" in refusal("init_params=last")
+  assert "init_params must be one of best, last" in refusal(
+    f"init_from={reference_run}", "init_params=first"
+  )
+  # A source whose parameters have other shapes is named, entry and shape.
+  other = tmp_path / "other_network"
+  shutil.copytree(reference_run, other)
+  latest = ckpt_lib.latest_checkpoint(other / "checkpoints")
+  step, tree = ckpt_lib.load(latest)
+  first = sorted(tree["best"]["params"])[0]
+  layer = tree["best"]["params"][first]
+  layer["kernel"] = np.zeros((*layer["kernel"].shape[:-1], 7), np.float32)
+  ckpt_lib.save(other / "checkpoints", step, tree)
+  message = refusal(f"init_from={other}")
+  assert f"'{first}']['kernel']" in message and "(1, 7)" in message
+  # A source that never validated has no best parameters to give.
+  unvalidated = tmp_path / "unvalidated"
+  assert _train(unvalidated, "meta_steps=10", "val_every=0") == 0
+  capsys.readouterr()
+  assert "use init_params=last" in refusal(f"init_from={unvalidated}")
+  # A corrupt source is reported, not read.
+  data = latest.read_bytes()
+  latest.write_bytes(data[: len(data) // 2])
+  assert "truncated" in refusal(f"init_from={other}")
+
+
 class _CountingEvaluator:
   """Scores parameters ``p`` as ``p`` on every task; counts the tests."""
 

@@ -158,6 +158,7 @@ ALGORITHMS = ("imaml", "maml", "fomaml", "reptile")
 INNER_SOLVERS = ("gd", "nesterov", "hessian_free", "gd_then_pull_back", "adam")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "linear")
+INIT_PARAMS = ("best", "last")
 OMNIGLOT_DRAWINGS = 20  # drawings per Omniglot character
 
 
@@ -265,6 +266,16 @@ class Config:
     max_consecutive_skips: stop after this many consecutive meta-steps
       skipped for a non-finite meta-gradient (checked whenever the metrics
       are read, i.e. every ``log_every`` steps).
+    init_from: a finished or interrupted run's work directory whose
+      meta-parameters this run starts from (fine-tuning a published model
+      with another recipe), instead of a fresh initialisation from
+      ``seed``; the outer optimizer starts afresh. Its network must have
+      the same parameter shapes. ``""`` (the default): a fresh start. Only
+      a run that starts anew reads it; a resumed run continues from its own
+      checkpoint.
+    init_params: which of ``init_from``'s parameters: ``"best"`` (its
+      best-validation parameters, what ``imaml-eval`` tests) or ``"last"``
+      (its latest checkpoint's).
   """
 
   name: str = "default"
@@ -317,6 +328,9 @@ class Config:
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3
   max_consecutive_skips: int = 20
+  # Start.
+  init_from: str = ""
+  init_params: str = "best"
 
 
 def _choice(name: str, value: str, choices: Iterable[str]) -> None:
@@ -383,6 +397,12 @@ def validate(config: Config) -> Config:
   _choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
   _choice("conv", config.conv, models.CONV_FORMULATIONS)
   _choice("network", config.network, models.NETWORK_VARIANTS)
+  _choice("init_params", config.init_params, INIT_PARAMS)
+  if config.init_params != "best" and not config.init_from:
+    raise ConfigError(
+      f"init_params={config.init_params!r} needs init_from (a run's work "
+      "directory to start from)."
+    )
   minimum = {
     "n_way": 1,
     "k_shot": 1,
@@ -837,6 +857,8 @@ _ADDED_FIELDS = {
   "reptile_inner_batch": 0,
   "weight_decay": 0.0,
   "log_residual": False,
+  "init_from": "",
+  "init_params": "best",
 }
 
 

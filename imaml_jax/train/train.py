@@ -135,11 +135,12 @@ def train_and_evaluate(
   lead = runtime.is_lead()
   log = (log or tqdm.tqdm.write) if lead else (lambda _: None)
   exp = exp_lib.build(config, exp_lib.load_data(config, data_dir))
-  loop, select, clock.elapsed_before = start_or_resume(exp, latest, log)
+  loop, select, clock.elapsed_before, origin = start_or_resume(exp, latest, log)
   start_step = loop.step
 
   # Everything is checked; from here on the work directory is written.
   metrics = workdir_lib.open_run(workdir, config, start_step, lead)
+  origin = workdir_lib.record_origin(workdir, origin, lead)
   loop.state, loop.sums, train_data, loop.base_key = im.replicate(
     (loop.state, loop.sums, exp.data.train, loop.base_key), mesh
   )
@@ -184,6 +185,7 @@ def train_and_evaluate(
       evaluator.compile_time_s,
       mesh,
     ),
+    origin,
   )
   if lead:
     workdir_lib.write_json(workdir / workdir_lib.RESULTS_FILE, results)
@@ -207,17 +209,29 @@ def start_or_resume(
 ):
   """The loop's first state: fresh, or restored from checkpoint ``latest``.
 
+  A fresh run starts from a new initialisation, or with ``init_from`` from
+  another run's parameters (:func:`workdir.initial_parameters`).
+
   Returns:
-    ``(loop, select, elapsed_before)``: the :class:`periodic.LoopState`
-    (on the host), the model-selection ``(metric, higher_is_better)`` and
-    the wall seconds the run took before this invocation.
+    ``(loop, select, elapsed_before, origin)``: the
+    :class:`periodic.LoopState` (on the host), the model-selection
+    ``(metric, higher_is_better)``, the wall seconds the run took before
+    this invocation, and where a fresh run's parameters came from (``None``
+    when resuming or freshly initialised).
   """
   config = exp.config
   init, _ = im.make_meta_step(
     exp.loss, exp.optimizer, exp.algorithm, has_aux=True
   )
   init_key, base_key = jax.random.split(jax.random.key(config.seed))
-  state = init(exp.init_params(init_key))
+  params, origin = exp.init_params(init_key), None
+  if latest is None and config.init_from:
+    params, origin = workdir_lib.initial_parameters(config, params)
+    log(
+      f"Starting from {origin['workdir']}: its {origin['params']} "
+      f"parameters (meta-step {origin['step']})."
+    )
+  state = init(params)
   shapes = steps_lib.metric_shapes(exp, state, base_key)
   sums = steps_lib.init_sums(shapes)
   # A host copy: the device buffers of ``state`` are donated to each step.
@@ -241,7 +255,7 @@ def start_or_resume(
     base_key=base_key,
     meta_steps=config.meta_steps,
   )
-  return loop, evaluation.score_key(shapes), elapsed_before
+  return loop, evaluation.score_key(shapes), elapsed_before, origin
 
 
 def compile_step(
@@ -309,8 +323,14 @@ def results_record(
   outcome: evaluation.FinalTest,
   select_key: str,
   budget: dict,
+  origin: dict | None = None,
 ) -> dict:
-  """The results of a run (``results.json``)."""
+  """The results of a run (``results.json``).
+
+  ``origin``: with ``init_from``, the run whose parameters this one started
+  from (:func:`workdir.initial_parameters`); its meta-steps come on top of
+  ``budget``'s.
+  """
   best_step = int(loop.best["step"])
   return {
     "config": config_lib.to_dict(exp.config),
@@ -335,4 +355,5 @@ def results_record(
     },
     "statistics": STATISTICS,
     "budget": budget,
+    "initialised_from": origin,
   }

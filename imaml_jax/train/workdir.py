@@ -10,9 +10,13 @@ A run lives in one directory::
   DIR/curves.png         learning curves
   DIR/fits.png           sinusoid only: held-out tasks, true curve, support
                          points, predictions before and after adaptation
+  DIR/init_from.json     with ``init_from`` only: the run, checkpoint and
+                         step whose parameters this run started from
 
 Everything is checked before anything is written (:func:`prepare`); a run
 of the same config resumes from its latest checkpoint (:func:`restore`),
+a new one with ``init_from`` starts from another run's parameters
+(:func:`initial_parameters`),
 also one written before a training metric existed
 (:func:`with_added_metrics`). Only process 0 writes (:func:`open_run`).
 """
@@ -38,6 +42,7 @@ METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"
 FITS_FILE = "fits.png"
+INIT_FILE = "init_from.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -126,6 +131,9 @@ def prepare(
   latest = check_workdir(config, workdir)
   if latest is not None:
     ckpt_lib.load(latest)  # Fails early on a corrupt file.
+  elif config.init_from:  # Fails early on a missing or unfit source.
+    template = exp_lib.build(config, None).init_params(jax.random.key(0))
+    initial_parameters(config, template, workdir)
   return workdir, data_dir, latest
 
 
@@ -147,6 +155,69 @@ def load_run(workdir: str | os.PathLike):
   if latest is None:
     raise WorkdirError(f"{workdir} has no checkpoint yet.")
   return config, latest
+
+
+def initial_parameters(
+  config: config_lib.Config, template, workdir: Path | None = None
+):
+  """The meta-parameters ``config.init_from``'s run gives this one.
+
+  ``config.init_params`` picks that run's best-validation parameters
+  (``"best"``) or those of its latest checkpoint (``"last"``), both read
+  from its latest checkpoint.
+
+  Args:
+    config: this run's config, with ``init_from`` set.
+    template: parameters shaped like this run's (e.g. a fresh
+      initialisation); every array's shape and dtype must match.
+    workdir: this run's work directory, which may not be the source.
+
+  Returns:
+    ``(params, record)``: the parameters, structured like ``template``, and
+    a JSON-compatible record of where they came from (``workdir``,
+    ``checkpoint``, ``params``, ``step``: the meta-step they were taken at,
+    ``source_config``, ``source_meta_steps``: the meta-steps the source had
+    trained).
+
+  Raises:
+    WorkdirError: no run or no checkpoint at ``init_from``, the source is
+      this run's own directory, or ``"best"`` asked of a run that never
+      validated.
+    CheckpointError: the source checkpoint is corrupt, or its parameters
+      do not fit this run's network (the message names the entry).
+  """
+  source = Path(config.init_from).expanduser()
+  if workdir is not None and source.resolve() == workdir.resolve():
+    raise WorkdirError(
+      f"init_from={config.init_from!r} is this run's own work directory; "
+      "a run resumes from its own checkpoints without init_from."
+    )
+  source_config, latest = load_run(source)
+  meta_steps, tree = ckpt_lib.load(latest)
+  try:
+    if config.init_params == "best":
+      stored, step = tree["best"]["params"], int(tree["best"]["step"])
+      if step < 0:
+        raise WorkdirError(
+          f"{source} never validated, so it has no best-validation "
+          "parameters; use init_params=last."
+        )
+    else:
+      stored, step = tree["state"]["params"], meta_steps
+  except (KeyError, TypeError) as e:
+    raise ckpt_lib.CheckpointError(f"{latest} holds no parameters: {e}") from e
+  params = ckpt_lib.restore_into(
+    template, stored, what=f"init_from {latest} ({config.init_params} params)"
+  )
+  record = {
+    "workdir": str(source),
+    "checkpoint": latest.name,
+    "params": config.init_params,
+    "step": step,
+    "source_config": source_config.name,
+    "source_meta_steps": meta_steps,
+  }
+  return params, record
 
 
 def check_same_start(step: int) -> None:
@@ -285,6 +356,22 @@ def open_run(workdir: Path, config: config_lib.Config, step: int, lead: bool):
     metrics = metrics_log.MetricsLog(workdir / METRICS_FILE)
   metrics.truncate(step)
   return metrics
+
+
+def record_origin(workdir: Path, origin: dict | None, lead: bool):
+  """Where the run's first parameters came from, kept across resumptions.
+
+  A fresh run started from ``init_from`` passes its ``origin`` (written to
+  ``INIT_FILE`` on the lead process); a resumed run passes ``None`` and gets
+  the stored record back, or ``None`` if it started from a fresh
+  initialisation.
+  """
+  path = workdir / INIT_FILE
+  if origin is not None:
+    if lead:
+      write_json(path, origin)
+    return origin
+  return read_json(path) if path.is_file() else None
 
 
 def write_json(path: Path, value: Any, sort_keys: bool = False) -> None:
