@@ -120,6 +120,12 @@ BASES = {
     "inner_backtrack=false",
     "max_consecutive_skips=5",
   ],
+  # A run whose best validation (step 1) comes before its last step, so
+  # that init_params=best and =last start from different parameters; and a
+  # run that starts from it. "{out}" is the folder of the background job's
+  # runs, and a source is trained before the runs that start from it.
+  "sinusoid_best_before_last": ["val_every=1", "meta_lr=0.02"],
+  "sinusoid_init_from": ["init_from={out}/sinusoid_best_before_last"],
   "omniglot": [],
   # One image per class, twice over in a batch of 10: more shots or a
   # smaller batch changes the batch (a step reads the pool shot by shot
@@ -177,6 +183,8 @@ ACTS = {
   "checkpoint_every": ("sinusoid", ["checkpoint_every=2"]),
   "keep_checkpoints": ("sinusoid", ["keep_checkpoints=1"]),
   "max_consecutive_skips": ("sinusoid_diverging", ["max_consecutive_skips=1"]),
+  "init_from": ("sinusoid", BASES["sinusoid_init_from"]),
+  "init_params": ("sinusoid_init_from", ["init_params=last"]),
 }
 
 # Fields that by design do not change what training computes, each with the
@@ -314,7 +322,7 @@ def run_group(group: str, out: Path) -> None:
           str(out / name),
           "--no-progress",
           "--set",
-          *overrides,
+          *(o.replace("{out}", str(out)) for o in overrides),
         ]
       )
     except SystemExit as e:
@@ -473,6 +481,18 @@ def test_every_config_field_is_checked():
   assert set(ACTS) | set(NO_EFFECT_ON_TRAINING) == fields
   assert set(config_lib.TEST_TIME_FIELDS) == set(TEST_TIME_CHANGES)
   assert set(SAME_NUMBERS) | {"name", "conv"} == set(NO_EFFECT_ON_TRAINING)
+
+
+def test_init_params_has_two_parameter_sets_to_choose_from(background):
+  """The source of the init_from runs validated best before its last step,
+  so its best and last parameters differ (else init_params could not act)."""
+  source, _ = _finished(background, "sinusoid_best_before_last")
+  results = json.loads((source / "results.json").read_text())
+  assert results["best_validation"]["step"] == 1
+  assert results["budget"]["meta_steps"] == 2
+  started, _ = _finished(background, "sinusoid_init_from")
+  origin = json.loads((started / "results.json").read_text())
+  assert origin["initialised_from"]["step"] == 1
 
 
 def test_name_cannot_be_set():
