@@ -274,17 +274,22 @@ def split_item(item: str, paths: dict[str, Path]) -> tuple[str, str]:
 def per_task_scores(item: str, paths: dict[str, Path], protocol: str) -> dict:
   """The per-task test scores of ``item``: a run's label (its work directory
   holds ``paths[label]``), tested under ``protocol``, or ``LABEL:FILE``, the
-  scores in the ``imaml-eval`` result ``FILE`` of that run's directory; exits
-  naming the run if it has none."""
+  scores in the ``imaml-eval`` result ``FILE`` of that run's directory, under
+  the protocol that file names; exits naming the run if it has none. The
+  scores carry their protocol's name as ``"protocol"``."""
   label, eval_file = split_item(item, paths)
   if eval_file:
     path = paths[label].parent / eval_file
     try:
-      return json.loads(path.read_text())["test_per_task"]
+      found = json.loads(path.read_text())
+      scores = found["test_per_task"]
     except (OSError, ValueError, KeyError) as e:
       raise SystemExit(
         f"{item}: no per-task scores in {path} ({e!r})"
       ) from None
+    # Files written before protocols existed were all tested under ours.
+    name = found.get("protocol", {}).get("name", "ours")
+    return {**scores, "protocol": name}
   path = paths[label]
   run = tables.read_run(path.parent)
   key = "authors_per_task" if protocol == "authors" else "per_task"
@@ -299,7 +304,7 @@ def per_task_scores(item: str, paths: dict[str, Path], protocol: str) -> dict:
       f"{label}: no per-task test scores under {whose} "
       f"protocol in {path.parent} (from {source})"
     )
-  return run[key]
+  return {**run[key], "protocol": protocol}
 
 
 def mean_scores(labels, scores: dict[str, dict]) -> dict:
@@ -307,14 +312,13 @@ def mean_scores(labels, scores: dict[str, dict]) -> dict:
   first = scores[labels[0]]
   for label in labels[1:]:
     other = scores[label]
-    if (other["tasks_sha256"], other["metric"], len(other["values"])) != (
-      first["tasks_sha256"],
-      first["metric"],
-      len(first["values"]),
-    ):
+    same = ("tasks_sha256", "metric", "protocol")
+    if [other[k] for k in same] != [first[k] for k in same] or len(
+      other["values"]
+    ) != len(first["values"]):
       raise SystemExit(
         f"{labels[0]} and {label} were not tested on the same "
-        f"tasks (or metric); they cannot be averaged per task"
+        f"tasks (or metric, or protocol); they cannot be averaged per task"
       )
   values = np.mean([scores[label]["values"] for label in labels], axis=0)
   return {**first, "values": values.tolist()}
@@ -351,7 +355,8 @@ def paired_differences(
     rows.append(
       {
         "difference": f"{' + '.join(left)} minus {' + '.join(right)}",
-        "protocol": protocol,
+        # The protocol of each side's scores (one name where they agree).
+        "protocol": " / ".join(dict.fromkeys((a["protocol"], b["protocol"]))),
         "mean": mean,
         "ci95": ci95,
         "tasks": len(a["values"]),
@@ -403,15 +408,14 @@ def sign(mean: float, ci95: float) -> str:
 
 
 def paired_markdown(rows: list[dict]) -> list[str]:
-  protocol = {"ours": "our", "authors": "authors'"}[rows[0]["protocol"]]
   lines = [
-    f"| difference ({protocol} protocol, points) | paired mean ± 95% "
-    f"| interval | seed-level 95% (Welch) |",
-    "|---|---|---|---|",
+    "| difference (points) | paired mean ± 95% "
+    "| interval | seed-level 95% (Welch) | protocol |",
+    "|---|---|---|---|---|",
   ]
   lines += [
     f"| {r['difference']} | {r['mean']:+.2f} ± {r['ci95']:.2f} | "
-    f"{r['sign']} | {seed_text(r)} |"
+    f"{r['sign']} | {seed_text(r)} | {r['protocol']} |"
     for r in rows
   ]
   return lines

@@ -736,11 +736,12 @@ def test_compare_runs_pairs_an_eval_file_of_a_run(tmp_path):
   (run / "eval_eval_inner_steps=10.json").write_text(
     json.dumps(
       {
+        "protocol": {"name": "paper"},
         "test_per_task": {
           "metric": "accuracy_after",
           "values": [1.0, 0.5, 1.0],
           "tasks_sha256": "t",
-        }
+        },
       }
     )
   )
@@ -754,6 +755,10 @@ def test_compare_runs_pairs_an_eval_file_of_a_run(tmp_path):
   )
   # Differences 50, 0, 0: mean 16.67, half-width 1.96 * 23.57 / sqrt(3).
   assert "| a:eval_eval_inner_steps=10.json minus a | +16.67 ± 26.67 |" in out
+  # Each side's protocol is the one its scores were tested under: the
+  # file's own, and --protocol's (ours) for the run's results.json.
+  assert "| contains 0 | - | paper / ours |" in out
+  assert read_csv(tmp_path / "cmp_paired.csv")[0]["protocol"] == "paper / ours"
   done = compare_runs_failing(
     "--out",
     str(tmp_path / "x"),
