@@ -359,7 +359,9 @@ def paired_differences(
         "protocol": " / ".join(dict.fromkeys((a["protocol"], b["protocol"]))),
         "mean": mean,
         "ci95": ci95,
-        "tasks": len(a["values"]),
+        # The tasks both sides were tested on (the shorter test's, where
+        # one side's test is longer), not the left side's count.
+        "tasks": tables.shared_tasks(a, b),
         "sign": sign(mean, ci95),
         "seed_ci95": "" if seeds is None else seeds[1],
       }

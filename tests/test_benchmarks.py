@@ -771,6 +771,33 @@ def test_compare_runs_pairs_an_eval_file_of_a_run(tmp_path):
   )
 
 
+def test_compare_runs_counts_the_tasks_both_sides_share(tmp_path):
+  """A longer test pairs with a shorter one over the shorter one's tasks
+  (its first ones, by fingerprint), and the row counts those, not the
+  longer side's."""
+  long_values = [1.0, 0.0, 1.0, 1.0, 0.0]
+  long = write_tested_run(tmp_path / "long", long_values, tasks="five")
+  record = json.loads((long / "results.json").read_text())
+  record["test_per_task"]["prefix_sha256"] = {"3": "three"}
+  (long / "results.json").write_text(json.dumps(record))
+  short = write_tested_run(tmp_path / "short", [0.5, 0.5, 0.5], tasks="three")
+  run_script(
+    "compare_runs.py",
+    "--out",
+    str(tmp_path / "cmp"),
+    f"long={long}",
+    f"short={short}",
+    "--paired",
+    "long minus short",
+    "--paired",
+    "short minus long",
+  )
+  rows = read_csv(tmp_path / "cmp_paired.csv")
+  assert [r["tasks"] for r in rows] == ["3", "3"]
+  # Over the first three tasks: differences 50, -50, 50.
+  assert float(rows[0]["mean"]) == pytest.approx(100 / 6)
+
+
 @pytest.mark.parametrize(
   "spec, tasks, message",
   [
@@ -1300,6 +1327,7 @@ def test_table2_full_budget_dry_run_prints_each_cells_training_command(
       "20w5s_imaml_gd",
       "20w5s_maml",
       "5w1s_imaml_gd+inner_steps=64",
+      "20w1s_imaml_gd+lam=0.5",
     )
   ]
   assert not out.exists()
@@ -1329,8 +1357,7 @@ def test_table2_full_budget_dry_run_prints_each_cells_training_command(
   )
   assert diagnostic.inner_steps == 64 and published.inner_steps == 16
   assert (diagnostic.meta_steps, diagnostic.meta_batch) == (20000, 32)
-  assert set(config_lib.differences(diagnostic, published)) <= {
-    "inner_steps",
+  slice_settings = {
     "log_every",
     "val_every",
     "checkpoint_every",
@@ -1338,6 +1365,16 @@ def test_table2_full_budget_dry_run_prints_each_cells_training_command(
     "task_chunk",
     "log_residual",
   }
+  assert set(config_lib.differences(diagnostic, published)) <= {
+    "inner_steps",
+    *slice_settings,
+  }
+  # The 20-way diagnostic is the paper-form cell with lam 0.5, nothing else.
+  weak = configs["omniglot_20w1s_imaml_gd+lam=0.5"]
+  paper_form = configs["omniglot_20w1s_imaml_gd"]
+  assert (weak.lam, paper_form.lam) == (0.5, 2.0)
+  assert set(config_lib.differences(weak, paper_form)) == {"lam"}
+  assert (weak.meta_steps, weak.meta_batch) == (20000, 32)
 
 
 def test_table2_full_budget_quick_trains_tests_and_then_skips_a_cell(
