@@ -307,13 +307,16 @@ def per_task_scores(item: str, paths: dict[str, Path], protocol: str) -> dict:
   return {**run[key], "protocol": protocol}
 
 
+# What the runs of one side must share to be averaged task by task.
+SAME_TO_AVERAGE = ("tasks_sha256", "metric", "protocol")
+
+
 def mean_scores(labels, scores: dict[str, dict]) -> dict:
   """The per-task mean of the runs ``labels``, which must share tasks."""
   first = scores[labels[0]]
   for label in labels[1:]:
     other = scores[label]
-    same = ("tasks_sha256", "metric", "protocol")
-    if [other[k] for k in same] != [first[k] for k in same] or len(
+    if any(other[k] != first[k] for k in SAME_TO_AVERAGE) or len(
       other["values"]
     ) != len(first["values"]):
       raise SystemExit(
@@ -341,13 +344,13 @@ def paired_differences(
   rows = []
   for left, right in pairs:
     a, b = mean_scores(left, scores), mean_scores(right, scores)
-    found = tables.paired_difference(a, b)
+    found = tables.paired_difference_and_tasks(a, b)
     if found is None:
       raise SystemExit(
         f"{' + '.join(left)} and {' + '.join(right)} were not "
         f"tested on the same tasks; they cannot be paired"
       )
-    mean, ci95 = found
+    mean, ci95, tasks = found
     seeds = seed_level_difference(
       [run_accuracy(scores[item]) for item in left],
       [run_accuracy(scores[item]) for item in right],
@@ -359,9 +362,7 @@ def paired_differences(
         "protocol": " / ".join(dict.fromkeys((a["protocol"], b["protocol"]))),
         "mean": mean,
         "ci95": ci95,
-        # The tasks both sides were tested on (the shorter test's, where
-        # one side's test is longer), not the left side's count.
-        "tasks": tables.shared_tasks(a, b),
+        "tasks": tasks,  # Those both sides were tested on.
         "sign": sign(mean, ci95),
         "seed_ci95": "" if seeds is None else seeds[1],
       }

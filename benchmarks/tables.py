@@ -396,8 +396,11 @@ def shared_tasks(a: dict | None, b: dict | None) -> int | None:
   return max(shared, default=None)
 
 
-def _paired(a: dict | None, b: dict | None) -> tuple[float, float, int] | None:
-  """:func:`paired_difference` and the number of tasks it is over."""
+def paired_difference_and_tasks(
+  a: dict | None, b: dict | None
+) -> tuple[float, float, int] | None:
+  """:func:`paired_difference` and the number of tasks it is over (the
+  shorter test's, or a common prefix: :func:`shared_tasks`)."""
   n = shared_tasks(a, b)
   if n is None:
     return None
@@ -425,7 +428,7 @@ def paired_difference(
     ...                                         t([0.75, 0.25]))]
     [25.0, 0.0]
   """
-  paired = _paired(a, b)
+  paired = paired_difference_and_tasks(a, b)
   return None if paired is None else paired[:2]
 
 
@@ -451,7 +454,9 @@ def ordering(by_key: dict, prefix: str = "") -> list[dict]:
       ):
         continue
       diff = a[key] - b[key]
-      paired = _paired(a.get(prefix + "per_task"), b.get(prefix + "per_task"))
+      paired = paired_difference_and_tasks(
+        a.get(prefix + "per_task"), b.get(prefix + "per_task")
+      )
       tasks = None
       if paired is not None:
         diff, half, tasks = paired
