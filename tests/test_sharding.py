@@ -610,6 +610,81 @@ def test_use_cpu_cores_splits_the_cpu_before_jax_starts():
   assert proc.stdout.split() == ["3"], proc.stderr[-2000:]
 
 
+# One of two CPU devices reaches the all-reduce `sleep` seconds late (a host
+# callback sleeps on device 0 only). argv: collective_timeout_s ("default"
+# for use_cpu_cores' own) and the delay in seconds.
+_LATE_DEVICE_SCRIPT = r"""
+import os, sys, time
+import imaml_jax as im
+timeout, delay = sys.argv[1], float(sys.argv[2])
+kwargs = {} if timeout == "default" else {"collective_timeout_s": int(timeout)}
+assert im.use_cpu_cores(2, **kwargs) == 2
+print("XLA_FLAGS", os.environ.get("XLA_FLAGS"), flush=True)
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+def late(x):
+  time.sleep(delay)
+  return x
+
+def total(x):
+  x = jax.lax.cond(jax.lax.axis_index("t") == 0,
+                   lambda y: jax.pure_callback(late, y, y), lambda y: y, x)
+  return jax.lax.psum(x, "t")
+
+mesh = Mesh(np.array(jax.devices()), ("t",))
+f = jax.jit(jax.shard_map(total, mesh=mesh, in_specs=P("t"), out_specs=P(),
+                          check_vma=False))
+print("sum", float(f(jnp.arange(2.0))[0]), flush=True)
+"""
+
+
+def test_cpu_all_reduce_waits_for_a_late_device():
+  """use_cpu_cores makes the devices' all-reduce wait for a late device.
+
+  XLA warns after the first wait (set to 1 s here) and ends the process
+  after the second; a 1 s second wait must end it, the default must not.
+  """
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  env["XLA_FLAGS"] = "--xla_cpu_collective_call_warn_stuck_timeout_seconds=1"
+  runs = {
+    timeout: subprocess.Popen(
+      [sys.executable, "-c", _LATE_DEVICE_SCRIPT, timeout, "4"],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for timeout in ("default", "1")
+  }
+  out = {timeout: run.communicate(timeout=300) for timeout, run in runs.items()}
+  stdout, stderr = out["default"]
+  assert runs["default"].returncode == 0, stderr[-2000:]
+  assert "sum 1.0" in stdout, stdout
+  flag = f"{sh.CPU_COLLECTIVE_TIMEOUT_FLAG}={sh.CPU_COLLECTIVE_TIMEOUT_S}"
+  assert flag in stdout, stdout
+  stdout, stderr = out["1"]
+  assert runs["1"].returncode != 0, stdout
+  assert "Termination timeout" in stderr, stderr[-2000:]
+
+
+def test_cpu_collective_timeout_keeps_the_users_setting():
+  flag = sh.CPU_COLLECTIVE_TIMEOUT_FLAG
+  assert sh.with_cpu_collective_timeout("", 30, "0.10.2") == f"{flag}=30"
+  assert (
+    sh.with_cpu_collective_timeout("--xla_dump_to=x", 30, "0.8.0")
+    == f"--xla_dump_to=x {flag}=30"
+  )
+  mine = f"--xla_dump_to=x {flag}=5"
+  assert sh.with_cpu_collective_timeout(mine, 30, "0.10.2") == mine
+  # jaxlib before 0.8.0 has no such option and refuses unknown XLA flags.
+  assert sh.with_cpu_collective_timeout("", 30, "0.7.2") == ""
+  assert sh.with_cpu_collective_timeout("", 30, "0.8.0rc1") == f"{flag}=30"
+  with pytest.raises(ValueError, match="timeout"):
+    im.use_cpu_cores(1, collective_timeout_s=0)
+
+
 def test_cpu_device_count_divides_the_meta_batch():
   from imaml_jax.train import runtime  # pylint: disable=import-outside-toplevel
 

@@ -64,6 +64,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -440,7 +441,76 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
-def use_cpu_cores(n: int | None = None) -> int:
+# XLA's CPU collectives end the process when one device reaches an
+# all-reduce too long after the others (20 s before a warning, then 40 s:
+# "Termination timeout for all reduce ... exceeded"), which a long run on a
+# loaded machine can hit although every device is making progress. The
+# option that sets the second wait exists from jaxlib 0.8.0 on (an older
+# jaxlib refuses an unknown XLA flag, so it is not set there).
+CPU_COLLECTIVE_TIMEOUT_FLAG = (
+  "--xla_cpu_collective_call_terminate_timeout_seconds"
+)
+CPU_COLLECTIVE_TIMEOUT_S = 600
+_CPU_COLLECTIVE_TIMEOUT_JAXLIB = (0, 8, 0)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+  """``"0.10.2"`` -> ``(0, 10, 2)``; a suffix such as ``.dev2026`` is ignored.
+
+  Example:
+    >>> _version_tuple("0.8.0.dev20250101"), _version_tuple("0.7.2")
+    ((0, 8, 0), (0, 7, 2))
+  """
+  parts = []
+  for part in version.split(".")[:3]:
+    digits = "".join(itertools.takewhile(str.isdigit, part))
+    if not digits:
+      break
+    parts.append(int(digits))
+  return tuple(parts)
+
+
+def with_cpu_collective_timeout(
+  xla_flags: str, timeout_s: int, jaxlib_version: str
+) -> str:
+  """``xla_flags`` with XLA's CPU all-reduce waiting ``timeout_s`` seconds.
+
+  Unchanged when the flags already name the option (the user's setting
+  wins) or the jaxlib is older than 0.8.0 (no such option there).
+
+  Example:
+    >>> with_cpu_collective_timeout("", 600, "0.10.2")
+    '--xla_cpu_collective_call_terminate_timeout_seconds=600'
+    >>> with_cpu_collective_timeout("--a=1", 600, "0.7.2")
+    '--a=1'
+  """
+  if CPU_COLLECTIVE_TIMEOUT_FLAG in xla_flags or (
+    _version_tuple(jaxlib_version) < _CPU_COLLECTIVE_TIMEOUT_JAXLIB
+  ):
+    return xla_flags
+  flag = f"{CPU_COLLECTIVE_TIMEOUT_FLAG}={int(timeout_s)}"
+  return f"{xla_flags} {flag}" if xla_flags.strip() else flag
+
+
+def patient_cpu_collectives(timeout_s: int = CPU_COLLECTIVE_TIMEOUT_S) -> None:
+  """Lets XLA's CPU all-reduce wait ``timeout_s`` s for a late device.
+
+  Adds the option to ``XLA_FLAGS`` (see :func:`with_cpu_collective_timeout`),
+  which XLA reads when JAX starts its backends: call it before any JAX
+  computation. Afterwards it changes nothing.
+  """
+  validation.check_positive_int("collective timeout_s", timeout_s)
+  import jaxlib  # pylint: disable=import-outside-toplevel
+
+  flags = os.environ.get("XLA_FLAGS", "")
+  patient = with_cpu_collective_timeout(flags, timeout_s, jaxlib.__version__)
+  if patient != flags:
+    os.environ["XLA_FLAGS"] = patient
+
+
+def use_cpu_cores(
+  n: int | None = None, collective_timeout_s: int = CPU_COLLECTIVE_TIMEOUT_S
+) -> int:
   r"""Splits the CPU into ``n`` JAX devices, one per core; call before JAX runs.
 
   XLA's CPU backend is one device by default, and a meta-step that maps
@@ -466,8 +536,16 @@ def use_cpu_cores(n: int | None = None) -> int:
   one task at a time on one device. Results equal the one-device step's up
   to the order of the sum over tasks.
 
+  With several devices their all-reduce waits up to
+  ``collective_timeout_s`` for the last one (:func:`patient_cpu_collectives`;
+  XLA's own limit, 60 s, has ended a long training on a loaded 2-core
+  machine), unless ``XLA_FLAGS`` sets that wait.
+
   Args:
     n: number of CPU devices; ``None`` for every core this process may use.
+    collective_timeout_s: how long, in seconds, a device waits at an
+      all-reduce for the others before XLA ends the process (after its
+      20 s warning).
 
   Returns:
     The number of CPU devices JAX will have.
@@ -487,9 +565,14 @@ def use_cpu_cores(n: int | None = None) -> int:
   """
   n = available_cores() if n is None else n
   validation.check_positive_int("use_cpu_cores n", n)
+  validation.check_positive_int(
+    "use_cpu_cores collective_timeout_s", collective_timeout_s
+  )
   try:
     # JAX refuses the setting once its backends run.
     jax.config.update("jax_num_cpu_devices", n)
+    if n > 1:
+      patient_cpu_collectives(collective_timeout_s)
   except RuntimeError:
     have = len(jax.devices("cpu"))
     if have == n:

@@ -115,6 +115,10 @@ def split_cpu(
   that has run JAX: its devices are used as they are). Other backends
   than the CPU's are not affected.
 
+  Either way, several CPU devices wait for each other at an all-reduce for
+  up to ``sharding.CPU_COLLECTIVE_TIMEOUT_S`` seconds before XLA ends the
+  run (:func:`imaml_jax._src.sharding.patient_cpu_collectives`).
+
   Returns:
     The number of CPU devices set, or ``None``.
   """
@@ -122,6 +126,7 @@ def split_cpu(
     CPU_DEVICE_FLAG in os.environ.get("XLA_FLAGS", "")
     or jax.config.jax_num_cpu_devices >= 0
   ):
+    sharding_lib.patient_cpu_collectives()
     return None
   try:
     return im.use_cpu_cores(
