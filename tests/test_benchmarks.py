@@ -1328,6 +1328,7 @@ def test_table2_full_budget_dry_run_prints_each_cells_training_command(
       "20w5s_maml",
       "5w1s_imaml_gd+inner_steps=64",
       "20w1s_imaml_gd+lam=0.5",
+      "20w5s_imaml_gd+lam=0.5",
     )
   ]
   assert not out.exists()
@@ -1369,12 +1370,14 @@ def test_table2_full_budget_dry_run_prints_each_cells_training_command(
     "inner_steps",
     *slice_settings,
   }
-  # The 20-way diagnostic is the paper-form cell with lam 0.5, nothing else.
-  weak = configs["omniglot_20w1s_imaml_gd+lam=0.5"]
-  paper_form = configs["omniglot_20w1s_imaml_gd"]
-  assert (weak.lam, paper_form.lam) == (0.5, 2.0)
-  assert set(config_lib.differences(weak, paper_form)) == {"lam"}
-  assert (weak.meta_steps, weak.meta_batch) == (20000, 32)
+  # The 20-way diagnostics are the paper-form cells with lam 0.5, nothing
+  # else.
+  for setting in ("20w1s", "20w5s"):
+    weak = configs[f"omniglot_{setting}_imaml_gd+lam=0.5"]
+    paper_form = configs[f"omniglot_{setting}_imaml_gd"]
+    assert (weak.lam, paper_form.lam) == (0.5, 2.0)
+    assert set(config_lib.differences(weak, paper_form)) == {"lam"}
+    assert (weak.meta_steps, weak.meta_batch) == (20000, 32)
 
 
 def test_table2_full_budget_quick_trains_tests_and_then_skips_a_cell(
