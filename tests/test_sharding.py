@@ -23,6 +23,7 @@ import numpy as np
 import optax
 import pytest
 import two_hosts
+from jaxlib import version as jaxlib_version
 
 import imaml_jax as im
 from imaml_jax import data
@@ -574,6 +575,10 @@ n = runtime.split_cpu(cfg)
 import jax
 cores = sharding.available_cores()
 assert n == runtime.cpu_device_count(32, cores) == len(jax.devices("cpu"))
+flag = f"{sharding.CPU_COLLECTIVE_TIMEOUT_FLAG}={sharding.CPU_COLLECTIVE_TIMEOUT_S}"
+from jaxlib import version
+patient = n > 1 and version.__version_info__ >= (0, 8, 0)
+assert (flag in os.environ.get("XLA_FLAGS", "")) == patient, os.environ
 print("ok", n)
 """
 
@@ -597,9 +602,10 @@ def test_use_cpu_cores_splits_the_cpu_before_jax_starts():
       sys.executable,
       "-c",
       (
+        "import os\n"
         "from imaml_jax.train import config, runtime\n"
         "assert runtime.split_cpu(config.get_config('sinusoid')) is None\n"
-        "import jax; print(len(jax.devices()))"
+        "import jax; print(len(jax.devices()), os.environ['XLA_FLAGS'])"
       ),
     ],
     env=env,
@@ -607,7 +613,12 @@ def test_use_cpu_cores_splits_the_cpu_before_jax_starts():
     text=True,
     check=False,
   )
-  assert proc.stdout.split() == ["3"], proc.stderr[-2000:]
+  words = proc.stdout.split()
+  assert words[:2] == ["3", env["XLA_FLAGS"]], proc.stderr[-2000:]
+  # The devices the user asked for also wait for each other (jaxlib >= 0.8).
+  if jaxlib_version.__version_info__ >= (0, 8, 0):
+    flag = f"{sh.CPU_COLLECTIVE_TIMEOUT_FLAG}={sh.CPU_COLLECTIVE_TIMEOUT_S}"
+    assert words[2:] == [flag], words
 
 
 # One of two CPU devices reaches the all-reduce `sleep` seconds late (a host
@@ -639,6 +650,10 @@ print("sum", float(f(jnp.arange(2.0))[0]), flush=True)
 """
 
 
+@pytest.mark.skipif(
+  jaxlib_version.__version_info__ < (0, 8, 0),
+  reason="jaxlib before 0.8.0 has no option for XLA's CPU all-reduce wait",
+)
 def test_cpu_all_reduce_waits_for_a_late_device():
   """use_cpu_cores makes the devices' all-reduce wait for a late device.
 
@@ -671,16 +686,15 @@ def test_cpu_all_reduce_waits_for_a_late_device():
 
 def test_cpu_collective_timeout_keeps_the_users_setting():
   flag = sh.CPU_COLLECTIVE_TIMEOUT_FLAG
-  assert sh.with_cpu_collective_timeout("", 30, "0.10.2") == f"{flag}=30"
+  assert sh.with_cpu_collective_timeout("", 30, (0, 10, 2)) == f"{flag}=30"
   assert (
-    sh.with_cpu_collective_timeout("--xla_dump_to=x", 30, "0.8.0")
+    sh.with_cpu_collective_timeout("--xla_dump_to=x", 30, (0, 8, 0))
     == f"--xla_dump_to=x {flag}=30"
   )
   mine = f"--xla_dump_to=x {flag}=5"
-  assert sh.with_cpu_collective_timeout(mine, 30, "0.10.2") == mine
+  assert sh.with_cpu_collective_timeout(mine, 30, (0, 10, 2)) == mine
   # jaxlib before 0.8.0 has no such option and refuses unknown XLA flags.
-  assert sh.with_cpu_collective_timeout("", 30, "0.7.2") == ""
-  assert sh.with_cpu_collective_timeout("", 30, "0.8.0rc1") == f"{flag}=30"
+  assert sh.with_cpu_collective_timeout("", 30, (0, 7, 2)) == ""
   with pytest.raises(ValueError, match="timeout"):
     im.use_cpu_cores(1, collective_timeout_s=0)
 

@@ -64,7 +64,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -454,38 +453,23 @@ CPU_COLLECTIVE_TIMEOUT_S = 600
 _CPU_COLLECTIVE_TIMEOUT_JAXLIB = (0, 8, 0)
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-  """``"0.10.2"`` -> ``(0, 10, 2)``; a suffix such as ``.dev2026`` is ignored.
-
-  Example:
-    >>> _version_tuple("0.8.0.dev20250101"), _version_tuple("0.7.2")
-    ((0, 8, 0), (0, 7, 2))
-  """
-  parts = []
-  for part in version.split(".")[:3]:
-    digits = "".join(itertools.takewhile(str.isdigit, part))
-    if not digits:
-      break
-    parts.append(int(digits))
-  return tuple(parts)
-
-
 def with_cpu_collective_timeout(
-  xla_flags: str, timeout_s: int, jaxlib_version: str
+  xla_flags: str, timeout_s: int, jaxlib_version: tuple[int, ...]
 ) -> str:
   """``xla_flags`` with XLA's CPU all-reduce waiting ``timeout_s`` seconds.
 
   Unchanged when the flags already name the option (the user's setting
-  wins) or the jaxlib is older than 0.8.0 (no such option there).
+  wins) or ``jaxlib_version`` (``jaxlib.version.__version_info__``) is
+  older than 0.8.0 (no such option there).
 
   Example:
-    >>> with_cpu_collective_timeout("", 600, "0.10.2")
+    >>> with_cpu_collective_timeout("", 600, (0, 10, 2))
     '--xla_cpu_collective_call_terminate_timeout_seconds=600'
-    >>> with_cpu_collective_timeout("--a=1", 600, "0.7.2")
+    >>> with_cpu_collective_timeout("--a=1", 600, (0, 7, 2))
     '--a=1'
   """
   if CPU_COLLECTIVE_TIMEOUT_FLAG in xla_flags or (
-    _version_tuple(jaxlib_version) < _CPU_COLLECTIVE_TIMEOUT_JAXLIB
+    tuple(jaxlib_version) < _CPU_COLLECTIVE_TIMEOUT_JAXLIB
   ):
     return xla_flags
   flag = f"{CPU_COLLECTIVE_TIMEOUT_FLAG}={int(timeout_s)}"
@@ -500,10 +484,12 @@ def patient_cpu_collectives(timeout_s: int = CPU_COLLECTIVE_TIMEOUT_S) -> None:
   computation. Afterwards it changes nothing.
   """
   validation.check_positive_int("collective timeout_s", timeout_s)
-  import jaxlib  # pylint: disable=import-outside-toplevel
+  from jaxlib import version  # pylint: disable=import-outside-toplevel
 
   flags = os.environ.get("XLA_FLAGS", "")
-  patient = with_cpu_collective_timeout(flags, timeout_s, jaxlib.__version__)
+  patient = with_cpu_collective_timeout(
+    flags, timeout_s, version.__version_info__
+  )
   if patient != flags:
     os.environ["XLA_FLAGS"] = patient
 
