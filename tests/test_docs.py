@@ -4,6 +4,8 @@
   and ``imaml_jax.train`` (the package's ``__all__``, or else the names its
   ``__init__`` imports, submodules aside) is named on an API page under
   ``docs/reference/``.
+* Every guide under ``docs/guides/`` is linked from the README and from the
+  site's home page.
 * ``mkdocs build --strict`` succeeds (warnings are errors).
 * The ```` ```python ```` blocks of the README and of every page under
   ``docs/`` run: the blocks of one page in order, in one namespace, in a
@@ -72,6 +74,22 @@ def test_every_public_name_is_on_an_api_page(package):
   assert not missing, (
     f"public names of {package} absent from docs/reference/*.md (add a "
     f"'::: {package}.NAME' line to the right page): {missing}"
+  )
+
+
+@pytest.mark.parametrize(
+  ("index", "prefix"),
+  [(REPO / "README.md", "docs/guides/"), (DOCS / "index.md", "guides/")],
+  ids=["README.md", "docs/index.md"],
+)
+def test_every_guide_is_linked_from_the_front_pages(index, prefix):
+  text = index.read_text(encoding="utf-8")
+  guides = sorted((DOCS / "guides").glob("*.md"))
+  assert guides, "no guides under docs/guides/"
+  missing = [g.name for g in guides if f"]({prefix}{g.name})" not in text]
+  assert not missing, (
+    f"guides not linked from {index.relative_to(REPO)} (a reader of that "
+    f"page would not find them): {missing}"
   )
 
 
