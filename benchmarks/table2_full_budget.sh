@@ -34,8 +34,9 @@ CELLS=(20w1s_imaml_gd 20w1s_maml 5w1s_imaml_hf 5w5s_imaml_gd 5w5s_maml
 # support loss it pulls each class's one example 4 times harder than at
 # 5-way, and at the CPU column's 2,000 meta-steps of 16 lam 0.5 tested 25.6
 # points above lam 2 and 5.1 above MAML (benchmarks/results/lam_20w1s.md).
-# 20w5s_imaml_gd+lam=0.5 asks the same at 20-way 5-shot, where 151 CPU
-# meta-steps at lam 0.5 tested 15.65 points above lam 2's 796 (same page).
+# 20w5s_imaml_gd+lam=0.5 asks the same at 20-way 5-shot, where 500 CPU
+# meta-steps at lam 0.5 tested 18.1 points above lam 2's 796 but 6.5 under
+# MAML's 1,000 (same page).
 #
 # Results come back in as few files as a GPU machine lets through: one
 # archive per cell that the slice ran, OUT_DIR/omniglot_CELL.tar.gz (its run
