@@ -10,14 +10,19 @@
   parameters each measurement tested, the budget (meta-steps x tasks per
   meta-step, and the device of the last stretch of training), the paper's
   number for the run's setting and algorithm, and the lam a row names.
+* ``imaml-eval`` reproduces every published model's committed test under
+  the paper's measurement and ours, task by task on the first 20 tasks
+  (needs Omniglot in ``$IMAML_OMNIGLOT_DIR``).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -235,3 +240,93 @@ def test_readme_table_row_is_its_runs(row, tables):
     assert tested["test_params"] == params
     assert tested["step"] == entry["meta_steps"], f"{filename} is older"
     assert not tested["test_time_overrides"]
+
+
+def published_runs() -> list[Path]:
+  """The run directories of the models ``docs/models.md`` publishes."""
+  from test_repository import models_page
+
+  published, _ = models_page()
+  return sorted(REPO / Path(path).parent.parent for path in published)
+
+
+def test_some_models_are_published():
+  assert published_runs()
+
+
+def differing_tasks(a: list[float], b: list[float], step: float) -> list[int]:
+  """Indices of the tasks whose scores differ; a score that moved by more
+  than ``step`` (one query image) counts twice, so that it alone exceeds a
+  tolerance of one task."""
+  assert len(a) == len(b)
+  out = []
+  for i, (x, y) in enumerate(zip(a, b)):
+    if abs(x - y) > 1e-6:
+      out += [i] if abs(x - y) <= step + 1e-6 else [i, i]
+  return out
+
+
+def test_differing_tasks():
+  assert differing_tasks([1.0, 0.8], [1.0, 0.8], 0.2) == []
+  assert differing_tasks([1.0, 0.8], [1.0, 0.6], 0.2) == [1]
+  assert differing_tasks([1.0, 0.8], [0.6, 0.8], 0.2) == [0, 0]
+
+
+# (protocol, the committed result file it reproduces).
+REPRODUCED = [("paper", "eval_protocol=paper.json"), ("ours", "eval.json")]
+REPRODUCED_TASKS = 20
+
+
+@pytest.mark.parametrize(
+  "protocol, filename", REPRODUCED, ids=[p for p, _ in REPRODUCED]
+)
+@pytest.mark.parametrize(
+  "run", published_runs(), ids=lambda p: str(p.relative_to(REPO))
+)
+def test_published_model_reproduces_its_first_test_tasks(
+  run, protocol, filename, tmp_path
+):
+  """``imaml-eval`` on a copy of a published model's run scores its first
+  20 test tasks as the committed result does, task by task: one task may
+  differ by one query image (a prediction on the edge of a tie can round
+  either way on another CPU), no more."""
+  data_dir = os.environ.get("IMAML_OMNIGLOT_DIR")
+  if not data_dir:
+    pytest.skip("IMAML_OMNIGLOT_DIR is not set")
+  from imaml_jax.train import cli
+
+  committed = json.loads((run / filename).read_text())
+  assert committed["test_params"] == "best_validation"
+  copy = tmp_path / run.name
+  copy.mkdir()
+  for name in ("config.json", "results.json"):
+    shutil.copy(run / name, copy / name)
+  shutil.copytree(run / "checkpoints", copy / "checkpoints")
+  code = cli.eval_main(
+    [
+      "--workdir",
+      str(copy),
+      "--tasks",
+      str(REPRODUCED_TASKS),
+      "--protocol",
+      protocol,
+      "--skip-last",
+      "--no-progress",
+    ]
+  )
+  assert code == 0
+  tested = json.loads((copy / filename).read_text())
+  assert tested["step"] == committed["step"]
+  assert tested["best_validation"] == committed["best_validation"]
+  queries = (
+    committed["protocol"]["q_query"]
+    * json.loads((run / "config.json").read_text())["n_way"]
+  )
+  expected = committed["test_per_task"]["values"][:REPRODUCED_TASKS]
+  got = tested["test_per_task"]["values"]
+  differ = differing_tasks(got, expected, 1 / queries)
+  assert len(differ) <= 1, (
+    f"{run.relative_to(REPO)} under protocol {protocol}: tasks {differ} "
+    f"score {[got[i] for i in differ]}, committed "
+    f"{[expected[i] for i in differ]}"
+  )
