@@ -10,6 +10,10 @@
   parameters each measurement tested, the budget (meta-steps x tasks per
   meta-step, and the device of the last stretch of training), the paper's
   number for the run's setting and algorithm, and the lam a row names.
+* The same for the Table 2 rows of ``docs/guides/reproducing_the_paper.md``
+  (each row's run is named here): the leading result of each measurement,
+  the meta-steps, the paper's number, and in the 20-way table the ``*`` of
+  a run stopped before its meta-steps.
 * ``imaml-eval`` reproduces every published model's committed test under
   the paper's measurement and ours, task by task on the first 20 tasks
   (needs Omniglot in ``$IMAML_OMNIGLOT_DIR``).
@@ -27,6 +31,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_repository import models_page
+from test_repository import sections
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -78,19 +84,25 @@ def import_tables():
     sys.path.remove(str(BENCHMARKS))
 
 
-def markdown_table(text: str, header: str) -> list[dict]:
-  """The rows below ``header`` in a markdown page, each a dict keyed by
-  ``COLUMNS``; an error names a row with the wrong number of cells."""
+def table_rows(text: str, header: str) -> list[list[str]]:
+  """The cells of each row under ``header`` in ``text``."""
   lines = text.splitlines()
-  if header not in lines:
-    raise AssertionError(f"no table with the header {header!r}")
+  assert header in lines, f"no table with the header {header!r}"
   rows = []
   for line in lines[lines.index(header) + 2 :]:
     if not line.startswith("|"):
       break
-    cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-    if len(cells) != len(COLUMNS):
-      raise AssertionError(f"{len(cells)} cells, not {len(COLUMNS)}: {line}")
+    rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+  return rows
+
+
+def markdown_table(text: str, header: str) -> list[dict]:
+  """The rows below ``header`` in a markdown page, each a dict keyed by
+  ``COLUMNS``; an error names a row with the wrong number of cells."""
+  rows = []
+  for cells in table_rows(text, header):
+    line = " | ".join(cells)
+    assert len(cells) == len(COLUMNS), f"{len(cells)} cells: {line}"
     rows.append(dict(zip(COLUMNS, cells)))
   return rows
 
@@ -244,8 +256,6 @@ def test_readme_table_row_is_its_runs(row, tables):
 
 def published_runs() -> list[Path]:
   """The run directories of the models ``docs/models.md`` publishes."""
-  from test_repository import models_page
-
   published, _ = models_page()
   return sorted(REPO / Path(path).parent.parent for path in published)
 
@@ -330,3 +340,196 @@ def test_published_model_reproduces_its_first_test_tasks(
     f"score {[got[i] for i in differ]}, committed "
     f"{[expected[i] for i in differ]}"
   )
+
+
+# The reproduction page's Table 2 rows and their run directories (under
+# benchmarks/), by section and row (the device too where a row name
+# repeats); a row of the 20-way table names one run per column.
+REPRODUCTION_PAGE = REPO / "docs" / "guides" / "reproducing_the_paper.md"
+FIVE_WAY_HEADER = (
+  "| row | budget (meta-steps x tasks) | device | paper's measurement "
+  "| ours | authors' | paper |"
+)
+TWENTY_WAY_HEADER = (
+  "| row | 20-way 1-shot: 2,000 x 16 | paper | 20-way 5-shot: 1,000 x 16 "
+  "| paper |"
+)
+FIVE_WAY_RUNS = {
+  "Table 2, 5-way 1-shot": {
+    ("**iMAML, GD, the paper's budget**", "H200"): (
+      "runs_gpu_h200/stability_5w1s_constant_eps1e-3_mb32"
+    ),
+    (
+      "**iMAML, GD, the row above trained on with 64 inner steps**",
+      "H200, then CPU",
+    ): "runs/finetune_5w1s/inner_steps64",
+    (
+      "iMAML, GD, the row above trained on with 16 inner steps (the control)",
+      "H200, then CPU",
+    ): "runs/finetune_5w1s/inner_steps16",
+    (
+      "iMAML, GD, Adam eps 1e-8",
+      "H100",
+    ): "runs_gpu_h100/omniglot_5w1s_imaml_gd",
+    ("iMAML, GD, Adam eps 1e-8", "H200"): (
+      "runs_gpu_h200/stability_5w1s_linear_mb32"
+    ),
+    ("MAML", "CPU"): "runs/omniglot_5w1s_maml",
+    ("first-order MAML", "CPU"): "runs/omniglot_5w1s_fomaml",
+    ("Reptile (Reptile's inner loop)", "CPU"): "runs/omniglot_5w1s_reptile",
+    ("iMAML, GD", "CPU"): "runs/omniglot_5w1s_imaml_gd",
+    (
+      "iMAML, GD, authors' recipe",
+      "CPU",
+    ): "runs/omniglot_5w1s_imaml_gd_authors",
+    ("iMAML, Hessian-free (20 Newton steps)", "CPU"): (
+      "runs/omniglot_5w1s_imaml_hf"
+    ),
+  },
+  "Table 2, 5-way 5-shot": {
+    ("MAML", "CPU"): "runs/omniglot_5w5s_maml",
+    ("iMAML, GD", "CPU"): "runs/omniglot_5w5s_imaml_gd",
+    (
+      "iMAML, GD, authors' recipe",
+      "CPU",
+    ): "runs/omniglot_5w5s_imaml_gd_authors",
+  },
+}
+TWENTY_WAY_RUNS = {  # row: (20-way 1-shot run, 20-way 5-shot run)
+  "MAML": ("runs/omniglot_20w1s_maml", "runs/omniglot_20w5s_maml"),
+  "first-order MAML": ("runs/omniglot_20w1s_fomaml", None),
+  "Reptile": ("runs/omniglot_20w1s_reptile", None),
+  "iMAML, GD": ("runs/omniglot_20w1s_imaml_gd", "runs/omniglot_20w5s_imaml_gd"),
+  "iMAML, GD, authors' recipe": (
+    "runs/omniglot_20w1s_imaml_gd_authors",
+    "runs/omniglot_20w5s_imaml_gd_authors",
+  ),
+  "iMAML, GD, lam 1 (CPU)": ("runs/gap_20w1s/lam1", None),
+  "iMAML, GD, lam 0.5 (CPU)": (
+    "runs/gap_20w1s/lam0.5",
+    "runs/gap_20w5s/lam0.5",
+  ),
+  "iMAML, Hessian-free": ("runs/omniglot_20w1s_imaml_hf", None),
+}
+# The leading result of a cell, bold aside: mean ± ci95, then optionally `*`
+# (a run stopped before its meta-steps) and the number of test tasks, which
+# may open a longer bracket: "96.58 ± 0.38 (600; collapsed near ...)".
+LEADING_RESULT = re.compile(
+  r"(?P<mean>\d+\.\d\d) ± (?P<ci>\d+\.\d\d)(?P<stopped>\*?)"
+  r"(?: \((?P<n>[\d,]+)[;,)])?"
+)
+NOT_RUN = ("not run", "not measured")
+
+
+def run_entry(run: Path, tables) -> tuple[dict, dict]:
+  """``tables.read_run``'s entry and the stored config of a run directory.
+  A run stopped before it wrote ``results.json`` (the 20-way 1-shot
+  Hessian-free cell) is read from its ``imaml-eval`` files and
+  ``config.json``."""
+  entry = tables.read_run(run)
+  if entry is not None:
+    return entry, json.loads((run / "results.json").read_text())["config"]
+  config = json.loads((run / "config.json").read_text())
+  ours = json.loads((run / tables.OURS_EVAL).read_text())
+  assert ours["protocol"]["name"] == "ours" and not ours["test_time_overrides"]
+  accuracy = ours["test"]["accuracy_after"]
+  entry = {
+    "accuracy": 100 * accuracy["mean"],
+    "ci95": 100 * accuracy["ci95"],
+    "test_tasks": accuracy["n"],
+    "meta_steps": ours["step"],
+    "meta_steps_target": config["meta_steps"],
+    "complete": ours["step"] >= config["meta_steps"],
+  }
+  for prefix, name in tables.PROTOCOL_EVALS.items():
+    entry.update(tables.read_protocol_eval(run / name, prefix))
+  return entry, config
+
+
+def check_result(
+  text: str, run: Path, prefix: str, entry: dict, marks_stopped: bool
+) -> None:
+  """A page's cell (leading ``mean ± ci95 [(tasks)]``) against the run's
+  result under the measurement ``prefix`` (as in ``tables.read_run``), and,
+  in a table that ``marks_stopped``, its ``*`` against whether the run
+  reached its meta-steps."""
+  where = f"{run.relative_to(REPO)}, measurement {prefix or 'ours'}"
+  found = LEADING_RESULT.match(text.replace("**", ""))  # bold aside
+  assert found, f"{where}: not 'mean ± ci95 [(tasks)]': {text!r}"
+  n = int(found["n"].replace(",", "")) if found["n"] else DEFAULT_TEST_TASKS
+  assert (found["mean"], found["ci"], n) == (
+    f"{entry[prefix + 'accuracy']:.2f}",
+    f"{entry[prefix + 'ci95']:.2f}",
+    entry[prefix + "test_tasks"],
+  ), where
+  if not marks_stopped:
+    return
+  assert bool(found["stopped"]) == (not entry["complete"]), (
+    f"{where}: '*' must mark exactly the runs stopped before their "
+    f"meta-steps ({entry['meta_steps']} of {entry['meta_steps_target']})"
+  )
+
+
+def paper_number(run_config: dict, tables) -> list[float]:
+  setting, algorithm = re.fullmatch(
+    r"omniglot_(\d+w\d+s)_(\w+)", run_config["name"]
+  ).groups()
+  return list(
+    tables.PAPER[("omniglot", algorithm)][tables.SETTINGS.index(setting)]
+  )
+
+
+def test_reproduction_page_five_way_rows_are_their_runs(tables):
+  page = sections(REPRODUCTION_PAGE.read_text())
+  for section, runs in FIVE_WAY_RUNS.items():
+    rows = table_rows(page[section], FIVE_WAY_HEADER)
+    seen = set()
+    for row, budget, device, paper_m, ours, authors, paper in rows:
+      if budget == "not run":
+        continue
+      key = (row, device)
+      assert key in runs, f"{section}: no run known for the row {key}"
+      seen.add(key)
+      run = BENCHMARKS / runs[key]
+      entry, config = run_entry(run, tables)
+      steps = BUDGET.findall(budget)[-1][0]
+      assert int(steps.replace(",", "")) == entry["meta_steps"], key
+      assert [float(x) for x in paper.split(" ± ")] == paper_number(
+        config, tables
+      ), key
+      for prefix, cell in (
+        ("measured_paper_", paper_m),
+        ("", ours),
+        ("authors_", authors),
+      ):
+        if not cell.startswith(NOT_RUN):
+          check_result(cell, run, prefix, entry, marks_stopped=False)
+    assert seen == set(runs), f"{section}: rows gone: {set(runs) - seen}"
+
+
+def test_reproduction_page_twenty_way_rows_are_their_runs(tables):
+  section = sections(REPRODUCTION_PAGE.read_text())[
+    "Table 2, 20-way 1-shot and 20-way 5-shot"
+  ]
+  rows = table_rows(section, TWENTY_WAY_HEADER)
+  assert {row[0] for row in rows} == set(TWENTY_WAY_RUNS)
+  for row, one_shot, paper_1, five_shot, paper_5 in rows:
+    for cell, paper, name in zip(
+      (one_shot, five_shot), (paper_1, paper_5), TWENTY_WAY_RUNS[row]
+    ):
+      if name is None:
+        assert cell == "not run", (row, cell)
+        continue
+      run = BENCHMARKS / name
+      entry, config = run_entry(run, tables)
+      assert [float(x) for x in paper.split(" ± ")] == paper_number(
+        config, tables
+      ), (row, name)
+      results = cell.split(" / ")
+      assert len(results) == 3, f"{row}: not 'paper's / ours / authors'"
+      steps = re.search(r"\(([\d,]+) steps\)$", cell)
+      if steps or not entry["complete"]:
+        assert steps, f"{row}: a stopped run names its meta-steps"
+        assert int(steps[1].replace(",", "")) == entry["meta_steps"], row
+      for prefix, result in zip(("measured_paper_", "", "authors_"), results):
+        check_result(result, run, prefix, entry, marks_stopped=True)
