@@ -199,11 +199,10 @@ def test_readme_table_row_is_its_runs(row, tables):
   assert setting == f"{config['n_way']}w{config['k_shot']}s"
   assert row["setting"] == tables.SETTING_TITLES[setting]
   assert row["row"].lower().startswith(tables.ALGORITHMS[algorithm].lower())
-  mean, ci95 = tables.PAPER[("omniglot", algorithm)][
-    tables.SETTINGS.index(setting)
-  ]
-  paper = [float(x) for x in row["paper"].split(" ± ")]
-  assert paper == [mean, ci95], f"the paper's number is {mean} ± {ci95}"
+  paper = paper_number(config, tables)
+  assert [float(x) for x in row["paper"].split(" ± ")] == paper, (
+    f"the paper's number is {paper[0]} ± {paper[1]}"
+  )
   for lam in LAM.findall(row["row"]):
     assert config["lam"] == float(lam), f"the run's lam is {config['lam']}"
 
