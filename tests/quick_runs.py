@@ -5,9 +5,11 @@ temporary folder. The runs are mostly compilation, which XLA does on one
 core, so they start in the background when the test session starts
 (``conftest._background``), beside the tests that run in the pytest process,
 and their tests come last. They compile with the child settings of
-``fast_compile``.
+``fast_compile``. ``import_benchmark`` imports a script as a module, for the
+tests that call its functions directly.
 """
 
+import importlib
 import os
 import signal
 import subprocess
@@ -18,6 +20,16 @@ from pathlib import Path
 import fast_compile
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def import_benchmark(name):
+  """``benchmarks/<name>.py`` as a module (the scripts are not a package)."""
+  sys.path.insert(0, str(BENCHMARKS))
+  try:
+    return importlib.import_module(name)
+  finally:
+    sys.path.remove(str(BENCHMARKS))
+
 
 # name: the script and its arguments (each gets ``--out DIR/name``); the
 # longest first.

@@ -10,7 +10,6 @@ The runs start with the test session and run beside the other tests
 import collections
 import csv
 import doctest
-import importlib
 import io
 import json
 import os
@@ -29,6 +28,7 @@ from problems import linreg_exact
 from problems import linreg_loss
 from problems import linreg_task
 from quick_runs import BENCHMARKS
+from quick_runs import import_benchmark
 from quick_runs import run_script
 from scipy import stats as scipy_stats
 
@@ -44,15 +44,6 @@ pytestmark = pytest.mark.slow
 STABILITY_RUN = (
   BENCHMARKS / "runs_gpu_h200" / "stability_5w1s_constant_eps1e-3_mb32"
 )
-
-
-def import_benchmark(name):
-  """``benchmarks/<name>.py`` as a module (the scripts are not a package)."""
-  sys.path.insert(0, str(BENCHMARKS))
-  try:
-    return importlib.import_module(name)
-  finally:
-    sys.path.remove(str(BENCHMARKS))
 
 
 def import_tables():

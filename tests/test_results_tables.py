@@ -12,8 +12,9 @@
   number for the run's setting and algorithm, and the lam a row names.
 * The same for the Table 2 rows of ``docs/guides/reproducing_the_paper.md``
   (each row's run is named here): the leading result of each measurement,
-  the meta-steps, the paper's number, and in the 20-way table the ``*`` of
-  a run stopped before its meta-steps.
+  the paper's number, the budget and device of the 5-way rows, and in the
+  20-way table the column's budget, the meta-steps and ``*`` of a run
+  stopped before them.
 * ``imaml-eval`` reproduces every published model's committed test under
   the paper's measurement and ours, task by task on the first 20 tasks
   (needs Omniglot in ``$IMAML_OMNIGLOT_DIR``).
@@ -21,21 +22,20 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
 import shlex
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from quick_runs import BENCHMARKS
+from quick_runs import import_benchmark
 from test_repository import models_page
 from test_repository import sections
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = REPO / "benchmarks"
 RESULTS = BENCHMARKS / "results"
 README = REPO / "README.md"
 README_TABLE_HEADER = (
@@ -66,8 +66,12 @@ MEASUREMENTS = {
   "ours": ("", None, "ours", "best_validation"),
   "authors": ("authors_", "eval_protocol=authors.json", "authors", "last"),
 }
-CELL = re.compile(
-  r"\**(?P<mean>\d+\.\d\d) ± (?P<ci>\d+\.\d\d)\**(?: \((?P<n>[\d,]+)\))?"
+# A cell's result, bold aside: mean ± ci95, then optionally `*` (a run
+# stopped before its meta-steps) and the number of test tasks, which may
+# open a longer bracket: "96.58 ± 0.38 (600; collapsed near ...)".
+LEADING_RESULT = re.compile(
+  r"(?P<mean>\d+\.\d\d) ± (?P<ci>\d+\.\d\d)(?P<stopped>\*?)"
+  r"(?: \((?P<n>[\d,]+)[;,)])?"
 )
 BUDGET = re.compile(r"([\d,]+) x (\d+)")
 DEVICE = re.compile(r"\b(CPU|H100|H200)\b")
@@ -75,13 +79,9 @@ RUN_LINK = re.compile(r"^\[run\]\(([^)\s]+)\)")
 LAM = re.compile(r"\blam (\d+(?:\.\d+)?)\b")
 
 
-def import_tables():
-  """``benchmarks/tables.py`` as a module (the scripts are not a package)."""
-  sys.path.insert(0, str(BENCHMARKS))
-  try:
-    return importlib.import_module("tables")
-  finally:
-    sys.path.remove(str(BENCHMARKS))
+@pytest.fixture(scope="module")
+def tables():
+  return import_benchmark("tables")
 
 
 def table_rows(text: str, header: str) -> list[list[str]]:
@@ -107,25 +107,39 @@ def markdown_table(text: str, header: str) -> list[dict]:
   return rows
 
 
-def parse_cell(text: str) -> tuple[str, str, int]:
-  """``(mean, ci95, test tasks)`` of a cell such as ``**97.55 ± 0.18**
-  (6,000)``, the numbers as written."""
-  found = CELL.fullmatch(text)
-  if found is None:
-    raise AssertionError(f"not 'mean ± ci95 [(tasks)]': {text!r}")
+def parse_result(text: str, whole: bool) -> tuple[str, str, int, bool]:
+  """``(mean, ci95, test tasks, stopped)`` of a cell that starts with
+  ``mean ± ci95[*] [(tasks)]`` (bold aside), the numbers as written; with
+  ``whole``, the cell must hold nothing else."""
+  plain = text.replace("**", "")
+  found = LEADING_RESULT.match(plain)
+  assert found and (not whole or found.end() == len(plain)), (
+    f"not 'mean ± ci95[*] [(tasks)]': {text!r}"
+  )
   n = found["n"]
   return (
     found["mean"],
     found["ci"],
     DEFAULT_TEST_TASKS if n is None else int(n.replace(",", "")),
+    bool(found["stopped"]),
   )
 
 
-def test_parse_cell():
-  assert parse_cell("**98.65 ± 0.19**") == ("98.65", "0.19", 3000)
-  assert parse_cell("72.51 ± 0.19 (36,000)") == ("72.51", "0.19", 36000)
-  with pytest.raises(AssertionError, match="mean"):
-    parse_cell("98.7")
+def test_parse_result():
+  assert parse_result("**98.65 ± 0.19**", True) == (
+    "98.65",
+    "0.19",
+    3000,
+    False,
+  )
+  assert parse_result("72.51 ± 0.19 (36,000)", True)[2] == 36000
+  assert parse_result("**67.66 ± 0.19* (3,600)**", True)[2:] == (3600, True)
+  assert parse_result("**87.80 ± 0.14***", True)[3]
+  cell = "96.58 ± 0.38 (600; collapsed near step 14,000)"
+  assert parse_result(cell, False)[2] == 600
+  for bad, whole in ((cell, True), ("98.7", False)):
+    with pytest.raises(AssertionError, match="mean"):
+      parse_result(bad, whole)
 
 
 def readme_rows() -> list[dict]:
@@ -145,7 +159,9 @@ def test_some_tables_are_committed():
 
 
 @pytest.mark.parametrize("table", committed_tables(), ids=lambda p: p.stem)
-def test_committed_table_is_what_its_runs_say(table, tmp_path, monkeypatch):
+def test_committed_table_is_what_its_runs_say(
+  table, tables, tmp_path, monkeypatch
+):
   """Re-runs the ``tables.py`` command a committed table records (reading
   only, no training and no tests) and compares what it writes."""
   committed = json.loads(table.read_text())
@@ -158,7 +174,7 @@ def test_committed_table_is_what_its_runs_say(table, tmp_path, monkeypatch):
   )
   args[args.index("--out") + 1] = str(tmp_path)
   monkeypatch.chdir(REPO)
-  import_tables().main(args)
+  tables.main(args)
   for suffix in (".md", ".csv"):
     written = (tmp_path / table.with_suffix(suffix).name).read_text()
     assert written == table.with_suffix(suffix).read_text(), (
@@ -178,71 +194,21 @@ def run_directory(row: dict) -> Path:
   return path
 
 
-@pytest.fixture(scope="module")
-def tables():
-  return import_tables()
-
-
 @pytest.mark.parametrize(
   "row", readme_rows(), ids=lambda r: f"{r['setting']}: {r['row']}"
 )
 def test_readme_table_row_is_its_runs(row, tables):
   run = run_directory(row)
-  results = json.loads((run / "results.json").read_text())
-  config = results["config"]
-  entry = tables.read_run(run)
-
-  # The setting and the algorithm, hence the paper's number.
-  name = re.fullmatch(r"omniglot_(\d+w\d+s)_(\w+)", config["name"])
-  assert name, config["name"]
-  setting, algorithm = name.groups()
-  assert setting == f"{config['n_way']}w{config['k_shot']}s"
+  entry, config = run_entry(run, tables)
+  setting, algorithm = setting_and_algorithm(config)
   assert row["setting"] == tables.SETTING_TITLES[setting]
   assert row["row"].lower().startswith(tables.ALGORITHMS[algorithm].lower())
-  paper = paper_number(config, tables)
-  assert [float(x) for x in row["paper"].split(" ± ")] == paper, (
-    f"the paper's number is {paper[0]} ± {paper[1]}"
-  )
+  check_paper_number(row["paper"], config, tables)
   for lam in LAM.findall(row["row"]):
     assert config["lam"] == float(lam), f"the run's lam is {config['lam']}"
-
-  # The budget: the run's own stretch last, with its device.
-  stretches = BUDGET.findall(row["budget"])
-  assert stretches, row["budget"]
-  steps, batch = stretches[-1]
-  assert int(steps.replace(",", "")) == entry["meta_steps"], (
-    f"the run made {entry['meta_steps']} meta-steps"
-  )
-  assert int(batch) == config["meta_batch"], (
-    f"the run's meta-batch is {config['meta_batch']}"
-  )
-  devices = DEVICE.findall(row["budget"])
-  assert devices, f"no device in {row['budget']!r}"
-  device = entry["device"].lower()
-  if devices[-1] == "CPU":
-    assert device.startswith("cpu"), f"the run's device is {device}"
-  else:
-    assert devices[-1].lower() in device, f"the run's device is {device}"
-  if len(stretches) > 1:  # trained on from another run's parameters
-    assert len(stretches) == 2 and config["init_from"], row["budget"]
-    source = json.loads(
-      (REPO / config["init_from"] / "results.json").read_text()
-    )
-    assert config["init_params"] == "best"
-    assert (
-      int(stretches[0][0].replace(",", ""))
-      == (source["best_validation"]["step"])
-    )
-    assert int(stretches[0][1]) == source["config"]["meta_batch"]
-
-  # The three measurements.
+  check_budget(row["budget"], row["budget"], entry, config)
   for column, (prefix, filename, protocol, params) in MEASUREMENTS.items():
-    mean, ci95, n = parse_cell(row[column])
-    assert (mean, ci95, n) == (
-      f"{entry[prefix + 'accuracy']:.2f}",
-      f"{entry[prefix + 'ci95']:.2f}",
-      entry[prefix + "test_tasks"],
-    ), f"{column} of {run.relative_to(REPO)}"
+    check_result(row[column], run, prefix, entry, whole=True)
     if filename is None:
       assert entry["test_params"] == params
       continue
@@ -410,14 +376,10 @@ TWENTY_WAY_RUNS = {  # row: (20-way 1-shot run, 20-way 5-shot run)
   ),
   "iMAML, Hessian-free": ("runs/omniglot_20w1s_imaml_hf", None),
 }
-# The leading result of a cell, bold aside: mean ± ci95, then optionally `*`
-# (a run stopped before its meta-steps) and the number of test tasks, which
-# may open a longer bracket: "96.58 ± 0.38 (600; collapsed near ...)".
-LEADING_RESULT = re.compile(
-  r"(?P<mean>\d+\.\d\d) ± (?P<ci>\d+\.\d\d)(?P<stopped>\*?)"
-  r"(?: \((?P<n>[\d,]+)[;,)])?"
-)
 NOT_RUN = ("not run", "not measured")
+# The key prefixes of the three measurements in ``tables.read_run``, in the
+# pages' column order: the paper's, ours, the authors'.
+MEASURED_PREFIXES = ("measured_paper_", "", "authors_")
 
 
 def run_entry(run: Path, tables) -> tuple[dict, dict]:
@@ -446,44 +408,89 @@ def run_entry(run: Path, tables) -> tuple[dict, dict]:
 
 
 def check_result(
-  text: str, run: Path, prefix: str, entry: dict, marks_stopped: bool
+  text: str,
+  run: Path,
+  prefix: str,
+  entry: dict,
+  whole: bool = False,
+  marks_stopped: bool = False,
 ) -> None:
-  """A page's cell (leading ``mean ± ci95 [(tasks)]``) against the run's
-  result under the measurement ``prefix`` (as in ``tables.read_run``), and,
-  in a table that ``marks_stopped``, its ``*`` against whether the run
-  reached its meta-steps."""
+  """A page's cell (``parse_result``) against the run's result under the
+  measurement ``prefix`` (as in ``tables.read_run``), and, in a table that
+  ``marks_stopped``, its ``*`` against whether the run reached its
+  meta-steps."""
   where = f"{run.relative_to(REPO)}, measurement {prefix or 'ours'}"
-  found = LEADING_RESULT.match(text.replace("**", ""))  # bold aside
-  assert found, f"{where}: not 'mean ± ci95 [(tasks)]': {text!r}"
-  n = int(found["n"].replace(",", "")) if found["n"] else DEFAULT_TEST_TASKS
-  assert (found["mean"], found["ci"], n) == (
+  mean, ci95, n, stopped = parse_result(text, whole)
+  assert (mean, ci95, n) == (
     f"{entry[prefix + 'accuracy']:.2f}",
     f"{entry[prefix + 'ci95']:.2f}",
     entry[prefix + "test_tasks"],
   ), where
-  if not marks_stopped:
-    return
-  assert bool(found["stopped"]) == (not entry["complete"]), (
-    f"{where}: '*' must mark exactly the runs stopped before their "
-    f"meta-steps ({entry['meta_steps']} of {entry['meta_steps_target']})"
+  if marks_stopped:
+    assert stopped == (not entry["complete"]), (
+      f"{where}: '*' must mark exactly the runs stopped before their "
+      f"meta-steps ({entry['meta_steps']} of {entry['meta_steps_target']})"
+    )
+
+
+def check_budget(budget: str, device: str, entry: dict, config: dict) -> None:
+  """A row's budget (``meta-steps x tasks`` stretches, the run's own last)
+  and device (the last of CPU, H100, H200 named) against the run; a first
+  stretch is the run it was started from (``init_from``), at that run's
+  best validation."""
+  stretches = [
+    (int(steps.replace(",", "")), int(batch))
+    for steps, batch in BUDGET.findall(budget)
+  ]
+  assert stretches, f"no 'meta-steps x tasks' in {budget!r}"
+  assert stretches[-1] == (entry["meta_steps"], config["meta_batch"]), (
+    f"the run made {entry['meta_steps']} x {config['meta_batch']}"
   )
+  devices = DEVICE.findall(device)
+  assert devices, f"no device in {device!r}"
+  ran_on = entry["device"].lower()
+  if devices[-1] == "CPU":
+    assert ran_on.startswith("cpu"), f"the run's device is {ran_on}"
+  else:
+    assert devices[-1].lower() in ran_on, f"the run's device is {ran_on}"
+  if len(stretches) > 1:
+    assert len(stretches) == 2 and config["init_from"], budget
+    assert config["init_params"] == "best"
+    source = json.loads(
+      (REPO / config["init_from"] / "results.json").read_text()
+    )
+    assert stretches[0] == (
+      source["best_validation"]["step"],
+      source["config"]["meta_batch"],
+    ), f"the run started from {config['init_from']}"
 
 
-def paper_number(run_config: dict, tables) -> list[float]:
-  setting, algorithm = re.fullmatch(
-    r"omniglot_(\d+w\d+s)_(\w+)", run_config["name"]
-  ).groups()
-  return list(
-    tables.PAPER[("omniglot", algorithm)][tables.SETTINGS.index(setting)]
+def setting_and_algorithm(config: dict) -> tuple[str, str]:
+  """``("5w1s", "imaml_gd")`` from a run's config name, checked against its
+  ways and shots."""
+  name = re.fullmatch(r"omniglot_(\d+w\d+s)_(\w+)", config["name"])
+  assert name, f"not an Omniglot Table 2 config: {config['name']}"
+  assert name[1] == f"{config['n_way']}w{config['k_shot']}s", config["name"]
+  return name[1], name[2]
+
+
+def check_paper_number(text: str, config: dict, tables) -> None:
+  """A cell ``mean ± ci95`` against the paper's number for the run's setting
+  and algorithm."""
+  setting, algorithm = setting_and_algorithm(config)
+  paper = tables.PAPER[("omniglot", algorithm)][tables.SETTINGS.index(setting)]
+  assert [float(x) for x in text.split(" ± ")] == list(paper), (
+    f"the paper's number for {config['name']} is {paper[0]} ± {paper[1]}"
   )
 
 
 def test_reproduction_page_five_way_rows_are_their_runs(tables):
   page = sections(REPRODUCTION_PAGE.read_text())
   for section, runs in FIVE_WAY_RUNS.items():
-    rows = table_rows(page[section], FIVE_WAY_HEADER)
     seen = set()
-    for row, budget, device, paper_m, ours, authors, paper in rows:
+    for row, budget, device, *results, paper in table_rows(
+      page[section], FIVE_WAY_HEADER
+    ):
       if budget == "not run":
         continue
       key = (row, device)
@@ -491,18 +498,11 @@ def test_reproduction_page_five_way_rows_are_their_runs(tables):
       seen.add(key)
       run = BENCHMARKS / runs[key]
       entry, config = run_entry(run, tables)
-      steps = BUDGET.findall(budget)[-1][0]
-      assert int(steps.replace(",", "")) == entry["meta_steps"], key
-      assert [float(x) for x in paper.split(" ± ")] == paper_number(
-        config, tables
-      ), key
-      for prefix, cell in (
-        ("measured_paper_", paper_m),
-        ("", ours),
-        ("authors_", authors),
-      ):
+      check_budget(budget, device, entry, config)
+      check_paper_number(paper, config, tables)
+      for prefix, cell in zip(MEASURED_PREFIXES, results):
         if not cell.startswith(NOT_RUN):
-          check_result(cell, run, prefix, entry, marks_stopped=False)
+          check_result(cell, run, prefix, entry)
     assert seen == set(runs), f"{section}: rows gone: {set(runs) - seen}"
 
 
@@ -510,25 +510,31 @@ def test_reproduction_page_twenty_way_rows_are_their_runs(tables):
   section = sections(REPRODUCTION_PAGE.read_text())[
     "Table 2, 20-way 1-shot and 20-way 5-shot"
   ]
+  # Each column's budget, from the header: (meta-steps, tasks per step).
+  budgets = [
+    (int(steps.replace(",", "")), int(batch))
+    for steps, batch in BUDGET.findall(TWENTY_WAY_HEADER)
+  ]
   rows = table_rows(section, TWENTY_WAY_HEADER)
   assert {row[0] for row in rows} == set(TWENTY_WAY_RUNS)
   for row, one_shot, paper_1, five_shot, paper_5 in rows:
-    for cell, paper, name in zip(
-      (one_shot, five_shot), (paper_1, paper_5), TWENTY_WAY_RUNS[row]
+    for cell, paper, name, budget in zip(
+      (one_shot, five_shot), (paper_1, paper_5), TWENTY_WAY_RUNS[row], budgets
     ):
       if name is None:
         assert cell == "not run", (row, cell)
         continue
       run = BENCHMARKS / name
       entry, config = run_entry(run, tables)
-      assert [float(x) for x in paper.split(" ± ")] == paper_number(
-        config, tables
-      ), (row, name)
+      assert (entry["meta_steps_target"], config["meta_batch"]) == budget, (
+        f"{name} is not a run of the column's budget {budget}"
+      )
+      check_paper_number(paper, config, tables)
       results = cell.split(" / ")
       assert len(results) == 3, f"{row}: not 'paper's / ours / authors'"
       steps = re.search(r"\(([\d,]+) steps\)$", cell)
       if steps or not entry["complete"]:
         assert steps, f"{row}: a stopped run names its meta-steps"
         assert int(steps[1].replace(",", "")) == entry["meta_steps"], row
-      for prefix, result in zip(("measured_paper_", "", "authors_"), results):
+      for prefix, result in zip(MEASURED_PREFIXES, results):
         check_result(result, run, prefix, entry, marks_stopped=True)
