@@ -331,6 +331,101 @@ def test_init_from_refuses_what_it_cannot_start_from(
   assert "truncated" in refusal(f"init_from={other}")
 
 
+def test_init_params_state_continues_the_source_run_exactly(
+  reference_run, tmp_path, capsys
+):
+  """A run stopped at meta-step 200 and branched from there with nothing
+  changed but ``meta_steps`` ends where the uninterrupted 300-step run
+  does, bit for bit, with the same records and test."""
+  source = tmp_path / "trunk"
+  assert _train(source, "meta_steps=200") == 0
+  workdir = tmp_path / "branch"
+  init = [f"init_from={source}", "init_params=state"]
+  assert _train(workdir, *init) == 0
+  assert "changed: meta_steps." in capsys.readouterr().out
+  _assert_same_params(_final_params(workdir), _final_params(reference_run))
+  assert metrics_log.read_records(workdir / "metrics.jsonl") == (
+    metrics_log.read_records(reference_run / "metrics.jsonl")
+  )
+  results = json.loads((workdir / "results.json").read_text())
+  reference = json.loads((reference_run / "results.json").read_text())
+  assert results["test"] == reference["test"]
+  assert results["best_validation"] == reference["best_validation"]
+  assert results["budget"]["meta_steps"] == 300
+  assert results["budget"]["meta_steps_this_run"] == 100
+  assert results["initialised_from"] == {
+    "workdir": str(source),
+    "checkpoint": "checkpoint_000000200.ckpt",
+    "params": "state",
+    "step": 200,
+    "source_config": "sinusoid",
+    "source_meta_steps": 200,
+    "changed": ["meta_steps"],
+  }
+  # The same command resumes the branch from its own checkpoint.
+  assert _train(workdir, *init) == 0
+  again = json.loads((workdir / "results.json").read_text())
+  assert again["initialised_from"] == results["initialised_from"]
+  assert again["budget"]["meta_steps_this_run"] == 0
+  assert metrics_log.read_records(workdir / "metrics.jsonl") == (
+    metrics_log.read_records(reference_run / "metrics.jsonl")
+  )
+
+
+def test_init_params_state_branch_with_a_change_shares_only_the_trunk(
+  reference_run, tmp_path
+):
+  """Branching at step 200 with another lam: the first 200 steps' records
+  are the source's, the rest and the parameters are the change's own; a
+  killed first start leaves no record twice when restarted."""
+  source = tmp_path / "trunk"
+  assert _train(source, "meta_steps=200") == 0
+  workdir = tmp_path / "branch"
+  init = [f"init_from={source}", "init_params=state", "lam=3.0"]
+  # What a first start killed before its first checkpoint had written.
+  workdir.mkdir()
+  shutil.copy(source / "metrics.jsonl", workdir / "metrics.jsonl")
+  assert _train(workdir, *init) == 0
+  records = metrics_log.read_records(workdir / "metrics.jsonl")
+  reference = metrics_log.read_records(reference_run / "metrics.jsonl")
+  trunk = [r for r in records if r["step"] <= 200]
+  assert trunk == [r for r in reference if r["step"] <= 200]
+  after = [r for r in records if r["step"] > 200]
+  assert [r["step"] for r in after] == [
+    r["step"] for r in reference if r["step"] > 200
+  ]
+  assert after != [r for r in reference if r["step"] > 200]
+  params = jax.tree.leaves(_final_params(workdir))
+  other = jax.tree.leaves(_final_params(reference_run))
+  assert any(not np.array_equal(a, b) for a, b in zip(params, other))
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["initialised_from"]["changed"] == ["lam", "meta_steps"]
+
+
+def test_init_params_state_refuses_what_it_cannot_continue(
+  reference_run, tmp_path, capsys
+):
+  def refusal(*overrides):
+    workdir = tmp_path / "refused"
+    with pytest.raises(SystemExit) as info:
+      _train(workdir, "init_params=state", *overrides)
+    assert info.value.code == 2
+    assert not workdir.exists(), "a refused request wrote its work directory"
+    printed = capsys.readouterr()
+    assert "Branching" not in printed.out
+    return printed.err
+
+  # The source already trained every step asked for.
+  message = refusal(f"init_from={reference_run}")
+  assert "at meta-step 300" in message and "meta_steps=300" in message
+  # Another outer optimizer has a state of other entries.
+  message = refusal(
+    f"init_from={reference_run}", "meta_steps=400", "optimizer=sgd"
+  )
+  assert "init_params=state cannot continue from it" in message
+  assert "unexpected entries" in message and "['opt_state']" in message
+
+
 class _CountingEvaluator:
   """Scores parameters ``p`` as ``p`` on every task; counts the tests."""
 

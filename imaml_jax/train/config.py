@@ -158,7 +158,7 @@ ALGORITHMS = ("imaml", "maml", "fomaml", "reptile")
 INNER_SOLVERS = ("gd", "nesterov", "hessian_free", "gd_then_pull_back", "adam")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "linear")
-INIT_PARAMS = ("best", "last")
+INIT_PARAMS = ("best", "last", "state")
 OMNIGLOT_DRAWINGS = 20  # drawings per Omniglot character
 
 
@@ -269,13 +269,19 @@ class Config:
     init_from: a finished or interrupted run's work directory whose
       meta-parameters this run starts from (fine-tuning a published model
       with another recipe), instead of a fresh initialisation from
-      ``seed``; the outer optimizer starts afresh. Its network must have
+      ``seed``; the outer optimizer starts afresh (unless
+      ``init_params="state"``). Its network must have
       the same parameter shapes. ``""`` (the default): a fresh start. Only
       a run that starts anew reads it; a resumed run continues from its own
       checkpoint.
     init_params: which of ``init_from``'s parameters: ``"best"`` (its
-      best-validation parameters, what ``imaml-eval`` tests) or ``"last"``
-      (its latest checkpoint's).
+      best-validation parameters, what ``imaml-eval`` tests), ``"last"``
+      (its latest checkpoint's), or ``"state"``: the whole training state
+      of its latest checkpoint (parameters, outer optimizer, meta-step,
+      task stream, best validation so far), so that this run branches
+      from that step and meets the same training tasks as the source
+      would have; every setting may differ whose change keeps the state's
+      shapes (the solver, ``lam``, the inner loop, ``meta_steps``).
   """
 
   name: str = "default"

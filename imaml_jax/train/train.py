@@ -140,6 +140,8 @@ def train_and_evaluate(
 
   # Everything is checked; from here on the work directory is written.
   metrics = workdir_lib.open_run(workdir, config, start_step, lead)
+  if origin is not None and origin["params"] == "state":
+    workdir_lib.copy_trunk_metrics(origin["workdir"], start_step, metrics)
   origin = workdir_lib.record_origin(workdir, origin, lead)
   loop.state, loop.sums, train_data, loop.base_key = im.replicate(
     (loop.state, loop.sums, exp.data.train, loop.base_key), mesh
@@ -210,7 +212,9 @@ def start_or_resume(
   """The loop's first state: fresh, or restored from checkpoint ``latest``.
 
   A fresh run starts from a new initialisation, or with ``init_from`` from
-  another run's parameters (:func:`workdir.initial_parameters`).
+  another run's parameters (:func:`workdir.initial_parameters`), or with
+  ``init_params="state"`` from its whole training state
+  (:func:`workdir.branch`).
 
   Returns:
     ``(loop, select, elapsed_before, origin)``: the
@@ -227,10 +231,6 @@ def start_or_resume(
   params, origin = exp.init_params(init_key), None
   if latest is None and config.init_from:
     params, origin = workdir_lib.initial_parameters(config, params)
-    log(
-      f"Starting from {origin['workdir']}: its {origin['params']} "
-      f"parameters (meta-step {origin['step']})."
-    )
   state = init(params)
   shapes = steps_lib.metric_shapes(exp, state, base_key)
   sums = steps_lib.init_sums(shapes)
@@ -246,6 +246,12 @@ def start_or_resume(
       latest, config, state, sums, best
     )
     log(f"Resuming from {latest} (step {step}).")
+  elif origin is not None and origin["params"] == "state":
+    step, state, best, base_key, elapsed_before = workdir_lib.branch(
+      config, state, best
+    )
+  if origin is not None:
+    log(_origin_line(origin))
   workdir_lib.check_same_start(step)
   loop = periodic.LoopState(
     step=step,
@@ -256,6 +262,20 @@ def start_or_resume(
     meta_steps=config.meta_steps,
   )
   return loop, evaluation.score_key(shapes), elapsed_before, origin
+
+
+def _origin_line(origin: dict) -> str:
+  """The status line of a run starting from another run's checkpoint."""
+  if origin["params"] != "state":
+    return (
+      f"Starting from {origin['workdir']}: its {origin['params']} "
+      f"parameters (meta-step {origin['step']})."
+    )
+  changed = ", ".join(origin["changed"]) or "nothing"
+  return (
+    f"Branching from {origin['workdir']} at meta-step {origin['step']}: "
+    f"its parameters, optimizer state and task stream; changed: {changed}."
+  )
 
 
 def compile_step(

@@ -16,7 +16,8 @@ A run lives in one directory::
 Everything is checked before anything is written (:func:`prepare`); a run
 of the same config resumes from its latest checkpoint (:func:`restore`),
 a new one with ``init_from`` starts from another run's parameters
-(:func:`initial_parameters`),
+(:func:`initial_parameters`) or branches from its whole state
+(:func:`branch`),
 also one written before a training metric existed
 (:func:`with_added_metrics`). Only process 0 writes (:func:`open_run`).
 """
@@ -163,8 +164,9 @@ def initial_parameters(
   """The meta-parameters ``config.init_from``'s run gives this one.
 
   ``config.init_params`` picks that run's best-validation parameters
-  (``"best"``) or those of its latest checkpoint (``"last"``), both read
-  from its latest checkpoint.
+  (``"best"``) or those of its latest checkpoint (``"last"``, and
+  ``"state"``, whose remaining state :func:`branch` reads), all read from
+  its latest checkpoint.
 
   Args:
     config: this run's config, with ``init_from`` set.
@@ -177,12 +179,13 @@ def initial_parameters(
     a JSON-compatible record of where they came from (``workdir``,
     ``checkpoint``, ``params``, ``step``: the meta-step they were taken at,
     ``source_config``, ``source_meta_steps``: the meta-steps the source had
-    trained).
+    trained; with ``"state"`` also ``changed``: the settings this run
+    changes).
 
   Raises:
     WorkdirError: no run or no checkpoint at ``init_from``, the source is
-      this run's own directory, or ``"best"`` asked of a run that never
-      validated.
+      this run's own directory, ``"best"`` asked of a run that never
+      validated, or ``"state"`` of a run already at ``config.meta_steps``.
     CheckpointError: the source checkpoint is corrupt, or its parameters
       do not fit this run's network (the message names the entry).
   """
@@ -217,7 +220,72 @@ def initial_parameters(
     "source_config": source_config.name,
     "source_meta_steps": meta_steps,
   }
+  if config.init_params == "state":
+    if meta_steps >= config.meta_steps:
+      raise WorkdirError(
+        f"{source} is at meta-step {meta_steps}, so init_params=state "
+        f"leaves nothing to train with meta_steps={config.meta_steps}; ask "
+        "for more meta_steps."
+      )
+    record["changed"] = changed_settings(source_config, config)
   return params, record
+
+
+def changed_settings(
+  source: config_lib.Config, config: config_lib.Config
+) -> list[str]:
+  """The settings ``config`` changes from ``source`` (``init_*`` aside)."""
+  return sorted(
+    k
+    for k in config_lib.differences(source, config)
+    if k not in ("name", "init_from", "init_params")
+  )
+
+
+def branch(config: config_lib.Config, state, best):
+  """The training state that ``init_params="state"`` continues from.
+
+  Reads ``config.init_from``'s latest checkpoint into templates shaped
+  like this run's: the outer optimizer's state (its meta-step included),
+  the best validation so far and the key of the task stream, so the
+  branch meets the tasks the source would have met had it gone on. The
+  window of training metrics starts afresh.
+
+  Returns:
+    ``(step, state, best, base_key, elapsed_s)``.
+
+  Raises:
+    CheckpointError: the source's state does not fit this run's (another
+      optimizer or network; the message names the entry).
+  """
+  _, latest = load_run(Path(config.init_from).expanduser())
+  step, tree = ckpt_lib.load(latest)
+  try:
+    state, best, base_key, elapsed = _read_loop_state(
+      latest, step, tree, state, best
+    )
+  except ckpt_lib.CheckpointError as e:
+    raise ckpt_lib.CheckpointError(
+      f"init_params=state cannot continue from it: {e} A branch keeps its "
+      "source's outer optimizer and network; change only settings that "
+      "keep their shapes, or start afresh with init_params=last."
+    ) from e
+  return step, state, best, base_key, elapsed
+
+
+def copy_trunk_metrics(source: str | os.PathLike, step: int, metrics) -> None:
+  """Writes the records of run ``source`` up to ``step`` into ``metrics``.
+
+  A branch's log thus starts with the history it shares with its source,
+  and its curves show where it left it. Whatever an earlier, killed start
+  of the branch wrote is dropped first.
+  """
+  metrics.truncate(-1)  # Every record has a step >= 0.
+  path = Path(source).expanduser() / METRICS_FILE
+  for record in metrics_log.read_records(path):
+    if record["step"] <= step:
+      metrics.write(record)
+  metrics.flush()
 
 
 def check_same_start(step: int) -> None:
@@ -302,11 +370,25 @@ def restore(path: Path, config: config_lib.Config, state, sums, best):
   """
   step, tree = ckpt_lib.load(path)
   _check_checkpoint_config(path, tree, config)
+  state, best, base_key, elapsed = _read_loop_state(
+    path, step, tree, state, best
+  )
   try:
-    state = ckpt_lib.restore_into(state, tree["state"], what=f"{path} state")
     sums = ckpt_lib.restore_into(
       sums, with_added_metrics(tree["sums"], sums), what=f"{path} sums"
     )
+  except (KeyError, TypeError, ValueError) as e:
+    if isinstance(e, ckpt_lib.CheckpointError):
+      raise
+    raise ckpt_lib.CheckpointError(f"{path} is incompatible: {e}") from e
+  return step, state, sums, best, base_key, elapsed
+
+
+def _read_loop_state(path: Path, step: int, tree: dict, state, best):
+  """``(state, best, base_key, elapsed_s)`` of the checkpoint ``tree`` of
+  meta-step ``step``, read into templates ``state`` and ``best``."""
+  try:
+    state = ckpt_lib.restore_into(state, tree["state"], what=f"{path} state")
     best = ckpt_lib.restore_into(best, tree["best"], what=f"{path} best")
     base_key = jax.random.wrap_key_data(np.asarray(tree["base_key"]))
     elapsed = float(tree["elapsed_s"])
@@ -318,7 +400,7 @@ def restore(path: Path, config: config_lib.Config, state, sums, best):
     raise ckpt_lib.CheckpointError(
       f"{path}: header step {step} != state step {int(state.step)}."
     )
-  return step, state, sums, best, base_key, elapsed
+  return state, best, base_key, elapsed
 
 
 class _NoLog:
