@@ -248,7 +248,7 @@ def start_or_resume(
     log(f"Resuming from {latest} (step {step}).")
   elif origin is not None and origin["params"] == "state":
     step, state, best, base_key, elapsed_before = workdir_lib.branch(
-      config, state, best
+      origin, state, best
     )
   if origin is not None:
     log(_origin_line(origin))

@@ -242,11 +242,12 @@ def changed_settings(
   )
 
 
-def branch(config: config_lib.Config, state, best):
+def branch(origin: dict, state, best):
   """The training state that ``init_params="state"`` continues from.
 
-  Reads ``config.init_from``'s latest checkpoint into templates shaped
-  like this run's: the outer optimizer's state (its meta-step included),
+  Reads the checkpoint that ``origin`` (:func:`initial_parameters`'
+  record) names into templates shaped like this run's: the parameters,
+  the outer optimizer's state (its meta-step included),
   the best validation so far and the key of the task stream, so the
   branch meets the tasks the source would have met had it gone on. The
   window of training metrics starts afresh.
@@ -258,7 +259,8 @@ def branch(config: config_lib.Config, state, best):
     CheckpointError: the source's state does not fit this run's (another
       optimizer or network; the message names the entry).
   """
-  _, latest = load_run(Path(config.init_from).expanduser())
+  latest = Path(origin["workdir"]).expanduser() / CHECKPOINT_DIR
+  latest = latest / origin["checkpoint"]
   step, tree = ckpt_lib.load(latest)
   try:
     state, best, base_key, elapsed = _read_loop_state(
