@@ -418,6 +418,10 @@ def test_init_params_state_refuses_what_it_cannot_continue(
   # The source already trained every step asked for.
   message = refusal(f"init_from={reference_run}")
   assert "at meta-step 300" in message and "meta_steps=300" in message
+  # A branch continues the source's task stream: another seed would do
+  # nothing, so it is refused rather than ignored.
+  message = refusal(f"init_from={reference_run}", "meta_steps=400", "seed=7")
+  assert "seed=7 would change nothing" in message and "seed=0" in message
   # Another outer optimizer has a state of other entries.
   message = refusal(
     f"init_from={reference_run}", "meta_steps=400", "optimizer=sgd"

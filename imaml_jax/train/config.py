@@ -280,8 +280,9 @@ class Config:
       of its latest checkpoint (parameters, outer optimizer, meta-step,
       task stream, best validation so far), so that this run branches
       from that step and meets the same training tasks as the source
-      would have; every setting may differ whose change keeps the state's
-      shapes (the solver, ``lam``, the inner loop, ``meta_steps``).
+      would have; every setting but ``seed`` may differ whose change
+      keeps the state's shapes (the solver, ``lam``, the inner loop,
+      ``meta_steps``).
   """
 
   name: str = "default"

@@ -185,7 +185,8 @@ def initial_parameters(
   Raises:
     WorkdirError: no run or no checkpoint at ``init_from``, the source is
       this run's own directory, ``"best"`` asked of a run that never
-      validated, or ``"state"`` of a run already at ``config.meta_steps``.
+      validated, or ``"state"`` of a run already at ``config.meta_steps``
+      or with another ``seed`` (which a branch could not honour).
     CheckpointError: the source checkpoint is corrupt, or its parameters
       do not fit this run's network (the message names the entry).
   """
@@ -228,6 +229,12 @@ def initial_parameters(
         "for more meta_steps."
       )
     record["changed"] = changed_settings(source_config, config)
+    if "seed" in record["changed"]:
+      raise WorkdirError(
+        f"init_params=state continues {source}'s task stream and state, so "
+        f"seed={config.seed} would change nothing; repeat the source's "
+        f"seed={source_config.seed}, or use init_params=last for new tasks."
+      )
   return params, record
 
 
