@@ -1320,6 +1320,7 @@ def test_table2_full_budget_dry_run_prints_each_cells_training_command(
       "5w1s_imaml_gd+inner_steps=64",
       "20w1s_imaml_gd+lam=0.5",
       "20w5s_imaml_gd+lam=0.5",
+      "20w5s_imaml_gd+lam=0.5+cg_stop_at_negative_curvature=true",
     )
   ]
   assert not out.exists()
@@ -1369,6 +1370,15 @@ def test_table2_full_budget_dry_run_prints_each_cells_training_command(
     assert (weak.lam, paper_form.lam) == (0.5, 2.0)
     assert set(config_lib.differences(weak, paper_form)) == {"lam"}
     assert (weak.meta_steps, weak.meta_batch) == (20000, 32)
+  # The last diagnostic is the 20-way 5-shot lam 0.5 cell with CG stopped
+  # at negative curvature, nothing else.
+  guarded = configs[
+    "omniglot_20w5s_imaml_gd+lam=0.5+cg_stop_at_negative_curvature=true"
+  ]
+  assert guarded.cg_stop_at_negative_curvature
+  assert set(
+    config_lib.differences(guarded, configs["omniglot_20w5s_imaml_gd"])
+  ) == {"lam", "cg_stop_at_negative_curvature"}
 
 
 def test_table2_full_budget_quick_trains_tests_and_then_skips_a_cell(
