@@ -197,6 +197,12 @@ def initial_parameters(
       "a run resumes from its own checkpoints without init_from."
     )
   source_config, latest = load_run(source)
+  if config.init_params == "state" and config.seed != source_config.seed:
+    raise WorkdirError(
+      f"init_params=state continues {source}'s task stream and state, so "
+      f"seed={config.seed} would change nothing; repeat the source's "
+      f"seed={source_config.seed}, or use init_params=last for new tasks."
+    )
   meta_steps, tree = ckpt_lib.load(latest)
   try:
     if config.init_params == "best":
@@ -229,12 +235,6 @@ def initial_parameters(
         "for more meta_steps."
       )
     record["changed"] = changed_settings(source_config, config)
-    if "seed" in record["changed"]:
-      raise WorkdirError(
-        f"init_params=state continues {source}'s task stream and state, so "
-        f"seed={config.seed} would change nothing; repeat the source's "
-        f"seed={source_config.seed}, or use init_params=last for new tasks."
-      )
   return params, record
 
 
