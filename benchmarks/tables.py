@@ -663,8 +663,9 @@ def eval_protocols(
       extra = [] if tasks is None else ["--tasks", str(tasks)]
       # The tables read the reported test alone.
       args = ["--protocol", name, "--skip-last", *extra]
+      # A stale recorded test is replaced even where it held more tasks.
       if not can_extend(row, prefixes[name]):
-        run_eval(workdir, data_dir, *args)
+        run_eval(workdir, data_dir, *args, "--overwrite")
         continue
       try:
         run_eval(workdir, data_dir, *args, "--extend")
@@ -672,7 +673,7 @@ def eval_protocols(
         if e.code != 2:
           raise
         print(f"testing every task of {workdir} again", flush=True)
-        run_eval(workdir, data_dir, *args)
+        run_eval(workdir, data_dir, *args, "--overwrite")
 
 
 def run_eval(workdir: Path, data_dir, *args: str) -> None:

@@ -1042,6 +1042,7 @@ def test_tables_eval_tests_only_the_reported_parameters(monkeypatch, tmp_path):
     assert args.tasks == 3000
     assert args.workdir == str(tmp_path / "omniglot_5w1s_imaml_gd")
     assert not args.extend  # Nothing recorded to extend.
+    assert args.overwrite  # A stale test on more tasks is replaced.
 
 
 def test_tables_eval_extends_a_current_test_on_fewer_tasks(
@@ -1074,13 +1075,16 @@ def test_tables_eval_extends_a_current_test_on_fewer_tasks(
   calls.clear()
   refuse = True
   tables.eval_protocols(tmp_path, [row], None, ["paper"], 3000)
-  assert [a.extend for a in calls] == [True, False]
+  assert [(a.extend, a.overwrite) for a in calls] == [
+    (True, False),
+    (False, True),
+  ]
   assert "testing every task" in capsys.readouterr().out
   calls.clear()
   tables.eval_protocols(
     tmp_path, [{**row, "measured_paper_step": 5}], None, ["paper"], 3000
   )
-  assert [a.extend for a in calls] == [False]
+  assert [(a.extend, a.overwrite) for a in calls] == [(False, True)]
 
 
 def test_tables_mark_and_leave_out_a_test_older_than_its_run():

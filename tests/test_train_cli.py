@@ -155,6 +155,125 @@ def test_workdir_of_another_config_is_refused(tmp_path, capsys):
   assert sorted(os.listdir(workdir)) == before
 
 
+def _stored_run(workdir, *overrides):
+  """A work directory holding the config of ``sinusoid`` with ``overrides``."""
+  workdir.mkdir()
+  stored = config_lib.apply_overrides(
+    config_lib.get_config("sinusoid"), list(overrides)
+  )
+  (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(stored)))
+
+
+def _log(workdir, *steps):
+  lines = [json.dumps({"step": step, "loss_after": 0.5}) for step in steps]
+  (workdir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize(
+  ("files", "message"),
+  [
+    ({"results.json": "{}"}, "holds a run's records (results.json)"),
+    ({"eval_protocol=paper.json": "{}"}, "(eval_protocol=paper.json)"),
+    ({}, "(metrics.jsonl up to step 20)"),
+  ],
+)
+def test_a_run_whose_checkpoints_are_gone_is_not_overwritten(
+  tmp_path, capsys, files, message
+):
+  """Without its checkpoints a run would start again from step 0 and
+  overwrite its records: refused, naming them, with nothing changed."""
+  workdir = tmp_path / "run"
+  overrides = ["meta_steps=30", "checkpoint_every=10", "log_every=5"]
+  _stored_run(workdir, *overrides)
+  _log(workdir, 5, 10, 15, 20)
+  for name, text in files.items():
+    (workdir / name).write_text(text)
+  before = {p.name: p.read_bytes() for p in workdir.iterdir()}
+  code, err = _exit_code(
+    cli.train_main,
+    ["sinusoid", "--workdir", str(workdir), "--set", *overrides],
+    capsys,
+  )
+  assert code == 2 and message in err and "none of its checkpoints" in err
+  assert {p.name: p.read_bytes() for p in workdir.iterdir()} == before
+
+
+def test_files_of_something_else_are_not_overwritten(tmp_path, capsys):
+  workdir = tmp_path / "mine"
+  workdir.mkdir()
+  (workdir / "metrics.jsonl").write_text('{"epoch": 1}\n')
+  (workdir / "results.json").write_text('{"my": "numbers"}')
+  code, err = _exit_code(
+    cli.train_main, ["sinusoid", "--workdir", str(workdir)], capsys
+  )
+  assert code == 2
+  assert "holds results.json, metrics.jsonl but no config.json" in err
+  assert (workdir / "results.json").read_text() == '{"my": "numbers"}'
+  assert sorted(p.name for p in workdir.iterdir()) == [
+    "metrics.jsonl",
+    "results.json",
+  ]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path):
+  """Records before the first checkpoint step are recomputed as they were,
+  so such a run (and a branch logged from its source's step) restarts."""
+  from imaml_jax.train import workdir as workdir_lib
+
+  overrides = ["meta_steps=30", "checkpoint_every=10", "log_every=5"]
+  config = config_lib.apply_overrides(
+    config_lib.get_config("sinusoid"), overrides
+  )
+  workdir = tmp_path / "run"
+  _stored_run(workdir, *overrides)
+  _log(workdir, 5)
+  assert workdir_lib.check_workdir(config, workdir) is None
+  # A branch from step 500 of its source, logged up to 505.
+  (workdir / "init_from.json").write_text(
+    json.dumps({"params": "state", "step": 500})
+  )
+  _log(workdir, 500, 505)
+  assert workdir_lib.check_workdir(config, workdir) is None
+  _log(workdir, 500, 505, 510)
+  with pytest.raises(workdir_lib.WorkdirError, match="up to step 510"):
+    workdir_lib.check_workdir(config, workdir)
+  # Killed before the branch recorded its start: its log is the source's.
+  (workdir / "init_from.json").unlink()
+  branch = config_lib.apply_overrides(
+    config, ["init_from=elsewhere", "init_params=state"]
+  )
+  (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(branch)))
+  assert workdir_lib.check_workdir(branch, workdir) is None
+
+
+@pytest.mark.parametrize(
+  ("overrides", "message"),
+  [
+    (["n_way=500"], "n_way=500 is more than the 400 classes of the val split"),
+    (
+      ["n_way=2000", "val_every=0"],
+      "n_way=2000 is more than the 1692 classes of the test split",
+    ),
+    (["n_way=5000"], "n_way=5000 is more than the 4400 classes of the train"),
+  ],
+)
+def test_an_impossible_n_way_is_refused_before_training(
+  tmp_path, capsys, overrides, message
+):
+  """Checked once the splits are loaded: nothing compiled, nothing written."""
+  if not os.environ.get("IMAML_OMNIGLOT_DIR"):
+    pytest.skip("IMAML_OMNIGLOT_DIR is not set")
+  workdir = tmp_path / "run"
+  code, err = _exit_code(
+    cli.train_main,
+    ["omniglot_5w1s_maml", "--workdir", str(workdir), "--no-progress"]
+    + ["--set", *overrides],
+    capsys,
+  )
+  assert code == 2 and message in err, err
+  assert not workdir.exists()
+
+
 def test_eval_without_a_run(tmp_path, capsys):
   code, err = _exit_code(
     cli.eval_main, ["--workdir", str(tmp_path / "x")], capsys

@@ -22,6 +22,7 @@ import pytest
 
 from imaml_jax.train import checkpoint as ckpt_lib
 from imaml_jax.train import cli
+from imaml_jax.train import config as config_lib
 from imaml_jax.train import evaluation
 from imaml_jax.train import metrics_log
 from imaml_jax.train import protocols
@@ -382,8 +383,15 @@ def test_init_params_state_branch_with_a_change_shares_only_the_trunk(
   assert _train(source, "meta_steps=200") == 0
   workdir = tmp_path / "branch"
   init = [f"init_from={source}", "init_params=state", "lam=3.0"]
-  # What a first start killed before its first checkpoint had written.
+  # What a first start killed before its first checkpoint had written: the
+  # config, then the source's records.
   workdir.mkdir()
+  branch = config_lib.apply_overrides(
+    config_lib.get_config("sinusoid"), [*SMALL, *init]
+  )
+  (workdir / "config.json").write_text(
+    json.dumps(config_lib.to_dict(branch), sort_keys=True)
+  )
   shutil.copy(source / "metrics.jsonl", workdir / "metrics.jsonl")
   assert _train(workdir, *init) == 0
   records = metrics_log.read_records(workdir / "metrics.jsonl")
@@ -616,6 +624,39 @@ def test_eval_extend_tests_only_the_new_tasks(earlier_best_run, tmp_path):
   assert again["test_per_task"]["values"] == result["test_per_task"]["values"]
   # It still records the extension from 10, not one from 50 to 50.
   assert again["extended_from"] == 10
+
+
+def test_eval_refuses_to_replace_a_larger_test(
+  earlier_best_run, tmp_path, capsys
+):
+  """A recorded test of more tasks is not replaced by a smaller one unless
+  --overwrite says so; the refusal comes before anything is tested, and the
+  file is left as it was."""
+  workdir = tmp_path / "run"
+  shutil.copytree(earlier_best_run, workdir)
+  assert _eval(workdir, "--tasks", "12", "--skip-last") == 0
+  recorded = (workdir / "eval.json").read_text()
+  capsys.readouterr()
+  tested = []
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(
+      evaluation.Evaluator, "__call__", lambda *a, **k: tested.append(a)
+    )
+    with pytest.raises(SystemExit) as exit_info:
+      _eval(workdir, "--tasks", "5", "--skip-last")
+  assert exit_info.value.code == 2 and tested == []
+  message = capsys.readouterr().err
+  assert "records a test of 12 tasks; this test of 5" in message
+  assert "--overwrite" in message and "--tasks 12" in message
+  assert (workdir / "eval.json").read_text() == recorded
+  # As many tasks, more tasks, or --overwrite: the file is replaced.
+  assert _eval(workdir, "--tasks", "12", "--skip-last") == 0
+  assert _eval(workdir, "--tasks", "5", "--skip-last", "--overwrite") == 0
+  replaced = json.loads((workdir / "eval.json").read_text())
+  assert replaced["test"]["loss_after"]["n"] == 5
+  # An unreadable file is replaced.
+  (workdir / "eval.json").write_text("{not json")
+  assert _eval(workdir, "--tasks", "3", "--skip-last") == 0
 
 
 def test_eval_extend_without_a_recorded_test_tests_every_task(

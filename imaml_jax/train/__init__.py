@@ -22,6 +22,8 @@ from imaml_jax.train.evaluation import RecordedTestError
 from imaml_jax.train.evaluation import pool_summaries
 from imaml_jax.train.evaluation import summarize
 from imaml_jax.train.experiment import DataError
+from imaml_jax.train.experiment import Experiment
+from imaml_jax.train.experiment import build_experiment
 from imaml_jax.train.periodic import TrainingDiverged
 from imaml_jax.train.protocols import evaluate_workdir
 from imaml_jax.train.runtime import DeviceError
@@ -42,10 +44,12 @@ __all__ = [
   "ConfigError",
   "DataError",
   "DeviceError",
+  "Experiment",
   "RecordedTestError",
   "TrainingDiverged",
   "WorkdirError",
   "apply_overrides",
+  "build_experiment",
   "compiler_options",
   "config_names",
   "evaluate_workdir",

@@ -10,6 +10,7 @@ Usage::
   imaml-eval --workdir DIR [--data-dir DIR] [--tasks N] [--set key=value ...]
              [--split test|val|train|authors_test]
              [--protocol ours|paper|authors] [--skip-last] [--extend]
+             [--overwrite]
              [--compile-cache DIR | --no-compile-cache]
   python -m imaml_jax train ...   # same as imaml-train
   python -m imaml_jax eval ...    # same as imaml-eval
@@ -19,14 +20,18 @@ Usage::
 JAX's persistent compilation cache (``$IMAML_CACHE_DIR/xla`` by default), so
 running a config again, resuming it, or testing it again, skips most of the
 compilation.
-Exit codes: 0 done; 2 bad input (unknown config or field, wrong value type,
-missing data, a work directory holding another run, a corrupt checkpoint, more
-devices than there are, a meta-batch that does not split evenly over the
-devices, incomplete multi-host flags), reported before anything is written; 3
-training stopped after too many consecutive non-finite meta-gradients.
+Exit codes: 0 done; 2 bad input (unknown config or field, wrong value type
+or range, missing data, an ``n_way`` larger than a split, a work directory
+holding another run or the records of one whose checkpoints are gone, a
+corrupt checkpoint, more devices than there are, a meta-batch that does not
+split evenly over the devices, incomplete multi-host flags; for
+``imaml-eval`` a recorded test of more tasks, without ``--overwrite``),
+reported before anything is written; 3 training stopped after too many
+consecutive non-finite meta-gradients.
 
 Devices: the meta-step is data-parallel over ``--devices N`` devices (the
-first ``N`` of all processes' devices; default: all of them), each sampling
+first ``N`` of all processes' devices; default: all of them, and on a CPU
+see below), each sampling
 and adapting ``meta_batch / N`` tasks. On a CPU the command first splits the
 CPU into one device per core (as many as divide ``meta_batch``; ``--devices
 N`` asks for ``N``), unless ``XLA_FLAGS`` sets
@@ -173,8 +178,9 @@ def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
     metavar="N",
     help="train on the first N devices, splitting each "
     "meta-batch over them (default: all devices of "
-    "all processes); meta_batch must be a multiple "
-    "of N",
+    "all processes; on a CPU, one device per core, as "
+    "many as divide meta_batch); meta_batch must be a "
+    "multiple of N",
   )
   group.add_argument(
     "--coordinator",
@@ -343,6 +349,12 @@ def eval_parser(prog: str = "imaml-eval") -> argparse.ArgumentParser:
     "and settings), test only the N - M new ones and pool them with it, "
     "which gives the test of all N; without such a file, test every task",
   )
+  parser.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace a result file that records a test of more tasks than "
+    "this one (refused otherwise, before anything is loaded)",
+  )
   _add_compile_cache_arguments(parser)
   return parser
 
@@ -417,6 +429,7 @@ def eval_main(
       progress=not args.no_progress,
       test_last=not args.skip_last,
       extend=args.extend,
+      overwrite=args.overwrite,
     )
   except _INPUT_ERRORS as e:
     _fail(prog, str(e), EXIT_BAD_INPUT)

@@ -146,6 +146,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -431,6 +432,11 @@ def validate(config: Config) -> Config:
     "max_consecutive_skips": 1,
     "reptile_train_shots": 0,
     "reptile_inner_batch": 0,
+    # Seeds reach NumPy's generators, which take none below zero.
+    "split_seed": 0,
+    "seed": 0,
+    "val_seed": 0,
+    "test_seed": 0,
   }
   for field, low in minimum.items():
     value = getattr(config, field)
@@ -438,12 +444,12 @@ def validate(config: Config) -> Config:
       raise ConfigError(f"{field} must be >= {low}; got {value}.")
   for field in ("lam", "inner_lr", "meta_lr", "adam_eps"):
     value = getattr(config, field)
-    if not value > 0:
-      raise ConfigError(f"{field} must be > 0; got {value}.")
+    if not 0 < value < math.inf:
+      raise ConfigError(f"{field} must be > 0 and finite; got {value}.")
   for field in ("cg_damping", "lam_damping", "weight_decay"):
     value = getattr(config, field)
-    if not value >= 0:
-      raise ConfigError(f"{field} must be >= 0; got {value}.")
+    if not 0 <= value < math.inf:
+      raise ConfigError(f"{field} must be >= 0 and finite; got {value}.")
   if (
     config.dataset == "omniglot"
     and config.k_shot + config.q_query > OMNIGLOT_DRAWINGS

@@ -318,6 +318,41 @@ def evaluation_chunks(
     yield jax.tree.map(lambda x, s=start: x[s : s + config.eval_chunk], tasks)
 
 
+def check_class_counts(config: config_lib.Config, data: Data) -> None:
+  """Refuses an ``n_way`` larger than a split's class count.
+
+  Checked once the splits are loaded, before anything is compiled or
+  written: the sampler would otherwise refuse only when it first draws from
+  the split (the validation split after ``val_every`` meta-steps, the test
+  split after training). The validation split counts only where the run
+  validates (``val_every > 0``).
+
+  Raises:
+    ConfigError: naming the split and its number of classes.
+
+  Example:
+    >>> import numpy as np
+    >>> from imaml_jax.train import config as config_lib
+    >>> config = config_lib.get_config("omniglot_20w1s_imaml_gd")
+    >>> small = np.zeros((10, 20, 28, 28, 1), np.uint8)
+    >>> try:
+    ...   check_class_counts(config, Data(small, small, small))
+    ... except config_lib.ConfigError as e:
+    ...   print(e)
+    n_way=20 is more than the 10 classes of the train split of omniglot; ask
+    for n_way <= 10.
+  """
+  splits = {"train": data.train, "test": data.test}
+  if config.val_every > 0:
+    splits["val"] = data.val
+  for name, images in splits.items():
+    if images is not None and config.n_way > len(images):
+      raise config_lib.ConfigError(
+        f"n_way={config.n_way} is more than the {len(images)} classes of the "
+        f"{name} split of {config.dataset}; ask for n_way <= {len(images)}."
+      )
+
+
 def build(config: config_lib.Config, data: Data | None) -> Experiment:
   """Builds every piece of a run; ``data`` goes to the default device."""
   net, example_x = network(config)
@@ -340,6 +375,43 @@ def build(config: config_lib.Config, data: Data | None) -> Experiment:
     data=data,
     sample=sampler(config),
   )
+
+
+def build_experiment(
+  config: config_lib.Config, data_dir: str | os.PathLike | None = None
+) -> Experiment:
+  """Every piece of a run of ``config``, as ``imaml-train`` builds it.
+
+  Finds the data (``data_dir``, or the dataset's environment variable,
+  :func:`resolve_data_dir`), loads the splits, checks ``n_way`` against them
+  (:func:`check_class_counts`) and builds the network's loss, the
+  algorithm, the optimizer and the task sampler (:func:`build`). The pieces
+  feed the training package's building blocks
+  (:func:`imaml_jax.train.make_train_step`,
+  :func:`imaml_jax.train.metric_shapes`) or a loop of your own.
+
+  Args:
+    config: a config (:func:`imaml_jax.train.get_config`, with overrides).
+    data_dir: the dataset directory; ``None`` for the environment variable
+      (nothing is needed for sinusoid).
+
+  Returns:
+    An :class:`Experiment`.
+
+  Raises:
+    ConfigError: an invalid config, or an ``n_way`` no split can serve.
+    DataError: the data cannot be found or read.
+
+  Example:
+    >>> from imaml_jax import train
+    >>> exp = train.build_experiment(train.get_config("sinusoid"))
+    >>> exp.algorithm.name
+    'imaml(lam=30.0, gd(steps=16, lr=0.005, backtrack), cg(5))'
+  """
+  config_lib.validate(config)
+  data = load_data(config, resolve_data_dir(config, data_dir))
+  check_class_counts(config, data)
+  return build(config, data)
 
 
 # ----------------------------------------------------------------------------

@@ -317,6 +317,7 @@ def evaluate_workdir(
   progress: bool = False,
   test_last: bool = True,
   extend: bool = False,
+  overwrite: bool = False,
 ) -> dict:
   """Tests a run's checkpoint under an evaluation protocol.
 
@@ -376,6 +377,10 @@ def evaluate_workdir(
   such a file every task is tested. A 3,000-task test grows to 6,000 in
   the time of 3,000 more.
 
+  A result file that records a test of more tasks than this one is not
+  replaced unless ``overwrite=True`` (``imaml-eval --overwrite``): a
+  rerun with the default count would otherwise discard hours of testing.
+
   Raises:
     ConfigError: an unknown protocol or split, a split the protocol does
       not draw from, an override of a field that is not a test-time field
@@ -383,8 +388,9 @@ def evaluate_workdir(
       that is not on Omniglot; all before anything is loaded.
     WorkdirError, DataError, CheckpointError: as for training.
     RecordedTestError: with ``extend``, a recorded test of another
-      checkpoint, protocol setting or task set, or of more tasks; before
-      any task is tested.
+      checkpoint, protocol setting or task set, or of more tasks; without
+      ``extend`` or ``overwrite``, a recorded test of more tasks; before
+      anything is loaded or tested.
   """
   split = check_protocol(protocol, split, overrides)
   config, latest = workdir_lib.load_run(workdir)
@@ -393,6 +399,11 @@ def evaluate_workdir(
   test_config = config_lib.apply_test_time_overrides(
     config, [*base, *overrides]
   )
+  n_tasks = n_tasks or config.test_tasks
+  path = Path(workdir).expanduser() / eval_file_name(overrides, split, protocol)
+  if not (extend or overwrite):
+    check_not_replacing_larger_test(path, n_tasks)
+  ckpt_lib.load(latest)  # A corrupt checkpoint fails before the data loads.
   data_dir = exp_lib.resolve_data_dir(config, data_dir)
   # Test-time fields change only the adaptation, not the parameters.
   exp = exp_lib.build(test_config, exp_lib.load_data(config, data_dir))
@@ -408,7 +419,6 @@ def evaluate_workdir(
     evaluation.reported_parameters(reported),
     overlap,
   )
-  path = Path(workdir).expanduser() / eval_file_name(overrides, split, protocol)
   recorded = None
   if extend and path.exists():
     recorded = workdir_lib.read_json(path)
@@ -427,7 +437,7 @@ def evaluate_workdir(
   outcome = evaluation.final_test(
     evaluation.Evaluator(exp, chunks, progress=progress),
     images,
-    n_tasks or config.test_tasks,
+    n_tasks,
     test_config.test_seed,
     last_params=last_params,
     step=step,
@@ -455,6 +465,50 @@ def evaluate_workdir(
   workdir_lib.write_json(path, results)
   log(format_test(results))
   return results
+
+
+def recorded_task_count(recorded: dict) -> int | None:
+  """How many tasks a result file's test holds (``None`` if it says not).
+
+  Example:
+    >>> recorded_task_count({"test": {"loss_after": {"mean": 0.3, "n": 600}}})
+    600
+    >>> recorded_task_count({}) is None
+    True
+  """
+  counts = [
+    summary.get("n")
+    for summary in (recorded.get("test") or {}).values()
+    if isinstance(summary, dict) and isinstance(summary.get("n"), int)
+  ]
+  return max(counts) if counts else None
+
+
+def check_not_replacing_larger_test(path: Path, n_tasks: int) -> None:
+  """Refuses to replace a recorded test of more tasks than ``n_tasks``.
+
+  A result file of thousands of tasks can hold hours of computation; a
+  rerun with the default task count would silently overwrite it with a
+  smaller test. An unreadable file, or one without a task count, is
+  replaced as before.
+
+  Raises:
+    RecordedTestError: ``path`` records a test of more than ``n_tasks``
+      tasks, naming both counts and the ways on.
+  """
+  if not path.is_file():
+    return
+  try:
+    recorded = workdir_lib.read_json(path)
+  except workdir_lib.WorkdirError:
+    return
+  count = recorded_task_count(recorded) if isinstance(recorded, dict) else None
+  if count is not None and count > n_tasks:
+    raise evaluation.RecordedTestError(
+      f"{path} records a test of {count:,} tasks; this test of {n_tasks:,} "
+      f"would replace it. Ask for --tasks {count} (with --extend, only new "
+      "tasks are tested), or pass --overwrite to replace it."
+    )
 
 
 def _check_extensible(recorded: dict, name: str, expected: dict) -> None:

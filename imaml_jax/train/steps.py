@@ -148,7 +148,7 @@ def metric_shapes(exp: exp_lib.Experiment, state, key) -> dict:
   """The metrics dict of one meta-step, as shapes (nothing is computed).
 
   Args:
-    exp: the experiment.
+    exp: the experiment (:func:`imaml_jax.train.build_experiment`).
     state: a meta-state of the experiment (its shapes are what matter).
     key: a random key of the kind the task sampler takes.
 
@@ -197,9 +197,27 @@ def make_train_step(exp: exp_lib.Experiment, mesh=None) -> Callable:
   the data as an argument (not a closed-over constant).
 
   Args:
-    exp: the experiment.
+    exp: the experiment (:func:`imaml_jax.train.build_experiment`).
     mesh: a task mesh (:func:`imaml_jax.train.runtime.make_mesh`) to split
       the task batch over, or ``None`` for unconstrained tasks.
+
+  Example:
+    >>> import jax
+    >>> import imaml_jax as im
+    >>> from imaml_jax import train
+    >>> config = train.apply_overrides(
+    ...   train.get_config("sinusoid"), ["meta_batch=4"])
+    >>> exp = train.build_experiment(config)
+    >>> init, _ = im.make_meta_step(
+    ...   exp.loss, exp.optimizer, exp.algorithm, has_aux=True)
+    >>> state = init(exp.init_params(jax.random.key(0)))
+    >>> key = jax.random.key(1)  # the run's base key
+    >>> sums = train.init_sums(train.metric_shapes(exp, state, key))
+    >>> step = jax.jit(train.make_train_step(exp))
+    >>> for _ in range(3):
+    ...   state, sums = step(state, sums, exp.data.train, key)
+    >>> int(state.step), int(sums["count"]), sorted(sums["sums"])[:2]
+    (3, 3, ['grad_norm', 'loss_after'])
   """
   # With task_chunk on several devices, each device maps over its own tasks
   # (a lax.map over the split task axis would not stay split under jit).

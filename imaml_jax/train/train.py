@@ -134,7 +134,10 @@ def train_and_evaluate(
   )
   lead = runtime.is_lead()
   log = (log or tqdm.tqdm.write) if lead else (lambda _: None)
-  exp = exp_lib.build(config, exp_lib.load_data(config, data_dir))
+  data = exp_lib.load_data(config, data_dir)
+  exp_lib.check_class_counts(config, data)
+  exp = exp_lib.build(config, data)
+  del data  # build holds the device copy.
   loop, select, clock.elapsed_before, origin = start_or_resume(exp, latest, log)
   start_step = loop.step
 

@@ -98,7 +98,65 @@ def check_workdir(config: config_lib.Config, workdir: Path) -> Path | None:
       f"workdir {workdir} has checkpoints but no "
       f"{CONFIG_FILE}; refusing to guess its config."
     )
+  if latest is None:
+    _check_nothing_to_lose(config, workdir, stored_path.exists())
   return latest
+
+
+def _check_nothing_to_lose(
+  config: config_lib.Config, workdir: Path, has_config: bool
+) -> None:
+  """Refuses a fresh start that would overwrite a run's records.
+
+  A run with no checkpoint starts from step 0, truncating ``metrics.jsonl``
+  and later replacing ``results.json``. That is right for a run stopped
+  before its first checkpoint, whose records would be recomputed as they
+  were; it is not for a directory whose checkpoints were removed (a
+  finished run, tested or logged past a checkpoint step) or for one
+  holding another program's files of those names.
+
+  Raises:
+    WorkdirError: naming the files that would be overwritten.
+  """
+  if not workdir.is_dir():
+    return
+  metrics = workdir / METRICS_FILE
+  tested = [p.name for p in [workdir / RESULTS_FILE] if p.is_file()]
+  tested += sorted(p.name for p in workdir.glob("eval*.json"))
+  if not has_config:
+    found = tested + (
+      [METRICS_FILE] if metrics.is_file() and metrics.stat().st_size else []
+    )
+    if found:
+      raise WorkdirError(
+        f"workdir {workdir} holds {', '.join(found)} but no {CONFIG_FILE}: "
+        "not a run to resume, and training would overwrite them. Use "
+        "another --workdir."
+      )
+    return
+  last = max(
+    (r["step"] for r in metrics_log.read_records(metrics)), default=None
+  )
+  # A branch (init_params=state) starts, and logs, at its source's step,
+  # recorded once its source's records are copied; before, it is unknown.
+  origin = workdir / INIT_FILE
+  origin = read_json(origin) if origin.is_file() else {}
+  first = origin.get("step", 0) if origin.get("params") == "state" else 0
+  start_known = config.init_params != "state" or "step" in origin
+  logged_past_checkpoint = (
+    start_known
+    and last is not None
+    and config.checkpoint_every > 0
+    and last >= first + config.checkpoint_every
+  )
+  if tested or logged_past_checkpoint:
+    what = ", ".join(tested) or f"{METRICS_FILE} up to step {last}"
+    raise WorkdirError(
+      f"workdir {workdir} holds a run's records ({what}) but none of its "
+      f"checkpoints in {CHECKPOINT_DIR}/: training would start again from "
+      "step 0 and overwrite them. Use another --workdir, or restore the "
+      "checkpoints to resume (remove the records to start over)."
+    )
 
 
 def prepare(
