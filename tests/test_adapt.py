@@ -225,6 +225,75 @@ def test_bad_adapt_arguments_raise_named_errors(kwargs, error, message):
     im.adapt(linreg_loss, jnp.zeros(5), linreg_task(0)[0], **kwargs)
 
 
+def test_infinite_hyperparameters_are_refused_with_their_name():
+  inf = float("inf")
+  for make, name in (
+    (lambda v: im.imaml(v, im.gd(5, 0.1)), "lam"),
+    (lambda v: im.gd(5, v), "gd lr"),
+    (
+      lambda v: im.adapt(
+        linreg_loss, jnp.zeros(5), linreg_task(0)[0], lam=v, inner=im.gd(2, 0.1)
+      ),
+      "lam",
+    ),
+  ):
+    for value in (inf, -inf, np.float32(inf)):
+      with pytest.raises(ValueError, match=f"^{name} must be a finite number"):
+        make(value)
+  # A traced value cannot be inspected, and is still let through.
+  lam_bar = jax.jit(
+    jax.grad(
+      lambda lam: jnp.sum(
+        im.adapt(
+          linreg_loss,
+          jnp.zeros(5),
+          linreg_task(0)[0],
+          lam=lam,
+          inner=im.gd(2, 0.1),
+        )
+      )
+    )
+  )(2.0)
+  assert np.isfinite(float(lam_bar))
+
+
+@pytest.mark.parametrize(
+  "returns_pair, has_aux, message",
+  [
+    (False, True, r"returned an array of shape \(\) but has_aux=True"),
+    (True, False, "returned a tuple of 2 elements but has_aux=False"),
+  ],
+)
+def test_has_aux_that_does_not_match_the_loss_is_named(
+  returns_pair, has_aux, message
+):
+  loss = (lambda w, b: (linreg_loss(w, b), {})) if returns_pair else linreg_loss
+  meta_loss = lambda w: jnp.sum(
+    im.adapt(
+      loss,
+      w,
+      linreg_task(0)[0],
+      lam=2.0,
+      inner=im.gd(2, 0.1),
+      has_aux=has_aux,
+    )
+  )
+  with pytest.raises(TypeError, match=message):
+    jax.jit(jax.grad(meta_loss))(jnp.zeros(5))
+
+
+def test_has_aux_must_be_a_bool():
+  with pytest.raises(TypeError, match="has_aux must be True or False"):
+    im.adapt(
+      linreg_loss,
+      jnp.zeros(5),
+      linreg_task(0)[0],
+      lam=2.0,
+      inner=im.gd(2, 0.1),
+      has_aux="no",
+    )
+
+
 def test_integer_params_are_rejected():
   with pytest.raises(TypeError, match=r"params\['w'\].*floating"):
     im.adapt(
@@ -384,3 +453,126 @@ def test_authors_inner_loop_composes_with_adapt_vmap_and_jit(x64):
       rtol=1e-10,
       atol=1e-13,
     )
+
+
+def stacked_linreg_tasks(n):
+  """``(support, query)`` of ``n`` linear-regression tasks, stacked."""
+  tasks = [linreg_task(seed) for seed in range(n)]
+  return jax.tree.map(lambda *a: jnp.stack(a), *tasks)
+
+
+def test_loss_may_close_over_data_mapped_by_an_outer_vmap(x64):
+  # The support is read from the loss's closure, not passed as `support`.
+  (xs, ys), query = stacked_linreg_tasks(3)
+  theta = jnp.asarray(np.random.default_rng(0).normal(size=5))
+  inner = im.gd(10, 0.1)
+
+  def closed_over(theta, xs, ys, q):
+    loss = lambda w, _: linreg_loss(w, (xs, ys))
+    return linreg_loss(im.adapt(loss, theta, None, lam=2.0, inner=inner), q)
+
+  def passed_in(theta, xs, ys, q):
+    phi = im.adapt(linreg_loss, theta, (xs, ys), lam=2.0, inner=inner)
+    return linreg_loss(phi, q)
+
+  def grads(meta):
+    batch = lambda t, xs: jax.vmap(meta, (None, 0, 0, 0))(t, xs, ys, query)
+    return jax.grad(lambda t, xs: batch(t, xs).mean(), argnums=(0, 1))(
+      theta, xs
+    )
+
+  (g, gx), (want_g, want_gx) = grads(closed_over), grads(passed_in)
+  np.testing.assert_allclose(g, want_g, rtol=1e-12)
+  np.testing.assert_allclose(gx, want_gx, rtol=1e-12, atol=1e-15)
+
+
+def test_loss_may_close_over_integer_labels_mapped_by_an_outer_vmap():
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 3))
+  labels = jnp.array([[0, 1, 0, 1], [1, 1, 0, 0], [0, 0, 0, 1]])
+
+  def xent(w, batch):
+    x, y = batch
+    return -jnp.mean(jax.nn.log_softmax(x @ w)[jnp.arange(4), y])
+
+  def closed_over(w, x, y):
+    loss = lambda v, x: xent(v, (x, y))
+    return xent(im.adapt(loss, w, x, lam=1.0, inner=im.gd(3, 0.1)), (x, y))
+
+  def passed_in(w, x, y):
+    phi = im.adapt(xent, w, (x, y), lam=1.0, inner=im.gd(3, 0.1))
+    return xent(phi, (x, y))
+
+  grad = lambda meta: jax.grad(
+    lambda w: jax.vmap(meta, (None, 0, 0))(w, x, labels).mean()
+  )(jnp.zeros((3, 2)))
+  np.testing.assert_allclose(grad(closed_over), grad(passed_in), rtol=1e-6)
+
+
+def weight_decay_meta_losses(support, query, theta, **adapt_kwargs):
+  """The query loss after adapting with weight decay ``c``, as a function of
+  ``c``: ``c`` closed over by the loss, and ``c`` passed in the support."""
+
+  def closed_over(c):
+    loss = lambda w, b: linreg_loss(w, b) + c * jnp.sum(w**2)
+    return linreg_loss(im.adapt(loss, theta, support, **adapt_kwargs), query)
+
+  def passed_in(c):
+    loss = lambda w, b: linreg_loss(w, b[0]) + b[1] * jnp.sum(w**2)
+    phi = im.adapt(loss, theta, (support, c), **adapt_kwargs)
+    return linreg_loss(phi, query)
+
+  return closed_over, passed_in
+
+
+def test_closed_over_hyperparameter_gradient_matches_finite_differences(x64):
+  support, query = linreg_task(4)
+  theta = jnp.asarray(np.random.default_rng(5).normal(size=5))
+  closed_over, passed_in = weight_decay_meta_losses(
+    support, query, theta, lam=2.0, inner=CONVERGED_GD, solver=im.dense()
+  )
+  c, h = 0.3, 1e-5
+  g = float(jax.grad(closed_over)(c))
+  fd = float((closed_over(c + h) - closed_over(c - h)) / (2 * h))
+  assert abs(g - fd) < 1e-8 * abs(fd), (g, fd)
+  np.testing.assert_allclose(g, jax.grad(passed_in)(c), rtol=1e-12)
+
+
+def test_closed_over_values_compose_with_jit_and_vmap(x64):
+  support, query = linreg_task(6)
+  theta = jnp.full(5, 0.2)
+  closed_over, passed_in = weight_decay_meta_losses(
+    support, query, theta, lam=2.0, inner=im.gd(20, 0.2)
+  )
+  cs = jnp.array([0.1, 0.3, 0.5])
+  want = np.array([jax.grad(passed_in)(c) for c in cs])
+  for grad in (jax.jit(jax.grad(closed_over)), jax.grad(jax.jit(closed_over))):
+    np.testing.assert_allclose([grad(c) for c in cs], want, rtol=1e-12)
+  for batched in (
+    jax.vmap(jax.grad(closed_over)),
+    jax.jit(jax.vmap(jax.grad(closed_over))),
+  ):
+    np.testing.assert_allclose(batched(cs), want, rtol=1e-12)
+
+  # A batch of tasks whose data the loss closes over, beside c, under jit.
+  (xs, ys), queries = stacked_linreg_tasks(3)
+
+  def task_loss(theta, c, xs, ys, q):
+    loss = lambda w, _: linreg_loss(w, (xs, ys)) + c * jnp.sum(w**2)
+    phi = im.adapt(loss, theta, None, lam=2.0, inner=im.gd(20, 0.2))
+    return linreg_loss(phi, q)
+
+  def task_loss_passed_in(theta, c, xs, ys, q):
+    loss = lambda w, b: linreg_loss(w, b[:2]) + b[2] * jnp.sum(w**2)
+    phi = im.adapt(loss, theta, (xs, ys, c), lam=2.0, inner=im.gd(20, 0.2))
+    return linreg_loss(phi, q)
+
+  def meta_grad(task_loss):
+    batch = jax.vmap(task_loss, (None, None, 0, 0, 0))
+    return jax.grad(
+      lambda t, c: batch(t, c, xs, ys, queries).mean(), argnums=(0, 1)
+    )
+
+  got = jax.jit(meta_grad(task_loss))(theta, 0.3)
+  want = meta_grad(task_loss_passed_in)(theta, 0.3)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-12)

@@ -174,6 +174,25 @@ def test_bad_counts_in_evaluation_helpers():
     imdata.evaluation_task_chunks(id_images(), 5, 1, 1, chunk_size=0)
 
 
+def test_floating_images_are_refused_not_divided_by_255_again():
+  scaled = id_images().astype(jnp.float32) / 255.0  # already in [0, 1]
+  key = jax.random.key(0)
+  for sample in (
+    lambda images: imdata.sample_tasks(key, images, 5, 1, 1, 2),
+    lambda images: imdata.sample_tasks_from_keys(
+      jax.random.split(key, 2), images, 5, 1, 1
+    ),
+    lambda images: imdata.evaluation_tasks(images, 5, 1, 1, n_tasks=2),
+    lambda images: imdata.evaluation_task_chunks(images, 5, 1, 1, n_tasks=2),
+  ):
+    for images in (scaled, np.asarray(scaled, np.float64)):
+      with pytest.raises(TypeError, match="got dtype float"):
+        sample(images)
+  # Integer pixels of any width are still scaled to [0, 1].
+  task = imdata.sample_tasks(key, id_images().astype(jnp.int32), 5, 1, 1, 2)
+  assert float(task.support[0].max()) == 1.0
+
+
 @pytest.mark.parametrize(
   "n_way, k_shot, q_query, shots, batch, steps",
   [

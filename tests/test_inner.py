@@ -390,3 +390,30 @@ def test_hessian_free_defaults_to_the_configs_newton_steps():
     f"hessian_free(steps={hf.inner_steps}, cg_steps={hf.hf_cg_steps})"
   )
   assert im.hessian_free().steps == 20
+
+
+def test_backtracking_never_steps_up_in_bfloat16():
+  """The rounding slack is at most float32's: in bfloat16, 16 of its own
+  ulps (12% of f) would accept every step of a diverging step size."""
+  f = lambda x: ((x - 3.0) ** 2).sum()
+  x0 = jnp.zeros(2, jnp.bfloat16)
+  values = [float(f(x0))]
+  for steps in range(1, 31):
+    x = im.gd(steps, 1.025, backtrack=True).run(f, x0)
+    assert x.dtype == jnp.bfloat16
+    values.append(float(f(x)))
+  assert all(b <= a for a, b in zip(values, values[1:])), values
+  np.testing.assert_allclose(np.asarray(x, np.float32), [3.0, 3.0], atol=0.05)
+
+
+def test_adam_keeps_float32_parameters_in_float32_under_x64(x64):
+  f = lambda x: ((x - 3.0) ** 2).sum()
+  x0 = jnp.zeros(3, jnp.float32)
+  jaxpr = str(jax.make_jaxpr(lambda x: im.adam(4, 0.1).run(f, x))(x0))
+  assert "f64[3]" not in jaxpr  # Scalars of the bias correction may be f64.
+  x = im.adam(4, 0.1).run(f, x0)
+  assert x.dtype == jnp.float32
+  # The same iterates as without x64, up to float32 rounding of the scales.
+  with jax.enable_x64(False):
+    expected = im.adam(4, 0.1).run(f, jnp.zeros(3, jnp.float32))
+  np.testing.assert_allclose(x, expected, rtol=1e-4)

@@ -52,6 +52,22 @@ def test_residual_reveals_unconverged_solve(x64):
   assert float(info.residual) > 1.0
 
 
+@pytest.mark.parametrize("step", [1.0, 0.5])
+def test_neumann_is_its_truncated_series(x64, step):
+  """``x_K = alpha sum_{k<K} (I - alpha A)^k b``, term for term."""
+  a, b = spd_system(4, n=6, cond=1.8)
+  terms = 4
+  expected = step * sum(
+    np.linalg.matrix_power(np.eye(6) - step * a, k) @ b for k in range(terms)
+  )
+  x, _ = im.neumann(terms=terms, step=step).solve(
+    lambda v: jnp.asarray(a) @ v, jnp.asarray(b)
+  )
+  np.testing.assert_allclose(x, expected, rtol=1e-12)
+  # Four terms are far from the solution, so the series itself is checked.
+  assert np.linalg.norm(expected - np.linalg.solve(a, b)) > 1e-3
+
+
 def test_residual_matches_its_definition(x64):
   a, b = spd_system(3)
   a, b = jnp.asarray(a), jnp.asarray(b)
@@ -355,6 +371,48 @@ def test_guarded_cg_reports_negative_curvature_and_updates_as_numpy(x64):
   assert bool(info.negative_curvature) and int(info.iterations) == 0
 
 
+def test_guarded_cg_free_residual_is_the_returned_iterates_at_a_stop(x64):
+  """The recurrence residual is that of the iterate returned, stop or not."""
+  a, q, _ = indefinite_system(6)
+  rng = np.random.default_rng(3)
+  free = im.cg(4, tol=0.0, stop_at_negative_curvature=True)
+  measured = im.cg(
+    4, tol=0.0, stop_at_negative_curvature=True, exact_residual=True
+  )
+  right_hand_sides = [
+    q[:, -1] + 0.1 * q[:, 0],
+    *rng.normal(size=(8, a.shape[0])),
+  ]
+  outcomes = set()
+  for b in right_hand_sides:
+    b = jnp.asarray(b)
+    x, info = free.solve(lambda v: a @ v, b)
+    _, exact = measured.solve(lambda v: a @ v, b)
+    expected = np.linalg.norm(a @ np.asarray(x) - b) / np.linalg.norm(b)
+    np.testing.assert_allclose(float(info.residual), expected, rtol=1e-9)
+    np.testing.assert_allclose(float(exact.residual), expected, rtol=1e-12)
+    outcomes.add((bool(info.negative_curvature), int(info.iterations) > 0))
+  # A stop at the first direction (x = b, residual b - A b, not b), a stop
+  # after some updates, and at least one of them happened.
+  assert (True, False) in outcomes and (True, True) in outcomes, outcomes
+  # The example of a negative definite system: x = b, residual ||2b||/||b||.
+  x, info = free.solve(lambda v: -v, jnp.array([1.0, 2.0]))
+  np.testing.assert_allclose(x, [1.0, 2.0])
+  np.testing.assert_allclose(float(info.residual), 2.0, rtol=1e-12)
+
+
+def test_guarded_cg_stops_at_exactly_zero_curvature(x64):
+  """``p^T A p = 0`` is non-positive: CG stops rather than divide by it."""
+  a = jnp.diag(jnp.array([1.0, -1.0, 2.0]))
+  b = jnp.array([1.0, 1.0, 0.0])  # b^T A b = 1 - 1 + 0 = 0
+  x, info = im.cg(3, tol=0.0, stop_at_negative_curvature=True).solve(
+    lambda v: a @ v, b
+  )
+  assert bool(info.negative_curvature) and int(info.iterations) == 0
+  np.testing.assert_array_equal(x, b)
+  assert np.isfinite(float(info.residual))
+
+
 def test_guarded_cg_on_spd_systems_never_flags_and_counts_early_stops(x64):
   a, b = spd_system(11, cond=40.0)
   a, b = jnp.asarray(a), jnp.asarray(b)
@@ -424,3 +482,62 @@ def test_warm_start_beats_zero_start_at_equal_products(x64):
     }
     assert err["warm"] < 0.7 * err["cold"], (k, err)
     assert err["best"] <= err["warm"] * (1 + 1e-9), (k, err)
+
+
+def test_solvers_keep_each_leafs_dtype_when_dtypes_are_mixed():
+  """A float32 leaf beside a bfloat16 one: every solver returns each leaf in
+  its own dtype, near the exact solution of the diagonal system."""
+  scale = {
+    "w": jnp.array([2.0, 3.0, 4.0]),
+    "b": jnp.array([1.5, 2.5], jnp.bfloat16),
+  }
+  b = {"w": jnp.ones(3), "b": jnp.ones(2, jnp.bfloat16)}
+  matvec = lambda v: jax.tree.map(lambda s, x: s * x, scale, v)
+  for solver in (
+    im.cg(5),
+    im.cg(5, warm_start=False),
+    im.cg(5, stop_at_negative_curvature=True),
+    im.neumann(60, 0.2),
+    im.dense(),
+  ):
+    x, info = solver.solve(matvec, b)
+    assert x["w"].dtype == jnp.float32 and x["b"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(x["w"], [1 / 2, 1 / 3, 1 / 4], rtol=1e-2)
+    np.testing.assert_allclose(
+      x["b"].astype(np.float32), [1 / 1.5, 1 / 2.5], rtol=2e-2
+    )
+    assert float(info.residual) < 3e-2, solver.name
+
+
+def test_dense_solves_a_bfloat16_system():
+  a = jnp.array([[2.0, 1.0], [1.0, 3.0]], jnp.bfloat16)
+  b = jnp.array([1.0, 2.0], jnp.bfloat16)
+  x, _ = im.dense().solve(lambda v: a @ v, b)
+  assert x.dtype == jnp.bfloat16
+  np.testing.assert_allclose(
+    x.astype(np.float32), np.linalg.solve([[2, 1], [1, 3]], [1, 2]), rtol=2e-2
+  )
+
+
+def test_implicit_gradient_of_mixed_dtype_parameters():
+  """im.adapt's backward pass (default CG) on float32 and bfloat16 leaves:
+  the gradient keeps the dtypes and matches the all-float32 one."""
+  x = jnp.array([1.0, 2.0, 3.0])
+
+  def loss(p, x):
+    return jnp.sum(p["w"] * x) ** 2 + jnp.sum(p["b"].astype(jnp.float32) ** 2)
+
+  def meta(p):
+    phi = im.adapt(loss, p, x, lam=2.0, inner=im.gd(20, 0.01))
+    return loss(phi, x)
+
+  mixed = {"w": jnp.ones(3) * 0.1, "b": jnp.full(2, 0.5, jnp.bfloat16)}
+  grad = jax.grad(meta)(mixed)
+  assert grad["w"].dtype == jnp.float32 and grad["b"].dtype == jnp.bfloat16
+  reference = jax.grad(meta)(
+    jax.tree.map(lambda a: a.astype(jnp.float32), mixed)
+  )
+  np.testing.assert_allclose(grad["w"], reference["w"], rtol=2e-2)
+  np.testing.assert_allclose(
+    grad["b"].astype(np.float32), reference["b"], rtol=2e-2
+  )

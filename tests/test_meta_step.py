@@ -181,6 +181,99 @@ def test_mismatched_task_counts_are_rejected_before_tracing():
     im.make_meta_step(linreg_loss, optax.adam(1e-3), "imaml")
 
 
+def test_a_missing_task_axis_or_empty_example_axis_is_named():
+  tasks, _ = linreg_batch(3, dtype=np.float32)
+  init, step = im.make_meta_step(
+    linreg_loss, optax.adam(1e-3), im.imaml(2.0, im.gd(3, 0.1), im.cg(2))
+  )
+  evaluate = im.make_eval_step(linreg_loss, im.imaml(2.0, im.gd(3, 0.1)))
+  state = init(jnp.zeros(5, jnp.float32))
+  one_task = jax.tree.map(lambda a: a[0], tasks)  # 20 support, 30 query
+  with pytest.raises(
+    ValueError,
+    match=r"support has 20 tasks but query has 30; .*every leaf needs a "
+    r"leading task axis; .*jax.tree.map\(lambda a: a\[None\], task\)",
+  ):
+    jax.jit(step)(state, one_task)
+  no_query = im.Task(
+    tasks.support, jax.tree.map(lambda a: a[:, :0], tasks.query)
+  )
+  for run in (
+    lambda t: jax.jit(step)(state, t),
+    lambda t: evaluate(state.params, t),
+  ):
+    with pytest.raises(
+      ValueError, match=r"query\[0\] has shape \(3, 0, 5\): its example axis"
+    ):
+      run(no_query)
+
+
+@pytest.mark.parametrize(
+  "returns_pair, has_aux, message",
+  [
+    (False, True, r"loss_fn returned an array of shape \(\) but has_aux=True"),
+    (True, False, "loss_fn returned a tuple of 2 elements but has_aux=False"),
+  ],
+)
+@pytest.mark.parametrize("build", ["meta_step", "eval_step", "stochastic"])
+def test_has_aux_that_does_not_match_the_loss_is_named_while_tracing(
+  returns_pair, has_aux, message, build
+):
+  tasks, _ = linreg_batch(2, dtype=np.float32)
+  theta = jnp.zeros(5, jnp.float32)
+  if build == "stochastic":
+    loss = lambda w, b, key: (linreg_loss(w, b), {})
+    if not returns_pair:
+      loss = lambda w, b, key: linreg_loss(w, b)
+  else:
+    loss = (
+      (lambda w, b: (linreg_loss(w, b), {})) if returns_pair else linreg_loss
+    )
+  alg = im.imaml(2.0, im.gd(3, 0.1), im.cg(2))
+  if build == "eval_step":
+    run = lambda: jax.jit(im.make_eval_step(loss, alg, has_aux=has_aux))(
+      theta, tasks
+    )
+  else:
+    stochastic = build == "stochastic"
+    init, step = im.make_meta_step(
+      loss, optax.adam(1e-3), alg, has_aux=has_aux, stochastic=stochastic
+    )
+    key = (jax.random.key(0),) if stochastic else ()
+    run = lambda: jax.jit(step)(init(theta), tasks, *key)
+  with pytest.raises(TypeError, match=message):
+    run()
+
+
+def test_step_builders_check_their_arguments_at_once():
+  alg = im.imaml(2.0, im.gd(3, 0.1))
+  for has_aux in ("no", None, 1):
+    with pytest.raises(TypeError, match="has_aux must be True or False"):
+      im.make_meta_step(linreg_loss, optax.adam(1e-3), alg, has_aux=has_aux)
+    with pytest.raises(TypeError, match="has_aux must be True or False"):
+      im.make_eval_step(linreg_loss, alg, has_aux=has_aux)
+  with pytest.raises(TypeError, match="algorithm must be built by .* got str"):
+    im.make_eval_step(linreg_loss, "imaml")
+  with pytest.raises(TypeError, match="got function; did you forget to call"):
+    im.make_eval_step(linreg_loss, im.imaml)
+  with pytest.raises(TypeError, match="loss_fn must be callable"):
+    im.make_eval_step(None, alg)
+  with pytest.raises(
+    TypeError,
+    match=r"optimizer must be an optax.GradientTransformation such as "
+    r"optax.adam\(1e-3\), got function; did you forget to call it\?",
+  ):
+    im.make_meta_step(linreg_loss, optax.adam, alg)
+  with pytest.raises(TypeError, match="optimizer must be .* got str"):
+    im.make_meta_step(linreg_loss, "adam", alg)
+  # Both optax classes are accepted.
+  sgd = optax.sgd(0.1)
+  plain = optax.GradientTransformation(sgd.init, sgd.update)
+  assert type(plain) is not type(sgd)
+  for optimizer in (sgd, plain, optax.chain(optax.clip(1.0), sgd)):
+    im.make_meta_step(linreg_loss, optimizer, alg)
+
+
 def compiled_temp_bytes(alg, steps_unused=None):
   params = mlp_init(
     jax.random.PRNGKey(0), sizes=(16, 256, 256, 1), dtype=jnp.float32

@@ -31,10 +31,23 @@ from imaml_jax._src.types import PyTree
 
 
 def scalar_loss(loss_fn: Callable, has_aux: bool) -> Callable:
-  """``(params, batch) -> scalar`` from a loss that may return ``(loss, aux)``."""
-  if has_aux:
-    return lambda params, batch: loss_fn(params, batch)[0]
-  return loss_fn
+  """``(params, batch) -> scalar`` from a loss that may return ``(loss, aux)``.
+
+  Each call checks, while tracing, that the loss's output matches
+  ``has_aux`` (:func:`~imaml_jax._src.validation.check_loss_output`), in
+  pure Python: nothing is added to the compiled program.
+
+  Raises:
+    TypeError: ``has_aux`` is not a bool (at once), or a call's result does
+      not match it (while tracing).
+  """
+  has_aux = validation.check_bool("has_aux", has_aux)
+
+  def loss(params, batch):
+    out = validation.check_loss_output(loss_fn(params, batch), has_aux)
+    return out[0] if has_aux else out
+
+  return loss
 
 
 def check_hyperparameters(inner, solver, lam) -> None:
@@ -100,9 +113,24 @@ def adapt(
   Composes with ``jax.jit``, ``jax.vmap`` and ``jax.grad``. Forward-mode
   differentiation (``jax.jvp``) of ``adapt`` is not supported.
 
+  ``loss_fn`` may close over values that an outer transformation traces: data
+  mapped by an outer ``jax.vmap``, a hyperparameter that an outer
+  ``jax.grad`` differentiates (a weight-decay coefficient ``c``), anything
+  under ``jax.jit``. ``adapt`` traces ``loss_fn`` once more to find them
+  (much as :func:`jax.closure_convert` does) and passes them in beside
+  ``support``, so they are differentiated like support's floating leaves:
+  ``c_bar = -(1/lam) (d_c grad_phi L)^T x``, exact at the proximal minimiser.
+  The extra trace costs tracing time only. Where such values are found, the
+  backward pass computes their cotangents in the same vector-Jacobian
+  product as ``support_bar``, just as if they had been passed in
+  ``support`` (also where nothing differentiates them; under ``jax.jit``
+  unused cotangents are dead code). Where ``loss_fn`` closes over no traced
+  value, nothing is hoisted and the computation is unchanged.
+
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with
-      ``has_aux=True``), twice differentiable in ``params``.
+      ``has_aux=True``), twice differentiable in ``params``. It may close
+      over traced values, which are differentiated like ``support``.
     params: meta-parameters ``theta``, any pytree of floating arrays.
     support: the task's support data, any pytree.
     lam: proximal strength ``lambda > 0`` (the paper uses 2.0 on Omniglot).
@@ -122,7 +150,10 @@ def adapt(
     The adapted parameters ``phi``, shaped like ``params``.
 
   Raises:
-    ValueError: ``lam <= 0``, or a negative ``damping`` or ``lam_damping``.
+    ValueError: ``lam <= 0`` or not finite, or a negative ``damping`` or
+      ``lam_damping``.
+    TypeError: ``has_aux`` is not a bool, or the loss's output does not
+      match it (``(loss, aux)`` with ``has_aux=True``, a scalar without).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -139,6 +170,13 @@ def adapt(
     ...     damping=1.0, lam_damping=10.0), (x, y))
     >>> jax.grad(authors)(jnp.zeros(2)).shape
     (2,)
+    >>> # A closed-over hyperparameter is differentiated like the support.
+    >>> def tuned(c):
+    ...   decayed = lambda w, b: loss(w, b) + c * jnp.sum(w**2)
+    ...   return loss(im.adapt(decayed, jnp.zeros(2), (x, y), lam=2.0,
+    ...                        inner=im.gd(50, 0.3)), (x, y))
+    >>> jax.grad(tuned)(0.1).shape
+    ()
   """
   solver = linear_solve.cg(5) if solver is None else solver
   check_hyperparameters(inner, solver, lam)
@@ -147,6 +185,69 @@ def adapt(
   loss = scalar_loss(loss_fn, has_aux)
   dtype = tu._result_dtype(params)
   lam = jnp.asarray(lam, dtype)
+  backward = dict(
+    solver=solver,
+    linearize=linearize,
+    damping=damping,
+    lam_damping=lam_damping,
+  )
+
+  converted, traced = _hoist_traced_constants(loss, params, support)
+  if not traced:  # Nothing to hoist: the computation is the plain one.
+    return _implicit_adapt(loss, inner, params, support, lam, **backward)
+  # The traced values ride along with the support, and are differentiated
+  # like its floating leaves.
+  return _implicit_adapt(
+    lambda p, sc: converted(p, sc[0], sc[1]),
+    inner,
+    params,
+    (support, traced),
+    lam,
+    **backward,
+  )
+
+
+def _hoist_traced_constants(loss, params, support):
+  """Closure-converts ``loss``, hoisting every traced value it closes over.
+
+  ``loss`` is traced once (to a jaxpr, with ``params`` and ``support`` as
+  its arguments). The tracers of outer transformations that it reads
+  (``jax.grad``, ``jax.vmap``, ``jax.jit`` and so on) are returned apart, and
+  ``converted(params, support, traced)`` evaluates the jaxpr with them. This
+  is :func:`jax.closure_convert`, except that the latter hoists only values
+  that may carry a tangent, and keeps in the closure the tracers of
+  ``jax.vmap`` over concrete data, which a ``jax.custom_vjp`` may not close
+  over either (its backward pass runs after the ``vmap`` has returned).
+
+  Returns:
+    ``(converted, traced)``, with ``traced`` the list of hoisted tracers;
+    ``(None, [])`` where ``loss`` closes over none (then ``loss`` is to be
+    used as it is).
+  """
+  closed, out_shape = jax.make_jaxpr(loss, return_shape=True)(params, support)
+  is_traced = [isinstance(c, jax.core.Tracer) for c in closed.consts]
+  if not any(is_traced):
+    return None, []
+  traced = [c for c, t in zip(closed.consts, is_traced) if t]
+  # Only the concrete constants stay in the closure.
+  kept = [None if t else c for c, t in zip(closed.consts, is_traced)]
+  jaxpr, out_tree = closed.jaxpr, jax.tree.structure(out_shape)
+
+  def converted(params, support, traced):
+    values = iter(traced)
+    consts = [next(values) if t else c for c, t in zip(kept, is_traced)]
+    args = jax.tree.leaves((params, support))
+    out = jax.core.eval_jaxpr(jaxpr, consts, *args)
+    return jax.tree.unflatten(out_tree, out)
+
+  return converted, traced
+
+
+def _implicit_adapt(
+  loss, inner, params, support, lam, *, solver, linearize, damping, lam_damping
+):
+  """The ``jax.custom_vjp`` behind :func:`adapt`; ``loss`` closes over no
+  tracer."""
 
   def solve_inner(params, support, lam):
     objective = inner_lib.proximal_objective(loss, params, support, lam)

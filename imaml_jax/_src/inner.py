@@ -161,6 +161,11 @@ def _scan_steps(step, x0, steps: int, remat: bool):
   return final
 
 
+def _slack_epsilon(dtype) -> float:
+  """The machine epsilon of ``dtype``, at most float32's."""
+  return min(float(jnp.finfo(dtype).eps), float(jnp.finfo(jnp.float32).eps))
+
+
 def gd(
   steps: int,
   lr: float,
@@ -192,10 +197,12 @@ def gd(
 
   from ``eta_0 = lr``, with Armijo's constant ``c`` (``armijo``) and a few
   ulps of slack for rounding near the minimiser (``epsilon`` the machine
-  epsilon): a step that does not decrease ``f`` enough (or gives a
-  non-finite value) is rejected and the step size shrinks for the rest of the
-  loop. The objective never increases (beyond rounding), and while every
-  step is accepted the iterates are those of plain gradient descent. Each
+  epsilon of ``f``'s dtype, at most float32's, so that a ``bfloat16`` or
+  ``float16`` objective gets no slack worth a step up): a step that does
+  not decrease ``f`` enough (or gives a non-finite value) is rejected and
+  the step size shrinks for the rest of the loop. The objective never
+  increases (beyond rounding), and while every step is accepted the
+  iterates are those of plain gradient descent. Each
   step costs one ``value_and_grad``, as a plain step costs one ``grad``,
   plus one at ``x_0``, evaluated in the loop's first pass so that the
   gradient has one call site to compile. Without ``backtrack`` it accepts a
@@ -249,8 +256,10 @@ def gd(
       x_new = tu.tree_where(first, x, tu.tree_axpy(-eta, g, x))
       f_new, g_new = evaluate(x_new)
       # A few ulps of slack: near the minimiser rounding alone can make
-      # f(x') exceed f(x); rejecting then would stall the loop.
-      slack = 16 * jnp.finfo(f.dtype).eps * jnp.abs(f)
+      # f(x') exceed f(x); rejecting then would stall the loop. At most
+      # float32's: 16 ulps of bfloat16 are 12% of f, enough to accept
+      # steps that diverge.
+      slack = 16 * _slack_epsilon(f.dtype) * jnp.abs(f)
       bound = f - armijo * eta * tu.tree_sq_norm(g) + slack
       return (
         jax.lax.stop_gradient(first | (f_new <= bound)),
@@ -391,9 +400,19 @@ def adam(
       v = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, v, g)
       m_scale = 1 / (1 - b1**t)
       v_scale = 1 / (1 - b2**t)
+      # Under x64 the scales are float64; a float32 leaf stays float32.
+      at_least_f32 = lambda scale, a: scale.astype(
+        jnp.promote_types(a.dtype, jnp.float32)
+      )
       x = jax.tree_util.tree_map(
         lambda x, m, v: (
-          x - (lr * m * m_scale / (jnp.sqrt(v * v_scale) + eps)).astype(x.dtype)
+          x
+          - (
+            lr
+            * m
+            * at_least_f32(m_scale, m)
+            / (jnp.sqrt(v * at_least_f32(v_scale, v)) + eps)
+          ).astype(x.dtype)
         ),
         x,
         m,

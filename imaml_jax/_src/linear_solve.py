@@ -122,6 +122,25 @@ def _finish(matvec, x, b, report_residual, residual=None, **counts):
   return x, SolveInfo(residual=residual, **counts)
 
 
+def _in_common_dtype(solve, matvec: MatVec, b: PyTree) -> PyTree:
+  """``solve(matvec, b)`` for a ``b`` whose leaves may differ in dtype.
+
+  ``jax.scipy.sparse.linalg.cg`` scales every leaf by scalars of the
+  promoted dtype, so a ``bfloat16`` leaf beside ``float32`` ones comes back
+  as ``float32`` and its loop fails. Where the dtypes differ, the solve runs
+  in the promoted dtype on every leaf (each product sees its leaves in their
+  own dtypes) and the solution is cast back leaf by leaf. One dtype: the
+  call is ``solve(matvec, b)`` itself.
+  """
+  dtypes = {jnp.result_type(leaf) for leaf in jax.tree.leaves(b)}
+  if len(dtypes) <= 1:
+    return solve(matvec, b)
+  common = jnp.result_type(*dtypes)
+  up = lambda tree: jax.tree.map(lambda a: a.astype(common), tree)
+  down = lambda tree: jax.tree.map(lambda a, ref: a.astype(ref.dtype), tree, b)
+  return down(solve(lambda v: up(matvec(down(v))), up(b)))
+
+
 def _cg_stopping_at_negative_curvature(
   matvec: MatVec, b: PyTree, maxiter: int, tol: float, atol: float
 ) -> tuple[PyTree, jax.Array, jax.Array, jax.Array]:
@@ -137,7 +156,9 @@ def _cg_stopping_at_negative_curvature(
   quadratic is unbounded and CG's step is meaningless), keeping the iterate
   it has. If the very first direction, ``b``, has non-positive curvature it
   returns ``b``: the answer for ``A = I``, i.e. as if the Hessian term were
-  absent. On a positive-definite system the iterates are plain CG's.
+  absent, with the residual ``b - A b`` of that answer (the product
+  ``A b`` is already computed). On a positive-definite system the iterates
+  are plain CG's.
   """
   dtype = tu._result_dtype(b)
   stop_sq = jnp.maximum(tol * tu.tree_norm(b), atol).astype(dtype) ** 2
@@ -157,13 +178,18 @@ def _cg_stopping_at_negative_curvature(
     r_next = tu.tree_axpy(-alpha, ap, r)
     rr_next = tu.tree_sq_norm(r_next).astype(dtype)
     p_next = tu.tree_axpy(rr_next / jnp.where(rr > 0, rr, 1), p, r_next)
-    x_stop = tu.tree_where(k == 0, b, x)
+    # Stopping at the first direction (p = b) returns x = b, whose residual
+    # b - A b is r - A p: known without another product.
+    first = k == 0
+    x_stop = tu.tree_where(first, b, x)
+    r_stop = tu.tree_where(first, tu.tree_sub(r, ap), r)
+    rr_stop = jnp.where(first, tu.tree_sq_norm(r_stop).astype(dtype), rr)
     return (
       k + 1,
       tu.tree_where(negative, x_stop, x_next),
-      tu.tree_where(negative, r, r_next),
+      tu.tree_where(negative, r_stop, r_next),
       tu.tree_where(negative, p, p_next),
-      jnp.where(negative, rr, rr_next),
+      jnp.where(negative, rr_stop, rr_next),
       negative,
     )
 
@@ -218,8 +244,8 @@ def cg(
   (``k + 1`` products either way on this path). On
   the problems of ``benchmarks/cg_warm_start.py`` the residual after 5
   iterations is smaller than from zero (``benchmarks/results/
-  cg_warm_start_cpu.md``). ``warm_start=False`` starts from zero, as
-  before. The reported residual ``||A x - b|| / ||b||`` costs one more
+  cg_warm_start_cpu.md``). ``warm_start=False`` starts from zero (the
+  paper's iterates). The reported residual ``||A x - b|| / ||b||`` costs one more
   product; ``report_residual=False``, or ``solve(..., report_residual=r)``
   with a flag ``r`` per call (:class:`LinearSolver`), measures it only when
   asked: :func:`imaml_jax.make_meta_step` passes such a flag
@@ -280,14 +306,17 @@ def cg(
   validation.check_positive_scalar("cg atol", atol, allow_zero=True)
 
   def solve(matvec: MatVec, b: PyTree, report_residual=report_residual):
-    x, _ = jax.scipy.sparse.linalg.cg(
-      matvec,
-      b,
-      x0=b if warm_start else None,
-      tol=tol,
-      atol=atol,
-      maxiter=maxiter,
-    )
+    def scipy_cg(matvec, b):
+      return jax.scipy.sparse.linalg.cg(
+        matvec,
+        b,
+        x0=b if warm_start else None,
+        tol=tol,
+        atol=atol,
+        maxiter=maxiter,
+      )[0]
+
+    x = _in_common_dtype(scipy_cg, matvec, b)
     return _finish(matvec, x, b, report_residual)
 
   def solve_guarded(matvec: MatVec, b: PyTree, report_residual=report_residual):
@@ -354,7 +383,9 @@ def dense(*, report_residual: bool = True) -> LinearSolver:
   """Exact solve through the dense matrix, for small problems and tests.
 
   Forms ``A`` column by column (one product per parameter, vmapped) and calls
-  ``jnp.linalg.solve``. Memory is quadratic in the number of parameters.
+  ``jnp.linalg.solve`` (in float32 for ``bfloat16`` and ``float16``, which
+  LAPACK does not solve in). Memory is quadratic in the number of
+  parameters.
 
   Returns:
     A :class:`LinearSolver`.
@@ -365,7 +396,10 @@ def dense(*, report_residual: bool = True) -> LinearSolver:
     flat_matvec = lambda v: ravel_pytree(matvec(unravel(v)))[0]
     basis = jnp.eye(b_flat.size, dtype=b_flat.dtype)
     matrix = jax.vmap(flat_matvec)(basis).T  # column j is A e_j
-    x = unravel(jnp.linalg.solve(matrix, b_flat))
+    # LAPACK has no half-precision solve: bfloat16/float16 solve in float32.
+    compute = jnp.promote_types(b_flat.dtype, jnp.float32)
+    x_flat = jnp.linalg.solve(matrix.astype(compute), b_flat.astype(compute))
+    x = unravel(x_flat.astype(b_flat.dtype))
     return _finish(matvec, x, b, report_residual)
 
   return LinearSolver(solve=solve, name="dense")

@@ -48,11 +48,25 @@ class MetaStep(NamedTuple):
 
 
 def with_aux(loss_fn: Callable, has_aux: bool) -> algorithms.AuxLoss:
-  """Normalises a loss to return ``(scalar, aux_dict)``."""
-  if has_aux:
-    return loss_fn
+  """Normalises a loss to return ``(scalar, aux_dict)``.
+
+  Each call checks, while tracing, that ``loss_fn`` returns a pair with
+  ``has_aux=True`` and not a tuple without
+  (:func:`~imaml_jax._src.validation.check_loss_output`); the check is pure
+  Python and adds nothing to the compiled program.
+
+  Raises:
+    TypeError: ``has_aux`` is not a bool (at once), or a call's result does
+      not match it (while tracing).
+  """
+  has_aux = validation.check_bool("has_aux", has_aux)
+
   # Extra arguments (a stochastic loss's key) pass through.
-  return lambda params, *batch: (loss_fn(params, *batch), {})
+  def loss(params, *batch):
+    out = validation.check_loss_output(loss_fn(params, *batch), has_aux)
+    return out if has_aux else (out, {})
+
+  return loss
 
 
 def with_key_in_batch(loss: algorithms.AuxLoss) -> algorithms.AuxLoss:
@@ -130,6 +144,36 @@ def check_key(key) -> None:
   )
 
 
+def _call_hint(value) -> str:
+  """Ends an error message about an argument that may be an uncalled factory."""
+  return "; did you forget to call it?" if callable(value) else "."
+
+
+def check_step_arguments(
+  loss_fn: Callable, algorithm: algorithms.MetaAlgorithm
+) -> None:
+  """Type checks shared by :func:`make_meta_step` and :func:`make_eval_step`."""
+  if not isinstance(algorithm, algorithms.MetaAlgorithm):
+    raise TypeError(
+      "algorithm must be built by im.imaml, im.maml, im.fomaml "
+      f"or im.reptile, got {type(algorithm).__name__}{_call_hint(algorithm)}"
+    )
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+
+
+def check_optimizer(optimizer) -> None:
+  """Raises a TypeError unless ``optimizer`` is an optax transformation."""
+  # GradientTransformationExtraArgs (optax.adam, optax.chain, ...) subclasses
+  # GradientTransformation.
+  if not isinstance(optimizer, optax.GradientTransformation):
+    raise TypeError(
+      "optimizer must be an optax.GradientTransformation such as "
+      f"optax.adam(1e-3), got {type(optimizer).__name__}"
+      f"{_call_hint(optimizer)}"
+    )
+
+
 def make_meta_step(
   loss_fn: Callable,
   optimizer: optax.GradientTransformation,
@@ -196,8 +240,12 @@ def make_meta_step(
       then one array operation instead of one per parameter leaf, so XLA
       emits and compiles far fewer kernels (``benchmarks/compile_time.py``).
       Results agree with ``flatten=False`` up to float rounding of sums
-      over leaves. An algorithm's ``adapts`` predicate is applied to the
-      parameters' real key paths before raveling.
+      over leaves when every leaf has one dtype; with mixed dtypes (e.g.
+      ``bfloat16`` beside ``float32``) the raveled vector, and so the inner
+      loop, is in the widest one (each result leaf keeps its dtype), where
+      ``flatten=False`` steps each leaf in its own. An algorithm's
+      ``adapts`` predicate is applied to the parameters' real key paths
+      before raveling.
     stochastic: the loss needs randomness (dropout, augmentation):
       ``loss_fn(params, batch, key)``, and the step is called as
       ``step(state, tasks, key)``. Task ``i`` of the batch gets
@@ -228,6 +276,11 @@ def make_meta_step(
     the updated meta-parameters (a slow drift of it is the first sign of an
     unstable run).
 
+  Raises:
+    TypeError: ``algorithm``, ``optimizer``, ``loss_fn`` or ``has_aux`` is of
+      the wrong type (at once); a loss's output does not match ``has_aux``
+      (when ``step`` is traced).
+
   Example:
     >>> import jax, jax.numpy as jnp, optax
     >>> import imaml_jax as im
@@ -240,13 +293,8 @@ def make_meta_step(
     >>> int(state.step), sorted(metrics)[:2]
     (1, ['grad_norm', 'loss_after'])
   """
-  if not isinstance(algorithm, algorithms.MetaAlgorithm):
-    raise TypeError(
-      "algorithm must be built by im.imaml, im.maml, im.fomaml "
-      f"or im.reptile, got {type(algorithm).__name__}."
-    )
-  if not callable(loss_fn):
-    raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+  check_step_arguments(loss_fn, algorithm)
+  check_optimizer(optimizer)
   if report_residual is not None and not algorithm.reports_residual:
     raise ValueError(
       f"report_residual applies to implicit algorithms (im.imaml), whose "
@@ -413,8 +461,10 @@ def make_eval_step(
   ``flatten`` adapts on the raveled parameter vector, as in
   :func:`make_meta_step`. With ``stochastic`` the loss is
   ``loss_fn(params, batch, key)`` and the call ``evaluate(params, tasks,
-  key)``, with per-task keys as in :func:`make_meta_step`.
+  key)``, with per-task keys as in :func:`make_meta_step`, whose checks of
+  ``loss_fn``, ``algorithm`` and ``has_aux`` it shares.
   """
+  check_step_arguments(loss_fn, algorithm)
   loss = with_aux(loss_fn, has_aux)
   if stochastic:
     loss = with_key_in_batch(loss)

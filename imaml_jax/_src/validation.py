@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 
@@ -23,11 +24,12 @@ def check_positive_int(name: str, value) -> int:
 
 
 def check_positive_scalar(name: str, value, *, allow_zero: bool = False):
-  """Checks a scalar hyper-parameter that must be > 0 (or >= 0).
+  """Checks a scalar hyper-parameter that must be finite and > 0 (or >= 0).
 
-  Concrete values (Python numbers, concrete arrays) are checked; traced values
-  (e.g. a learning rate that is itself being meta-learned) cannot be inspected
-  in Python and are passed through unchanged.
+  Concrete values (Python numbers, concrete arrays) are checked; NaN and
+  +/-inf are refused. Traced values (e.g. a learning rate that is itself
+  being meta-learned) cannot be inspected in Python and are passed through
+  unchanged.
   """
   if isinstance(value, bool):
     raise TypeError(f"{name} must be a number, got a bool ({value}).")
@@ -45,12 +47,58 @@ def check_positive_scalar(name: str, value, *, allow_zero: bool = False):
   ):
     raise TypeError(f"{name} must be a real number, got dtype {arr.dtype}.")
   v = float(arr)
-  if not v == v:  # NaN
-    raise ValueError(f"{name} must be a finite number, got nan.")
+  if not math.isfinite(v):
+    raise ValueError(f"{name} must be a finite number, got {v}.")
   if v < 0 or (v == 0 and not allow_zero):
     bound = ">= 0" if allow_zero else "> 0"
     raise ValueError(f"{name} must be {bound}, got {v}.")
   return value
+
+
+def check_bool(name: str, value) -> bool:
+  """Returns ``value`` if it is a bool (Python or NumPy), else raises."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(
+      f"{name} must be True or False, got {value!r} "
+      f"of type {type(value).__name__}."
+    )
+  return bool(value)
+
+
+def _describe_output(out) -> str:
+  """What a loss returned, in a few words for an error message."""
+  if isinstance(out, (tuple, list)):
+    return f"a {type(out).__name__} of {len(out)} elements"
+  shape = getattr(out, "shape", None)
+  if shape is not None:
+    return f"an array of shape {tuple(shape)}"
+  return f"a {type(out).__name__}"
+
+
+def check_loss_output(out, has_aux: bool):
+  """Returns ``out`` if its structure matches ``has_aux``, else raises.
+
+  With ``has_aux=True`` a loss returns a pair ``(loss, aux)``; without, the
+  loss alone, not a tuple. Only the Python structure of ``out`` is looked at,
+  while tracing, so the check adds nothing to the compiled program.
+
+  Raises:
+    TypeError: naming what the loss returned and the ``has_aux`` it needs.
+  """
+  is_sequence = isinstance(out, (tuple, list))
+  if has_aux and not (is_sequence and len(out) == 2):
+    raise TypeError(
+      f"loss_fn returned {_describe_output(out)} but has_aux=True; return "
+      "(loss, aux) with aux a dict of scalar metrics, or pass "
+      "has_aux=False for a loss that returns the scalar loss alone."
+    )
+  if not has_aux and is_sequence:
+    raise TypeError(
+      f"loss_fn returned {_describe_output(out)} but has_aux=False; pass "
+      "has_aux=True for a loss that returns (loss, aux), or return the "
+      "scalar loss alone."
+    )
+  return out
 
 
 _SPLIT_HINT = (
@@ -160,10 +208,36 @@ def leading_axis_sizes(tree) -> set[int]:
   return sizes
 
 
+_TASK_AXIS_HINT = (
+  "every leaf needs a leading task axis; for a single task, add one with "
+  "jax.tree.map(lambda a: a[None], task)"
+)
+
+
+def check_examples(name: str, tree) -> None:
+  """Raises if a leaf of ``tree`` with >= 2 dimensions has an empty axis 1.
+
+  Axis 1 of a task batch's leaf holds each task's examples; when it is empty
+  the tasks have no data to adapt on or to judge by.
+  """
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    shape = tuple(jnp.shape(leaf))
+    if len(shape) >= 2 and shape[1] == 0:
+      raise ValueError(
+        f"{name}{jax.tree_util.keystr(path)} has shape {shape}: its "
+        "example axis (axis 1, after the leading task axis) is empty. "
+        f"Give every task at least one {name} example."
+      )
+
+
 def check_task_batch(tasks) -> int:
   """Checks a batch of tasks and returns the number of tasks.
 
-  Support and query must both carry the same leading task axis on every leaf.
+  Support and query must both carry the same leading task axis on every leaf,
+  and no leaf with two or more dimensions may have an empty example axis
+  (axis 1). A missing task axis cannot be detected in general (a leaf of
+  shape ``[examples, features]`` reads as ``examples`` tasks); when it makes
+  support and query disagree, the error says how to add one.
   """
   support = leading_axis_sizes(tasks.support)
   query = leading_axis_sizes(tasks.query)
@@ -183,8 +257,11 @@ def check_task_batch(tasks) -> int:
   if n_support != n_query:
     raise ValueError(
       f"support has {n_support} tasks but query has {n_query}; "
-      "they must hold the same tasks along the leading axis."
+      "they must hold the same tasks along the leading axis "
+      f"({_TASK_AXIS_HINT})."
     )
   if n_support == 0:
     raise ValueError("a task batch must hold at least one task, got 0.")
+  check_examples("support", tasks.support)
+  check_examples("query", tasks.query)
   return n_support

@@ -31,9 +31,22 @@ def _check_sizes(n_way, k_shot, q_query, n_tasks) -> None:
       raise ValueError(f"{name} must be positive, got {name}={value}")
 
 
-def _check_counts(images_shape, n_way, k_shot, q_query, n_tasks=1) -> None:
-  """Validates the static episode sizes against ``images_shape``."""
+def _check_pixels(dtype) -> None:
+  """Refuses images that are not integer pixel values (0..255)."""
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(
+      "images must hold integer pixel values in 0..255 (uint8), which the "
+      f"sampler divides by 255; got dtype {dtype}. Convert floats in "
+      "[0, 1] with (images * 255).round().astype(np.uint8), floats in "
+      "0..255 with images.round().astype(np.uint8)."
+    )
+
+
+def _check_counts(images, n_way, k_shot, q_query, n_tasks=1) -> None:
+  """Validates the static episode sizes and the pixels' dtype of ``images``."""
   _check_sizes(n_way, k_shot, q_query, n_tasks)
+  _check_pixels(images.dtype)
+  images_shape = images.shape
   if len(images_shape) < 3:
     raise ValueError(
       "images must be [n_classes, n_per_class, ...], got shape "
@@ -98,7 +111,8 @@ def sample_tasks_from_keys(
 
   Args:
     keys: ``[n_tasks]`` PRNG keys (typed or raw ``uint32[n_tasks, 2]``).
-    images: ``[n_classes, n_per_class, H, W, C]`` pixel values in 0..255.
+    images: ``[n_classes, n_per_class, H, W, C]`` integer pixel values in
+      0..255 (``uint8``).
     n_way: classes per task.
     k_shot: support images per class.
     q_query: query images per class.
@@ -107,7 +121,7 @@ def sample_tasks_from_keys(
     A batched :class:`~imaml_jax.Task`, one task per key.
   """
   n_tasks = keys.shape[0]
-  _check_counts(images.shape, n_way, k_shot, q_query, n_tasks)
+  _check_counts(images, n_way, k_shot, q_query, n_tasks)
   support, query = jax.vmap(
     lambda k: _sample_one(k, images, n_way, k_shot, q_query)
   )(keys)
@@ -143,8 +157,9 @@ def sample_tasks(
 
   Args:
     key: a PRNG key.
-    images: ``[n_classes, n_per_class, H, W, C]`` pixel values in 0..255,
-      typically ``uint8`` already on device.
+    images: ``[n_classes, n_per_class, H, W, C]`` integer pixel values in
+      0..255, typically ``uint8`` already on device. Floating images are
+      refused (TypeError): they would be divided by 255 a second time.
     n_way: classes per task.
     k_shot: support images per class.
     q_query: query images per class.
@@ -159,6 +174,7 @@ def sample_tasks(
   Raises:
     ValueError: a count is not positive, ``n_way > n_classes`` or
       ``k_shot + q_query > n_per_class``.
+    TypeError: ``images`` are not of an integer dtype.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -167,7 +183,7 @@ def sample_tasks(
     >>> task.support[0].shape, task.query[1].shape
     ((32, 5, 28, 28, 1), (32, 75))
   """
-  _check_counts(images.shape, n_way, k_shot, q_query, n_tasks)
+  _check_counts(images, n_way, k_shot, q_query, n_tasks)
   keys = jax.random.split(key, n_tasks)
   return sample_tasks_from_keys(keys, images, n_way, k_shot, q_query)
 
@@ -266,7 +282,8 @@ def evaluation_tasks(
   :func:`evaluation_task_chunks`, which yields the same tasks in pieces.
 
   Args:
-    images: ``[n_classes, n_per_class, H, W, C]`` pixel values in 0..255.
+    images: ``[n_classes, n_per_class, H, W, C]`` integer pixel values in
+      0..255 (``uint8``).
     n_way: classes per task.
     k_shot: support images per class.
     q_query: query images per class.
@@ -283,7 +300,7 @@ def evaluation_tasks(
     (8, 5, 28, 28, 1)
   """
   images = jnp.asarray(images)
-  _check_counts(images.shape, n_way, k_shot, q_query, n_tasks)
+  _check_counts(images, n_way, k_shot, q_query, n_tasks)
   return sample_tasks_from_keys(
     _evaluation_keys(n_tasks, seed), images, n_way, k_shot, q_query
   )
@@ -305,7 +322,8 @@ def evaluation_task_chunks(
   only one chunk is in memory at a time.
 
   Args:
-    images: ``[n_classes, n_per_class, H, W, C]`` pixel values in 0..255.
+    images: ``[n_classes, n_per_class, H, W, C]`` integer pixel values in
+      0..255 (``uint8``).
     n_way: classes per task.
     k_shot: support images per class.
     q_query: query images per class.
@@ -318,7 +336,7 @@ def evaluation_task_chunks(
     are checked when this function is called, before any task is drawn.
   """
   images = jnp.asarray(images)
-  _check_counts(images.shape, n_way, k_shot, q_query, n_tasks)
+  _check_counts(images, n_way, k_shot, q_query, n_tasks)
   if chunk_size <= 0:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}")
   keys = _evaluation_keys(n_tasks, seed)

@@ -29,6 +29,13 @@ def classification_loss(net: nn.Module) -> LossFn:
     `loss = mean_b ( logsumexp_k z[b, k] - z[b, y_b] )`,
     `accuracy = mean_b [argmax_k z[b, k] == y_b]`.
 
+  A label outside `[0, K)` (e.g. 20-way tasks for a 5-way net) makes the
+  loss NaN, and its gradient too, rather than silently contributing nothing:
+  the meta-step then skips the update (`metrics["skipped"]` is 1) and
+  training's divergence check reports it. Labels are traced under `jit`, so
+  they cannot be checked in Python. Such an example counts as wrong in the
+  accuracy.
+
   Args:
     net: a module mapping inputs to logits `[B, K]`.
 
@@ -50,9 +57,15 @@ def classification_loss(net: nn.Module) -> LossFn:
   def loss_fn(params, batch):
     x, y = batch
     logits = net.apply({"params": params}, x)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    one_hot = jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype)
-    loss = -jnp.mean(jnp.sum(one_hot * log_probs, axis=-1))
+    n_classes = logits.shape[-1]
+    # 1 for a label in [0, K), NaN outside. It scales both the logits (for a
+    # NaN gradient) and the picked log-probability (for a NaN loss): XLA
+    # turns `one_hot * v` into a select, which would drop either NaN alone.
+    in_range = (y >= 0) & (y < n_classes)
+    scale = jnp.where(in_range, 1.0, jnp.nan).astype(logits.dtype)
+    log_probs = jax.nn.log_softmax(logits * scale[..., None], axis=-1)
+    one_hot = jax.nn.one_hot(y, n_classes, dtype=logits.dtype)
+    loss = -jnp.mean(jnp.sum(one_hot * log_probs, axis=-1) * scale)
     correct = jnp.argmax(logits, axis=-1) == y
     return loss, {"accuracy": jnp.mean(correct.astype(logits.dtype))}
 
