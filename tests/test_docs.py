@@ -7,6 +7,9 @@
 * Every guide under ``docs/guides/`` is linked from the README and from the
   site's home page.
 * ``mkdocs build --strict`` succeeds (warnings are errors).
+* Every relative link of the Markdown files (README, docs, benchmarks and
+  their results) reaches a file, and its ``#anchor`` a heading of that file
+  as GitHub names it (the API pages' anchors are mkdocstrings' own).
 * The ```` ```python ```` blocks of the README and of every page under
   ``docs/`` run: the blocks of one page in order, in one namespace, in a
   temporary working directory. A block preceded by the line
@@ -166,6 +169,75 @@ PAGES = sorted(
   for page in [REPO / "README.md", *DOCS.rglob("*.md")]
   if python_blocks(page)
 )
+
+
+MARKDOWN_PAGES = [
+  REPO / "README.md",
+  *sorted(DOCS.rglob("*.md")),
+  *sorted((REPO / "benchmarks").glob("*.md")),
+  *sorted((REPO / "benchmarks" / "results").glob("*.md")),
+]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def github_anchor(heading: str) -> str:
+  """The anchor GitHub gives a heading: lower case, punctuation dropped,
+  spaces turned into hyphens.
+
+  >>> github_anchor("curvature of `I + H/lam` at the adapted parameters")
+  'curvature-of-i--hlam-at-the-adapted-parameters'
+  """
+  return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def heading_anchors(page: Path) -> set[str]:
+  """The anchors of a page's headings; a repeated one gains ``-1``, ``-2``."""
+  seen: dict[str, int] = {}
+  fenced = False
+  for line in page.read_text(encoding="utf-8").splitlines():
+    if FENCE.match(line):
+      fenced = not fenced
+    heading = re.match(r"#{1,6} (.*)", line)
+    if heading and not fenced:
+      anchor = github_anchor(heading.group(1))
+      seen[anchor] = seen.get(anchor, -1) + 1
+  return {
+    a if n == 0 else f"{a}-{n}"
+    for a, count in seen.items()
+    for n in range(count + 1)
+  }
+
+
+def test_github_anchor_names_headings_as_github_does():
+  assert github_anchor("Table 2's 20-way columns on a GPU") == (
+    "table-2s-20-way-columns-on-a-gpu"
+  )
+  assert github_anchor("training stability over 20,000 meta-steps") == (
+    "training-stability-over-20000-meta-steps"
+  )
+
+
+@pytest.mark.parametrize(
+  "page", MARKDOWN_PAGES, ids=[str(p.relative_to(REPO)) for p in MARKDOWN_PAGES]
+)
+def test_relative_links_reach_their_file_and_heading(page):
+  text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+  broken = []
+  for target in LINK.findall(text):
+    if re.match(r"[a-z][a-z0-9+.-]*:", target):
+      continue  # http:, https:, mailto:
+    path, _, anchor = target.partition("#")
+    destination = (page.parent / path) if path else page
+    if not destination.exists():
+      broken.append(f"{target} (no such file)")
+    elif (
+      anchor
+      and destination.suffix == ".md"
+      and destination.parent != API_PAGES
+      and anchor not in heading_anchors(destination)
+    ):
+      broken.append(f"{target} (no such heading)")
+  assert not broken, broken
 
 
 @pytest.mark.parametrize(

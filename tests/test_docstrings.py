@@ -1,6 +1,6 @@
 """The examples in the library's docstrings run and print what they show.
 
-The model docstrings are left to test_models (their examples build and run
+The model docstrings are run by test_models (their examples build and run
 the conv nets, which takes most of a minute on two cores).
 """
 

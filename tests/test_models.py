@@ -303,6 +303,58 @@ def test_classification_loss_and_accuracy_by_hand():
   np.testing.assert_allclose(aux["accuracy"], 0.75)
 
 
+def test_classification_loss_is_unchanged_for_labels_in_range():
+  # Bit for bit the formula used before out-of-range labels were handled.
+  def reference(logits, y):
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    one_hot = jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype)
+    loss = -jnp.mean(jnp.sum(one_hot * log_probs, axis=-1))
+    correct = jnp.argmax(logits, axis=-1) == y
+    return loss, {"accuracy": jnp.mean(correct.astype(logits.dtype))}
+
+  loss_fn = models.classification_loss(_Identity())
+  logits = 3.0 * _normal(0, (64, 5))
+  y = np.random.default_rng(1).integers(0, 5, 64)
+  for run in (jax.jit, lambda f: f):
+    got = run(lambda z: loss_fn({}, (z, y)))(logits)
+    want = run(lambda z: reference(z, y))(logits)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    np.testing.assert_array_equal(
+      run(jax.grad(lambda z: loss_fn({}, (z, y))[0]))(logits),
+      run(jax.grad(lambda z: reference(z, y)[0]))(logits),
+    )
+
+
+def test_out_of_range_labels_make_the_loss_nan_and_the_meta_step_skip():
+  import optax
+
+  import imaml_jax as im
+
+  loss_fn = models.classification_loss(_Identity())
+  logits = _normal(0, (4, 5))
+  for bad in (5, 19, -1):
+    y = np.array([0, 1, bad, 2])
+    loss_and_grad = jax.value_and_grad(lambda z: loss_fn({}, (z, y))[0])
+    for run in (jax.jit, lambda f: f):  # XLA simplifies under jit
+      loss, grad = run(loss_and_grad)(logits)
+      assert np.isnan(loss) and np.isnan(grad).any(), bad
+  # A 5-way net trained on 20-way tasks: the step is skipped, not silently
+  # taken with the out-of-range examples contributing nothing.
+  net = nn.Dense(5)
+  x = _normal(1, (2, 20, 3))
+  y = np.tile(np.arange(20), (2, 1))
+  params = _init(net, 0, x[0])
+  init, step = im.make_meta_step(
+    models.classification_loss(net),
+    optax.sgd(0.1),
+    im.imaml(2.0, im.gd(2, 0.1), im.cg(2)),
+    has_aux=True,
+  )
+  state, metrics = jax.jit(step)(init(params), im.Task((x, y), (x, y)))
+  assert int(metrics["skipped"]) == 1
+  jax.tree.map(np.testing.assert_array_equal, state.params, params)
+
+
 def test_regression_loss():
   net = models.sinusoid_mlp()
   x = np.linspace(-5.0, 5.0, 10, dtype=np.float32)[:, None]
@@ -465,3 +517,29 @@ def test_maml_variant_computes_the_reference_forward_pass():
 def test_unknown_network_variant_raises():
   with pytest.raises(ValueError, match="variant must be one of standard, maml"):
     models.omniglot_convnet(5, variant="resnet")
+
+
+@pytest.mark.parametrize(
+  "name",
+  [
+    "imaml_jax.models",
+    "imaml_jax.models._layers",
+    "imaml_jax.models._losses",
+    "imaml_jax.models._networks",
+  ],
+)
+def test_docstring_examples(name):
+  """The models' examples (left out of test_docstrings: they build and run
+  the conv nets, most of a minute on two cores) run and print what they
+  show."""
+  import doctest
+  import importlib
+
+  module = importlib.import_module(name)
+  examples = sum(len(t.examples) for t in doctest.DocTestFinder().find(module))
+  result = doctest.testmod(
+    module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+  )
+  assert result.failed == 0, f"{result.failed} failing example(s) in {name}"
+  if name != "imaml_jax.models":
+    assert examples > 0, f"{name} has no docstring examples"
