@@ -217,8 +217,25 @@ def test_corrupt_checkpoint_is_reported_not_overwritten(
   with pytest.raises(SystemExit) as info:
     _train(workdir)
   assert info.value.code == 2
-  assert "truncated" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "truncated" in err
+  # The way back: the newest older checkpoint that verifies.
+  older = ckpt_lib.list_checkpoints(workdir / "checkpoints")[-2][1]
+  assert f"The newest intact one is {older.name}: move {latest.name}" in err
   assert latest.read_bytes() == data[: len(data) // 2]
+  # imaml-eval says the same, before loading any data.
+  with pytest.raises(SystemExit) as info:
+    cli.eval_main(["--workdir", str(workdir), "--no-progress"])
+  assert info.value.code == 2
+  assert f"The newest intact one is {older.name}" in capsys.readouterr().err
+  # With every checkpoint corrupt, it says there is none.
+  for _, path in ckpt_lib.list_checkpoints(workdir / "checkpoints"):
+    path.write_bytes(b"garbage")
+  with pytest.raises(SystemExit) as info:
+    _train(workdir)
+  assert "No older checkpoint in its directory verifies" in (
+    capsys.readouterr().err
+  )
 
 
 def test_finished_run_is_not_retrained_and_eval_matches(

@@ -216,6 +216,40 @@ def load(path: str | os.PathLike) -> tuple[int, Any]:
   return int(header["step"]), tree
 
 
+def check_intact(path: str | os.PathLike) -> None:
+  """Verifies checkpoint ``path``; a failure names the way back.
+
+  The error of :func:`load` gains the newest older checkpoint of the same
+  directory that verifies, and what to do to use it (the corrupt file is
+  the user's to move; nothing is deleted here).
+
+  Raises:
+    CheckpointError: ``path`` does not verify.
+  """
+  path = Path(path)
+  try:
+    load(path)
+  except CheckpointError as e:
+    older = [p for _, p in list_checkpoints(path.parent) if p != path]
+    intact = next((p for p in reversed(older) if _verifies(p)), None)
+    if intact is None:
+      hint = " No older checkpoint in its directory verifies."
+    else:
+      hint = (
+        f" The newest intact one is {intact.name}: move {path.name} out of "
+        f"{path.parent} to resume or test from it."
+      )
+    raise CheckpointError(f"{e}{hint}") from e
+
+
+def _verifies(path: Path) -> bool:
+  try:
+    load(path)
+  except CheckpointError:
+    return False
+  return True
+
+
 def restore_into(template: Any, restored: Any, *, what: str = "checkpoint"):
   """Fills ``template``'s structure with ``restored`` values, checking them.
 

@@ -403,7 +403,7 @@ def evaluate_workdir(
   path = Path(workdir).expanduser() / eval_file_name(overrides, split, protocol)
   if not (extend or overwrite):
     check_not_replacing_larger_test(path, n_tasks)
-  ckpt_lib.load(latest)  # A corrupt checkpoint fails before the data loads.
+  ckpt_lib.check_intact(latest)  # Fails before the data loads.
   data_dir = exp_lib.resolve_data_dir(config, data_dir)
   # Test-time fields change only the adaptation, not the parameters.
   exp = exp_lib.build(test_config, exp_lib.load_data(config, data_dir))

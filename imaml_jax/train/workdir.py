@@ -189,7 +189,7 @@ def prepare(
   workdir = Path(workdir).expanduser()
   latest = check_workdir(config, workdir)
   if latest is not None:
-    ckpt_lib.load(latest)  # Fails early on a corrupt file.
+    ckpt_lib.check_intact(latest)  # Fails early on a corrupt file.
   elif config.init_from:  # Fails early on a missing or unfit source.
     template = exp_lib.build(config, None).init_params(jax.random.key(0))
     initial_parameters(config, template, workdir)
