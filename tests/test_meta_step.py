@@ -501,6 +501,11 @@ def test_stochastic_step_and_eval_step_refuse_a_missing_or_stray_key():
     step(init(params), tasks)
   with pytest.raises(TypeError, match="key must be one PRNG key"):
     step(init(params), tasks, jax.random.split(jax.random.key(0), 2))
+  # Under jit the message describes the traced value, not its class.
+  with pytest.raises(
+    TypeError, match=r"got an array of shape \(\) and dtype int32"
+  ):
+    jax.jit(step)(init(params), tasks, jnp.int32(7))
   plain = lambda p, b: loss(p, b, jax.random.key(0))
   init, step = im.make_meta_step(plain, optax.sgd(0.1), alg, has_aux=True)
   with pytest.raises(TypeError, match="stochastic=True"):

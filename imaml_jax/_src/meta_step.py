@@ -136,11 +136,12 @@ def check_key(key) -> None:
     return
   if not typed and dtype == jnp.uint32 and getattr(key, "shape", None) == (2,):
     return
+  # A traced argument's class (DynamicJaxprTracer) says nothing to a user.
+  kind = "an array" if hasattr(key, "shape") else f"a {type(key).__name__}"
   raise TypeError(
     "key must be one PRNG key (jax.random.key(seed), or "
-    "jax.random.PRNGKey(seed)); got "
-    f"{type(key).__name__} of shape {getattr(key, 'shape', ())} "
-    f"and dtype {dtype}."
+    f"jax.random.PRNGKey(seed)); got {kind} of shape "
+    f"{getattr(key, 'shape', ())} and dtype {dtype}."
   )
 
 
