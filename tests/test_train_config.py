@@ -546,3 +546,21 @@ def test_configs_build_and_trace(name):
     train.make_train_step(exp), state, sums, exp.data.train, key
   )
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
+
+
+def test_class_counts_are_checked_at_the_boundary():
+  """n_way equal to a split's classes is served; one more is refused, and
+  the validation split counts only where the run validates."""
+  import numpy as np
+
+  from imaml_jax.train import experiment
+
+  images = lambda n: np.zeros((n, 20, 28, 28, 1), np.uint8)
+  config = config_lib.get_config("omniglot_5w1s_imaml_gd")
+  data = experiment.Data(images(5), images(4), images(5))
+  with pytest.raises(config_lib.ConfigError, match="the 4 classes of the val"):
+    experiment.check_class_counts(config, data)
+  experiment.check_class_counts(
+    config_lib.apply_overrides(config, ["val_every=0"]), data
+  )
+  experiment.check_class_counts(config, data._replace(val=images(5)))
