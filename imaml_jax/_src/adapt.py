@@ -30,12 +30,14 @@ from imaml_jax._src import validation
 from imaml_jax._src.types import PyTree
 
 
-def scalar_loss(loss_fn: Callable, has_aux: bool) -> Callable:
-  """``(params, batch) -> scalar`` from a loss that may return ``(loss, aux)``.
+def with_aux(loss_fn: Callable, has_aux: bool) -> Callable:
+  """Normalises a loss to return ``(scalar, aux_dict)``.
 
-  Each call checks, while tracing, that the loss's output matches
-  ``has_aux`` (:func:`~imaml_jax._src.validation.check_loss_output`), in
-  pure Python: nothing is added to the compiled program.
+  Each call checks, while tracing, that ``loss_fn`` returns a pair with
+  ``has_aux=True`` and not a tuple without
+  (:func:`~imaml_jax._src.validation.check_loss_output`); the check is pure
+  Python and adds nothing to the compiled program. Extra arguments (a
+  stochastic loss's key) pass through.
 
   Raises:
     TypeError: ``has_aux`` is not a bool (at once), or a call's result does
@@ -43,11 +45,18 @@ def scalar_loss(loss_fn: Callable, has_aux: bool) -> Callable:
   """
   has_aux = validation.check_bool("has_aux", has_aux)
 
-  def loss(params, batch):
-    out = validation.check_loss_output(loss_fn(params, batch), has_aux)
-    return out[0] if has_aux else out
+  def loss(params, *batch):
+    out = validation.check_loss_output(loss_fn(params, *batch), has_aux)
+    return out if has_aux else (out, {})
 
   return loss
+
+
+def scalar_loss(loss_fn: Callable, has_aux: bool) -> Callable:
+  """``(params, batch) -> scalar``: the loss of :func:`with_aux`, checked
+  the same way."""
+  normalised = with_aux(loss_fn, has_aux)
+  return lambda params, batch: normalised(params, batch)[0]
 
 
 def check_hyperparameters(inner, solver, lam) -> None:

@@ -14,6 +14,7 @@ from jax.flatten_util import ravel_pytree
 from imaml_jax._src import algorithms
 from imaml_jax._src import tree_util as tu
 from imaml_jax._src import validation
+from imaml_jax._src.adapt import with_aux
 from imaml_jax._src.types import PyTree
 from imaml_jax._src.types import Task
 
@@ -45,28 +46,6 @@ class MetaStep(NamedTuple):
 
   init: Callable[[PyTree], MetaState]
   step: Callable[..., tuple[MetaState, dict]]
-
-
-def with_aux(loss_fn: Callable, has_aux: bool) -> algorithms.AuxLoss:
-  """Normalises a loss to return ``(scalar, aux_dict)``.
-
-  Each call checks, while tracing, that ``loss_fn`` returns a pair with
-  ``has_aux=True`` and not a tuple without
-  (:func:`~imaml_jax._src.validation.check_loss_output`); the check is pure
-  Python and adds nothing to the compiled program.
-
-  Raises:
-    TypeError: ``has_aux`` is not a bool (at once), or a call's result does
-      not match it (while tracing).
-  """
-  has_aux = validation.check_bool("has_aux", has_aux)
-
-  # Extra arguments (a stochastic loss's key) pass through.
-  def loss(params, *batch):
-    out = validation.check_loss_output(loss_fn(params, *batch), has_aux)
-    return out if has_aux else (out, {})
-
-  return loss
 
 
 def with_key_in_batch(loss: algorithms.AuxLoss) -> algorithms.AuxLoss:

@@ -134,10 +134,7 @@ def train_and_evaluate(
   )
   lead = runtime.is_lead()
   log = (log or tqdm.tqdm.write) if lead else (lambda _: None)
-  data = exp_lib.load_data(config, data_dir)
-  exp_lib.check_class_counts(config, data)
-  exp = exp_lib.build(config, data)
-  del data  # build holds the device copy.
+  exp = exp_lib.build_experiment(config, data_dir)
   loop, select, clock.elapsed_before, origin = start_or_resume(exp, latest, log)
   start_step = loop.step
 
