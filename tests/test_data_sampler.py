@@ -76,6 +76,22 @@ def test_label_order_and_classes_vary():
   assert len(set(first.tolist())) == 5
 
 
+def test_images_within_a_class_are_drawn_at_random():
+  """Every drawing of a class is used, and each class draws its own ones."""
+  n_tasks = 400
+  task = imdata.sample_tasks(jax.random.key(2), id_images(), 5, 1, 2, n_tasks)
+  _, ids_s = decode(task.support[0])
+  _, ids_q = decode(task.query[0])
+  numbers_s, numbers_q = ids_s % N_PER_CLASS, ids_q % N_PER_CLASS
+  # 2000 support and 4000 query images over 20 drawings: each drawing of a
+  # class comes up in both sets (expected 100 and 200 times).
+  assert np.bincount(numbers_s.ravel(), minlength=N_PER_CLASS).min() > 50
+  assert np.bincount(numbers_q.ravel(), minlength=N_PER_CLASS).min() > 100
+  # Two classes of a task share their support drawing about 1 time in 20,
+  # not always.
+  assert 0.01 < np.mean(numbers_s[:, 0] == numbers_s[:, 1]) < 0.1
+
+
 def test_deterministic_and_key_dependent():
   images = id_images()
   a = imdata.sample_tasks(jax.random.key(3), images, 5, 1, 5, 8)
