@@ -38,6 +38,30 @@ def test_sinusoid_shapes_and_ranges():
     assert -1e-4 <= phase <= np.pi + 1e-4
 
 
+def test_sinusoid_draws_cover_the_maml_ranges():
+  """Amplitude in [0.1, 5], phase in [0, pi], x in [-5, 5], as in MAML."""
+  n_tasks = 2000
+  task = imdata.sinusoid_tasks(jax.random.key(4), n_tasks, 10, 10)
+  (xs, ys), (xq, yq) = task.support, task.query
+  x = np.concatenate([xs, xq], axis=1)[..., 0].astype(np.float64)
+  y = np.concatenate([ys, yq], axis=1)[..., 0].astype(np.float64)
+  # y = a sin x + c cos x with a = A cos b, c = -A sin b: solve for (a, c).
+  basis = np.stack([np.sin(x), np.cos(x)], axis=-1)
+  gram = np.einsum("tni,tnj->tij", basis, basis)
+  a, c = np.linalg.solve(gram, np.einsum("tni,tn->ti", basis, y)[..., None])[
+    ..., 0
+  ].T
+  amplitude, phase = np.hypot(a, c), np.arctan2(-c, a)
+  # 2000 uniform draws reach within 1% of each end of their range.
+  assert 0.1 - 1e-3 < amplitude.min() < 0.15
+  assert 4.95 < amplitude.max() < 5.0 + 1e-3
+  assert -1e-3 < phase.min() < 0.03
+  assert np.pi - 0.03 < phase.max() < np.pi + 1e-3
+  assert -5.0 <= x.min() < -4.99 and 4.99 < x.max() <= 5.0
+  # Each task's query inputs are drawn apart from its support inputs.
+  assert not (xq[:, :, None, 0] == xs[:, None, :, 0]).any()
+
+
 def test_sinusoid_deterministic_and_jittable():
   a = imdata.sinusoid_tasks(jax.random.key(1), 4, 5, 5)
   b = jax.jit(lambda k: imdata.sinusoid_tasks(k, 4, 5, 5))(jax.random.key(1))
