@@ -186,6 +186,21 @@ def test_changed_archive_invalidates_the_cache(tiny_dir, cache):
   assert len(list(cache.glob("*.npz"))) == 2
 
 
+def test_changed_archive_of_the_same_size_invalidates_the_cache(
+  tiny_dir, cache
+):
+  before = imdata.load_omniglot(tiny_dir, cache_dir=cache)
+  path = tiny_dir / "images_evaluation.zip"
+  size = path.stat().st_size
+  # The same drawings with the two characters' drawings swapped.
+  make_archive(path, "images_evaluation", EVALUATION[::-1], seed=7)
+  assert path.stat().st_size == size
+  after = imdata.load_omniglot(tiny_dir, cache_dir=cache)
+  np.testing.assert_array_equal(before.images[3], after.images[4])
+  np.testing.assert_array_equal(before.images[4], after.images[3])
+  assert not np.array_equal(before.images[3], after.images[3])
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_arrays"])
 def test_corrupt_cache_is_rebuilt(tiny_dir, cache, damage):
   good = imdata.load_omniglot(tiny_dir, cache_dir=cache)
