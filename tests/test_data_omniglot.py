@@ -366,6 +366,32 @@ def test_small_split_through_omniglot_splits(tiny_dir, cache):
   assert [s.shape[0] for s in plain] == [2, 1, 2]
 
 
+def test_split_follows_the_seed_not_the_row_order(tiny_dir, cache):
+  data = imdata.load_omniglot(tiny_dir, cache_dir=cache)
+  names = np.array(
+    ["/".join(n) for n in zip(data.archives, data.alphabets, data.characters)]
+  )
+  perm = np.array([4, 2, 0, 3, 1])
+  shuffled = imdata.OmniglotData(*(field[perm] for field in data))
+  tests = set()
+  for seed in range(4):
+    idx = imdata.omniglot_split_indices(data, seed=seed, n_train=3, n_val=1)
+    tests.add(tuple(names[idx[2]]))
+    # The same characters whatever the order of the rows.
+    for i, j in zip(
+      idx,
+      imdata.omniglot_split_indices(shuffled, seed=seed, n_train=3, n_val=1),
+    ):
+      assert sorted(names[i]) == sorted(names[perm][j])
+    # omniglot_splits uses the seed it is given.
+    splits = imdata.omniglot_splits(
+      tiny_dir, seed=seed, n_train=3, n_val=1, cache_dir=cache
+    )
+    for s, i in zip(splits, idx):
+      np.testing.assert_array_equal(s, imdata.rotate_classes(data.images[i]))
+  assert len(tests) > 1
+
+
 # ----------------------------------------------------------------------------
 # The authors' character split and per-task rotations.
 
