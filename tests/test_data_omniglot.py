@@ -453,6 +453,30 @@ def test_rotate_task_classes_turns_each_class_once_in_both_sets():
         )
 
 
+def test_rotate_task_classes_refuses_turns_that_miss_a_label():
+  import jax
+
+  images = np.arange(10 * 20 * 16, dtype=np.uint32).reshape(10, 20, 4, 4, 1)
+  tasks = imdata.sample_tasks(
+    jax.random.key(0), (images % 251).astype(np.uint8), 5, 1, 2, 3
+  )
+  # Three columns for five labels: labels 3 and 4 would stay unrotated.
+  with pytest.raises(ValueError, match="3 columns .* labels run from 0 to 4"):
+    imdata.rotate_task_classes(tasks, np.ones((3, 3), np.int32))
+  with pytest.raises(ValueError, match=r"n_tasks=3, got shape \(1, 5\)"):
+    imdata.rotate_task_classes(tasks, np.ones((1, 5), np.int32))
+  with pytest.raises(ValueError, match=r"got shape \(5,\)"):
+    imdata.rotate_task_classes(tasks, np.ones(5, np.int32))
+  with pytest.raises(TypeError, match="integer quarter turns"):
+    imdata.rotate_task_classes(tasks, np.full((3, 5), 0.5))
+  # Under jit the labels are not known; the shapes are still checked.
+  turns = np.full((3, 5), 2, np.int32)
+  jitted = jax.jit(imdata.rotate_task_classes)(tasks, turns)
+  np.testing.assert_array_equal(
+    jitted.query[0], np.rot90(tasks.query[0], 2, axes=(2, 3))
+  )
+
+
 # ----------------------------------------------------------------------------
 # TensorFlow Datasets source.
 

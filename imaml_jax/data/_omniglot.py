@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -830,6 +831,11 @@ def rotate_task_classes(task, turns):
   Returns:
     The task with rotated images, labels unchanged.
 
+  Raises:
+    ValueError: ``turns`` is not ``[n_tasks, n]`` for the tasks' count, or
+      (labels known outside a trace) a label has no column in ``turns``.
+    TypeError: ``turns`` is not of an integer dtype.
+
   Example:
     >>> import jax.numpy as jnp
     >>> import imaml_jax as im
@@ -855,4 +861,35 @@ def rotate_task_classes(task, turns):
 
   turns = jnp.asarray(turns)
   (xs, ys), (xq, yq) = task.support, task.query
+  _check_turns(turns, (ys, yq))
   return task._replace(support=(rotate(xs, ys), ys), query=(rotate(xq, yq), yq))
+
+
+def _check_turns(turns, labels) -> None:
+  """Checks ``turns`` against the tasks' label arrays ``[n_tasks, n]``.
+
+  A label without a column would be gathered out of bounds, which JAX does
+  not report: its class would silently stay unrotated.
+  """
+  if not jnp.issubdtype(turns.dtype, jnp.integer):
+    raise TypeError(
+      f"turns must hold integer quarter turns, got dtype {turns.dtype}"
+    )
+  n_tasks = jnp.shape(labels[0])[0]
+  if turns.ndim != 2 or turns.shape[0] != n_tasks:
+    raise ValueError(
+      f"turns must be int[n_tasks, n_way] with n_tasks={n_tasks}, got "
+      f"shape {turns.shape}"
+    )
+  for y in labels:
+    if isinstance(y, jax.core.Tracer) or not getattr(
+      y, "is_fully_addressable", True
+    ):
+      continue
+    y = np.asarray(y)
+    if y.size and (y.min() < 0 or y.max() >= turns.shape[1]):
+      raise ValueError(
+        f"turns has {turns.shape[1]} columns (one per label) but the "
+        f"labels run from {y.min()} to {y.max()}; turns must be "
+        "int[n_tasks, n_way]"
+      )
