@@ -82,6 +82,23 @@ def test_csv_missing_image_is_found_before_decoding(csv_dir, monkeypatch):
     )
 
 
+@pytest.mark.parametrize("image_size", [0, -5, 84.0, "84", True])
+def test_csv_bad_image_size_is_named_before_reading(
+  csv_dir, monkeypatch, image_size
+):
+  def fail(*args, **kwargs):
+    raise AssertionError("read an image before checking image_size")
+
+  monkeypatch.setattr(Image, "open", fail)
+  with pytest.raises(ValueError, match="image_size must be a positive int"):
+    imdata.load_mini_imagenet_csv(
+      csv_dir,
+      images_per_class=PER_CLASS,
+      n_classes=COUNTS,
+      image_size=image_size,
+    )
+
+
 def test_csv_wrong_counts(csv_dir):
   with pytest.raises(
     ValueError, match="class n01 has 4 images, expected images_per_class=600"

@@ -101,7 +101,8 @@ def load_mini_imagenet_csv(
 
   Raises:
     FileNotFoundError: a CSV file or a listed image is missing.
-    ValueError: a malformed CSV, wrong counts, or an unreadable image.
+    ValueError: a malformed CSV, wrong counts, an unreadable image, or an
+      ``image_size`` that is not a positive int (before any file is read).
 
   Example:
     >>> splits = load_mini_imagenet_csv("data/mini-imagenet")  # doctest: +SKIP
@@ -109,6 +110,12 @@ def load_mini_imagenet_csv(
     (64, 600, 84, 84, 3)
   """
   _check_common(images_per_class, n_classes)
+  if (
+    isinstance(image_size, bool)
+    or not isinstance(image_size, int)
+    or image_size <= 0
+  ):
+    raise ValueError(f"image_size must be a positive int, got {image_size!r}")
   data_dir = Path(data_dir).expanduser()
   csv_paths = [data_dir / f"{s}.csv" for s in MINI_IMAGENET_SPLITS]
   missing = [str(p) for p in csv_paths if not p.is_file()]
