@@ -330,6 +330,37 @@ def test_split_counts_are_checked_before_loading(tiny_dir, cache, no_decode):
     imdata.omniglot_splits(tiny_dir, n_val=-1, cache_dir=cache)
 
 
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
+    ({"seed": None}, "seed must be an int, got seed=None"),
+    ({"seed": 1.5}, "seed must be an int, got seed=1.5"),
+    ({"n_train": 3.0, "n_val": 1}, "n_train must be an int"),
+    ({"n_train": 3, "n_val": "1"}, "n_val must be an int"),
+  ],
+)
+def test_split_arguments_of_a_wrong_type_are_refused_before_loading(
+  tiny_dir, cache, no_decode, kwargs, match
+):
+  # A seed of None would draw a new split from the operating system's
+  # entropy on every call, so training and testing could split differently.
+  with pytest.raises(ValueError, match=match):
+    imdata.omniglot_splits(tiny_dir, cache_dir=cache, **kwargs)
+  if "seed" in kwargs:
+    with pytest.raises(ValueError, match=match):
+      imdata.omniglot_authors_test(tiny_dir, cache_dir=cache, **kwargs)
+    with pytest.raises(ValueError, match=match):
+      imdata.authors_permutation(10, kwargs["seed"])
+
+
+def test_split_indices_refuse_a_seed_of_none(tiny_dir, cache):
+  data = imdata.load_omniglot(tiny_dir, cache_dir=cache)
+  with pytest.raises(ValueError, match="seed must be an int, got seed=None"):
+    imdata.omniglot_split_indices(data, seed=None, n_train=3, n_val=1)
+  with pytest.raises(ValueError, match="seed must be an int, got seed=None"):
+    imdata.omniglot_authors_split_indices(data, seed=None, n_train=3)
+
+
 def test_split_larger_than_data(tiny_dir, cache):
   with pytest.raises(ValueError, match="n_train=1200, n_characters=5"):
     imdata.omniglot_splits(tiny_dir, cache_dir=cache)

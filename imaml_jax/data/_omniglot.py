@@ -541,6 +541,15 @@ def _name_order(data: OmniglotData) -> np.ndarray:
   )
 
 
+def _check_ints(minimum: int | None = 0, **values) -> None:
+  """Refuses a split argument that is not an int (of at least ``minimum``)."""
+  for name, value in values.items():
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+      raise ValueError(f"{name} must be an int, got {name}={value!r}")
+    if minimum is not None and value < minimum:
+      raise ValueError(f"{name} must be >= {minimum}, got {name}={value}")
+
+
 def omniglot_split_indices(
   data: OmniglotData,
   *,
@@ -574,8 +583,10 @@ def omniglot_split_indices(
     ``(train, val, test)`` integer index arrays into ``data``'s rows.
 
   Raises:
-    ValueError: the counts do not fit the number of characters.
+    ValueError: the seed or a count is not a non-negative int, or the
+      counts do not fit the number of characters.
   """
+  _check_ints(seed=seed, n_train=n_train, n_val=n_val)
   n = len(data.alphabets)
   if n_val < 0 or n_train <= n_val or n_train >= n:
     raise ValueError(
@@ -653,12 +664,17 @@ def omniglot_splits(
   Returns:
     :class:`Splits` of ``uint8[n_classes, 20, 28, 28, 1]`` arrays.
 
+  Raises:
+    ValueError: the seed or a count is not a non-negative int, or
+      ``n_val >= n_train`` (both before the archives are read).
+
   Example:
     >>> splits = omniglot_splits("data/omniglot")  # doctest: +SKIP
     >>> splits.train.shape  # doctest: +SKIP
     (4400, 20, 28, 28, 1)
   """
-  if n_val < 0 or n_train <= n_val:
+  _check_ints(seed=seed, n_train=n_train, n_val=n_val)
+  if n_train <= n_val:
     raise ValueError(
       f"need 0 <= n_val < n_train; got n_val={n_val}, n_train={n_train}"
     )
@@ -703,10 +719,16 @@ def authors_permutation(n: int, seed: int) -> np.ndarray:
   Returns:
     ``int64[n]``, a permutation of ``0 .. n - 1``.
 
+  Raises:
+    ValueError: ``seed`` is not an int (``random.Random(None)`` would seed
+      from the operating system, a different permutation every call).
+
   Example:
     >>> authors_permutation(5, 0)
     array([2, 1, 0, 4, 3])
   """
+  _check_ints(minimum=None, seed=seed)
+  _check_ints(n=n)
   order = list(range(n))
   random.Random(seed).shuffle(order)
   return np.array(order, dtype=np.int64)
@@ -748,7 +770,8 @@ def omniglot_authors_split_indices(
     ``(train, test)`` sorted integer index arrays into ``data``'s rows.
 
   Raises:
-    ValueError: ``n_train`` does not leave test characters.
+    ValueError: ``seed`` or ``n_train`` is not an int, or ``n_train`` does
+      not leave test characters.
 
   Example:
     >>> import numpy as np
@@ -759,6 +782,8 @@ def omniglot_authors_split_indices(
     >>> omniglot_authors_split_indices(data, seed=0, n_train=2)
     (array([0, 2]), array([1]))
   """
+  _check_ints(minimum=None, seed=seed)
+  _check_ints(n_train=n_train)
   n = len(data.alphabets)
   if not 0 < n_train < n:
     raise ValueError(
@@ -800,10 +825,16 @@ def omniglot_authors_test(
   Returns:
     ``uint8[1623 - n_train, 20, image_size, image_size, 1]``.
 
+  Raises:
+    ValueError: ``seed`` or ``n_train`` is not an int (before the archives
+      are read).
+
   Example:
     >>> omniglot_authors_test("data/omniglot").shape  # doctest: +SKIP
     (423, 20, 28, 28, 1)
   """
+  _check_ints(minimum=None, seed=seed)
+  _check_ints(n_train=n_train)
   data = load_omniglot(
     data_dir, image_size=image_size, resample=resample, cache_dir=cache_dir
   )
