@@ -384,6 +384,29 @@ def test_rotate_classes():
     imdata.rotate_classes(np.zeros((2, 3, 4, 5, 1)))
 
 
+def test_tasks_over_rotated_classes_pair_rotations_as_documented():
+  # rotate_classes documents how often a task holds two rotations of one
+  # character: 1 - prod_{i<N} 4 (C - i) / (4 C - i). Each character's
+  # images are filled with its index, so a task's characters can be read
+  # back from its pixels; the frequency over many tasks must match.
+  import jax
+  n_chars, n_way, n_tasks = 30, 5, 4000
+  images = np.broadcast_to(
+    np.arange(n_chars, dtype=np.uint8)[:, None, None, None, None],
+    (n_chars, 2, 4, 4, 1),
+  )
+  tasks = imdata.sample_tasks(
+    jax.random.key(0), imdata.rotate_classes(images), n_way, 1, 1, n_tasks
+  )
+  chars = np.rint(np.asarray(tasks.support[0])[:, :, 0, 0, 0] * 255)
+  paired = np.mean([len(set(c)) < n_way for c in chars])
+  expected = 1 - np.prod(
+    [4 * (n_chars - i) / (4 * n_chars - i) for i in range(n_way)]
+  )
+  sd = np.sqrt(expected * (1 - expected) / n_tasks)
+  assert abs(paired - expected) < 4 * sd, (paired, expected)
+
+
 def test_small_split_through_omniglot_splits(tiny_dir, cache):
   splits = imdata.omniglot_splits(tiny_dir, n_train=3, n_val=1, cache_dir=cache)
   assert [s.shape[0] for s in splits] == [8, 4, 8]
