@@ -228,14 +228,19 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path):
   _stored_run(workdir, *overrides)
   _log(workdir, 5)
   assert workdir_lib.check_workdir(config, workdir) is None
+  _log(workdir, 5, 10)  # Killed while checkpointing step 10.
+  assert workdir_lib.check_workdir(config, workdir) is None
   # A branch from step 500 of its source, logged up to 505.
   (workdir / "init_from.json").write_text(
     json.dumps({"params": "state", "step": 500})
   )
   _log(workdir, 500, 505)
   assert workdir_lib.check_workdir(config, workdir) is None
+  # Killed while validating or checkpointing at its first checkpoint step.
   _log(workdir, 500, 505, 510)
-  with pytest.raises(workdir_lib.WorkdirError, match="up to step 510"):
+  assert workdir_lib.check_workdir(config, workdir) is None
+  _log(workdir, 500, 505, 510, 515)
+  with pytest.raises(workdir_lib.WorkdirError, match="up to step 515"):
     workdir_lib.check_workdir(config, workdir)
   # Killed before the branch recorded its start: its log is the source's.
   (workdir / "init_from.json").unlink()

@@ -206,6 +206,35 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, compile_cache):
   assert results["budget"]["resumed_from_step"] == killed_at
 
 
+class _Killed(BaseException):
+  """Stands in for SIGKILL in the middle of a step's periodic actions."""
+
+
+def test_a_run_killed_at_its_first_checkpoint_starts_again(
+  reference_run, tmp_path, monkeypatch
+):
+  """Killed while writing its first checkpoint, a run has logged that step
+  (its records come first) but has no checkpoint: the same command starts
+  it again and it ends as the uninterrupted run does."""
+  workdir = tmp_path / "killed"
+
+  def killed(*args, **kwargs):
+    raise _Killed
+
+  with monkeypatch.context() as patch:
+    patch.setattr(ckpt_lib, "save", killed)
+    with pytest.raises(_Killed):
+      _train(workdir)
+  assert not ckpt_lib.list_checkpoints(workdir / "checkpoints")
+  records = metrics_log.read_records(workdir / "metrics.jsonl")
+  assert [r["step"] for r in records] == [10]  # checkpoint_every=10
+  assert _train(workdir) == 0
+  _assert_same_params(_final_params(reference_run), _final_params(workdir))
+  assert metrics_log.read_records(workdir / "metrics.jsonl") == (
+    metrics_log.read_records(reference_run / "metrics.jsonl")
+  )
+
+
 def test_corrupt_checkpoint_is_reported_not_overwritten(
   reference_run, tmp_path, capsys
 ):

@@ -110,10 +110,12 @@ def _check_nothing_to_lose(
 
   A run with no checkpoint starts from step 0, truncating ``metrics.jsonl``
   and later replacing ``results.json``. That is right for a run stopped
-  before its first checkpoint, whose records would be recomputed as they
-  were; it is not for a directory whose checkpoints were removed (a
-  finished run, tested or logged past a checkpoint step) or for one
-  holding another program's files of those names.
+  before its first checkpoint was in place (also while validating or
+  checkpointing at its step, whose records are already written), whose
+  records would be recomputed as they were; it is not for a directory whose
+  checkpoints were removed (a finished run, tested or logged past its first
+  checkpoint step) or for one holding another program's files of those
+  names.
 
   Raises:
     WorkdirError: naming the files that would be overwritten.
@@ -147,7 +149,7 @@ def _check_nothing_to_lose(
     start_known
     and last is not None
     and config.checkpoint_every > 0
-    and last >= first + config.checkpoint_every
+    and last > first_checkpoint_step(first, config.checkpoint_every)
   )
   if tested or logged_past_checkpoint:
     what = ", ".join(tested) or f"{METRICS_FILE} up to step {last}"
@@ -157,6 +159,20 @@ def _check_nothing_to_lose(
       "step 0 and overwrite them. Use another --workdir, or restore the "
       "checkpoints to resume (remove the records to start over)."
     )
+
+
+def first_checkpoint_step(start: int, every: int) -> int:
+  """The first step past ``start`` that a run checkpoints at.
+
+  Its training and validation records are written before its checkpoint,
+  so a run killed while validating or checkpointing at that step has logged
+  it without having a checkpoint.
+
+  Example:
+    >>> first_checkpoint_step(0, 10), first_checkpoint_step(505, 10)
+    (10, 510)
+  """
+  return (start // every + 1) * every
 
 
 def prepare(
