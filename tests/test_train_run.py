@@ -206,6 +206,69 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, compile_cache):
   assert results["budget"]["resumed_from_step"] == killed_at
 
 
+@pytest.fixture(scope="module")
+def cli_reference(compile_cache, tmp_path_factory):
+  """The small run, uninterrupted, as ``_cli_command`` starts it."""
+  env = dict(
+    os.environ,
+    JAX_COMPILATION_CACHE_DIR=compile_cache,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
+  workdir = tmp_path_factory.mktemp("cli_reference") / "run"
+  subprocess.run(
+    _cli_command(workdir), env=env, check=True, capture_output=True
+  )
+  return workdir, env
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_says_how_to_resume(tmp_path, cli_reference, signum):
+  """Stopped by Ctrl-C or SIGTERM, the command names the checkpoint the
+  same command resumes from, exits with 128 + the signal's number, and the
+  resumed run ends as an uninterrupted one."""
+  reference, env = cli_reference
+  workdir = tmp_path / "stopped"
+  proc = subprocess.Popen(
+    _cli_command(workdir),
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    # Ctrl-C reaches the command even where this test runs in a background
+    # job, which ignores SIGINT.
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+  )
+  deadline = time.time() + 120
+  try:
+    while time.time() < deadline and proc.poll() is None:
+      found = ckpt_lib.list_checkpoints(workdir / "checkpoints")
+      if found and found[-1][0] >= 30:
+        break
+      time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+    proc.wait(timeout=60)
+  assert proc.returncode == 128 + signum, err[-2000:]
+  step, latest = ckpt_lib.list_checkpoints(workdir / "checkpoints")[-1]
+  assert step < 300 and not (workdir / "results.json").exists()
+  assert "Traceback" not in err
+  name = signal.Signals(signum).name
+  assert (
+    f"stopped by {name}; the newest checkpoint is {latest} (meta-step " in (err)
+  )
+  assert f"(meta-step {step}): the same command resumes from it" in err
+  subprocess.run(
+    _cli_command(workdir), env=env, check=True, capture_output=True
+  )
+  _assert_same_params(_final_params(reference), _final_params(workdir))
+  assert metrics_log.read_records(workdir / "metrics.jsonl") == (
+    metrics_log.read_records(reference / "metrics.jsonl")
+  )
+
+
 class _Killed(BaseException):
   """Stands in for SIGKILL in the middle of a step's periodic actions."""
 

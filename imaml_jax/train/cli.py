@@ -27,7 +27,9 @@ corrupt checkpoint, more devices than there are, a meta-batch that does not
 split evenly over the devices, incomplete multi-host flags; for
 ``imaml-eval`` a recorded test of more tasks, without ``--overwrite``),
 reported before anything is written; 3 training stopped after too many
-consecutive non-finite meta-gradients.
+consecutive non-finite meta-gradients; 128 + the signal's number (130,
+143) stopped by SIGINT (Ctrl-C) or SIGTERM, which ``imaml-train`` answers
+with the checkpoint the same command resumes from.
 
 Devices: the meta-step is data-parallel over ``--devices N`` devices (the
 first ``N`` of all processes' devices; default: all of them, and on a CPU
@@ -49,8 +51,12 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import imaml_jax as im
 from imaml_jax.train import checkpoint as ckpt_lib
@@ -79,6 +85,71 @@ _INPUT_ERRORS = (
 def _fail(prog: str, message: str, code: int) -> None:
   print(f"{prog}: error: {message}", file=sys.stderr)
   raise SystemExit(code)
+
+
+class Interrupted(BaseException):
+  """SIGINT or SIGTERM arrived while a command ran.
+
+  A ``BaseException``, as ``KeyboardInterrupt`` is, so that no handler of
+  ordinary errors swallows it on its way out.
+
+  Attributes:
+    signum: the signal's number.
+  """
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+
+@contextlib.contextmanager
+def raise_on_signals():
+  """Within, SIGINT and SIGTERM raise :class:`Interrupted`.
+
+  A signal the process ignores (a background job of a script ignores
+  SIGINT) stays ignored; outside the main thread nothing changes.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handler(signum, frame):
+    del frame
+    raise Interrupted(signum)
+
+  previous = {}
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    if signal.getsignal(signum) is not signal.SIG_IGN:
+      previous[signum] = signal.signal(signum, handler)
+  try:
+    yield
+  finally:
+    for signum, old in previous.items():
+      signal.signal(signum, old)
+
+
+def interrupted_message(signum: int, workdir: str) -> str:
+  """What an interrupted ``imaml-train`` says: where the run stands.
+
+  Example:
+    >>> interrupted_message(signal.SIGTERM, "/nonexistent")
+    'stopped by SIGTERM before its first checkpoint; the same command starts the run again.'
+  """
+  name = signal.Signals(signum).name
+  found = ckpt_lib.list_checkpoints(
+    Path(workdir).expanduser() / workdir_lib.CHECKPOINT_DIR
+  )
+  if not found:
+    return (
+      f"stopped by {name} before its first checkpoint; the same command "
+      "starts the run again."
+    )
+  step, latest = found[-1]
+  return (
+    f"stopped by {name}; the newest checkpoint is {latest} (meta-step "
+    f"{step}): the same command resumes from it, and steps trained after "
+    "it are trained again."
+  )
 
 
 def add_data_dir_argument(parser: argparse.ArgumentParser) -> None:
@@ -386,27 +457,39 @@ def train_main(
       EXIT_BAD_INPUT,
     )
   try:
-    config = config_lib.apply_overrides(
-      config_lib.get_config(args.config), args.overrides
+    with raise_on_signals():
+      _train(args)
+  except Interrupted as e:
+    print(
+      f"{prog}: {interrupted_message(e.signum, args.workdir)}",
+      file=sys.stderr,
     )
-    if not args.no_compile_cache:
-      enable_compile_cache(args.compile_cache)
-    runtime.split_cpu(config, args.devices)
-    join_processes(args)
-    mesh = runtime.make_mesh(config, args.devices)
-    train_lib.train_and_evaluate(
-      config,
-      args.workdir,
-      args.data_dir,
-      mesh=mesh,
-      progress=not args.no_progress,
-      time_budget_s=args.time_budget,
-    )
+    raise SystemExit(128 + e.signum) from None
   except _INPUT_ERRORS as e:
     _fail(prog, str(e), EXIT_BAD_INPUT)
   except periodic.TrainingDiverged as e:
     _fail(prog, str(e), EXIT_DIVERGED)
   return 0
+
+
+def _train(args: argparse.Namespace) -> None:
+  """The work of ``imaml-train`` on checked arguments."""
+  config = config_lib.apply_overrides(
+    config_lib.get_config(args.config), args.overrides
+  )
+  if not args.no_compile_cache:
+    enable_compile_cache(args.compile_cache)
+  runtime.split_cpu(config, args.devices)
+  join_processes(args)
+  mesh = runtime.make_mesh(config, args.devices)
+  train_lib.train_and_evaluate(
+    config,
+    args.workdir,
+    args.data_dir,
+    mesh=mesh,
+    progress=not args.no_progress,
+    time_budget_s=args.time_budget,
+  )
 
 
 def eval_main(
