@@ -8,6 +8,7 @@ compilation cache, so the step is compiled once for the whole module.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -296,6 +297,29 @@ def test_a_run_killed_at_its_first_checkpoint_starts_again(
   assert metrics_log.read_records(workdir / "metrics.jsonl") == (
     metrics_log.read_records(reference_run / "metrics.jsonl")
   )
+
+
+def test_progress_bar_shows_the_loss_of_the_step_it_shows(
+  compile_cache, tmp_path, capsys
+):
+  """Each frame of the bar pairs a step with that step's window loss, not
+  with the window before."""
+  workdir = tmp_path / "run"
+  argv = ["sinusoid", "--workdir", str(workdir), "--set", *SMALL]
+  assert cli.train_main(argv) == 0
+  frames = re.findall(
+    r"(\d+)/300 \[[^]]*loss=([^,\]]+)", capsys.readouterr().err
+  )
+  assert len(frames) >= 2
+  records = metrics_log.read_records(workdir / "metrics.jsonl")
+  loss = {
+    r["step"]: f"{r['loss_after']:.4g}"
+    for r in records
+    if r["split"] == "train"
+  }
+  assert [(int(step), shown) for step, shown in frames] == [
+    (int(step), loss[int(step)]) for step, _ in frames
+  ]
 
 
 def test_corrupt_checkpoint_is_reported_not_overwritten(

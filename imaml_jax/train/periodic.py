@@ -263,9 +263,11 @@ class ProgressBar(PeriodicAction):
     )
 
   def run(self, loop: LoopState) -> None:
+    # The postfix first: ``update`` draws the bar, which then shows this
+    # step's window rather than the one before.
+    self.bar.set_postfix(_postfix(loop.window), refresh=False)
     self.bar.update(loop.step - self.shown)
     self.shown = loop.step
-    self.bar.set_postfix(_postfix(loop.window), refresh=False)
 
   def close(self) -> None:
     self.bar.close()
