@@ -270,6 +270,47 @@ def test_ctrl_c_or_sigterm_says_how_to_resume(tmp_path, cli_reference, signum):
   )
 
 
+def test_a_run_in_training_is_not_trained_twice(
+  tmp_path, cli_reference, capsys
+):
+  """The same command started again while the run trains is refused, and
+  the run ends with the records of an uninterrupted one, each step once."""
+  reference, env = cli_reference
+  workdir = tmp_path / "busy"
+  proc = subprocess.Popen(
+    _cli_command(workdir),
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  deadline = time.time() + 120
+  try:
+    while time.time() < deadline and proc.poll() is None:
+      found = ckpt_lib.list_checkpoints(workdir / "checkpoints")
+      if found and found[-1][0] >= 30:
+        break
+      time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it was started again"
+    with pytest.raises(SystemExit) as info:
+      _train(workdir)
+    _, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+    proc.wait(timeout=60)
+  assert info.value.code == 2
+  assert "is in use: another process is training this run" in (
+    capsys.readouterr().err
+  )
+  assert proc.returncode == 0, err[-2000:]
+  assert metrics_log.read_records(workdir / "metrics.jsonl") == (
+    metrics_log.read_records(reference / "metrics.jsonl")
+  )
+  _assert_same_params(_final_params(reference), _final_params(workdir))
+  # Once it has ended, the same command runs again (to test it again).
+  assert _train(workdir) == 0
+
+
 class _Killed(BaseException):
   """Stands in for SIGKILL in the middle of a step's periodic actions."""
 

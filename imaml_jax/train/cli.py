@@ -22,10 +22,11 @@ running a config again, resuming it, or testing it again, skips most of the
 compilation.
 Exit codes: 0 done; 2 bad input (unknown config or field, wrong value type
 or range, missing data, an ``n_way`` larger than a split, a work directory
-holding another run or the records of one whose checkpoints are gone, a
-corrupt checkpoint, more devices than there are, a meta-batch that does not
-split evenly over the devices, incomplete multi-host flags; for
-``imaml-eval`` a recorded test of more tasks, without ``--overwrite``),
+holding another run or the records of one whose checkpoints are gone, or
+a run another process is training, a corrupt checkpoint, more devices than
+there are, a meta-batch that does not split evenly over the devices,
+incomplete multi-host flags; for ``imaml-eval`` a recorded test of more
+tasks, without ``--overwrite``),
 reported before anything is written; 3 training stopped after too many
 consecutive non-finite meta-gradients; 128 + the signal's number (130,
 143) stopped by SIGINT (Ctrl-C) or SIGTERM, which ``imaml-train`` answers

@@ -122,13 +122,30 @@ def train_and_evaluate(
 
   Raises:
     ConfigError, DataError, WorkdirError, CheckpointError: bad request,
-      raised before anything is written.
+      raised before anything is written; also a work directory another
+      process is training in.
     TrainingDiverged: ``max_consecutive_skips`` consecutive meta-steps were
       skipped for a non-finite meta-gradient.
   """
   clock = periodic.Clock()
   _check_request(config, time_budget_s)
   mesh = runtime.make_mesh(config) if mesh is None else mesh
+  lead = runtime.is_lead()
+  lock = workdir_lib.RunLock(workdir, enabled=lead)
+  try:
+    return _train_and_evaluate(
+      config, workdir, data_dir, mesh, progress, log, time_budget_s, clock, lock
+    )
+  finally:
+    lock.release()
+
+
+def _train_and_evaluate(
+  config, workdir, data_dir, mesh, progress, log, time_budget_s, clock, lock
+) -> dict:
+  """:func:`train_and_evaluate` under the run's ``lock``, which the caller
+  releases."""
+  lock.acquire_existing()  # A run another process trains is refused.
   workdir, data_dir, latest = workdir_lib.prepare(
     config, workdir, data_dir, mesh
   )
@@ -139,6 +156,7 @@ def train_and_evaluate(
   start_step = loop.step
 
   # Everything is checked; from here on the work directory is written.
+  lock.acquire_to_write(latest)
   metrics = workdir_lib.open_run(workdir, config, start_step, lead)
   if origin is not None and origin["params"] == "state":
     workdir_lib.copy_trunk_metrics(origin["workdir"], start_step, metrics)

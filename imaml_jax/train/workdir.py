@@ -19,7 +19,9 @@ a new one with ``init_from`` starts from another run's parameters
 (:func:`initial_parameters`) or branches from its whole state
 (:func:`branch`),
 also one written before a training metric existed
-(:func:`with_added_metrics`). Only process 0 writes (:func:`open_run`).
+(:func:`with_added_metrics`). Only process 0 writes (:func:`open_run`),
+holding the run's lock (:class:`RunLock`) so that no second process
+trains the same run.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+try:
+  import fcntl
+except ImportError:  # Not on Windows: runs there are not locked.
+  fcntl = None
 
 import jax
 import numpy as np
@@ -49,6 +56,85 @@ CHECKPOINT_DIR = "checkpoints"
 
 class WorkdirError(ValueError):
   """The work directory holds a run that does not fit the request."""
+
+
+class RunLock:
+  """Keeps two processes from training in one work directory at once.
+
+  An exclusive lock (``flock``) on the run's ``checkpoints/`` directory,
+  held while a process trains there. The operating system drops it when the
+  process ends, also when it is killed, so a stopped run leaves nothing to
+  clean up. Only the lead process locks (``enabled``); where the file
+  system cannot lock, or on a system without ``fcntl``, nothing is locked.
+
+  Args:
+    workdir: the work directory.
+    enabled: whether this process locks.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
+    self.workdir = Path(workdir).expanduser()
+    self.enabled = enabled and fcntl is not None
+    self._fd = None
+
+  @property
+  def held(self) -> bool:
+    """Whether this process holds the lock."""
+    return self._fd is not None
+
+  def acquire_existing(self) -> None:
+    """Locks the run if its directory exists (nothing is created).
+
+    Raises:
+      WorkdirError: another process trains in the work directory.
+    """
+    directory = self.workdir / CHECKPOINT_DIR
+    if self.enabled and not self.held and directory.is_dir():
+      self._lock(directory)
+
+  def acquire_to_write(self, latest: Path | None) -> None:
+    """Locks the run before its directory is first written.
+
+    ``latest`` is the checkpoint the run was checked to resume from; if the
+    lock is taken only now, the directory must still hold no newer one.
+
+    Raises:
+      WorkdirError: another process trains in the work directory, or did
+        until this one took the lock.
+    """
+    if not self.enabled or self.held:
+      return
+    directory = self.workdir / CHECKPOINT_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    self._lock(directory)
+    if self.held and ckpt_lib.latest_checkpoint(directory) != latest:
+      raise WorkdirError(
+        f"another process trained in {self.workdir} while this one started "
+        "(its newest checkpoint changed); run the command again to resume."
+      )
+
+  def _lock(self, directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      raise WorkdirError(
+        f"workdir {self.workdir} is in use: another process is training "
+        "this run. Wait for it to end (or stop it), then run the command "
+        "again to resume."
+      ) from None
+    except OSError:  # The file system cannot lock: go on unlocked.
+      os.close(fd)
+      self.enabled = False
+      return
+    self._fd = fd
+
+  def release(self) -> None:
+    """Drops the lock, if held."""
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
 
 
 def read_json(path: Path) -> Any:
