@@ -1019,6 +1019,37 @@ def test_nonfinite_meta_gradients_stop_the_run(compile_cache, tmp_path, capsys):
   assert records[-1]["consecutive_skips"] == 5
 
 
+def test_a_nonfinite_validation_is_not_recorded_as_the_best(
+  compile_cache, tmp_path, capsys
+):
+  # One inner step of 0.05 trains; 300 of them, at validation only, diverge
+  # (the step is far above 2 / eig_max of the proximal objective).
+  workdir = tmp_path / "nan_val"
+  assert (
+    _train(
+      workdir,
+      "meta_steps=20",
+      "inner_steps=1",
+      "inner_lr=0.05",
+      "inner_backtrack=false",
+      "eval_inner_steps=300",
+      "val_every=10",
+    )
+    == 0
+  )
+  out = capsys.readouterr().out
+  vals = [
+    r
+    for r in metrics_log.read_records(workdir / "metrics.jsonl")
+    if r["split"] == "val"
+  ]
+  assert [r["step"] for r in vals] == [10, 20]
+  assert all(np.isnan(r["loss_after"]) for r in vals)
+  assert not any(r["best"] for r in vals)
+  assert "(best)" not in out
+  assert "test on last parameters" in out
+
+
 def test_time_budget_stops_early_then_resumes_to_same_params(
   reference_run, tmp_path
 ):

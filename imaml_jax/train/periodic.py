@@ -336,10 +336,11 @@ class Validation(PeriodicAction):
       )
     )
     score = summary[self.select_key]["mean"]
-    improved = evaluation.improves(
+    # A non-finite score is neither kept nor recorded as the best.
+    improved = math.isfinite(score) and evaluation.improves(
       score, float(loop.best["score"]), self.higher_better
     )
-    if improved and math.isfinite(score):
+    if improved:
       loop.best = {
         "params": jax.tree.map(jnp.copy, params),
         "score": np.float64(score),
