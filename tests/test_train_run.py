@@ -1140,6 +1140,9 @@ def test_eval_protocols_and_query_images(reference_run, tmp_path, capsys):
     (["--protocol", "authors", "--set", "lam=0.5"], "lam=0.5 does not apply"),
     (["--protocol", "authors", "--split", "val"], "split 'val' does not apply"),
     (["--protocol", "theirs"], "invalid choice"),
+    # Sinusoid tasks have no splits: every split would be the test tasks.
+    (["--split", "val"], "sinusoid tasks have no splits"),
+    (["--split", "train"], "sinusoid tasks have no splits"),
   ):
     with pytest.raises(SystemExit) as info:
       cli.eval_main(["--workdir", str(workdir), *args])

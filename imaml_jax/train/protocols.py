@@ -236,6 +236,12 @@ def _check_dataset(
       f"the authors' evaluation and characters are Omniglot's; this run's "
       f"dataset is {config.dataset!r}."
     )
+  if config.dataset == "sinusoid" and split != "test":
+    raise config_lib.ConfigError(
+      f"sinusoid tasks have no splits (every task is drawn from the same "
+      f"family), so split {split!r} would test the test tasks again; "
+      "--split applies to image datasets."
+    )
 
 
 def _test_images(
