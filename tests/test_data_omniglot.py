@@ -390,6 +390,7 @@ def test_tasks_over_rotated_classes_pair_rotations_as_documented():
   # images are filled with its index, so a task's characters can be read
   # back from its pixels; the frequency over many tasks must match.
   import jax
+
   n_chars, n_way, n_tasks = 30, 5, 4000
   images = np.broadcast_to(
     np.arange(n_chars, dtype=np.uint8)[:, None, None, None, None],

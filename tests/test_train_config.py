@@ -289,6 +289,8 @@ def test_overrides_are_parsed_by_field_type():
     ("split_seed=-1", r"split_seed must be >= 0; got -1"),
     ("test_seed=-3", r"test_seed must be >= 0; got -3"),
     ("inner=gd_then_pull_backk", "inner must be one of"),
+    ("class_rotations=per_class", "class_rotations must be one of"),
+    ("class_rotations=per_task", "applies to Omniglot only"),
   ],
 )
 def test_bad_overrides(override, message):
@@ -564,3 +566,27 @@ def test_class_counts_are_checked_at_the_boundary():
     config_lib.apply_overrides(config, ["val_every=0"]), data
   )
   experiment.check_class_counts(config, data._replace(val=images(5)))
+
+
+def test_class_rotations_decide_the_omniglot_classes():
+  """``class_rotations`` reaches the data a run loads: 4,400 training
+  classes (each rotation a class) by default, the 1,100 characters
+  unrotated with ``per_task``; a stored config without the field reads as
+  the default."""
+  import os
+
+  from imaml_jax import train
+
+  data_dir = os.environ.get("IMAML_OMNIGLOT_DIR")
+  if not data_dir:
+    pytest.skip("IMAML_OMNIGLOT_DIR is not set")
+  base = config_lib.get_config("omniglot_5w1s_imaml_gd")
+  counts = {}
+  for mode in config_lib.CLASS_ROTATIONS:
+    cfg = config_lib.apply_overrides(base, [f"class_rotations={mode}"])
+    data = train.build_experiment(cfg, data_dir).data
+    counts[mode] = (len(data.train), len(data.val), len(data.test))
+  assert counts == {"classes": (4400, 400, 1692), "per_task": (1100, 100, 423)}
+  stored = config_lib.to_dict(base)
+  del stored["class_rotations"]
+  assert config_lib.from_dict(stored).class_rotations == "classes"

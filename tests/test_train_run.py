@@ -1320,6 +1320,78 @@ def test_prefix_fingerprints_are_those_of_the_shorter_task_sets(config):
     assert digests[3] == authors.fingerprint(images, 3, 0)
 
 
+def _marked_characters(n_chars=12):
+  """Character i's 20 drawings: blank but for the value i + 1 in the top
+  left corner, so an image names its character and, by the corner the mark
+  is turned to, its rotation."""
+  images = np.zeros((n_chars, 20, 28, 28, 1), np.uint8)
+  images[:, :, 0, 0, 0] = np.arange(1, n_chars + 1)[:, None]
+  return images
+
+
+def _characters_and_turns(tasks):
+  """``[(characters, turns)]`` per task: the character and corner of each
+  class (support and query), checking that a class keeps one of each."""
+  corners = {(0, 0): 0, (27, 0): 1, (27, 27): 2, (0, 27): 3}
+  out = []
+  for t in range(tasks.support[1].shape[0]):
+    seen = {}
+    for x, y in (tasks.support, tasks.query):
+      x, y = np.rint(np.asarray(x[t, ..., 0]) * 255), np.asarray(y[t])
+      for image, label in zip(x, y):
+        (i,), (j,) = np.nonzero(image)
+        mark = (int(image[i, j]), corners[(int(i), int(j))])
+        assert seen.setdefault(int(label), mark) == mark
+    out.append(
+      ([seen[c][0] for c in sorted(seen)], [seen[c][1] for c in sorted(seen)])
+    )
+  return out
+
+
+def test_per_task_class_rotations_turn_distinct_characters():
+  """``class_rotations=per_task``: a training or evaluation task holds
+  distinct characters, each class turned by one multiple of 90 degrees in
+  support and query alike, the turns spread over all four; the sharded
+  sampler draws the same tasks; evaluation tasks are the authors' (the
+  ``paper`` protocol's construction) on the split's characters."""
+  from imaml_jax.train import experiment as exp_lib
+  from imaml_jax.train import steps
+
+  images = jax.numpy.asarray(_marked_characters())
+  cfg = config_lib.apply_overrides(
+    config_lib.get_config("omniglot_5w1s_imaml_gd"),
+    ["class_rotations=per_task", "meta_batch=40", "eval_chunk=8"],
+  )
+  exp = exp_lib.build(cfg, None)
+  key = jax.random.key(3)
+  tasks = exp.sample(key, images)
+  drawn = _characters_and_turns(tasks)
+  assert all(len(set(chars)) == cfg.n_way for chars, _ in drawn)
+  turns = np.concatenate([t for _, t in drawn])
+  assert np.bincount(turns, minlength=4).min() >= 20  # 200 classes.
+  sharded = steps.task_sampler(exp, runtime.make_mesh(cfg, 1))(key, images)
+  for a, b in zip(jax.tree.leaves(tasks), jax.tree.leaves(sharded)):
+    np.testing.assert_array_equal(a, b)
+  chunks = list(exp_lib.evaluation_chunks(cfg, images, 20, 0))
+  authors = list(exp_lib.authors_evaluation_chunks(cfg, images, 20, 0))
+  for a, b in zip(jax.tree.leaves(chunks), jax.tree.leaves(authors)):
+    np.testing.assert_array_equal(a, b)
+  drawn = [d for chunk in chunks for d in _characters_and_turns(chunk)]
+  assert len(drawn) == 20
+  assert all(len(set(chars)) == cfg.n_way for chars, _ in drawn)
+  assert len({t for _, turns in drawn for t in turns}) == 4
+  # The default keeps every image as drawn (the rotations are classes).
+  plain = config_lib.apply_overrides(cfg, ["class_rotations=classes"])
+  plain_exp = exp_lib.build(plain, None)
+  for task_set in (
+    plain_exp.sample(key, images),
+    *exp_lib.evaluation_chunks(plain, images, 20, 0),
+  ):
+    assert {
+      t for _, turns in _characters_and_turns(task_set) for t in turns
+    } == {0}
+
+
 def test_residual_is_logged_only_with_log_residual(reference_run, tmp_path):
   """The default run spends no product on CG's residual and logs none;
   ``log_residual=true`` logs it in every window, a small relative residual

@@ -160,6 +160,7 @@ INNER_SOLVERS = ("gd", "nesterov", "hessian_free", "gd_then_pull_back", "adam")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "linear")
 INIT_PARAMS = ("best", "last", "state")
+CLASS_ROTATIONS = ("classes", "per_task")
 OMNIGLOT_DRAWINGS = 20  # drawings per Omniglot character
 
 
@@ -181,6 +182,13 @@ class Config:
       test-time field: under ``imaml-eval --set q_query=...`` it sets the
       query examples of the test tasks only.
     split_seed: seed of the Omniglot character split (train/val/test).
+    class_rotations: how Omniglot's 90-degree rotations make classes.
+      ``"classes"``: each of the four rotations of a character is a class
+      of its own (4,400 training classes), so a task can hold two rotations
+      of one character. ``"per_task"``: a task draws distinct characters
+      and turns each by its own random multiple of 90 degrees, drawn anew
+      for every task, as MAML's and the authors' code do. It applies to
+      training, validation and the ``ours`` test alike.
     conv: convolution formulation of the conv nets, one of
       ``models.CONV_FORMULATIONS``.
     network: the conv net, ``"standard"`` (this library's) or ``"maml"``
@@ -293,6 +301,7 @@ class Config:
   k_shot: int = 1
   q_query: int = 15
   split_seed: int = 0
+  class_rotations: str = "classes"
   # Model.
   conv: str = models.DEFAULT_CONV
   network: str = "standard"
@@ -406,6 +415,12 @@ def validate(config: Config) -> Config:
   _choice("conv", config.conv, models.CONV_FORMULATIONS)
   _choice("network", config.network, models.NETWORK_VARIANTS)
   _choice("init_params", config.init_params, INIT_PARAMS)
+  _choice("class_rotations", config.class_rotations, CLASS_ROTATIONS)
+  if config.class_rotations != "classes" and config.dataset != "omniglot":
+    raise ConfigError(
+      f"class_rotations={config.class_rotations!r} applies to Omniglot "
+      f"only; got dataset={config.dataset!r}."
+    )
   if config.init_params != "best" and not config.init_from:
     raise ConfigError(
       f"init_params={config.init_params!r} needs init_from (a run's work "
@@ -872,6 +887,7 @@ _ADDED_FIELDS = {
   "log_residual": False,
   "init_from": "",
   "init_params": "best",
+  "class_rotations": "classes",
 }
 
 

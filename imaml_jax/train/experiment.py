@@ -229,8 +229,10 @@ def load_data(config: config_lib.Config, data_dir: Path | None) -> Data:
   """Loads the three splits as host ``uint8`` arrays (``None`` for sinusoid).
 
   Omniglot: :func:`imaml_jax.data.omniglot_splits` (1100 / 100 / 423
-  characters for meta-train / validation / test, each rotation a class, test
-  characters unseen). Mini-ImageNet: the Ravi & Larochelle splits, from the
+  characters for meta-train / validation / test, test characters unseen;
+  each rotation a class with ``class_rotations="classes"``, unrotated with
+  ``"per_task"``, whose tasks turn their classes as they are drawn).
+  Mini-ImageNet: the Ravi & Larochelle splits, from the
   pickles if present, else from the CSV files.
 
   Raises:
@@ -240,7 +242,11 @@ def load_data(config: config_lib.Config, data_dir: Path | None) -> Data:
     return Data(None, None, None)
   try:
     if config.dataset == "omniglot":
-      splits = data_lib.omniglot_splits(data_dir, seed=config.split_seed)
+      splits = data_lib.omniglot_splits(
+        data_dir,
+        seed=config.split_seed,
+        rotations=config.class_rotations == "classes",
+      )
     elif all((data_dir / f).is_file() for f in _MINI_PICKLES):
       splits = data_lib.load_mini_imagenet_pickle(data_dir)
     else:
@@ -258,15 +264,41 @@ def sampler(config: config_lib.Config) -> Callable:
     )
   return lambda key, images: training_tasks(
     config,
-    data_lib.sample_tasks(
+    turn_task_classes(
+      config,
       key,
-      images,
-      config.n_way,
-      config.k_shot,
-      config.q_query,
-      config.meta_batch,
+      data_lib.sample_tasks(
+        key,
+        images,
+        config.n_way,
+        config.k_shot,
+        config.q_query,
+        config.meta_batch,
+      ),
     ),
   )
+
+
+def turn_task_classes(
+  config: config_lib.Config, key: jax.Array, tasks: im.Task
+) -> im.Task:
+  """Training tasks with ``class_rotations="per_task"``'s rotations.
+
+  With ``"per_task"`` every class of each task is turned by ``90 * r``
+  degrees, ``r`` uniform in ``{0, 1, 2, 3}`` for each task and class, drawn
+  from ``jax.random.fold_in(key, 1)`` (``key`` drew the tasks)
+  (:func:`imaml_jax.data.rotate_task_classes`); otherwise the tasks are
+  returned as they are.
+  """
+  if config.class_rotations != "per_task":
+    return tasks
+  turns = jax.random.randint(
+    jax.random.fold_in(key, 1),
+    (tasks.support[1].shape[0], config.n_way),
+    0,
+    4,
+  )
+  return data_lib.rotate_task_classes(tasks, turns)
 
 
 def training_tasks(config: config_lib.Config, tasks: im.Task) -> im.Task:
@@ -293,10 +325,22 @@ def evaluation_chunks(
   """A fixed set of ``n_tasks`` evaluation tasks, in ``eval_chunk`` pieces.
 
   The same ``(n_tasks, seed)`` gives the same tasks on every run: for images,
-  :func:`imaml_jax.data.evaluation_task_chunks` on the given split; for
-  sinusoid, :func:`imaml_jax.data.sinusoid_tasks` from the fixed key
+  :func:`imaml_jax.data.evaluation_task_chunks` on the given split, each
+  class turned as in :func:`authors_evaluation_chunks` where
+  ``class_rotations="per_task"``; for sinusoid,
+  :func:`imaml_jax.data.sinusoid_tasks` from the fixed key
   ``jax.random.key(seed, impl="threefry2x32")``.
   """
+  chunks = _drawn_chunks(config, images, n_tasks, seed)
+  if config.class_rotations == "per_task":
+    chunks = _turned_chunks(config, chunks, n_tasks, seed)
+  yield from chunks
+
+
+def _drawn_chunks(
+  config: config_lib.Config, images, n_tasks: int, seed: int
+) -> Iterator[im.Task]:
+  """:func:`evaluation_chunks` before any per-task rotation."""
   if config.dataset != "sinusoid":
     yield from data_lib.evaluation_task_chunks(
       images,
@@ -450,10 +494,14 @@ def tasks_description(config: config_lib.Config, split: str) -> str:
     "val": "used for model selection, never meta-trained on",
     "test": "never meta-trained on or used for model selection",
   }
+  classes = (
+    "each class of a task turned by its own random multiple of 90 degrees"
+    if config.class_rotations == "per_task"
+    else "each of the four rotations of a character a class of its own"
+  )
   return (
     f"the {counts[split]} {split} characters of split_seed "
-    f"{config.split_seed}, {roles[split]}; each of the four "
-    "rotations of a character a class of its own"
+    f"{config.split_seed}, {roles[split]}; {classes}"
   )
 
 
@@ -507,17 +555,27 @@ def authors_evaluation_chunks(
 ) -> Iterator[im.Task]:
   """:func:`evaluation_chunks` with each class turned as the authors do.
 
-  The tasks are those of :func:`evaluation_chunks` on unrotated characters;
-  then every class of a task is turned by ``90 * r`` degrees
+  The tasks are drawn from unrotated characters as :func:`evaluation_chunks`
+  draws them; then every class of a task is turned by ``90 * r`` degrees
   (:func:`imaml_jax.data.rotate_task_classes`), ``r`` uniform in
   ``{0, 1, 2, 3}``, drawn for all ``n_tasks`` tasks at once from
   ``jax.random.fold_in(jax.random.key(seed, impl="threefry2x32"), 1)``, so
   the tasks do not depend on ``eval_chunk``.
   """
+  yield from _turned_chunks(
+    config, _drawn_chunks(config, images, n_tasks, seed), n_tasks, seed
+  )
+
+
+def _turned_chunks(
+  config: config_lib.Config, chunks: Iterator[im.Task], n_tasks: int, seed: int
+) -> Iterator[im.Task]:
+  """``chunks`` with each class of a task turned by its own multiple of 90
+  degrees (:func:`authors_evaluation_chunks`)."""
   key = jax.random.fold_in(jax.random.key(seed, impl="threefry2x32"), 1)
   turns = jax.random.randint(key, (n_tasks, config.n_way), 0, 4)
   start = 0
-  for chunk in evaluation_chunks(config, images, n_tasks, seed):
+  for chunk in chunks:
     size = chunk.support[1].shape[0]
     yield data_lib.rotate_task_classes(chunk, turns[start : start + size])
     start += size

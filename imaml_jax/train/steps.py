@@ -182,10 +182,13 @@ def task_sampler(exp: exp_lib.Experiment, mesh=None) -> Callable:
   sample = im.data.make_sharded_sampler(
     mesh, config.n_way, config.k_shot, config.q_query, config.meta_batch
   )
-  if not config.reptile_train_shots:
+  if not config.reptile_train_shots and config.class_rotations == "classes":
     return sample
   return lambda key, data: im.constrain_tasks(
-    exp_lib.training_tasks(config, sample(key, data)), mesh
+    exp_lib.training_tasks(
+      config, exp_lib.turn_task_classes(config, key, sample(key, data))
+    ),
+    mesh,
   )
 
 
