@@ -1392,6 +1392,43 @@ def test_per_task_class_rotations_turn_distinct_characters():
     } == {0}
 
 
+def test_tables_quick_run_tested_with_class_rotations_per_task(
+  quick_run, tmp_path, capsys
+):
+  """``imaml-eval --set class_rotations=per_task`` tests a run trained with
+  every rotation a class on held-out tasks drawn as MAML's and the authors'
+  code draw them, in a file of its own; the authors' characters refuse it."""
+  if not os.environ.get("IMAML_OMNIGLOT_DIR"):
+    pytest.skip("IMAML_OMNIGLOT_DIR is not set")
+  _, out = quick_run("tables")
+  workdir = tmp_path / "run"
+  shutil.copytree(out / "runs" / "omniglot_5w1s_imaml_gd", workdir)
+  args = ["--workdir", str(workdir), "--no-progress", "--skip-last"]
+  assert cli.eval_main([*args, "--set", "class_rotations=per_task"]) == 0
+  turned = json.loads(
+    (workdir / "eval_class_rotations=per_task.json").read_text()
+  )
+  ours = json.loads((workdir / "results.json").read_text())
+  assert turned["split"] == "test"
+  assert (
+    "each class of a task turned by its own" in (turned["protocol"]["tasks"])
+  )
+  assert "a class of its own" in ours["protocol"]["tasks"]
+  assert (
+    turned["test_per_task"]["tasks_sha256"]
+    != (ours["test_per_task"]["tasks_sha256"])
+  )
+  assert turned["test"]["accuracy_after"]["n"] == 10
+  capsys.readouterr()
+  for protocol in ("paper", "authors"):
+    with pytest.raises(SystemExit) as info:
+      cli.eval_main(
+        [*args, "--protocol", protocol, "--set", "class_rotations=per_task"]
+      )
+    assert info.value.code == 2
+    assert "class_rotations=per_task does not apply" in capsys.readouterr().err
+
+
 def test_residual_is_logged_only_with_log_residual(reference_run, tmp_path):
   """The default run spends no product on CG's residual and logs none;
   ``log_residual=true`` logs it in every window, a small relative residual

@@ -828,6 +828,7 @@ def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
 # Some also act in training (inner_lr, lam, q_query, ...); under imaml-eval
 # only their use on the test tasks changes.
 TEST_TIME_FIELDS = (
+  "class_rotations",
   "eval_inner_steps",
   "inner_lr",
   "inner_backtrack",

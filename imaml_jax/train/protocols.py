@@ -211,6 +211,15 @@ def check_protocol(
       f"protocol {protocol!r} draws its tasks from the authors' test "
       f"characters (split {own}); split {split!r} does not apply."
     )
+  turned = [
+    o for o in overrides if o.partition("=")[0].strip() == "class_rotations"
+  ]
+  if turned and "authors_test" in (own, split):
+    raise config_lib.ConfigError(
+      "the authors' test characters are always drawn as their code draws "
+      "them (each class turned by its own multiple of 90 degrees per task); "
+      f"{', '.join(turned)} does not apply."
+    )
   if protocol == "authors":
     fixed = [
       o
