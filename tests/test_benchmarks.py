@@ -13,6 +13,7 @@ import doctest
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1553,3 +1554,77 @@ def test_table2_full_budget_refuses_a_bad_cell_before_any_work(
   assert done.returncode == 2
   assert f"cell {cell}: " in done.stderr and message in done.stderr
   assert not out.exists()
+
+
+# The documentation's figures against the result files that back them.
+RESULTS = BENCHMARKS / "results"
+PERFORMANCE_GUIDE = BENCHMARKS.parent / "docs" / "guides" / "performance.md"
+
+
+def markdown_section(path: Path, heading: str) -> str:
+  """The text under the heading ``heading`` (any level) of a Markdown file,
+  up to the next heading of the same or a higher level."""
+  lines = path.read_text(encoding="utf-8").splitlines()
+  for i, line in enumerate(lines):
+    hashes, _, title = line.partition(" ")
+    if set(hashes) == {"#"} and title.strip() == heading:
+      level = len(hashes)
+      body = []
+      for other in lines[i + 1 :]:
+        marks, _, _ = other.partition(" ")
+        if set(marks) == {"#"} and len(marks) <= level:
+          break
+        body.append(other)
+      return "\n".join(body)
+  raise AssertionError(f"no heading {heading!r} in {path}")
+
+
+def mib_column_in_gib(path: Path, *columns: str) -> set[str]:
+  """The MiB figures of a result CSV's ``columns``, in GiB to 0.1."""
+  return {
+    f"{float(row[c]) / 1024:.1f}"
+    for row in read_csv(path)
+    for c in columns
+    if row.get(c)
+  }
+
+
+@pytest.mark.parametrize(
+  ("page", "heading", "files"),
+  [
+    (
+      BENCHMARKS / "README.md",
+      "memory vs inner steps (Figure 2b), compiled temporaries",
+      ["memory_vs_steps_cpu.csv"],
+    ),
+    (
+      BENCHMARKS / "README.md",
+      "the same on a GPU, each point in its own process",
+      ["memory_vs_steps_gpu_h100.csv"],
+    ),
+    (
+      PERFORMANCE_GUIDE,
+      "Memory against inner steps (Figure 2b)",
+      ["memory_vs_steps_cpu.csv", "memory_vs_steps_gpu_h100.csv"],
+    ),
+  ],
+)
+def test_memory_figures_are_their_result_files_in_gib(page, heading, files):
+  """The scripts record MiB (2^20 bytes); the docs quote GiB, each figure a
+  compiled size or device peak of the files, or MAML's growth per inner
+  step, rounded to 0.1."""
+  text = markdown_section(page, heading)
+  recorded = set()
+  for name in files:
+    recorded |= mib_column_in_gib(RESULTS / name, "temp_mb", "peak_device_mb")
+  maml = {
+    int(r["inner_steps"]): float(r["temp_mb"])
+    for r in read_csv(RESULTS / "memory_vs_steps_cpu.csv")
+    if r["algorithm"] == "maml"
+  }
+  first, last = min(maml), max(maml)
+  recorded.add(f"{(maml[last] - maml[first]) / (last - first) / 1024:.1f}")
+  quoted = re.findall(r"(\d+(?:\.\d+)?) GiB", text)
+  assert quoted, f"no GiB figure under {heading!r}"
+  assert not re.findall(r"\d GB\b", text), "sizes are quoted in GiB"
+  assert set(quoted) <= recorded, sorted(set(quoted) - recorded)
