@@ -1628,3 +1628,96 @@ def test_memory_figures_are_their_result_files_in_gib(page, heading, files):
   assert quoted, f"no GiB figure under {heading!r}"
   assert not re.findall(r"\d GB\b", text), "sizes are quoted in GiB"
   assert set(quoted) <= recorded, sorted(set(quoted) - recorded)
+
+
+def brace_expansions(token: str) -> list[str]:
+  """``a.{csv,json}`` -> ``['a.csv', 'a.json']`` (nested braces too)."""
+  match = re.search(r"\{([^{}]*)\}", token)
+  if not match:
+    return [token]
+  head, tail = token[: match.start()], token[match.end() :]
+  return [
+    name
+    for choice in match.group(1).split(",")
+    for name in brace_expansions(head + choice + tail)
+  ]
+
+
+def cited_result_files(text: str) -> list[Path]:
+  """The files under ``benchmarks/results/`` that ``text`` names in
+  backticks (``name.csv``, ``name.{md,csv}``, ``name.*``)."""
+  found = set()
+  for token in re.findall(r"`([^`\s]+)`", text):
+    token = token.removeprefix("benchmarks/").removeprefix("results/")
+    for name in brace_expansions(token):
+      found.update(p for p in RESULTS.glob(name) if p.is_file())
+  return sorted(p for p in found if p.suffix != ".png")
+
+
+def cited_runs(text: str) -> list[Path]:
+  """The run directories under ``benchmarks/`` that ``text`` names in
+  backticks (``runs/NAME/``, ``benchmarks/runs_gpu_h200/NAME/``)."""
+  return [
+    BENCHMARKS / name
+    for name in re.findall(r"`(?:benchmarks/)?(runs[\w/.=-]*)/?`", text)
+    if (BENCHMARKS / name).is_dir()
+  ]
+
+
+def run_intervals(run: Path) -> str:
+  """Every test score of a run's ``results.json`` and ``eval*.json``, as
+  ``mean ± 95% interval`` in percent to 0.01, one a line."""
+  lines = []
+  for path in sorted(run.glob("*.json")):
+    record = json.loads(path.read_text())
+    for key in ("test", "test_last"):
+      for stats in (record.get(key) or {}).values():
+        if isinstance(stats, dict) and {"mean", "ci95"} <= set(stats):
+          lines.append(f"{100 * stats['mean']:.2f} ± {100 * stats['ci95']:.2f}")
+  return "\n".join(lines)
+
+
+def github_anchor(heading: str) -> str:
+  """The anchor GitHub gives a Markdown heading."""
+  return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def results_sections() -> dict[str, str]:
+  """The ``###`` sections under ``## Results`` of ``benchmarks/README.md``."""
+  text = markdown_section(BENCHMARKS / "README.md", "Results")
+  parts = re.split(r"^### (.+)$", text, flags=re.M)
+  return dict(zip(parts[1::2], parts[2::2]))
+
+
+def plus_minus_figures(text: str) -> list[str]:
+  """Every ``A ± B`` of a text, signs and percent signs kept off B's end."""
+  return re.findall(r"([+-]?\d[\d,]*(?:\.\d+)?%?) ± (\d[\d,]*(?:\.\d+)?)", text)
+
+
+@pytest.mark.parametrize("heading", sorted(results_sections()))
+def test_readme_result_intervals_are_in_the_files_they_cite(heading):
+  """Each ``A ± B`` of a results section of ``benchmarks/README.md`` is
+  written so in a result file that the section, or a section it links to,
+  names."""
+  sections = results_sections()
+  text = sections[heading]
+  linked = [
+    sections[h]
+    for h in sections
+    if f"(#{github_anchor(h)})" in text and h != heading
+  ]
+  files = cited_result_files("\n".join([text, *linked]))
+  written = "\n".join(
+    [p.read_text(errors="replace") for p in files]
+    + [run_intervals(run) for run in cited_runs(text)]
+  )
+  written = re.sub(r"\+(?=\d)", "", written.replace("+-", "±"))
+  missing = [
+    f"{a} ± {b}"
+    for a, b in plus_minus_figures(text)
+    if not re.search(
+      rf"(?<![\d.]){re.escape(a.rstrip('%').lstrip('+'))}%? ± {re.escape(b)}",
+      written,
+    )
+  ]
+  assert not missing, (missing, [p.name for p in files])
