@@ -193,6 +193,13 @@ def measure(
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def source_tree(path: str) -> bool:
+  """Whether ``path`` holds an ``imaml_jax`` package to import: a child
+  given a ``PYTHONPATH`` without one would import the installed version
+  instead, and measure it under the other version's label."""
+  return os.path.isfile(os.path.join(path, "imaml_jax", "__init__.py"))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
@@ -244,6 +251,12 @@ def main() -> None:
   args = parser.parse_args()
   if args.repeats < 1:
     parser.error("--repeats must be >= 1")
+  if args.other_path and not source_tree(args.other_path):
+    parser.error(
+      f"--other-path {args.other_path}: no imaml_jax package there "
+      f"({os.path.join(args.other_path, 'imaml_jax', '__init__.py')} not "
+      "found); give the root of a source tree, e.g. a git worktree"
+    )
   steps, repeats = args.steps, args.repeats
   if args.quick:
     steps, repeats = ["sinusoid_eval"], 1

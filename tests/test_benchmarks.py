@@ -1721,3 +1721,28 @@ def test_readme_result_intervals_are_in_the_files_they_cite(heading):
     )
   ]
   assert not missing, (missing, [p.name for p in files])
+
+
+def test_compile_time_refuses_an_other_path_without_the_package(tmp_path):
+  """A tree without ``imaml_jax`` would have the child import the installed
+  version and report it as the other version."""
+  assert import_benchmark("compile_time").source_tree(str(BENCHMARKS.parent))
+  out = tmp_path / "out"
+  done = subprocess.run(
+    [
+      sys.executable,
+      str(BENCHMARKS / "compile_time.py"),
+      "--quick",
+      "--other-path",
+      str(tmp_path / "before"),
+      "--out",
+      str(out),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+  assert "no imaml_jax package there" in done.stderr
+  assert not out.exists()
