@@ -764,6 +764,12 @@ def main(argv=None):
   unknown = [n for n in args.train if n not in table_configs]
   if unknown:
     parser.error(f"not a Table 2/3 config: {', '.join(unknown)}")
+  if not args.train and not any((runs / c).is_dir() for c in table_configs):
+    parser.error(
+      f"--runs {runs} holds no work directory of a Table 2/3 config (such "
+      f"as {runs / 'omniglot_5w1s_imaml_gd'}): give the folder of the runs, "
+      "e.g. benchmarks/runs, or --train CONFIG to train into it"
+    )
   train(args.train, runs, args.time_budget, args.overrides, args.data_dir)
   rows = build_rows(runs)
   if args.eval:

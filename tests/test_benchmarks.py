@@ -1746,3 +1746,20 @@ def test_compile_time_refuses_an_other_path_without_the_package(tmp_path):
   assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
   assert "no imaml_jax package there" in done.stderr
   assert not out.exists()
+
+
+@pytest.mark.parametrize("made", [False, True])
+def test_tables_refuses_a_folder_without_runs(tmp_path, capsys, made):
+  """A mistyped ``--runs`` (missing, or holding no config's run) was read as
+  a table of empty cells and written over ``--out``'s tables."""
+  runs = tmp_path / "runs"
+  if made:
+    (runs / "notes").mkdir(parents=True)
+  out = tmp_path / "out"
+  with pytest.raises(SystemExit) as exit_info:
+    import_tables().main(["--runs", str(runs), "--out", str(out)])
+  assert exit_info.value.code == 2
+  assert "holds no work directory of a Table 2/3 config" in (
+    capsys.readouterr().err
+  )
+  assert not out.exists()
