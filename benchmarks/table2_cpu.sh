@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/table2_cpu.sh CORE DEADLINE CONFIG [CONFIG ...]
 #   bash benchmarks/table2_cpu.sh 1 7200 omniglot_5w1s_imaml_gd_authors omniglot_5w1s_fomaml
-#   python benchmarks/tables.py --runs benchmarks/runs --out benchmarks/results/tables_cpu
+#   python benchmarks/tables.py --runs benchmarks/runs --out benchmarks/results --tag _cpu
 #
 # Budget of a column (the same for every row; meta lr decays linearly to 0):
 #   5-way 1-shot: 6,000 meta-steps at meta-batch 8 (about 1-1.5 h on one core)

@@ -1763,3 +1763,29 @@ def test_tables_refuses_a_folder_without_runs(tmp_path, capsys, made):
     capsys.readouterr().err
   )
   assert not out.exists()
+
+
+def test_table2_cpu_usage_regenerates_the_committed_tables(tmp_path):
+  """The ``tables.py`` command that ``table2_cpu.sh`` prints as its usage
+  writes ``tables_cpu.md`` (here under a temporary ``--out``), and from the
+  committed runs that is the committed table."""
+  usage = run_shell_script("table2_cpu.sh").stderr
+  (command,) = [
+    line.lstrip("# ").split()
+    for line in usage.splitlines()
+    if "benchmarks/tables.py" in line
+  ]
+  assert command[:2] == ["python", "benchmarks/tables.py"]
+  argv = [  # Nothing written under benchmarks/results/.
+    arg.replace("benchmarks/results", str(tmp_path), 1) for arg in command[2:]
+  ]
+  subprocess.run(
+    [sys.executable, str(BENCHMARKS / "tables.py"), *argv],
+    cwd=BENCHMARKS.parent,
+    capture_output=True,
+    check=True,
+    timeout=120,
+  )
+  assert (tmp_path / "tables_cpu.md").read_text() == (
+    RESULTS / "tables_cpu.md"
+  ).read_text()
