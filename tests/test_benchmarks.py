@@ -1789,3 +1789,50 @@ def test_table2_cpu_usage_regenerates_the_committed_tables(tmp_path):
   assert (tmp_path / "tables_cpu.md").read_text() == (
     RESULTS / "tables_cpu.md"
   ).read_text()
+
+
+def test_gap_decomposition_trains_the_committed_runs_configs(tmp_path):
+  """Run on an empty folder (``imaml-train`` and ``taskset`` stubbed to
+  record their arguments), ``gap_decomposition.sh`` asks for the config of
+  each committed run of the study, field by field, whatever the configs'
+  defaults have become since."""
+  (tmp_path / "benchmarks" / "runs" / "gap_5w1s").mkdir(parents=True)
+  shutil.copy(BENCHMARKS / "gap_decomposition.sh", tmp_path / "benchmarks")
+  stubs = tmp_path / "bin"
+  stubs.mkdir()
+  calls = tmp_path / "calls.jsonl"
+  (stubs / "taskset").write_text('#!/bin/sh\nshift 2\nexec "$@"\n')
+  (stubs / "imaml-train").write_text(
+    f"#!{sys.executable}\nimport json, sys\n"
+    f"with open({str(calls)!r}, 'a') as f:\n"
+    "  f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+  )
+  for stub in stubs.iterdir():
+    stub.chmod(0o755)
+  done = subprocess.run(
+    ["bash", str(tmp_path / "benchmarks" / "gap_decomposition.sh"), "0"],
+    capture_output=True,
+    text=True,
+    timeout=60,
+    env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"},
+    check=False,
+  )
+  assert done.returncode == 0, done.stderr
+  committed = BENCHMARKS / "runs" / "gap_5w1s"
+  asked = [json.loads(line) for line in calls.read_text().splitlines()]
+  labels = [Path(argv[argv.index("--workdir") + 1]).name for argv in asked]
+  assert sorted(labels) == sorted(
+    p.name for p in committed.iterdir() if (p / "config.json").exists()
+  )
+  for label, argv in zip(labels, asked):
+    overrides = argv[argv.index("--set") + 1 :]
+    config = config_lib.apply_overrides(
+      config_lib.get_config(argv[0]), overrides
+    )
+    saved = json.loads((committed / label / "config.json").read_text())
+    differ = {
+      k: (v, getattr(config, k))
+      for k, v in saved.items()
+      if getattr(config, k) != v
+    }
+    assert not differ, (label, differ)
