@@ -1893,3 +1893,47 @@ def test_meta_gradient_accuracy_figures_are_the_committed_ones(page, heading):
     else:
       value = error_at("maml", "inner_steps", int(inner_steps))
       assert f"{value:.1e}" == maml_error, (inner_steps, value)
+
+
+def numbers_in(text: str) -> list[str]:
+  """The decimal numbers of a text as written (thousands separators kept)."""
+  return re.findall(
+    r"(?<![\w.])\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?", text
+  )
+
+
+def written_as(figure: str, values: list[float]) -> bool:
+  """Whether one of ``values`` rounds to ``figure`` at its precision."""
+  decimals = len(figure.partition(".")[2])
+  target = float(figure.replace(",", ""))
+  return any(
+    abs(v - target) <= 0.5 * 10**-decimals * (1 + 1e-9) for v in values
+  )
+
+
+@pytest.mark.parametrize(
+  ("page", "heading"),
+  [
+    (BENCHMARKS / "README.md", "compile time, and what XLA makes of a step"),
+    (PERFORMANCE_GUIDE, "Compile time"),
+  ],
+)
+def test_compile_time_figures_are_in_the_files_they_cite(page, heading):
+  """Every duration in seconds of these sections is, rounded as written,
+  a figure of a result file the section names."""
+  text = " ".join(markdown_section(page, heading).split())
+  files = cited_result_files(text)
+  assert files
+  values = [
+    float(n.replace(",", ""))
+    for path in files
+    for n in numbers_in(path.read_text(errors="replace"))
+  ]
+  durations = re.findall(
+    r"(\d+(?:\.\d+)?)(?: s| and (\d+(?:\.\d+)?) s|-(\d+(?:\.\d+)?) s)\b",
+    text,
+  )
+  figures = [n for group in durations for n in group if n]
+  assert figures
+  unbacked = [f for f in figures if not written_as(f, values)]
+  assert not unbacked, unbacked
