@@ -1937,3 +1937,20 @@ def test_compile_time_figures_are_in_the_files_they_cite(page, heading):
   assert figures
   unbacked = [f for f in figures if not written_as(f, values)]
   assert not unbacked, unbacked
+
+
+def test_throughput_section_sizes_are_its_result_files():
+  """The working sets the performance guide quotes for the vmapped and the
+  one-task-at-a-time CPU steps are the throughput runs' compiled
+  temporaries (MiB), rounded as written."""
+  text = " ".join(
+    markdown_section(PERFORMANCE_GUIDE, "Throughput of the meta-step").split()
+  )
+  recorded = {
+    f"{float(row['temp_mb']):.0f}"
+    for name in ("throughput_cpu.csv", "throughput_cpu_vmapped.csv")
+    for row in read_csv(RESULTS / name)
+  }
+  quoted = re.findall(r"(\d+) MiB", text)
+  assert quoted and not re.findall(r"\d MB\b", text)
+  assert set(quoted) <= recorded, sorted(set(quoted) - recorded)
