@@ -43,6 +43,7 @@ import sys
 import time
 
 import jax
+from arguments import count
 
 jax.config.update("jax_enable_x64", True)
 
@@ -233,7 +234,7 @@ def main() -> None:
     default=["linreg", "omniglot_init", "omniglot_trained"],
     choices=["linreg", "omniglot_init", "omniglot_trained"],
   )
-  parser.add_argument("--tasks", type=int, default=8)
+  parser.add_argument("--tasks", type=count(1), default=8)
   parser.add_argument(
     "--quick", action="store_true", help="linear regression only, 2 tasks"
   )

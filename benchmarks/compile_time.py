@@ -54,6 +54,8 @@ import statistics
 import subprocess
 import sys
 
+from arguments import count
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 STEPS = (
   "sinusoid_train",
@@ -229,14 +231,14 @@ def main() -> None:
   )
   parser.add_argument(
     "--runs",
-    type=int,
+    type=count(0),
     default=0,
     help="after compiling, time this many calls of the "
     "step (the median is reported as run_s)",
   )
   parser.add_argument(
     "--interleave",
-    type=int,
+    type=count(0),
     default=0,
     metavar="N",
     help="also compile each step without the trainer's "

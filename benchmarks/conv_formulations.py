@@ -35,6 +35,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from arguments import count
 from jax import lax
 
 from imaml_jax import models
@@ -244,7 +245,7 @@ def main():
   )
   parser.add_argument(
     "--repeats",
-    type=int,
+    type=count(1),
     default=None,
     help="timed repeats per measurement (default 7, quick 3)",
   )

@@ -57,6 +57,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from arguments import count
 from jax.flatten_util import ravel_pytree
 
 import imaml_jax as im
@@ -179,11 +180,11 @@ def load_theta(workdir=None, checkpoint=None):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--n-way", type=int, default=5)
-  parser.add_argument("--k-shot", type=int, default=1)
-  parser.add_argument("--q-query", type=int, default=15)
+  parser.add_argument("--n-way", type=count(1), default=5)
+  parser.add_argument("--k-shot", type=count(1), default=1)
+  parser.add_argument("--q-query", type=count(1), default=15)
   parser.add_argument("--lam", type=float, default=2.0)
-  parser.add_argument("--inner-steps", type=int, default=16)
+  parser.add_argument("--inner-steps", type=count(1), default=16)
   parser.add_argument(
     "--inner-lr",
     type=float,
@@ -200,7 +201,7 @@ def main(argv=None):
   )
   parser.add_argument(
     "--hf-cg-steps",
-    type=int,
+    type=count(1),
     default=5,
     help="CG iterations per Newton step (hessian_free)",
   )
@@ -211,10 +212,10 @@ def main(argv=None):
     default=[5],
     help="CG iteration counts whose residuals are reported",
   )
-  parser.add_argument("--tasks", type=int, default=8)
+  parser.add_argument("--tasks", type=count(1), default=8)
   parser.add_argument(
     "--iterations",
-    type=int,
+    type=count(1),
     default=60,
     help="power-iteration products per eigenvalue",
   )

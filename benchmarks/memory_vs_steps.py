@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from arguments import count
 
 import imaml_jax as im
 from imaml_jax import data
@@ -255,12 +256,12 @@ def plot(rows, title, path):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--n-way", type=int, default=20)
-  parser.add_argument("--k-shot", type=int, default=5)
-  parser.add_argument("--q-query", type=int, default=15)
-  parser.add_argument("--meta-batch", type=int, default=32)
+  parser.add_argument("--n-way", type=count(1), default=20)
+  parser.add_argument("--k-shot", type=count(1), default=5)
+  parser.add_argument("--q-query", type=count(1), default=15)
+  parser.add_argument("--meta-batch", type=count(1), default=32)
   parser.add_argument(
-    "--steps", type=int, nargs="+", default=[1, 5, 10, 25, 50, 100]
+    "--steps", type=count(1), nargs="+", default=[1, 5, 10, 25, 50, 100]
   )
   parser.add_argument(
     "--algorithms",
@@ -270,7 +271,7 @@ def main(argv=None):
   )
   parser.add_argument(
     "--repeats",
-    type=int,
+    type=count(0),
     default=2,
     help="timed meta-steps per point (0: memory only)",
   )
@@ -295,7 +296,7 @@ def main(argv=None):
   )
   parser.add_argument(
     "--jobs",
-    type=int,
+    type=count(1),
     default=1,
     help="with --isolate: compile the points in this many "
     "parallel processes first (through JAX's "

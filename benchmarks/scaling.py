@@ -36,7 +36,14 @@ import statistics
 import sys
 import time
 
+from arguments import count
+
 _FORCE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def device_counts(text: str) -> list[int]:
+  """``--devices``: comma-separated counts, each at least 1."""
+  return [count(1)(c) for c in text.split(",") if c.strip()]
 
 
 def parse_args(argv=None):
@@ -48,34 +55,38 @@ def parse_args(argv=None):
   )
   parser.add_argument(
     "--devices",
+    type=device_counts,
     default="1,2,4,8",
     help="comma-separated device counts (default 1,2,4,8)",
   )
   parser.add_argument(
     "--host-devices",
-    type=int,
+    type=count(0),
     default=8,
     help="virtual CPU devices to create (0: leave XLA_FLAGS "
     "alone); affects only the CPU platform",
   )
   parser.add_argument(
     "--meta-batch",
-    type=int,
+    type=count(1),
     default=None,
     help="tasks per meta-step (default 32, quick 16)",
   )
   parser.add_argument(
     "--inner-steps",
-    type=int,
+    type=count(1),
     default=None,
     help="inner GD steps (default 16, quick 2)",
   )
   parser.add_argument(
-    "--cg-steps", type=int, default=None, help="CG steps (default 5, quick 2)"
+    "--cg-steps",
+    type=count(1),
+    default=None,
+    help="CG steps (default 5, quick 2)",
   )
   parser.add_argument(
     "--repeats",
-    type=int,
+    type=count(1),
     default=None,
     help="timed meta-steps per device count (default 5, quick 2)",
   )
@@ -121,7 +132,7 @@ def main(argv=None):
   n_way, k_shot, q_query, lam, inner_lr = 5, 1, 15, 2.0, 0.05
 
   available = jax.devices()
-  counts = [int(c) for c in args.devices.split(",") if c.strip()]
+  counts = args.devices
   skipped = [c for c in counts if c > len(available) or meta_batch % c]
   counts = [c for c in counts if c not in skipped]
   device = available[0]

@@ -79,6 +79,7 @@ import os
 import time
 
 import jax
+from arguments import count
 
 jax.config.update("jax_enable_x64", True)
 
@@ -1136,12 +1137,15 @@ def parse_args(argv):
   parser.add_argument(
     "--lams", type=float, nargs="+", default=[2.0, 10.0, 30.0, 100.0]
   )
-  parser.add_argument("--tasks", type=int, default=8)
+  parser.add_argument("--tasks", type=count(1), default=8)
   parser.add_argument(
     "--seed", type=int, default=1, help="seed of the task sample"
   )
   parser.add_argument(
-    "--inner-steps", type=int, default=None, help="default: the run's, else 16"
+    "--inner-steps",
+    type=count(1),
+    default=None,
+    help="default: the run's, else 16",
   )
   parser.add_argument(
     "--inner-lr",
@@ -1157,7 +1161,7 @@ def parse_args(argv):
   )
   parser.add_argument(
     "--solve-steps",
-    type=int,
+    type=count(1),
     default=5000,
     help="checked GD steps towards phi* before Newton",
   )

@@ -37,6 +37,8 @@ import statistics
 import subprocess
 import sys
 
+from arguments import count
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # A worker: builds one step, prints "ready", then answers each line "N" on
@@ -178,9 +180,9 @@ def main() -> None:
   parser.add_argument(
     "--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE"
   )
-  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--rounds", type=count(1), default=5)
   parser.add_argument(
-    "--steps", type=int, default=3, help="meta-steps per timing"
+    "--steps", type=count(1), default=3, help="meta-steps per timing"
   )
   parser.add_argument("--tag", default="cpu")
   parser.add_argument("--out", default=RESULTS)

@@ -32,6 +32,7 @@ import os
 import tempfile
 
 import matplotlib
+from arguments import count
 
 matplotlib.use("Agg")
 import curvature  # pylint: disable=wrong-import-position
@@ -143,7 +144,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default=DEFAULT_RUN)
-  parser.add_argument("--tasks", type=int, default=8)
+  parser.add_argument("--tasks", type=count(1), default=8)
   parser.add_argument("--label", default=None)
   parser.add_argument(
     "--quick",

@@ -48,6 +48,7 @@ import time
 import jax
 import optax
 import throughput
+from arguments import count
 
 import imaml_jax as im
 
@@ -125,8 +126,8 @@ def main(argv=None):
   parser.add_argument(
     "--variants", nargs="+", default=None, choices=VARIANTS, help="default: all"
   )
-  parser.add_argument("--meta-batch", type=int, default=32)
-  parser.add_argument("--rounds", type=int, default=9)
+  parser.add_argument("--meta-batch", type=count(1), default=32)
+  parser.add_argument("--rounds", type=count(1), default=9)
   parser.add_argument(
     "--min-seconds",
     type=float,

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from arguments import count
 
 import imaml_jax as im
 from imaml_jax import data
@@ -269,7 +270,7 @@ def main(argv=None):
   parser.add_argument(
     "--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS)
   )
-  parser.add_argument("--meta-batch", type=int, default=32)
+  parser.add_argument("--meta-batch", type=count(1), default=32)
   parser.add_argument(
     "--algorithm", default="imaml_gd", choices=["imaml_gd", "maml", "fomaml"]
   )
@@ -280,14 +281,14 @@ def main(argv=None):
   )
   parser.add_argument(
     "--q-query",
-    type=int,
+    type=count(1),
     default=15,
     help="query images per class (default 15)",
   )
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--repeats", type=count(1), default=3)
   parser.add_argument(
     "--task-chunk",
-    type=int,
+    type=count(0),
     default=None,
     help="tasks vmapped together, the batch running as "
     "lax.map over chunks; 0 vmaps the whole batch "

@@ -1218,7 +1218,7 @@ def test_tables_read_every_protocol_and_prefer_more_test_tasks(tmp_path):
   assert gd["accuracy"] == pytest.approx(95.0) and gd["test_tasks"] == 600
 
 
-@pytest.mark.parametrize("name", ["tables", "compare_runs"])
+@pytest.mark.parametrize("name", ["tables", "compare_runs", "arguments"])
 def test_benchmark_docstring_examples(name):
   results = doctest.testmod(import_benchmark(name))
   assert results.attempted > 0 and results.failed == 0
@@ -1954,3 +1954,40 @@ def test_throughput_section_sizes_are_its_result_files():
   quoted = re.findall(r"(\d+) MiB", text)
   assert quoted and not re.findall(r"\d MB\b", text)
   assert set(quoted) <= recorded, sorted(set(quoted) - recorded)
+
+
+@pytest.mark.parametrize(
+  ("script", "argv", "message"),
+  [
+    ("cg_warm_start.py", ["--problems", "linreg", "--tasks", "0"], "--tasks"),
+    ("scaling.py", ["--quick", "--devices", "2,0"], "--devices"),
+    ("scaling.py", ["--quick", "--repeats", "0"], "--repeats"),
+    ("conv_formulations.py", ["--quick", "--repeats", "-1"], "--repeats"),
+    ("compile_time.py", ["--quick", "--runs", "-1"], "--runs"),
+    ("throughput.py", ["--quick", "--repeats", "0"], "--repeats"),
+    ("step_variants.py", ["--quick", "--rounds", "0"], "--rounds"),
+    ("memory_vs_steps.py", ["--quick", "--steps", "1", "-1"], "--steps"),
+    ("curvature.py", ["--tasks", "-1"], "--tasks"),
+    ("stability_diagnostics.py", ["--tasks", "0"], "--tasks"),
+    ("sinusoid_diagnosis.py", ["--tasks", "0"], "--tasks"),
+    ("speed_defaults.py", ["--before", ".", "--steps", "0"], "--steps"),
+  ],
+)
+def test_benchmarks_refuse_a_count_below_its_minimum(
+  tmp_path, script, argv, message
+):
+  """A count below its minimum (no tasks, rounds or repeats, a negative
+  number of steps or devices) is refused as the arguments are parsed:
+  exit status 2 and the argument named, no traceback after the work and
+  no result files."""
+  done = subprocess.run(
+    [sys.executable, str(BENCHMARKS / script), *argv, "--out", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert f"argument {message}: must be >= " in done.stderr
+  assert "Traceback" not in done.stderr
+  assert not any(tmp_path.iterdir())
