@@ -1991,3 +1991,39 @@ def test_benchmarks_refuse_a_count_below_its_minimum(
   assert f"argument {message}: must be >= " in done.stderr
   assert "Traceback" not in done.stderr
   assert not any(tmp_path.iterdir())
+
+
+def recorded_cpu(path: Path) -> str | None:
+  """The CPU model a result note records on its ``Machine:`` line."""
+  machine = re.search(r"^Machine:.*$", path.read_text(), flags=re.M)
+  model = machine and re.search(r"AMD EPYC|Intel\(R\) Xeon\(R\)", machine[0])
+  return model and model[0].replace("(R)", "")
+
+
+@pytest.mark.parametrize("heading", sorted(results_sections()))
+def test_readme_result_names_the_cpu_its_files_record(heading):
+  """A results section names the CPU model that the notes it cites record
+  (speeds differ between the project's machines)."""
+  text = results_sections()[heading]
+  for path in cited_result_files(text):
+    if path.suffix == ".md" and (model := recorded_cpu(path)):
+      assert model in text, (path.name, model)
+
+
+def test_scaling_figures_are_the_committed_run():
+  """The tasks/s the docs quote for the sharded step are the committed
+  run's, device count by device count, and the docs name its setting."""
+  rows = read_csv(RESULTS / "scaling_cpu.csv")
+  recorded = [f"{float(r['tasks_per_s']):.2f}" for r in rows]
+  run = json.loads((RESULTS / "scaling_cpu.json").read_text())
+  for page, heading in [
+    (BENCHMARKS / "README.md", "scaling over devices"),
+    (PERFORMANCE_GUIDE, "Throughput of the meta-step"),
+  ]:
+    text = " ".join(markdown_section(page, heading).split())
+    quoted = re.search(r"((?:\d+\.\d\d,? (?:and )?)+)tasks/s in", text) or (
+      re.search(r"at ((?:\d+\.\d\d,? (?:and )?)+)tasks/s", text)
+    )
+    assert quoted, heading
+    assert re.findall(r"\d+\.\d\d", quoted[1]) == recorded
+    assert ("--quick" in text) == run["quick"]
