@@ -2027,3 +2027,24 @@ def test_scaling_figures_are_the_committed_run():
     assert quoted, heading
     assert re.findall(r"\d+\.\d\d", quoted[1]) == recorded
     assert ("--quick" in text) == run["quick"]
+
+
+def test_readme_marks_each_command_that_needs_a_removed_checkpoint():
+  """A command of the index that reads a run directory without a
+  checkpoint (``--workdir`` of an evaluation or diagnostic) carries the
+  dagger that points to restoring one; one whose run keeps its checkpoint
+  does not need it."""
+  index = markdown_section(BENCHMARKS / "README.md", "Index")
+  checked = 0
+  for match in re.finditer(
+    r"`([^`]*--workdir (benchmarks/[^\s`]+)[^`]*)`", index
+  ):
+    command, workdir = match.groups()
+    if "imaml-train" in command:
+      continue  # --workdir is the run it writes.
+    kept = any((BENCHMARKS.parent / workdir / "checkpoints").glob("*.ckpt"))
+    after = index[match.end() :]
+    marked = re.match(r"\s*(\([^)]*\))?\s*†", after) is not None
+    assert marked != kept, (command, "checkpoint kept" if kept else "none")
+    checked += 1
+  assert checked >= 5
