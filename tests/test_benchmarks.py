@@ -2048,3 +2048,29 @@ def test_readme_marks_each_command_that_needs_a_removed_checkpoint():
     assert marked != kept, (command, "checkpoint kept" if kept else "none")
     checked += 1
   assert checked >= 5
+
+
+def test_test_time_lam_figures_are_the_runs_evaluations():
+  """The implicit-gradients guide's test-time lam figures are those of the
+  5-way 1-shot run: its own test and ``imaml-eval --set lam=...``."""
+  run = BENCHMARKS / "runs" / "omniglot_5w1s_imaml_gd"
+
+  def accuracy(name: str) -> str:
+    record = json.loads((run / name).read_text())
+    return f"{100 * record['test']['accuracy_after']['mean']:.2f}%"
+
+  text = " ".join(
+    markdown_section(
+      PERFORMANCE_GUIDE.with_name("implicit_gradients.md"), "Choosing lam"
+    ).split()
+  )
+  quoted = re.search(
+    r"\(lam 8: ([\d.%-]+) against ([\d.]+%) as trained; lam 0\.5: ([\d.]+%)",
+    text,
+  )
+  assert quoted
+  assert quoted.groups() == (
+    accuracy("eval_lam=8.json"),
+    accuracy("results.json"),
+    accuracy("eval_lam=0.5.json"),
+  )
