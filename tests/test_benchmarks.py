@@ -2074,3 +2074,26 @@ def test_test_time_lam_figures_are_the_runs_evaluations():
     accuracy("results.json"),
     accuracy("eval_lam=0.5.json"),
   )
+
+
+def test_twenty_way_gpu_step_rates_span_the_cells_that_finished():
+  """The performance guide's range of 20-way 1-shot step rates on the H200
+  runs from the slowest to the fastest cell that trained its 2,000 steps
+  (the runs' ``results.json``)."""
+  rates = {}
+  for run in (BENCHMARKS / "runs").glob("omniglot_20w1s_*"):
+    path = run / "results.json"
+    if path.exists():
+      budget = json.loads(path.read_text())["budget"]
+      if budget["meta_steps"] == 2000 and "H200" in budget["device"]:
+        rates[run.name] = budget["steps_per_s"]
+  row = next(
+    line
+    for line in PERFORMANCE_GUIDE.read_text().splitlines()
+    if line.startswith("| Omniglot 20-way 1-shot, Table 2 GPU cells")
+  )
+  low, high = re.search(r"([\d.]+) \([^)]*\) to ([\d.]+) \(", row).groups()
+  assert (low, high) == (
+    f"{min(rates.values()):.2f}",
+    f"{max(rates.values()):.2f}",
+  )
