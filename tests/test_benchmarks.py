@@ -2097,3 +2097,32 @@ def test_twenty_way_gpu_step_rates_span_the_cells_that_finished():
     f"{min(rates.values()):.2f}",
     f"{max(rates.values()):.2f}",
   )
+
+
+def test_five_way_cpu_wall_times_span_the_table_cells():
+  """The performance guide's wall times of the 5-way 1-shot CPU cells run
+  from the fastest cell to the slowest but iMAML-HF, which it quotes
+  apart (the runs' ``results.json``, hours to 0.01)."""
+  hours = {
+    run.name: json.loads((run / "results.json").read_text())["budget"][
+      "wall_time_s"
+    ]
+    / 3600
+    for run in (BENCHMARKS / "runs").glob("omniglot_5w1s_*")
+    if (run / "results.json").exists()
+  }
+  row = next(
+    line
+    for line in PERFORMANCE_GUIDE.read_text().splitlines()
+    if line.startswith("| Omniglot 5-way 1-shot, Table 2 CPU cells")
+  )
+  low, high, hf = re.search(
+    r"([\d.]+) h \([^)]*\) to ([\d.]+) h \(.*\) and ([\d.]+) h \(iMAML-HF",
+    row,
+  ).groups()
+  hf_run = hours.pop("omniglot_5w1s_imaml_hf")
+  assert (low, high, hf) == (
+    f"{min(hours.values()):.2f}",
+    f"{max(hours.values()):.2f}",
+    f"{hf_run:.2f}",
+  )
