@@ -29,6 +29,7 @@ from problems import linreg_exact
 from problems import linreg_loss
 from problems import linreg_task
 from quick_runs import BENCHMARKS
+from quick_runs import QUICK_RUNS
 from quick_runs import import_benchmark
 from quick_runs import run_script
 from scipy import stats as scipy_stats
@@ -2126,3 +2127,27 @@ def test_five_way_cpu_wall_times_span_the_table_cells():
     f"{max(hours.values()):.2f}",
     f"{hf_run:.2f}",
   )
+
+
+def test_cg_warm_start_quick(tmp_path):
+  """The linear-regression part: at equal Hessian-vector products, CG from
+  ``x0 = b`` (the default) solves at least as well as CG from zero."""
+  run_script("cg_warm_start.py", "--quick", "--out", str(tmp_path))
+  result = json.loads((tmp_path / "cg_warm_start_quick.json").read_text())
+  assert set(result["results"]) == {"linreg_lam0.5", "linreg_lam2"}
+  for problem in result["results"].values():
+    for products, runs in problem.items():
+      assert runs["warm"][0] <= runs["zero"][0], products  # residual
+      assert runs["warm"][1] <= runs["zero"][1], products  # error
+  assert (tmp_path / "cg_warm_start_quick.md").stat().st_size > 0
+
+
+def test_every_quick_form_is_run_by_a_test():
+  """``benchmarks/README.md``: the tests run every ``--quick`` form."""
+  tests = Path(__file__).read_text()
+  run = {args[0] for args in QUICK_RUNS.values() if "--quick" in args}
+  run |= set(re.findall(r'run_script\(\s*"(\w+\.py)",\s*"--quick"', tests))
+  scripts = {
+    p.name for p in BENCHMARKS.glob("*.py") if '"--quick"' in p.read_text()
+  }
+  assert scripts <= run, sorted(scripts - run)
