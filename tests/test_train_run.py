@@ -1126,6 +1126,27 @@ def test_evaluate_workdir_refuses_an_unknown_split(reference_run, tmp_path):
   assert sorted(p.name for p in workdir.iterdir()) == before  # Nothing written.
 
 
+def test_eval_of_a_run_without_checkpoints_says_which_kind(
+  reference_run, tmp_path, capsys
+):
+  """A finished run whose checkpoints were removed (as committed run
+  directories are kept) is told apart from one that has none yet."""
+  finished = tmp_path / "finished"
+  shutil.copytree(reference_run, finished)
+  shutil.rmtree(finished / "checkpoints")
+  started = tmp_path / "started"
+  started.mkdir()
+  shutil.copy(finished / "config.json", started / "config.json")
+  for workdir, message in (
+    (finished, "holds a finished run (results.json) whose checkpoints"),
+    (started, "has no checkpoint yet"),
+  ):
+    with pytest.raises(SystemExit) as info:
+      cli.eval_main(["--workdir", str(workdir), "--no-progress"])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_eval_protocols_and_query_images(reference_run, tmp_path, capsys):
   workdir = tmp_path / "done"
   shutil.copytree(reference_run, workdir)

@@ -313,6 +313,13 @@ def load_run(workdir: str | os.PathLike):
     raise WorkdirError(f"{workdir} holds no run ({CONFIG_FILE} not found).")
   config = _stored_config(path)
   latest = ckpt_lib.latest_checkpoint(workdir / CHECKPOINT_DIR)
+  if latest is None and (workdir / RESULTS_FILE).is_file():
+    raise WorkdirError(
+      f"{workdir} holds a finished run ({RESULTS_FILE}) whose checkpoints "
+      f"were removed ({CHECKPOINT_DIR}/ holds none): restore its last "
+      "checkpoint to test it or train from it (docs/models.md, 'Recovering "
+      "a removed checkpoint')."
+    )
   if latest is None:
     raise WorkdirError(f"{workdir} has no checkpoint yet.")
   return config, latest
