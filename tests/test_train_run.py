@@ -162,6 +162,17 @@ def _cli_command(workdir):
   ]
 
 
+def _wait_for_checkpoint(proc, workdir, step=30, timeout=120):
+  """Waits until the running command ``proc`` has checkpointed ``step`` in
+  ``workdir`` (or has ended, or ``timeout`` seconds have passed)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    found = ckpt_lib.list_checkpoints(workdir / "checkpoints")
+    if found and found[-1][0] >= step:
+      return
+    time.sleep(0.01)
+
+
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, compile_cache):
   env = dict(
     os.environ,
@@ -179,13 +190,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, compile_cache):
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
   )
-  deadline = time.time() + 120
   try:
-    while time.time() < deadline and proc.poll() is None:
-      found = ckpt_lib.list_checkpoints(workdir / "checkpoints")
-      if found and found[-1][0] >= 30:
-        break
-      time.sleep(0.01)
+    _wait_for_checkpoint(proc, workdir)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
   finally:
@@ -239,13 +245,8 @@ def test_ctrl_c_or_sigterm_says_how_to_resume(tmp_path, cli_reference, signum):
     # job, which ignores SIGINT.
     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
   )
-  deadline = time.time() + 120
   try:
-    while time.time() < deadline and proc.poll() is None:
-      found = ckpt_lib.list_checkpoints(workdir / "checkpoints")
-      if found and found[-1][0] >= 30:
-        break
-      time.sleep(0.01)
+    _wait_for_checkpoint(proc, workdir)
     assert proc.poll() is None, "the run ended before it could be stopped"
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
@@ -284,13 +285,8 @@ def test_a_run_in_training_is_not_trained_twice(
     stderr=subprocess.PIPE,
     text=True,
   )
-  deadline = time.time() + 120
   try:
-    while time.time() < deadline and proc.poll() is None:
-      found = ckpt_lib.list_checkpoints(workdir / "checkpoints")
-      if found and found[-1][0] >= 30:
-        break
-      time.sleep(0.01)
+    _wait_for_checkpoint(proc, workdir)
     assert proc.poll() is None, "the run ended before it was started again"
     with pytest.raises(SystemExit) as info:
       _train(workdir)
