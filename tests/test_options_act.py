@@ -185,6 +185,7 @@ ACTS = {
   "max_consecutive_skips": ("sinusoid_diverging", ["max_consecutive_skips=1"]),
   "init_from": ("sinusoid", BASES["sinusoid_init_from"]),
   "init_params": ("sinusoid_init_from", ["init_params=last"]),
+  "class_rotations": ("omniglot", ["class_rotations=per_task"]),
 }
 
 # Fields that by design do not change what training computes, each with the
@@ -225,6 +226,11 @@ TEST_TIME_CHANGES = {
   "lam": (["eval_inner_steps=3"], ["eval_inner_steps=3", "lam=3"]),
   "q_query": ([], ["q_query=5"]),
   "test_seed": ([], ["test_seed=1"]),
+}
+# Test-time fields that do not apply to a sinusoid run, with the test of
+# test_train_run.py that sees them act through imaml-eval on an Omniglot run.
+TEST_TIME_CHANGES_ELSEWHERE = {
+  "class_rotations": "test_tables_quick_run_tested_with_class_rotations_per_task",
 }
 
 
@@ -479,7 +485,12 @@ def test_every_config_field_is_checked():
   assert not unchecked, f"fields with no test that they act: {unchecked}"
   assert not set(ACTS) & set(NO_EFFECT_ON_TRAINING)
   assert set(ACTS) | set(NO_EFFECT_ON_TRAINING) == fields
-  assert set(config_lib.TEST_TIME_FIELDS) == set(TEST_TIME_CHANGES)
+  assert set(config_lib.TEST_TIME_FIELDS) == (
+    set(TEST_TIME_CHANGES) | set(TEST_TIME_CHANGES_ELSEWHERE)
+  )
+  run_tests = (Path(__file__).parent / "test_train_run.py").read_text()
+  for test in TEST_TIME_CHANGES_ELSEWHERE.values():
+    assert f"def {test}(" in run_tests, test
   assert set(SAME_NUMBERS) | {"name", "conv"} == set(NO_EFFECT_ON_TRAINING)
 
 
