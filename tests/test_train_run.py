@@ -235,15 +235,22 @@ def test_ctrl_c_or_sigterm_says_how_to_resume(tmp_path, cli_reference, signum):
   resumed run ends as an uninterrupted one."""
   reference, env = cli_reference
   workdir = tmp_path / "stopped"
+  # Ctrl-C reaches the command even where this test runs in a background
+  # job, which ignores SIGINT: a small launcher sets it back to the default
+  # and execs the command (a preexec_fn would fork this multithreaded
+  # process).
+  launcher = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+  ]
   proc = subprocess.Popen(
-    _cli_command(workdir),
+    [*launcher, *_cli_command(workdir)],
     env=env,
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
     text=True,
-    # Ctrl-C reaches the command even where this test runs in a background
-    # job, which ignores SIGINT.
-    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
   )
   try:
     _wait_for_checkpoint(proc, workdir)
