@@ -2151,3 +2151,21 @@ def test_every_quick_form_is_run_by_a_test():
     p.name for p in BENCHMARKS.glob("*.py") if '"--quick"' in p.read_text()
   }
   assert scripts <= run, sorted(scripts - run)
+
+
+def test_sinusoid_lam2_figures_are_their_result_file():
+  """The guides' MSE at lam 2 and lam 30 (main job, one core), quoted before
+  they cite sinusoid_lam2_cpu.md, are the test results it records, in its
+  order (lam 2 first)."""
+  record = (RESULTS / "sinusoid_lam2_cpu.md").read_text()
+  after = [
+    f"{float(m):.2f} ± {float(c):.2f}"
+    for m, c in re.findall(r"loss_after: ([\d.]+) \+- ([\d.]+)", record)
+  ]
+  assert len(after) == 2, after
+  guides = BENCHMARKS.parent / "docs" / "guides"
+  for page in ("getting_started.md", "implicit_gradients.md"):
+    text = " ".join((guides / page).read_text().split())
+    cited = text.index("sinusoid_lam2_cpu.md")
+    quoted = re.findall(r"(\d+\.\d+ ± \d+\.\d+)", text[cited - 300 : cited])
+    assert quoted == after, (page, quoted, after)
