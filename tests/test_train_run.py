@@ -6,6 +6,7 @@ The runs share one small variant of the sinusoid config and a persistent
 compilation cache, so the step is compiled once for the whole module.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -162,39 +163,51 @@ def _cli_command(workdir):
   ]
 
 
-def _wait_for_checkpoint(proc, workdir, step=30, timeout=120):
-  """Waits until the running command ``proc`` has checkpointed ``step`` in
-  ``workdir`` (or has ended, or ``timeout`` seconds have passed)."""
-  deadline = time.time() + timeout
-  while time.time() < deadline and proc.poll() is None:
-    found = ckpt_lib.list_checkpoints(workdir / "checkpoints")
-    if found and found[-1][0] >= step:
-      return
-    time.sleep(0.01)
+@contextlib.contextmanager
+def _running(command, env, workdir, step=30, timeout=120):
+  """The started ``command``, once it has checkpointed ``step`` in
+  ``workdir``; killed, if still running, on leaving."""
+  proc = subprocess.Popen(
+    command,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+      found = ckpt_lib.list_checkpoints(workdir / "checkpoints")
+      if found and found[-1][0] >= step:
+        break
+      time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before the test could act"
+    yield proc
+  finally:
+    proc.kill()
+    proc.wait(timeout=60)
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path, compile_cache):
+@pytest.fixture(scope="module")
+def cli_reference(compile_cache, tmp_path_factory):
+  """The small run, uninterrupted, as ``_cli_command`` starts it."""
   env = dict(
     os.environ,
     JAX_COMPILATION_CACHE_DIR=compile_cache,
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
   )
-  reference = tmp_path / "uninterrupted"
+  workdir = tmp_path_factory.mktemp("cli_reference") / "run"
   subprocess.run(
-    _cli_command(reference), env=env, check=True, capture_output=True
+    _cli_command(workdir), env=env, check=True, capture_output=True
   )
+  return workdir, env
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, cli_reference):
+  reference, env = cli_reference
   workdir = tmp_path / "killed"
-  proc = subprocess.Popen(
-    _cli_command(workdir),
-    env=env,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-  )
-  try:
-    _wait_for_checkpoint(proc, workdir)
-    assert proc.poll() is None, "the run ended before it could be killed"
+  with _running(_cli_command(workdir), env, workdir) as proc:
     os.kill(proc.pid, signal.SIGKILL)
-  finally:
     proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL
   killed_at = ckpt_lib.list_checkpoints(workdir / "checkpoints")[-1][0]
@@ -211,21 +224,6 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, compile_cache):
   assert records == metrics_log.read_records(reference / "metrics.jsonl")
   results = json.loads((workdir / "results.json").read_text())
   assert results["budget"]["resumed_from_step"] == killed_at
-
-
-@pytest.fixture(scope="module")
-def cli_reference(compile_cache, tmp_path_factory):
-  """The small run, uninterrupted, as ``_cli_command`` starts it."""
-  env = dict(
-    os.environ,
-    JAX_COMPILATION_CACHE_DIR=compile_cache,
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-  )
-  workdir = tmp_path_factory.mktemp("cli_reference") / "run"
-  subprocess.run(
-    _cli_command(workdir), env=env, check=True, capture_output=True
-  )
-  return workdir, env
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -245,21 +243,9 @@ def test_ctrl_c_or_sigterm_says_how_to_resume(tmp_path, cli_reference, signum):
     "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
     "os.execv(sys.argv[1], sys.argv[1:])",
   ]
-  proc = subprocess.Popen(
-    [*launcher, *_cli_command(workdir)],
-    env=env,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-  try:
-    _wait_for_checkpoint(proc, workdir)
-    assert proc.poll() is None, "the run ended before it could be stopped"
+  with _running([*launcher, *_cli_command(workdir)], env, workdir) as proc:
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-  finally:
-    proc.kill()
-    proc.wait(timeout=60)
   assert proc.returncode == 128 + signum, err[-2000:]
   step, latest = ckpt_lib.list_checkpoints(workdir / "checkpoints")[-1]
   assert step < 300 and not (workdir / "results.json").exists()
@@ -285,22 +271,10 @@ def test_a_run_in_training_is_not_trained_twice(
   the run ends with the records of an uninterrupted one, each step once."""
   reference, env = cli_reference
   workdir = tmp_path / "busy"
-  proc = subprocess.Popen(
-    _cli_command(workdir),
-    env=env,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-  try:
-    _wait_for_checkpoint(proc, workdir)
-    assert proc.poll() is None, "the run ended before it was started again"
+  with _running(_cli_command(workdir), env, workdir) as proc:
     with pytest.raises(SystemExit) as info:
       _train(workdir)
     _, err = proc.communicate(timeout=120)
-  finally:
-    proc.kill()
-    proc.wait(timeout=60)
   assert info.value.code == 2
   assert "is in use: another process is training this run" in (
     capsys.readouterr().err
