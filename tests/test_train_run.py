@@ -1498,3 +1498,95 @@ def test_window_means_count_only_the_steps_that_measured_the_residual():
     steps.measures_residual(10)(type("S", (), {"step": s})())
     for s in (0, 5, 10)
   ] == [True, False, True]
+
+
+def test_an_interrupted_eval_writes_nothing_and_says_so(
+  reference_run, tmp_path, monkeypatch, capsys
+):
+  """SIGTERM (as Ctrl-C) in the middle of ``imaml-eval``'s test: exit
+  128 + 15, one line saying nothing was written, no traceback, and the
+  result file of the earlier test unchanged."""
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_run, workdir)
+  assert _eval(workdir, "--tasks", "5") == 0
+  earlier = (workdir / "eval.json").read_bytes()
+  capsys.readouterr()
+
+  def signalled(*args, **kwargs):
+    del args, kwargs
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)  # The handler raises before this ends.
+    raise AssertionError("SIGTERM did not stop the test")
+
+  def unhandled(signum, frame):
+    del frame
+    raise _Killed(f"imaml-eval left signal {signum} unhandled")
+
+  monkeypatch.setattr(evaluation, "final_test", signalled)
+  previous = signal.signal(signal.SIGTERM, unhandled)
+  try:
+    with pytest.raises(SystemExit) as info:
+      _eval(workdir, "--tasks", "20")
+    # The command's handler is gone once it has returned.
+    assert signal.getsignal(signal.SIGTERM) is unhandled
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert info.value.code == 128 + signal.SIGTERM
+  err = capsys.readouterr().err
+  assert err == (
+    "imaml-eval: stopped by SIGTERM before the test ended; nothing was "
+    "written (a result file of an earlier test is as it was); the same "
+    "command starts the test again.\n"
+  )
+  assert (workdir / "eval.json").read_bytes() == earlier
+
+
+def test_a_resumed_run_drops_what_a_killed_trainer_left(
+  reference_run, tmp_path
+):
+  """Temporary files of a trainer killed while writing (kill -9 leaves no
+  chance to remove them) are deleted when the run resumes; a temporary
+  file of another command's result file is not."""
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_run, workdir)
+  (workdir / "results.json").unlink()
+  for step, path in ckpt_lib.list_checkpoints(workdir / "checkpoints"):
+    if step > 280:
+      path.unlink()
+  left = [
+    workdir / ".tmp-metrics.jsonl.k2j4",
+    workdir / ".tmp-results.json.x81q",
+    workdir / ".tmp-config.json.0a9z",
+    workdir / "checkpoints" / ".tmp-checkpoint_000000300.ckpt.p0s1",
+  ]
+  others = workdir / ".tmp-eval.json.m3n3"
+  for path in [*left, others]:
+    path.write_bytes(b"partial")
+  assert _train(workdir) == 0
+  assert [p for p in left if p.exists()] == []
+  assert others.read_bytes() == b"partial"
+  leftovers = sorted(p.name for p in workdir.rglob(".tmp-*"))
+  assert leftovers == [others.name]
+
+
+def test_the_log_is_on_disk_before_each_checkpoint(tmp_path, monkeypatch):
+  """Each checkpoint is written after an fsync of metrics.jsonl holding
+  every record up to its step: a checkpoint that survives a power loss
+  resumes with its whole history."""
+  workdir = tmp_path / "run"
+  synced = {}  # path -> size at its latest fsync
+  checked = []
+  real_fsync = os.fsync
+
+  def fsync(fd):
+    path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+    if path.name.startswith(".tmp-checkpoint_"):
+      metrics = workdir / "metrics.jsonl"
+      assert synced.get(metrics) == metrics.stat().st_size, path.name
+      checked.append(path.name)
+    synced[path] = os.fstat(fd).st_size
+    real_fsync(fd)
+
+  monkeypatch.setattr(os, "fsync", fsync)
+  assert _train(workdir) == 0
+  assert len(checked) == 30  # A checkpoint every 10 of the 300 steps.

@@ -82,13 +82,42 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
   return found[-1][1] if found else None
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-  """Deletes temporary files left by an interrupted :func:`save`."""
+def temporary_prefix(path: str | os.PathLike) -> str:
+  """The name prefix of :func:`write_atomic`'s temporary files for ``path``.
+
+  Example:
+    >>> temporary_prefix("runs/x/metrics.jsonl")
+    '.tmp-metrics.jsonl.'
+  """
+  return f".tmp-{Path(path).name}."
+
+
+def remove_stale_temporaries(
+  directory: str | os.PathLike, names: tuple[str, ...] | None = None
+) -> list[Path]:
+  """Deletes temporary files a killed process left in ``directory``.
+
+  Only a process that alone writes the files concerned may call this (the
+  trainer holding its run's lock): another writer's temporary file would be
+  deleted before its rename.
+
+  Args:
+    directory: the directory to clean.
+    names: the files whose temporaries are removed (``None``: checkpoints,
+      those of an interrupted :func:`save`).
+
+  Returns:
+    The removed paths.
+  """
   directory = Path(directory)
+  if names is None:
+    prefixes = (_TMP_PREFIX,)
+  else:
+    prefixes = tuple(temporary_prefix(name) for name in names)
   removed = []
   if directory.is_dir():
     for entry in directory.iterdir():
-      if entry.name.startswith(_TMP_PREFIX):
+      if entry.name.startswith(prefixes) and entry.is_file():
         entry.unlink(missing_ok=True)
         removed.append(entry)
   return removed
@@ -117,7 +146,7 @@ def _fsync_dir(directory: Path) -> None:
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
   """Writes ``data`` to ``path`` via a synced temporary file and a rename."""
   path = Path(path)
-  fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+  fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), dir=path.parent)
   try:
     # mkstemp creates the file private (0600); give it the permissions an
     # ordinary new file would get under the process's umask.

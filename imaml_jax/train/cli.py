@@ -153,6 +153,26 @@ def interrupted_message(signum: int, workdir: str) -> str:
   )
 
 
+def eval_interrupted_message(signum: int) -> str:
+  """What an interrupted ``imaml-eval`` says.
+
+  The test writes its result file once, at its end, so an interrupted test
+  leaves the run directory as it was.
+
+  Example:
+    >>> print(eval_interrupted_message(signal.SIGINT))
+    stopped by SIGINT before the test ended; nothing was written (a result
+    file of an earlier test is as it was); the same command starts the test
+    again.
+  """
+  name = signal.Signals(signum).name
+  return (
+    f"stopped by {name} before the test ended; nothing was written (a "
+    "result file of an earlier test is as it was); the same command starts "
+    "the test again."
+  )
+
+
 def add_data_dir_argument(parser: argparse.ArgumentParser) -> None:
   """``--data-dir``, shared by ``imaml-train`` and ``imaml-eval``."""
   parser.add_argument(
@@ -503,21 +523,33 @@ def eval_main(
   if not args.no_compile_cache:
     enable_compile_cache(args.compile_cache)
   try:
-    protocols.evaluate_workdir(
-      args.workdir,
-      args.data_dir,
-      n_tasks=args.tasks,
-      overrides=args.overrides,
-      split=args.split,
-      protocol=args.protocol,
-      progress=not args.no_progress,
-      test_last=not args.skip_last,
-      extend=args.extend,
-      overwrite=args.overwrite,
+    with raise_on_signals():
+      _evaluate(args)
+  except Interrupted as e:
+    print(
+      f"{prog}: {eval_interrupted_message(e.signum)}",
+      file=sys.stderr,
     )
+    raise SystemExit(128 + e.signum) from None
   except _INPUT_ERRORS as e:
     _fail(prog, str(e), EXIT_BAD_INPUT)
   return 0
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+  """The work of ``imaml-eval`` on checked arguments."""
+  protocols.evaluate_workdir(
+    args.workdir,
+    args.data_dir,
+    n_tasks=args.tasks,
+    overrides=args.overrides,
+    split=args.split,
+    protocol=args.protocol,
+    progress=not args.no_progress,
+    test_last=not args.skip_last,
+    extend=args.extend,
+    overwrite=args.overwrite,
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

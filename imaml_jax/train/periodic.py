@@ -381,7 +381,7 @@ class Checkpointing(PeriodicAction):
     if not self.lead:
       return
     elapsed_s = self.clock.elapsed_s()
-    self.metrics.flush()
+    self.metrics.sync()
     tree = workdir_lib.checkpoint_tree(
       loop.state, loop.sums, loop.best, loop.base_key, self.config, elapsed_s
     )

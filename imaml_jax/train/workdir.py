@@ -52,6 +52,8 @@ CURVES_FILE = "curves.png"
 FITS_FILE = "fits.png"
 INIT_FILE = "init_from.json"
 CHECKPOINT_DIR = "checkpoints"
+# The files only the trainer writes atomically: it drops their temporaries.
+TRAINER_FILES = (CONFIG_FILE, METRICS_FILE, RESULTS_FILE, INIT_FILE)
 
 
 class WorkdirError(ValueError):
@@ -591,12 +593,16 @@ class _NoLog:
   def flush(self) -> None:
     pass
 
+  def sync(self) -> None:
+    pass
+
 
 def open_run(workdir: Path, config: config_lib.Config, step: int, lead: bool):
   """Starts writing ``workdir`` for a run resuming at ``step``.
 
-  On the lead process: creates the checkpoint directory (dropping
-  temporaries a killed process left), writes the config and opens the
+  On the lead process: creates the checkpoint directory (dropping the
+  temporary files a killed trainer left there and beside its files in
+  ``workdir``), writes the config and opens the
   metrics log; elsewhere nothing is written. Either way the log drops the
   records after ``step``.
 
@@ -608,6 +614,7 @@ def open_run(workdir: Path, config: config_lib.Config, step: int, lead: bool):
     ckpt_dir = workdir / CHECKPOINT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_lib.remove_stale_temporaries(ckpt_dir)
+    ckpt_lib.remove_stale_temporaries(workdir, TRAINER_FILES)
     write_json(
       workdir / CONFIG_FILE, config_lib.to_dict(config), sort_keys=True
     )
