@@ -21,7 +21,7 @@ expected there: the CPU run checks that the sharded step runs at every
 device count and measures its overhead, not the scaling of real hardware.
 
     python benchmarks/scaling.py                  # meta-batch 32, paper steps
-    python benchmarks/scaling.py --quick          # meta-batch 16, 2+2 steps
+    python benchmarks/scaling.py --quick          # meta-batch 16, 2+2 steps (*_quick.*)
     python benchmarks/scaling.py --devices 1,2,4,8 --host-devices 8
 """
 
@@ -230,7 +230,9 @@ def main(argv=None):
     os.path.dirname(os.path.abspath(__file__)), "results"
   )
   os.makedirs(out, exist_ok=True)
-  stem = os.path.join(out, f"scaling_{device.platform}")
+  stem = os.path.join(
+    out, f"scaling_{device.platform}" + ("_quick" if quick else "")
+  )
   with open(stem + ".csv", "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()

@@ -179,7 +179,7 @@ def test_conv_formulations_quick(quick_run):
 
 def test_scaling_quick(quick_run):
   _, out = quick_run("scaling")
-  rows = read_csv(out / "scaling_cpu.csv")
+  rows = read_csv(out / "scaling_cpu_quick.csv")
   assert [int(r["devices"]) for r in rows] == [2]
   assert float(rows[0]["tasks_per_s"]) > 0
 
@@ -2014,9 +2014,9 @@ def test_readme_result_names_the_cpu_its_files_record(heading):
 def test_scaling_figures_are_the_committed_run():
   """The tasks/s the docs quote for the sharded step are the committed
   run's, device count by device count, and the docs name its setting."""
-  rows = read_csv(RESULTS / "scaling_cpu.csv")
+  rows = read_csv(RESULTS / "scaling_cpu_quick.csv")
   recorded = [f"{float(r['tasks_per_s']):.2f}" for r in rows]
-  run = json.loads((RESULTS / "scaling_cpu.json").read_text())
+  run = json.loads((RESULTS / "scaling_cpu_quick.json").read_text())
   for page, heading in [
     (BENCHMARKS / "README.md", "scaling over devices"),
     (PERFORMANCE_GUIDE, "Throughput of the meta-step"),
