@@ -593,6 +593,26 @@ def test_aux_that_is_not_a_dict_of_scalars_is_named(aux, message):
     step(init(jnp.zeros(3)), im.Task(x, x))
 
 
+@pytest.mark.parametrize("build", ["step", "evaluate"])
+def test_aux_entry_named_loss_is_refused(build):
+  # Reported as loss_after/loss_before, the entry would replace the
+  # metrics of the loss itself (here the loss without its weight decay).
+  def loss(w, batch):
+    data = jnp.mean((batch[0] @ w - batch[1]) ** 2)
+    return data + 0.1 * jnp.sum(w**2), {"loss": data}
+
+  alg = im.imaml(2.0, im.gd(2, 0.1))
+  x, y = jnp.ones((2, 4, 3)), jnp.zeros((2, 4))
+  tasks, w = im.Task((x, y), (x, y)), jnp.ones(3)
+  if build == "step":
+    init, step = im.make_meta_step(loss, optax.sgd(0.1), alg, has_aux=True)
+    run = lambda: step(init(w), tasks)
+  else:
+    run = lambda: im.make_eval_step(loss, alg, has_aux=True)(w, tasks)
+  with pytest.raises(ValueError, match=r"aux\['loss'\] would be reported"):
+    run()
+
+
 def test_residual_is_measured_only_on_the_steps_asked_for(x64):
   # The meta-gradient is the closed form's whatever the residual flag; the
   # residual is NaN exactly on the steps that did not measure it.

@@ -78,7 +78,13 @@ class AdaptedSplit(NamedTuple):
 
 
 def check_aux(aux) -> None:
-  """Raises a TypeError unless ``aux`` is a dict of scalars (metrics)."""
+  """Raises unless ``aux`` is a dict of scalars (metrics) with free names.
+
+  Raises:
+    TypeError: ``aux`` is not a dict, or an entry is not a scalar.
+    ValueError: an entry is named ``"loss"``: reported as ``loss_after``
+      and ``loss_before``, it would replace the query loss's own metrics.
+  """
   if not isinstance(aux, dict):
     raise TypeError(
       "a loss with has_aux=True returns (loss, aux) with aux a "
@@ -95,6 +101,12 @@ def check_aux(aux) -> None:
         f"{getattr(value, 'shape', None)}. Return arrays and other state "
         "from the loss some other way, or reduce them to a scalar."
       )
+  if "loss" in aux:
+    raise ValueError(
+      "aux['loss'] would be reported as loss_after and loss_before, the "
+      "metrics of the loss itself, and replace them; give the entry "
+      "another name (e.g. 'data_loss')."
+    )
 
 
 def query_metrics(loss_value, aux: dict, suffix: str) -> dict:
@@ -103,6 +115,8 @@ def query_metrics(loss_value, aux: dict, suffix: str) -> dict:
   Raises:
     TypeError: ``aux`` is not a dict of scalars (checked while tracing, so
       before any expensive work), naming the entry.
+    ValueError: ``aux`` has an entry named ``"loss"`` (see
+      :func:`check_aux`).
   """
   check_aux(aux)
   out = {f"loss_{suffix}": loss_value}

@@ -184,7 +184,7 @@ def make_meta_step(
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` or, with ``has_aux=True``,
       ``-> (scalar, aux)`` where ``aux`` is a dict of scalars (e.g.
-      ``{"accuracy": acc}``).
+      ``{"accuracy": acc}``), none named ``"loss"``.
     optimizer: an optax gradient transformation for the outer update (the
       paper uses Adam).
     algorithm: ``im.imaml(...)``, ``im.maml(...)``, ``im.fomaml(...)`` or
@@ -260,6 +260,8 @@ def make_meta_step(
     TypeError: ``algorithm``, ``optimizer``, ``loss_fn`` or ``has_aux`` is of
       the wrong type (at once); a loss's output does not match ``has_aux``
       (when ``step`` is traced).
+    ValueError: ``aux`` has an entry named ``"loss"``, whose metrics would
+      replace ``loss_after`` and ``loss_before`` (when ``step`` is traced).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
