@@ -464,3 +464,24 @@ def test_adapt_all_but_norm_meta_trains():
     models.regression_loss(net), params, algorithm, has_aux=True
   )
   assert after < before
+
+
+@pytest.mark.parametrize("build", ["flatten", "tree", "evaluate"])
+def test_adapts_that_accepts_no_parameter_is_refused(build):
+  # An nnx.State's key paths end with "value": this predicate matches none
+  # of them. Accepted, the inner loop would move nothing, and loss_after
+  # would equal loss_before on every step.
+  graphdef, params, rest = nnx.split(NnxMLP(nnx.Rngs(0)), nnx.Param, ...)
+  kernels = im.fomaml(im.gd(3, 0.01), adapts=lambda p: p[-1] == "kernel")
+  loss_fn = nnx_loss(graphdef, rest)
+  if build == "evaluate":
+    run = lambda: im.make_eval_step(loss_fn, kernels)(params, sample(0))
+  else:
+    init, step = im.make_meta_step(
+      loss_fn, optax.sgd(1.0), kernels, flatten=build == "flatten"
+    )
+    run = lambda: step(init(params), sample(0))
+  with pytest.raises(
+    ValueError, match=r"accepts none of the 6 parameters.*'kernel', 'value'"
+  ):
+    run()

@@ -169,8 +169,33 @@ def split_by_adapts(
   """
   if isinstance(params, AdaptedSplit):
     return params.adapted, params.fixed, AdaptedSplit
-  moving, fixed = tu.partition(params, adapts)
+  moving, fixed = partition_by_adapts(params, adapts)
   return moving, fixed, tu.combine
+
+
+def partition_by_adapts(params: PyTree, adapts: Adapts) -> tuple:
+  """``(moving, fixed)``: :func:`tree_util.partition` by ``adapts``.
+
+  Raises:
+    ValueError: ``adapts`` accepts none of the parameters. The inner loop
+      would then move nothing, and every task's "adapted" parameters would
+      be the meta-parameters. The message shows the key paths the
+      predicate was given (they differ between frameworks: an
+      ``nnx.State`` ends each path with ``"value"``).
+  """
+  moving, fixed = tu.partition(params, adapts)
+  if not jax.tree.leaves(moving):
+    paths = [
+      tu.key_path(path)
+      for path, _ in jax.tree_util.tree_leaves_with_path(params)
+    ]
+    shown = ", ".join(map(repr, paths[:3])) + (", ..." if paths[3:] else "")
+    raise ValueError(
+      f"adapts accepts none of the {len(paths)} parameters, so the inner "
+      "loop would adapt nothing; it is called with each parameter's key "
+      f"path, here {shown}."
+    )
+  return moving, fixed
 
 
 def _check_inner(inner) -> None:
@@ -335,7 +360,9 @@ def maml(
   loop to the parameters it accepts (:func:`adapt_all_but_norm`: MAML's
   reference code, whose inner step leaves the batch-norm offsets alone); the
   others are meta-learned only, and their meta-gradient still includes how
-  they shape the inner steps of the adapted ones.
+  they shape the inner steps of the adapted ones. A predicate that accepts
+  none of the parameters is refused (``ValueError``, when the step is
+  traced): the inner loop would adapt nothing.
   """
   _check_inner(inner)
   _check_adapts(adapts)

@@ -391,7 +391,7 @@ def ravel_params(params: PyTree, adapts: algorithms.Adapts | None = None):
   """
   if adapts is None:
     return ravel_pytree(params)
-  adapted, fixed = tu.partition(params, adapts)
+  adapted, fixed = algorithms.partition_by_adapts(params, adapts)
   adapted_flat, unravel_adapted = ravel_pytree(adapted)
   fixed_flat, unravel_fixed = ravel_pytree(fixed)
 
