@@ -485,3 +485,22 @@ def test_adapts_that_accepts_no_parameter_is_refused(build):
     ValueError, match=r"accepts none of the 6 parameters.*'kernel', 'value'"
   ):
     run()
+
+
+def test_evaluation_checks_params_and_tasks_as_the_step_does():
+  # Unchecked, a whole Equinox module fails inside jax.grad ("Cannot
+  # determine dtype of <custom_jvp ...>"), an NNX state's running averages
+  # enter the inner loop as weights, a (support, query) tuple raises an
+  # AttributeError.
+  tasks = sample(0)
+  module = eqx.nn.MLP(1, 1, 8, 1, key=jax.random.key(0))
+  evaluate = im.make_eval_step(lambda p, b: 0.0, imaml())
+  with pytest.raises(TypeError, match=r"params\.activation .*eqx\.partition"):
+    evaluate(module, tasks)
+  model = NnxMLP(nnx.Rngs(0), norm=True)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  evaluate = im.make_eval_step(nnx_loss(graphdef, rest), imaml())
+  with pytest.raises(TypeError, match=r"BatchStat, not a Param.*nnx.split"):
+    evaluate(nnx.state(model), tasks)
+  with pytest.raises(TypeError, match="tasks must be an im.Task, got tuple"):
+    evaluate(params, tuple(tasks))

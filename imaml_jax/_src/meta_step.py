@@ -444,7 +444,10 @@ def make_eval_step(
   :func:`make_meta_step`. With ``stochastic`` the loss is
   ``loss_fn(params, batch, key)`` and the call ``evaluate(params, tasks,
   key)``, with per-task keys as in :func:`make_meta_step`, whose checks of
-  ``loss_fn``, ``algorithm`` and ``has_aux`` it shares.
+  ``loss_fn``, ``algorithm`` and ``has_aux`` it shares. ``evaluate`` checks
+  ``params`` as ``init`` does (a pytree of floating arrays: no running
+  averages, PRNG keys or non-array leaves) and that ``tasks`` is an
+  :class:`~imaml_jax.Task`.
   """
   check_step_arguments(loss_fn, algorithm)
   loss = with_aux(loss_fn, has_aux)
@@ -464,6 +467,9 @@ def make_eval_step(
     return metrics
 
   def evaluate(params: PyTree, tasks: Task, key: jax.Array | None = None):
+    if not isinstance(tasks, Task):
+      raise TypeError(f"tasks must be an im.Task, got {type(tasks).__name__}.")
+    validation.check_floating_params(params)
     n_tasks = validation.check_task_batch(tasks)
     if stochastic:
       tasks = keyed_tasks(tasks, key, n_tasks)
