@@ -174,6 +174,8 @@ def test_backtracking_gd_differentiates_like_the_accepted_steps(x64):
     (im.hessian_free, {"steps": 0}, "steps"),
     (im.hessian_free, {"steps": 1, "cg_steps": 0}, "cg_steps"),
     (im.hessian_free, {"steps": 1, "shrink": 1.5}, "shrink"),
+    # From 1 on, the line search accepts no step and the solver never moves.
+    (im.hessian_free, {"steps": 1, "armijo": 1.0}, "armijo must be < 1"),
     (im.gd_then_pull_back, {"steps": 0, "lr": 0.1}, "steps"),
     (im.gd_then_pull_back, {"steps": 3, "lr": -0.1}, "lr"),
     (im.adam, {"steps": 0, "lr": 1e-3}, "steps"),

@@ -536,7 +536,9 @@ def hessian_free(
   3. chooses the step size by backtracking line search: the first
      ``alpha = shrink^j``, ``j = 0..max_backtracks``, with the Armijo decrease
      ``f(x + alpha d) <= f(x) + armijo * alpha * <nabla f(x), d>``; if none
-     qualifies the iterate is left unchanged.
+     qualifies the iterate is left unchanged (``armijo`` in ``(0, 1)``: from
+     1 on, no step along a descent direction of a strictly convex function
+     qualifies).
 
   The line search sees the iterate through ``lax.stop_gradient``: the chosen
   step size is piecewise constant in ``x``, so differentiating through the
@@ -571,6 +573,8 @@ def hessian_free(
   validation.check_positive_scalar("hessian_free armijo", armijo)
   if not float(shrink) < 1:
     raise ValueError(f"hessian_free shrink must be < 1, got {shrink}.")
+  if not float(armijo) < 1:
+    raise ValueError(f"hessian_free armijo must be < 1, got {armijo}.")
   newton_cg = linear_solve.cg(
     cg_steps,
     tol=0.0,
