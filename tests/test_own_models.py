@@ -4,9 +4,9 @@ The examples of ``docs/guides/own_model.md``, with assertions: each model
 family meta-trains a few sinusoid steps and adaptation lowers the query loss;
 linen and NNX give the same meta-gradient; an Equinox module meta-trains
 through ``eqx.partition``; dropout gets distinct per-task masks and reruns
-are bitwise equal; ``adapts`` works under the default flattened step; models
-with running averages or non-array leaves are refused with errors that say
-what to do.
+are bitwise equal, and an NNX model's dropout layers draw a mask each;
+``adapts`` works under the default flattened step; models with running
+averages or non-array leaves are refused with errors that say what to do.
 """
 
 import equinox as eqx
@@ -422,6 +422,73 @@ def test_stochastic_step_requires_a_key():
   )
   with pytest.raises(TypeError, match=r"step\(state, tasks, key\)"):
     step(init(dropout_params()), sample(0))
+
+
+class NnxDropoutMLP(nnx.Module):
+  """The guide's NNX model with dropout: off when called without rngs."""
+
+  def __init__(self, rngs, rate=0.1):
+    self.dense0 = nnx.Linear(1, 32, rngs=rngs)
+    self.dense1 = nnx.Linear(32, 32, rngs=rngs)
+    self.dense2 = nnx.Linear(32, 1, rngs=rngs)
+    self.dropout0 = nnx.Dropout(rate)
+    self.dropout1 = nnx.Dropout(rate)
+
+  def __call__(self, x, rngs=None):
+    off = rngs is None
+    x = self.dropout0(nnx.relu(self.dense0(x)), deterministic=off, rngs=rngs)
+    x = self.dropout1(nnx.relu(self.dense1(x)), deterministic=off, rngs=rngs)
+    return self.dense2(x)
+
+
+def nnx_dropout_loss(graphdef, rest):
+  def loss_fn(params, batch, key):
+    x, y = batch
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    return jnp.mean((model(x, nnx.Rngs(dropout=key)) - y) ** 2)
+
+  return loss_fn
+
+
+def test_nnx_dropout_layers_draw_masks_of_their_own(monkeypatch):
+  graphdef, params, rest = nnx.split(NnxDropoutMLP(nnx.Rngs(0)), nnx.Param, ...)
+  loss_fn = nnx_dropout_loss(graphdef, rest)
+  # Zero kernels and unit biases: every unit is 1 before each dropout, so
+  # the zeros after it are its mask.
+  probe = jax.tree.map(lambda a: a, params)
+  weights = nnx.to_pure_dict(probe)
+  for layer in ("dense0", "dense1"):
+    weights[layer]["kernel"] = jnp.zeros_like(weights[layer]["kernel"])
+    weights[layer]["bias"] = jnp.ones_like(weights[layer]["bias"])
+  nnx.replace_by_pure_dict(probe, weights)
+  masks, dropout = [], nnx.Dropout.__call__
+
+  def recorded(self, x, **kwargs):
+    out = dropout(self, x, **kwargs)
+    masks.append(np.asarray(out) == 0)
+    return out
+
+  monkeypatch.setattr(nnx.Dropout, "__call__", recorded)
+  support = jax.tree.map(lambda a: a[0], sample(0).support)
+  for _ in range(2):
+    loss_fn(probe, support, jax.random.key(3))
+  monkeypatch.undo()
+  first, second, first_again, second_again = masks
+  # The same key to both layers would drop the same units in both.
+  assert first.any() and not np.array_equal(first, second)
+  assert np.array_equal(first, first_again)
+  assert np.array_equal(second, second_again)
+  state, before, after = meta_train(
+    loss_fn, params, imaml(), key=jax.random.key(42)
+  )
+  assert after < before
+  # Without rngs, dropout is off: the deterministic loss evaluates.
+  metrics = jax.jit(im.make_eval_step(nnx_loss(graphdef, rest), imaml()))(
+    state.params, sample(10_000, n_tasks=16)
+  )
+  assert float(metrics["loss_after"].mean()) < float(
+    metrics["loss_before"].mean()
+  )
 
 
 # Which parameters adapt.
