@@ -613,6 +613,26 @@ def test_aux_entry_named_loss_is_refused(build):
     run()
 
 
+@pytest.mark.parametrize(
+  "chunk, error, message",
+  [
+    (0, ValueError, "task_chunk must be >= 1, got 0"),
+    (-2, ValueError, "task_chunk must be >= 1, got -2"),
+    ("2", TypeError, "task_chunk must be a positive integer, got '2'"),
+    (8.0, TypeError, "task_chunk must be a positive integer, got 8.0"),
+  ],
+)
+def test_bad_task_chunk_is_refused_when_the_step_is_built(
+  chunk, error, message
+):
+  # Checked only while tracing, and only for a chunk smaller than the
+  # batch, '2' would fail in a bare comparison and 8.0 on a batch of 4
+  # tasks would pass unnoticed.
+  alg = im.fomaml(im.gd(1, 0.1))
+  with pytest.raises(error, match=message):
+    im.make_meta_step(linreg_loss, optax.sgd(0.1), alg, task_chunk=chunk)
+
+
 def test_residual_is_measured_only_on_the_steps_asked_for(x64):
   # The meta-gradient is the closed form's whatever the residual flag; the
   # residual is NaN exactly on the steps that did not measure it.

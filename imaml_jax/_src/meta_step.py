@@ -202,7 +202,8 @@ def make_meta_step(
       smaller chunks can be much faster. A remainder is vmapped apart.
       To use every core of a CPU, split it into devices first
       (:func:`imaml_jax.use_cpu_cores`) and run the step per device
-      (``axis_name`` below).
+      (``axis_name`` below). Anything but ``None`` or an integer ``>= 1``
+      is refused at once.
     axis_name: for a step that runs inside ``jax.shard_map`` with the task
       batch split over this mesh axis (``shard_meta_step(...,
       per_device=True)``): each device maps over its own tasks (with
@@ -257,10 +258,11 @@ def make_meta_step(
     unstable run).
 
   Raises:
-    TypeError: ``algorithm``, ``optimizer``, ``loss_fn`` or ``has_aux`` is of
-      the wrong type (at once); a loss's output does not match ``has_aux``
+    TypeError: ``algorithm``, ``optimizer``, ``loss_fn``, ``has_aux`` or
+      ``task_chunk`` is of the wrong type (at once); a loss's output does not match ``has_aux``
       (when ``step`` is traced).
-    ValueError: ``aux`` has an entry named ``"loss"``, whose metrics would
+    ValueError: ``task_chunk`` is below 1 (at once); ``aux`` has an entry
+      named ``"loss"``, whose metrics would
       replace ``loss_after`` and ``loss_before`` (when ``step`` is traced).
 
   Example:
@@ -277,6 +279,8 @@ def make_meta_step(
   """
   check_step_arguments(loss_fn, algorithm)
   check_optimizer(optimizer)
+  if task_chunk is not None:
+    validation.check_positive_int("task_chunk", task_chunk)
   if report_residual is not None and not algorithm.reports_residual:
     raise ValueError(
       f"report_residual applies to implicit algorithms (im.imaml), whose "
@@ -375,7 +379,6 @@ def map_over_tasks(
   """
   if task_chunk is None or task_chunk >= n_tasks:
     return jax.vmap(fn)(tasks)
-  validation.check_positive_int("task_chunk", task_chunk)
   return jax.lax.map(fn, tasks, batch_size=task_chunk)
 
 
