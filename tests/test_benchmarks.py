@@ -2169,3 +2169,20 @@ def test_sinusoid_lam2_figures_are_their_result_file():
     cited = text.index("sinusoid_lam2_cpu.md")
     quoted = re.findall(r"(\d+\.\d+ ± \d+\.\d+)", text[cited - 300 : cited])
     assert quoted == after, (page, quoted, after)
+
+
+def test_sinusoid_maml_figure_is_its_result_file():
+  """The getting-started guide's MSE for ``sinusoid_maml``, quoted before it
+  cites sinusoid_maml_cpu.md, is the test result that file's output shows,
+  and the file's table repeats it."""
+  record = (RESULTS / "sinusoid_maml_cpu.md").read_text()
+  (after,) = [
+    f"{m} ± {c}"
+    for m, c in re.findall(r"loss_after: ([\d.]+) \+- ([\d.]+)", record)
+  ]
+  assert f"| `sinusoid_maml` | 2.968 ± 0.239 | {after} |" in record
+  page = BENCHMARKS.parent / "docs" / "guides" / "getting_started.md"
+  text = " ".join(page.read_text().split())
+  cited = text.index("sinusoid_maml_cpu.md")
+  quoted = re.findall(r"(\d+\.\d+ ± \d+\.\d+)", text[cited - 200 : cited])
+  assert quoted == [after], quoted
