@@ -668,3 +668,21 @@ def test_report_residual_is_refused_where_there_is_no_linear_solve():
     im.make_meta_step(
       loss, optax.sgd(0.1), im.maml(im.gd(1, 0.1)), report_residual=False
     )
+
+
+def test_the_guarded_solve_reports_its_free_residual_whatever_the_flag(x64):
+  # Its recurrence carries the residual at no cost, so report_residual=False
+  # does not make it NaN (as the docstring says), and it is the true one.
+  tasks, raw = linreg_batch(2)
+  lam = 2.0
+  solver = im.cg(20, tol=1e-15, stop_at_negative_curvature=True)
+  alg = im.imaml(lam, im.gd(300, 0.2), solver)
+  theta = jnp.linspace(-1, 1, 5)
+  exact = np.mean([linreg_exact(theta, s, q, lam)[1] for s, q in raw], 0)
+  for flag in (False, True):
+    init, step = im.make_meta_step(
+      linreg_loss, optax.sgd(1.0), alg, report_residual=flag, task_chunk=1
+    )
+    state, metrics = jax.jit(step)(init(theta), tasks)
+    np.testing.assert_allclose(theta - state.params, exact, rtol=1e-9)
+    assert float(metrics["residual"]) < 1e-10, (flag, metrics["residual"])

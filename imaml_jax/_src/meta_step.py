@@ -239,7 +239,9 @@ def make_meta_step(
       measures its linear solve's residual, one Hessian-vector product a
       task. ``None`` (default): as its solver does by default (``im.cg``:
       every step). ``True``/``False``: every step / never (``residual`` is
-      then NaN). A function of the :class:`MetaState`, e.g. ``lambda s:
+      then NaN, except where it costs nothing: the guarded
+      ``im.cg(stop_at_negative_curvature=True)`` always reports its
+      recurrence's). A function of the :class:`MetaState`, e.g. ``lambda s:
       s.step % 100 == 0``: on the steps where it returns true, through
       ``lax.cond`` (the product is skipped on the others, whose
       ``residual`` is NaN). Refused (ValueError) for algorithms without a
