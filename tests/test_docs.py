@@ -14,20 +14,28 @@
   ``docs/`` run: the blocks of one page in order, in one namespace, in a
   temporary working directory. A block preceded by the line
   ``<!-- docs-test: skip -->`` is shown but not run (for commands that need
-  data or take long).
+  data or take long). A ```` ```text ```` block right after a block that runs
+  (blank lines between at most) shows what it prints: such a page runs in a
+  fresh Python process with a reader's XLA settings, and the printed words
+  must be those, numbers within 1% or half a unit of their last digit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
+import io
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
+import fast_compile
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,10 +145,20 @@ def _installed(module: str) -> bool:
     return False
 
 
-def python_blocks(page: Path) -> list[tuple[int, str]]:
-  """``(line, code)`` of each ```` ```python ```` block, in order."""
+class Block(NamedTuple):
+  """A fenced block of a Markdown page."""
+
+  language: str
+  line: int  # the first line of its body, counted from 1
+  body: str
+  skipped: bool  # preceded by the line SKIP_MARK
+  adjacent: bool  # only blank lines between it and the block before
+
+
+def fenced_blocks(page: Path) -> list[Block]:
+  """Every fenced block of ``page``, in order."""
   lines = page.read_text(encoding="utf-8").splitlines()
-  blocks, i = [], 0
+  blocks, i, closed = [], 0, None
   while i < len(lines):
     match = FENCE.match(lines[i])
     if not match:
@@ -151,6 +169,9 @@ def python_blocks(page: Path) -> list[tuple[int, str]]:
     previous = next(
       (line.strip() for line in reversed(lines[:i]) if line.strip()), ""
     )
+    adjacent = closed is not None and not any(
+      line.strip() for line in lines[closed + 1 : i]
+    )
     start, i = i + 1, i + 1
     while i < len(lines) and not lines[i].strip().startswith(fence):
       i += 1
@@ -158,10 +179,79 @@ def python_blocks(page: Path) -> list[tuple[int, str]]:
       line[len(indent) :] if line.startswith(indent) else line
       for line in lines[start:i]
     ]
-    if language == "python" and previous != SKIP_MARK:
-      blocks.append((start + 1, "\n".join(body) + "\n"))
+    blocks.append(
+      Block(
+        language,
+        start + 1,
+        "\n".join(body) + "\n",
+        previous == SKIP_MARK,
+        adjacent,
+      )
+    )
+    closed = i
     i += 1
   return blocks
+
+
+def python_blocks(page: Path) -> list[tuple[int, str]]:
+  """``(line, code)`` of each ```` ```python ```` block that runs, in order."""
+  return [
+    (block.line, block.body)
+    for block in fenced_blocks(page)
+    if block.language == "python" and not block.skipped
+  ]
+
+
+def shown_outputs(page: Path) -> dict[int, str]:
+  """``{line: text}``: what the page shows a ```` ```python ```` block print.
+
+  That is the ```` ```text ```` block right after it (nothing but blank
+  lines between), keyed by the line of the Python block as
+  :func:`python_blocks` gives it.
+  """
+  blocks = fenced_blocks(page)
+  return {
+    code.line: text.body
+    for code, text in zip(blocks, blocks[1:])
+    if code.language == "python"
+    and not code.skipped
+    and text.language == "text"
+    and text.adjacent
+  }
+
+
+NUMBER = re.compile(r"[-+]?(?:\d+(?:\.(\d*))?|\.(\d+))(?:[eE]([-+]?\d+))?")
+# Printed numbers agree with the page's within this relative tolerance, or
+# half a unit of the page's last digit: the digits depend a little on the
+# CPU (the order of XLA's sums).
+OUTPUT_RTOL = 0.01
+
+
+def _numbers_agree(printed: str, shown: str) -> bool:
+  match = NUMBER.fullmatch(shown)
+  decimals = len(match[1] or match[2] or "")
+  unit = 10.0 ** (int(match[3] or 0) - decimals)
+  a, b = float(printed), float(shown)
+  return abs(a - b) <= OUTPUT_RTOL * max(abs(a), abs(b)) + unit / 2
+
+
+def output_mismatch(printed: str, shown: str) -> str | None:
+  """Where ``printed`` differs from ``shown``, or ``None`` if it does not.
+
+  Both are compared word by word (line breaks and spacing aside); a word's
+  numbers may differ as :data:`OUTPUT_RTOL` allows, the rest not at all.
+  """
+  words, expected = printed.split(), shown.split()
+  for word, want in zip(words, expected):
+    numbers = [m.group() for m in NUMBER.finditer(word)]
+    wanted = [m.group() for m in NUMBER.finditer(want)]
+    if NUMBER.sub("#", word) != NUMBER.sub("#", want) or not all(
+      map(_numbers_agree, numbers, wanted)
+    ):
+      return f"{word!r} where the page shows {want!r}"
+  if len(words) != len(expected):
+    return f"{len(words)} words where the page shows {len(expected)}"
+  return None
 
 
 PAGES = sorted(
@@ -240,15 +330,58 @@ def test_relative_links_reach_their_file_and_heading(page):
   assert not broken, broken
 
 
+def run_page(page: Path) -> dict[int, str]:
+  """Runs the page's blocks in order, in one namespace, in the working
+  directory; returns ``{line: what the block printed}``."""
+  namespace = {"__name__": f"docs_{page.stem}"}
+  printed = {}
+  for line, code in python_blocks(page):
+    name = f"{page.relative_to(REPO)}:{line}"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      exec(compile(code, name, "exec", dont_inherit=True), namespace)  # noqa: S102
+    printed[line] = out.getvalue()
+  return printed
+
+
+def run_page_as_a_user(page: Path, directory: Path) -> dict[int, str]:
+  """:func:`run_page` in a fresh Python process in ``directory``, with the
+  XLA settings a reader has: without the suite's ``fast_compile.IN_PROCESS``
+  code generator, whose rounding the printed digits follow."""
+  suite_flags = fast_compile.IN_PROCESS.split()
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = " ".join(
+    flag for flag in env.get("XLA_FLAGS", "").split() if flag not in suite_flags
+  )
+  out = directory / "printed.json"
+  result = subprocess.run(
+    [sys.executable, __file__, str(page), str(out)],
+    cwd=directory,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert result.returncode == 0, result.stderr[-4000:]
+  return {int(k): v for k, v in json.loads(out.read_text()).items()}
+
+
 @pytest.mark.parametrize(
   "page", PAGES, ids=[str(p.relative_to(REPO)) for p in PAGES]
 )
 def test_page_examples_run(page, tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)
-  namespace = {"__name__": f"docs_{page.stem}"}
-  for line, code in python_blocks(page):
-    name = f"{page.relative_to(REPO)}:{line}"
-    exec(compile(code, name, "exec", dont_inherit=True), namespace)  # noqa: S102
+  shown = shown_outputs(page)
+  if shown:
+    printed = run_page_as_a_user(page, tmp_path)
+  else:
+    monkeypatch.chdir(tmp_path)
+    printed = run_page(page)
+  for line, text in shown.items():
+    mismatch = output_mismatch(printed[line], text)
+    assert mismatch is None, (
+      f"{page.relative_to(REPO)}:{line} printed what the text block after "
+      f"it does not show: {mismatch}.\nPrinted:\n{printed[line]}"
+    )
 
 
 def test_block_parser(tmp_path):
@@ -259,6 +392,9 @@ def test_block_parser(tmp_path):
       "a = 1",
       "```",
       "",
+      "```text",
+      "1",
+      "```",
       SKIP_MARK,
       "```python",
       "raise SystemExit",
@@ -271,8 +407,36 @@ def test_block_parser(tmp_path):
       "    b = a + 1",
       "    ```",
       "",
+      "text between",
+      "```text",
+      "2",
+      "```",
     ]
   )
   path = tmp_path / "p.md"
   path.write_text(page, encoding="utf-8")
-  assert python_blocks(path) == [(3, "a = 1\n"), (15, "b = a + 1\n")]
+  assert python_blocks(path) == [(3, "a = 1\n"), (18, "b = a + 1\n")]
+  assert shown_outputs(path) == {3: "1\n"}
+
+
+def test_output_comparison():
+  assert (
+    output_mismatch("loss 0.123, after 4.5e-03", "loss 0.12,\nafter 4.5e-3")
+    is None
+  )
+  assert output_mismatch("loss 0.121", "loss 0.12") is None  # within 1%
+  assert output_mismatch("loss 0.20", "loss 0.12") == (
+    "'0.20' where the page shows '0.12'"
+  )
+  assert output_mismatch("7.77188 7.77188", "6.67114 6.67114") is not None
+  assert output_mismatch("4.05, after", "3.87, after") is not None
+  assert output_mismatch("loss: 0.5", "loss 0.5") is not None
+  assert output_mismatch("a b", "a b c") == "2 words where the page shows 3"
+
+
+if __name__ == "__main__":
+  # python tests/test_docs.py PAGE OUT: run_page(PAGE), written to OUT as JSON.
+  if len(sys.argv) != 3:
+    sys.exit("usage: python tests/test_docs.py PAGE OUT")
+  outputs = run_page(Path(sys.argv[1]).resolve())
+  Path(sys.argv[2]).write_text(json.dumps(outputs), encoding="utf-8")
