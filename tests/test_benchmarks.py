@@ -2186,3 +2186,23 @@ def test_sinusoid_maml_figure_is_its_result_file():
   cited = text.index("sinusoid_maml_cpu.md")
   quoted = re.findall(r"(\d+\.\d+ ± \d+\.\d+)", text[cited - 200 : cited])
   assert quoted == [after], quoted
+
+
+def test_sinusoid_fits_panels_are_their_result_file():
+  """The panels of the main job's ``fits.png`` that the getting-started
+  guide reads out are those sinusoid_main_job_seeds_cpu.md records."""
+  panel = r"\d+\.\d+ -> \d+\.\d+"
+  record = " ".join(
+    (RESULTS / "sinusoid_main_job_seeds_cpu.md").read_text().split()
+  )
+  recorded = re.findall(panel, record[record.index("`fits.png`") :])
+  assert len(recorded) == 4, recorded
+  guide = " ".join(
+    (BENCHMARKS.parent / "docs" / "guides" / "getting_started.md")
+    .read_text()
+    .split()
+  )
+  start = guide.index("the four panels read")
+  end = guide.index("sinusoid_main_job_seeds_cpu.md", start)
+  quoted = re.findall(panel, guide[start:end])
+  assert quoted == recorded
