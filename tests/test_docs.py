@@ -88,6 +88,68 @@ def test_every_public_name_is_on_an_api_page(package):
   )
 
 
+# A dotted name of the library in code: im.cg, imaml_jax.data.sample_tasks,
+# data.sample_tasks, models.omniglot_convnet, train.get_config, ...
+LIBRARY_NAME = re.compile(
+  r"(?<![\w./-])((?:im|imaml_jax|data|models|train)(?:\.[A-Za-z_]\w*)+)"
+)
+ALIASES = {
+  "im": "imaml_jax",
+  "data": "imaml_jax.data",
+  "models": "imaml_jax.models",
+  "train": "imaml_jax.train",
+}
+FILE_SUFFIXES = (".py", ".md", ".json", ".jsonl", ".png", ".csv", ".ckpt")
+NAMING_PAGES = [
+  REPO / "README.md",
+  REPO / "CHANGELOG.md",
+  REPO / "benchmarks" / "README.md",
+  *sorted((REPO / "benchmarks" / "results").glob("*.md")),
+  *sorted(DOCS.rglob("*.md")),
+]
+
+
+def code_text(page: Path) -> str:
+  """The code of a Markdown page: its fenced blocks and inline code."""
+  text = page.read_text(encoding="utf-8")
+  fenced = re.findall(r"^\s*```[^\n]*\n(.*?)^\s*```", text, flags=re.M | re.S)
+  rest = re.sub(r"^\s*```[^\n]*\n.*?^\s*```", "", text, flags=re.M | re.S)
+  return "\n".join([*fenced, *re.findall(r"`([^`\n]+)`", rest)])
+
+
+def library_object(name: str):
+  """The object a dotted name of the library refers to (``None`` if none)."""
+  head, *parts = name.split(".")
+  path = ALIASES.get(head, head)
+  obj = importlib.import_module(path)
+  for part in parts:
+    if hasattr(obj, part):
+      obj, path = getattr(obj, part), f"{path}.{part}"
+      continue
+    try:
+      obj = importlib.import_module(f"{path}.{part}")
+    except ImportError:
+      return None
+    path = f"{path}.{part}"
+  return obj
+
+
+@pytest.mark.parametrize(
+  "page", NAMING_PAGES, ids=[str(p.relative_to(REPO)) for p in NAMING_PAGES]
+)
+def test_library_names_in_code_exist(page):
+  """A function, class or module the docs name in code (``im.cg``,
+  ``train.get_config``) is one the library has."""
+  missing = sorted(
+    {
+      name
+      for name in LIBRARY_NAME.findall(code_text(page))
+      if not name.endswith(FILE_SUFFIXES) and library_object(name) is None
+    }
+  )
+  assert not missing, f"{page.relative_to(REPO)} names {missing}"
+
+
 @pytest.mark.parametrize(
   ("index", "prefix"),
   [(REPO / "README.md", "docs/guides/"), (DOCS / "index.md", "guides/")],
