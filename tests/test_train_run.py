@@ -994,6 +994,10 @@ def test_nonfinite_meta_gradients_stop_the_run(compile_cache, tmp_path, capsys):
   records = metrics_log.read_records(workdir / "metrics.jsonl")
   assert records[-1]["skipped_total"] == 5
   assert records[-1]["consecutive_skips"] == 5
+  # Every step of that window was skipped: it has no means to record (they
+  # were written as 0.0, a perfect loss in the log and its curves).
+  metrics = {"loss_before", "loss_after", "grad_norm", "param_norm"}
+  assert not metrics & set(records[-1]), records[-1]
 
 
 def test_a_nonfinite_validation_is_not_recorded_as_the_best(

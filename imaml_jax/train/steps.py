@@ -124,21 +124,28 @@ def reset_window(sums: dict) -> dict:
 def window_record(step: int, sums: dict) -> dict:
   """The ``"train"`` record of a logging window: the mean of each metric
   over the window's steps that were not skipped (an occasional metric's:
-  over the steps that measured it; left out if none did), and the skip
-  counts.
+  over the steps that measured it), and the skip counts. A metric without
+  such steps is left out: a window whose steps were all skipped records
+  only its skips (a mean of none is not 0).
 
   Args:
     step: the window's last step.
     sums: the window's running sums, on the host.
+
+  Example:
+    >>> sums = init_sums({"loss_after": None, "skipped": None})
+    >>> sums = add_to_sums(sums, {"loss_after": jnp.float32(jnp.nan),
+    ...                           "skipped": jnp.bool_(True)})
+    >>> window_record(10, sums)
+    {'step': 10, 'split': 'train', 'skipped': 1, 'consecutive_skips': 1}
   """
-  count = max(int(sums["count"]), 1)
+  count = int(sums["count"])
   measured = sums.get("measured", {})
   record = {"step": step, "split": "train"}
   for k, v in sums["sums"].items():
-    if k not in measured:
-      record[k] = float(v) / count
-    elif int(measured[k]):
-      record[k] = float(v) / int(measured[k])
+    n = int(measured[k]) if k in measured else count
+    if n:
+      record[k] = float(v) / n
   record["skipped"] = int(sums["skipped"])
   record["consecutive_skips"] = int(sums["consecutive"])
   return record
