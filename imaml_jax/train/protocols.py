@@ -402,10 +402,11 @@ def evaluate_workdir(
       (or that the protocol fixes), or the authors' characters for a run
       that is not on Omniglot; all before anything is loaded.
     WorkdirError, DataError, CheckpointError: as for training.
-    RecordedTestError: with ``extend``, a recorded test of another
-      checkpoint, protocol setting or task set, or of more tasks; without
-      ``extend`` or ``overwrite``, a recorded test of more tasks; before
-      anything is loaded or tested.
+    RecordedTestError: without ``extend`` or ``overwrite``, a recorded
+      test of more tasks (before anything is loaded); with ``extend``, a
+      recorded test of another checkpoint, protocol setting or task set,
+      or of more tasks (once the checkpoint is read, before any task is
+      tested).
   """
   split = check_protocol(protocol, split, overrides)
   config, latest = workdir_lib.load_run(workdir)
