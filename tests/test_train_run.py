@@ -27,6 +27,7 @@ from imaml_jax.train import cli
 from imaml_jax.train import config as config_lib
 from imaml_jax.train import evaluation
 from imaml_jax.train import metrics_log
+from imaml_jax.train import periodic
 from imaml_jax.train import protocols
 from imaml_jax.train import runtime
 from imaml_jax.train import workdir as workdir_lib
@@ -317,27 +318,38 @@ def test_a_run_killed_at_its_first_checkpoint_starts_again(
   )
 
 
-def test_progress_bar_shows_the_loss_of_the_step_it_shows(
-  compile_cache, tmp_path, capsys
+class _EveryDraw(periodic.tqdm.tqdm):
+  """A tqdm bar that draws every update (tqdm's own redraws at most every
+  0.1 s)."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **{**kwargs, "mininterval": 0, "miniters": 1})
+
+
+def test_progress_bar_counts_every_step_with_its_windows_loss(
+  compile_cache, tmp_path, monkeypatch, capsys
 ):
-  """Each frame of the bar pairs a step with that step's window loss, not
-  with the window before."""
+  """The bar moves between windows (a slow run shows its pace before its
+  first window), and each frame pairs a step with the loss of the latest
+  window written by then, that step's own where it ends one."""
   workdir = tmp_path / "run"
+  monkeypatch.setattr(periodic.tqdm, "tqdm", _EveryDraw)
   argv = ["sinusoid", "--workdir", str(workdir), "--set", *SMALL]
   assert cli.train_main(argv) == 0
-  frames = re.findall(
-    r"(\d+)/300 \[[^]]*loss=([^,\]]+)", capsys.readouterr().err
-  )
-  assert len(frames) >= 2
+  err = capsys.readouterr().err
+  shown = [int(step) for step in re.findall(r"(\d+)/300 \[", err)]
+  assert shown[:3] == [0, 1, 2] and shown[-1] == 300
+  frames = re.findall(r"(\d+)/300 \[[^]]*loss=([^,\]]+)", err)
   records = metrics_log.read_records(workdir / "metrics.jsonl")
-  loss = {
+  windows = {
     r["step"]: f"{r['loss_after']:.4g}"
     for r in records
     if r["split"] == "train"
   }
-  assert [(int(step), shown) for step, shown in frames] == [
-    (int(step), loss[int(step)]) for step, _ in frames
-  ]
+  assert int(frames[0][0]) == min(windows)  # No loss before the first one.
+  for step, loss in frames:
+    latest = max(s for s in windows if s <= int(step))
+    assert loss == windows[latest], (step, loss, latest)
 
 
 def test_corrupt_checkpoint_is_reported_not_overwritten(

@@ -248,11 +248,17 @@ def _postfix(record: dict) -> dict:
 
 
 class ProgressBar(PeriodicAction):
-  """A tqdm bar of the steps, with the latest window's loss and skips."""
+  """A tqdm bar of the steps, with the latest window's loss and skips.
 
-  def __init__(self, every: int, loop: LoopState, enabled: bool):
-    super().__init__(every)
+  It counts every step (tqdm redraws at most ten times a second), so a
+  slow run shows its pace from the first steps on; the loss and skips
+  change with each window written.
+  """
+
+  def __init__(self, loop: LoopState, enabled: bool):
+    super().__init__(1)
     self.shown = loop.step
+    self.window = None
     self.bar = tqdm.tqdm(
       total=loop.meta_steps,
       initial=loop.step,
@@ -265,7 +271,9 @@ class ProgressBar(PeriodicAction):
   def run(self, loop: LoopState) -> None:
     # The postfix first: ``update`` draws the bar, which then shows this
     # step's window rather than the one before.
-    self.bar.set_postfix(_postfix(loop.window), refresh=False)
+    if loop.window is not None and loop.window is not self.window:
+      self.bar.set_postfix(_postfix(loop.window), refresh=False)
+      self.window = loop.window
     self.bar.update(loop.step - self.shown)
     self.shown = loop.step
 

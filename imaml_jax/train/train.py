@@ -171,7 +171,7 @@ def _train_and_evaluate(
   actions = [  # Run in this order after every step.
     periodic.TimeBudget(time_budget_s, config.log_every, clock, log),
     periodic.WindowLog(config.log_every, metrics, mesh, loop),
-    periodic.ProgressBar(config.log_every, loop, progress and lead),
+    periodic.ProgressBar(loop, progress and lead),
     periodic.DivergenceGuard(config.log_every, config.max_consecutive_skips),
     periodic.Validation(config, evaluator, exp.data.val, select, metrics, log),
     periodic.Checkpointing(
