@@ -246,25 +246,33 @@ _WORKER = textwrap.dedent("""
   import os, sys
   os.environ["JAX_PLATFORMS"] = "cpu"   # XLA_FLAGS: 2 devices, from the parent
   from imaml_jax.train import cli
-  pid, port, workdir = sys.argv[1], sys.argv[2], sys.argv[3]
+  pid, port, workdir, devices = sys.argv[1:5]
   sys.exit(cli.train_main([
       "sinusoid", "--workdir", workdir, "--no-progress",
       "--coordinator", f"localhost:{port}", "--num-processes", "2",
-      "--process-id", pid, "--devices", "4", "--set", *sys.argv[4:]]))
+      "--process-id", pid, "--devices", devices, "--set", *sys.argv[5:]]))
 """)
 
 
-def _run_two_processes(out: Path) -> list[Path]:
-  """Background job: process 0 and process 1's work directories."""
-  workdirs = [out / "process_0", out / "process_1"]
-  two_hosts.run(_WORKER, lambda pid: [workdirs[pid], *TINY], timeout=600)
-  return workdirs
+def _two_processes(devices: int):
+  """Background job: ``--devices devices`` over two processes; returns
+  process 0 and process 1's work directories."""
+
+  def job(out: Path) -> list[Path]:
+    workdirs = [out / "process_0", out / "process_1"]
+    two_hosts.run(
+      _WORKER, lambda pid: [workdirs[pid], devices, *TINY], timeout=600
+    )
+    return workdirs
+
+  return job
 
 
 # Started with the test session (conftest._background).
 BACKGROUND_JOBS = {
   "four_devices": _run_four_devices,
-  "two_processes": _run_two_processes,
+  "two_processes": _two_processes(4),
+  "two_processes_two_devices": _two_processes(2),
 }
 
 
@@ -280,3 +288,15 @@ def test_two_processes_match_one_device(one_device, background):
   _assert_close(_final_state(workdirs[0]), _final_state(one_device))
   budget = _results(workdirs[0])["budget"]
   assert budget["devices"] == 4 and budget["processes"] == 2
+
+
+@pytest.mark.slow
+def test_two_processes_share_fewer_devices(one_device, background):
+  """--devices 2 over two processes of two devices: one device on each (the
+  first two of all would both be process 0's, and process 1, holding none
+  of the mesh, could not take part)."""
+  workdirs = background("two_processes_two_devices")
+  assert not workdirs[1].exists()
+  _assert_close(_final_state(workdirs[0]), _final_state(one_device))
+  budget = _results(workdirs[0])["budget"]
+  assert budget["devices"] == 2 and budget["processes"] == 2

@@ -24,17 +24,17 @@ Exit codes: 0 done; 2 bad input (unknown config or field, wrong value type
 or range, missing data, an ``n_way`` larger than a split, a work directory
 holding another run or the records of one whose checkpoints are gone, or
 a run another process is training, a corrupt checkpoint, more devices than
-there are, a meta-batch that does not split evenly over the devices,
-incomplete multi-host flags; for ``imaml-eval`` a recorded test of more
-tasks, without ``--overwrite``),
+there are or fewer than processes, a meta-batch that does not split evenly
+over the devices, incomplete multi-host flags; for ``imaml-eval`` a
+recorded test of more tasks, without ``--overwrite``),
 reported before anything is written; 3 training stopped after too many
 consecutive non-finite meta-gradients; 128 + the signal's number (130,
 143) stopped by SIGINT (Ctrl-C) or SIGTERM, which ``imaml-train`` answers
 with the checkpoint the same command resumes from.
 
 Devices: the meta-step is data-parallel over ``--devices N`` devices (the
-first ``N`` of all processes' devices; default: all of them, and on a CPU
-see below), each sampling
+first ``N`` of all processes' devices, spread evenly over the processes;
+default: all of them, and on a CPU see below), each sampling
 and adapting ``meta_batch / N`` tasks. On a CPU the command first splits the
 CPU into one device per core (as many as divide ``meta_batch``; ``--devices
 N`` asks for ``N``), unless ``XLA_FLAGS`` sets
@@ -268,7 +268,8 @@ def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
     type=int,
     default=None,
     metavar="N",
-    help="train on the first N devices, splitting each "
+    help="train on the first N devices (with several "
+    "processes, spread evenly over them), splitting each "
     "meta-batch over them (default: all devices of "
     "all processes; on a CPU, one device per core, as "
     "many as divide meta_batch); meta_batch must be a "
