@@ -88,6 +88,7 @@ _SCRIPT = textwrap.dedent("""
                          batches[:STEPS], lambda t: sh.shard_tasks(t, mesh))
     assert state.params["dense2"]["kernel"].sharding.is_fully_replicated
     assert len(state.params["dense2"]["kernel"].sharding.device_set) == n
+    assert list(mesh.devices.flat) == jax.devices()[:n]  # the first n
     record(f"devices_{n}", state, metrics)
     if n == 8:
       path = ckpt.save(out_dir, STEPS, {"state": state})
@@ -414,6 +415,18 @@ def test_lower_compiles_ahead_of_time():
   compiled = sharded.lower(state, tasks).compile()
   new_state, _ = compiled(state, tasks)
   assert int(new_state.step) == 1
+
+
+@pytest.mark.parametrize("donate", [True, False])
+def test_donate_state_gives_the_input_buffers_to_the_output(donate):
+  init, step = _regression_step()
+  mesh = sh.task_mesh()
+  sharded = sh.shard_meta_step(step, mesh, donate_state=donate)
+  state = sh.replicate(init(jnp.ones(3)), mesh)
+  new_state, _ = sharded(state, sh.shard_tasks(_regression_tasks(4), mesh))
+  assert int(new_state.step) == 1
+  assert state.params.is_deleted() == donate
+  assert state.opt_state[0].mu.is_deleted() == donate
 
 
 def test_task_mesh_arguments():
