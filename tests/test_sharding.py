@@ -460,6 +460,26 @@ def test_shard_meta_step_rejects_non_tasks():
     sh.shard_meta_step(step, sh.task_mesh())(None, (1, 2))
 
 
+@pytest.mark.parametrize("per_device", [False, True])
+def test_sharded_step_refuses_a_second_key(per_device):
+  init, step = im.make_meta_step(
+    lambda w, b, key: jnp.mean((b[0] @ w - b[1]) ** 2),
+    optax.sgd(0.1),
+    im.imaml(2.0, im.gd(2, 0.1), im.cg(2)),
+    stochastic=True,
+    task_chunk=1 if per_device else None,
+    axis_name=sh.TASK_AXIS if per_device else None,
+  )
+  sharded = sh.shard_meta_step(step, sh.task_mesh(), per_device=per_device)
+  key = jax.random.key(0)
+  tasks = _regression_tasks(jax.device_count())
+  with pytest.raises(TypeError, match="or \\(state, tasks, key\\); got 4"):
+    sharded(init(jnp.ones(3)), tasks, key, key)
+  with pytest.raises(TypeError, match="got 4 arguments"):
+    sharded.lower(init(jnp.ones(3)), tasks, key, key)
+  assert int(sharded(init(jnp.ones(3)), tasks, key)[0].step) == 1
+
+
 def test_per_device_needs_a_step_that_averages_over_the_axis():
   _, step = _regression_step()  # built without axis_name
   with pytest.raises(ValueError, match="axis_name='tasks'"):

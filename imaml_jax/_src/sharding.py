@@ -414,18 +414,23 @@ def shard_meta_step(
       )
     return jitted[keyed]
 
-  def check(tasks):
+  def check(tasks, key):
     if not isinstance(tasks, Task):
       raise TypeError(f"tasks must be an im.Task, got {type(tasks).__name__}.")
+    if len(key) > 1:
+      raise TypeError(
+        "the sharded step takes (state, tasks) or (state, tasks, key); got "
+        f"{2 + len(key)} arguments."
+      )
     check_divisible(validation.check_task_batch(tasks), mesh, axis)
 
   @functools.wraps(step)
   def sharded_step(state, tasks, *key):
-    check(tasks)
+    check(tasks, key)
     return compiled(bool(key))(state, tasks, *key)
 
   def lower(state, tasks, *key):
-    check(tasks)
+    check(tasks, key)
     return compiled(bool(key)).lower(state, tasks, *key)
 
   sharded_step.lower = lower
