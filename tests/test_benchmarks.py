@@ -2206,3 +2206,28 @@ def test_sinusoid_fits_panels_are_their_result_file():
   end = guide.index("sinusoid_main_job_seeds_cpu.md", start)
   quoted = re.findall(panel, guide[start:end])
   assert quoted == recorded
+
+
+def test_quick_start_timings_are_their_result_file():
+  """The getting-started guide's install and run times, training time,
+  meta-steps/s and compile time of the main job (the empty-cache run) are
+  those quick_start_cpu.md records, and the file's output ends with the
+  README's test."""
+  record = (RESULTS / "quick_start_cpu.md").read_text()
+  install = re.search(r"pip install -e \.\s+# ([\d.]+) s", record)[1]
+  row = re.search(
+    r"\| empty \| ([\d.]+) s \| ([\d.]+) s \| ([\d.]+) s \| ([\d.]+) \|",
+    record,
+  )
+  command, compile_s, train_s, rate = row.groups()
+  page = BENCHMARKS.parent / "docs" / "guides" / "getting_started.md"
+  text = " ".join(page.read_text().split())
+  cited = text.index("quick_start_cpu.md")
+  quoted = text[cited - 400 : cited]
+  assert f"took {float(install):.0f} s and the run {command} s" in quoted
+  assert f"({train_s} s of training, {rate} meta-steps/s; {compile_s} s" in (
+    quoted
+  )
+  readme = (BENCHMARKS.parent / "README.md").read_text()
+  for line in ("loss_after: 0.371 +- 0.045", "loss_before: 3.350 +- 0.235"):
+    assert line in record and line in readme
