@@ -56,6 +56,7 @@ import contextlib
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -479,19 +480,32 @@ def train_main(
       EXIT_BAD_INPUT,
     )
   try:
-    with raise_on_signals():
-      _train(args)
-  except Interrupted as e:
-    print(
-      f"{prog}: {interrupted_message(e.signum, args.workdir)}",
-      file=sys.stderr,
+    _run_stoppably(
+      prog,
+      lambda: _train(args),
+      lambda signum: interrupted_message(signum, args.workdir),
     )
-    raise SystemExit(128 + e.signum) from None
-  except _INPUT_ERRORS as e:
-    _fail(prog, str(e), EXIT_BAD_INPUT)
   except periodic.TrainingDiverged as e:
     _fail(prog, str(e), EXIT_DIVERGED)
   return 0
+
+
+def _run_stoppably(
+  prog: str, work: Callable[[], None], stopped: Callable[[int], str]
+) -> None:
+  """Runs ``work()`` with SIGINT and SIGTERM raising :class:`Interrupted`.
+
+  A signal ends the command with the line ``stopped(signum)`` and exit code
+  128 + the signal's number; bad input with its message and exit code 2.
+  """
+  try:
+    with raise_on_signals():
+      work()
+  except Interrupted as e:
+    print(f"{prog}: {stopped(e.signum)}", file=sys.stderr)
+    raise SystemExit(128 + e.signum) from None
+  except _INPUT_ERRORS as e:
+    _fail(prog, str(e), EXIT_BAD_INPUT)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -523,17 +537,7 @@ def eval_main(
     _fail(prog, f"--tasks must be >= 1; got {args.tasks}.", EXIT_BAD_INPUT)
   if not args.no_compile_cache:
     enable_compile_cache(args.compile_cache)
-  try:
-    with raise_on_signals():
-      _evaluate(args)
-  except Interrupted as e:
-    print(
-      f"{prog}: {eval_interrupted_message(e.signum)}",
-      file=sys.stderr,
-    )
-    raise SystemExit(128 + e.signum) from None
-  except _INPUT_ERRORS as e:
-    _fail(prog, str(e), EXIT_BAD_INPUT)
+  _run_stoppably(prog, lambda: _evaluate(args), eval_interrupted_message)
   return 0
 
 
