@@ -261,11 +261,11 @@ def make_meta_step(
 
   Raises:
     TypeError: ``algorithm``, ``optimizer``, ``loss_fn``, ``has_aux`` or
-      ``task_chunk`` is of the wrong type (at once); a loss's output does not match ``has_aux``
-      (when ``step`` is traced).
+      ``task_chunk`` is of the wrong type (at once); a loss's output does
+      not match ``has_aux`` (when ``step`` is traced).
     ValueError: ``task_chunk`` is below 1 (at once); ``aux`` has an entry
-      named ``"loss"``, whose metrics would
-      replace ``loss_after`` and ``loss_before`` (when ``step`` is traced).
+      named ``"loss"``, whose metrics would replace ``loss_after`` and
+      ``loss_before`` (when ``step`` is traced).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax

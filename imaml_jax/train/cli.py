@@ -30,7 +30,8 @@ recorded test of more tasks, without ``--overwrite``),
 reported before anything is written; 3 training stopped after too many
 consecutive non-finite meta-gradients; 128 + the signal's number (130,
 143) stopped by SIGINT (Ctrl-C) or SIGTERM, which ``imaml-train`` answers
-with the checkpoint the same command resumes from.
+with the checkpoint the same command resumes from, ``imaml-eval`` with a
+line saying that it wrote nothing.
 
 Devices: the meta-step is data-parallel over ``--devices N`` devices (the
 first ``N`` of all processes' devices, spread evenly over the processes;
