@@ -205,7 +205,7 @@ def source_tree(path: str) -> bool:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
-  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--repeats", type=count(1), default=2)
   parser.add_argument(
     "--python",
     default=None,
@@ -251,8 +251,6 @@ def main() -> None:
   parser.add_argument("--tag", default=None)
   parser.add_argument("--out", default=RESULTS)
   args = parser.parse_args()
-  if args.repeats < 1:
-    parser.error("--repeats must be >= 1")
   if args.other_path and not source_tree(args.other_path):
     parser.error(
       f"--other-path {args.other_path}: no imaml_jax package there "

@@ -230,12 +230,8 @@ def gd(
   """
   validation.check_positive_int("gd steps", steps)
   validation.check_positive_scalar("gd lr", lr)
-  validation.check_positive_scalar("gd shrink", shrink)
-  if not float(shrink) < 1:
-    raise ValueError(f"gd shrink must be < 1, got {shrink}.")
-  validation.check_positive_scalar("gd armijo", armijo, allow_zero=True)
-  if not float(armijo) < 1:
-    raise ValueError(f"gd armijo must be < 1, got {armijo}.")
+  validation.check_fraction("gd shrink", shrink)
+  validation.check_fraction("gd armijo", armijo, allow_zero=True)
 
   def run(objective: Objective, x0: PyTree, *, remat: bool = False):
     if not backtrack:
@@ -313,11 +309,7 @@ def nesterov(steps: int, lr: float, momentum: float = 0.9) -> InnerSolver:
   """
   validation.check_positive_int("nesterov steps", steps)
   validation.check_positive_scalar("nesterov lr", lr)
-  validation.check_positive_scalar(
-    "nesterov momentum", momentum, allow_zero=True
-  )
-  if float(momentum) >= 1:
-    raise ValueError(f"nesterov momentum must be < 1, got {momentum}.")
+  validation.check_fraction("nesterov momentum", momentum, allow_zero=True)
 
   def run(objective: Objective, x0: PyTree, *, remat: bool = False):
     grad = jax.grad(objective)
@@ -384,10 +376,8 @@ def adam(
   validation.check_positive_int("adam steps", steps)
   validation.check_positive_scalar("adam lr", lr)
   validation.check_positive_scalar("adam eps", eps)
-  for name, beta in (("b1", b1), ("b2", b2)):
-    validation.check_positive_scalar(f"adam {name}", beta, allow_zero=True)
-    if not float(beta) < 1:
-      raise ValueError(f"adam {name} must be < 1, got {beta}.")
+  validation.check_fraction("adam b1", b1, allow_zero=True)
+  validation.check_fraction("adam b2", b2, allow_zero=True)
 
   def run(objective: Objective, x0: PyTree, *, remat: bool = False):
     grad = _gradient_at(objective)
@@ -569,12 +559,8 @@ def hessian_free(
   validation.check_positive_int("hessian_free steps", steps)
   validation.check_positive_int("hessian_free cg_steps", cg_steps)
   validation.check_positive_int("hessian_free max_backtracks", max_backtracks)
-  validation.check_positive_scalar("hessian_free shrink", shrink)
-  validation.check_positive_scalar("hessian_free armijo", armijo)
-  if not float(shrink) < 1:
-    raise ValueError(f"hessian_free shrink must be < 1, got {shrink}.")
-  if not float(armijo) < 1:
-    raise ValueError(f"hessian_free armijo must be < 1, got {armijo}.")
+  validation.check_fraction("hessian_free shrink", shrink)
+  validation.check_fraction("hessian_free armijo", armijo)
   newton_cg = linear_solve.cg(
     cg_steps,
     tol=0.0,

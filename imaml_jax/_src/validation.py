@@ -23,6 +23,16 @@ def check_positive_int(name: str, value) -> int:
   return int(value)
 
 
+def check_fraction(name: str, value, *, allow_zero: bool = False):
+  """Checks a scalar in ``(0, 1)`` (or ``[0, 1)``): a line search's shrink
+  factor or Armijo constant, a momentum, Adam's betas. Traced values pass
+  unchecked."""
+  check_positive_scalar(name, value, allow_zero=allow_zero)
+  if not isinstance(value, jax.core.Tracer) and not float(value) < 1:
+    raise ValueError(f"{name} must be < 1, got {value}.")
+  return value
+
+
 def check_positive_scalar(name: str, value, *, allow_zero: bool = False):
   """Checks a scalar hyper-parameter that must be finite and > 0 (or >= 0).
 
