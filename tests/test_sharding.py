@@ -225,10 +225,41 @@ _WORKER = textwrap.dedent("""
     assert len(a.addressable_shards) == 2
     for shard in a.addressable_shards:
       np.testing.assert_array_equal(shard.data, np.asarray(b)[shard.index])
+  # task_mesh(N) deals its N devices over the processes: two gives each
+  # process one, three gives process 0 two and process 1 one.
+  meshes = {n: sh.task_mesh(n) for n in (2, 3)}
+  holders = {n: [d.process_index for d in m.devices.flat]
+             for n, m in meshes.items()}
+  try:
+    sh.task_mesh(1)
+    too_few = ""
+  except ValueError as e:
+    too_few = str(e)
+  # Unequal shares: 4 tasks from process 0 (two devices), 2 from process 1.
+  mesh3 = meshes[3]
+  step3 = sh.shard_meta_step(step, mesh3)
+  state3 = sh.replicate(init(theta), mesh3)
+  six = jax.tree.map(lambda a: a[:6], tasks)
+  own = jax.tree.map(lambda a: a[:4] if pid == 0 else a[4:6], six)
+  uneven, _ = step3(state3, sh.tasks_from_process_local_data(own, mesh3))
+  uneven_global, _ = step3(state3, sh.shard_tasks(six, mesh3))
+  try:
+    bad = jax.tree.map(lambda a: a[:3], tasks)
+    sh.tasks_from_process_local_data(bad, mesh3) if pid == 0 else None
+    odd_share = ""
+  except ValueError as e:
+    odd_share = str(e)
+  two, _ = sh.shard_meta_step(step, meshes[2])(
+      sh.replicate(init(theta), meshes[2]), sh.shard_tasks(tasks, meshes[2]))
   np.savez(os.path.join(out_dir, f"process_{pid}.npz"),
            theta=theta, x=x, y=y,
            from_global=from_global.params.addressable_data(0),
-           from_local=from_local.params.addressable_data(0))
+           from_local=from_local.params.addressable_data(0),
+           on_two=two.params.addressable_data(0),
+           uneven=uneven.params.addressable_data(0),
+           uneven_global=uneven_global.params.addressable_data(0),
+           holders_2=holders[2], holders_3=holders[3],
+           too_few=too_few, odd_share=odd_share)
 """)
 
 
@@ -279,6 +310,39 @@ def test_two_processes_match_one(background):
   for result in results:
     np.testing.assert_allclose(result["from_global"], want, rtol=1e-5)
     np.testing.assert_allclose(result["from_local"], want, rtol=1e-5)
+    np.testing.assert_allclose(result["on_two"], want, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_task_mesh_deals_devices_over_processes(background):
+  """task_mesh(N) with two processes: every process holds a device (the
+  first N of all would all be process 0's, and process 1 could not take
+  part); fewer devices than processes is refused."""
+  results = background("two_processes")
+  for result in results:
+    assert result["holders_2"].tolist() == [0, 1]
+    assert result["holders_3"].tolist() == [0, 0, 1]
+    assert "every process needs at least one" in str(result["too_few"])
+
+
+@pytest.mark.slow
+def test_process_local_data_in_unequal_shares(background):
+  """Process 0 holds two of the mesh's three devices and passes 4 of the 6
+  tasks, process 1 passes 2: the same step as the global batch."""
+  results = background("two_processes")
+  r = results[0]
+  loss = lambda w, b: jnp.mean((b[0] @ w - b[1]) ** 2)
+  init, step = im.make_meta_step(
+    loss, optax.sgd(0.1), im.imaml(2.0, im.gd(5, 0.1), im.cg(3))
+  )
+  six = im.Task((r["x"][:6], r["y"][:6]), (r["x"][:6], r["y"][:6]))
+  want = jax.jit(step)(init(jnp.asarray(r["theta"])), six)[0].params
+  for result in results:
+    np.testing.assert_allclose(result["uneven"], want, rtol=1e-5)
+    np.testing.assert_allclose(result["uneven_global"], want, rtol=1e-5)
+  assert "passed 3 tasks for its 2 of the mesh's 3" in str(
+    results[0]["odd_share"]
+  )
 
 
 @pytest.fixture(scope="module")
@@ -439,6 +503,8 @@ def test_task_mesh_arguments():
     sh.task_mesh(0)
   with pytest.raises(ValueError, match="at least one device"):
     sh.task_mesh([])
+  with pytest.raises(TypeError, match="a device count or a sequence"):
+    sh.task_mesh(True)
 
 
 def test_unknown_axis_is_named():

@@ -37,7 +37,9 @@ Two ways of feeding tasks are supported:
   :func:`imaml_jax.data.make_sharded_sampler` makes each device draw its
   own slice of tasks.
 * host-side batches: each process builds only its own slice of the batch
-  (``n_tasks / jax.process_count()`` tasks, in process order) and
+  (in process order, as many tasks per device it holds as every other
+  device gets: ``n_tasks / jax.process_count()`` when the processes hold
+  as many devices) and
   :func:`tasks_from_process_local_data` assembles the global array with
   ``jax.make_array_from_process_local_data``.
 
@@ -66,6 +68,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,16 +93,19 @@ def task_mesh(
 
   Args:
     devices: ``None`` for every device of every process (``jax.devices()``),
-      an int ``N`` for the first ``N`` of them, or an explicit sequence of
-      devices.
+      an int ``N`` for ``N`` of them (the first ``N`` with one process; with
+      several, dealt over the processes as evenly as they go, see
+      :func:`spread_over_processes`), or an explicit sequence of devices.
     axis: the mesh axis name.
 
   Returns:
     ``jax.sharding.Mesh`` of shape ``{axis: number of devices}``.
 
   Raises:
-    ValueError: ``N`` is not between 1 and ``len(jax.devices())``, or the
-      sequence is empty.
+    ValueError: ``N`` is not between 1 and ``len(jax.devices())``, ``N`` is
+      smaller than the number of processes, or the sequence is empty.
+    TypeError: ``devices`` is neither ``None``, an int nor a sequence of
+      devices (e.g. ``True``).
 
   Example:
     >>> import jax
@@ -117,11 +123,61 @@ def task_mesh(
         f"({available[0].platform}); the count must be between 1 and "
         f"{len(available)}."
       )
-    devices = available[:devices]
+    devices = spread_over_processes(available, int(devices))
+  elif isinstance(devices, bool) or not isinstance(devices, Iterable):
+    raise TypeError(
+      "task_mesh takes None (every device), a device count or a sequence "
+      f"of devices, got {devices!r}."
+    )
   devices = list(devices)
   if not devices:
     raise ValueError("task_mesh needs at least one device, got none.")
   return Mesh(np.array(devices, dtype=object), (axis,))
+
+
+def spread_over_processes(available: Sequence, n: int) -> list:
+  """``n`` of the ``available`` devices, as evenly over their processes as
+  they go.
+
+  Every process of a multi-process program takes part in each sharded step
+  (it feeds its own devices and reads the state from them), so each must
+  hold at least one device of the mesh. The devices are dealt to the
+  processes in turn (process order, then each process's own order) and
+  listed process by process; with one process these are the first ``n``.
+
+  Raises:
+    ValueError: ``n`` is smaller than the number of processes.
+
+  Example:
+    >>> from types import SimpleNamespace as D
+    >>> devices = [D(id=i, process_index=i // 4) for i in range(8)]
+    >>> [d.id for d in spread_over_processes(devices, 4)]
+    [0, 1, 4, 5]
+    >>> [d.id for d in spread_over_processes(devices, 3)]
+    [0, 1, 4]
+    >>> spread_over_processes(devices, 1)
+    Traceback (most recent call last):
+    ...
+    ValueError: asked for 1 device(s) across 2 processes; every ...
+  """
+  by_process = {}
+  for device in available:
+    by_process.setdefault(device.process_index, []).append(device)
+  if n < len(by_process):
+    raise ValueError(
+      f"asked for {n} device(s) across {len(by_process)} processes; every "
+      f"process needs at least one: ask for {len(by_process)} or more."
+    )
+  dealt = [
+    (rank, p) for p, own in by_process.items() for rank in range(len(own))
+  ]
+  chosen = set(sorted(dealt)[:n])
+  return [
+    d
+    for p, own in by_process.items()
+    for rank, d in enumerate(own)
+    if (rank, p) in chosen
+  ]
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
@@ -238,11 +294,14 @@ def tasks_from_process_local_data(
 ) -> Task:
   """Assembles a global task batch from every process's own slice.
 
-  For multi-host input pipelines: process ``p`` of ``P`` passes its
-  ``n / P`` tasks and the global batch of ``n`` tasks (process 0's slice
-  first) is built with ``jax.make_array_from_process_local_data``, without
-  copying data between hosts. With one process this equals
-  :func:`shard_tasks`.
+  For multi-host input pipelines: every device along ``axis`` holds the
+  same number of tasks, so a process whose devices take ``d`` of the
+  ``D`` positions of ``axis`` passes ``n * d / D`` tasks (``n / P`` when
+  each of the ``P`` processes holds as many devices), and the global batch
+  of ``n`` tasks (in the mesh's device order, process 0's slice first for
+  :func:`task_mesh`) is built with
+  ``jax.make_array_from_process_local_data``, without copying data between
+  hosts. With one process this equals :func:`shard_tasks`.
 
   Args:
     tasks: this process's tasks, a batched :class:`~imaml_jax.Task`.
@@ -253,11 +312,24 @@ def tasks_from_process_local_data(
     Global tasks sharded on the leading axis.
 
   Raises:
-    ValueError: the global number of tasks is not a multiple of the device
-      count.
+    ValueError: this process holds no device of ``mesh``, or its number of
+      tasks is not a multiple of its devices along ``axis``.
   """
-  n_global = validation.check_task_batch(tasks) * jax.process_count()
-  check_divisible(n_global, mesh, axis)
+  n_local = validation.check_task_batch(tasks)
+  held = _positions_held(mesh, axis, jax.process_index())
+  if not held:
+    raise ValueError(
+      f"process {jax.process_index()} holds no device of the mesh, so it "
+      "cannot feed tasks to it; build the mesh with task_mesh(), which "
+      "gives every process a device."
+    )
+  if n_local % held:
+    raise ValueError(
+      f"process {jax.process_index()} passed {n_local} tasks for its "
+      f"{held} of the mesh's {mesh.shape[axis]} devices along {axis!r}; "
+      f"pass a multiple of {held} (every device holds as many tasks)."
+    )
+  n_global = n_local // held * mesh.shape[axis]
   sharding = task_sharding(mesh, axis)
   return jax.tree.map(
     lambda x: jax.make_array_from_process_local_data(
@@ -265,6 +337,15 @@ def tasks_from_process_local_data(
     ),
     tasks,
   )
+
+
+def _positions_held(mesh: Mesh, axis: str, process: int) -> int:
+  """How many positions of ``axis`` hold a device of ``process``."""
+  _check_axis(mesh, axis)
+  own = np.vectorize(lambda d: d.process_index == process, otypes=[bool])(
+    mesh.devices
+  )
+  return len(np.unique(np.nonzero(own)[mesh.axis_names.index(axis)]))
 
 
 def constrain_tasks(tasks: Task, mesh: Mesh, *, axis: str = TASK_AXIS) -> Task:

@@ -52,11 +52,11 @@ def make_mesh(config: config_lib.Config, devices: int | None = None):
     config: the run's config (its ``meta_batch`` must split evenly).
     devices: number of devices, the first ones of ``jax.devices()`` (all
       processes; with several processes, the first ones of each process,
-      as evenly as they go: :func:`spread_over_processes`); ``None`` for
-      all, except on a CPU, where it is as many of them as divide
-      ``meta_batch`` (:func:`cpu_device_count`: a command run again in one
-      Python process keeps the CPU devices of its first run, which another
-      meta-batch may not split over).
+      as evenly as they go: ``im.task_mesh``); ``None`` for all, except on
+      a CPU, where it is as many of them as divide ``meta_batch``
+      (:func:`cpu_device_count`: a command run again in one Python process
+      keeps the CPU devices of its first run, which another meta-batch may
+      not split over).
 
   Returns:
     A 1-D ``jax.sharding.Mesh`` with axis ``"tasks"``.
@@ -68,9 +68,6 @@ def make_mesh(config: config_lib.Config, devices: int | None = None):
   """
   if devices is None and jax.default_backend() == "cpu":
     devices = cpu_device_count(config.meta_batch, len(jax.devices()))
-  available = jax.devices()
-  if devices is not None and 1 <= devices <= len(available):
-    devices = spread_over_processes(available, devices)
   try:
     mesh = im.task_mesh(devices)
   except ValueError as e:
@@ -83,52 +80,6 @@ def make_mesh(config: config_lib.Config, devices: int | None = None):
       "--set meta_batch=... with a multiple of the device count."
     ) from e
   return mesh
-
-
-def spread_over_processes(available: list, n: int) -> list:
-  """``n`` of the ``available`` devices, as evenly over their processes as
-  they go.
-
-  Every process of a multi-host run takes part in each step (it samples
-  its tasks on its own devices and reads the state from them), so each
-  must hold at least one device of the mesh. The devices are dealt to the
-  processes in turn (process order, then each process's own order) and
-  listed process by process; with one process these are the first ``n``.
-
-  Raises:
-    DeviceError: ``n`` is smaller than the number of processes.
-
-  Example:
-    >>> from types import SimpleNamespace as D
-    >>> devices = [D(id=i, process_index=i // 4) for i in range(8)]
-    >>> [d.id for d in spread_over_processes(devices, 4)]
-    [0, 1, 4, 5]
-    >>> [d.id for d in spread_over_processes(devices, 3)]
-    [0, 1, 4]
-    >>> spread_over_processes(devices, 1)
-    Traceback (most recent call last):
-    ...
-    imaml_jax.train.runtime.DeviceError: asked for 1 device(s) across 2 ...
-  """
-  by_process = {}
-  for device in available:
-    by_process.setdefault(device.process_index, []).append(device)
-  if n < len(by_process):
-    raise DeviceError(
-      f"asked for {n} device(s) across {len(by_process)} processes; every "
-      f"process needs at least one: use --devices {len(by_process)} or "
-      "more, with a meta_batch that is a multiple of it."
-    )
-  dealt = [
-    (rank, p) for p, own in by_process.items() for rank in range(len(own))
-  ]
-  chosen = set(sorted(dealt)[:n])
-  return [
-    d
-    for p, own in by_process.items()
-    for rank, d in enumerate(own)
-    if (rank, p) in chosen
-  ]
 
 
 CPU_DEVICE_FLAG = "--xla_force_host_platform_device_count"
