@@ -209,6 +209,73 @@ def test_floating_images_are_refused_not_divided_by_255_again():
   assert float(task.support[0].max()) == 1.0
 
 
+def _public_samplers(key):
+  """Every public way to draw tasks, as ``images -> Task``."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("tasks",))
+  sharded = imdata.make_sharded_sampler(mesh, 5, 1, 1, 2, axis="tasks")
+  return {
+    "sample_tasks": lambda images: imdata.sample_tasks(key, images, 5, 1, 1, 2),
+    "sample_tasks_from_keys": lambda images: imdata.sample_tasks_from_keys(
+      jax.random.split(key, 2), images, 5, 1, 1
+    ),
+    "evaluation_tasks": lambda images: imdata.evaluation_tasks(
+      images, 5, 1, 1, n_tasks=2
+    ),
+    "evaluation_task_chunks": lambda images: next(
+      imdata.evaluation_task_chunks(images, 5, 1, 1, n_tasks=2)
+    ),
+    "make_sharded_sampler": lambda images: sharded(key, images),
+  }
+
+
+@pytest.mark.parametrize(
+  "dtype, scale, offset, match",
+  [
+    (np.uint16, 257, 0, "uint16 hold values from 0 to 65535"),
+    (np.int32, 1, -128, "int32 hold values from -128 to 127"),
+    (np.int32, 4, 0, "int32 hold values from 0 to 1020"),
+  ],
+)
+def test_wide_integer_pixels_outside_0_255_are_refused(
+  dtype, scale, offset, match
+):
+  # 16-bit drawings would otherwise be divided by 255 into values up to 257.
+  images = np.asarray(id_images()).astype(np.int64) * scale + offset
+  images = images.astype(dtype)
+  for sample in _public_samplers(jax.random.key(0)).values():
+    for given in (images, jnp.asarray(images)):
+      with pytest.raises(ValueError, match=match):
+        sample(given)
+
+
+def test_wide_integer_pixels_in_0_255_give_the_uint8_tasks():
+  images = np.asarray(id_images())
+  for sample in _public_samplers(jax.random.key(0)).values():
+    want = sample(images)
+    for dtype in (np.uint16, np.int32):
+      got = sample(images.astype(dtype))
+      jax.tree.map(np.testing.assert_array_equal, got, want)
+    half = sample((images // 2).astype(np.int8))  # int8 up to 127
+    jax.tree.map(np.testing.assert_array_equal, half, sample(images // 2))
+
+
+def test_traced_wide_integer_pixels_are_refused():
+  for sample in _public_samplers(jax.random.key(0)).values():
+    with pytest.raises(TypeError, match="int32 cannot be checked"):
+      jax.jit(sample)(id_images().astype(jnp.int32))
+    # uint8 needs no check, so it is drawn under a trace as before.
+    traced = jax.jit(sample)(id_images())
+    jax.tree.map(np.testing.assert_array_equal, traced, sample(id_images()))
+  # The checked samplers keep the ahead-of-time methods of a jitted one.
+  key, images = jax.random.key(0), id_images()
+  lowered = imdata.sample_tasks.lower(key, images, 5, 1, 1, 2)
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    lowered.compile()(key, images),
+    imdata.sample_tasks(key, images, 5, 1, 1, 2),
+  )
+
+
 @pytest.mark.parametrize(
   "n_way, k_shot, q_query, shots, batch, steps",
   [

@@ -42,6 +42,51 @@ def _check_pixels(dtype) -> None:
     )
 
 
+def _check_pixel_values(images) -> None:
+  """Checks on the host that integer pixels wider than uint8 lie in 0..255.
+
+  The samplers divide the pixels by 255 inside a jitted function, where the
+  values cannot be read: ``uint16`` drawings (0..65535) would become inputs
+  of up to 257 without any error. ``uint8`` needs no check. Other integer
+  dtypes are read here, once per call, before the jitted function runs; under
+  an enclosing trace they are refused, since nothing can read them there.
+  """
+  if not hasattr(images, "dtype"):
+    images = np.asarray(images)
+  dtype = np.dtype(images.dtype)
+  if dtype == np.uint8 or not jnp.issubdtype(dtype, jnp.integer):
+    return  # uint8 fits; a float dtype is refused by _check_pixels
+  if isinstance(images, jax.core.Tracer):
+    raise TypeError(
+      f"images of dtype {dtype} cannot be checked to hold pixel values in "
+      "0..255 inside a jitted or vmapped function; pass uint8 images there "
+      "(convert outside the trace, e.g. images.astype(np.uint8) once their "
+      "range is known), or call the sampler outside the trace."
+    )
+  if not images.size:
+    return  # no pixels; the counts are refused by _check_counts
+  xp = np if isinstance(images, np.ndarray) else jnp
+  low, high = int(xp.min(images)), int(xp.max(images))
+  if low < 0 or high > 255:
+    raise ValueError(
+      f"images of dtype {dtype} hold values from {low} to {high}; the "
+      "sampler takes pixel values in 0..255 and divides them by 255. "
+      "Rescale them to 0..255 first, e.g. 16-bit drawings with "
+      "(images // 257).astype(np.uint8)."
+    )
+
+
+def _ahead_of_time(checked: Callable, jitted) -> Callable:
+  """Gives ``checked``, which calls ``jitted``, its ahead-of-time methods.
+
+  ``lower``, ``trace`` and ``eval_shape`` work on abstract values, so they
+  skip the host check of the pixels.
+  """
+  for name in ("lower", "trace", "eval_shape"):
+    setattr(checked, name, getattr(jitted, name))
+  return checked
+
+
 def _check_counts(images, n_way, k_shot, q_query, n_tasks=1) -> None:
   """Validates the static episode sizes and the pixels' dtype of ``images``."""
   _check_sizes(n_way, k_shot, q_query, n_tasks)
@@ -104,22 +149,8 @@ def _sample_one(key, images, n_way, k_shot, q_query):
 
 
 @functools.partial(jax.jit, static_argnames=("n_way", "k_shot", "q_query"))
-def sample_tasks_from_keys(
-  keys, images, n_way: int, k_shot: int, q_query: int
-) -> Task:
-  """Like :func:`sample_tasks`, with one PRNG key per task given explicitly.
-
-  Args:
-    keys: ``[n_tasks]`` PRNG keys (typed or raw ``uint32[n_tasks, 2]``).
-    images: ``[n_classes, n_per_class, H, W, C]`` integer pixel values in
-      0..255 (``uint8``).
-    n_way: classes per task.
-    k_shot: support images per class.
-    q_query: query images per class.
-
-  Returns:
-    A batched :class:`~imaml_jax.Task`, one task per key.
-  """
+def _tasks_from_keys(keys, images, n_way, k_shot, q_query) -> Task:
+  """:func:`sample_tasks_from_keys` after the host check of the pixels."""
   n_tasks = keys.shape[0]
   _check_counts(images, n_way, k_shot, q_query, n_tasks)
   support, query = jax.vmap(
@@ -128,9 +159,44 @@ def sample_tasks_from_keys(
   return Task(support=support, query=query)
 
 
+def sample_tasks_from_keys(
+  keys, images, n_way: int, k_shot: int, q_query: int
+) -> Task:
+  """Like :func:`sample_tasks`, with one PRNG key per task given explicitly.
+
+  Args:
+    keys: ``[n_tasks]`` PRNG keys (typed or raw ``uint32[n_tasks, 2]``).
+    images: ``[n_classes, n_per_class, H, W, C]`` integer pixel values in
+      0..255 (``uint8``; wider integers are checked as in
+      :func:`sample_tasks`).
+    n_way: classes per task.
+    k_shot: support images per class.
+    q_query: query images per class.
+
+  Returns:
+    A batched :class:`~imaml_jax.Task`, one task per key.
+
+  Raises:
+    ValueError: as :func:`sample_tasks`.
+    TypeError: as :func:`sample_tasks`.
+  """
+  _check_pixel_values(images)
+  return _tasks_from_keys(keys, images, n_way, k_shot, q_query)
+
+
+_ahead_of_time(sample_tasks_from_keys, _tasks_from_keys)
+
+
 @functools.partial(
   jax.jit, static_argnames=("n_way", "k_shot", "q_query", "n_tasks")
 )
+def _sample_tasks(key, images, n_way, k_shot, q_query, n_tasks) -> Task:
+  """:func:`sample_tasks` after the host check of the pixels."""
+  _check_counts(images, n_way, k_shot, q_query, n_tasks)
+  keys = jax.random.split(key, n_tasks)
+  return _tasks_from_keys(keys, images, n_way, k_shot, q_query)
+
+
 def sample_tasks(
   key, images, n_way: int, k_shot: int, q_query: int, n_tasks: int
 ) -> Task:
@@ -152,7 +218,7 @@ def sample_tasks(
   already separate classes in ``images`` (see :func:`rotate_classes`), as in
   the paper.
 
-  The function is pure and jitted (the counts are static); it also works
+  The sampling is pure and jitted (the counts are static); it also works
   inside an enclosing ``jax.jit`` or ``jax.vmap``.
 
   Args:
@@ -160,6 +226,10 @@ def sample_tasks(
     images: ``[n_classes, n_per_class, H, W, C]`` integer pixel values in
       0..255, typically ``uint8`` already on device. Floating images are
       refused (TypeError): they would be divided by 255 a second time.
+      Integer dtypes wider than ``uint8`` (e.g. ``uint16``, ``int32``) have
+      their range checked on the host before the jitted sampling (ValueError
+      outside 0..255); inside an enclosing trace, where their values cannot
+      be read, only ``uint8`` is accepted (TypeError).
     n_way: classes per task.
     k_shot: support images per class.
     q_query: query images per class.
@@ -172,9 +242,11 @@ def sample_tasks(
     set with ``q_query``.
 
   Raises:
-    ValueError: a count is not positive, ``n_way > n_classes`` or
-      ``k_shot + q_query > n_per_class``.
-    TypeError: ``images`` are not of an integer dtype.
+    ValueError: a count is not positive, ``n_way > n_classes``,
+      ``k_shot + q_query > n_per_class``, or integer pixels wider than
+      ``uint8`` lie outside 0..255.
+    TypeError: ``images`` are not of an integer dtype, or are traced and of
+      an integer dtype other than ``uint8``.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -183,9 +255,11 @@ def sample_tasks(
     >>> task.support[0].shape, task.query[1].shape
     ((32, 5, 28, 28, 1), (32, 75))
   """
-  _check_counts(images, n_way, k_shot, q_query, n_tasks)
-  keys = jax.random.split(key, n_tasks)
-  return sample_tasks_from_keys(keys, images, n_way, k_shot, q_query)
+  _check_pixel_values(images)
+  return _sample_tasks(key, images, n_way, k_shot, q_query, n_tasks)
+
+
+_ahead_of_time(sample_tasks, _sample_tasks)
 
 
 def make_sharded_sampler(
@@ -209,8 +283,10 @@ def make_sharded_sampler(
   :func:`imaml_jax.replicate`). The sampling program has no cross-device
   communication: nothing is gathered to one device or to the host.
 
-  The sampler is jitted and may also be called inside a jitted step (e.g. a
-  training step jitted with :func:`imaml_jax.replicated_sharding` inputs).
+  The sampling is jitted and may also be called inside a jitted step (e.g.
+  a training step jitted with :func:`imaml_jax.replicated_sharding` inputs).
+  Integer pixels wider than ``uint8`` are checked as in
+  :func:`sample_tasks`.
 
   Args:
     mesh: the device mesh, e.g. :func:`imaml_jax.task_mesh`.
@@ -226,7 +302,8 @@ def make_sharded_sampler(
   Raises:
     ValueError: a count is not a positive int, or ``n_tasks`` is not a
       multiple of the device count (at once); ``n_way`` or
-      ``k_shot + q_query`` does not fit ``images`` (when called).
+      ``k_shot + q_query`` does not fit ``images``, or integer pixels
+      wider than ``uint8`` lie outside 0..255 (when called).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -242,21 +319,23 @@ def make_sharded_sampler(
   sharding.check_divisible(n_tasks, mesh, axis)
   keys_sharding = sharding.task_sharding(mesh, axis)
   local_sample = jax.shard_map(
-    lambda keys, images: sample_tasks_from_keys(
-      keys, images, n_way, k_shot, q_query
-    ),
+    lambda keys, images: _tasks_from_keys(keys, images, n_way, k_shot, q_query),
     mesh=mesh,
     in_specs=(PartitionSpec(axis), PartitionSpec()),
     out_specs=PartitionSpec(axis),
   )
 
   @jax.jit
-  def sample(key, images) -> Task:
+  def jitted_sample(key, images) -> Task:
     keys = jax.random.split(key, n_tasks)
     keys = jax.lax.with_sharding_constraint(keys, keys_sharding)
     return local_sample(keys, images)
 
-  return sample
+  def sample(key, images) -> Task:
+    _check_pixel_values(images)
+    return jitted_sample(key, images)
+
+  return _ahead_of_time(sample, jitted_sample)
 
 
 def _evaluation_keys(n_tasks: int, seed: int):
@@ -283,7 +362,8 @@ def evaluation_tasks(
 
   Args:
     images: ``[n_classes, n_per_class, H, W, C]`` integer pixel values in
-      0..255 (``uint8``).
+      0..255 (``uint8``; wider integers are checked as in
+      :func:`sample_tasks`).
     n_way: classes per task.
     k_shot: support images per class.
     q_query: query images per class.
@@ -301,7 +381,8 @@ def evaluation_tasks(
   """
   images = jnp.asarray(images)
   _check_counts(images, n_way, k_shot, q_query, n_tasks)
-  return sample_tasks_from_keys(
+  _check_pixel_values(images)
+  return _tasks_from_keys(
     _evaluation_keys(n_tasks, seed), images, n_way, k_shot, q_query
   )
 
@@ -323,7 +404,8 @@ def evaluation_task_chunks(
 
   Args:
     images: ``[n_classes, n_per_class, H, W, C]`` integer pixel values in
-      0..255 (``uint8``).
+      0..255 (``uint8``; wider integers are checked as in
+      :func:`sample_tasks`).
     n_way: classes per task.
     k_shot: support images per class.
     q_query: query images per class.
@@ -337,11 +419,12 @@ def evaluation_task_chunks(
   """
   images = jnp.asarray(images)
   _check_counts(images, n_way, k_shot, q_query, n_tasks)
+  _check_pixel_values(images)
   if chunk_size <= 0:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}")
   keys = _evaluation_keys(n_tasks, seed)
   return (
-    sample_tasks_from_keys(
+    _tasks_from_keys(
       keys[start : start + chunk_size], images, n_way, k_shot, q_query
     )
     for start in range(0, n_tasks, chunk_size)
