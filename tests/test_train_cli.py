@@ -279,6 +279,37 @@ def test_an_impossible_n_way_is_refused_before_training(
   assert not workdir.exists()
 
 
+def test_eval_refuses_an_n_way_larger_than_the_split_it_draws_from(
+  tmp_path, capsys
+):
+  """A run that never validated holds more classes than --split val has."""
+  if not os.environ.get("IMAML_OMNIGLOT_DIR"):
+    pytest.skip("IMAML_OMNIGLOT_DIR is not set")
+  workdir = tmp_path / "run"
+  tiny = [
+    "n_way=101",
+    "q_query=1",
+    "class_rotations=per_task",  # 100 validation characters
+    "val_every=0",
+    "meta_steps=1",
+    "meta_batch=1",
+    "inner_steps=1",
+    "test_tasks=1",
+    "eval_chunk=1",
+  ]
+  argv = ["omniglot_5w1s_fomaml", "--workdir", str(workdir), "--no-progress"]
+  assert cli.train_main([*argv, "--set", *tiny]) == 0
+  capsys.readouterr()
+  code, err = _exit_code(
+    cli.eval_main,
+    ["--workdir", str(workdir), "--split", "val", "--no-progress"],
+    capsys,
+  )
+  assert code == 2, err
+  assert "n_way=101 is more than the 100 classes of the val split" in err
+  assert not (workdir / "eval_val.json").exists()
+
+
 def test_eval_without_a_run(tmp_path, capsys):
   code, err = _exit_code(
     cli.eval_main, ["--workdir", str(tmp_path / "x")], capsys

@@ -390,11 +390,25 @@ def check_class_counts(config: config_lib.Config, data: Data) -> None:
   if config.val_every > 0:
     splits["val"] = data.val
   for name, images in splits.items():
-    if images is not None and config.n_way > len(images):
-      raise config_lib.ConfigError(
-        f"n_way={config.n_way} is more than the {len(images)} classes of the "
-        f"{name} split of {config.dataset}; ask for n_way <= {len(images)}."
-      )
+    check_split_classes(config, name, images)
+
+
+def check_split_classes(config: config_lib.Config, name: str, images) -> None:
+  """Refuses an ``n_way`` larger than the classes of one split's images.
+
+  Args:
+    config: the run's config.
+    name: the split's name, for the message.
+    images: its class array (``None`` for sinusoid: nothing to check).
+
+  Raises:
+    ConfigError: naming the split and its number of classes.
+  """
+  if images is not None and config.n_way > len(images):
+    raise config_lib.ConfigError(
+      f"n_way={config.n_way} is more than the {len(images)} classes of the "
+      f"{name} split of {config.dataset}; ask for n_way <= {len(images)}."
+    )
 
 
 def build(config: config_lib.Config, data: Data | None) -> Experiment:

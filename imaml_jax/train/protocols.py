@@ -400,7 +400,9 @@ def evaluate_workdir(
     ConfigError: an unknown protocol or split, a split the protocol does
       not draw from, an override of a field that is not a test-time field
       (or that the protocol fixes), or the authors' characters for a run
-      that is not on Omniglot; all before anything is loaded.
+      that is not on Omniglot; all before anything is loaded. Also an
+      ``n_way`` larger than the classes of the split the tasks are drawn
+      from (once the data is loaded, before any task is tested).
     WorkdirError, DataError, CheckpointError: as for training.
     RecordedTestError: without ``extend`` or ``overwrite``, a recorded
       test of more tasks (before anything is loaded); with ``extend``, a
@@ -424,6 +426,7 @@ def evaluate_workdir(
   # Test-time fields change only the adaptation, not the parameters.
   exp = exp_lib.build(test_config, exp_lib.load_data(config, data_dir))
   images, chunks, overlap = _test_images(exp, split, config, data_dir)
+  exp_lib.check_split_classes(test_config, split, images)
   exp, adaptation = _adaptation(exp, protocol, test_config)
   step, last_params, best = restore_parameters(latest, config, exp)
   reported = None if protocol == "authors" else best
