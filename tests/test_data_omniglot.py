@@ -484,7 +484,9 @@ def test_authors_split_on_tiny_archives(tiny_dir, cache):
     imdata.omniglot_authors_split_indices(data, n_train=5)
 
 
-def test_rotate_task_classes_turns_each_class_once_in_both_sets():
+@pytest.mark.parametrize("low, high", [(0, 4), (-5, 9)])
+def test_rotate_task_classes_turns_each_class_once_in_both_sets(low, high):
+  """Turns outside 0..3 count modulo 4: 5 is one turn, -1 three."""
   import imaml_jax as im
 
   rng = np.random.default_rng(0)
@@ -493,7 +495,7 @@ def test_rotate_task_classes_turns_each_class_once_in_both_sets():
   ys = np.tile(np.repeat(rng.permutation(n_way), 2), (n_tasks, 1))
   xq = rng.random((n_tasks, n_way * 3, 5, 5, 1)).astype(np.float32)
   yq = np.tile(np.repeat(np.arange(n_way), 3), (n_tasks, 1))
-  turns = rng.integers(0, 4, (n_tasks, n_way))
+  turns = rng.integers(low, high, (n_tasks, n_way))
   task = imdata.rotate_task_classes(
     im.Task(support=(xs, ys), query=(xq, yq)), turns
   )

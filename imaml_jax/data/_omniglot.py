@@ -866,7 +866,8 @@ def rotate_task_classes(task, turns):
   Args:
     task: a batched :class:`~imaml_jax.Task` with ``(x, y)`` sets,
       ``x: [n_tasks, n, H, W, C]`` (``H == W``), ``y: int[n_tasks, n]``.
-    turns: ``int[n_tasks, n_way]`` quarter turns per task and label.
+    turns: ``int[n_tasks, n_way]`` quarter turns per task and label, any
+      integers (taken modulo 4, so ``-1`` is three turns).
 
   Returns:
     The task with rotated images, labels unchanged.
@@ -893,7 +894,8 @@ def rotate_task_classes(task, turns):
         "expected images [n_tasks, n, H, W, C] with H == W, "
         f"got shape {x.shape}"
       )
-    k = jnp.take_along_axis(turns, y, axis=1)[..., None, None, None]
+    # Any whole number of quarter turns: 5 turns are 1, -1 are 3.
+    k = jnp.take_along_axis(turns % 4, y, axis=1)[..., None, None, None]
     out = x
     for r in range(1, 4):
       out = jnp.where(k == r, jnp.rot90(x, r, axes=(2, 3)), out)
