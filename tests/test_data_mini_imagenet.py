@@ -112,6 +112,35 @@ def test_csv_wrong_counts(csv_dir):
     imdata.load_mini_imagenet_csv(csv_dir, images_per_class=0)
 
 
+@pytest.mark.parametrize(
+  "content, reason",
+  [
+    (b"\x89PNG\r\n\x1a\n\xff\xfe" * 100, "codec can't decode"),
+    (b"filename,label\n" + b"a" * 200_000 + b",n01\n", "field limit"),
+  ],
+)
+def test_csv_that_cannot_be_read_is_named(
+  csv_dir, tmp_path, capsys, content, reason
+):
+  """Not text, or a line past the csv module's limit: the file is named."""
+  (csv_dir / "train.csv").write_bytes(content)
+  with pytest.raises(
+    ValueError, match=f"train.csv: not a readable CSV.*{reason}"
+  ):
+    imdata.load_mini_imagenet_csv(
+      csv_dir, images_per_class=PER_CLASS, n_classes=COUNTS
+    )
+  from imaml_jax.train import cli  # pylint: disable=import-outside-toplevel
+
+  workdir = tmp_path / "run"
+  argv = ["miniimagenet_5w1s_maml", "--data-dir", str(csv_dir)]
+  with pytest.raises(SystemExit) as info:
+    cli.train_main([*argv, "--workdir", str(workdir)])
+  err = capsys.readouterr().err
+  assert info.value.code == 2 and "train.csv: not a readable CSV" in err, err
+  assert not workdir.exists()
+
+
 def test_csv_bad_header_and_corrupt_image(csv_dir):
   text = (csv_dir / "train.csv").read_text()
   (csv_dir / "train.csv").write_text(

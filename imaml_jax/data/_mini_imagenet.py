@@ -48,8 +48,12 @@ def _check_class_count(path, found: int, n_classes, split_index: int) -> None:
 
 def _read_csv(path: Path, images_per_class: int) -> list[tuple[str, list[str]]]:
   """``[(label, [filename] * images_per_class)]`` sorted by label."""
-  with open(path, newline="") as f:
-    rows = list(csv.reader(f))
+  try:
+    with open(path, newline="") as f:
+      rows = list(csv.reader(f))
+  except (csv.Error, UnicodeDecodeError) as e:
+    # Neither is an OSError, and csv.Error is no ValueError either.
+    raise ValueError(f"{path}: not a readable CSV split file: {e}") from e
   if not rows or [c.strip() for c in rows[0]] != ["filename", "label"]:
     raise ValueError(
       f"{path}: expected the header 'filename,label', got "
@@ -101,8 +105,9 @@ def load_mini_imagenet_csv(
 
   Raises:
     FileNotFoundError: a CSV file or a listed image is missing.
-    ValueError: a malformed CSV, wrong counts, an unreadable image, or an
-      ``image_size`` that is not a positive int (before any file is read).
+    ValueError: a malformed or unreadable CSV (the message names it), wrong
+      counts, an unreadable image, or an ``image_size`` that is not a
+      positive int (before any file is read).
 
   Example:
     >>> splits = load_mini_imagenet_csv("data/mini-imagenet")  # doctest: +SKIP
