@@ -1,6 +1,7 @@
 """Tests of the Mini-ImageNet loaders on tiny fixtures in both formats."""
 
 import csv
+import io
 import pickle
 
 import numpy as np
@@ -139,6 +140,21 @@ def test_csv_that_cannot_be_read_is_named(
   err = capsys.readouterr().err
   assert info.value.code == 2 and "train.csv: not a readable CSV" in err, err
   assert not workdir.exists()
+
+
+def test_csv_broken_png_is_named(csv_dir):
+  """Pillow reports a PNG with a damaged chunk length by a SyntaxError."""
+  buf = io.BytesIO()
+  Image.new("RGB", (60, 50), (30, 200, 30)).save(buf, format="PNG")
+  png = buf.getvalue()
+  at = png.index(b"IDAT")
+  length = int.from_bytes(png[at - 4 : at], "big")
+  broken = png[: at - 4] + (length // 2).to_bytes(4, "big") + png[at:]
+  (csv_dir / "images" / "n0100000002.jpg").write_bytes(broken)
+  with pytest.raises(ValueError, match="cannot decode .*n0100000002.jpg"):
+    imdata.load_mini_imagenet_csv(
+      csv_dir, images_per_class=PER_CLASS, n_classes=COUNTS
+    )
 
 
 def test_csv_bad_header_and_corrupt_image(csv_dir):

@@ -292,6 +292,33 @@ def test_corrupt_member_names_the_member(tiny_dir, cache):
     imdata.load_omniglot(tiny_dir, cache_dir=cache)
 
 
+def broken_png(seed: int = 0) -> bytes:
+  """A PNG whose IDAT length is halved: Pillow fails with a SyntaxError."""
+  png = _png(seed)
+  at = png.index(b"IDAT")
+  length = int.from_bytes(png[at - 4 : at], "big")
+  return png[: at - 4] + (length // 2).to_bytes(4, "big") + png[at:]
+
+
+def test_broken_png_in_an_intact_zip_names_the_member(tiny_dir, cache):
+  """The zip's checksums hold (it was built from a damaged file)."""
+  with pytest.raises(SyntaxError, match="broken PNG"):
+    with Image.open(io.BytesIO(broken_png())) as image:
+      image.load()
+  path = tiny_dir / "images_evaluation.zip"
+  member = "images_evaluation/Gamma/character02/0002_07.png"
+  with zipfile.ZipFile(path) as zf:
+    members = {name: zf.read(name) for name in zf.namelist()}
+  members[member] = broken_png()
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+    for name, raw in members.items():
+      zf.writestr(name, raw)
+  with pytest.raises(
+    ValueError, match="images_evaluation.zip: cannot decode member .*0002_07"
+  ):
+    imdata.load_omniglot(tiny_dir, cache_dir=cache)
+
+
 def test_wrong_top_folder(tiny_dir, cache, no_decode):
   make_archive(tiny_dir / "images_background.zip", "omniglot", BACKGROUND)
   with pytest.raises(ValueError, match="images_background.zip.*omniglot/"):

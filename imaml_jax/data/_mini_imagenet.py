@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from imaml_jax.data._omniglot import IMAGE_FILE_ERRORS
 from imaml_jax.data._omniglot import Splits
 
 MINI_IMAGENET_SPLITS = ("train", "val", "test")
@@ -155,7 +156,7 @@ def load_mini_imagenet_csv(
                 (image_size, image_size), Image.Resampling.LANCZOS
               )
             )
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, *IMAGE_FILE_ERRORS) as e:
           raise ValueError(f"cannot decode {image_dir / name}: {e}") from e
     out.append(arr)
   return Splits(*out)

@@ -51,6 +51,11 @@ import numpy as np
 from PIL import Image
 
 OMNIGLOT_ARCHIVES = ("images_background", "images_evaluation")
+# What Pillow raises for a malformed image file besides OSError and
+# ValueError: SyntaxError (e.g. "broken PNG file" for a PNG whose chunk
+# lengths are damaged) and DecompressionBombError (a damaged header that
+# claims a huge image).
+IMAGE_FILE_ERRORS = (SyntaxError, Image.DecompressionBombError)
 OMNIGLOT_IMAGES_PER_CHARACTER = 20
 CACHE_ENV_VAR = "IMAML_CACHE_DIR"
 
@@ -308,6 +313,7 @@ def _decode_archive(
         OSError,
         EOFError,
         ValueError,
+        *IMAGE_FILE_ERRORS,
       ) as e:
         raise ValueError(
           f"{path}: cannot decode member {member!r} "
