@@ -242,6 +242,28 @@ def test_pickle_with_code_is_refused(tmp_path):
   assert not marker.exists()
 
 
+@pytest.mark.parametrize(
+  "at, value, error",
+  [(10, 0x80, "OverflowError"), (9, 0x10, "MemoryError")],
+)
+def test_pickle_with_a_damaged_frame_length_is_named(
+  tmp_path, at, value, error
+):
+  """Bytes 3..10 of a protocol-4 pickle hold its first frame's length."""
+  write_pickle_fixture(tmp_path, 4)
+  path = tmp_path / "mini-imagenet-cache-val.pkl"
+  raw = bytearray(path.read_bytes())
+  assert raw[:3] == b"\x80\x04\x95"  # protocol 4, FRAME
+  raw[at] = value  # a length of 2**63 (or 2**52) bytes
+  path.write_bytes(bytes(raw))
+  with pytest.raises(
+    ValueError, match=f"cache-val.pkl: not a readable .*{error}"
+  ):
+    imdata.load_mini_imagenet_pickle(
+      tmp_path, images_per_class=PER_CLASS, n_classes=COUNTS
+    )
+
+
 def test_pickle_bad_input(tmp_path):
   write_pickle_fixture(tmp_path, 4)
   with pytest.raises(

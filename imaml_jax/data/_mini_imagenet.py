@@ -229,6 +229,13 @@ def _load_restricted_pickle(path: Path):
       raise ValueError(
         f"{path}: not a readable Mini-ImageNet cache pickle: {e}"
       ) from e
+    except (OverflowError, MemoryError) as e:
+      # A damaged length field (e.g. of a protocol-4 frame) asks for more
+      # bytes than can exist or be held.
+      raise ValueError(
+        f"{path}: not a readable Mini-ImageNet cache pickle (a damaged "
+        f"length, or more than this machine's memory): {e!r}"
+      ) from e
 
 
 def load_mini_imagenet_pickle(
