@@ -79,6 +79,7 @@ QUICK_RUNS = {
     "patches",
   ],
   "meta_gradient_accuracy": ["meta_gradient_accuracy.py", "--quick"],
+  "evaluation_chunk": ["evaluation_chunk.py", "--quick"],
 }
 
 

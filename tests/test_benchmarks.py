@@ -169,6 +169,21 @@ def test_memory_vs_steps_quick(quick_run):
   assert (out / "memory_vs_steps_cpu_quick.png").stat().st_size > 0
 
 
+def test_evaluation_chunk_quick(quick_run):
+  """Both ways score the tasks alike; one task at a time needs fewer
+  temporaries than the vmapped chunk."""
+  stdout, out = quick_run("evaluation_chunk")
+  result = json.loads(
+    (out / "evaluation_chunk_cpu_5w1s_maml_quick.json").read_text()
+  )
+  assert result["tasks"] == 4 and result["algorithm"] == "maml"
+  assert result["temp_mib"]["one_at_a_time"] < result["temp_mib"]["vmapped"]
+  assert result["largest_score_difference"]["accuracy_after"] == 0.0
+  assert result["largest_score_difference"]["loss_after"] < 1e-4
+  assert all(t > 0 for t in result["s_per_task"].values())
+  assert "less memory" in stdout
+
+
 def test_conv_formulations_quick(quick_run):
   # The default formulation only: test_models compares it with lax.conv.
   _, out = quick_run("conv_formulations")

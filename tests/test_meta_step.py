@@ -320,6 +320,47 @@ def test_task_chunking_gives_the_same_step_as_one_vmap(x64, chunk):
   )
 
 
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_eval_step_task_chunking_maps_over_tasks_with_the_same_metrics(
+  x64, stochastic
+):
+  """make_eval_step(task_chunk=c) runs lax.map over chunks of c tasks (a
+  scan around the inner loop's) and scores every task as one vmap."""
+  tasks, _ = linreg_batch(5)
+  loss = linreg_loss
+  if stochastic:  # A key-dependent loss: each task's key must not move.
+    loss = lambda w, b, key: linreg_loss(w, b) * (
+      1.0 + 0.1 * jax.random.uniform(key)
+    )
+  alg = im.imaml(2.0, im.gd(20, 0.2), im.cg(5))
+  params = jnp.linspace(-1, 1, 5)
+  extra = (jax.random.key(4),) if stochastic else ()
+  per_chunk, scans = {}, {}
+  for chunk in (None, 1, 2, 5):
+    evaluate = im.make_eval_step(
+      loss, alg, stochastic=stochastic, task_chunk=chunk
+    )
+    program = str(jax.make_jaxpr(evaluate)(params, tasks, *extra))
+    scans[chunk] = program.count("scan[")
+    per_chunk[chunk] = jax.jit(evaluate)(params, tasks, *extra)
+  # A chunk of the whole batch (5) is one vmap, as None; chunks of 2 leave
+  # a remainder of one task, vmapped apart with its own inner loop.
+  assert scans[1] == scans[None] + 1 == scans[5] + 1, scans
+  assert scans[2] == scans[None] + 2, scans
+  for chunk in (1, 2, 5):
+    for name, value in per_chunk[None].items():
+      assert per_chunk[chunk][name].shape == (5,)
+      np.testing.assert_allclose(per_chunk[chunk][name], value, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+  "chunk, error", [(0, ValueError), ("2", TypeError), (2.0, TypeError)]
+)
+def test_eval_step_refuses_a_bad_task_chunk_when_built(chunk, error):
+  with pytest.raises(error, match="task_chunk must be"):
+    im.make_eval_step(linreg_loss, im.fomaml(im.gd(1, 0.1)), task_chunk=chunk)
+
+
 def _convnet_problem(n_tasks=2):
   """MAML's Omniglot network, random images: (loss, params, tasks)."""
   from imaml_jax import models

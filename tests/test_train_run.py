@@ -1606,3 +1606,33 @@ def test_the_log_is_on_disk_before_each_checkpoint(tmp_path, monkeypatch):
   monkeypatch.setattr(os, "fsync", fsync)
   assert _train(workdir) == 0
   assert len(checked) == 30  # A checkpoint every 10 of the 300 steps.
+
+
+def test_evaluation_maps_over_the_tasks_as_the_training_step_does():
+  """On a CPU the conv nets' test tasks run one at a time inside each
+  evaluation chunk (runtime.task_chunk: 1), as a training step's do: the
+  same per-task scores as the chunk vmapped (task_chunk=8), in a program
+  that holds one task's activations instead of eight's."""
+  from imaml_jax.train import experiment as exp_lib
+
+  images = np.random.default_rng(0).integers(
+    0, 256, (12, 20, 28, 28, 1), dtype=np.uint8
+  )
+  scores, temp_bytes = {}, {}
+  for chunk in (0, 8):
+    cfg = config_lib.apply_overrides(
+      config_lib.get_config("omniglot_5w1s_maml"),
+      ["eval_chunk=8", f"task_chunk={chunk}"],
+    )
+    exp = exp_lib.build(cfg, None)
+    evaluator = evaluation.Evaluator(exp)
+    params = exp.init_params(jax.random.key(0))
+    scores[chunk] = evaluator(params, jax.device_put(images), 8, 0)
+    (compiled,) = evaluator._compiled.values()
+    temp_bytes[chunk] = compiled.memory_analysis().temp_size_in_bytes
+  assert (
+    runtime.task_chunk(config_lib.get_config("omniglot_5w1s_maml"), "cpu") == 1
+  )
+  for name, value in scores[8].items():
+    np.testing.assert_allclose(scores[0][name], value, rtol=1e-5, atol=1e-6)
+  assert temp_bytes[0] * 4 < temp_bytes[8], temp_bytes

@@ -438,6 +438,7 @@ def make_eval_step(
   has_aux: bool = False,
   flatten: bool = True,
   stochastic: bool = False,
+  task_chunk: int | None = None,
 ):
   """Builds ``evaluate(params, tasks) -> metrics`` for held-out tasks.
 
@@ -445,8 +446,10 @@ def make_eval_step(
   (proximal for iMAML, plain for the baselines) and judged on its query set.
   Metrics have a leading task axis: ``loss_before``/``loss_after`` and each
   aux entry as ``<name>_before``/``<name>_after``. Pure; the caller jits it.
-  ``flatten`` adapts on the raveled parameter vector, as in
-  :func:`make_meta_step`. With ``stochastic`` the loss is
+  ``flatten`` adapts on the raveled parameter vector and ``task_chunk``
+  maps over the tasks in vmapped chunks, as in :func:`make_meta_step` (the
+  same metrics; one task at a time holds one task's activations in memory
+  instead of the batch's). With ``stochastic`` the loss is
   ``loss_fn(params, batch, key)`` and the call ``evaluate(params, tasks,
   key)``, with per-task keys as in :func:`make_meta_step`, whose checks of
   ``loss_fn``, ``algorithm`` and ``has_aux`` it shares. ``evaluate`` checks
@@ -455,6 +458,8 @@ def make_eval_step(
   :class:`~imaml_jax.Task`.
   """
   check_step_arguments(loss_fn, algorithm)
+  if task_chunk is not None:
+    validation.check_positive_int("task_chunk", task_chunk)
   loss = with_aux(loss_fn, has_aux)
   if stochastic:
     loss = with_key_in_batch(loss)
@@ -483,6 +488,8 @@ def make_eval_step(
         "evaluate got a key, but the loss is deterministic: "
         "build it with make_eval_step(..., stochastic=True)."
       )
-    return jax.vmap(one, in_axes=(None, 0))(params, tasks)
+    return map_over_tasks(
+      lambda task: one(params, task), tasks, task_chunk, n_tasks
+    )
 
   return evaluate

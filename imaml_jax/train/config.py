@@ -244,7 +244,9 @@ class Config:
     meta_batch: tasks per meta-step.
     task_chunk: tasks vmapped together in a training meta-step, the batch
       running as ``lax.map`` over chunks (``make_meta_step(task_chunk=...)``,
-      same result up to the order of the sum over tasks); 0 (the default)
+      same result up to the order of the sum over tasks), and likewise
+      within each evaluation chunk (``make_eval_step(task_chunk=...)``, the
+      same scores up to rounding); 0 (the default)
       is auto: one task at a time for the conv nets on a CPU, the fastest
       there (``benchmarks/throughput.py --task-chunk``), and the whole
       meta-batch vmapped for the sinusoid MLP and on a GPU

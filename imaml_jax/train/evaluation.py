@@ -176,6 +176,10 @@ def improves(score: float, best: float, higher_is_better: bool) -> bool:
 class Evaluator:
   """Evaluates parameters on fixed task sets; compiles once per chunk shape.
 
+  Within a chunk the tasks are mapped over as a training step maps over
+  its batch (:func:`imaml_jax.train.runtime.task_chunk`: one at a time for
+  the conv nets on a CPU, vmapped otherwise).
+
   ``chunks(config, images, n_tasks, seed)`` yields the tasks
   (:func:`imaml_jax.train.experiment.evaluation_chunks` by default).
   With ``progress`` a tqdm bar counts the tested tasks (each chunk is
@@ -193,7 +197,12 @@ class Evaluator:
     self._chunks = chunks or exp_lib.evaluation_chunks
     self._progress = progress
     self._fn = jax.jit(
-      im.make_eval_step(exp.loss, exp.eval_algorithm, has_aux=True)
+      im.make_eval_step(
+        exp.loss,
+        exp.eval_algorithm,
+        has_aux=True,
+        task_chunk=runtime.task_chunk(exp.config),
+      )
     )
     self._compiled = {}
     self.compile_time_s = 0.0
