@@ -29,7 +29,9 @@ the ratios between them are what to read. Variants (the iMAML-GD step of
 
 It reports the median and fastest seconds per meta-step and tasks per
 second of each, and writes ``benchmarks/results/step_variants_<platform>``
-``.{csv,json}``.
+``.{csv,json}``; a process with several devices writes
+``step_variants_<platform>_<N>dev.{csv,json}`` instead (e.g.
+``step_variants_cpu_2dev``), beside the one-device result.
 
     python benchmarks/step_variants.py                  # 5w1s, meta-batch 32
     python benchmarks/step_variants.py --setting 5w5s --rounds 5
@@ -118,6 +120,18 @@ def time_in_turns(compiled: dict, rounds: int, min_seconds: float):
   return times
 
 
+def output_name(platform: str, devices: int, quick: bool) -> str:
+  """The stem of the result files: a run on several devices is marked
+  ``_<N>dev``, so that it does not replace the one-device result.
+
+  Example:
+    >>> output_name("cpu", 1, False), output_name("cpu", 2, True)
+    ('step_variants_cpu', 'step_variants_cpu_2dev_quick')
+  """
+  split = f"_{devices}dev" if devices > 1 else ""
+  return f"step_variants_{platform}{split}{'_quick' if quick else ''}"
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument(
@@ -193,8 +207,7 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   stem = os.path.join(
     args.out,
-    f"step_variants_{jax.devices()[0].platform}"
-    f"{'_quick' if args.quick else ''}",
+    output_name(jax.devices()[0].platform, jax.device_count(), args.quick),
   )
   meta = throughput.write_results(rows, stem, device, matmul=None)
   print(f"wrote {stem}.{{json,csv}}")

@@ -156,6 +156,38 @@ def test_step_variants_quick(quick_run):
   assert "tasks/s" in stdout
 
 
+def test_step_variants_on_two_devices_keeps_the_one_device_result(tmp_path):
+  """``benchmarks/README.md``'s second step_variants command, on two host
+  devices, writes ``step_variants_cpu_2dev`` beside the one-device
+  ``step_variants_cpu`` instead of replacing it."""
+  one_device = tmp_path / "step_variants_cpu_quick.csv"
+  one_device.write_text("kept\n")
+  subprocess.run(
+    [
+      sys.executable,
+      str(BENCHMARKS / "step_variants.py"),
+      "--quick",
+      "--variants",
+      "single",
+      "--out",
+      str(tmp_path),
+    ],
+    check=True,
+    capture_output=True,
+    timeout=420,
+    env=fast_compile.environ(
+      XLA_FLAGS="--xla_force_host_platform_device_count=2"
+    ),
+  )
+  assert one_device.read_text() == "kept\n"
+  (row,) = read_csv(tmp_path / "step_variants_cpu_2dev_quick.csv")
+  assert row["variant"] == "single" and float(row["tasks_per_s"]) > 0
+  result = json.loads(
+    (tmp_path / "step_variants_cpu_2dev_quick.json").read_text()
+  )
+  assert result["device"].endswith(", 2 devices")
+
+
 def test_memory_vs_steps_quick(quick_run):
   # MAML only, the cheapest to compile of the algorithms whose memory grows;
   # iMAML's flat memory is tested in test_meta_step.
@@ -1234,7 +1266,9 @@ def test_tables_read_every_protocol_and_prefer_more_test_tasks(tmp_path):
   assert gd["accuracy"] == pytest.approx(95.0) and gd["test_tasks"] == 600
 
 
-@pytest.mark.parametrize("name", ["tables", "compare_runs", "arguments"])
+@pytest.mark.parametrize(
+  "name", ["tables", "compare_runs", "arguments", "step_variants"]
+)
 def test_benchmark_docstring_examples(name):
   results = doctest.testmod(import_benchmark(name))
   assert results.attempted > 0 and results.failed == 0
