@@ -1176,6 +1176,48 @@ def test_eval_protocols_and_query_images(reference_run, tmp_path, capsys):
   assert stored["q_query"] == 10  # Training's setting is unchanged.
 
 
+def test_eval_refuses_a_setting_the_runs_adaptation_does_not_use(
+  compile_cache, tmp_path, capsys
+):
+  """``imaml-eval --set lam=...`` on a MAML run, or ``inner_lr`` on a
+  Hessian-free one, would write a result file named after a setting the
+  run's adaptation never reads, holding the test without it: refused with
+  exit code 2, before anything is written. What the run does use is
+  still accepted."""
+  few = ["meta_steps=2", "val_every=2", "checkpoint_every=2", "test_tasks=4"]
+  maml = tmp_path / "maml"
+  assert _train(maml, *few, config="sinusoid_maml") == 0
+  hessian_free = tmp_path / "hessian_free"
+  assert (
+    _train(
+      hessian_free,
+      *few,
+      "inner=hessian_free",
+      "inner_backtrack=false",
+      "inner_steps=2",
+      "hf_cg_steps=2",
+    )
+    == 0
+  )
+  capsys.readouterr()
+  for workdir, override, message in (
+    (maml, "lam=8", "this run's algorithm is 'maml'"),
+    (hessian_free, "inner_lr=0.5", "'hessian_free' takes Newton steps"),
+  ):
+    before = sorted(p.name for p in workdir.iterdir())
+    with pytest.raises(SystemExit) as info:
+      cli.eval_main(["--workdir", str(workdir), "--set", override])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{override} does not apply" in err and message in err
+    assert sorted(p.name for p in workdir.iterdir()) == before
+  # MAML's own step size changes its test.
+  assert cli.eval_main(["--workdir", str(maml), "--set", "inner_lr=0.02"]) == 0
+  changed = json.loads((maml / "eval_inner_lr=0.02.json").read_text())
+  results = json.loads((maml / "results.json").read_text())
+  assert changed["test"]["loss_after"] != results["test"]["loss_after"]
+
+
 def test_format_test_reads_results_written_before_protocols():
   stats = {"mean": 0.25, "std": 0.1, "ci95": 0.01, "n": 20}
   old = {"test_params": "last", "test": {"loss_after": stats}}

@@ -253,6 +253,44 @@ def _check_dataset(
     )
 
 
+def check_overrides_apply(
+  protocol: str, config: config_lib.Config, overrides: Sequence[str]
+) -> None:
+  """Refuses a test-time override that the run's adaptation has no use for,
+  so that a result file named after it cannot hold the test without it.
+
+  ``lam`` is iMAML's proximal strength: MAML, first-order MAML and Reptile
+  adapt without it. ``inner_lr`` is the step of every inner solver but the
+  Hessian-free one (Newton steps with a line search), except under the
+  authors' protocol, which adapts an iMAML run with its own SGD steps.
+
+  Raises:
+    ConfigError: such an override, naming the run's algorithm or inner
+      solver.
+
+  Example:
+    >>> maml = config_lib.get_config("omniglot_5w1s_maml")
+    >>> check_overrides_apply("ours", maml, ["eval_inner_steps=5"])
+    >>> try:
+    ...   check_overrides_apply("ours", maml, ["lam=8"])
+    ... except config_lib.ConfigError as error:
+    ...   print(str(error)[:40])
+    lam=8 does not apply: lam is iMAML's pro
+  """
+  keys = {o.partition("=")[0].strip(): o for o in overrides}
+  if "lam" in keys and config.algorithm != "imaml":
+    raise config_lib.ConfigError(
+      f"{keys['lam']} does not apply: lam is iMAML's proximal strength, "
+      f"and this run's algorithm is {config.algorithm!r}."
+    )
+  authors_sgd = protocol == "authors" and config.algorithm == "imaml"
+  if "inner_lr" in keys and config.inner == "hessian_free" and not authors_sgd:
+    raise config_lib.ConfigError(
+      f"{keys['inner_lr']} does not apply: the inner solver "
+      "'hessian_free' takes Newton steps with a line search, no step size."
+    )
+
+
 def _test_images(
   exp: exp_lib.Experiment, split: str, config: config_lib.Config, data_dir
 ):
@@ -399,8 +437,9 @@ def evaluate_workdir(
   Raises:
     ConfigError: an unknown protocol or split, a split the protocol does
       not draw from, an override of a field that is not a test-time field
-      (or that the protocol fixes), or the authors' characters for a run
-      that is not on Omniglot; all before anything is loaded. Also an
+      (or that the protocol fixes, or that the run's adaptation does not
+      use: :func:`check_overrides_apply`), or the authors' characters for a
+      run that is not on Omniglot; all before anything is loaded. Also an
       ``n_way`` larger than the classes of the split the tasks are drawn
       from (once the data is loaded, before any task is tested).
     WorkdirError, DataError, CheckpointError: as for training.
@@ -413,6 +452,7 @@ def evaluate_workdir(
   split = check_protocol(protocol, split, overrides)
   config, latest = workdir_lib.load_run(workdir)
   _check_dataset(protocol, split, config)
+  check_overrides_apply(protocol, config, overrides)
   base = protocol_overrides(protocol, config)
   test_config = config_lib.apply_test_time_overrides(
     config, [*base, *overrides]
