@@ -318,6 +318,20 @@ def test_authors_options_are_refused_outside_imaml(overrides, message):
     )
 
 
+def test_another_inner_solver_on_a_checked_gd_config_names_the_remedy():
+  """The iMAML-GD configs check their GD steps; switching the inner solver
+  alone is refused with the override that completes it, and with that
+  override it applies."""
+  config = config_lib.get_config("omniglot_5w1s_imaml_gd")
+  change = ["inner=gd_then_pull_back", "inner_lr=0.1"]
+  with pytest.raises(config_lib.ConfigError, match="add inner_backtrack=false"):
+    config_lib.apply_overrides(config, change)
+  changed = config_lib.apply_overrides(
+    config, [*change, "inner_backtrack=false"]
+  )
+  assert changed.inner == "gd_then_pull_back" and not changed.inner_backtrack
+
+
 @pytest.mark.parametrize(
   "name, overrides, message",
   [

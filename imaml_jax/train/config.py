@@ -510,7 +510,9 @@ def validate(config: Config) -> Config:
     )
   if config.inner_backtrack and config.inner != "gd":
     raise ConfigError(
-      f"inner_backtrack applies to inner='gd' only; got inner={config.inner!r}."
+      f"inner_backtrack applies to inner='gd' only; got inner={config.inner!r}"
+      " with inner_backtrack=true (set by the sinusoid and iMAML-GD "
+      "configs): add inner_backtrack=false."
     )
   if not 0 <= config.inner_momentum < 1:
     raise ConfigError(
