@@ -1176,6 +1176,31 @@ def test_eval_protocols_and_query_images(reference_run, tmp_path, capsys):
   assert stored["q_query"] == 10  # Training's setting is unchanged.
 
 
+def test_eval_of_a_running_run_tests_the_checkpoint_it_found(
+  reference_run, tmp_path, monkeypatch, capsys
+):
+  """``imaml-eval`` on a run still training: the trainer may replace the
+  newest checkpoint (keeping ``keep_checkpoints`` of them) while the test
+  loads its data; the test reads the checkpoint once, when it starts, and
+  tests it instead of failing on a file that is gone."""
+  workdir = tmp_path / "running"
+  shutil.copytree(reference_run, workdir)
+  (workdir / "results.json").unlink()
+  newest = ckpt_lib.latest_checkpoint(workdir / "checkpoints")
+  load_data = protocols.exp_lib.load_data
+
+  def rotated_while_loading(*args, **kwargs):
+    newest.unlink()  # As the trainer's rotation does, between the two.
+    return load_data(*args, **kwargs)
+
+  monkeypatch.setattr(protocols.exp_lib, "load_data", rotated_while_loading)
+  assert cli.eval_main(["--workdir", str(workdir), "--no-progress"]) == 0
+  result = json.loads((workdir / "eval.json").read_text())
+  assert result["checkpoint"] == str(newest)
+  assert result["step"] == int(re.search(r"(\d+)\.ckpt$", newest.name)[1])
+  assert "test on best_validation parameters" in capsys.readouterr().out
+
+
 def test_eval_refuses_a_setting_the_runs_adaptation_does_not_use(
   compile_cache, tmp_path, capsys
 ):

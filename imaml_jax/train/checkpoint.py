@@ -245,19 +245,23 @@ def load(path: str | os.PathLike) -> tuple[int, Any]:
   return int(header["step"]), tree
 
 
-def check_intact(path: str | os.PathLike) -> None:
+def check_intact(path: str | os.PathLike) -> tuple[int, Any]:
   """Verifies checkpoint ``path``; a failure names the way back.
 
   The error of :func:`load` gains the newest older checkpoint of the same
   directory that verifies, and what to do to use it (the corrupt file is
   the user's to move; nothing is deleted here).
 
+  Returns:
+    :func:`load`'s ``(step, tree)``, for a reader that must not read the
+    file again (a running trainer may have replaced it since).
+
   Raises:
     CheckpointError: ``path`` does not verify.
   """
   path = Path(path)
   try:
-    load(path)
+    return load(path)
   except CheckpointError as e:
     older = [p for _, p in list_checkpoints(path.parent) if p != path]
     intact = next((p for p in reversed(older) if _verifies(p)), None)

@@ -334,14 +334,17 @@ def protocol_overrides(protocol: str, config: config_lib.Config) -> list[str]:
 
 
 def restore_parameters(
-  path, config: config_lib.Config, exp: exp_lib.Experiment
+  path, config: config_lib.Config, exp: exp_lib.Experiment, *, loaded=None
 ):
   """``(step, last_params, best)`` of checkpoint ``path``.
 
   The training metrics' sums play no part in a test: they are restored with
   the metric names the checkpoint holds, so a run saved before a metric was
-  added can still be tested.
+  added can still be tested. ``loaded``: the ``(step, tree)`` already read
+  from ``path`` (:func:`checkpoint.check_intact`), which is then not read
+  again.
   """
+  loaded = ckpt_lib.load(path) if loaded is None else loaded
   init, _ = im.make_meta_step(
     exp.loss, exp.optimizer, exp.algorithm, has_aux=True
   )
@@ -351,9 +354,14 @@ def restore_parameters(
     "score": np.float64(np.nan),
     "step": np.int64(-1),
   }
-  stored_metrics = ckpt_lib.load(path)[1].get("sums", {}).get("sums", {})
+  stored_metrics = loaded[1].get("sums", {}).get("sums", {})
   step, state, _, best, _, _ = workdir_lib.restore(
-    path, config, state, steps_lib.init_sums(stored_metrics), best
+    path,
+    config,
+    state,
+    steps_lib.init_sums(stored_metrics),
+    best,
+    loaded=loaded,
   )
   return step, state.params, best
 
@@ -461,14 +469,18 @@ def evaluate_workdir(
   path = Path(workdir).expanduser() / eval_file_name(overrides, split, protocol)
   if not (extend or overwrite):
     check_not_replacing_larger_test(path, n_tasks)
-  ckpt_lib.check_intact(latest)  # Fails before the data loads.
+  # Read once, before the data loads: a trainer still running may replace
+  # the file in the meantime, and this test is of the checkpoint found.
+  loaded = ckpt_lib.check_intact(latest)
   data_dir = exp_lib.resolve_data_dir(config, data_dir)
   # Test-time fields change only the adaptation, not the parameters.
   exp = exp_lib.build(test_config, exp_lib.load_data(config, data_dir))
   images, chunks, overlap = _test_images(exp, split, config, data_dir)
   exp_lib.check_split_classes(test_config, split, images)
   exp, adaptation = _adaptation(exp, protocol, test_config)
-  step, last_params, best = restore_parameters(latest, config, exp)
+  step, last_params, best = restore_parameters(
+    latest, config, exp, loaded=loaded
+  )
   reported = None if protocol == "authors" else best
   protocol_entry = protocol_record(
     protocol,

@@ -537,8 +537,13 @@ def _check_checkpoint_config(
     )
 
 
-def restore(path: Path, config: config_lib.Config, state, sums, best):
+def restore(
+  path: Path, config: config_lib.Config, state, sums, best, *, loaded=None
+):
   """Loads checkpoint ``path`` into templates shaped like this run's.
+
+  ``loaded`` is the ``(step, tree)`` of :func:`checkpoint.load` when the
+  file was read already; it is then not read again.
 
   Returns:
     ``(step, state, sums, best, base_key, elapsed_s)``.
@@ -546,7 +551,7 @@ def restore(path: Path, config: config_lib.Config, state, sums, best):
   Raises:
     CheckpointError: corrupt file, other config, or other shapes.
   """
-  step, tree = ckpt_lib.load(path)
+  step, tree = ckpt_lib.load(path) if loaded is None else loaded
   _check_checkpoint_config(path, tree, config)
   state, best, base_key, elapsed = _read_loop_state(
     path, step, tree, state, best
