@@ -2079,6 +2079,73 @@ def test_scaling_figures_are_the_committed_run():
     assert ("--quick" in text) == run["quick"]
 
 
+def expand_braces(text: str) -> list[str]:
+  """``a_{b,c}.{d,e}`` as the shell expands it: ``a_b.d``, ``a_b.e``, ..."""
+  match = re.search(r"\{([^{}]*)\}", text)
+  if match is None:
+    return [text]
+  return [
+    name
+    for choice in match[1].split(",")
+    for name in expand_braces(
+      text[: match.start()] + choice + text[match.end() :]
+    )
+  ]
+
+
+def index_stem(script: str, args: list[str], devices: int) -> str | None:
+  """The stem of the result files ``benchmarks/<script>`` writes on a CPU
+  with ``args`` (None for the scripts this does not know)."""
+  tag = args[args.index("--tag") + 1] if "--tag" in args else None
+  if script == "step_variants.py":
+    return import_benchmark("step_variants").output_name(
+      "cpu", devices, "--quick" in args
+    )
+  defaults = {"compile_time.py": "cpu", "cg_warm_start.py": "cpu"}
+  if script in defaults:
+    return f"{script[:-3]}_{tag or defaults[script]}"
+  if script in ("inner_loop_stall.py", "meta_gradient_omniglot.py"):
+    return script[:-3] + (f"_{tag}" if tag else "")
+  return None
+
+
+def test_readme_index_commands_write_the_files_of_their_row():
+  """Each command of ``benchmarks/README.md``'s index that runs a script
+  whose file names follow its arguments writes the result files its row
+  names, so that running it does not replace another row's files (a
+  command with ``...`` elides arguments and is left out)."""
+  index = markdown_section(BENCHMARKS / "README.md", "Index")
+  checked = 0
+  for row in index.splitlines():
+    cells = row.split(" | ")
+    if not row.startswith("| ") or len(cells) < 3:
+      continue
+    files = [
+      name
+      for span in re.findall(r"`([^`]+)`", cells[-1])
+      for name in expand_braces(span)
+    ]
+    for command in re.findall(r"`([^`]*python benchmarks/[^`]*)`", row):
+      if "..." in command:
+        continue
+      words = command.split()
+      script = next(w for w in words if w.startswith("benchmarks/"))[11:]
+      forced = re.search(r"device_count=(\d+)", command)
+      stem = index_stem(
+        script,
+        words[words.index(f"benchmarks/{script}") + 1 :],
+        int(forced[1]) if forced else 1,
+      )
+      if stem is None:
+        continue
+      assert any(
+        re.fullmatch(rf"{re.escape(stem)}(_variants)?\.\w+", name)
+        for name in files
+      ), (command, stem, files)
+      checked += 1
+  assert checked >= 8
+
+
 def test_readme_marks_each_command_that_needs_a_removed_checkpoint():
   """A command of the index that reads a run directory without a
   checkpoint (``--workdir`` of an evaluation or diagnostic) carries the
