@@ -2151,6 +2151,37 @@ def test_readme_index_commands_write_the_files_of_their_row():
   assert checked >= 8
 
 
+def test_gpu_memory_command_is_the_one_its_result_file_records():
+  """The GPU memory command that ``benchmarks/README.md`` and the
+  performance guide give measures the inner-step counts of
+  ``memory_vs_steps_gpu_h100.json`` under the per-point limit its timed-out
+  points name (the script's defaults where the command gives none)."""
+  record = json.loads((RESULTS / "memory_vs_steps_gpu_h100.json").read_text())
+  steps = sorted({row["inner_steps"] for row in record["rows"]})
+  limits = {
+    float(re.search(r"after ([\d.]+) s", row["error"])[1])
+    for row in record["rows"]
+    if row.get("error")
+  }
+  pages = [BENCHMARKS / "README.md", PERFORMANCE_GUIDE]
+  commands = [
+    " ".join(command.split())
+    for page in pages
+    for command in re.findall(
+      r"`(python benchmarks/memory_vs_steps\.py --isolate[^`]*)`",
+      page.read_text(),
+    )
+  ]
+  assert len(commands) == len(pages), commands
+  for command in commands:
+    given = re.search(r"--steps((?: \d+)+)", command)
+    assert (
+      [int(n) for n in given[1].split()] if given else [1, 5, 10, 25, 50, 100]
+    ) == steps, command
+    limit = re.search(r"--point-timeout ([\d.]+)", command)
+    assert {float(limit[1]) if limit else 600.0} == limits, command
+
+
 def test_readme_marks_each_command_that_needs_a_removed_checkpoint():
   """A command of the index that reads a run directory without a
   checkpoint (``--workdir`` of an evaluation or diagnostic) carries the
