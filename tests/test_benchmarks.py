@@ -2151,6 +2151,32 @@ def test_readme_index_commands_write_the_files_of_their_row():
   assert checked >= 8
 
 
+def test_readme_compile_time_commands_measure_the_steps_of_their_files():
+  """Each ``compile_time.py`` command of ``benchmarks/README.md``'s index
+  names the steps that the result file it writes holds (all of them where
+  it names none)."""
+  index = markdown_section(BENCHMARKS / "README.md", "Index")
+  every = list(import_benchmark("compile_time").STEPS)
+  checked = 0
+  for command in re.findall(
+    r"`([^`]*benchmarks/compile_time\.py[^`]*)`", index
+  ):
+    words = command.split()
+    args = words[words.index("benchmarks/compile_time.py") + 1 :]
+    named = []
+    if "--steps" in args:
+      for word in args[args.index("--steps") + 1 :]:
+        if word.startswith("--"):
+          break
+        named.append(word)
+    stem = index_stem("compile_time.py", args, 1)
+    record = json.loads((RESULTS / f"{stem}.json").read_text())
+    measured = {row["step"] for row in record["rows"]}
+    assert set(named or every) == measured, (command, sorted(measured))
+    checked += 1
+  assert checked == 4
+
+
 def test_gpu_memory_command_is_the_one_its_result_file_records():
   """The GPU memory command that ``benchmarks/README.md`` and the
   performance guide give measures the inner-step counts of
