@@ -576,3 +576,33 @@ def test_closed_over_values_compose_with_jit_and_vmap(x64):
   want = meta_grad(task_loss_passed_in)(theta, 0.3)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+@pytest.mark.parametrize("closed_over", [False, True], ids=["passed", "closed"])
+def test_grad_of_vmap_over_tasks_counts_unmapped_leaves_once(x64, closed_over):
+  # The support loss does not read "scale", so its adapted value depends on
+  # no task's data; its gradient must still be the mean over the tasks.
+  (xs, ys), queries = stacked_linreg_tasks(3)
+  theta = {"w": jnp.full(5, 0.2), "scale": jnp.asarray(1.5)}
+  support_loss = lambda p, b: linreg_loss(p["w"], b)
+
+  def task_loss(theta, x, y, q):
+    if closed_over:
+      loss = lambda p, _: support_loss(p, (x, y))
+      phi = im.adapt(loss, theta, None, lam=2.0, inner=CONVERGED_GD)
+    else:
+      phi = im.adapt(support_loss, theta, (x, y), lam=2.0, inner=CONVERGED_GD)
+    return linreg_loss(phi["scale"] * phi["w"], q)
+
+  batched = jax.grad(
+    lambda t: jax.vmap(task_loss, (None, 0, 0, 0))(t, xs, ys, queries).mean()
+  )(theta)
+  per_task = [
+    jax.grad(task_loss)(
+      theta, xs[i], ys[i], jax.tree.map(lambda a: a[i], queries)
+    )
+    for i in range(3)
+  ]
+  want = jax.tree.map(lambda *g: sum(g) / 3, *per_task)
+  for key in ("w", "scale"):
+    np.testing.assert_allclose(batched[key], want[key], rtol=1e-12)

@@ -16,6 +16,7 @@ damped as in the authors' public code (``damping``, ``lam_damping``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -260,7 +261,8 @@ def _implicit_adapt(
 
   def solve_inner(params, support, lam):
     objective = inner_lib.proximal_objective(loss, params, support, lam)
-    return inner.run(objective, params)
+    phi = inner.run(objective, params)
+    return _batched_like(phi, (params, support, lam))
 
   @jax.custom_vjp
   def _adapt(params, support, lam):
@@ -287,6 +289,33 @@ def _implicit_adapt(
 
   _adapt.defvjp(fwd, bwd)
   return _adapt(params, support, lam)
+
+
+def _batched_like(phi: PyTree, inputs: PyTree) -> PyTree:
+  """``phi`` unchanged, but mapped by an outer ``jax.vmap`` wherever any of
+  ``inputs`` is.
+
+  A leaf of ``phi`` that depends on no mapped input (a parameter the support
+  loss does not read, or reads apart from the data) leaves the forward pass
+  unmapped, while the backward pass is mapped through its residuals. Under
+  ``jax.grad`` of a ``jax.vmap`` JAX then hands that pass the cotangent of
+  such a leaf already summed over the mapped axis, and sums the pass's
+  results over that axis once more: the leaf's gradient came out multiplied
+  by the batch size. Each leaf goes through ``jnp.where(p, leaf, leaf)``
+  with ``p`` a flag read from one element of every input, which is mapped
+  wherever an input is and which XLA folds away.
+  """
+  flags = []
+  for leaf in jax.tree.leaves(inputs):
+    if jnp.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    if jnp.size(leaf):
+      first = jnp.ravel(leaf)[0]
+      flags.append(first != first)
+  if not flags:
+    return phi
+  pred = functools.reduce(jnp.logical_or, flags)
+  return jax.tree.map(lambda leaf: jnp.where(pred, leaf, leaf), phi)
 
 
 def _is_float(leaf) -> bool:
