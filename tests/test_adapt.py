@@ -606,3 +606,33 @@ def test_grad_of_vmap_over_tasks_counts_unmapped_leaves_once(x64, closed_over):
   want = jax.tree.map(lambda *g: sum(g) / 3, *per_task)
   for key in ("w", "scale"):
     np.testing.assert_allclose(batched[key], want[key], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+  "params_dtype, data_dtype, rtol",
+  [("float64", "float32", 1e-6), ("float32", "bfloat16", 2e-2)],
+)
+def test_support_narrower_than_params_is_differentiated_in_its_dtype(
+  x64, params_dtype, data_dtype, rtol
+):
+  # Differentiating the support (or a closed-over value) of a narrower dtype
+  # than the parameters: the cotangent comes back in the support's dtype.
+  (x, y), query = linreg_task(8)
+  theta = jnp.full(5, 0.2, params_dtype)
+  loss = lambda w, b: linreg_loss(w, (b[0].astype(w.dtype), b[1]))
+
+  def meta(x, c):
+    decayed = lambda w, b: loss(w, b) + c.astype(w.dtype) * jnp.sum(w**2)
+    phi = im.adapt(decayed, theta, (x, y), lam=2.0, inner=im.gd(20, 0.2))
+    return loss(phi, query) + decayed(phi, (x, y))
+
+  narrow = lambda a: jnp.asarray(a, data_dtype)
+  gx, gc = jax.grad(meta, argnums=(0, 1))(narrow(x), narrow(0.3))
+  assert gx.dtype == gc.dtype == jnp.dtype(data_dtype)
+  want_x, want_c = jax.grad(meta, argnums=(0, 1))(
+    jnp.asarray(narrow(x), params_dtype), jnp.asarray(narrow(0.3), params_dtype)
+  )
+  np.testing.assert_allclose(
+    np.float64(gx), want_x, rtol=rtol, atol=1e-3 * rtol
+  )
+  np.testing.assert_allclose(np.float64(gc), want_c, rtol=rtol)

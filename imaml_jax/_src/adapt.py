@@ -325,7 +325,8 @@ def _is_float(leaf) -> bool:
 def _support_cotangent(loss, phi, support, x, lam):
   """``-(1/lam) (d_s grad_phi L(phi, s))^T x`` for the floating leaves of ``s``.
 
-  Integer leaves (labels) get ``float0`` zeros, as JAX requires.
+  Integer leaves (labels) get ``float0`` zeros, as JAX requires; each
+  floating leaf's cotangent has that leaf's dtype.
   """
   leaves, treedef = jax.tree.flatten(support)
   float_idx = [i for i, leaf in enumerate(leaves) if _is_float(leaf)]
@@ -341,5 +342,7 @@ def _support_cotangent(loss, phi, support, x, lam):
     _, pullback = jax.vjp(grad_wrt_floats, [leaves[i] for i in float_idx])
     (float_bars,) = pullback(x)
     for i, bar in zip(float_idx, float_bars):
-      cotangents[i] = -bar / lam
+      # In the leaf's own dtype: lam has the parameters' dtype, which may
+      # be wider (float32 parameters, bfloat16 data).
+      cotangents[i] = (-bar / lam).astype(jnp.result_type(leaves[i]))
   return jax.tree.unflatten(treedef, cotangents)
