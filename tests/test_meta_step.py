@@ -132,8 +132,11 @@ def test_nonfinite_meta_gradient_skips_the_update():
     im.imaml(2.0, im.gd(3, 0.1), im.cg(2)),
     skip_nonfinite=False,
   )
-  state, _ = jax.jit(step)(state1, bad)
+  state, metrics = jax.jit(step)(state1, bad)
   assert not bool(jnp.all(jnp.isfinite(state.params)))
+  # The NaN update was applied, so nothing counts as skipped.
+  assert int(metrics["skipped"]) == 0 and int(state.skipped) == 0
+  assert not np.isfinite(float(metrics["grad_norm"]))
 
 
 def test_pytree_params_and_every_algorithm_run_under_jit():

@@ -179,7 +179,10 @@ def make_meta_step(
 
   If the averaged meta-gradient has a non-finite entry and ``skip_nonfinite``
   is true (the default), parameters and optimizer state are left unchanged,
-  ``state.skipped`` is incremented and ``metrics["skipped"]`` is 1.
+  ``state.skipped`` is incremented and ``metrics["skipped"]`` is 1. With
+  ``skip_nonfinite=False`` the update is applied whatever it holds, and
+  neither counts it as skipped (``metrics["grad_norm"]`` shows a non-finite
+  meta-gradient).
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` or, with ``has_aux=True``,
@@ -345,11 +348,12 @@ def make_meta_step(
       grad = jax.lax.pmean(grad, axis_name)
     updates, opt_state = optimizer.update(grad, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = tu.tree_all_finite(grad)
+    skipped = jnp.zeros((), jnp.int32)  # Nothing is skipped when opted out.
     if skip_nonfinite:
+      finite = tu.tree_all_finite(grad)
       params = tu.tree_where(finite, params, state.params)
       opt_state = tu.tree_where(finite, opt_state, state.opt_state)
-    skipped = jnp.logical_not(finite).astype(jnp.int32)
+      skipped = jnp.logical_not(finite).astype(jnp.int32)
     metrics = {k: jnp.mean(v) for k, v in per_task.items()}
     if axis_name is not None:
       metrics = jax.lax.pmean(metrics, axis_name)
