@@ -166,6 +166,36 @@ def test_maml_differentiates_through_hessian_free_inner_loop(x64):
   assert bool(jnp.all(jnp.isfinite(g)))
 
 
+def test_maml_differentiates_through_guarded_hessian_free(x64):
+  # A strictly convex, non-quadratic support loss and as many CG steps as
+  # dimensions: each Newton direction is exact, so MAML's meta-gradient is
+  # the derivative of the Newton steps, which finite differences give, with
+  # or without the stop at negative curvature.
+  _, task, theta, *_ = quadratic_task(seed=2)
+  loss = lambda w, b: (
+    0.5 * (w - b[1]) @ b[0] @ (w - b[1]) + 0.1 * jnp.sum((w - b[1]) ** 4)
+  )
+  tasks = jax.tree.map(lambda a: a[None], task)
+
+  def meta_gradient(**kwargs):
+    newton = im.hessian_free(2, 4, **kwargs)
+    init, step = im.make_meta_step(loss, optax.sgd(1.0), im.maml(newton))
+    return theta - jax.jit(step)(init(theta), tasks)[0].params
+
+  newton = im.hessian_free(2, 4, stop_at_negative_curvature=True)
+  query_loss = lambda t: loss(
+    newton.run(lambda w: loss(w, task.support), t), task.query
+  )
+  h, eye = 1e-6, np.eye(theta.size)
+  fd = [
+    (query_loss(theta + h * e) - query_loss(theta - h * e)) / (2 * h)
+    for e in eye
+  ]
+  guarded = meta_gradient(stop_at_negative_curvature=True)
+  np.testing.assert_allclose(guarded, fd, rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(guarded, meta_gradient(), rtol=1e-8)
+
+
 def test_imaml_rejects_bad_hyperparameters():
   with pytest.raises(ValueError, match="lam"):
     im.imaml(lam=0.0, inner=im.gd(1, 0.1))

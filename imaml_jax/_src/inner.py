@@ -532,7 +532,10 @@ def hessian_free(
 
   The line search sees the iterate through ``lax.stop_gradient``: the chosen
   step size is piecewise constant in ``x``, so differentiating through the
-  loop (MAML) treats it as a constant.
+  loop (MAML) treats it as a constant. The direction is differentiated as
+  the solution of the Newton system (``lax.custom_linear_solve``, whose
+  cotangent is found by the same CG), with or without the stop at negative
+  curvature.
 
   The paper states 5 CG iterations per direction, not the number of Newton
   steps; the default 20 is this library's choice. On Omniglot 5 are too few:
@@ -568,12 +571,23 @@ def hessian_free(
     report_residual=False,
   )
 
+  def newton_direction(matvec, b):
+    """CG's solution of ``matvec(d) = b``. The guarded CG's
+    ``lax.while_loop`` cannot be differentiated in reverse mode, so it is
+    wrapped in ``lax.custom_linear_solve``, as ``jax.scipy``'s CG is:
+    differentiated through (MAML), the direction is a linear solve with the
+    Hessian, its cotangent found by the same CG."""
+    solve = lambda matvec, b: newton_cg.solve(matvec, b)[0]
+    if not stop_at_negative_curvature:
+      return solve(matvec, b)
+    return jax.lax.custom_linear_solve(matvec, b, solve, symmetric=True)
+
   def run(objective: Objective, x0: PyTree, *, remat: bool = False):
     grad = jax.grad(objective)
 
     def step(x):
       g = grad(x)
-      d, _ = newton_cg.solve(
+      d = newton_direction(
         lambda v: hvp_lib.hvp(objective, x, v), tu.tree_scale(-1.0, g)
       )
       slope = tu.tree_vdot(g, d)
