@@ -332,8 +332,8 @@ def test_eval_step_task_chunking_maps_over_tasks_with_the_same_metrics(
   tasks, _ = linreg_batch(5)
   loss = linreg_loss
   if stochastic:  # A key-dependent loss: each task's key must not move.
-    loss = lambda w, b, key: linreg_loss(w, b) * (
-      1.0 + 0.1 * jax.random.uniform(key)
+    loss = lambda w, b, key: (
+      linreg_loss(w, b) * (1.0 + 0.1 * jax.random.uniform(key))
     )
   alg = im.imaml(2.0, im.gd(20, 0.2), im.cg(5))
   params = jnp.linspace(-1, 1, 5)
