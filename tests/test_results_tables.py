@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -538,3 +539,38 @@ def test_reproduction_page_twenty_way_rows_are_their_runs(tables):
         assert int(steps[1].replace(",", "")) == entry["meta_steps"], row
       for prefix, result in zip(MEASURED_PREFIXES, results):
         check_result(result, run, prefix, entry, marks_stopped=True)
+
+
+TEST_TIME_STEPS_HEADER = (
+  "| 20-way 1-shot, best-validation parameters | MAML | iMAML-GD, lam 2 |"
+)
+TEST_TIME_STEPS_FILES = [
+  "eval.json",
+  "eval_class_rotations=per_task.json",
+  "eval_authors_test.json",
+  "eval_protocol=paper.json",
+]
+
+
+def test_twenty_way_test_time_steps_are_their_evaluations():
+  """The reproduction page's 20-way 1-shot steps from ours to the paper's
+  measurement: each cell is the test of the file its row names, in the
+  column's run, and each difference quoted below the table is the
+  difference of two consecutive rows, with their intervals combined."""
+  text = REPRODUCTION_PAGE.read_text()
+  rows = table_rows(text, TEST_TIME_STEPS_HEADER)
+  assert len(rows) == len(TEST_TIME_STEPS_FILES)
+  runs = ["omniglot_20w1s_maml", "omniglot_20w1s_imaml_gd"]
+  scores = {run: [] for run in runs}
+  for cells, name in zip(rows, TEST_TIME_STEPS_FILES):
+    for cell, run in zip(cells[1:], runs):
+      path = REPO / "benchmarks" / "runs" / run / name
+      stats = json.loads(path.read_text())["test"]["accuracy_after"]
+      mean, ci = 100 * stats["mean"], 100 * stats["ci95"]
+      assert cell == f"{mean:.2f}% ± {ci:.2f}%", (run, name, cell)
+      scores[run].append((mean, ci))
+  after = text[text.index(TEST_TIME_STEPS_HEADER) :]
+  for run in runs:
+    for (m0, c0), (m1, c1) in zip(scores[run], scores[run][1:]):
+      quoted = f"{m1 - m0:+.2f} ± {math.hypot(c0, c1):.2f}"
+      assert quoted.lstrip("+") in after, (run, quoted)
