@@ -1094,6 +1094,13 @@ SAME_RESULT_OTHER_PROGRAM = {
     lambda: _eval_program(im.imaml(1.0, GD)),
     lambda: _eval_program(im.imaml(1.0, GD), flatten=False),
   ),
+  # The tasks of an evaluation one at a time: speed and memory only.
+  ("make_eval_step", "task_chunk"): (
+    lambda: _evaluation(im.imaml(1.0, GD)),
+    lambda: _evaluation(im.imaml(1.0, GD), task_chunk=1),
+    lambda: _eval_program(im.imaml(1.0, GD)),
+    lambda: _eval_program(im.imaml(1.0, GD), task_chunk=1),
+  ),
   ("adapt", "linearize"): (
     lambda: _adapted(),
     lambda: _adapted(linearize=True),
